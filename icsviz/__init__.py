@@ -1,0 +1,59 @@
+"""icsviz: see internal covariate shift while a Keras model trains.
+
+The public API is what `__all__` lists; every other module is private and may
+change. The reader side (`open_run`, `Run`, ...) never imports Keras, so
+`import icsviz` stays light: `ICSCallback` is loaded on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    CaptureWarning,
+    DataNotFoundError,
+    ICSVizError,
+    IncompatibleRunError,
+    MissingDataError,
+    RunExistsError,
+    RunFileError,
+    SchemaVersionError,
+)
+from .reader import ActivationStats, GradientStats, ICSStats, LayerInfo, Run, open_run
+from .schema import SCHEMA_VERSION
+from .writer import repair_run
+
+if TYPE_CHECKING:
+    from .callback import ICSCallback
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "SCHEMA_VERSION",
+    "ICSCallback",
+    "open_run",
+    "repair_run",
+    "Run",
+    "LayerInfo",
+    "ActivationStats",
+    "GradientStats",
+    "ICSStats",
+    "ICSVizError",
+    "RunFileError",
+    "SchemaVersionError",
+    "RunExistsError",
+    "IncompatibleRunError",
+    "MissingDataError",
+    "DataNotFoundError",
+    "CaptureWarning",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Importing Keras takes seconds; the app and the plots never need it.
+    if name == "ICSCallback":
+        from .callback import ICSCallback
+
+        return ICSCallback
+    raise AttributeError(f"module 'icsviz' has no attribute {name!r}")

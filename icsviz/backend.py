@@ -1,0 +1,119 @@
+"""The one backend-specific module: compiling, differentiating, histograms.
+
+Everything else in the capture path is written with `keras.ops` and runs on any
+Keras 3 backend; the few things keras.ops cannot express (a gradient with
+auxiliary outputs, compiling a function, a fast one-pass histogram) live here,
+one small implementation per backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+__all__ = [
+    "name",
+    "compile_function",
+    "value_and_grad",
+    "snapshot",
+    "histogram",
+    "to_numpy",
+]
+
+LossFn = Callable[[list[Any]], tuple[Any, Any]]
+
+
+def name() -> str:
+    return keras.backend.backend()
+
+
+def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Compile `fn` into one graph, so statistics are computed on the device."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn  # torch and numpy run eagerly
+
+
+def value_and_grad(loss_fn: LossFn, params: Sequence[Any]) -> tuple[Any, Any, list[Any]]:
+    """(loss, aux, d loss / d params) for `loss, aux = loss_fn(params)`.
+
+    A parameter that the loss does not depend on gets a zero gradient.
+    """
+    backend = name()
+    params = list(params)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        params = [tf.convert_to_tensor(p) for p in params]
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            loss, aux = loss_fn(params)
+        grads = tape.gradient(loss, params)
+        grads = [tf.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        return loss, aux, grads
+    if backend == "jax":
+        import jax
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss, aux, list(grads)
+    if backend == "torch":
+        import torch
+
+        params = [p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad():
+            loss, aux = loss_fn(params)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        return loss.detach(), aux, grads
+    raise NotImplementedError(f"icsviz computes gradients on tensorflow, jax or torch, not {backend}")
+
+
+def read_values(variables: Sequence[Any]) -> list[Any]:
+    """The current values of Keras variables, without copying where possible."""
+    return [v.value for v in variables]
+
+
+def snapshot(variables: Sequence[Any]) -> list[Any]:
+    """Device copies of the variables' current values (for update ratios)."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [tf.identity(v.value) for v in variables]
+    if backend == "torch":
+        return [v.value.detach().clone() for v in variables]
+    return [v.value for v in variables]  # jax arrays are immutable
+
+
+def histogram(values: Any, low: Any, width: Any, bins: int) -> Any:
+    """Counts of `values` (1-D, finite) in `bins` bins of `width` from `low`.
+
+    Values outside the range fall into the first or last bin; callers choose
+    the range so that none do.
+    """
+    if name() == "tensorflow":
+        import tensorflow as tf
+
+        high = low + width * bins
+        counts = tf.histogram_fixed_width(values, tf.stack([low, high]), nbins=bins)
+        return tf.cast(counts, "int32")
+    ops = keras.ops
+    index = ops.floor((values - low) / width)
+    index = ops.cast(ops.clip(index, 0, bins - 1), "int32")
+    ones = ops.ones_like(index)
+    return ops.segment_sum(ones, index, num_segments=bins)
+
+
+def to_numpy(tree: Any) -> Any:
+    """Bring a nested structure of device tensors to host numpy arrays."""
+    return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), tree)

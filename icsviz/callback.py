@@ -1,0 +1,399 @@
+"""ICSCallback: record how hidden-unit distributions move while a model trains."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from . import backend
+from .capture import CaptureOptions, CaptureProgram
+from .errors import CaptureWarning, ICSVizError
+from .layers import LayerFilter, select_layers
+from .writer import RunWriter
+
+__all__ = ["ICSCallback"]
+
+_MAX_PROBE = 4096
+
+
+def _first_batch(probe: Any) -> Any:
+    """One batch from a tf.data.Dataset, a PyDataset or any iterable of batches."""
+    if hasattr(probe, "__getitem__") and hasattr(probe, "num_batches"):  # keras PyDataset
+        return probe[0]
+    return next(iter(probe))
+
+
+def _split_probe(probe: Any) -> tuple[Any, Any]:
+    """(x, y) from an array, an (x, y[, w]) tuple or a dataset; y may be None."""
+    if probe is None:
+        raise ValueError("ICSCallback needs a probe batch, e.g. probe=x_val[:512]. Received: probe=None")
+    if not isinstance(probe, (tuple, list, dict, np.ndarray)) and not hasattr(probe, "shape"):
+        try:
+            probe = _first_batch(probe)
+        except (TypeError, StopIteration) as exc:
+            raise ValueError(
+                "probe must be an array, an (x, y) tuple or a dataset yielding batches. "
+                f"Received: probe of type {type(probe).__name__}"
+            ) from exc
+    if isinstance(probe, (tuple, list)) and len(probe) in (2, 3) and not isinstance(probe, np.ndarray):
+        return probe[0], probe[1]
+    if isinstance(probe, (tuple, list)) and len(probe) == 1:
+        return probe[0], None
+    return probe, None
+
+
+def _num_samples(x: Any) -> int:
+    first = keras.tree.flatten(x)[0]
+    return int(first.shape[0])
+
+
+def _take(x: Any, n: int) -> Any:
+    return keras.tree.map_structure(lambda a: a[:n], x)
+
+
+def _is_chief() -> bool:
+    """Only one process writes under multi-worker training (TF_CONFIG's chief)."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        return True
+    try:
+        task = json.loads(raw).get("task", {})
+    except ValueError:
+        return True
+    kind, index = task.get("type", "chief"), int(task.get("index", 0))
+    return kind == "chief" or (kind == "worker" and index == 0 and
+                               "chief" not in json.loads(raw).get("cluster", {}))
+
+
+class ICSCallback(keras.callbacks.Callback):
+    """Records activation distributions and gradient statistics while training.
+
+    At step 0 (before the first update), at the end of every epoch and,
+    optionally, every `every_n_steps` steps, the callback runs the model on a
+    fixed probe batch, reduces every selected layer's output on the device to a
+    histogram, quantiles, moments and per-unit means and stds, measures
+    per-variable gradient norms, weight norms and update ratios, and appends
+    all of it to an HDF5 run file. The epoch metrics from `logs` are stored too.
+    Open the file with `icsviz.open_run(path)` or `streamlit run app.py`.
+
+    A capture never changes the model (BatchNormalization moving statistics
+    and dropout seeds are left alone), and a failure inside icsviz is reported
+    as a `CaptureWarning` while training goes on. The file is readable at any
+    moment, also while training runs and after the process is killed.
+
+    Args:
+        path: The run file to write, e.g. "runs/bn.h5". Parent folders are created.
+        probe: A fixed batch measured at every capture: an array (or dict of
+            arrays for multi-input models), an `(x, y)` tuple, or a dataset from
+            which the first batch is taken once. Labels are needed for gradient
+            statistics; without them only activations are recorded. 256 to 512
+            samples is a good size.
+        layers: Which layers to capture: None for the default (outputs of Dense
+            and Conv layers, their pre-activations when the activation is fused,
+            normalization, activation and merge layers), or a list of names,
+            glob patterns ("block1/*"), layer classes or predicates.
+        every_n_steps: Also capture every N training steps (None: epochs only).
+        gradient_shift: Also record the gradient-shift measure of Santurkar et
+            al. (2018), which costs one extra backward pass per layer.
+        histogram_bins: Bins of each activation histogram.
+        tracked_units: How many units per layer get their own quantiles.
+        training_mode: Run the probe in training mode (True: BatchNormalization
+            uses batch statistics, dropout uses fixed masks, as the network sees
+            its inputs while it trains) or inference mode (False).
+        run_name: A name for the run (default: the file name).
+        metadata: Extra JSON-serializable facts stored with the run, e.g.
+            {"dataset": "cifar10"}.
+        overwrite: Replace an existing file (or an incompatible one when
+            resuming) instead of raising `RunExistsError`.
+        seed: Seed of the fixed sampling used for quantiles.
+
+    Example:
+
+    ```python
+    from icsviz import ICSCallback
+
+    model.fit(
+        x_train, y_train, epochs=10, validation_data=(x_val, y_val),
+        callbacks=[ICSCallback("runs/bn.h5", probe=(x_val[:512], y_val[:512]))],
+    )
+    ```
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        probe: Any,
+        *,
+        layers: Sequence[LayerFilter] | None = None,
+        every_n_steps: int | None = None,
+        gradient_shift: bool = False,
+        histogram_bins: int = 64,
+        tracked_units: int = 3,
+        training_mode: bool = True,
+        run_name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise ValueError(f"path must be a file path such as 'runs/bn.h5'. Received: path={path!r}")
+        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
+            raise ValueError(
+                f"every_n_steps must be a positive integer or None. Received: every_n_steps={every_n_steps!r}"
+            )
+        if not isinstance(histogram_bins, int) or not 2 <= histogram_bins <= 4096:
+            raise ValueError(
+                f"histogram_bins must be an integer from 2 to 4096. Received: histogram_bins={histogram_bins!r}"
+            )
+        if not isinstance(tracked_units, int) or tracked_units < 0:
+            raise ValueError(
+                f"tracked_units must be a non-negative integer. Received: tracked_units={tracked_units!r}"
+            )
+        if metadata is not None:
+            try:
+                json.dumps(dict(metadata))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"metadata must be JSON-serializable. Received: metadata={metadata!r}") from exc
+        x, y = _split_probe(probe)
+        n = _num_samples(x)
+        if n == 0:
+            raise ValueError("probe is empty; pass a batch such as x_val[:512]. Received: 0 samples")
+        if n > _MAX_PROBE:
+            warnings.warn(
+                f"icsviz: the probe has {n} samples; using the first {_MAX_PROBE} (every "
+                "capture runs the model on the whole probe: 256 to 512 is plenty).",
+                CaptureWarning,
+                stacklevel=2,
+            )
+            x, y = _take(x, _MAX_PROBE), (None if y is None else _take(y, _MAX_PROBE))
+        self.path = Path(path)
+        self.layers = layers
+        self.every_n_steps = every_n_steps
+        self.overwrite = overwrite
+        self.run_name = run_name or self.path.stem
+        self.metadata = dict(metadata or {})
+        self.options = CaptureOptions(
+            hist_bins=histogram_bins,
+            tracked_units=tracked_units,
+            training=training_mode,
+            gradient_shift=gradient_shift,
+            seed=seed,
+        )
+        self._probe_x, self._probe_y = x, y
+        self._probe_size = min(n, _MAX_PROBE)
+        self._writer: RunWriter | None = None
+        self._program: CaptureProgram | None = None
+        self._started = False
+        self._capture_ok = True
+        self._owns_file = False  # this instance wrote the file in an earlier fit
+        self._epoch_offset = 0
+        self._finalizer: Any = None
+
+    # ---------------------------------------------------------------- helpers
+    def _warn(self, what: str, exc: BaseException) -> None:
+        warnings.warn(
+            f"icsviz: {what} failed ({type(exc).__name__}: {exc}); training goes on.",
+            CaptureWarning,
+            stacklevel=3,
+        )
+
+    def _safely(self, what: str, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except ICSVizError:
+            raise  # a configuration error, raised before any step ran
+        except Exception as exc:  # noqa: BLE001 - never stop the user's training
+            self._capture_ok = False
+            self._warn(f"{what} (captures are off for the rest of this run)", exc)
+
+    def _learning_rate(self) -> float:
+        optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return float("nan")
+        try:
+            return float(np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+        except Exception:  # noqa: BLE001 - a custom optimizer without a readable rate
+            return float("nan")
+
+    def _iterations(self) -> int:
+        optimizer = getattr(self.model, "optimizer", None)
+        try:
+            return int(np.asarray(keras.ops.convert_to_numpy(optimizer.iterations)))
+        except Exception:  # noqa: BLE001
+            return self._global_step
+
+    # ---------------------------------------------------------------- lifecycle
+    def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        self._train_start = time.perf_counter()
+        self._started = False
+        self._capture_ok = True
+        self._global_step = 0
+        self._steps_per_epoch = self.params.get("steps") if self.params else None
+        self._epoch_start_step = 0
+        self._epoch_start_time = self._train_start
+        self._active = _is_chief()
+
+    def _start(self, epoch: int) -> None:
+        """Trace the capture program, open the file and take the first capture."""
+        self._started = True
+        model = self.model
+        selection = select_layers(model, self.layers)
+        with_gradients = self._probe_y is not None and getattr(model, "optimizer", None) is not None
+        if self._probe_y is None:
+            warnings.warn(
+                "icsviz: the probe has no labels, so gradient statistics are skipped; pass "
+                "probe=(x, y) to record them.",
+                CaptureWarning,
+                stacklevel=3,
+            )
+        self._program = CaptureProgram(model, selection, self.options, with_gradients)
+        self._x = keras.tree.map_structure(keras.ops.convert_to_tensor, self._probe_x)
+        self._y = (
+            None if self._probe_y is None
+            else keras.tree.map_structure(keras.ops.convert_to_tensor, self._probe_y)
+        )
+        self._global_step = self._iterations()
+        self._epoch_start_step = self._global_step
+        resume = epoch > 0 or self._owns_file
+        kind = "epoch" if resume else "start"
+        capture = self._program.run(
+            self._x, self._y, self._learning_rate(), step=self._global_step,
+            epoch=float(epoch), time=0.0, kind=kind,
+        )
+        layout = self._program.layout
+        if resume and self.path.exists() and not self.overwrite:
+            if self._owns_file:
+                self._epoch_offset = self._recorded_epochs()
+            self._writer = RunWriter.resume(self.path, layout, from_epoch=epoch + self._epoch_offset)
+            capture.epoch += self._epoch_offset
+            if self._last_capture_epoch() != capture.epoch:
+                self._writer.write_capture(capture)
+        else:
+            self._writer = RunWriter.create(
+                self.path, layout, self._metadata(layout_size=len(layout.layers)),
+                overwrite=self.overwrite,
+            )
+            self._writer.write_capture(capture)
+        self._owns_file = True
+        # Close the file cleanly if the interpreter exits without on_train_end.
+        self._finalizer = weakref.finalize(self, RunWriter.close, self._writer, "interrupted")
+
+    def _recorded_epochs(self) -> int:
+        from .reader import open_run  # the reader needs no Keras; imported lazily
+
+        with open_run(self.path) as run:
+            epochs = run.history_epochs
+            return int(epochs[-1]) + 1 if len(epochs) else 0
+
+    def _last_capture_epoch(self) -> float | None:
+        assert self._writer is not None
+        ds = self._writer._file["captures/epoch"]
+        n = self._writer.num_captures
+        return float(ds[n - 1]) if n else None
+
+    def _metadata(self, layout_size: int) -> dict[str, Any]:
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        config = {
+            "histogram_bins": self.options.hist_bins,
+            "tracked_units": self.options.tracked_units,
+            "training_mode": self.options.training,
+            "gradient_shift": self.options.gradient_shift,
+            "every_n_steps": self.every_n_steps,
+            "probe_size": self._probe_size,
+            "probe_has_labels": self._probe_y is not None,
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "layers_filter": None if self.layers is None else [str(f) for f in self.layers],
+            "epochs_planned": self.params.get("epochs") if self.params else None,
+            "steps_per_epoch": self._steps_per_epoch,
+            "parameters": int(model.count_params()),
+        }
+        config.update(self.metadata.get("config", {}) if isinstance(self.metadata.get("config"), dict) else {})
+        meta = {k: v for k, v in self.metadata.items() if k != "config"}
+        return {
+            "run_name": self.run_name,
+            "model_name": model.name,
+            "dataset": str(meta.pop("dataset", "")),
+            "seed": int(meta.pop("seed", self.options.seed)),
+            "keras_version": keras.__version__,
+            "backend": backend.name(),
+            "config": config,
+            **meta,
+        }
+
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._active:
+            return
+        if not self._started:
+            self._safely("starting the capture", lambda: self._start(epoch))
+        self._epoch_index = epoch
+        self._epoch_start_time = time.perf_counter()
+        self._epoch_start_step = self._global_step
+
+    def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._active:
+            return
+        self._global_step = self._epoch_start_step + batch + 1
+        last_of_epoch = self._steps_per_epoch is not None and batch + 1 >= self._steps_per_epoch
+        if (
+            self.every_n_steps
+            and not last_of_epoch  # the epoch capture follows at the same step
+            and self._capture_ok
+            and self._writer is not None
+            and self._global_step % self.every_n_steps == 0
+        ):
+            steps = self._steps_per_epoch or float("nan")
+            epoch = self._current_epoch + (batch + 1) / steps if steps == steps else self._current_epoch
+            self._safely("a step capture", lambda: self._capture(epoch, "step"))
+
+    @property
+    def _current_epoch(self) -> float:
+        return float(self._epoch_index + self._epoch_offset)
+
+    def _capture(self, epoch: float, kind: str) -> None:
+        assert self._program is not None and self._writer is not None
+        capture = self._program.run(
+            self._x, self._y, self._learning_rate(), step=self._global_step, epoch=epoch,
+            time=time.perf_counter() - self._train_start, kind=kind,
+        )
+        self._writer.write_capture(capture)
+
+    def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if not self._active or self._writer is None:
+            return
+        logs = dict(logs or {})
+        if self._capture_ok:
+            self._safely(
+                "the epoch capture",
+                lambda: self._capture(float(epoch + 1 + self._epoch_offset), "epoch"),
+            )
+        metrics = {k: v for k, v in logs.items() if np.ndim(v) == 0}
+        metrics.setdefault("learning_rate", self._learning_rate())
+        metrics["epoch_time"] = time.perf_counter() - self._epoch_start_time
+        try:
+            self._writer.write_epoch(epoch + self._epoch_offset, metrics)
+        except Exception as exc:  # noqa: BLE001
+            self._warn("writing the epoch metrics", exc)
+
+    def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close("complete")
+            except Exception as exc:  # noqa: BLE001
+                self._warn("closing the run file", exc)
+            if self._finalizer is not None:
+                self._finalizer.detach()
+        self._writer = None
+
+    _epoch_index = 0
+    _global_step = 0

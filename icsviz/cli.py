@@ -1,0 +1,140 @@
+"""The `icsviz` command: train, experiment, info, repair."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ICSVizError
+
+__all__ = ["main"]
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="cifar10", help="cifar10, fashion_mnist, mnist or synthetic (default: cifar10)")
+    p.add_argument("--data-dir", help="local copy: a cifar-10-batches-py folder or tarball, or an idx folder")
+    p.add_argument("--epochs", type=int, help="epochs (default: the recipe's, 50)")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
+    p.add_argument("--lr", type=float, dest="learning_rate", help="initial learning rate (default: the recipe's)")
+    p.add_argument("--no-augment", action="store_true", help="train without shifts and flips")
+    p.add_argument("--probe-size", type=int, default=512, help="samples of the test set measured at each capture")
+    p.add_argument("--every-n-steps", type=int, help="also capture every N training steps")
+    p.add_argument("--gradient-shift", action="store_true", help="record the Santurkar et al. gradient shift")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace existing run files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="icsviz", description="See internal covariate shift in Keras models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a reference model with ICSCallback")
+    p.add_argument("--model", required=True, choices=["baseline", "bn", "mlp", "mlp-bn"])
+    p.add_argument("--out", help="run file (default: runs/<dataset>-<model>.h5)")
+    _add_training_args(p)
+
+    p = sub.add_parser("experiment", help="train a model and its BN twin into one folder")
+    p.add_argument("--pair", default="cnn", choices=["cnn", "mlp"], help="cnn: baseline + bn; mlp: mlp + mlp-bn")
+    p.add_argument("--out-dir", default="runs", help="folder for the two run files (default: runs)")
+    _add_training_args(p)
+
+    p = sub.add_parser("info", help="summarize run files")
+    p.add_argument("runs", nargs="+", help="run files (.h5)")
+
+    p = sub.add_parser("repair", help="make a run left by a killed process openable by plain h5py")
+    p.add_argument("runs", nargs="+")
+    return parser
+
+
+def _train_one(args: argparse.Namespace, model: str, out: Path) -> None:
+    from .data import load_dataset
+    from .train import recipe_for, train
+
+    data = load_dataset(args.dataset, args.data_dir)
+    recipe = recipe_for(
+        model, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        augment=False if args.no_augment else None,
+    )
+    print(f"icsviz: training {model} on {data.name} ({len(data.x_train)} train / "
+          f"{len(data.x_test)} test images from {data.source}) for {recipe.epochs} epochs -> {out}",
+          flush=True)
+    train(
+        model, data, out, recipe=recipe, probe_size=args.probe_size,
+        every_n_steps=args.every_n_steps, gradient_shift=args.gradient_shift,
+        overwrite=args.overwrite, seed=args.seed,
+        verbose=0 if args.quiet else (1 if sys.stdout.isatty() else 2),
+    )
+    print(f"icsviz: wrote {out}", flush=True)
+
+
+def _fmt(value: float, pattern: str = "{:.4f}") -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else pattern.format(value)
+
+
+def info(path: str) -> str:
+    """A human summary of one run file."""
+    import numpy as np
+
+    from .reader import open_run
+
+    with open_run(path) as run:
+        a = run.attrs
+        history = run.history
+        lines = [
+            f"{run.path}",
+            f"  run        {run.name} ({run.status})",
+            f"  model      {a.get('model_name', '?')}  ({a.get('config', {}).get('parameters', '?')} parameters)",
+            f"  dataset    {a.get('dataset', '?') or '?'}  {a.get('data_source', '')}".rstrip(),
+            f"  backend    {a.get('backend', '?')}, keras {a.get('keras_version', '?')}, created {a.get('created', '?')}",
+            f"  epochs     {len(run.history_epochs)} recorded, {run.num_captures} captures "
+            f"(steps 0..{int(run.steps[-1]) if run.num_captures else 0})",
+            f"  layers     {len(run.layer_names)}: {', '.join(run.layer_names)}",
+        ]
+        val = history.get("val_accuracy")
+        if val is not None and np.isfinite(val).any():
+            best = int(np.nanargmax(val))
+            lines.append(f"  val acc    best {_fmt(float(val[best]))} at epoch {int(run.history_epochs[best]) + 1}, "
+                         f"final {_fmt(float(val[-1]))}")
+        times = history.get("epoch_time")
+        if times is not None and len(times):
+            lines.append(f"  time       {_fmt(float(np.nansum(times)), '{:.0f}')} s, "
+                         f"{_fmt(float(np.nanmedian(times)), '{:.1f}')} s per epoch (median)")
+        if run.has_ics:
+            lines.append(f"  ics        gradient shift recorded for {len(run.ics_layer_names)} layers")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "info":
+            print("\n\n".join(info(p) for p in args.runs))
+        elif args.command == "repair":
+            from .writer import repair_run
+
+            for p in args.runs:
+                print(f"icsviz: repaired {repair_run(p)}")
+        elif args.command == "train":
+            out = Path(args.out or f"runs/{args.dataset}-{args.model}.h5")
+            _train_one(args, args.model, out)
+        elif args.command == "experiment":
+            models = ("baseline", "bn") if args.pair == "cnn" else ("mlp", "mlp-bn")
+            for model in models:
+                _train_one(args, model, Path(args.out_dir) / f"{args.dataset}-{model}.h5")
+    except ICSVizError as exc:
+        print(f"icsviz: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("icsviz: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Which layers of a Keras model to capture, including layers of nested models.
+
+A layer is classified by the class names in its MRO, so user subclasses of
+Dense or Conv2D are recognised. The default selection keeps every layer whose
+output is a hidden representation and drops the plumbing (Input, Dropout,
+Flatten, Reshape, pooling, Concatenate, preprocessing).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from .errors import CaptureWarning
+
+__all__ = ["LayerFilter", "SelectedLayer", "iter_layers", "classify", "select_layers"]
+
+# A filter entry: a name or glob pattern ("conv*", "block1/*"), a layer class,
+# or a predicate on the layer.
+LayerFilter = Union[str, type, Callable[[Any], bool]]
+
+_LINEAR = {
+    "Dense", "EinsumDense", "BaseConv", "BaseConvTranspose", "BaseSeparableConv",
+    "BaseDepthwiseConv", "Conv1D", "Conv2D", "Conv3D", "Embedding",
+}
+_NORMALIZATION = {
+    "BatchNormalization", "LayerNormalization", "GroupNormalization",
+    "UnitNormalization", "RMSNormalization", "SpectralNormalization",
+}
+_ACTIVATION = {"Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax"}
+_MERGE = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"}
+_RECURRENT = {"RNN", "LSTM", "GRU", "SimpleRNN", "Bidirectional", "MultiHeadAttention"}
+# Never captured by default: they move or mask values but make no new representation.
+_PLUMBING = {
+    "InputLayer", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
+    "GaussianDropout", "GaussianNoise", "AlphaDropout", "ActivityRegularization",
+    "Flatten", "Reshape", "Permute", "RepeatVector", "Cropping1D", "Cropping2D",
+    "Cropping3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "UpSampling1D",
+    "UpSampling2D", "UpSampling3D", "BasePooling", "BaseGlobalPooling", "Concatenate",
+    "Identity", "Masking", "TFSMLayer", "DataLayer", "TFDataLayer", "Rescaling",
+    "Normalization", "Resizing", "CenterCrop",
+}
+
+
+@dataclass(frozen=True)
+class SelectedLayer:
+    """A layer chosen for capture."""
+
+    name: str  # "layer" or "outer/inner" for a layer of a nested model
+    layer: Any  # keras.layers.Layer
+    kind: str  # "linear", "normalization", "activation", "merge", "recurrent", "other"
+    capture_preactivation: bool  # the layer applies a non-linear activation itself
+
+
+def _mro_names(layer: Any) -> set[str]:
+    return {cls.__name__ for cls in type(layer).__mro__}
+
+
+def _is_model(layer: Any) -> bool:
+    return "Model" in _mro_names(layer) or "Functional" in _mro_names(layer)
+
+
+def classify(layer: Any) -> str | None:
+    """The kind of a layer, or None when its output is not a hidden representation."""
+    names = _mro_names(layer)
+    if names & _PLUMBING:
+        return None
+    if names & _NORMALIZATION:
+        return "normalization"
+    if names & _LINEAR:
+        return "linear"
+    if names & _ACTIVATION:
+        return "activation"
+    if names & _MERGE:
+        return "merge"
+    if names & _RECURRENT:
+        return "recurrent"
+    if getattr(layer, "trainable_weights", None):
+        return "other"  # a custom layer with weights makes a representation
+    if "Lambda" in names:
+        return None
+    return None
+
+
+def has_fused_activation(layer: Any) -> bool:
+    """True when the layer calls a non-linear `self.activation` inside `call`."""
+    activation = getattr(layer, "activation", None)
+    if activation is None or not callable(activation):
+        return False
+    name = getattr(activation, "__name__", "")
+    return name not in ("linear", "identity")
+
+
+def _fuses(layer: Any, kind: str) -> bool:
+    # An Activation layer *is* the activation: its input is already captured upstream.
+    return kind != "activation" and has_fused_activation(layer)
+
+
+def iter_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every layer of `model`, depth first, nested models flattened with path names."""
+    for layer in getattr(model, "layers", []):
+        name = f"{prefix}{layer.name}"
+        if _is_model(layer):
+            yield from iter_layers(layer, prefix=f"{name}/")
+        else:
+            yield name, layer
+
+
+def _matches(entry: LayerFilter, name: str, layer: Any) -> bool:
+    if isinstance(entry, str):
+        short = name.rsplit("/", 1)[-1]
+        return fnmatch.fnmatchcase(name, entry) or fnmatch.fnmatchcase(short, entry)
+    if isinstance(entry, type):
+        return isinstance(layer, entry)
+    if callable(entry):
+        return bool(entry(layer))
+    raise ValueError(
+        "Each layer filter entry must be a name, a glob pattern, a layer class or a "
+        f"callable. Received: {entry!r}"
+    )
+
+
+def select_layers(
+    model: Any, layers: Sequence[LayerFilter] | None = None
+) -> list[SelectedLayer]:
+    """The layers to capture: the default selection, or those matching `layers`.
+
+    With an explicit filter every matching layer is captured whatever its kind
+    (a Flatten or Dropout included), since the user asked for it. Entries that
+    match nothing are reported in one warning that lists the model's layers.
+    """
+    all_layers = list(iter_layers(model))
+    selected: list[SelectedLayer] = []
+    if layers is None:
+        for name, layer in all_layers:
+            kind = classify(layer)
+            if kind is not None:
+                selected.append(SelectedLayer(name, layer, kind, _fuses(layer, kind)))
+        return selected
+
+    entries: Iterable[LayerFilter] = [layers] if isinstance(layers, (str, type)) else layers
+    entries = list(entries)
+    used = [False] * len(entries)
+    for name, layer in all_layers:
+        hit = False
+        for i, entry in enumerate(entries):
+            if _matches(entry, name, layer):
+                used[i] = True
+                hit = True
+        if hit:
+            kind = classify(layer) or "other"
+            selected.append(SelectedLayer(name, layer, kind, _fuses(layer, kind)))
+    unmatched = [entry for entry, ok in zip(entries, used) if not ok]
+    if unmatched:
+        warnings.warn(
+            f"icsviz: the layer filter entries {unmatched!r} match no layer of model "
+            f"{getattr(model, 'name', '?')!r}; its layers are: "
+            f"{', '.join(n for n, _ in all_layers)}",
+            CaptureWarning,
+            stacklevel=3,
+        )
+    return selected

@@ -1,0 +1,443 @@
+"""Read icsviz run files: `open_run(path)` returns a `Run`.
+
+Pure h5py + numpy: nothing here imports TensorFlow or Keras, so the app, the
+plots and the report run on any machine. Files are opened in SWMR read mode so
+that a run can be followed while it trains; call `Run.refresh()` to see new
+captures. Only rows below the commit marker (the length of /captures/step) are
+ever returned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import MissingDataError, RunFileError, SchemaVersionError
+from .schema import CAPTURE_KINDS, SCHEMA_VERSION
+
+__all__ = ["open_run", "Run", "ActivationStats", "GradientStats", "ICSStats", "LayerInfo"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the file says about one captured layer."""
+
+    name: str
+    id: str
+    class_name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    n_units: int
+    n_values: int
+
+
+@dataclass(frozen=True)
+class ActivationStats:
+    """A layer's activation statistics, one row per capture (T captures).
+
+    Attributes:
+        counts: (T, B) histogram bin counts (non-finite values excluded).
+        edges: (T, B+1) bin edges of each capture's histogram.
+        quantiles: (T, Q) values at the levels `q`.
+        q: (Q,) quantile levels in [0, 1].
+        mean, std, min, max: (T,) over every finite value.
+        zero_frac: (T,) fraction of values exactly zero (dead ReLUs).
+        nonfinite: (T,) number of NaN or infinite values.
+        unit_mean, unit_std: (T, C) per unit (Dense unit or conv channel).
+        tracked_units: (U,) unit indices whose own quantiles are recorded.
+        unit_quantiles: (T, U, Q) quantiles of each tracked unit.
+    """
+
+    name: str
+    steps: np.ndarray
+    epochs: np.ndarray
+    counts: np.ndarray
+    edges: np.ndarray
+    quantiles: np.ndarray
+    q: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    zero_frac: np.ndarray
+    nonfinite: np.ndarray
+    unit_mean: np.ndarray
+    unit_std: np.ndarray
+    tracked_units: np.ndarray
+    unit_quantiles: np.ndarray
+
+    def quantile(self, level: float) -> np.ndarray:
+        """The (T,) series of one recorded quantile level, e.g. 0.85."""
+        return self.quantiles[:, _level_index(self.q, level)]
+
+    def unit_quantile(self, unit: int, level: float) -> np.ndarray:
+        """The (T,) series of a tracked unit's quantile."""
+        matches = np.flatnonzero(self.tracked_units == unit)
+        if not len(matches):
+            raise MissingDataError(
+                f"unit {unit} of {self.name!r} is not tracked; tracked units: "
+                f"{self.tracked_units.tolist()}"
+            )
+        return self.unit_quantiles[:, int(matches[0]), _level_index(self.q, level)]
+
+
+@dataclass(frozen=True)
+class GradientStats:
+    """Per-variable gradient statistics, one row per capture.
+
+    Attributes:
+        variables: the V variable names.
+        grad_norm: (T, V) L2 norm of the loss gradient on the probe batch.
+        weight_norm: (T, V) L2 norm of the variable.
+        update_ratio: (T, V) ||W_t - W_prev|| / ||W_prev|| (NaN at the first capture).
+    """
+
+    variables: list[str]
+    steps: np.ndarray
+    grad_norm: np.ndarray
+    weight_norm: np.ndarray
+    update_ratio: np.ndarray
+
+    @property
+    def total_grad_norm(self) -> np.ndarray:
+        """(T,) L2 norm over all the variables together."""
+        return np.sqrt(np.sum(np.square(self.grad_norm), axis=1))
+
+
+@dataclass(frozen=True)
+class ICSStats:
+    """The gradient-shift measure of Santurkar et al. (2018) for one layer."""
+
+    name: str
+    steps: np.ndarray
+    grad_diff: np.ndarray  # (T,) ||G - G'||
+    grad_cos: np.ndarray  # (T,) cos(G, G')
+
+
+def _level_index(levels: np.ndarray, level: float) -> int:
+    hits = np.flatnonzero(np.isclose(levels, level))
+    if not len(hits):
+        raise MissingDataError(
+            f"quantile {level} was not recorded; recorded levels: {levels.tolist()}"
+        )
+    return int(hits[0])
+
+
+def _open_h5(path: Path) -> tuple[h5py.File, bool]:
+    """Open for reading, following a writer (SWMR) when the file allows it."""
+    if not path.exists():
+        raise RunFileError(f"{path}: no such run file")
+    if path.is_dir():
+        raise RunFileError(f"{path} is a directory, not a run file")
+    size = path.stat().st_size
+    if size == 0:
+        raise RunFileError(f"{path} is empty (0 bytes): the run never wrote its header")
+    if not h5py.is_hdf5(path):
+        raise RunFileError(f"{path} is not an HDF5 file ({size} bytes without an HDF5 signature)")
+    errors = []
+    for kwargs in ({"swmr": True, "libver": "latest"}, {"locking": False}):
+        try:
+            return h5py.File(path, "r", **kwargs), bool(kwargs.get("swmr"))
+        except OSError as exc:  # truncated, locked, or not SWMR-capable
+            errors.append(str(exc))
+    reason = errors[-1]
+    if "truncated" in " ".join(errors):
+        reason = "the file is truncated (it was cut short while being copied or written)"
+    raise RunFileError(f"{path} cannot be read as HDF5: {reason}")
+
+
+def open_run(path: str | os.PathLike[str]) -> Run:
+    """Open a run file for reading.
+
+    Raises:
+        RunFileError: the file is missing, empty, truncated, not HDF5, not an
+            icsviz run, or (SchemaVersionError) of a newer schema.
+
+    Example:
+
+    ```python
+    run = icsviz.open_run("runs/cifar10-bn.h5")
+    acts = run.activations(run.layer_names[0])
+    print(acts.mean[-1] - acts.mean[0])
+    ```
+    """
+    return Run(path)
+
+
+class Run:
+    """A recorded run. Use as a context manager or call `close()`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._file, self.swmr = _open_h5(self.path)
+        try:
+            self._check_schema()
+            self._layers = self._read_layers()
+            self._by_name = {info.name: info for info in self._layers}
+            self._by_name.update({info.id: info for info in self._layers})
+            self._variables = self._read_groups("variables")
+            self._ics = self._read_groups("ics")
+            self._length = 0
+            self.refresh()
+        except RunFileError:
+            self._file.close()
+            raise
+        except (KeyError, OSError, ValueError, TypeError) as exc:
+            self._file.close()
+            raise RunFileError(f"{self.path} is not a readable icsviz run: {exc}") from exc
+
+    # ---------------------------------------------------------------- plumbing
+    def _check_schema(self) -> None:
+        attrs = self._file.attrs
+        if "schema_version" not in attrs:
+            raise RunFileError(f"{self.path} is HDF5 but not an icsviz run (no schema_version)")
+        version = int(attrs["schema_version"])
+        if version > SCHEMA_VERSION:
+            writer = attrs.get("icsviz_version", "a newer icsviz")
+            raise SchemaVersionError(
+                f"{self.path} uses run schema version {version} (written by icsviz "
+                f"{writer}); this icsviz reads schema versions up to {SCHEMA_VERSION}. "
+                "Upgrade icsviz to read it."
+            )
+
+    def _read_layers(self) -> list[LayerInfo]:
+        infos = []
+        for lid, group in self._file["layers"].items():
+            a = group.attrs
+            infos.append(
+                LayerInfo(
+                    name=str(a["name"]),
+                    id=lid,
+                    class_name=str(a["class_name"]),
+                    kind=str(a["kind"]),
+                    output_shape=tuple(json.loads(a["output_shape"])),
+                    n_units=int(a["n_units"]),
+                    n_values=int(a["n_values"]),
+                )
+            )
+        order = {lid: int(g.attrs["index"]) for lid, g in self._file["layers"].items()}
+        return sorted(infos, key=lambda info: order[info.id])
+
+    def _read_groups(self, root: str) -> dict[str, str]:
+        """Original name -> group id, in index order."""
+        groups = sorted(self._file[root].items(), key=lambda item: int(item[1].attrs["index"]))
+        return {str(group.attrs["name"]): gid for gid, group in groups}
+
+    def _dataset(self, name: str) -> h5py.Dataset:
+        ds = self._file[name]
+        if self.swmr:
+            ds.refresh()
+        return ds
+
+    def _rows(self, name: str) -> np.ndarray:
+        """The committed rows of a per-capture dataset."""
+        return self._dataset(name)[: self._length]
+
+    def refresh(self) -> int:
+        """Look for captures committed since the last refresh; returns their count."""
+        before = self._length
+        self._length = int(self._dataset("captures/step").shape[0])
+        return self._length - before
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Run {self.path.name!r}: {self.num_captures} captures, status {self.status}>"
+
+    # ---------------------------------------------------------------- metadata
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The run's metadata (JSON-encoded values decoded)."""
+        out: dict[str, Any] = {}
+        for key, value in self._file.attrs.items():
+            if key == "layout":
+                continue
+            if isinstance(value, bytes):
+                value = value.decode("utf-8", "replace")
+            if isinstance(value, str) and value[:1] in "[{":
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            elif isinstance(value, np.generic):
+                value = value.item()
+            out[key] = value
+        return out
+
+    @property
+    def name(self) -> str:
+        return str(self.attrs.get("run_name") or self.path.stem)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        config = self.attrs.get("config", {})
+        return config if isinstance(config, dict) else {}
+
+    @property
+    def status(self) -> str:
+        """"training" (still being written, or killed), "complete" or "interrupted"."""
+        return self._dataset("status")[()].decode()
+
+    # ---------------------------------------------------------------- captures
+    @property
+    def num_captures(self) -> int:
+        return self._length
+
+    @property
+    def steps(self) -> np.ndarray:
+        """(T,) global training step of each capture (0 = before the first update)."""
+        return self._rows("captures/step")
+
+    @property
+    def epochs(self) -> np.ndarray:
+        """(T,) fractional epoch of each capture (0.0 = before training, 1.0 = after epoch 1)."""
+        return self._rows("captures/epoch")
+
+    @property
+    def times(self) -> np.ndarray:
+        """(T,) seconds since training began."""
+        return self._rows("captures/time")
+
+    @property
+    def capture_kinds(self) -> list[str]:
+        names = {v: k for k, v in CAPTURE_KINDS.items()}
+        return [names.get(int(k), "?") for k in self._rows("captures/kind")]
+
+    # ---------------------------------------------------------------- layers
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return list(self._layers)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Original Keras names of the captured layers, in model (call) order."""
+        return [info.name for info in self._layers]
+
+    def layer(self, name: str) -> LayerInfo:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise MissingDataError(
+                f"{self.path.name} has no captured layer {name!r}; it has: "
+                f"{', '.join(self.layer_names[:20])}"
+                + (" ..." if len(self._layers) > 20 else "")
+            ) from None
+
+    def activations(self, name: str) -> ActivationStats:
+        """Activation statistics of one layer (by original name or layer id)."""
+        info = self.layer(name)
+        g = f"layers/{info.id}/"
+        moments = self._rows(g + "moments")
+        moment_names = json.loads(self._file[g + "moments"].attrs["names"])
+        column = {m: moments[:, i] for i, m in enumerate(moment_names)}
+        return ActivationStats(
+            name=info.name,
+            steps=self.steps,
+            epochs=self.epochs,
+            counts=self._rows(g + "hist_counts"),
+            edges=self._rows(g + "hist_edges"),
+            quantiles=self._rows(g + "quantiles"),
+            q=np.asarray(self._file[g + "quantiles"].attrs["q"]),
+            mean=column["mean"],
+            std=column["std"],
+            min=column["min"],
+            max=column["max"],
+            zero_frac=self._rows(g + "zero_frac"),
+            nonfinite=self._rows(g + "nonfinite"),
+            unit_mean=self._rows(g + "unit_mean"),
+            unit_std=self._rows(g + "unit_std"),
+            tracked_units=self._file[g + "tracked_units"][()],
+            unit_quantiles=self._rows(g + "unit_quantiles"),
+        )
+
+    def iter_activations(self) -> Iterator[ActivationStats]:
+        for name in self.layer_names:
+            yield self.activations(name)
+
+    # ---------------------------------------------------------------- gradients
+    @property
+    def variable_names(self) -> list[str]:
+        return list(self._variables)
+
+    def variables_of(self, layer: str) -> list[str]:
+        """Names of the trainable variables owned by a layer."""
+        return [
+            name
+            for name, vid in self._variables.items()
+            if self._file[f"variables/{vid}"].attrs["layer"] == layer
+        ]
+
+    def gradients(self, name: str) -> GradientStats:
+        """Gradient statistics of a variable, or of every variable of a layer."""
+        names = [name] if name in self._variables else self.variables_of(name)
+        if not names:
+            raise MissingDataError(
+                f"{self.path.name} has no trainable variable or layer with variables named "
+                f"{name!r}; variables: {', '.join(self.variable_names[:20])}"
+            )
+
+        def stack(field: str) -> np.ndarray:
+            cols = [self._rows(f"variables/{self._variables[n]}/{field}") for n in names]
+            return np.stack(cols, axis=1).astype(np.float64)
+
+        return GradientStats(
+            variables=names,
+            steps=self.steps,
+            grad_norm=stack("grad_norm"),
+            weight_norm=stack("weight_norm"),
+            update_ratio=stack("update_ratio"),
+        )
+
+    @property
+    def has_ics(self) -> bool:
+        return bool(self._ics)
+
+    @property
+    def ics_layer_names(self) -> list[str]:
+        return list(self._ics)
+
+    def ics(self, name: str) -> ICSStats:
+        """The recorded Santurkar et al. gradient shift of one layer."""
+        if name not in self._ics:
+            hint = (
+                "this run did not record it (ICSCallback(..., gradient_shift=True))"
+                if not self._ics
+                else f"layers with it: {', '.join(self._ics)}"
+            )
+            raise MissingDataError(f"no gradient-shift data for {name!r}: {hint}")
+        g = f"ics/{self._ics[name]}/"
+        return ICSStats(
+            name=name,
+            steps=self.steps,
+            grad_diff=self._rows(g + "grad_diff").astype(np.float64),
+            grad_cos=self._rows(g + "grad_cos").astype(np.float64),
+        )
+
+    # ---------------------------------------------------------------- history
+    @property
+    def history(self) -> dict[str, np.ndarray]:
+        """Epoch metrics from Keras's logs: name -> (E,) array, NaN where absent."""
+        rows = int(self._dataset("history/epoch").shape[0])
+        names = [n.decode("utf-8") for n in self._dataset("history/names")[()]]
+        values = self._dataset("history/values")[:rows]
+        return {name: values[:, i].copy() for i, name in enumerate(names) if i < values.shape[1]}
+
+    @property
+    def history_epochs(self) -> np.ndarray:
+        """(E,) 0-based epoch index of each history row."""
+        ds = self._dataset("history/epoch")
+        return ds[: ds.shape[0]]
