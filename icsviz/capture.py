@@ -217,7 +217,8 @@ def _layer_stats(
     if plan.unit_axis != len(plan.shape) - 1:
         x = ops.moveaxis(x, plan.unit_axis, -1)
     units = ops.reshape(x, (-1, plan.n_units))
-    stats = _reduce(units, ops.reshape(units, (-1,)), plan, options, masked=masked)
+    all_finite = ops.isfinite(ops.sum(full))  # NaN/Inf anywhere poisons the sum
+    stats = _reduce(units, ops.reshape(units, (-1,)), plan, options, masked=masked, all_finite=all_finite)
     # Exact over every value, whatever the budget: range and non-finite count.
     if masked:
         finite = ops.isfinite(full)
@@ -231,7 +232,7 @@ def _layer_stats(
         stats["moments"] = ops.where(ops.isfinite(stats["moments"]), stats["moments"], float("nan"))
     else:
         stats["nonfinite"] = ops.convert_to_tensor(0, "int32")
-        stats["all_finite"] = ops.isfinite(ops.sum(full))  # NaN/Inf anywhere poisons the sum
+        stats["all_finite"] = all_finite
         low, high = ops.min(full), ops.max(full)
         stats["moments"] = ops.concatenate(
             [stats["moments"][:2], ops.cast(ops.stack([low, high]), "float64")]
@@ -240,7 +241,8 @@ def _layer_stats(
 
 
 def _reduce(
-    units: Any, flat: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool
+    units: Any, flat: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool,
+    all_finite: Any,
 ) -> dict[str, Any]:
     """Statistics of the budgeted values (`units`: rows x units, `flat`: the same, 1-D)."""
     bins = options.hist_bins
@@ -269,6 +271,10 @@ def _reduce(
         var_c = ops.mean(ops.square(units - mean_c), axis=0)
         n_finite = ops.convert_to_tensor(plan.n_values, "int32")
         low, high = ops.min(flat), ops.max(flat)
+        # With NaN/Inf present this result is discarded (the masked program
+        # reruns), but it must still run: keep the histogram range valid.
+        sane = ops.logical_and(ops.isfinite(low), ops.isfinite(high))
+        low, high = ops.where(sane, low, 0.0), ops.where(sane, high, 1.0)
         hist_values = flat
     n_bad = plan.n_values - n_finite
 
@@ -278,13 +284,19 @@ def _reduce(
     mean = ops.sum(ops.where(valid, count_c * mean_c, 0.0)) / total
     spread = ops.where(valid, count_c * (var_c + ops.square(mean_c - mean)), 0.0)
     std = ops.sqrt(ops.sum(spread) / total)
+    counted = ops.sum(count_c) > 0  # all values NaN/Inf: no moments, not zeros
+    mean, std = ops.where(counted, mean, float("nan")), ops.where(counted, std, float("nan"))
     zeros = ops.sum(ops.cast(ops.equal(flat, 0.0), "int32"))
     zero_frac = ops.cast(zeros, "float32") / ops.maximum(ops.cast(n_finite, "float32"), 1.0)
 
     first, width = _dyadic_grid(low, high, bins)
-    counts = backend.histogram(
-        hist_values, ops.cast(first, "float32"), ops.cast(width, "float32"), bins
-    )
+    def count() -> Any:
+        return backend.histogram(hist_values, ops.cast(first, "float32"), ops.cast(width, "float32"), bins)
+
+    if masked:
+        counts = count()
+    else:  # skipped when NaN/Inf are present: that result is discarded anyway
+        counts = ops.cond(all_finite, count, lambda: ops.zeros((bins,), "int32"))
     counts = counts - ops.cast(ops.one_hot(0, bins), "int32") * ops.cast(n_bad, "int32")
     edges = first + width * ops.arange(bins + 1, dtype="float64")
 

@@ -100,9 +100,12 @@ def _fuses(layer: Any, kind: str) -> bool:
 
 
 def iter_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Every layer of `model`, depth first, nested models flattened with path names."""
+    """Every layer of `model` but its inputs, depth first, nested models flattened
+    with path names ("block/conv")."""
     for layer in getattr(model, "layers", []):
         name = f"{prefix}{layer.name}"
+        if "InputLayer" in _mro_names(layer):
+            continue  # never called: it has no output to capture
         if _is_model(layer):
             yield from iter_layers(layer, prefix=f"{name}/")
         else:

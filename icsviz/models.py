@@ -27,28 +27,29 @@ def cifar10_cnn(
     and all Dropout layers are removed.
     """
 
-    def block(x: keras.KerasTensor, make: Callable[[], layers.Layer], act: str) -> keras.KerasTensor:
-        x = make()(x)
+    def block(x: keras.KerasTensor, layer: layers.Layer, act: str) -> keras.KerasTensor:
+        # Explicit names (conv1, conv1_bn, conv1_relu, ...) pair the twins' layers by name.
+        x = layer(x)
         if batch_norm:
-            x = layers.BatchNormalization()(x)
-        return layers.Activation(act)(x)
+            x = layers.BatchNormalization(name=f"{layer.name}_bn")(x)
+        return layers.Activation(act, name=f"{layer.name}_{act}")(x)
 
-    inputs = keras.Input(shape=input_shape)
-    x = block(inputs, lambda: layers.Conv2D(32, 3, padding="same"), "relu")
-    x = block(x, lambda: layers.Conv2D(32, 3), "relu")
-    x = layers.MaxPooling2D(2)(x)
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = block(inputs, layers.Conv2D(32, 3, padding="same", name="conv1"), "relu")
+    x = block(x, layers.Conv2D(32, 3, name="conv2"), "relu")
+    x = layers.MaxPooling2D(2, name="pool1")(x)
     if not batch_norm:
-        x = layers.Dropout(0.25)(x)
-    x = block(x, lambda: layers.Conv2D(64, 3, padding="same"), "relu")
-    x = block(x, lambda: layers.Conv2D(64, 3), "relu")
-    x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(0.25, name="dropout1")(x)
+    x = block(x, layers.Conv2D(64, 3, padding="same", name="conv3"), "relu")
+    x = block(x, layers.Conv2D(64, 3, name="conv4"), "relu")
+    x = layers.MaxPooling2D(2, name="pool2")(x)
     if not batch_norm:
-        x = layers.Dropout(0.25)(x)
-    x = layers.Flatten()(x)
-    x = block(x, lambda: layers.Dense(512), "relu")
+        x = layers.Dropout(0.25, name="dropout2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = block(x, layers.Dense(512, name="fc1"), "relu")
     if not batch_norm:
-        x = layers.Dropout(0.5)(x)
-    outputs = block(x, lambda: layers.Dense(num_classes), "softmax")
+        x = layers.Dropout(0.5, name="dropout3")(x)
+    outputs = block(x, layers.Dense(num_classes, name="logits"), "softmax")
     return keras.Model(inputs, outputs, name="cifar10_cnn_bn" if batch_norm else "cifar10_cnn")
 
 
@@ -59,14 +60,15 @@ def ioffe_mlp(
 
     With `batch_norm`, BatchNormalization sits between each Dense and its sigmoid.
     """
-    inputs = keras.Input(shape=input_shape)
-    x = layers.Flatten()(inputs)
-    for _ in range(3):
-        x = layers.Dense(100)(x)
+    inputs = keras.Input(shape=input_shape, name="image")
+    x = layers.Flatten(name="flatten")(inputs)
+    for i in range(1, 4):
+        x = layers.Dense(100, name=f"fc{i}")(x)
         if batch_norm:
-            x = layers.BatchNormalization()(x)
-        x = layers.Activation("sigmoid")(x)
-    outputs = layers.Activation("softmax")(layers.Dense(num_classes)(x))
+            x = layers.BatchNormalization(name=f"fc{i}_bn")(x)
+        x = layers.Activation("sigmoid", name=f"fc{i}_sigmoid")(x)
+    x = layers.Dense(num_classes, name="logits")(x)
+    outputs = layers.Activation("softmax", name="logits_softmax")(x)
     return keras.Model(inputs, outputs, name="ioffe_mlp_bn" if batch_norm else "ioffe_mlp")
 
 

@@ -130,6 +130,36 @@ def _level_index(levels: np.ndarray, level: float) -> int:
     return int(hits[0])
 
 
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _stored_end_of_file(path: Path) -> int | None:
+    """The end-of-file address that the HDF5 superblock records, if it can be read.
+
+    HDF5's SWMR reader retries unreadable metadata for minutes on a truncated
+    file instead of failing, so truncation is checked here first.
+    """
+    with open(path, "rb") as stream:
+        for base in (0, 512, 1024, 2048, 4096, 8192):  # the superblock may follow a user block
+            stream.seek(base)
+            head = stream.read(64)
+            if head[:8] != _SIGNATURE:
+                continue
+            version = head[8]
+            if version in (2, 3):
+                size = head[9]
+                offset = 12 + 2 * size  # base address, superblock extension address
+            elif version in (0, 1):
+                size = head[13]
+                offset = 24 + (4 if version == 1 else 0) + 2 * size  # base, free-space addresses
+            else:
+                return None
+            if size not in (4, 8):
+                return None
+            return base + int.from_bytes(head[offset : offset + size], "little")
+    return None
+
+
 def _open_h5(path: Path) -> tuple[h5py.File, bool]:
     """Open for reading, following a writer (SWMR) when the file allows it."""
     if not path.exists():
@@ -141,6 +171,12 @@ def _open_h5(path: Path) -> tuple[h5py.File, bool]:
         raise RunFileError(f"{path} is empty (0 bytes): the run never wrote its header")
     if not h5py.is_hdf5(path):
         raise RunFileError(f"{path} is not an HDF5 file ({size} bytes without an HDF5 signature)")
+    stored_eof = _stored_end_of_file(path)
+    if stored_eof is not None and size < stored_eof:
+        raise RunFileError(
+            f"{path} is truncated: {size} bytes on disk, the file says {stored_eof} (it was cut "
+            "short while being copied or written)"
+        )
     errors = []
     for kwargs in ({"swmr": True, "libver": "latest"}, {"locking": False}):
         try:

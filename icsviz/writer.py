@@ -26,6 +26,10 @@ from .schema import CAPTURE_KINDS, SCHEMA_VERSION, LayerSpec, RunLayout, Variabl
 
 __all__ = ["RunWriter", "LayerCapture", "Capture", "layout_from_file", "repair_run"]
 
+# Compressed chunks that are rewritten on every append do not fit their old
+# space, and HDF5 never reuses the space they leave: a compressed file grows by
+# megabytes a capture. So the writer writes small uncompressed chunks (rewritten
+# in place) and compacts the file into a compressed copy when it closes.
 _COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 _NAME_DTYPE = "S128"  # fixed-length UTF-8 strings: safe under SWMR, unlike vlen data
 
@@ -68,14 +72,13 @@ def _encode(names: list[str]) -> np.ndarray:
 def _extendable(group: h5py.Group, name: str, row_shape: tuple[int, ...], dtype: Any) -> None:
     """A dataset of zero rows that grows along its first axis."""
     row_size = int(np.prod(row_shape)) if row_shape else 1
-    rows_per_chunk = max(1, min(256, 65536 // max(1, row_size)))
+    rows_per_chunk = max(1, min(256, 4096 // row_size))
     group.create_dataset(
         name,
         shape=(0, *row_shape),
         maxshape=(None, *row_shape),
         chunks=(rows_per_chunk, *row_shape),
         dtype=dtype,
-        **_COMPRESSION,
     )
 
 
@@ -238,14 +241,20 @@ class RunWriter:
         self._file["status"][()] = status.encode()
         self._file.flush()
 
-    def close(self, status: str = "complete") -> None:
-        """Mark the run's final status and close the file. Safe to call twice."""
+    def close(self, status: str = "complete", *, compact: bool = True) -> None:
+        """Mark the run's final status, close the file and compact it.
+
+        Compacting rewrites the file compressed (a fraction of its size) and
+        atomically replaces it. Safe to call twice.
+        """
         if not self._file.id.valid:
             return
         try:
             self._set_status(status)
         finally:
             self._file.close()
+        if compact:
+            _rewrite(self.path, status=status)
 
     @property
     def closed(self) -> bool:
@@ -395,27 +404,54 @@ def repair_run(path: str | os.PathLike[str]) -> Path:
     A writer killed in SWMR mode leaves the file's consistency flags set: SWMR
     readers (icsviz, ``h5py.File(path, "r", swmr=True)``) still read every
     committed capture, but ``h5py.File(path)`` and append mode refuse it. This
-    copies the committed content into a fresh file, marks it "interrupted" and
-    atomically replaces the original. Returns the path.
+    copies the committed content into a fresh compressed file, marks it
+    "interrupted" and atomically replaces the original. Returns the path.
     """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".repair-tmp")
+    return _rewrite(Path(path), status="interrupted")
+
+
+def _rewrite(path: Path, *, status: str) -> Path:
+    """Copy the committed content of a run into a fresh compressed file, in place."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
         src = h5py.File(path, "r", swmr=True, libver="latest")
     except OSError as exc:
-        raise RunFileError(f"cannot repair {path}: {exc}") from exc
-    with src, h5py.File(tmp, "w", libver="latest") as dst:
-        committed = int(src["captures/step"].shape[0]) if "captures/step" in src else None
-        for key, value in src.attrs.items():
-            dst.attrs[key] = value
-        for name in src:
-            src.copy(src[name], dst, name=name)
-        if committed is not None:
-            _truncate_rows(dst, committed)
-        if "status" in dst:
-            dst["status"][()] = b"interrupted"
-    os.replace(tmp, path)
+        raise RunFileError(f"cannot rewrite {path}: {exc}") from exc
+    try:
+        with src, h5py.File(tmp, "w", libver="latest") as dst:
+            rows = int(src["captures/step"].shape[0]) if "captures/step" in src else None
+            _copy_group(src, dst, rows)
+            if "status" in dst:
+                dst["status"][()] = status.encode()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def _copy_group(src: h5py.Group, dst: h5py.Group, rows: int | None) -> None:
+    """Recursive copy that compresses datasets and keeps only committed rows."""
+    for key, value in src.attrs.items():
+        dst.attrs[key] = value
+    for name, obj in src.items():
+        if isinstance(obj, h5py.Group):
+            _copy_group(obj, dst.create_group(name), rows)
+            continue
+        data = obj[()]
+        per_capture = (
+            rows is not None and obj.maxshape[:1] == (None,) and "history" not in obj.name
+        )
+        if per_capture:
+            data = data[:rows]
+        if obj.maxshape == obj.shape or not obj.chunks:  # fixed-size: copy as is
+            new = dst.create_dataset(name, data=data, dtype=obj.dtype)
+        else:
+            chunks = tuple(max(1, min(c, 64)) if i == 0 else c for i, c in enumerate(obj.chunks))
+            new = dst.create_dataset(
+                name, data=data, dtype=obj.dtype, maxshape=obj.maxshape, chunks=chunks, **_COMPRESSION
+            )
+        for key, value in obj.attrs.items():
+            new.attrs[key] = value
 
 
 def _truncate_rows(file: h5py.File, rows: int) -> None:

@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny synthetic runs and tiny Keras models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np
+import pytest
+
+from icsviz.schema import LayerSpec, RunLayout, VariableSpec
+from icsviz.writer import Capture, LayerCapture
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar-10-batches-py-subset"
+
+
+def tiny_layout(units: int = 4, bins: int = 8) -> RunLayout:
+    return RunLayout(
+        layers=(
+            LayerSpec("dense", "Dense", "linear", (units,), units, (0, units - 1), 64, 16, 64),
+            LayerSpec("block/relu", "Activation", "activation", (units,), units, (1,), 64, 16, 64),
+        ),
+        variables=(VariableSpec("dense/kernel", "dense", (3, units)), VariableSpec("dense/bias", "dense", (units,))),
+        ics_layers=("dense",),
+        hist_bins=bins,
+    )
+
+
+def tiny_capture(layout: RunLayout, step: int, value: float = 1.0, kind: str = "step") -> Capture:
+    """A capture whose every number is derived from `step` and `value`."""
+    layers = []
+    q = len(layout.quantiles)
+    for spec in layout.layers:
+        b = layout.hist_bins
+        layers.append(
+            LayerCapture(
+                hist_counts=np.arange(b) + step,
+                hist_edges=np.linspace(-1, 1, b + 1) * (step + 1),
+                quantiles=np.linspace(-1, 1, q) + step,
+                moments=np.array([value * step, 1.0 + step, -step - 1.0, step + 1.0]),
+                zero_frac=0.25,
+                nonfinite=step % 2,
+                unit_mean=np.full(spec.n_units, value * step),
+                unit_std=np.full(spec.n_units, 1.0),
+                unit_quantiles=np.zeros((len(spec.tracked_units), q)) + step,
+            )
+        )
+    v = len(layout.variables)
+    return Capture(
+        step=step, epoch=step / 10, time=float(step), kind=kind, layers=layers,
+        grad_norm=np.full(v, 0.5 * step), weight_norm=np.full(v, 2.0),
+        update_ratio=np.full(v, np.nan if step == 0 else 0.01),
+        ics_grad_diff=np.full(len(layout.ics_layers), 0.1 * step),
+        ics_grad_cos=np.full(len(layout.ics_layers), 0.9),
+    )
+
+
+@pytest.fixture
+def layout() -> RunLayout:
+    return tiny_layout()

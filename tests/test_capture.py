@@ -1,0 +1,234 @@
+"""The compiled statistics, checked against numpy on models with known outputs."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from icsviz.capture import CaptureOptions, CaptureProgram, dyadic_bin_width
+from icsviz.layers import select_layers
+
+
+def identity_model(units: int) -> keras.Model:
+    """A linear Activation: its output is exactly its input, NaN and Inf included."""
+    inputs = keras.Input((units,))
+    model = keras.Model(inputs, keras.layers.Activation("linear", name="ident")(inputs))
+    model.compile("sgd", "mse")
+    return model
+
+
+def capture(model, x, y=None, options=CaptureOptions(), with_gradients=None, lr=0.0):
+    program = CaptureProgram(
+        model, select_layers(model), options, with_gradients if with_gradients is not None else y is not None
+    )
+    result = program.run(
+        keras.ops.convert_to_tensor(x), None if y is None else keras.ops.convert_to_tensor(y),
+        lr, step=0, epoch=0.0, time=0.0, kind="start",
+    )
+    return program, result
+
+
+@given(
+    low=st.floats(-1e6, 1e6, allow_nan=False),
+    span=st.floats(0, 1e6, allow_nan=False),
+    bins=st.sampled_from([2, 8, 64, 100]),
+)
+@settings(max_examples=200, deadline=None)
+def test_dyadic_grid_covers_range_with_power_of_two_width(low, span, bins) -> None:
+    high = low + span
+    first, width = dyadic_bin_width(low, high, bins)
+    assert first <= low and high < first + bins * width
+    assert math.log2(width) == int(math.log2(width))  # a power of two
+    assert first / width == math.floor(first / width)  # aligned to the width
+    # Never wider than twice the smallest width that could hold the range.
+    assert width <= 4 * max(span / bins, max(abs(low), abs(high)) * 2.0**-24, 2.0**-100)
+
+
+def test_statistics_match_numpy() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(3.0, 2.0, size=(256, 6)).astype("float32")
+    x[:, 2] = 0.0  # a dead unit: zero fraction 1/6
+    model = identity_model(6)
+    program, result = capture(model, x)
+    assert [t.name for t in program.traced] == ["ident"]
+    stats = result.layers[0]
+    flat = x.ravel()
+    np.testing.assert_allclose(stats.moments, [flat.mean(), flat.std(), flat.min(), flat.max()], rtol=1e-5)
+    assert stats.zero_frac == pytest.approx(1 / 6)
+    assert stats.nonfinite == 0
+    np.testing.assert_allclose(stats.unit_mean, x.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.unit_std, x.std(0), rtol=1e-4, atol=1e-6)
+    # Histogram: exact counts on the stored (dyadic) edges.
+    edges = stats.hist_edges
+    first, width = dyadic_bin_width(float(flat.min()), float(flat.max()), 64)
+    assert edges[0] == first and edges[1] - edges[0] == width
+    expected, _ = np.histogram(flat, bins=edges)
+    np.testing.assert_array_equal(stats.hist_counts, expected)
+    assert stats.hist_counts.sum() == flat.size
+    # Quantiles: exact (linear interpolation) when the layer fits the sample.
+    from icsviz.schema import QUANTILES
+
+    np.testing.assert_allclose(stats.quantiles, np.quantile(flat, QUANTILES), rtol=1e-5, atol=1e-5)
+    tracked = program.traced[0].tracked_units
+    assert tracked == (0, 2, 5) or len(tracked) == 3
+    for i, unit in enumerate(tracked):
+        np.testing.assert_allclose(stats.unit_quantiles[i], np.quantile(x[:, unit], QUANTILES), rtol=1e-5, atol=1e-5)
+
+
+def test_nonfinite_values_are_counted_and_excluded() -> None:
+    x = np.arange(40, dtype="float32").reshape(10, 4)
+    x[0, 0], x[3, 1], x[5, 2] = np.nan, np.inf, -np.inf
+    _, result = capture(identity_model(4), x)
+    stats = result.layers[0]
+    finite = x[np.isfinite(x)]
+    assert stats.nonfinite == 3
+    assert stats.hist_counts.sum() == finite.size == 37
+    expected, _ = np.histogram(finite, bins=stats.hist_edges)
+    np.testing.assert_array_equal(stats.hist_counts, expected)
+    np.testing.assert_allclose(stats.moments, [finite.mean(), finite.std(), finite.min(), finite.max()], rtol=1e-5)
+    assert np.isfinite(stats.quantiles).all()
+    unit0 = x[:, 0][np.isfinite(x[:, 0])]
+    assert stats.unit_mean[0] == pytest.approx(unit0.mean())
+
+
+def test_all_nonfinite_layer_gives_nan_moments_and_empty_histogram() -> None:
+    x = np.full((8, 3), np.nan, dtype="float32")
+    _, result = capture(identity_model(3), x)
+    stats = result.layers[0]
+    assert stats.nonfinite == 24 and stats.hist_counts.sum() == 0
+    assert np.isnan(stats.moments).all() and np.isnan(stats.quantiles).all()
+
+
+def test_value_budget_uses_first_samples_but_exact_range() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(100, 8)).astype("float32")
+    x[90, 3] = 50.0  # outside the budget: still the exact max
+    program, result = capture(identity_model(8), x, options=CaptureOptions(max_values=80))
+    plan = program.traced[0]
+    assert plan.samples == 10 and plan.n_values == 80
+    stats = result.layers[0]
+    assert stats.hist_counts.sum() == 80
+    assert stats.moments[3] == 50.0
+    np.testing.assert_allclose(stats.unit_mean, x[:10].mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_units_are_channels_and_quantiles_use_a_fixed_sample() -> None:
+    inputs = keras.Input((8, 8, 3))
+    conv = keras.layers.Conv2D(4, 1, name="c", kernel_initializer="ones", bias_initializer="zeros")
+    model = keras.Model(inputs, conv(inputs))
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(64, 8, 8, 3)).astype("float32")
+    options = CaptureOptions(quantile_sample=1000)
+    program, result = capture(model, x, options=options)
+    plan = program.traced[0]
+    assert plan.n_units == 4 and plan.quantile_index is not None and len(plan.quantile_index) == 1000
+    out = x.sum(-1, keepdims=True).repeat(4, -1)
+    np.testing.assert_allclose(result.layers[0].unit_mean, out.reshape(-1, 4).mean(0), rtol=1e-4, atol=1e-5)
+    sample = out.ravel()[plan.quantile_index]
+    from icsviz.schema import QUANTILES
+
+    np.testing.assert_allclose(result.layers[0].quantiles, np.quantile(sample, QUANTILES), rtol=1e-4, atol=1e-4)
+    # The same positions every capture: a second run gives identical quantiles.
+    again = program.run(keras.ops.convert_to_tensor(x), None, 0.0, step=1, epoch=0.0, time=0.0, kind="step")
+    np.testing.assert_array_equal(again.layers[0].quantiles, result.layers[0].quantiles)
+
+
+def small_classifier() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    x = keras.layers.Dense(8, activation="tanh", name="h1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Dropout(0.5, name="drop")(x)
+    x = keras.layers.Dense(8, activation="relu", name="h2")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="out")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+    return model
+
+
+def test_gradient_norms_match_gradient_tape_and_model_is_untouched() -> None:
+    model = small_classifier()
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(32, 5)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    before = [v.numpy().copy() for v in model.variables]
+    program, result = capture(model, x, y)
+    after = [v.numpy() for v in model.variables]
+    for a, b in zip(before, after):  # weights, BN moving stats, dropout seed
+        np.testing.assert_array_equal(a, b)
+    # Reference: the same loss in training mode with the same pinned dropout state.
+    with tf.GradientTape() as tape:
+        mapping = [(v, p) for v, p in zip(model.non_trainable_variables, program._pinned)]
+        with keras.StatelessScope(state_mapping=mapping):
+            pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=pred, training=True)
+    grads = tape.gradient(loss, model.trainable_variables)
+    expected = [float(tf.norm(g)) for g in grads]
+    np.testing.assert_allclose(result.grad_norm, expected, rtol=1e-4)
+    np.testing.assert_allclose(result.weight_norm, [float(tf.norm(v)) for v in model.trainable_variables], rtol=1e-5)
+    assert np.isnan(result.update_ratio).all()  # nothing to compare with yet
+    names = [t.name for t in program.traced]
+    assert names == ["h1:preact", "h1", "bn", "h2:preact", "h2", "out:preact", "out"]
+    # Fixed dropout masks: two captures of the same weights agree exactly.
+    again = program.run(keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y), 0.0,
+                        step=1, epoch=0.0, time=0.0, kind="step")
+    np.testing.assert_array_equal(again.layers[4].hist_counts, result.layers[4].hist_counts)
+    kernels = np.array(["kernel" in v.path or "gamma" in v.path for v in model.trainable_variables])
+    np.testing.assert_array_equal(again.update_ratio[kernels], 0.0)  # weights did not move
+    assert np.isnan(again.update_ratio[~kernels]).all()  # zero biases: undefined
+
+
+def test_update_ratio_measures_weight_change() -> None:
+    model = small_classifier()
+    x = np.ones((4, 5), "float32")
+    program, _ = capture(model, x)
+    kernel = model.get_layer("h1").kernel
+    old = kernel.numpy()
+    kernel.assign(old * 1.5)
+    result = program.run(keras.ops.convert_to_tensor(x), None, 0.0, step=1, epoch=1.0, time=0.0, kind="epoch")
+    index = [v.path for v in model.trainable_variables].index(kernel.path)
+    assert result.update_ratio[index] == pytest.approx(0.5, rel=1e-5)
+    assert np.isnan(result.grad_norm).all()  # no labels, no gradients
+
+
+def test_gradient_shift_matches_a_hand_computed_step() -> None:
+    model = small_classifier()
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(32, 5)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    lr = 0.5
+    program, result = capture(model, x, y, options=CaptureOptions(gradient_shift=True), lr=lr)
+    assert program.ics_layers == ("h1", "bn", "h2", "out")
+    assert result.ics_grad_diff[0] == pytest.approx(0.0, abs=1e-7)  # nothing precedes h1
+    assert result.ics_grad_cos[0] == pytest.approx(1.0, abs=1e-6)
+
+    variables = model.trainable_variables
+    pinned = program._pinned
+
+    def grads_at(values):
+        with tf.GradientTape() as tape:
+            tensors = [tf.convert_to_tensor(v) for v in values]
+            tape.watch(tensors)
+            mapping = list(zip(variables, tensors)) + list(zip(model.non_trainable_variables, pinned))
+            with keras.StatelessScope(state_mapping=mapping):
+                pred = model(x, training=True)
+                loss = model.compute_loss(x=x, y=y, y_pred=pred, training=True)
+        return tape.gradient(loss, tensors)
+
+    base = grads_at([v.value for v in variables])
+    owners = program._owner
+    h2 = [i for i, o in enumerate(owners) if o == "h2"]
+    before_h2 = [i for i, o in enumerate(owners) if o in ("h1", "bn")]
+    stepped = [v.value - lr * g if i in before_h2 else v.value for i, (v, g) in enumerate(zip(variables, base))]
+    shifted = grads_at(stepped)
+    g = np.concatenate([base[i].numpy().ravel() for i in h2])
+    g2 = np.concatenate([shifted[i].numpy().ravel() for i in h2])
+    assert result.ics_grad_diff[2] == pytest.approx(np.linalg.norm(g - g2), rel=1e-3)
+    assert result.ics_grad_cos[2] == pytest.approx(g @ g2 / np.linalg.norm(g) / np.linalg.norm(g2), rel=1e-4)
+    assert result.ics_grad_diff[2] > 1e-4  # a real shift at this learning rate

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import keras
+import pytest
+
+from icsviz import CaptureWarning
+from icsviz.layers import classify, iter_layers, select_layers
+from icsviz.models import build_model
+
+
+def names(selection):
+    return [(s.name, s.kind) for s in selection]
+
+
+def test_default_selection_of_the_reference_cnn() -> None:
+    model = build_model("baseline", (32, 32, 3), 10)
+    selected = names(select_layers(model))
+    assert [n for n, _ in selected] == [
+        "conv1", "conv1_relu", "conv2", "conv2_relu", "conv3", "conv3_relu", "conv4", "conv4_relu",
+        "fc1", "fc1_relu", "logits", "logits_softmax",
+    ]
+    assert dict(selected)["conv1"] == "linear" and dict(selected)["conv1_relu"] == "activation"
+    bn = dict(names(select_layers(build_model("bn", (32, 32, 3), 10))))
+    assert bn["conv1_bn"] == "normalization" and "dropout1" not in bn
+
+
+def test_plumbing_is_never_selected_by_default() -> None:
+    for layer in (keras.layers.Dropout(0.5), keras.layers.Flatten(), keras.layers.Reshape((4,)),
+                  keras.layers.MaxPooling2D(), keras.layers.Concatenate(), keras.layers.GaussianNoise(0.1)):
+        assert classify(layer) is None, layer
+    assert classify(keras.layers.Add()) == "merge"
+    assert classify(keras.layers.LayerNormalization()) == "normalization"
+
+
+def nested_model() -> keras.Model:
+    inner_in = keras.Input((4,))
+    inner = keras.Model(inner_in, keras.layers.Dense(4, name="d")(inner_in), name="block")
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(4, name="d0")(inputs)
+    return keras.Model(inputs, inner(x), name="outer")
+
+
+def test_nested_models_are_flattened_with_paths() -> None:
+    model = nested_model()
+    assert [n for n, _ in iter_layers(model)] == ["d0", "block/d"]
+    assert [s.name for s in select_layers(model)] == ["d0", "block/d"]
+
+
+def test_filters_by_name_glob_class_and_predicate() -> None:
+    model = build_model("bn", (32, 32, 3), 10)
+    assert [s.name for s in select_layers(model, ["conv1", "fc1"])] == ["conv1", "fc1"]
+    assert [s.name for s in select_layers(model, ["conv*_bn"])] == [f"conv{i}_bn" for i in range(1, 5)]
+    assert len(select_layers(model, [keras.layers.BatchNormalization])) == 6
+    assert [s.name for s in select_layers(model, [lambda l: l.name == "flatten"])] == ["flatten"]
+    nested = nested_model()
+    assert [s.name for s in select_layers(nested, ["block/*"])] == ["block/d"]
+
+
+def test_unmatched_filter_entries_warn_with_the_layer_list() -> None:
+    model = build_model("mlp", (28, 28, 1), 10)
+    with pytest.warns(CaptureWarning, match=r"'conv9'.*fc1"):
+        selected = select_layers(model, ["fc1", "conv9"])
+    assert [s.name for s in selected] == ["fc1"]
+    with pytest.raises(ValueError, match="Received: 3"):
+        select_layers(model, [3])
+
+
+def test_fused_activation_gets_a_preactivation_capture() -> None:
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="relu", name="d")(inputs))
+    (sel,) = select_layers(model)
+    assert sel.capture_preactivation
+    plain = keras.Model(inputs, keras.layers.Dense(2, name="e")(inputs))
+    assert not select_layers(plain)[0].capture_preactivation
+    act = keras.Model(inputs, keras.layers.Activation("relu", name="a")(inputs))
+    assert not select_layers(act)[0].capture_preactivation

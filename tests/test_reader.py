@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from conftest import tiny_capture
+
+from icsviz import MissingDataError, RunFileError, SchemaVersionError, open_run
+from icsviz.writer import RunWriter
+
+
+@pytest.fixture
+def run_path(tmp_path, layout):
+    path = tmp_path / "ok.h5"
+    with RunWriter.create(path, layout, {"run_name": "ok"}) as w:
+        for step in range(4):
+            w.write_capture(tiny_capture(layout, step))
+    return path
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(RunFileError, match="no such run file"):
+        open_run(tmp_path / "nope.h5")
+
+
+def test_empty_file(tmp_path) -> None:
+    path = tmp_path / "empty.h5"
+    path.write_bytes(b"")
+    with pytest.raises(RunFileError, match="empty"):
+        open_run(path)
+
+
+def test_not_hdf5(tmp_path) -> None:
+    path = tmp_path / "notes.h5"
+    path.write_text("hello")
+    with pytest.raises(RunFileError, match="not an HDF5 file"):
+        open_run(path)
+
+
+def test_truncated_file(tmp_path, run_path) -> None:
+    data = run_path.read_bytes()
+    path = tmp_path / "cut.h5"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(RunFileError, match=str(path.name)):
+        open_run(path)
+
+
+def test_hdf5_but_not_a_run(tmp_path) -> None:
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(3)
+    with pytest.raises(RunFileError, match="not an icsviz run"):
+        open_run(path)
+
+
+def test_newer_schema_names_both_versions(tmp_path, run_path) -> None:
+    with h5py.File(run_path, "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(SchemaVersionError, match=r"version 99.*up to 1"):
+        open_run(run_path)
+    assert issubclass(SchemaVersionError, RunFileError)
+
+
+def test_unknown_names_list_what_exists(run_path) -> None:
+    with open_run(run_path) as run:
+        with pytest.raises(MissingDataError, match="dense"):
+            run.activations("conv9")
+        with pytest.raises(MissingDataError, match="not recorded"):
+            run.activations("dense").quantile(0.42)
+        with pytest.raises(MissingDataError, match="not tracked"):
+            run.activations("dense").unit_quantile(2, 0.5)
+        np.testing.assert_allclose(run.activations("dense").unit_quantile(3, 0.5), np.arange(4), atol=1e-6)
+        assert run.activations("000_dense").name == "dense"  # ids work too
+
+
+def test_live_reader_follows_a_growing_file(tmp_path, layout) -> None:
+    """A reader in another process sees captures appear while the writer runs."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    path = tmp_path / "live.h5"
+    go = tmp_path / "go"
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        from conftest import tiny_capture, tiny_layout
+        from icsviz.writer import RunWriter
+        layout = tiny_layout()
+        w = RunWriter.create({str(path)!r}, layout, {{}})
+        w.write_capture(tiny_capture(layout, 0))
+        open({str(go)!r}, "w").close()
+        for step in range(1, 6):
+            time.sleep(0.3)
+            w.write_capture(tiny_capture(layout, step))
+        w.close()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 60
+        while not go.exists():
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        run = open_run(path)
+        seen = [run.num_captures]
+        while proc.poll() is None:
+            run.refresh()
+            seen.append(run.num_captures)
+            assert len(run.activations("dense").counts) == run.num_captures
+            time.sleep(0.1)
+        run.refresh()
+        seen.append(run.num_captures)
+        assert seen[0] >= 1 and seen[-1] == 6
+        assert len(set(seen)) >= 3, seen  # saw intermediate states, not only the end
+        assert run.status == "complete"
+        run.close()
+    finally:
+        proc.wait(30)

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from conftest import tiny_capture, tiny_layout
+
+from icsviz import IncompatibleRunError, RunExistsError, open_run
+from icsviz.writer import RunWriter, repair_run
+
+
+def test_roundtrip_values(tmp_path, layout) -> None:
+    path = tmp_path / "r.h5"
+    with RunWriter.create(path, layout, {"run_name": "demo", "model_name": "m", "config": {"a": 1}}) as w:
+        for step in range(3):
+            w.write_capture(tiny_capture(layout, step))
+        w.write_epoch(0, {"loss": 2.0, "accuracy": 0.5})
+        w.write_epoch(1, {"loss": 1.0, "accuracy": 0.75, "val_loss": 1.5})  # a new metric mid-run
+    with open_run(path) as run:
+        assert run.status == "complete"
+        assert run.name == "demo" and run.config == {"a": 1}
+        assert run.layer_names == ["dense", "block/relu"]
+        np.testing.assert_array_equal(run.steps, [0, 1, 2])
+        np.testing.assert_allclose(run.epochs, [0.0, 0.1, 0.2])
+        acts = run.activations("dense")
+        assert acts.counts.shape == (3, 8) and acts.edges.shape == (3, 9)
+        np.testing.assert_array_equal(acts.counts[2], np.arange(8) + 2)
+        np.testing.assert_allclose(acts.mean, [0, 1, 2])
+        np.testing.assert_allclose(acts.std, [1, 2, 3])
+        np.testing.assert_allclose(acts.max, [1, 2, 3])
+        np.testing.assert_array_equal(acts.nonfinite, [0, 1, 0])
+        np.testing.assert_array_equal(acts.tracked_units, [0, 3])
+        assert acts.unit_quantiles.shape == (3, 2, len(acts.q))
+        np.testing.assert_allclose(acts.quantile(0.5), [0, 1, 2], atol=1e-6)
+        history = run.history
+        np.testing.assert_allclose(history["loss"], [2.0, 1.0])
+        assert np.isnan(history["val_loss"][0]) and history["val_loss"][1] == 1.5
+        grads = run.gradients("dense")
+        assert grads.variables == ["dense/kernel", "dense/bias"]
+        np.testing.assert_allclose(grads.grad_norm[:, 0], [0, 0.5, 1.0])
+        np.testing.assert_allclose(grads.total_grad_norm, np.sqrt(2) * np.array([0, 0.5, 1.0]), rtol=1e-6)
+        assert np.isnan(grads.update_ratio[0, 0]) and grads.update_ratio[1, 0] == pytest.approx(0.01)
+        np.testing.assert_allclose(run.ics("dense").grad_diff, [0, 0.1, 0.2], rtol=1e-6)
+
+
+def test_rows_beyond_commit_marker_are_invisible(tmp_path, layout) -> None:
+    path = tmp_path / "r.h5"
+    with RunWriter.create(path, layout, {}) as w:
+        w.write_capture(tiny_capture(layout, 0))
+        w.write_capture(tiny_capture(layout, 1))
+    # Simulate a writer killed between the data rows and the marker of capture 3.
+    with h5py.File(path, "a") as f:
+        for name in ("captures/epoch", "layers/000_dense/hist_counts"):
+            f[name].resize(3, axis=0)
+    with open_run(path) as run:
+        assert run.num_captures == 2
+        assert run.activations("dense").counts.shape[0] == 2
+        assert len(run.epochs) == 2
+
+
+def test_refuses_to_overwrite_and_overwrites_when_asked(tmp_path, layout) -> None:
+    path = tmp_path / "r.h5"
+    RunWriter.create(path, layout, {}).close()
+    with pytest.raises(RunExistsError, match="overwrite=True"):
+        RunWriter.create(path, layout, {})
+    RunWriter.create(path, layout, {}, overwrite=True).close()
+
+
+def test_resume_appends_and_drops_the_replaced_timeline(tmp_path, layout) -> None:
+    path = tmp_path / "r.h5"
+    with RunWriter.create(path, layout, {}) as w:
+        for step in range(0, 40, 10):  # epochs 0, 1, 2, 3
+            w.write_capture(tiny_capture(layout, step))
+        for epoch in range(3):
+            w.write_epoch(epoch, {"loss": float(epoch)})
+    with RunWriter.resume(path, layout, from_epoch=2) as w:  # a checkpoint after epoch 2
+        w.write_capture(tiny_capture(layout, 30, value=-1))
+        w.write_epoch(2, {"loss": 9.0})
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.steps, [0, 10, 20, 30])
+        assert run.activations("dense").mean[-1] == -30
+        np.testing.assert_array_equal(run.history_epochs, [0, 1, 2])
+        np.testing.assert_allclose(run.history["loss"], [0, 1, 9])
+
+
+def test_resume_refuses_another_layout(tmp_path, layout) -> None:
+    path = tmp_path / "r.h5"
+    RunWriter.create(path, layout, {}).close()
+    with pytest.raises(IncompatibleRunError, match="another model or layer set"):
+        RunWriter.resume(path, tiny_layout(units=7), from_epoch=1)
+
+
+def test_repair_makes_a_crashed_swmr_file_plain_readable(tmp_path, layout) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "crash.h5"
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(tmp_path.parent)!r})
+        from conftest import tiny_capture, tiny_layout
+        from icsviz.writer import RunWriter
+        layout = tiny_layout()
+        w = RunWriter.create({str(path)!r}, layout, {{}})
+        for step in range(5):
+            w.write_capture(tiny_capture(layout, step))
+        os.kill(os.getpid(), 9)
+    """)
+    env = {**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)}
+    proc = subprocess.run([sys.executable, "-c", script], env=env)
+    assert proc.returncode == -9
+    with pytest.raises(OSError):
+        h5py.File(path, "r")  # the SWMR flags are still set
+    with open_run(path) as run:  # the SWMR reader needs no repair
+        assert run.num_captures == 5 and run.status == "training"
+    repair_run(path)
+    with h5py.File(path, "r") as f:
+        assert f["captures/step"].shape == (5,)
+    with open_run(path) as run:
+        assert run.status == "interrupted"
+        np.testing.assert_array_equal(run.steps, np.arange(5))
