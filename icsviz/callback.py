@@ -60,6 +60,23 @@ def _take(x: Any, n: int) -> Any:
     return keras.tree.map_structure(lambda a: a[:n], x)
 
 
+def _as_float(value: Any) -> float | None:
+    """A log entry as a float, or None when it is not a scalar metric."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _scalar(value: Any) -> float:
+    """A Python float from a Keras variable or backend scalar.
+
+    Not through keras.ops.convert_to_numpy: on TensorFlow that path raises a
+    NumPy 2 DeprecationWarning for variables.
+    """
+    return float(value.numpy() if hasattr(value, "numpy") else value)
+
+
 def _is_chief() -> bool:
     """Only one process writes under multi-worker training (TF_CONFIG's chief)."""
     raw = os.environ.get("TF_CONFIG")
@@ -221,14 +238,14 @@ class ICSCallback(keras.callbacks.Callback):
         if optimizer is None:
             return float("nan")
         try:
-            return float(np.asarray(keras.ops.convert_to_numpy(optimizer.learning_rate)))
+            return _scalar(optimizer.learning_rate)
         except Exception:  # noqa: BLE001 - a custom optimizer without a readable rate
             return float("nan")
 
     def _iterations(self) -> int:
         optimizer = getattr(self.model, "optimizer", None)
         try:
-            return int(np.asarray(keras.ops.convert_to_numpy(optimizer.iterations)))
+            return int(_scalar(optimizer.iterations))
         except Exception:  # noqa: BLE001
             return self._global_step
 
@@ -377,7 +394,7 @@ class ICSCallback(keras.callbacks.Callback):
                 "the epoch capture",
                 lambda: self._capture(float(epoch + 1 + self._epoch_offset), "epoch"),
             )
-        metrics = {k: v for k, v in logs.items() if np.ndim(v) == 0}
+        metrics = {k: f for k, f in ((k, _as_float(v)) for k, v in logs.items()) if f is not None}
         metrics.setdefault("learning_rate", self._learning_rate())
         metrics["epoch_time"] = time.perf_counter() - self._epoch_start_time
         try:

@@ -79,9 +79,9 @@ def classify(layer: Any) -> str | None:
     if names & _RECURRENT:
         return "recurrent"
     if getattr(layer, "trainable_weights", None):
-        return "other"  # a custom layer with weights makes a representation
-    if "Lambda" in names:
-        return None
+        return "other"  # a layer with weights makes a representation
+    if not type(layer).__module__.startswith("keras"):
+        return "other"  # the user wrote it to compute something: keep it
     return None
 
 

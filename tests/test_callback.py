@@ -1,0 +1,331 @@
+"""ICSCallback on real (tiny) Keras training runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from icsviz import CaptureWarning, ICSCallback, IncompatibleRunError, RunExistsError, open_run
+
+HERE = Path(__file__).parent
+
+
+def data(n=96, shape=(6,), classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape)).astype("float32")
+    y = (x.reshape(n, -1)[:, 0] > 0).astype("int64") + (x.reshape(n, -1)[:, 1] > 0)
+    return x, y % classes
+
+
+def compiled(model, lr=0.05):
+    model.compile(keras.optimizers.SGD(lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def sequential():
+    keras.utils.set_random_seed(0)
+    return compiled(keras.Sequential([
+        keras.Input((6,)),
+        keras.layers.Dense(8, name="d1"),
+        keras.layers.Activation("relu", name="r1"),
+        keras.layers.Dropout(0.2, name="drop"),
+        keras.layers.Dense(3, activation="softmax", name="out"),
+    ], name="seq"))
+
+
+def residual():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, name="stem")(inputs)
+    h = keras.layers.Dense(8, activation="relu", name="branch_a")(x)
+    h = keras.layers.Dense(8, name="branch_b")(h)
+    x = keras.layers.Add(name="add")([x, h])
+    x = keras.layers.ReLU(name="relu")(x)
+    return compiled(keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(x), name="res"))
+
+
+def nested():
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((8,))
+    inner = keras.Model(inner_in, keras.layers.Dense(8, activation="tanh", name="d")(inner_in), name="block")
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, name="stem")(inputs)
+    x = inner(x)
+    x = inner(x)  # a shared nested model, called twice
+    return compiled(keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(x), name="outer"))
+
+
+class TwoOutputs(keras.layers.Layer):
+    def call(self, x):
+        return x * 2.0, x - 1.0
+
+
+def multi_output():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(8, name="stem")(inputs)
+    a, b = TwoOutputs(name="split")(x)
+    x = keras.layers.Add(name="merge")([a, b])
+    return compiled(keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(x)))
+
+
+def fit(model, path, epochs=2, probe=None, **kwargs):
+    x, y = data()
+    fit_kwargs = {k: kwargs.pop(k) for k in ("initial_epoch",) if k in kwargs}
+    cb = ICSCallback(path, probe=probe if probe is not None else (x[:32], y[:32]), **kwargs)
+    history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, validation_data=(x[:32], y[:32]),
+                        callbacks=[cb], **fit_kwargs)
+    return history, cb
+
+
+def test_sequential_schedule_history_and_gradients(tmp_path) -> None:
+    path = tmp_path / "seq.h5"
+    history, _ = fit(sequential(), path, epochs=3, every_n_steps=4)
+    with open_run(path) as run:
+        assert run.status == "complete"
+        assert run.layer_names == ["d1", "r1", "out:preact", "out"]
+        # 6 steps per epoch: start, steps 4 / 8 / 12 / 16, and the three epoch ends (6, 12 is both: epoch wins)
+        np.testing.assert_array_equal(run.steps, [0, 4, 6, 8, 12, 16, 18])
+        assert run.capture_kinds == ["start", "step", "epoch", "step", "epoch", "step", "epoch"]
+        np.testing.assert_allclose(run.epochs, [0, 4 / 6, 1, 1 + 2 / 6, 2, 2 + 4 / 6, 3])
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose(run.history[key], history.history[key], rtol=1e-6)
+        np.testing.assert_allclose(run.history["learning_rate"], 0.05)
+        assert (run.history["epoch_time"] > 0).all()
+        grads = run.gradients("d1")
+        assert [v.rsplit("/", 2)[-2:] for v in grads.variables] == [["d1", "kernel"], ["d1", "bias"]]
+        assert (grads.grad_norm > 0).all() and np.isfinite(grads.grad_norm).all()
+        assert np.isnan(grads.update_ratio[0]).all() and (grads.update_ratio[1:, 0] > 0).all()
+        acts = run.activations("r1")
+        assert (acts.counts.sum(1) == 32 * 8).all()
+        assert (acts.min >= 0).all() and (acts.zero_frac > 0).all()  # ReLU outputs
+        assert run.attrs["model_name"] == "seq" and run.attrs["backend"] == "tensorflow"
+
+
+def test_functional_residual_block(tmp_path) -> None:
+    fit(residual(), tmp_path / "res.h5", epochs=1)
+    with open_run(tmp_path / "res.h5") as run:
+        assert run.layer_names == ["stem", "branch_a:preact", "branch_a", "branch_b", "add", "relu",
+                                   "out:preact", "out"]
+        stem, add = run.activations("stem"), run.activations("add")
+        assert stem.counts.shape == (2, 64) and add.unit_mean.shape == (2, 8)
+
+
+def test_nested_and_shared_model(tmp_path) -> None:
+    fit(nested(), tmp_path / "nested.h5", epochs=1)
+    with open_run(tmp_path / "nested.h5") as run:
+        assert run.layer_names == ["stem", "block/d:preact", "block/d", "block/d:preact#2", "block/d#2",
+                                   "out:preact", "out"]
+        first, second = run.activations("block/d"), run.activations("block/d#2")
+        assert not np.allclose(first.mean, second.mean)  # two calls, two distributions
+        assert [v.rsplit("/", 1)[-1] for v in run.variables_of("block/d")] == ["kernel", "bias"]
+
+
+def test_layer_with_several_outputs(tmp_path) -> None:
+    fit(multi_output(), tmp_path / "multi.h5", epochs=1)
+    with open_run(tmp_path / "multi.h5") as run:
+        assert "split[0]" in run.layer_names and "split[1]" in run.layer_names
+        a, b = run.activations("split[0]"), run.activations("split[1]")
+        stem = run.activations("stem")
+        np.testing.assert_allclose(a.mean, 2 * stem.mean, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b.mean, stem.mean - 1, rtol=1e-4, atol=1e-5)
+
+
+def test_probe_without_labels_warns_once_and_skips_gradients(tmp_path) -> None:
+    x, _ = data()
+    with pytest.warns(CaptureWarning, match="no labels") as record:
+        fit(sequential(), tmp_path / "nolabels.h5", probe=x[:16])
+    assert len([w for w in record if issubclass(w.category, CaptureWarning)]) == 1
+    with open_run(tmp_path / "nolabels.h5") as run:
+        assert np.isnan(run.gradients("d1").grad_norm).all()
+        assert np.isfinite(run.gradients("d1").weight_norm).all()
+        assert run.activations("d1").counts.sum(1)[0] == 16 * 8
+
+
+def test_probe_from_a_dataset(tmp_path) -> None:
+    import tensorflow as tf
+
+    x, y = data()
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(20)
+    fit(sequential(), tmp_path / "ds.h5", probe=ds, epochs=1)
+    with open_run(tmp_path / "ds.h5") as run:
+        assert run.activations("d1").counts.sum(1)[0] == 20 * 8
+        assert np.isfinite(run.gradients("out").grad_norm).all()
+
+
+def test_argument_errors_are_raised_early() -> None:
+    x, y = data()
+    with pytest.raises(ValueError, match="Received: every_n_steps=0"):
+        ICSCallback("r.h5", probe=x, every_n_steps=0)
+    with pytest.raises(ValueError, match="histogram_bins"):
+        ICSCallback("r.h5", probe=x, histogram_bins=1)
+    with pytest.raises(ValueError, match="probe=None"):
+        ICSCallback("r.h5", probe=None)
+    with pytest.raises(ValueError, match="0 samples"):
+        ICSCallback("r.h5", probe=x[:0])
+    with pytest.raises(ValueError, match="JSON"):
+        ICSCallback("r.h5", probe=x, metadata={"f": object()})
+
+
+def test_existing_file_is_refused_before_training_and_overwritten_on_request(tmp_path) -> None:
+    path = tmp_path / "r.h5"
+    fit(sequential(), path, epochs=1)
+    model = sequential()
+    with pytest.raises(RunExistsError, match="overwrite=True"):
+        fit(model, path, epochs=1)
+    assert int(model.optimizer.iterations.numpy()) == 0  # no step was taken
+    fit(sequential(), path, epochs=2, overwrite=True)
+    with open_run(path) as run:
+        assert len(run.history_epochs) == 2
+
+
+def test_resume_with_initial_epoch_appends(tmp_path) -> None:
+    path = tmp_path / "resume.h5"
+    model = sequential()
+    fit(model, path, epochs=2)
+    fit(model, path, epochs=4, initial_epoch=2)
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.history_epochs, [0, 1, 2, 3])
+        np.testing.assert_allclose(run.epochs, [0, 1, 2, 3, 4])  # epoch 2 is not captured twice
+        assert run.steps[-1] == 24
+    with pytest.raises(IncompatibleRunError, match="another model"):
+        fit(residual(), path, epochs=3, initial_epoch=2)
+
+
+def test_second_fit_with_the_same_callback_continues_the_run(tmp_path) -> None:
+    path = tmp_path / "again.h5"
+    x, y = data()
+    model = sequential()
+    cb = ICSCallback(path, probe=(x[:16], y[:16]))
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.history_epochs, [0, 1, 2])
+        np.testing.assert_array_equal(run.steps, [0, 6, 12, 18])
+
+
+def test_diverging_run_counts_nonfinite_values_and_keeps_training(tmp_path) -> None:
+    path = tmp_path / "nan.h5"
+    model = sequential()
+    model.compile(keras.optimizers.SGD(1e12), "sparse_categorical_crossentropy")
+    x, y = data()
+    history, _ = fit(model, path, epochs=3)
+    assert len(history.history["loss"]) == 3
+    with open_run(path) as run:
+        out = run.activations("out:preact")
+        assert out.nonfinite[-1] > 0
+        assert out.counts[-1].sum() == 32 * 3 - out.nonfinite[-1]
+
+
+def test_a_failure_inside_capture_warns_and_training_goes_on(tmp_path, monkeypatch) -> None:
+    from icsviz.capture import CaptureProgram
+
+    calls = {"n": 0}
+    original = CaptureProgram.run
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated capture bug")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CaptureProgram, "run", flaky)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history, _ = fit(sequential(), tmp_path / "flaky.h5", epochs=3)
+    messages = [str(w.message) for w in record if issubclass(w.category, CaptureWarning)]
+    assert len(messages) == 1 and "simulated capture bug" in messages[0]
+    assert len(history.history["loss"]) == 3
+    with open_run(tmp_path / "flaky.h5") as run:
+        assert run.num_captures == 1  # the start; later captures are off
+        assert len(run.history_epochs) == 3  # metrics are still recorded
+
+
+def _run_script(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path) -> None:
+    path = tmp_path / "mirrored.h5"
+    proc = _run_script(f"""
+        import numpy as np, tensorflow as tf, keras
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from icsviz import ICSCallback, open_run
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        assert strategy.num_replicas_in_sync == 2
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="h"),
+                                      keras.layers.BatchNormalization(name="bn"), keras.layers.Dense(3, name="out")])
+            model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(64, 6)).astype("float32"); y = rng.integers(0, 3, 64)
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[ICSCallback({str(path)!r}, probe=(x[:16], y[:16]))])
+        run = open_run({str(path)!r})
+        print("CAPTURES", run.num_captures, "LAYERS", ",".join(run.layer_names),
+              "GRAD", bool(np.isfinite(run.gradients("h").grad_norm).all()))
+    """)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CAPTURES 3 LAYERS h:preact,h,bn,out GRAD True" in proc.stdout
+
+
+def test_sigkill_mid_training_leaves_every_flushed_capture(tmp_path) -> None:
+    """Train in a subprocess, kill -9 it mid-training, and read what it wrote."""
+    path = tmp_path / "killed.h5"
+    marker = tmp_path / "captures.txt"
+    script = f"""
+        import numpy as np, keras
+        from icsviz import ICSCallback
+        class Report(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                # after ICSCallback's own hook: the capture of this step is committed
+                with open({str(marker)!r}, "a") as f:
+                    f.write(f"{{int(self.model.optimizer.iterations.numpy())}}\\n")
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(3, activation="softmax")])
+        model.compile("sgd", "sparse_categorical_crossentropy")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(640, 6)).astype("float32"); y = rng.integers(0, 3, 640)
+        model.fit(x, y, epochs=1000, batch_size=32, verbose=0,
+                  callbacks=[ICSCallback({str(path)!r}, probe=(x[:64], y[:64]), every_n_steps=3), Report()])
+    """
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if marker.exists() and len(marker.read_text().split()) >= 50:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        proc.kill()  # SIGKILL: no handler, no atexit, no flush
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -9
+    last_reported = int(marker.read_text().split()[-1])
+    with open_run(path) as run:
+        assert run.status == "training"  # it never closed
+        steps = run.steps
+        # Every capture committed before the last step it reported is there, in order.
+        # (every 3rd step, plus the epoch ends: 640 / 32 = 20 steps an epoch)
+        expected = sorted({0} | set(range(3, last_reported + 1, 3)) | set(range(20, last_reported + 1, 20)))
+        assert list(steps[: len(expected)]) == expected
+        acts = run.activations(run.layer_names[0])
+        assert acts.counts.shape[0] == len(steps) and (acts.counts.sum(1) > 0).all()
+        assert len(run.history_epochs) >= 1
