@@ -87,8 +87,9 @@ def _is_chief() -> bool:
     except ValueError:
         return True
     kind, index = task.get("type", "chief"), int(task.get("index", 0))
-    return kind == "chief" or (kind == "worker" and index == 0 and
-                               "chief" not in json.loads(raw).get("cluster", {}))
+    return kind == "chief" or (
+        kind == "worker" and index == 0 and "chief" not in json.loads(raw).get("cluster", {})
+    )
 
 
 class ICSCallback(keras.callbacks.Callback):
@@ -180,7 +181,9 @@ class ICSCallback(keras.callbacks.Callback):
             try:
                 json.dumps(dict(metadata))
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"metadata must be JSON-serializable. Received: metadata={metadata!r}") from exc
+                raise ValueError(
+                    f"metadata must be JSON-serializable. Received: metadata={metadata!r}"
+                ) from exc
         x, y = _split_probe(probe)
         n = _num_samples(x)
         if n == 0:
@@ -276,7 +279,8 @@ class ICSCallback(keras.callbacks.Callback):
         self._program = CaptureProgram(model, selection, self.options, with_gradients)
         self._x = keras.tree.map_structure(keras.ops.convert_to_tensor, self._probe_x)
         self._y = (
-            None if self._probe_y is None
+            None
+            if self._probe_y is None
             else keras.tree.map_structure(keras.ops.convert_to_tensor, self._probe_y)
         )
         self._global_step = self._iterations()
@@ -284,8 +288,13 @@ class ICSCallback(keras.callbacks.Callback):
         resume = epoch > 0 or self._owns_file
         kind = "epoch" if resume else "start"
         capture = self._program.run(
-            self._x, self._y, self._learning_rate(), step=self._global_step,
-            epoch=float(epoch), time=0.0, kind=kind,
+            self._x,
+            self._y,
+            self._learning_rate(),
+            step=self._global_step,
+            epoch=float(epoch),
+            time=0.0,
+            kind=kind,
         )
         layout = self._program.layout
         if resume and self.path.exists() and not self.overwrite:
@@ -297,7 +306,9 @@ class ICSCallback(keras.callbacks.Callback):
                 self._writer.write_capture(capture)
         else:
             self._writer = RunWriter.create(
-                self.path, layout, self._metadata(layout_size=len(layout.layers)),
+                self.path,
+                layout,
+                self._metadata(layout_size=len(layout.layers)),
                 overwrite=self.overwrite,
             )
             self._writer.write_capture(capture)
@@ -335,7 +346,9 @@ class ICSCallback(keras.callbacks.Callback):
             "steps_per_epoch": self._steps_per_epoch,
             "parameters": int(model.count_params()),
         }
-        config.update(self.metadata.get("config", {}) if isinstance(self.metadata.get("config"), dict) else {})
+        config.update(
+            self.metadata.get("config", {}) if isinstance(self.metadata.get("config"), dict) else {}
+        )
         meta = {k: v for k, v in self.metadata.items() if k != "config"}
         return {
             "run_name": self.run_name,
@@ -380,8 +393,13 @@ class ICSCallback(keras.callbacks.Callback):
     def _capture(self, epoch: float, kind: str) -> None:
         assert self._program is not None and self._writer is not None
         capture = self._program.run(
-            self._x, self._y, self._learning_rate(), step=self._global_step, epoch=epoch,
-            time=time.perf_counter() - self._train_start, kind=kind,
+            self._x,
+            self._y,
+            self._learning_rate(),
+            step=self._global_step,
+            epoch=epoch,
+            time=time.perf_counter() - self._train_start,
+            kind=kind,
         )
         self._writer.write_capture(capture)
 

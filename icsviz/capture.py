@@ -27,7 +27,7 @@ import numpy as np
 
 from . import backend
 from .layers import SelectedLayer, iter_layers
-from .schema import MOMENT_NAMES, QUANTILES, LayerSpec, RunLayout, VariableSpec
+from .schema import QUANTILES, LayerSpec, RunLayout, VariableSpec
 from .writer import Capture, LayerCapture
 
 __all__ = ["CaptureOptions", "CaptureProgram", "TracedLayer", "dyadic_bin_width"]
@@ -207,9 +207,7 @@ def _interpolated_quantiles(sorted_values: Any, n_finite: Any, q: np.ndarray) ->
     return ops.where(ops.expand_dims(n, -1) > 0, out, float("nan"))
 
 
-def _layer_stats(
-    tensor: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool
-) -> dict[str, Any]:
+def _layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool) -> dict[str, Any]:
     x = ops.cast(tensor, "float32")
     full = ops.reshape(x, (-1,))
     if plan.samples < plan.shape[0]:
@@ -241,7 +239,12 @@ def _layer_stats(
 
 
 def _reduce(
-    units: Any, flat: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool,
+    units: Any,
+    flat: Any,
+    plan: TracedLayer,
+    options: CaptureOptions,
+    *,
+    masked: bool,
     all_finite: Any,
 ) -> dict[str, Any]:
     """Statistics of the budgeted values (`units`: rows x units, `flat`: the same, 1-D)."""
@@ -290,6 +293,7 @@ def _reduce(
     zero_frac = ops.cast(zeros, "float32") / ops.maximum(ops.cast(n_finite, "float32"), 1.0)
 
     first, width = _dyadic_grid(low, high, bins)
+
     def count() -> Any:
         return backend.histogram(hist_values, ops.cast(first, "float32"), ops.cast(width, "float32"), bins)
 
@@ -320,9 +324,12 @@ def _reduce(
     unit_quantiles = _interpolated_quantiles(ops.sort(tracked, axis=-1), n_tracked, q)
 
     moments = ops.stack(
-        [ops.cast(mean, "float64"), ops.cast(std, "float64"),
-         ops.cast(ops.where(n_finite > 0, low, float("nan")), "float64"),
-         ops.cast(ops.where(n_finite > 0, high, float("nan")), "float64")]
+        [
+            ops.cast(mean, "float64"),
+            ops.cast(std, "float64"),
+            ops.cast(ops.where(n_finite > 0, low, float("nan")), "float64"),
+            ops.cast(ops.where(n_finite > 0, high, float("nan")), "float64"),
+        ]
     )
     return {
         "hist_counts": counts,
@@ -441,8 +448,9 @@ class CaptureProgram:
         )
 
     # ---------------------------------------------------------------- program
-    def _forward(self, trainable: list[Any], non_trainable: list[Any], x: Any, y: Any,
-                 recorder: _Recorder | None) -> tuple[Any, list[Any]]:
+    def _forward(
+        self, trainable: list[Any], non_trainable: list[Any], x: Any, y: Any, recorder: _Recorder | None
+    ) -> tuple[Any, list[Any]]:
         mapping = list(zip(self.trainable, trainable)) + list(zip(self.non_trainable, non_trainable))
         training = self.options.training
         with contextlib.ExitStack() as stack:
@@ -460,8 +468,16 @@ class CaptureProgram:
     def _masked_program(self, *args: Any) -> dict[str, Any]:
         return self._program(*args, masked=True)
 
-    def _program(self, trainable: list[Any], non_trainable: list[Any], previous: list[Any],
-                 x: Any, y: Any, learning_rate: Any, masked: bool = False) -> dict[str, Any]:
+    def _program(
+        self,
+        trainable: list[Any],
+        non_trainable: list[Any],
+        previous: list[Any],
+        x: Any,
+        y: Any,
+        learning_rate: Any,
+        masked: bool = False,
+    ) -> dict[str, Any]:
         recorder = _Recorder()
 
         def loss_fn(params: list[Any]) -> tuple[Any, list[Any]]:
@@ -475,8 +491,7 @@ class CaptureProgram:
         if self.traced is None or len(self.traced) != len(recorder.records):
             self.traced = [self._plan(r, i) for i, r in enumerate(recorder.records)]
         layer_stats = [
-            _layer_stats(t, plan, self.options, masked=masked)
-            for t, plan in zip(activations, self.traced)
+            _layer_stats(t, plan, self.options, masked=masked) for t, plan in zip(activations, self.traced)
         ]
         weights = [ops.cast(w, "float32") for w in trainable]
         out: dict[str, Any] = {
@@ -486,11 +501,10 @@ class CaptureProgram:
             "weight_norm": ops.stack([_l2(w) for w in weights]) if weights else ops.zeros((0,)),
             "update_norm": (
                 ops.stack([_l2(w - ops.cast(p, "float32")) for w, p in zip(weights, previous)])
-                if weights else ops.zeros((0,))
+                if weights
+                else ops.zeros((0,))
             ),
-            "previous_norm": (
-                ops.stack([_l2(p) for p in previous]) if weights else ops.zeros((0,))
-            ),
+            "previous_norm": (ops.stack([_l2(p) for p in previous]) if weights else ops.zeros((0,))),
         }
         if self._ics_groups:
             out["ics_diff"], out["ics_cos"] = self._gradient_shift(
@@ -498,8 +512,15 @@ class CaptureProgram:
             )
         return out
 
-    def _gradient_shift(self, trainable: list[Any], non_trainable: list[Any], x: Any, y: Any,
-                        grads: list[Any], learning_rate: Any) -> tuple[Any, Any]:
+    def _gradient_shift(
+        self,
+        trainable: list[Any],
+        non_trainable: list[Any],
+        x: Any,
+        y: Any,
+        grads: list[Any],
+        learning_rate: Any,
+    ) -> tuple[Any, Any]:
         """Santurkar et al.: G_i vs G'_i after the layers before i took an SGD step."""
         diffs, coss = [], []
         stepped: set[int] = set()
@@ -519,8 +540,9 @@ class CaptureProgram:
         return ops.stack(diffs), ops.stack(coss)
 
     # ---------------------------------------------------------------- running
-    def run(self, x: Any, y: Any, learning_rate: float, *, step: int, epoch: float,
-            time: float, kind: str) -> Capture:
+    def run(
+        self, x: Any, y: Any, learning_rate: float, *, step: int, epoch: float, time: float, kind: str
+    ) -> Capture:
         trainable = backend.read_values(self.trainable)
         non_trainable = [
             pinned if is_seed else v.value

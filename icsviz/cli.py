@@ -11,17 +11,28 @@ from pathlib import Path
 
 from .errors import ICSVizError
 
+
+class RunFolderError(ICSVizError, NotADirectoryError):
+    """The runs folder given to `icsviz app` does not exist."""
+
+
 __all__ = ["main"]
 
 
 def _add_training_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="cifar10", help="cifar10, fashion_mnist, mnist or synthetic (default: cifar10)")
+    p.add_argument(
+        "--dataset", default="cifar10", help="cifar10, fashion_mnist, mnist or synthetic (default: cifar10)"
+    )
     p.add_argument("--data-dir", help="local copy: a cifar-10-batches-py folder or tarball, or an idx folder")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's, 50)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
-    p.add_argument("--lr", type=float, dest="learning_rate", help="initial learning rate (default: the recipe's)")
+    p.add_argument(
+        "--lr", type=float, dest="learning_rate", help="initial learning rate (default: the recipe's)"
+    )
     p.add_argument("--no-augment", action="store_true", help="train without shifts and flips")
-    p.add_argument("--probe-size", type=int, default=512, help="samples of the test set measured at each capture")
+    p.add_argument(
+        "--probe-size", type=int, default=512, help="samples of the test set measured at each capture"
+    )
     p.add_argument("--every-n-steps", type=int, help="also capture every N training steps")
     p.add_argument("--gradient-shift", action="store_true", help="record the Santurkar et al. gradient shift")
     p.add_argument("--seed", type=int, default=0)
@@ -30,7 +41,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="icsviz", description="See internal covariate shift in Keras models.")
+    parser = argparse.ArgumentParser(
+        prog="icsviz", description="See internal covariate shift in Keras models."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a reference model with ICSCallback")
@@ -39,9 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     _add_training_args(p)
 
     p = sub.add_parser("experiment", help="train a model and its BN twin into one folder")
-    p.add_argument("--pair", default="cnn", choices=["cnn", "mlp"], help="cnn: baseline + bn; mlp: mlp + mlp-bn")
+    p.add_argument(
+        "--pair", default="cnn", choices=["cnn", "mlp"], help="cnn: baseline + bn; mlp: mlp + mlp-bn"
+    )
     p.add_argument("--out-dir", default="runs", help="folder for the two run files (default: runs)")
     _add_training_args(p)
+
+    p = sub.add_parser("app", help="open the explorer (Streamlit) on a runs folder")
+    p.add_argument("--runs", default="runs", help="folder of run files (default: runs)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--address", default="localhost", help="interface to bind (default: localhost only)")
 
     p = sub.add_parser("info", help="summarize run files")
     p.add_argument("runs", nargs="+", help="run files (.h5)")
@@ -57,16 +77,27 @@ def _train_one(args: argparse.Namespace, model: str, out: Path) -> None:
 
     data = load_dataset(args.dataset, args.data_dir)
     recipe = recipe_for(
-        model, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
         augment=False if args.no_augment else None,
     )
-    print(f"icsviz: training {model} on {data.name} ({len(data.x_train)} train / "
-          f"{len(data.x_test)} test images from {data.source}) for {recipe.epochs} epochs -> {out}",
-          flush=True)
+    print(
+        f"icsviz: training {model} on {data.name} ({len(data.x_train)} train / "
+        f"{len(data.x_test)} test images from {data.source}) for {recipe.epochs} epochs -> {out}",
+        flush=True,
+    )
     train(
-        model, data, out, recipe=recipe, probe_size=args.probe_size,
-        every_n_steps=args.every_n_steps, gradient_shift=args.gradient_shift,
-        overwrite=args.overwrite, seed=args.seed,
+        model,
+        data,
+        out,
+        recipe=recipe,
+        probe_size=args.probe_size,
+        every_n_steps=args.every_n_steps,
+        gradient_shift=args.gradient_shift,
+        overwrite=args.overwrite,
+        seed=args.seed,
         verbose=0 if args.quiet else (1 if sys.stdout.isatty() else 2),
     )
     print(f"icsviz: wrote {out}", flush=True)
@@ -98,20 +129,53 @@ def info(path: str) -> str:
         val = history.get("val_accuracy")
         if val is not None and np.isfinite(val).any():
             best = int(np.nanargmax(val))
-            lines.append(f"  val acc    best {_fmt(float(val[best]))} at epoch {int(run.history_epochs[best]) + 1}, "
-                         f"final {_fmt(float(val[-1]))}")
+            lines.append(
+                f"  val acc    best {_fmt(float(val[best]))} at epoch {int(run.history_epochs[best]) + 1}, "
+                f"final {_fmt(float(val[-1]))}"
+            )
         times = history.get("epoch_time")
         if times is not None and len(times):
-            lines.append(f"  time       {_fmt(float(np.nansum(times)), '{:.0f}')} s, "
-                         f"{_fmt(float(np.nanmedian(times)), '{:.1f}')} s per epoch (median)")
+            lines.append(
+                f"  time       {_fmt(float(np.nansum(times)), '{:.0f}')} s, "
+                f"{_fmt(float(np.nanmedian(times)), '{:.1f}')} s per epoch (median)"
+            )
         if run.has_ics:
             lines.append(f"  ics        gradient shift recorded for {len(run.ics_layer_names)} layers")
     return "\n".join(lines)
 
 
+def _app(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .dashboard import entry
+
+    folder = Path(args.runs)
+    if not folder.is_dir():
+        raise RunFolderError(f"{folder} is not a folder; pass --runs DIR with your run files")
+    command = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        entry.__file__,
+        "--server.address",
+        args.address,
+        "--server.port",
+        str(args.port),
+        "--browser.gatherUsageStats",
+        "false",
+        "--",
+        "--runs",
+        str(folder.resolve()),
+    ]
+    return subprocess.call(command)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "app":
+            return _app(args)
         if args.command == "info":
             print("\n\n".join(info(p) for p in args.runs))
         elif args.command == "repair":

@@ -51,9 +51,14 @@ def _cifar_batch(stream: IO[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _cifar_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, "rb") as stream:
+        return _cifar_batch(stream)
+
+
 def _cifar_from_dir(folder: Path) -> tuple[np.ndarray, ...]:
-    train = [_cifar_batch(open(folder / f"data_batch_{i}", "rb")) for i in range(1, 6)]
-    x_test, y_test = _cifar_batch(open(folder / "test_batch", "rb"))
+    train = [_cifar_file(folder / f"data_batch_{i}") for i in range(1, 6)]
+    x_test, y_test = _cifar_file(folder / "test_batch")
     x_train = np.concatenate([b[0] for b in train])
     y_train = np.concatenate([b[1] for b in train])
     return x_train, y_train, x_test, y_test
@@ -147,16 +152,28 @@ def _load_idx(name: str, keras_name: str, folders: list[Path], path: Any, downlo
             return Dataset(name, *_idx_from_dir(folder), source=str(folder))
         if folder.is_file() and folder.suffix == ".npz":
             with np.load(folder) as f:
-                return Dataset(name, f["x_train"][..., None], f["y_train"].astype(np.int64),
-                               f["x_test"][..., None], f["y_test"].astype(np.int64), source=str(folder))
+                return Dataset(
+                    name,
+                    f["x_train"][..., None],
+                    f["y_train"].astype(np.int64),
+                    f["x_test"][..., None],
+                    f["y_test"].astype(np.int64),
+                    source=str(folder),
+                )
     if path is None and download:
         looked.append(f"keras.datasets.{keras_name}.load_data() (download)")
         try:
             import keras
 
             (x_train, y_train), (x_test, y_test) = getattr(keras.datasets, keras_name).load_data()
-            return Dataset(name, x_train[..., None], y_train.astype(np.int64), x_test[..., None],
-                           y_test.astype(np.int64), source="keras download")
+            return Dataset(
+                name,
+                x_train[..., None],
+                y_train.astype(np.int64),
+                x_test[..., None],
+                y_test.astype(np.int64),
+                source="keras download",
+            )
         except Exception as exc:  # noqa: BLE001
             looked[-1] += f" failed: {type(exc).__name__}: {exc}"
     raise DataNotFoundError(

@@ -12,7 +12,7 @@ import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .errors import CaptureWarning
 
@@ -20,28 +20,67 @@ __all__ = ["LayerFilter", "SelectedLayer", "iter_layers", "classify", "select_la
 
 # A filter entry: a name or glob pattern ("conv*", "block1/*"), a layer class,
 # or a predicate on the layer.
-LayerFilter = Union[str, type, Callable[[Any], bool]]
+LayerFilter = str | type | Callable[[Any], bool]
 
 _LINEAR = {
-    "Dense", "EinsumDense", "BaseConv", "BaseConvTranspose", "BaseSeparableConv",
-    "BaseDepthwiseConv", "Conv1D", "Conv2D", "Conv3D", "Embedding",
+    "Dense",
+    "EinsumDense",
+    "BaseConv",
+    "BaseConvTranspose",
+    "BaseSeparableConv",
+    "BaseDepthwiseConv",
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Embedding",
 }
 _NORMALIZATION = {
-    "BatchNormalization", "LayerNormalization", "GroupNormalization",
-    "UnitNormalization", "RMSNormalization", "SpectralNormalization",
+    "BatchNormalization",
+    "LayerNormalization",
+    "GroupNormalization",
+    "UnitNormalization",
+    "RMSNormalization",
+    "SpectralNormalization",
 }
 _ACTIVATION = {"Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax"}
 _MERGE = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"}
 _RECURRENT = {"RNN", "LSTM", "GRU", "SimpleRNN", "Bidirectional", "MultiHeadAttention"}
 # Never captured by default: they move or mask values but make no new representation.
 _PLUMBING = {
-    "InputLayer", "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D",
-    "GaussianDropout", "GaussianNoise", "AlphaDropout", "ActivityRegularization",
-    "Flatten", "Reshape", "Permute", "RepeatVector", "Cropping1D", "Cropping2D",
-    "Cropping3D", "ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "UpSampling1D",
-    "UpSampling2D", "UpSampling3D", "BasePooling", "BaseGlobalPooling", "Concatenate",
-    "Identity", "Masking", "TFSMLayer", "DataLayer", "TFDataLayer", "Rescaling",
-    "Normalization", "Resizing", "CenterCrop",
+    "InputLayer",
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "GaussianDropout",
+    "GaussianNoise",
+    "AlphaDropout",
+    "ActivityRegularization",
+    "Flatten",
+    "Reshape",
+    "Permute",
+    "RepeatVector",
+    "Cropping1D",
+    "Cropping2D",
+    "Cropping3D",
+    "ZeroPadding1D",
+    "ZeroPadding2D",
+    "ZeroPadding3D",
+    "UpSampling1D",
+    "UpSampling2D",
+    "UpSampling3D",
+    "BasePooling",
+    "BaseGlobalPooling",
+    "Concatenate",
+    "Identity",
+    "Masking",
+    "TFSMLayer",
+    "DataLayer",
+    "TFDataLayer",
+    "Rescaling",
+    "Normalization",
+    "Resizing",
+    "CenterCrop",
 }
 
 
@@ -126,9 +165,7 @@ def _matches(entry: LayerFilter, name: str, layer: Any) -> bool:
     )
 
 
-def select_layers(
-    model: Any, layers: Sequence[LayerFilter] | None = None
-) -> list[SelectedLayer]:
+def select_layers(model: Any, layers: Sequence[LayerFilter] | None = None) -> list[SelectedLayer]:
     """The layers to capture: the default selection, or those matching `layers`.
 
     With an explicit filter every matching layer is captured whatever its kind

@@ -82,8 +82,7 @@ class ActivationStats:
         matches = np.flatnonzero(self.tracked_units == unit)
         if not len(matches):
             raise MissingDataError(
-                f"unit {unit} of {self.name!r} is not tracked; tracked units: "
-                f"{self.tracked_units.tolist()}"
+                f"unit {unit} of {self.name!r} is not tracked; tracked units: {self.tracked_units.tolist()}"
             )
         return self.unit_quantiles[:, int(matches[0]), _level_index(self.q, level)]
 
@@ -124,9 +123,7 @@ class ICSStats:
 def _level_index(levels: np.ndarray, level: float) -> int:
     hits = np.flatnonzero(np.isclose(levels, level))
     if not len(hits):
-        raise MissingDataError(
-            f"quantile {level} was not recorded; recorded levels: {levels.tolist()}"
-        )
+        raise MissingDataError(f"quantile {level} was not recorded; recorded levels: {levels.tolist()}")
     return int(hits[0])
 
 
@@ -325,7 +322,7 @@ class Run:
 
     @property
     def status(self) -> str:
-        """"training" (still being written, or killed), "complete" or "interrupted"."""
+        """ "training" (still being written, or killed), "complete" or "interrupted"."""
         return self._dataset("status")[()].decode()
 
     # ---------------------------------------------------------------- captures
@@ -369,8 +366,7 @@ class Run:
         except KeyError:
             raise MissingDataError(
                 f"{self.path.name} has no captured layer {name!r}; it has: "
-                f"{', '.join(self.layer_names[:20])}"
-                + (" ..." if len(self._layers) > 20 else "")
+                f"{', '.join(self.layer_names[:20])}" + (" ..." if len(self._layers) > 20 else "")
             ) from None
 
     def activations(self, name: str) -> ActivationStats:
@@ -408,6 +404,16 @@ class Run:
     @property
     def variable_names(self) -> list[str]:
         return list(self._variables)
+
+    @property
+    def trainable_layers(self) -> list[str]:
+        """Layers that own trainable variables, in model order."""
+        layers: list[str] = []
+        for vid in self._variables.values():
+            layer = str(self._file[f"variables/{vid}"].attrs["layer"])
+            if layer not in layers:
+                layers.append(layer)
+        return layers
 
     def variables_of(self, layer: str) -> list[str]:
         """Names of the trainable variables owned by a layer."""

@@ -26,7 +26,19 @@ SCHEMA_VERSION = 1
 
 # Ioffe & Szegedy's 15/50/85 plus TensorBoard's normal bands (7..93) and the tails.
 QUANTILES: tuple[float, ...] = (
-    0.001, 0.01, 0.07, 0.15, 0.16, 0.31, 0.50, 0.69, 0.84, 0.85, 0.93, 0.99, 0.999,
+    0.001,
+    0.01,
+    0.07,
+    0.15,
+    0.16,
+    0.31,
+    0.50,
+    0.69,
+    0.84,
+    0.85,
+    0.93,
+    0.99,
+    0.999,
 )
 MOMENT_NAMES: tuple[str, ...] = ("mean", "std", "min", "max")
 

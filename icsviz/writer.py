@@ -132,9 +132,7 @@ class RunWriter:
         return cls(file, layout)
 
     @classmethod
-    def resume(
-        cls, path: str | os.PathLike[str], layout: RunLayout, *, from_epoch: int
-    ) -> RunWriter:
+    def resume(cls, path: str | os.PathLike[str], layout: RunLayout, *, from_epoch: int) -> RunWriter:
         """Reopen `path` to append to it, dropping what was recorded after `from_epoch`.
 
         Captures taken after the end of epoch `from_epoch` (0-based epochs
@@ -174,9 +172,7 @@ class RunWriter:
         f = self._file
         t = self.num_captures
         if len(capture.layers) != len(self._layer_ids):
-            raise ValueError(
-                f"capture has {len(capture.layers)} layers, the layout {len(self._layer_ids)}"
-            )
+            raise ValueError(f"capture has {len(capture.layers)} layers, the layout {len(self._layer_ids)}")
         rows: list[tuple[str, Any]] = [
             ("captures/epoch", capture.epoch),
             ("captures/time", capture.time),
@@ -323,9 +319,7 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
     variables = file.create_group("variables")
     for index, (vid, vspec) in enumerate(zip(layout.variable_ids(), layout.variables)):
         g = variables.create_group(vid)
-        g.attrs.update(
-            name=vspec.name, layer=vspec.layer, index=index, shape=json.dumps(list(vspec.shape))
-        )
+        g.attrs.update(name=vspec.name, layer=vspec.layer, index=index, shape=json.dumps(list(vspec.shape)))
         for name in ("grad_norm", "weight_norm", "update_ratio"):
             _extendable(g, name, (), "f4")
 
@@ -338,9 +332,7 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
 
     history = file.create_group("history")
     history.create_dataset("names", shape=(0,), maxshape=(None,), dtype=_NAME_DTYPE, chunks=(64,))
-    history.create_dataset(
-        "values", shape=(0, 0), maxshape=(None, None), dtype="f8", chunks=(64, 16)
-    )
+    history.create_dataset("values", shape=(0, 0), maxshape=(None, None), dtype="f8", chunks=(64, 16))
     _extendable(history, "epoch", (), "i8")
     attrs["layout"] = json.dumps(_layout_to_json(layout))
 
@@ -363,9 +355,7 @@ def layout_from_file(file: h5py.File) -> RunLayout:
             )
             for spec in raw["layers"]
         ),
-        variables=tuple(
-            VariableSpec(**{**spec, "shape": tuple(spec["shape"])}) for spec in raw["variables"]
-        ),
+        variables=tuple(VariableSpec(**{**spec, "shape": tuple(spec["shape"])}) for spec in raw["variables"]),
         ics_layers=tuple(raw["ics_layers"]),
         hist_bins=int(raw["hist_bins"]),
         quantiles=tuple(raw["quantiles"]),
@@ -438,9 +428,7 @@ def _copy_group(src: h5py.Group, dst: h5py.Group, rows: int | None) -> None:
             _copy_group(obj, dst.create_group(name), rows)
             continue
         data = obj[()]
-        per_capture = (
-            rows is not None and obj.maxshape[:1] == (None,) and "history" not in obj.name
-        )
+        per_capture = rows is not None and obj.maxshape[:1] == (None,) and "history" not in obj.name
         if per_capture:
             data = data[:rows]
         if obj.maxshape == obj.shape or not obj.chunks:  # fixed-size: copy as is

@@ -24,7 +24,10 @@ def tiny_layout(units: int = 4, bins: int = 8) -> RunLayout:
             LayerSpec("dense", "Dense", "linear", (units,), units, (0, units - 1), 64, 16, 64),
             LayerSpec("block/relu", "Activation", "activation", (units,), units, (1,), 64, 16, 64),
         ),
-        variables=(VariableSpec("dense/kernel", "dense", (3, units)), VariableSpec("dense/bias", "dense", (units,))),
+        variables=(
+            VariableSpec("dense/kernel", "dense", (3, units)),
+            VariableSpec("dense/bias", "dense", (units,)),
+        ),
         ics_layers=("dense",),
         hist_bins=bins,
     )
@@ -51,8 +54,13 @@ def tiny_capture(layout: RunLayout, step: int, value: float = 1.0, kind: str = "
         )
     v = len(layout.variables)
     return Capture(
-        step=step, epoch=step / 10, time=float(step), kind=kind, layers=layers,
-        grad_norm=np.full(v, 0.5 * step), weight_norm=np.full(v, 2.0),
+        step=step,
+        epoch=step / 10,
+        time=float(step),
+        kind=kind,
+        layers=layers,
+        grad_norm=np.full(v, 0.5 * step),
+        weight_norm=np.full(v, 2.0),
         update_ratio=np.full(v, np.nan if step == 0 else 0.01),
         ics_grad_diff=np.full(len(layout.ics_layers), 0.1 * step),
         ics_grad_cos=np.full(len(layout.ics_layers), 0.9),

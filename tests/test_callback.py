@@ -33,13 +33,18 @@ def compiled(model, lr=0.05):
 
 def sequential():
     keras.utils.set_random_seed(0)
-    return compiled(keras.Sequential([
-        keras.Input((6,)),
-        keras.layers.Dense(8, name="d1"),
-        keras.layers.Activation("relu", name="r1"),
-        keras.layers.Dropout(0.2, name="drop"),
-        keras.layers.Dense(3, activation="softmax", name="out"),
-    ], name="seq"))
+    return compiled(
+        keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(8, name="d1"),
+                keras.layers.Activation("relu", name="r1"),
+                keras.layers.Dropout(0.2, name="drop"),
+                keras.layers.Dense(3, activation="softmax", name="out"),
+            ],
+            name="seq",
+        )
+    )
 
 
 def residual():
@@ -50,7 +55,9 @@ def residual():
     h = keras.layers.Dense(8, name="branch_b")(h)
     x = keras.layers.Add(name="add")([x, h])
     x = keras.layers.ReLU(name="relu")(x)
-    return compiled(keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(x), name="res"))
+    return compiled(
+        keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(x), name="res")
+    )
 
 
 def nested():
@@ -61,7 +68,9 @@ def nested():
     x = keras.layers.Dense(8, name="stem")(inputs)
     x = inner(x)
     x = inner(x)  # a shared nested model, called twice
-    return compiled(keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(x), name="outer"))
+    return compiled(
+        keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(x), name="outer")
+    )
 
 
 class TwoOutputs(keras.layers.Layer):
@@ -82,8 +91,16 @@ def fit(model, path, epochs=2, probe=None, **kwargs):
     x, y = data()
     fit_kwargs = {k: kwargs.pop(k) for k in ("initial_epoch",) if k in kwargs}
     cb = ICSCallback(path, probe=probe if probe is not None else (x[:32], y[:32]), **kwargs)
-    history = model.fit(x, y, epochs=epochs, batch_size=16, verbose=0, validation_data=(x[:32], y[:32]),
-                        callbacks=[cb], **fit_kwargs)
+    history = model.fit(
+        x,
+        y,
+        epochs=epochs,
+        batch_size=16,
+        verbose=0,
+        validation_data=(x[:32], y[:32]),
+        callbacks=[cb],
+        **fit_kwargs,
+    )
     return history, cb
 
 
@@ -114,8 +131,16 @@ def test_sequential_schedule_history_and_gradients(tmp_path) -> None:
 def test_functional_residual_block(tmp_path) -> None:
     fit(residual(), tmp_path / "res.h5", epochs=1)
     with open_run(tmp_path / "res.h5") as run:
-        assert run.layer_names == ["stem", "branch_a:preact", "branch_a", "branch_b", "add", "relu",
-                                   "out:preact", "out"]
+        assert run.layer_names == [
+            "stem",
+            "branch_a:preact",
+            "branch_a",
+            "branch_b",
+            "add",
+            "relu",
+            "out:preact",
+            "out",
+        ]
         stem, add = run.activations("stem"), run.activations("add")
         assert stem.counts.shape == (2, 64) and add.unit_mean.shape == (2, 8)
 
@@ -123,8 +148,15 @@ def test_functional_residual_block(tmp_path) -> None:
 def test_nested_and_shared_model(tmp_path) -> None:
     fit(nested(), tmp_path / "nested.h5", epochs=1)
     with open_run(tmp_path / "nested.h5") as run:
-        assert run.layer_names == ["stem", "block/d:preact", "block/d", "block/d:preact#2", "block/d#2",
-                                   "out:preact", "out"]
+        assert run.layer_names == [
+            "stem",
+            "block/d:preact",
+            "block/d",
+            "block/d:preact#2",
+            "block/d#2",
+            "out:preact",
+            "out",
+        ]
         first, second = run.activations("block/d"), run.activations("block/d#2")
         assert not np.allclose(first.mean, second.mean)  # two calls, two distributions
         assert [v.rsplit("/", 1)[-1] for v in run.variables_of("block/d")] == ["kernel", "bias"]
@@ -252,8 +284,13 @@ def test_a_failure_inside_capture_warns_and_training_goes_on(tmp_path, monkeypat
 
 def _run_script(script: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, timeout=timeout,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path) -> None:
@@ -302,8 +339,12 @@ def test_sigkill_mid_training_leaves_every_flushed_capture(tmp_path) -> None:
                   callbacks=[ICSCallback({str(path)!r}, probe=(x[:64], y[:64]), every_n_steps=3), Report()])
     """
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:

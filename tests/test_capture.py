@@ -23,13 +23,19 @@ def identity_model(units: int) -> keras.Model:
     return model
 
 
-def capture(model, x, y=None, options=CaptureOptions(), with_gradients=None, lr=0.0):
+def capture(model, x, y=None, options=None, with_gradients=None, lr=0.0):
+    options = options or CaptureOptions()
     program = CaptureProgram(
         model, select_layers(model), options, with_gradients if with_gradients is not None else y is not None
     )
     result = program.run(
-        keras.ops.convert_to_tensor(x), None if y is None else keras.ops.convert_to_tensor(y),
-        lr, step=0, epoch=0.0, time=0.0, kind="start",
+        keras.ops.convert_to_tensor(x),
+        None if y is None else keras.ops.convert_to_tensor(y),
+        lr,
+        step=0,
+        epoch=0.0,
+        time=0.0,
+        kind="start",
     )
     return program, result
 
@@ -78,7 +84,9 @@ def test_statistics_match_numpy() -> None:
     tracked = program.traced[0].tracked_units
     assert tracked == (0, 2, 5) or len(tracked) == 3
     for i, unit in enumerate(tracked):
-        np.testing.assert_allclose(stats.unit_quantiles[i], np.quantile(x[:, unit], QUANTILES), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            stats.unit_quantiles[i], np.quantile(x[:, unit], QUANTILES), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_nonfinite_values_are_counted_and_excluded() -> None:
@@ -91,7 +99,9 @@ def test_nonfinite_values_are_counted_and_excluded() -> None:
     assert stats.hist_counts.sum() == finite.size == 37
     expected, _ = np.histogram(finite, bins=stats.hist_edges)
     np.testing.assert_array_equal(stats.hist_counts, expected)
-    np.testing.assert_allclose(stats.moments, [finite.mean(), finite.std(), finite.min(), finite.max()], rtol=1e-5)
+    np.testing.assert_allclose(
+        stats.moments, [finite.mean(), finite.std(), finite.min(), finite.max()], rtol=1e-5
+    )
     assert np.isfinite(stats.quantiles).all()
     unit0 = x[:, 0][np.isfinite(x[:, 0])]
     assert stats.unit_mean[0] == pytest.approx(unit0.mean())
@@ -133,7 +143,9 @@ def test_conv_units_are_channels_and_quantiles_use_a_fixed_sample() -> None:
     sample = out.ravel()[plan.quantile_index]
     from icsviz.schema import QUANTILES
 
-    np.testing.assert_allclose(result.layers[0].quantiles, np.quantile(sample, QUANTILES), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        result.layers[0].quantiles, np.quantile(sample, QUANTILES), rtol=1e-4, atol=1e-4
+    )
     # The same positions every capture: a second run gives identical quantiles.
     again = program.run(keras.ops.convert_to_tensor(x), None, 0.0, step=1, epoch=0.0, time=0.0, kind="step")
     np.testing.assert_array_equal(again.layers[0].quantiles, result.layers[0].quantiles)
@@ -171,13 +183,22 @@ def test_gradient_norms_match_gradient_tape_and_model_is_untouched() -> None:
     grads = tape.gradient(loss, model.trainable_variables)
     expected = [float(tf.norm(g)) for g in grads]
     np.testing.assert_allclose(result.grad_norm, expected, rtol=1e-4)
-    np.testing.assert_allclose(result.weight_norm, [float(tf.norm(v)) for v in model.trainable_variables], rtol=1e-5)
+    np.testing.assert_allclose(
+        result.weight_norm, [float(tf.norm(v)) for v in model.trainable_variables], rtol=1e-5
+    )
     assert np.isnan(result.update_ratio).all()  # nothing to compare with yet
     names = [t.name for t in program.traced]
     assert names == ["h1:preact", "h1", "bn", "h2:preact", "h2", "out:preact", "out"]
     # Fixed dropout masks: two captures of the same weights agree exactly.
-    again = program.run(keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y), 0.0,
-                        step=1, epoch=0.0, time=0.0, kind="step")
+    again = program.run(
+        keras.ops.convert_to_tensor(x),
+        keras.ops.convert_to_tensor(y),
+        0.0,
+        step=1,
+        epoch=0.0,
+        time=0.0,
+        kind="step",
+    )
     np.testing.assert_array_equal(again.layers[4].hist_counts, result.layers[4].hist_counts)
     kernels = np.array(["kernel" in v.path or "gamma" in v.path for v in model.trainable_variables])
     np.testing.assert_array_equal(again.update_ratio[kernels], 0.0)  # weights did not move
@@ -225,7 +246,9 @@ def test_gradient_shift_matches_a_hand_computed_step() -> None:
     owners = program._owner
     h2 = [i for i, o in enumerate(owners) if o == "h2"]
     before_h2 = [i for i, o in enumerate(owners) if o in ("h1", "bn")]
-    stepped = [v.value - lr * g if i in before_h2 else v.value for i, (v, g) in enumerate(zip(variables, base))]
+    stepped = [
+        v.value - lr * g if i in before_h2 else v.value for i, (v, g) in enumerate(zip(variables, base))
+    ]
     shifted = grads_at(stepped)
     g = np.concatenate([base[i].numpy().ravel() for i in h2])
     g2 = np.concatenate([shifted[i].numpy().ravel() for i in h2])

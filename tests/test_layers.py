@@ -16,8 +16,18 @@ def test_default_selection_of_the_reference_cnn() -> None:
     model = build_model("baseline", (32, 32, 3), 10)
     selected = names(select_layers(model))
     assert [n for n, _ in selected] == [
-        "conv1", "conv1_relu", "conv2", "conv2_relu", "conv3", "conv3_relu", "conv4", "conv4_relu",
-        "fc1", "fc1_relu", "logits", "logits_softmax",
+        "conv1",
+        "conv1_relu",
+        "conv2",
+        "conv2_relu",
+        "conv3",
+        "conv3_relu",
+        "conv4",
+        "conv4_relu",
+        "fc1",
+        "fc1_relu",
+        "logits",
+        "logits_softmax",
     ]
     assert dict(selected)["conv1"] == "linear" and dict(selected)["conv1_relu"] == "activation"
     bn = dict(names(select_layers(build_model("bn", (32, 32, 3), 10))))
@@ -25,8 +35,14 @@ def test_default_selection_of_the_reference_cnn() -> None:
 
 
 def test_plumbing_is_never_selected_by_default() -> None:
-    for layer in (keras.layers.Dropout(0.5), keras.layers.Flatten(), keras.layers.Reshape((4,)),
-                  keras.layers.MaxPooling2D(), keras.layers.Concatenate(), keras.layers.GaussianNoise(0.1)):
+    for layer in (
+        keras.layers.Dropout(0.5),
+        keras.layers.Flatten(),
+        keras.layers.Reshape((4,)),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Concatenate(),
+        keras.layers.GaussianNoise(0.1),
+    ):
         assert classify(layer) is None, layer
     assert classify(keras.layers.Add()) == "merge"
     assert classify(keras.layers.LayerNormalization()) == "normalization"
@@ -51,7 +67,7 @@ def test_filters_by_name_glob_class_and_predicate() -> None:
     assert [s.name for s in select_layers(model, ["conv1", "fc1"])] == ["conv1", "fc1"]
     assert [s.name for s in select_layers(model, ["conv*_bn"])] == [f"conv{i}_bn" for i in range(1, 5)]
     assert len(select_layers(model, [keras.layers.BatchNormalization])) == 6
-    assert [s.name for s in select_layers(model, [lambda l: l.name == "flatten"])] == ["flatten"]
+    assert [s.name for s in select_layers(model, [lambda layer: layer.name == "flatten"])] == ["flatten"]
     nested = nested_model()
     assert [s.name for s in select_layers(nested, ["block/*"])] == ["block/d"]
 

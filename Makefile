@@ -1,0 +1,13 @@
+.PHONY: install test lint app bench experiment
+install:
+	pip install -e ".[dev]"
+test:
+	python -m pytest
+lint:
+	ruff check icsviz tests benchmarks app.py && ruff format --check icsviz tests benchmarks app.py
+app:
+	streamlit run app.py
+bench:
+	cd benchmarks && python capture_cost.py && python overhead.py
+experiment:
+	icsviz experiment --dataset cifar10 --data-dir ../shared/data/cifar-10-batches-py-subset --epochs 50 --every-n-steps 53 --out-dir runs --overwrite

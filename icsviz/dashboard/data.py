@@ -1,0 +1,301 @@
+"""Data preparation for the app's views: runs in, tidy pandas frames out.
+
+Pure numpy / pandas over the public reader API, so every view's numbers can be
+tested without a browser and reused by the report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..histograms import centers, common_edges, densities, rebin
+from ..reader import Run
+
+__all__ = [
+    "layer_union",
+    "curves_frame",
+    "capture_epochs",
+    "nearest_capture",
+    "shared_edges",
+    "histogram_frame",
+    "heatmap_frame",
+    "percentile_frame",
+    "unit_frame",
+    "drift_frame",
+    "gradient_frame",
+    "ics_frame",
+    "ridgeline_captures",
+    "BANDS",
+]
+
+Runs = Mapping[str, Run]
+
+# (low, high) quantile pairs drawn as bands: Ioffe & Szegedy's 15-85, TensorBoard's normal bands.
+BANDS = {"ioffe": [(0.15, 0.85)], "tensorboard": [(0.07, 0.93), (0.16, 0.84), (0.31, 0.69)]}
+
+
+def layer_union(runs: Runs) -> list[str]:
+    """Layer names of all runs, in model order: the first run's, then others' extras."""
+    names: list[str] = []
+    for run in runs.values():
+        for name in run.layer_names:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def curves_frame(runs: Runs) -> pd.DataFrame:
+    """Accuracy and loss per epoch, training and validation, for every run."""
+    rows = []
+    for label, run in runs.items():
+        history = run.history
+        epochs = run.history_epochs + 1
+        for metric in ("accuracy", "loss"):
+            for split, key in (("training", metric), ("validation", f"val_{metric}")):
+                if key in history:
+                    rows.append(
+                        pd.DataFrame(
+                            {
+                                "run": label,
+                                "epoch": epochs,
+                                "metric": metric,
+                                "split": split,
+                                "value": history[key],
+                            }
+                        )
+                    )
+    if not rows:
+        return pd.DataFrame(columns=["run", "epoch", "metric", "split", "value"])
+    return pd.concat(rows, ignore_index=True).dropna(subset=["value"])
+
+
+def capture_epochs(runs: Runs) -> list[float]:
+    """Sorted union of the (fractional) epochs at which any run captured."""
+    values = set()
+    for run in runs.values():
+        values.update(round(float(e), 4) for e in run.epochs)
+    return sorted(values)
+
+
+def nearest_capture(run: Run, epoch: float) -> int:
+    """Index of the run's last capture at or before `epoch` (the first if none)."""
+    epochs = run.epochs
+    if not len(epochs):
+        return 0
+    index = int(np.searchsorted(epochs, epoch + 1e-9, side="right")) - 1
+    return max(index, 0)
+
+
+def shared_edges(runs: Runs, layer: str, bins: int = 80) -> np.ndarray:
+    """One grid spanning every capture of `layer` in every run that has it."""
+    sets = []
+    for run in runs.values():
+        if layer in run.layer_names:
+            acts = run.activations(layer)
+            if len(acts.edges):
+                sets.append(np.array([np.nanmin(acts.edges[:, 0]), np.nanmax(acts.edges[:, -1])]))
+    return common_edges(sets, bins)
+
+
+def _rebinned(run: Run, layer: str, edges: np.ndarray, indices: Sequence[int]) -> np.ndarray:
+    acts = run.activations(layer)
+    return (
+        np.stack([rebin(acts.counts[i], acts.edges[i], edges) for i in indices])
+        if len(indices)
+        else np.zeros((0, len(edges) - 1))
+    )
+
+
+def histogram_frame(runs: Runs, layer: str, epoch: float, edges: np.ndarray) -> pd.DataFrame:
+    """Density of `layer` at the capture nearest `epoch`, per run, on shared `edges`."""
+    rows = []
+    for label, run in runs.items():
+        if layer not in run.layer_names or not run.num_captures:
+            continue
+        index = nearest_capture(run, epoch)
+        counts = _rebinned(run, layer, edges, [index])[0]
+        rows.append(
+            pd.DataFrame(
+                {
+                    "run": label,
+                    "x": centers(edges),
+                    "density": densities(counts, edges),
+                    "epoch": float(run.epochs[index]),
+                }
+            )
+        )
+    return (
+        pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "x", "density", "epoch"])
+    )
+
+
+def ridgeline_captures(run: Run, rows: int = 10) -> list[int]:
+    """Up to `rows` capture indices, evenly spread over the epoch captures (start included)."""
+    kinds = run.capture_kinds
+    candidates = [i for i, k in enumerate(kinds) if k in ("start", "epoch")] or list(range(run.num_captures))
+    if len(candidates) <= rows:
+        return candidates
+    picks = np.linspace(0, len(candidates) - 1, rows).round().astype(int)
+    return [candidates[i] for i in sorted(set(picks))]
+
+
+def ridgeline_frame(run: Run, layer: str, edges: np.ndarray, rows: int = 10) -> pd.DataFrame:
+    indices = ridgeline_captures(run, rows)
+    dens = densities(_rebinned(run, layer, edges, indices), edges)
+    frames = [
+        pd.DataFrame({"epoch": float(run.epochs[i]), "x": centers(edges), "density": d})
+        for i, d in zip(indices, dens)
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["epoch", "x", "density"])
+
+
+def heatmap_frame(run: Run, layer: str, edges: np.ndarray) -> pd.DataFrame:
+    """Histogram against time: one rectangle per (capture, bin) with data, log10 density."""
+    epochs = run.epochs
+    if not len(epochs):
+        return pd.DataFrame(columns=["t0", "t1", "y0", "y1", "log_density"])
+    dens = densities(_rebinned(run, layer, edges, range(len(epochs))), edges)
+    nxt = np.append(epochs[1:], epochs[-1] + (epochs[-1] - epochs[-2] if len(epochs) > 1 else 1.0))
+    t, b = np.nonzero(dens > 0)
+    return pd.DataFrame(
+        {
+            "t0": epochs[t],
+            "t1": nxt[t],
+            "y0": edges[b],
+            "y1": edges[b + 1],
+            "log_density": np.log10(dens[t, b]),
+        }
+    )
+
+
+def percentile_frame(runs: Runs, layer: str, unit: int | None = None, bands: str = "ioffe") -> pd.DataFrame:
+    """Quantile bands over training for the layer (or one tracked unit), wide by level."""
+    rows = []
+    pairs = BANDS[bands]
+    for label, run in runs.items():
+        if layer not in run.layer_names:
+            continue
+        acts = run.activations(layer)
+
+        def series(level: float) -> np.ndarray:
+            return acts.quantile(level) if unit is None else acts.unit_quantile(unit, level)
+
+        frame = pd.DataFrame({"run": label, "epoch": acts.epochs, "median": series(0.5)})
+        for low, high in pairs:
+            frame[f"q{round(low * 100):02d}"] = series(low)
+            frame[f"q{round(high * 100):02d}"] = series(high)
+        rows.append(frame)
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "epoch", "median"])
+
+
+def unit_frame(run: Run, layer: str, stat: str = "mean", max_units: int = 64) -> pd.DataFrame:
+    """Per-unit mean (or std) over captures, for at most `max_units` evenly chosen units."""
+    acts = run.activations(layer)
+    values = acts.unit_mean if stat == "mean" else acts.unit_std
+    units = np.arange(values.shape[1])
+    if len(units) > max_units:
+        units = np.unique(np.linspace(0, len(units) - 1, max_units).round().astype(int))
+    t = np.repeat(np.arange(len(acts.epochs)), len(units))
+    return pd.DataFrame(
+        {
+            "epoch": acts.epochs[t],
+            "capture": t,
+            "unit": np.tile(units, len(acts.epochs)),
+            "value": values[:, units].ravel(),
+        }
+    )
+
+
+def drift_frame(runs: Runs) -> pd.DataFrame:
+    """Per layer and capture: how far the distribution moved, in step-0 standard deviations.
+
+    `from_start` = |mean_t - mean_0| / std_0, `from_previous` = |mean_t - mean_(t-1)| / std_0,
+    `std_ratio` = std_t / std_0.
+    """
+    rows = []
+    for label, run in runs.items():
+        if not run.num_captures:
+            continue
+        for order, name in enumerate(run.layer_names):
+            acts = run.activations(name)
+            scale = acts.std[0] if np.isfinite(acts.std[0]) and acts.std[0] > 0 else np.nan
+            previous = np.concatenate([[acts.mean[0]], acts.mean[:-1]])
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "run": label,
+                        "layer": name,
+                        "order": order,
+                        "epoch": acts.epochs,
+                        "from_start": np.abs(acts.mean - acts.mean[0]) / scale,
+                        "from_previous": np.abs(acts.mean - previous) / scale,
+                        "std_ratio": acts.std / scale,
+                    }
+                )
+            )
+    return (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(
+            columns=["run", "layer", "order", "epoch", "from_start", "from_previous", "std_ratio"]
+        )
+    )
+
+
+def gradient_frame(runs: Runs) -> pd.DataFrame:
+    """Per layer (all its variables together) and capture: gradient norm and update ratio."""
+    rows = []
+    for label, run in runs.items():
+        for order, layer in enumerate(run.trainable_layers):
+            g = run.gradients(layer)
+            previous = np.vstack([np.full((1, g.weight_norm.shape[1]), np.nan), g.weight_norm[:-1]])
+            update = np.sqrt(np.nansum(np.square(g.update_ratio * previous), axis=1))
+            base = np.sqrt(np.nansum(np.square(previous), axis=1))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(base > 0, update / base, np.nan)
+            ratio[0] = np.nan
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "run": label,
+                        "layer": layer,
+                        "order": order,
+                        "epoch": run.epochs,
+                        "grad_norm": g.total_grad_norm,
+                        "update_ratio": ratio,
+                    }
+                )
+            )
+    return (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(columns=["run", "layer", "order", "epoch", "grad_norm", "update_ratio"])
+    )
+
+
+def ics_frame(runs: Runs) -> pd.DataFrame:
+    """The Santurkar et al. gradient shift per layer and capture, for runs that recorded it."""
+    rows = []
+    for label, run in runs.items():
+        for order, layer in enumerate(run.ics_layer_names):
+            ics = run.ics(layer)
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "run": label,
+                        "layer": layer,
+                        "order": order,
+                        "epoch": run.epochs,
+                        "grad_diff": ics.grad_diff,
+                        "grad_cos": ics.grad_cos,
+                    }
+                )
+            )
+    return (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(columns=["run", "layer", "order", "epoch", "grad_diff", "grad_cos"])
+    )

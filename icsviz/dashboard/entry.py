@@ -1,0 +1,161 @@
+"""The Streamlit app: page setup, sidebar, and which views to show.
+
+Run with `streamlit run app.py` (the repository's thin entry point) or
+`icsviz app --runs DIR`. The runs folder comes from `-- --runs DIR` on the
+command line, the ICSVIZ_RUNS variable, or the sidebar; default `runs/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+import streamlit as st
+
+from ..catalog import RunEntry, scan_runs
+from . import page
+
+SHIPPED_PAIR = ("cifar10_cnn", "cifar10_cnn_bn")
+LIVE_REFRESH_S = 3.0
+
+
+def default_folder(argv: Sequence[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--runs")
+    known, _ = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    return known.runs or os.environ.get("ICSVIZ_RUNS") or "runs"
+
+
+def default_selection(entries: Sequence[RunEntry]) -> list[str]:
+    """The shipped baseline / BN pair when present, else the first two readable runs."""
+    readable = [e for e in entries if e.readable]
+    pair = [e.path.name for model in SHIPPED_PAIR for e in readable if e.model == model][:2]
+    return pair if len(pair) == 2 else [e.path.name for e in readable[:2]]
+
+
+def _empty_folder(folder: str) -> None:
+    st.info(f"No run files (*.h5) in {folder!r}.")
+    st.markdown(
+        "Record one by adding the callback to `model.fit`:\n\n"
+        "```python\nfrom icsviz import ICSCallback\n"
+        "model.fit(x, y, epochs=10, callbacks=[ICSCallback('runs/my-run.h5', probe=(x_val[:512], y_val[:512]))])\n```\n"
+        "or train the reference pair: `icsviz experiment --dataset cifar10 --out-dir runs`."
+    )
+
+
+def _capture_control(epochs: list[float]) -> float:
+    """A capture slider with a play button that moves it through time."""
+    if "capture" not in st.session_state or st.session_state.capture not in epochs:
+        st.session_state.capture = epochs[-1]
+    left, right = st.columns([6, 1])
+    with right:
+        playing = st.toggle("▶ Play", key="playing", help="Move through the captures automatically")
+    if playing:
+
+        @st.fragment(run_every=0.8)
+        def advance() -> None:
+            index = epochs.index(st.session_state.capture) if st.session_state.capture in epochs else -1
+            if index + 1 < len(epochs):
+                st.session_state.capture = epochs[index + 1]
+                st.rerun()
+            else:
+                st.session_state.playing = False
+
+        if epochs.index(st.session_state.capture) == len(epochs) - 1:
+            st.session_state.capture = epochs[0]
+        advance()
+    with left:
+        return st.select_slider(
+            "Capture (epoch)",
+            options=epochs,
+            key="capture",
+            format_func=lambda e: f"{e:.2f}" if e % 1 else f"{e:.0f}",
+        )
+
+
+def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_choice: str) -> None:
+    entries = {e.path.name: e for e in scan_runs(folder)}
+    chosen = [entries[name] for name in selected if name in entries and entries[name].readable]
+    if not chosen:
+        st.info("Choose one or more readable runs in the sidebar.")
+        return
+    keys = tuple(e.key for e in chosen)
+    labels = tuple(e.path.stem for e in chosen)
+    overview = page._overview(keys, labels)
+    if not overview["epochs"]:
+        st.info("The selected runs have no captures yet.")
+        return
+    live = [e.path.name for e in chosen if e.live]
+    if live:
+        st.caption(f"Live: {', '.join(live)} still training; refreshing every {LIVE_REFRESH_S:.0f} s.")
+    epoch = _capture_control(overview["epochs"])
+    page.training_curves(keys, labels, epoch)
+    tabs = st.tabs(["Distributions", "Per-unit drift", "Drift summary", "Gradients"])
+    with tabs[0]:
+        page.distributions(keys, labels, layer, epoch, bands, unit_choice)
+    with tabs[1]:
+        stat = st.radio("Per-unit statistic", ["mean", "std"], horizontal=True, key="unit_stat")
+        page.unit_drift(keys, labels, layer, stat)
+    with tabs[2]:
+        field = st.radio(
+            "Drift",
+            ["from_start", "from_previous"],
+            horizontal=True,
+            key="drift_field",
+            format_func=lambda f: "from step 0" if f == "from_start" else "from the previous capture",
+        )
+        page.drift_summary(keys, labels, layer, field)
+    with tabs[3]:
+        page.gradients(keys, labels)
+
+
+def run_app() -> None:
+    st.set_page_config(page_title="icsviz: internal covariate shift", page_icon="📈", layout="wide")
+    st.title("icsviz: internal covariate shift, made visible")
+    folder = st.sidebar.text_input("Runs folder", value=default_folder(), key="folder")
+    entries = scan_runs(folder)
+    if not entries:
+        _empty_folder(folder)
+        return
+    with st.expander(f"Runs in {folder} ({len(entries)})", expanded=any(not e.readable for e in entries)):
+        page.runs_table(entries)
+
+    names = [e.path.name for e in entries if e.readable]
+    selected = st.sidebar.multiselect(
+        "Runs",
+        names,
+        default=default_selection(entries),
+        key="runs",
+        help="Runs to show side by side, on shared axes",
+    )
+    chosen = [e for e in entries if e.path.name in selected]
+    if not chosen:
+        st.info("Choose one or more runs in the sidebar.")
+        return
+    overview = page._overview(tuple(e.key for e in chosen), tuple(e.path.stem for e in chosen))
+    layers = overview["layers"]
+    if not layers:
+        st.info("The selected runs captured no layers.")
+        return
+    layer = st.sidebar.selectbox("Layer (model order)", layers, key="layer")
+    bands = st.sidebar.radio(
+        "Percentile bands",
+        ["ioffe", "tensorboard"],
+        key="bands",
+        format_func=lambda b: "15/50/85 (Ioffe)" if b == "ioffe" else "7-93 normal bands (TensorBoard)",
+    )
+    tracked = sorted({u for tracked in overview["tracked"].values() for u in tracked.get(layer, [])})
+    unit_choice = st.sidebar.selectbox(
+        "Bands of", ["whole layer"] + [f"unit {u}" for u in tracked], key="unit"
+    )
+
+    if any(e.live for e in chosen):
+        st.fragment(run_every=LIVE_REFRESH_S)(main_area)(folder, selected, layer, bands, unit_choice)
+    else:
+        main_area(folder, selected, layer, bands, unit_choice)
+
+
+if __name__ == "__main__":
+    run_app()

@@ -1,0 +1,249 @@
+"""What the app draws: one function per view, fed by cached frames.
+
+Frames are cached by the files' (path, mtime, size), so a growing run is
+re-read on the next refresh while an unchanged one costs nothing. Names from
+files are shown as text (tables, chart labels), never rendered as HTML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from ..catalog import RunEntry
+from ..reader import open_run
+from . import charts, data
+
+Key = tuple[str, int, int]
+
+
+# ---------------------------------------------------------------- cached reads
+def _with_runs(keys: Sequence[Key], labels: Sequence[str], fn: Callable[[dict], Any]) -> Any:
+    with contextlib.ExitStack() as stack:
+        runs = {label: stack.enter_context(open_run(key[0])) for key, label in zip(keys, labels)}
+        return fn(runs)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
+    def build(runs: dict) -> dict[str, Any]:
+        return {
+            "layers": data.layer_union(runs),
+            "epochs": data.capture_epochs(runs),
+            "curves": data.curves_frame(runs),
+            "layers_of": {label: run.layer_names for label, run in runs.items()},
+            "tracked": {
+                label: {n: run.activations(n).tracked_units.tolist() for n in run.layer_names}
+                for label, run in runs.items()
+            },
+        }
+
+    return _with_runs(keys, labels, build)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _layer_frames(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str) -> dict[str, Any]:
+    def build(runs: dict) -> dict[str, Any]:
+        have = {label: run for label, run in runs.items() if layer in run.layer_names and run.num_captures}
+        edges = data.shared_edges(have, layer)
+        return {
+            "edges": edges,
+            "ridge": {label: data.ridgeline_frame(run, layer, edges) for label, run in have.items()},
+            "heat": {label: data.heatmap_frame(run, layer, edges) for label, run in have.items()},
+            "units_mean": {label: data.unit_frame(run, layer, "mean") for label, run in have.items()},
+            "units_std": {label: data.unit_frame(run, layer, "std") for label, run in have.items()},
+        }
+
+    return _with_runs(keys, labels, build)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _histogram(
+    keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, epoch: float, edges: tuple[float, ...]
+) -> pd.DataFrame:
+    return _with_runs(keys, labels, lambda runs: data.histogram_frame(runs, layer, epoch, np.asarray(edges)))
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def _percentiles(
+    keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, unit: int | None, bands: str
+) -> pd.DataFrame:
+    return _with_runs(keys, labels, lambda runs: data.percentile_frame(runs, layer, unit, bands))
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _summary_frames(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, pd.DataFrame]:
+    return _with_runs(
+        keys,
+        labels,
+        lambda runs: {
+            "drift": data.drift_frame(runs),
+            "gradients": data.gradient_frame(runs),
+            "ics": data.ics_frame(runs),
+        },
+    )
+
+
+# ---------------------------------------------------------------- views
+def runs_table(entries: Sequence[RunEntry]) -> None:
+    rows = [
+        {
+            "file": e.path.name,
+            "run": e.name,
+            "model": e.model,
+            "dataset": e.dataset,
+            "epochs": e.epochs,
+            "captures": e.captures,
+            "status": e.status,
+            "best val acc": None if np.isnan(e.best_val_accuracy) else round(e.best_val_accuracy, 4),
+        }
+        for e in entries
+    ]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    for e in entries:
+        if not e.readable:
+            st.warning(f"{e.path.name} is unreadable: {e.error}", icon="⚠️")
+
+
+def training_curves(keys: tuple[Key, ...], labels: tuple[str, ...], epoch: float | None) -> None:
+    overview = _overview(keys, labels)
+    st.subheader("Training curves")
+    st.caption(
+        "Accuracy and loss per epoch for every selected run: training (dashed) and validation "
+        "(solid). The dotted rule marks the capture chosen below."
+    )
+    if overview["curves"].empty:
+        st.info("No epoch has finished yet.")
+        return
+    st.altair_chart(charts.curves_chart(overview["curves"], labels, epoch), width="stretch")
+
+
+def distributions(
+    keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, epoch: float, bands: str, unit_choice: str
+) -> None:
+    overview = _overview(keys, labels)
+    frames = _layer_frames(keys, labels, layer)
+    edges = frames["edges"]
+    domain = (float(edges[0]), float(edges[-1]))
+    missing = [label for label in labels if layer not in overview["layers_of"][label]]
+    if missing:
+        st.info(f"Layer {layer!r} is not in: {', '.join(missing)}.")
+
+    st.subheader("Histogram at one capture")
+    st.caption(
+        "The distribution of this layer's outputs on the fixed probe batch, at the capture chosen "
+        "with the slider; runs overlaid on the same axes."
+    )
+    hist = _histogram(keys, labels, layer, epoch, tuple(edges.tolist()))
+    st.altair_chart(charts.histogram_chart(hist, labels, domain), width="stretch")
+
+    st.subheader("Percentile bands over training")
+    pairs = data.BANDS[bands]
+    unit = None if unit_choice == "whole layer" else int(unit_choice.split()[-1])
+    what = "the whole layer" if unit is None else f"unit {unit}"
+    st.caption(
+        f"Quantiles of {what} over training: the band spans the "
+        + ", ".join(f"{round(a * 100)}th-{round(b * 100)}th" for a, b in pairs)
+        + " percentiles, the line is the median (Ioffe & Szegedy 2015, Fig. 1). A band that "
+        "wanders is internal covariate shift made visible."
+    )
+    tracked_ok = [
+        label for label in labels if unit is None or unit in overview["tracked"].get(label, {}).get(layer, [])
+    ]
+    pct = _percentiles(
+        tuple(k for k, lb in zip(keys, labels) if lb in tracked_ok), tuple(tracked_ok), layer, unit, bands
+    )
+    if pct.empty:
+        st.info("No run tracks this unit for this layer.")
+    else:
+        st.altair_chart(charts.percentile_chart(pct, labels, pairs, f"{layer}: {what}"), width="stretch")
+
+    have = [label for label in labels if label in frames["ridge"]]
+    if not have:
+        return
+    st.subheader("Ridgeline and histogram over time")
+    st.caption(
+        "Left: one density per epoch capture, from the start (top) to the end (bottom). Right: "
+        "every capture as a column, colour = log10 density (bins x captures). Same activation "
+        "axis for every run."
+    )
+    for label in have:
+        left, right = st.columns(2)
+        with left:
+            st.altair_chart(charts.ridgeline_chart(frames["ridge"][label], label, domain), width="stretch")
+        with right:
+            st.altair_chart(charts.heatmap_chart(frames["heat"][label], label, domain), width="stretch")
+
+
+def unit_drift(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, stat: str) -> None:
+    frames = _layer_frames(keys, labels, layer)
+    st.caption(
+        f"The {stat} of every hidden unit (rows; at most 64, evenly chosen) at every capture "
+        "(columns, time runs right): horizontal stripes that change colour are units whose "
+        "distribution drifts."
+    )
+    source = frames["units_mean" if stat == "mean" else "units_std"]
+    cols = st.columns(max(1, len(source)))
+    for col, (label, df) in zip(cols, source.items()):
+        with col:
+            st.altair_chart(charts.unit_chart(df, f"{label}: {layer}", stat), width="stretch")
+
+
+def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, field: str) -> None:
+    frames = _summary_frames(keys, labels)
+    drift = frames["drift"]
+    if drift.empty:
+        st.info("No captures yet.")
+        return
+    st.caption(
+        "How far each layer's mean has moved, in units of its standard deviation at step 0: from "
+        "the start, or since the previous capture. Same colour scale for every run."
+    )
+    finite = drift[field].replace([np.inf, -np.inf], np.nan).dropna()
+    top = float(finite.quantile(0.98)) if len(finite) else 1.0
+    cols = st.columns(len(labels))
+    for col, label in zip(cols, labels):
+        with col:
+            part = drift[drift["run"] == label]
+            if not part.empty:
+                st.altair_chart(charts.drift_heatmap(part, label, field, top), width="stretch")
+    selected = drift[drift["layer"] == layer]
+    if not selected.empty:
+        st.altair_chart(
+            charts.drift_lines(selected, labels, field, f"{layer}: drift, run against run"), width="stretch"
+        )
+
+
+def gradients(keys: tuple[Key, ...], labels: tuple[str, ...]) -> None:
+    frames = _summary_frames(keys, labels)
+    grads, ics = frames["gradients"], frames["ics"]
+    st.caption(
+        "Per layer (all its variables together): the L2 norm of the loss gradient on the probe, "
+        "and the update ratio ||W_t - W_prev|| / ||W_prev|| between captures. Log scales."
+    )
+    if grads.empty or not np.isfinite(grads["grad_norm"]).any():
+        st.info("These runs recorded no gradients (the probe had no labels).")
+    cols = st.columns(len(labels))
+    for col, label in zip(cols, labels):
+        with col:
+            part = grads[grads["run"] == label]
+            if not part.empty:
+                st.altair_chart(
+                    charts.gradient_chart(part, "grad_norm", f"{label}: gradient norm"), width="stretch"
+                )
+                st.altair_chart(
+                    charts.gradient_chart(part, "update_ratio", f"{label}: update ratio"), width="stretch"
+                )
+    if not ics.empty:
+        st.subheader("Gradient shift (Santurkar et al. 2018)")
+        st.caption(
+            "||G - G'|| and cos(G, G'): how much a layer's gradient changes when the layers before "
+            "it take one step. Large differences and low cosines mean strong shift."
+        )
+        st.altair_chart(charts.ics_chart(ics, "grad_diff", "||G - G'||"), width="stretch")
+        st.altair_chart(charts.ics_chart(ics, "grad_cos", "cos(G, G')"), width="stretch")

@@ -1,0 +1,52 @@
+"""Histogram helpers: re-binning onto shared grids (pure numpy).
+
+Captured histograms use dyadic grids (docs/statistics.md): onto a coarser
+dyadic grid re-binning is exact. Onto any other grid the counts of a bin are
+spread uniformly within it (linear interpolation of the cumulative counts).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["rebin", "common_edges", "densities", "centers"]
+
+
+def rebin(counts: np.ndarray, edges: np.ndarray, new_edges: np.ndarray) -> np.ndarray:
+    """Counts of a histogram (`counts`, `edges`) on the bins `new_edges`.
+
+    Mass outside `new_edges` is dropped; choose edges that cover the data
+    (`common_edges`). Exact whenever every new edge is an old edge or lies
+    outside the old range.
+    """
+    counts = np.asarray(counts, dtype=float)
+    edges = np.asarray(edges, dtype=float)
+    cumulative = np.concatenate([[0.0], np.cumsum(counts)])
+    at_new = np.interp(new_edges, edges, cumulative, left=0.0, right=cumulative[-1])
+    return np.diff(at_new)
+
+
+def common_edges(edge_sets: list[np.ndarray], bins: int = 64) -> np.ndarray:
+    """`bins` equal bins spanning every histogram in `edge_sets` (arrays of edges)."""
+    lows = [float(e[0]) for e in edge_sets if len(e) and np.isfinite(e[0])]
+    highs = [float(e[-1]) for e in edge_sets if len(e) and np.isfinite(e[-1])]
+    if not lows:
+        return np.linspace(0.0, 1.0, bins + 1)
+    low, high = min(lows), max(highs)
+    if high <= low:
+        high = low + 1.0
+    return np.linspace(low, high, bins + 1)
+
+
+def centers(edges: np.ndarray) -> np.ndarray:
+    return (edges[:-1] + edges[1:]) / 2
+
+
+def densities(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Probability density per bin (integrates to 1; zeros for an empty histogram)."""
+    counts = np.asarray(counts, dtype=float)
+    total = counts.sum(axis=-1, keepdims=True)
+    width = np.diff(edges, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = counts / (total * width)
+    return np.where(np.isfinite(out), out, 0.0)

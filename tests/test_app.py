@@ -1,0 +1,177 @@
+"""The real Streamlit app, driven by AppTest (and one real browser, test_app_browser.py)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+SHIPPED = sorted((ROOT / "runs").glob("*.h5"))
+
+
+def app_for(folder: Path) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["folder"] = str(folder)
+    return at
+
+
+def chart_data(at: AppTest) -> list[list]:
+    """For each chart on the page, its datasets as pandas frames."""
+    return [
+        [pa.ipc.open_stream(d.data.data).read_pandas() for d in el.proto.datasets]
+        for el in at.get("vega_lite_chart")
+    ]
+
+
+def frames_with(at: AppTest, *columns: str) -> list:
+    return [df for chart in chart_data(at) for df in chart if set(columns) <= set(df.columns)]
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory) -> Path:
+    if len(SHIPPED) < 2:
+        pytest.fail("runs/ must hold the two shipped reference runs")
+    folder = tmp_path_factory.mktemp("shipped")
+    for path in SHIPPED:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_default_view_shows_the_shipped_pair(shipped) -> None:
+    at = app_for(shipped).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert sorted(at.sidebar.multiselect(key="runs").value) == ["cifar10-baseline.h5", "cifar10-bn.h5"]
+    curves = frames_with(at, "run", "metric", "split", "value")[0]
+    assert set(curves["run"]) == {"cifar10-baseline", "cifar10-bn"}
+    assert curves["epoch"].max() == 50
+    from icsviz import open_run
+
+    with open_run(shipped / "cifar10-bn.h5") as run:
+        expected = run.history["val_accuracy"]
+    bn_val = curves[
+        (curves["run"] == "cifar10-bn") & (curves["split"] == "validation") & (curves["metric"] == "accuracy")
+    ]
+    np.testing.assert_allclose(bn_val.sort_values("epoch")["value"], expected)
+    assert len(at.get("vega_lite_chart")) >= 8
+    assert at.sidebar.selectbox(key="layer").value == "conv1"
+
+
+def test_changing_layer_capture_and_runs_updates_the_charts(shipped) -> None:
+    at = app_for(shipped).run()
+    before = frames_with(at, "run", "x", "density")[0]
+    at.sidebar.selectbox(key="layer").set_value("fc1_relu").run()
+    after = frames_with(at, "run", "x", "density")[0]
+    assert not np.allclose(before["x"].to_numpy()[:10], after["x"].to_numpy()[:10])
+    assert after["x"].min() >= 0 - 1e-6 or after["x"].min() > -1  # ReLU outputs start at zero
+    # The capture slider picks the histogram's capture.
+    at.select_slider(key="capture").set_value(0.0).run()
+    start = frames_with(at, "run", "x", "density")[0]
+    assert set(start["epoch"]) == {0.0}
+    at.select_slider(key="capture").set_value(10.0).run()
+    assert set(frames_with(at, "run", "x", "density")[0]["epoch"]) == {10.0}
+    # One run only: every chart is about that run.
+    at.sidebar.multiselect(key="runs").set_value(["cifar10-bn.h5"]).run()
+    assert set(frames_with(at, "run", "metric", "value")[0]["run"]) == {"cifar10-bn"}
+    # A BN-only layer: the baseline has no conv1_bn.
+    at.sidebar.multiselect(key="runs").set_value(["cifar10-baseline.h5", "cifar10-bn.h5"]).run()
+    at.sidebar.selectbox(key="layer").set_value("conv1_bn").run()
+    assert any("not in: cifar10-baseline" in info.value for info in at.info)
+    assert not at.exception
+
+
+def test_percentile_bands_follow_the_recorded_quantiles(shipped) -> None:
+    at = app_for(shipped).run()
+    at.sidebar.selectbox(key="layer").set_value("fc1").run()
+    at.sidebar.selectbox(key="unit").set_value(at.sidebar.selectbox(key="unit").options[1]).run()
+    unit = int(at.sidebar.selectbox(key="unit").value.split()[-1])
+    bands = frames_with(at, "run", "epoch", "median", "q15", "q85")[0]
+    from icsviz import open_run
+
+    with open_run(shipped / "cifar10-bn.h5") as run:
+        expected = run.activations("fc1").unit_quantile(unit, 0.85)
+    got = bands[bands["run"] == "cifar10-bn"]["q85"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    at.sidebar.radio(key="bands").set_value("tensorboard").run()
+    assert frames_with(at, "q07", "q93", "q31", "q69")
+
+
+def test_a_folder_with_broken_files_shows_them_and_keeps_working(shipped, tmp_path) -> None:
+    shutil.copy(shipped / "cifar10-bn.h5", tmp_path / "good.h5")
+    (tmp_path / "empty.h5").write_bytes(b"")
+    (tmp_path / "notes.h5").write_text("not a run")
+    data = (shipped / "cifar10-baseline.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
+    at = app_for(tmp_path).run()
+    assert not at.exception
+    warnings = " ".join(w.value for w in at.warning)
+    assert "empty.h5 is unreadable" in warnings and "empty (0 bytes)" in warnings
+    assert "notes.h5" in warnings and "not an HDF5 file" in warnings
+    assert "cut.h5" in warnings and "truncated" in warnings
+    assert at.sidebar.multiselect(key="runs").options == ["good.h5"]
+    assert frames_with(at, "run", "x", "density")
+
+
+def test_an_empty_folder_explains_how_to_make_a_run(tmp_path) -> None:
+    at = app_for(tmp_path).run()
+    assert not at.exception
+    assert any("No run files" in info.value for info in at.info)
+    assert any("ICSCallback" in md.value for md in at.markdown)
+
+
+def test_a_run_that_grows_while_the_app_is_open_shows_new_captures(tmp_path) -> None:
+    path = tmp_path / "growing.h5"
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    script = textwrap.dedent(f"""
+        import sys, time, os
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from conftest import tiny_capture, tiny_layout
+        from icsviz.writer import RunWriter
+        layout = tiny_layout()
+        w = RunWriter.create({str(path)!r}, layout, {{"run_name": "growing"}})
+        for step in range(3):
+            w.write_capture(tiny_capture(layout, step * 10))
+        w.write_epoch(0, {{"loss": 1.0, "accuracy": 0.5}})
+        open({str(ready)!r}, "w").close()
+        deadline = time.time() + 120
+        while not os.path.exists({str(release)!r}) and time.time() < deadline:
+            time.sleep(0.05)
+        for step in range(3, 6):
+            w.write_capture(tiny_capture(layout, step * 10))
+        w.write_epoch(1, {{"loss": 0.5, "accuracy": 0.7}})
+        open({str(ready)!r} + "2", "w").close()
+        time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 60
+        while not ready.exists():
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        at = app_for(tmp_path).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert len(at.select_slider(key="capture").options) == 3
+        assert any("still training" in c.value for c in at.caption)
+        at.sidebar.selectbox(key="layer").set_value("block/relu").run()
+        release.touch()
+        while not Path(str(ready) + "2").exists():
+            assert time.time() < deadline + 60 and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.05)
+        at.run()  # what the fragment's timer does every few seconds
+        assert len(at.select_slider(key="capture").options) == 6
+        assert at.sidebar.selectbox(key="layer").value == "block/relu"  # selections survive
+        curves = frames_with(at, "run", "metric", "value")[0]
+        assert curves["epoch"].max() == 2
+    finally:
+        proc.kill()
+        proc.wait(30)

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import numpy as np
+from conftest import tiny_capture
+
+from icsviz import open_run
+from icsviz.cli import main
+from icsviz.writer import RunWriter
+
+
+def test_info_summarizes_a_run(tmp_path, layout, capsys) -> None:
+    path = tmp_path / "r.h5"
+    with RunWriter.create(path, layout, {"run_name": "demo", "model_name": "net", "dataset": "cifar10"}) as w:
+        w.write_capture(tiny_capture(layout, 0))
+        for epoch, acc in enumerate([0.5, 0.7, 0.6]):
+            w.write_epoch(epoch, {"val_accuracy": acc, "epoch_time": 2.0})
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "demo (complete)" in out and "net" in out and "cifar10" in out
+    assert "best 0.7000 at epoch 2, final 0.6000" in out
+    assert "6 s, 2.0 s per epoch" in out
+
+
+def test_errors_name_the_file_and_exit_2(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.h5"
+    bad.write_text("not hdf5")
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "icsviz: error:" in err and "bad.h5" in err and "Traceback" not in err
+    assert main(["train", "--model", "bn", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none")]) == 2
+    assert "CIFAR-10 not found" in capsys.readouterr().err
+
+
+def test_train_writes_a_run_with_the_recipe(tmp_path, capsys) -> None:
+    out = tmp_path / "mlp.h5"
+    code = main(
+        [
+            "train",
+            "--model",
+            "mlp-bn",
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "2",
+            "--probe-size",
+            "64",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    with open_run(out) as run:
+        assert run.layer_names[:3] == ["fc1", "fc1_bn", "fc1_sigmoid"]
+        assert len(run.history_epochs) == 2 and run.num_captures == 3
+        assert run.attrs["dataset"] == "synthetic" and run.config["recipe"]["batch_size"] == 60
+        assert run.activations("fc1").counts.sum(1)[0] == 64 * 100
+        np.testing.assert_allclose(run.history["learning_rate"], 0.5)
+    assert main(["info", str(out)]) == 0
+    assert "ioffe_mlp_bn" in capsys.readouterr().out

@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_capture
+
+from icsviz import open_run
+from icsviz.dashboard import data
+from icsviz.writer import RunWriter
+
+
+@pytest.fixture
+def runs(tmp_path, layout):
+    paths = {}
+    for label, value in (("a", 1.0), ("b", 3.0)):
+        path = tmp_path / f"{label}.h5"
+        with RunWriter.create(path, layout, {"run_name": label}) as w:
+            for step in range(0, 40, 10):
+                w.write_capture(
+                    tiny_capture(layout, step, value=value, kind="start" if step == 0 else "epoch")
+                )
+            for epoch in range(3):
+                w.write_epoch(
+                    epoch,
+                    {
+                        "accuracy": 0.5 + epoch / 10,
+                        "val_accuracy": 0.4 + epoch / 10,
+                        "loss": 1.0 - epoch / 10,
+                        "val_loss": 1.1,
+                    },
+                )
+        paths[label] = path
+    opened = {label: open_run(p) for label, p in paths.items()}
+    yield opened
+    for run in opened.values():
+        run.close()
+
+
+def test_curves_frame(runs) -> None:
+    df = data.curves_frame(runs)
+    assert set(df["split"]) == {"training", "validation"} and set(df["metric"]) == {"accuracy", "loss"}
+    acc = df[(df.run == "a") & (df.metric == "accuracy") & (df.split == "training")]
+    np.testing.assert_allclose(acc["value"], [0.5, 0.6, 0.7])
+    np.testing.assert_array_equal(acc["epoch"], [1, 2, 3])
+
+
+def test_nearest_capture_and_histogram_frame(runs) -> None:
+    run = runs["a"]
+    np.testing.assert_allclose(run.epochs, [0, 1, 2, 3])
+    assert data.nearest_capture(run, 2.5) == 2 and data.nearest_capture(run, -1) == 0
+    edges = data.shared_edges(runs, "dense")
+    assert edges[0] <= -1 and edges[-1] >= 4  # spans every capture of both runs
+    df = data.histogram_frame(runs, "dense", 2.0, edges)
+    assert set(df["epoch"]) == {2.0}
+    for _, part in df.groupby("run"):
+        assert (part["density"] * np.diff(edges)).sum() == pytest.approx(1.0)
+
+
+def test_percentiles_drift_and_gradients(runs) -> None:
+    pct = data.percentile_frame(runs, "dense")
+    a = pct[pct.run == "a"]
+    np.testing.assert_allclose(a["median"], runs["a"].activations("dense").quantile(0.5))
+    assert {"q15", "q85"} <= set(pct.columns)
+    drift = data.drift_frame(runs)
+    b = drift[(drift.run == "b") & (drift.layer == "dense")]
+    # mean = 3 * step, std_0 = 1: shift from start = 3 * step
+    np.testing.assert_allclose(b["from_start"], [0, 30, 60, 90])
+    np.testing.assert_allclose(b["from_previous"], [0, 30, 30, 30])
+    grads = data.gradient_frame(runs)
+    g = grads[(grads.run == "a") & (grads.layer == "dense")]
+    np.testing.assert_allclose(g["grad_norm"], np.sqrt(2) * 0.5 * np.array([0, 10, 20, 30]))
+    assert np.isnan(g["update_ratio"].iloc[0]) and g["update_ratio"].iloc[1] == pytest.approx(0.01)
+    ics = data.ics_frame(runs)
+    np.testing.assert_allclose(ics[ics.run == "a"]["grad_diff"], [0, 1, 2, 3], rtol=1e-6)
+
+
+def test_heatmap_ridgeline_and_units(runs) -> None:
+    run = runs["a"]
+    edges = data.shared_edges({"a": run}, "dense")
+    heat = data.heatmap_frame(run, "dense", edges)
+    assert set(np.round(heat["t0"], 6)) == {0, 1, 2, 3} and (heat["t1"] > heat["t0"]).all()
+    assert data.ridgeline_captures(run, rows=2) == [0, 3]
+    units = data.unit_frame(run, "dense", "mean")
+    assert len(units) == 4 * 4 and set(units["unit"]) == {0, 1, 2, 3}
+    assert data.layer_union(runs) == ["dense", "block/relu"]
