@@ -14,9 +14,8 @@ import argparse
 import statistics
 import time
 
-from _common import cifar_like
-
 import keras
+from _common import cifar_like
 
 from icsviz.capture import CaptureOptions, CaptureProgram
 from icsviz.layers import select_layers
@@ -33,33 +32,37 @@ def main() -> None:
     x, y = cifar_like(args.probe)
     print(f"icsviz capture cost: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})")
     for name in args.models:
-        keras.utils.set_random_seed(0)
-        model = build_model(name, (32, 32, 3), 10)
-        model.compile(_optimizer(RECIPES[name]), "sparse_categorical_crossentropy")
-        program = CaptureProgram(model, select_layers(model), CaptureOptions(), with_gradients=True)
-        xt, yt = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
+        measure(name, x, y, args.repeats)
 
-        def capture() -> float:
-            start = time.perf_counter()
-            program.run(xt, yt, 1e-4, step=0, epoch=0.0, time=0.0, kind="step")
-            return time.perf_counter() - start
 
-        def step() -> float:
-            start = time.perf_counter()
-            model.train_on_batch(x, y)
-            return time.perf_counter() - start
+def measure(name: str, x, y, repeats: int) -> None:
+    keras.utils.set_random_seed(0)
+    model = build_model(name, (32, 32, 3), 10)
+    model.compile(_optimizer(RECIPES[name]), "sparse_categorical_crossentropy")
+    program = CaptureProgram(model, select_layers(model), CaptureOptions(), with_gradients=True)
+    xt, yt = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
 
-        first = capture()
-        step()  # trace the train function
-        captures, steps = [], []
-        for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
-            captures.append(capture())
-            steps.append(step())
-        c, s = statistics.median(captures), statistics.median(steps)
-        print(
-            f"{name:8s} {len(program.traced)} captured tensors: capture {c:.3f} s, train step {s:.3f} s "
-            f"-> ratio {c / s:.2f}  (first capture, with tracing: {first:.1f} s)"
-        )
+    def capture() -> float:
+        start = time.perf_counter()
+        program.run(xt, yt, 1e-4, step=0, epoch=0.0, time=0.0, kind="step")
+        return time.perf_counter() - start
+
+    def step() -> float:
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        return time.perf_counter() - start
+
+    first = capture()
+    step()  # trace the train function
+    captures, steps = [], []
+    for _ in range(repeats):  # interleaved, so drifting machine load hits both alike
+        captures.append(capture())
+        steps.append(step())
+    c, s = statistics.median(captures), statistics.median(steps)
+    print(
+        f"{name:8s} {len(program.traced)} captured tensors: capture {c:.3f} s, train step {s:.3f} s "
+        f"-> ratio {c / s:.2f}  (first capture, with tracing: {first:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

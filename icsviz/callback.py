@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend
 from .capture import CaptureOptions, CaptureProgram
-from .errors import CaptureWarning, ICSVizError
+from .errors import CaptureWarning, IncompatibleRunError, RunExistsError
 from .layers import LayerFilter, select_layers
 from .writer import RunWriter
 
@@ -230,8 +230,8 @@ class ICSCallback(keras.callbacks.Callback):
     def _safely(self, what: str, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except ICSVizError:
-            raise  # a configuration error, raised before any step ran
+        except (RunExistsError, IncompatibleRunError):
+            raise  # the user's configuration, found before the first training step: nothing is lost
         except Exception as exc:  # noqa: BLE001 - never stop the user's training
             self._capture_ok = False
             self._warn(f"{what} (captures are off for the rest of this run)", exc)
@@ -267,7 +267,6 @@ class ICSCallback(keras.callbacks.Callback):
         """Trace the capture program, open the file and take the first capture."""
         self._started = True
         model = self.model
-        selection = select_layers(model, self.layers)
         with_gradients = self._probe_y is not None and getattr(model, "optimizer", None) is not None
         if self._probe_y is None:
             warnings.warn(
@@ -276,7 +275,16 @@ class ICSCallback(keras.callbacks.Callback):
                 CaptureWarning,
                 stacklevel=3,
             )
-        self._program = CaptureProgram(model, selection, self.options, with_gradients)
+        program = self._program
+        reusable = (
+            program is not None
+            and program.model is model
+            and program.with_gradients == with_gradients
+            and [id(v) for v in program.trainable] == [id(v) for v in model.trainable_variables]
+        )
+        if not reusable:  # a second fit of the same model keeps the traced function
+            selection = select_layers(model, self.layers)
+            self._program = CaptureProgram(model, selection, self.options, with_gradients)
         self._x = keras.tree.map_structure(keras.ops.convert_to_tensor, self._probe_x)
         self._y = (
             None

@@ -16,6 +16,10 @@ class RunFolderError(ICSVizError, NotADirectoryError):
     """The runs folder given to `icsviz app` does not exist."""
 
 
+class LabelCountError(ICSVizError, ValueError):
+    """Command-line options that do not fit together."""
+
+
 __all__ = ["main"]
 
 
@@ -62,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="folder of run files (default: runs)")
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="localhost", help="interface to bind (default: localhost only)")
+
+    p = sub.add_parser("plot", help="write publication figures (PNG and PDF) for one or more runs")
+    p.add_argument("runs", nargs="+", help="run files (.h5)")
+    p.add_argument("--out", default="figures", help="output folder (default: figures)")
+    p.add_argument("--labels", nargs="+", help="one label per run (default: file names)")
+    p.add_argument("--layers", nargs="+", help="layers to draw per-layer figures for (default: all)")
+    p.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (default: png pdf)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("report", help="write a self-contained HTML report for one or more runs")
+    p.add_argument("runs", nargs="+", help="run files (.h5)")
+    p.add_argument("--out", default="report.html", help="output file (default: report.html)")
+    p.add_argument("--labels", nargs="+", help="one label per run (default: file names)")
+    p.add_argument("--title", default="icsviz report")
 
     p = sub.add_parser("info", help="summarize run files")
     p.add_argument("runs", nargs="+", help="run files (.h5)")
@@ -144,6 +162,43 @@ def info(path: str) -> str:
     return "\n".join(lines)
 
 
+def _open_labelled(paths: Sequence[str], labels: Sequence[str] | None) -> dict:
+    from .reader import open_run
+
+    if labels is not None and len(labels) != len(paths):
+        raise LabelCountError(f"--labels needs one label per run: {len(paths)} runs, {len(labels)} labels")
+    names = list(labels) if labels else [Path(p).stem for p in paths]
+    if len(set(names)) != len(names):
+        raise LabelCountError(f"run labels must be unique, got {names}; pass --labels")
+    return {name: open_run(path) for name, path in zip(names, paths)}
+
+
+def _figures(args: argparse.Namespace) -> int:
+    runs = _open_labelled(args.runs, args.labels)
+    try:
+        if args.command == "plot":
+            from .plots import plot_runs
+
+            formats = [f.lower().lstrip(".") for f in args.formats]
+            bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+            if bad:
+                raise LabelCountError(f"--formats takes png, pdf or svg, not {bad}")
+            written, notes = plot_runs(runs, args.out, layers=args.layers, formats=formats,
+                                       progress=not args.quiet)
+            for note in notes:
+                print(f"icsviz: {note}", file=sys.stderr)
+            print(f"icsviz: wrote {len(written)} files to {args.out}")
+        else:
+            from .report import write_report
+
+            path = write_report(runs, args.out, title=args.title)
+            print(f"icsviz: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    finally:
+        for run in runs.values():
+            run.close()
+    return 0
+
+
 def _app(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -174,6 +229,8 @@ def _app(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("plot", "report"):
+            return _figures(args)
         if args.command == "app":
             return _app(args)
         if args.command == "info":

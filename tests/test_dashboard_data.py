@@ -63,9 +63,14 @@ def test_percentiles_drift_and_gradients(runs) -> None:
     assert {"q15", "q85"} <= set(pct.columns)
     drift = data.drift_frame(runs)
     b = drift[(drift.run == "b") & (drift.layer == "dense")]
-    # mean = 3 * step, std_0 = 1: shift from start = 3 * step
-    np.testing.assert_allclose(b["from_start"], [0, 30, 60, 90])
-    np.testing.assert_allclose(b["from_previous"], [0, 30, 30, 30])
+    # mean = 3 * step, std_0 = 1: mean shift from start = 3 * step
+    np.testing.assert_allclose(b["mean_shift"], [0, 30, 60, 90])
+    from icsviz.analysis import drift_curve
+
+    acts = runs["b"].activations("dense")
+    np.testing.assert_allclose(b["from_start"], drift_curve(acts, "w1", "start"))
+    np.testing.assert_allclose(b["from_previous"], drift_curve(acts, "w1", "previous"))
+    assert b["from_start"].iloc[0] == 0 and (b["from_start"].iloc[1:] > 0).all()
     grads = data.gradient_frame(runs)
     g = grads[(grads.run == "a") & (grads.layer == "dense")]
     np.testing.assert_allclose(g["grad_norm"], np.sqrt(2) * 0.5 * np.array([0, 10, 20, 30]))

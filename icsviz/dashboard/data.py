@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..histograms import centers, common_edges, densities, rebin
-from ..reader import Run
+from ..reader import ActivationStats, Run
 
 __all__ = [
     "layer_union",
@@ -180,7 +180,7 @@ def percentile_frame(runs: Runs, layer: str, unit: int | None = None, bands: str
             continue
         acts = run.activations(layer)
 
-        def series(level: float) -> np.ndarray:
+        def series(level: float, acts: ActivationStats = acts) -> np.ndarray:
             return acts.quantile(level) if unit is None else acts.unit_quantile(unit, level)
 
         frame = pd.DataFrame({"run": label, "epoch": acts.epochs, "median": series(0.5)})
@@ -212,37 +212,25 @@ def unit_frame(run: Run, layer: str, stat: str = "mean", max_units: int = 64) ->
 def drift_frame(runs: Runs) -> pd.DataFrame:
     """Per layer and capture: how far the distribution moved, in step-0 standard deviations.
 
-    `from_start` = |mean_t - mean_0| / std_0, `from_previous` = |mean_t - mean_(t-1)| / std_0,
-    `std_ratio` = std_t / std_0.
+    `from_start`: W1 to the step-0 histogram / std_0; `from_previous`: W1 to the
+    previous capture / std_0; `mean_shift`: |mean_t - mean_0| / std_0 (analysis module).
     """
+    from ..analysis import drift_curve
+
     rows = []
     for label, run in runs.items():
         if not run.num_captures:
             continue
         for order, name in enumerate(run.layer_names):
             acts = run.activations(name)
-            scale = acts.std[0] if np.isfinite(acts.std[0]) and acts.std[0] > 0 else np.nan
-            previous = np.concatenate([[acts.mean[0]], acts.mean[:-1]])
-            rows.append(
-                pd.DataFrame(
-                    {
-                        "run": label,
-                        "layer": name,
-                        "order": order,
-                        "epoch": acts.epochs,
-                        "from_start": np.abs(acts.mean - acts.mean[0]) / scale,
-                        "from_previous": np.abs(acts.mean - previous) / scale,
-                        "std_ratio": acts.std / scale,
-                    }
-                )
-            )
-    return (
-        pd.concat(rows, ignore_index=True)
-        if rows
-        else pd.DataFrame(
-            columns=["run", "layer", "order", "epoch", "from_start", "from_previous", "std_ratio"]
-        )
-    )
+            rows.append(pd.DataFrame({
+                "run": label, "layer": name, "order": order, "epoch": acts.epochs,
+                "from_start": drift_curve(acts, "w1", "start"),
+                "from_previous": drift_curve(acts, "w1", "previous"),
+                "mean_shift": drift_curve(acts, "mean_shift", "start"),
+            }))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
+        columns=["run", "layer", "order", "epoch", "from_start", "from_previous", "mean_shift"])
 
 
 def gradient_frame(runs: Runs) -> pd.DataFrame:

@@ -19,6 +19,11 @@ from . import page
 
 SHIPPED_PAIR = ("cifar10_cnn", "cifar10_cnn_bn")
 LIVE_REFRESH_S = 3.0
+DRIFT_FIELDS = {
+    "from_start": "W1 from step 0",
+    "from_previous": "W1 from the previous capture",
+    "mean_shift": "mean shift from step 0",
+}
 
 
 def default_folder(argv: Sequence[str] | None = None) -> str:
@@ -100,11 +105,7 @@ def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_cho
         page.unit_drift(keys, labels, layer, stat)
     with tabs[2]:
         field = st.radio(
-            "Drift",
-            ["from_start", "from_previous"],
-            horizontal=True,
-            key="drift_field",
-            format_func=lambda f: "from step 0" if f == "from_start" else "from the previous capture",
+            "Drift", list(DRIFT_FIELDS), horizontal=True, key="drift_field", format_func=DRIFT_FIELDS.get
         )
         page.drift_summary(keys, labels, layer, field)
     with tabs[3]:

@@ -201,8 +201,9 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
         st.info("No captures yet.")
         return
     st.caption(
-        "How far each layer's mean has moved, in units of its standard deviation at step 0: from "
-        "the start, or since the previous capture. Same colour scale for every run."
+        "How far each layer's distribution has moved, in units of its standard deviation at step 0: "
+        "the Wasserstein distance (W1) to its histogram at step 0 or at the previous capture, or the "
+        "shift of its mean. Rows follow the model's order; same colour scale for every run."
     )
     finite = drift[field].replace([np.inf, -np.inf], np.nan).dropna()
     top = float(finite.quantile(0.98)) if len(finite) else 1.0

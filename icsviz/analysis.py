@@ -1,0 +1,220 @@
+"""Drift metrics and run summaries (pure numpy / scipy; nothing here imports Keras).
+
+Definitions (docs/analysis.md has the formulas):
+- `wasserstein`: 1-D Wasserstein distance W1 between two histograms, from bin
+  centres weighted by counts (scipy.stats.wasserstein_distance).
+- `jensen_shannon`: Jensen-Shannon divergence in bits, on a common grid, in [0, 1].
+- `psi`: population stability index on a common grid, empty bins floored at `eps`.
+- `moment_shift`: shift of mean and std in units of the reference std.
+A layer's drift curve is W1 between each capture and step 0 (or the previous
+capture) divided by the step-0 std, so layers of different scales compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import rel_entr
+from scipy.stats import wasserstein_distance
+
+from .errors import MissingDataError
+from .histograms import centers, rebin
+from .reader import ActivationStats, Run
+
+__all__ = [
+    "common_grid",
+    "wasserstein",
+    "jensen_shannon",
+    "psi",
+    "moment_shift",
+    "drift_curve",
+    "drift_matrix",
+    "drift_score",
+    "LayerDrift",
+    "run_drift",
+    "compare_runs",
+    "gradient_shift_summary",
+    "METRICS",
+]
+
+METRICS = ("w1", "js", "psi", "mean_shift", "std_shift")
+
+
+def _is_dyadic(edges: np.ndarray) -> bool:
+    widths = np.diff(edges)
+    if not len(widths) or not np.allclose(widths, widths[0], rtol=1e-9, atol=0) or widths[0] <= 0:
+        return False
+    exponent = np.log2(widths[0])
+    return bool(exponent == np.round(exponent) and np.isclose(edges[0] / widths[0], np.round(edges[0] / widths[0])))
+
+
+def common_grid(edges_a: np.ndarray, edges_b: np.ndarray, bins: int = 256, max_bins: int = 4096) -> np.ndarray:
+    """A grid on which both histograms can be compared.
+
+    For two dyadic grids (what icsviz records) it is the *finer* width, aligned,
+    spanning both ranges: the finer histogram keeps its bins exactly and the
+    coarser one is spread uniformly inside each of its bins (whose edges are
+    grid edges). Splitting both histograms' bins then splits every common bin
+    equally, so the results do not depend on the resolution. The width doubles
+    while the grid would exceed `max_bins`. Otherwise: `bins` equal bins.
+    """
+    edges_a, edges_b = np.asarray(edges_a, float), np.asarray(edges_b, float)
+    low, high = min(edges_a[0], edges_b[0]), max(edges_a[-1], edges_b[-1])
+    if _is_dyadic(edges_a) and _is_dyadic(edges_b):
+        width = min(edges_a[1] - edges_a[0], edges_b[1] - edges_b[0])
+        while True:
+            first = np.floor(low / width) * width
+            count = int(np.ceil((high - first) / width - 1e-9))
+            if count <= max_bins:
+                return first + width * np.arange(count + 1)
+            width *= 2
+    return np.linspace(low, high, bins + 1)
+
+
+def _probabilities(counts: np.ndarray, edges: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    mass = rebin(counts, edges, grid)
+    total = mass.sum()
+    return mass / total if total > 0 else mass
+
+
+def wasserstein(counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray) -> float:
+    """W1 between two histograms, each bin's mass placed at its centre. NaN if one is empty."""
+    counts_a, counts_b = np.asarray(counts_a, float), np.asarray(counts_b, float)
+    if counts_a.sum() <= 0 or counts_b.sum() <= 0:
+        return float("nan")
+    return float(wasserstein_distance(centers(np.asarray(edges_a, float)), centers(np.asarray(edges_b, float)),
+                                      counts_a, counts_b))
+
+
+def jensen_shannon(counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray) -> float:
+    """Jensen-Shannon divergence in bits on a common grid: 0 for equal, 1 for disjoint.
+
+    JS = KL(p || m) / 2 + KL(q || m) / 2 with m = (p + q) / 2 and base-2 logarithms;
+    empty bins contribute nothing (0 log 0 = 0), so no smoothing is needed.
+    """
+    grid = common_grid(edges_a, edges_b)
+    p, q = _probabilities(counts_a, edges_a, grid), _probabilities(counts_b, edges_b, grid)
+    if p.sum() <= 0 or q.sum() <= 0:
+        return float("nan")
+    m = (p + q) / 2
+    value = (rel_entr(p, m).sum() + rel_entr(q, m).sum()) / 2 / np.log(2)
+    return float(min(max(value, 0.0), 1.0))
+
+
+def psi(counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray,
+        eps: float = 1e-3) -> float:
+    """Population stability index Σ (q - p) ln(q / p) on a common grid (a = reference).
+
+    A bin empty in one histogram but not the other gets the probability floor
+    eps · (bin width / grid span) (then both are renormalized): the index stays
+    finite, and the floor scales with the bins, so the result does not depend
+    on the grid's resolution. Bins empty in both contribute nothing.
+    """
+    grid = common_grid(edges_a, edges_b)
+    p, q = _probabilities(counts_a, edges_a, grid), _probabilities(counts_b, edges_b, grid)
+    if p.sum() <= 0 or q.sum() <= 0:
+        return float("nan")
+    floor = eps * np.diff(grid) / (grid[-1] - grid[0])
+    occupied = (p > 0) | (q > 0)
+    p, q = np.maximum(p, floor)[occupied], np.maximum(q, floor)[occupied]
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum((q - p) * np.log(q / p)))
+
+
+def moment_shift(mean: np.ndarray, std: np.ndarray, reference: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(|mean_t - mean_ref|, |std_t - std_ref|), both in units of std_ref."""
+    scale = std[reference] if np.isfinite(std[reference]) and std[reference] > 0 else np.nan
+    return np.abs(mean - mean[reference]) / scale, np.abs(std - std[reference]) / scale
+
+
+def drift_curve(acts: ActivationStats, metric: str = "w1", against: str = "start") -> np.ndarray:
+    """(T,) drift of a layer at every capture, from step 0 (`against="start"`) or the previous capture.
+
+    W1 is divided by the step-0 std; JS and PSI are unitless.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}. Received: metric={metric!r}")
+    n = len(acts.steps)
+    if metric in ("mean_shift", "std_shift"):
+        if against == "start":
+            mean_shift, std_shift = moment_shift(acts.mean, acts.std)
+        else:
+            scale = acts.std[0] if acts.std[0] > 0 else np.nan
+            mean_shift = np.abs(np.diff(acts.mean, prepend=acts.mean[:1])) / scale
+            std_shift = np.abs(np.diff(acts.std, prepend=acts.std[:1])) / scale
+        return mean_shift if metric == "mean_shift" else std_shift
+    fn = {"w1": wasserstein, "js": jensen_shannon, "psi": psi}[metric]
+    out = np.full(n, np.nan)
+    for t in range(n):
+        ref = 0 if against == "start" else max(t - 1, 0)
+        out[t] = fn(acts.counts[ref], acts.edges[ref], acts.counts[t], acts.edges[t])
+    if metric == "w1":
+        scale = acts.std[0] if np.isfinite(acts.std[0]) and acts.std[0] > 0 else np.nan
+        out = out / scale
+    return out
+
+
+def drift_score(curve: np.ndarray, epochs: np.ndarray) -> float:
+    """Area under a drift curve per epoch of training (its time average): trapezoid rule."""
+    ok = np.isfinite(curve) & np.isfinite(epochs)
+    if ok.sum() < 2 or epochs[ok][-1] <= epochs[ok][0]:
+        return float("nan")
+    x, y = epochs[ok], curve[ok]
+    return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
+
+
+def drift_matrix(run: Run, metric: str = "w1", against: str = "start",
+                 layers: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(layer names, (L, T) matrix) of drift curves in model order."""
+    names = list(layers) if layers is not None else run.layer_names
+    return names, np.vstack([drift_curve(run.activations(n), metric, against) for n in names]) if names else np.zeros((0, run.num_captures))
+
+
+@dataclass(frozen=True)
+class LayerDrift:
+    """One layer's drift summary."""
+
+    layer: str
+    score: float  # drift_score of the W1 curve (step-0 std units)
+    final: float  # the curve's last value
+    js_final: float
+    mean_shift_final: float
+
+
+def run_drift(run: Run, metric: str = "w1") -> list[LayerDrift]:
+    out = []
+    for name in run.layer_names:
+        acts = run.activations(name)
+        curve = drift_curve(acts, metric)
+        js = drift_curve(acts, "js")
+        mean_shift, _ = moment_shift(acts.mean, acts.std)
+        out.append(LayerDrift(name, drift_score(curve, acts.epochs), float(curve[-1]) if len(curve) else np.nan,
+                              float(js[-1]) if len(js) else np.nan,
+                              float(mean_shift[-1]) if len(mean_shift) else np.nan))
+    return out
+
+
+def compare_runs(baseline: Run, other: Run, metric: str = "w1") -> dict[str, tuple[float, float, float]]:
+    """Per layer present in both: (baseline score, other score, baseline / other)."""
+    a = {d.layer: d.score for d in run_drift(baseline, metric)}
+    b = {d.layer: d.score for d in run_drift(other, metric)}
+    out = {}
+    for name in a:
+        if name in b:
+            ratio = a[name] / b[name] if b[name] and np.isfinite(b[name]) and b[name] > 0 else np.nan
+            out[name] = (a[name], b[name], ratio)
+    return out
+
+
+def gradient_shift_summary(run: Run) -> Mapping[str, tuple[float, float]]:
+    """Per layer: (mean ||G - G'||, mean cos(G, G')) over the captures after step 0."""
+    if not run.has_ics:
+        raise MissingDataError(f"{run.path.name} has no gradient-shift data (record with gradient_shift=True)")
+    out = {}
+    for name in run.ics_layer_names:
+        ics = run.ics(name)
+        out[name] = (float(np.nanmean(ics.grad_diff[1:])) if len(ics.grad_diff) > 1 else np.nan,
+                     float(np.nanmean(ics.grad_cos[1:])) if len(ics.grad_cos) > 1 else np.nan)
+    return out

@@ -1,0 +1,332 @@
+"""Publication figures from run files (matplotlib, Agg): `icsviz plot`.
+
+Each `figure_*` function takes {label: Run} and returns a matplotlib Figure;
+`plot_runs` writes the whole set as PNG and PDF. A figure whose data a run did
+not record says so in a `MissingDataError` (and `plot_runs` skips it with a note).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed, works headless
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from . import analysis  # noqa: E402
+from .errors import MissingDataError  # noqa: E402
+from .histograms import densities, rebin  # noqa: E402
+from .reader import Run  # noqa: E402
+
+__all__ = [
+    "STYLE",
+    "figure_accuracy",
+    "figure_loss",
+    "figure_ioffe",
+    "figure_layer",
+    "figure_drift_matrix",
+    "figure_drift_comparison",
+    "figure_gradients",
+    "figure_gradient_shift",
+    "hidden_input_layer",
+    "plot_runs",
+]
+
+Runs = Mapping[str, Run]
+FULL_WIDTH, PANEL_WIDTH = 7.0, 3.4  # inches: a two-column paper's page and column
+STYLE = {
+    "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
+    "xtick.labelsize": 7, "ytick.labelsize": 7, "axes.spines.top": False, "axes.spines.right": False,
+    "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.5, "lines.linewidth": 1.2,
+    "figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight", "pdf.fonttype": 42,
+}
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+
+
+def _color(i: int) -> str:
+    return COLORS[i % len(COLORS)]
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs: object) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, layout="constrained", **kwargs)
+    return fig, axes
+
+
+# ---------------------------------------------------------------- the seed article's two plots
+def figure_accuracy(runs: Runs) -> Figure:
+    """Validation accuracy per epoch, one line per run."""
+    fig, axes = _figure(PANEL_WIDTH, 2.4)
+    ax = axes[0, 0]
+    for i, (label, run) in enumerate(runs.items()):
+        acc = run.history.get("val_accuracy")
+        if acc is None:
+            raise MissingDataError(f"{label}: no val_accuracy in its history (train with validation data)")
+        ax.plot(run.history_epochs + 1, acc, color=_color(i), label=label)
+    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy")
+    ax.legend(frameon=False)
+    return fig
+
+
+def figure_loss(runs: Runs) -> Figure:
+    """Training (dashed) and validation (solid) loss per epoch for each run."""
+    fig, axes = _figure(PANEL_WIDTH, 2.4)
+    ax = axes[0, 0]
+    for i, (label, run) in enumerate(runs.items()):
+        history, epochs = run.history, run.history_epochs + 1
+        if "loss" not in history:
+            raise MissingDataError(f"{label}: no loss in its history")
+        ax.plot(epochs, history["loss"], "--", color=_color(i), label=f"{label} (training)")
+        if "val_loss" in history:
+            ax.plot(epochs, history["val_loss"], "-", color=_color(i), label=f"{label} (validation)")
+    ax.set(xlabel="epoch", ylabel="loss", title="Training and validation loss")
+    ax.legend(frameon=False)
+    return fig
+
+
+# ---------------------------------------------------------------- Ioffe & Szegedy Fig. 1
+def hidden_input_layer(run: Run) -> str:
+    """The input of the last hidden activation: the layer captured just before it.
+
+    fc1 for the baseline CNN (feeding fc1_relu), fc1_bn for its BN twin, fc3 /
+    fc3_bn for Ioffe's MLP: the quantity of Ioffe & Szegedy's Fig. 1 (b, c).
+    """
+    infos = run.layers
+    activations = [i for i, info in enumerate(infos) if info.kind == "activation"]
+    if len(activations) >= 2 and activations[-2] > 0:
+        return infos[activations[-2] - 1].name
+    preacts = [info.name for info in infos if info.kind == "preactivation"]
+    if len(preacts) >= 2:
+        return preacts[-2]
+    raise MissingDataError(f"{run.path.name}: no hidden activation layer found; choose the layer with --layers")
+
+
+def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
+    """15/50/85 percentiles of one tracked unit's input over training, runs side by side."""
+    fig, axes = _figure(FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 2.4, ncols=len(runs), sharey=True)
+    for ax, (i, (label, run)) in zip(axes[0], enumerate(runs.items())):
+        name = layer or hidden_input_layer(run)
+        acts = run.activations(name)
+        if not len(acts.tracked_units):
+            raise MissingDataError(f"{label}: layer {name!r} tracks no unit (ICSCallback(tracked_units=...))")
+        unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
+        x = acts.epochs
+        lo, mid, hi = (acts.unit_quantile(unit, q) for q in (0.15, 0.5, 0.85))
+        ax.fill_between(x, lo, hi, color=_color(i), alpha=0.2, linewidth=0)
+        for series, style in ((lo, ":"), (mid, "-"), (hi, ":")):
+            ax.plot(x, series, style, color=_color(i))
+        ax.set(title=f"{label}: {name}, unit {unit}", xlabel="epoch")
+    axes[0, 0].set_ylabel("input to the activation\n(15th, 50th, 85th percentile)")
+    return fig
+
+
+# ---------------------------------------------------------------- distributions per layer
+def _shared_grid(runs: Runs, layer: str, bins: int = 80) -> np.ndarray:
+    lows, highs = [], []
+    for run in runs.values():
+        if layer in run.layer_names:
+            edges = run.activations(layer).edges
+            lows.append(np.nanmin(edges[:, 0]))
+            highs.append(np.nanmax(edges[:, -1]))
+    if not lows:
+        raise MissingDataError(f"no run has layer {layer!r}")
+    return np.linspace(min(lows), max(highs), bins + 1)
+
+
+def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
+    """Per run (columns): ridgeline of the histograms over epochs (top), histogram vs time (bottom)."""
+    have = {label: run for label, run in runs.items() if layer in run.layer_names}
+    if not have:
+        raise MissingDataError(f"no run has layer {layer!r}")
+    grid = _shared_grid(have, layer)
+    mids = (grid[:-1] + grid[1:]) / 2
+    fig, axes = _figure(FULL_WIDTH if len(have) > 1 else PANEL_WIDTH, 4.6, ncols=len(have), nrows=2,
+                        sharex=True, height_ratios=[1.2, 1])
+    heat_max = 0.0
+    meshes = []
+    for col, (label, run) in enumerate(have.items()):
+        acts = run.activations(layer)
+        dens = densities(np.stack([rebin(c, e, grid) for c, e in zip(acts.counts, acts.edges)]), grid)
+        kinds = run.capture_kinds
+        picks = [t for t, k in enumerate(kinds) if k in ("start", "epoch")] or list(range(len(kinds)))
+        picks = [picks[i] for i in sorted(set(np.linspace(0, len(picks) - 1, min(rows, len(picks))).round().astype(int)))]
+        ax = axes[0, col]
+        peak = max(float(dens[picks].max()), 1e-12)
+        cmap = plt.get_cmap("viridis")
+        for k, t in enumerate(reversed(picks)):  # later captures behind, earlier in front
+            offset = (len(picks) - 1 - k) * 0.55
+            y = dens[t] / peak + offset
+            color = cmap(1 - (len(picks) - 1 - k) / max(len(picks) - 1, 1))
+            ax.fill_between(mids, offset, y, color=color, alpha=0.8, linewidth=0.4, edgecolor="white")
+            ax.text(grid[-1], offset + 0.05, f"{acts.epochs[t]:.0f}", fontsize=6, ha="right", va="bottom")
+        ax.set(yticks=[], title=f"{label}: {layer}")
+        ax.grid(False)
+        ax.invert_yaxis()
+        heat = axes[1, col]
+        with np.errstate(divide="ignore"):
+            log = np.where(dens > 0, np.log10(dens), np.nan)
+        heat_max = max(heat_max, float(np.nanmax(log)) if np.isfinite(log).any() else 0.0)
+        edges_t = np.append(acts.epochs, acts.epochs[-1] + (acts.epochs[-1] - acts.epochs[-2] if len(acts.epochs) > 1 else 1))
+        meshes.append(heat.pcolormesh(grid, edges_t, log, cmap="inferno", shading="flat", rasterized=True))
+        heat.set(xlabel="activation", ylabel="epoch")
+        heat.grid(False)
+    low = min(np.nanmin(m.get_array()) for m in meshes if np.isfinite(m.get_array()).any())
+    for mesh in meshes:
+        mesh.set_clim(low, heat_max)
+    fig.colorbar(meshes[-1], ax=axes[1, :].tolist(), label="log10 density", shrink=0.9)
+    axes[0, 0].set_ylabel("epoch (top: start)")
+    return fig
+
+
+# ---------------------------------------------------------------- drift
+def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
+    """Layers x captures drift from step 0 for each run, one shared colour scale."""
+    fig, axes = _figure(FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 3.2, ncols=len(runs))
+    mats = {label: analysis.drift_matrix(run, metric) for label, run in runs.items()}
+    finite = np.concatenate([m[np.isfinite(m)] for _, m in mats.values()] or [np.zeros(1)])
+    vmax = float(np.quantile(finite, 0.98)) if finite.size else 1.0
+    image = None
+    for ax, (label, run) in zip(axes[0], runs.items()):
+        names, matrix = mats[label]
+        epochs = run.epochs
+        edges_t = np.append(epochs, epochs[-1] + (epochs[-1] - epochs[-2] if len(epochs) > 1 else 1))
+        image = ax.pcolormesh(edges_t, np.arange(len(names) + 1), matrix, cmap="magma_r", vmin=0,
+                              vmax=max(vmax, 1e-9), rasterized=True)
+        ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=6)
+        ax.invert_yaxis()
+        ax.set(xlabel="epoch", title=f"{label}: drift from step 0")
+        ax.grid(False)
+    unit = "W1 / step-0 std" if metric == "w1" else metric
+    fig.colorbar(image, ax=axes[0, :].tolist(), label=unit, shrink=0.9)
+    return fig
+
+
+def figure_drift_comparison(runs: Runs, metric: str = "w1") -> Figure:
+    """Per layer present in every run: the drift score (time-averaged drift), runs side by side."""
+    summaries = {label: {d.layer: d.score for d in analysis.run_drift(run, metric)} for label, run in runs.items()}
+    layers = [name for name in next(iter(runs.values())).layer_names if all(name in s for s in summaries.values())]
+    if not layers:
+        raise MissingDataError("the runs share no layer name to compare")
+    fig, axes = _figure(FULL_WIDTH, 2.6)
+    ax = axes[0, 0]
+    width = 0.8 / len(runs)
+    x = np.arange(len(layers))
+    for i, (label, scores) in enumerate(summaries.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, [scores[n] for n in layers], width, color=_color(i), label=label)
+    ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=6)
+    ax.set(ylabel="drift score (W1 / step-0 std)" if metric == "w1" else f"drift score ({metric})",
+           yscale="log", title="How far each layer drifted, averaged over training")
+    ax.legend(frameon=False)
+    return fig
+
+
+# ---------------------------------------------------------------- gradients
+def figure_gradients(runs: Runs) -> Figure:
+    """Per run: gradient norm (top) and update ratio (bottom) per layer, log scale."""
+    fig, axes = _figure(FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 4.4, ncols=len(runs), nrows=2, sharex=True)
+    any_grad = False
+    for col, (label, run) in enumerate(runs.items()):
+        layers = run.trainable_layers
+        cmap = plt.get_cmap("viridis")
+        for k, layer in enumerate(layers):
+            g = run.gradients(layer)
+            color = cmap(k / max(len(layers) - 1, 1))
+            norm = g.total_grad_norm
+            if np.isfinite(norm).any():
+                any_grad = True
+                axes[0, col].plot(run.epochs, norm, color=color, label=layer)
+            previous = np.vstack([np.full((1, g.weight_norm.shape[1]), np.nan), g.weight_norm[:-1]])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ratio = np.sqrt(np.nansum(np.square(g.update_ratio * previous), axis=1)) / np.sqrt(
+                    np.nansum(np.square(previous), axis=1))
+            ratio[0] = np.nan
+            axes[1, col].plot(run.epochs, ratio, color=color, label=layer)
+        axes[0, col].set(yscale="log", title=f"{label}: gradient norm")
+        axes[1, col].set(yscale="log", xlabel="epoch", title="update ratio ||ΔW|| / ||W||")
+    if not any_grad:
+        raise MissingDataError("no run recorded gradients (its probe had no labels)")
+    axes[0, -1].legend(frameon=False, fontsize=5, ncols=2, loc="upper right")
+    return fig
+
+
+def figure_gradient_shift(runs: Runs) -> Figure:
+    """The Santurkar et al. gradient shift per layer over training, for runs that recorded it."""
+    have = {label: run for label, run in runs.items() if run.has_ics}
+    if not have:
+        raise MissingDataError("no run recorded the gradient shift (ICSCallback(gradient_shift=True))")
+    fig, axes = _figure(FULL_WIDTH, 2.6, ncols=2)
+    for i, (label, run) in enumerate(have.items()):
+        for layer in run.ics_layer_names:
+            ics = run.ics(layer)
+            axes[0, 0].plot(run.epochs, ics.grad_diff, color=_color(i), alpha=0.7)
+            axes[0, 1].plot(run.epochs, ics.grad_cos, color=_color(i), alpha=0.7, label=label if layer == run.ics_layer_names[0] else None)
+    axes[0, 0].set(xlabel="epoch", ylabel="||G - G'||", yscale="log", title="Gradient shift")
+    axes[0, 1].set(xlabel="epoch", ylabel="cos(G, G')", title="Gradient direction after the earlier layers step")
+    axes[0, 1].legend(frameon=False)
+    return fig
+
+
+# ---------------------------------------------------------------- the whole set
+@dataclass(frozen=True)
+class Planned:
+    name: str
+    make: Callable[[], Figure]
+
+
+def _progress(done: int, total: int, name: str) -> None:
+    width = 24
+    filled = int(width * done / max(total, 1))
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name}"
+    if sys.stderr.isatty():
+        print(f"\r{line:<80}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+def plot_runs(runs: Runs, out_dir: str | os.PathLike[str], *, layers: Sequence[str] | None = None,
+              formats: Sequence[str] = ("png", "pdf"), progress: bool = True) -> tuple[list[Path], list[str]]:
+    """Write every figure for `runs` into `out_dir`. Returns (files written, notes on skipped figures)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if layers is None:
+        first = next(iter(runs.values()))
+        layers = [n for n in first.layer_names if all(n in r.layer_names for r in runs.values())]
+        extra = [n for r in runs.values() for n in r.layer_names if n not in layers]
+        layers = layers + list(dict.fromkeys(extra))
+    plan = [
+        Planned("accuracy", lambda: figure_accuracy(runs)),
+        Planned("loss", lambda: figure_loss(runs)),
+        Planned("ioffe_fig1", lambda: figure_ioffe(runs)),
+        Planned("drift_matrix", lambda: figure_drift_matrix(runs)),
+        Planned("drift_comparison", lambda: figure_drift_comparison(runs)),
+        Planned("gradients", lambda: figure_gradients(runs)),
+        Planned("gradient_shift", lambda: figure_gradient_shift(runs)),
+    ] + [Planned(f"layer_{_safe(name)}", lambda name=name: figure_layer(runs, name)) for name in layers]
+    written, notes = [], []
+    with plt.rc_context(STYLE):
+        for i, item in enumerate(plan):
+            if progress:
+                _progress(i, len(plan), item.name)
+            try:
+                fig = item.make()
+            except MissingDataError as exc:
+                notes.append(f"{item.name}: skipped, {exc}")
+                continue
+            for fmt in formats:
+                path = out / f"{item.name}.{fmt}"
+                fig.savefig(path)
+                written.append(path)
+            plt.close(fig)
+        if progress:
+            _progress(len(plan), len(plan), "done")
+    return written, notes
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -1,0 +1,196 @@
+"""`icsviz report`: one self-contained HTML file (figures embedded) for e-mail.
+
+Configuration and accuracy tables, the figures of `plots`, and a short reading
+of the drift numbers generated from `analysis`, linked to the definitions.
+Every name from a file is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from . import __version__, analysis, plots
+from .errors import MissingDataError
+from .reader import Run
+
+__all__ = ["accuracy_table", "drift_reading", "build_report", "write_report"]
+
+Runs = Mapping[str, Run]
+
+
+def accuracy_table(runs: Runs) -> list[dict[str, object]]:
+    """Best and final validation accuracy, epoch of best, time per epoch, epochs to the first run's best."""
+    rows: list[dict[str, object]] = []
+    target = math.nan
+    for i, (label, run) in enumerate(runs.items()):
+        history = run.history
+        val = history.get("val_accuracy", np.array([]))
+        times = history.get("epoch_time", np.array([]))
+        ok = np.isfinite(val)
+        best_index = int(np.nanargmax(val)) if ok.any() else None
+        best = float(val[best_index]) if best_index is not None else math.nan
+        if i == 0:
+            target = best
+        reach = np.flatnonzero(val >= target) if np.isfinite(target) else np.array([])
+        rows.append({
+            "run": label,
+            "best": best,
+            "best_epoch": int(run.history_epochs[best_index]) + 1 if best_index is not None else None,
+            "final": float(val[-1]) if len(val) else math.nan,
+            "epochs": len(run.history_epochs),
+            "epoch_time": float(np.nanmedian(times)) if len(times) else math.nan,
+            "epochs_to_first_best": int(run.history_epochs[reach[0]]) + 1 if len(reach) else None,
+        })
+    return rows
+
+
+def drift_reading(runs: Runs) -> list[str]:
+    """Plain sentences comparing the first run's drift with each other run's (HTML-safe)."""
+    labels = list(runs)
+    if len(labels) < 2:
+        scores = analysis.run_drift(runs[labels[0]])
+        top = sorted((d for d in scores if np.isfinite(d.score)), key=lambda d: -d.score)[:3]
+        return [f"Layer <b>{html.escape(d.layer)}</b> drifted most: a <a href='#drift-score'>drift score</a> of "
+                f"{d.score:.2f} step-0 standard deviations." for d in top]
+    sentences = []
+    first = labels[0]
+    for other in labels[1:]:
+        comparison = analysis.compare_runs(runs[first], runs[other])
+        ranked = sorted(((n, v) for n, v in comparison.items() if np.isfinite(v[2])), key=lambda kv: -kv[1][2])
+        if not ranked:
+            sentences.append(f"{html.escape(first)} and {html.escape(other)} share no layer to compare.")
+            continue
+        for name, (a, b, ratio) in ranked[:4]:
+            if ratio >= 1:
+                sentences.append(
+                    f"Layer <b>{html.escape(name)}</b> moved {ratio:.1f}x further from its start in "
+                    f"{html.escape(first)} than in {html.escape(other)} (<a href='#drift-score'>drift score</a> "
+                    f"{a:.2f} vs {b:.2f})."
+                )
+            else:
+                sentences.append(
+                    f"Layer <b>{html.escape(name)}</b> moved {1 / ratio:.1f}x further in {html.escape(other)} "
+                    f"than in {html.escape(first)} (<a href='#drift-score'>drift score</a> {b:.2f} vs {a:.2f})."
+                )
+        ratios = np.array([v[2] for _, v in ranked])
+        sentences.append(
+            f"Over the {len(ranked)} layers both runs have, the median ratio is {np.median(ratios):.1f}x; "
+            f"{int(np.sum(ratios > 1))} of {len(ratios)} layers drifted more in {html.escape(first)}."
+        )
+    return sentences
+
+
+def _figure_html(fig: plt.Figure, caption: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=130)
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _fmt(value: object, pattern: str = "{:.4f}") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    return pattern.format(value) if isinstance(value, float) else html.escape(str(value))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{margin-top:1.6em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.8em 0;font-size:.9em}th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left}
+th{background:#f5f5f5}figure{margin:1.2em 0}img{max-width:100%}figcaption{color:#555;font-size:.9em}
+dt{font-weight:600;margin-top:.6em}.muted{color:#666;font-size:.9em}
+"""
+
+_DEFINITIONS = """
+<dl>
+<dt id='w1'>W1 drift</dt><dd>1-D Wasserstein distance between a layer's histogram at a capture and at step 0
+(bin centres weighted by counts), divided by the layer's standard deviation at step 0.</dd>
+<dt id='drift-score'>Drift score</dt><dd>The area under a layer's W1 drift curve divided by the length of training
+in epochs: its average distance from the starting distribution, in step-0 standard deviations.</dd>
+<dt id='js'>Jensen-Shannon divergence</dt><dd>In bits, on a common grid: 0 for identical, 1 for disjoint distributions.</dd>
+<dt id='ics'>Gradient shift</dt><dd>Santurkar et al. (2018): ||G - G'|| and cos(G, G'), where G is a layer's
+gradient and G' the same gradient after the layers before it took one gradient step.</dd>
+</dl>
+<p class='muted'>Exact formulas: docs/statistics.md and docs/analysis.md in the icsviz repository.</p>
+"""
+
+
+def build_report(runs: Runs, title: str = "icsviz report") -> str:
+    """The report as one HTML string."""
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+             f"<p class='muted'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by icsviz {__version__} "
+             f"from {len(runs)} run(s).</p>"]
+    config_rows = []
+    for label, run in runs.items():
+        a, cfg = run.attrs, run.config
+        recipe = cfg.get("recipe", {}) if isinstance(cfg.get("recipe"), dict) else {}
+        config_rows.append([html.escape(label), _fmt(a.get("model_name")), _fmt(cfg.get("parameters"), "{:,}"),
+                            _fmt(a.get("dataset")), _fmt(a.get("train_samples")), _fmt(cfg.get("optimizer")),
+                            _fmt(recipe.get("learning_rate"), "{:g}"), _fmt(recipe.get("batch_size")),
+                            _fmt(cfg.get("probe_size")), _fmt(a.get("backend")), _fmt(run.status)])
+    parts.append("<h2>Runs</h2>" + _table(
+        ["run", "model", "parameters", "dataset", "train images", "optimizer", "learning rate", "batch",
+         "probe", "backend", "status"], config_rows))
+    acc = accuracy_table(runs)
+    first = next(iter(runs))
+    parts.append("<h2>Accuracy</h2>" + _table(
+        ["run", "best val acc", "epoch of best", "final val acc", "epochs", "s / epoch",
+         f"epochs to reach {first}'s best"],
+        [[html.escape(str(r["run"])), _fmt(r["best"]), _fmt(r["best_epoch"]), _fmt(r["final"]), _fmt(r["epochs"]),
+          _fmt(r["epoch_time"], "{:.1f}"), _fmt(r["epochs_to_first_best"])] for r in acc]))
+    parts.append("<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in drift_reading(runs)) + "</ul>")
+
+    figures = [
+        (plots.figure_accuracy, "Validation accuracy per epoch."),
+        (plots.figure_loss, "Training (dashed) and validation (solid) loss."),
+        (plots.figure_ioffe, "15th, 50th and 85th percentiles of the input of one unit of the last hidden layer "
+                             "over training (Ioffe & Szegedy 2015, Fig. 1)."),
+        (plots.figure_drift_matrix, "W1 drift from step 0 for every layer (rows, model order) over training."),
+        (plots.figure_drift_comparison, "Drift score per layer, run against run."),
+        (plots.figure_gradients, "Gradient norm and update ratio per layer."),
+        (plots.figure_gradient_shift, "Gradient shift (Santurkar et al. 2018)."),
+    ]
+    parts.append("<h2>Figures</h2>")
+    with plt.rc_context(plots.STYLE):
+        for make, caption in figures:
+            try:
+                parts.append(_figure_html(make(runs), caption))
+            except MissingDataError as exc:
+                parts.append(f"<p class='muted'>{html.escape(caption)} Not available: {html.escape(str(exc))}</p>")
+        key_layers = []
+        for run in runs.values():
+            try:
+                key_layers.append(plots.hidden_input_layer(run))
+            except MissingDataError:
+                pass
+        for layer in dict.fromkeys(key_layers):
+            parts.append(_figure_html(plots.figure_layer(runs, layer),
+                                      f"{layer}: histograms over epochs (ridgeline) and against time (heatmap)."))
+    parts.append("<h2 id='definitions'>Definitions</h2>" + _DEFINITIONS + "</body></html>")
+    return "".join(parts)
+
+
+def write_report(runs: Runs, out: str | os.PathLike[str], title: str = "icsviz report") -> Path:
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(build_report(runs, title), encoding="utf-8")
+    return path

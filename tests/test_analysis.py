@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import tiny_capture
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from icsviz import MissingDataError, open_run
+from icsviz.analysis import (
+    common_grid, compare_runs, drift_curve, drift_matrix, drift_score, jensen_shannon, moment_shift, psi,
+    run_drift, wasserstein,
+)
+from icsviz.capture import dyadic_bin_width
+from icsviz.writer import RunWriter
+
+
+@st.composite
+def histograms(draw, bins=16):
+    """A recorded-style histogram: counts on a dyadic grid."""
+    low = draw(st.floats(-50, 50, allow_nan=False))
+    span = draw(st.floats(0.01, 50, allow_nan=False))
+    first, width = dyadic_bin_width(low, low + span, bins)
+    counts = np.array(draw(st.lists(st.integers(0, 100), min_size=bins, max_size=bins)), dtype=float)
+    assume(counts.sum() > 0)
+    return counts, first + width * np.arange(bins + 1)
+
+
+def split_finer(counts, edges):
+    """Every bin cut in two, its count shared equally: the same distribution, finer."""
+    fine_edges = np.empty(2 * len(edges) - 1)
+    fine_edges[0::2], fine_edges[1::2] = edges, (edges[:-1] + edges[1:]) / 2
+    return np.repeat(counts / 2, 2), fine_edges
+
+
+@given(histograms())
+@settings(max_examples=60, deadline=None)
+def test_identical_histograms_have_zero_drift(h) -> None:
+    counts, edges = h
+    assert wasserstein(counts, edges, counts, edges) == pytest.approx(0, abs=1e-12)
+    assert jensen_shannon(counts, edges, counts, edges) == pytest.approx(0, abs=1e-12)
+    assert psi(counts, edges, counts, edges) == pytest.approx(0, abs=1e-12)
+
+
+@given(histograms(), histograms())
+@settings(max_examples=60, deadline=None)
+def test_symmetry_and_bounds(a, b) -> None:
+    w_ab, w_ba = wasserstein(*a, *b), wasserstein(*b, *a)
+    assert w_ab == pytest.approx(w_ba, rel=1e-9, abs=1e-12) and w_ab >= 0
+    js_ab, js_ba = jensen_shannon(*a, *b), jensen_shannon(*b, *a)
+    assert js_ab == pytest.approx(js_ba, abs=1e-12)
+    assert 0 <= js_ab <= 1
+    assert psi(*a, *b) == pytest.approx(psi(*b, *a), rel=1e-9, abs=1e-12)  # PSI is symmetric too
+    assert psi(*a, *b) >= 0
+
+
+@given(histograms(), st.floats(-100, 100, allow_nan=False))
+@settings(max_examples=60, deadline=None)
+def test_w1_of_a_shifted_histogram_is_the_shift(h, d) -> None:
+    counts, edges = h
+    assert wasserstein(counts, edges, counts, edges + d) == pytest.approx(abs(d), rel=1e-9, abs=1e-9)
+
+
+def test_disjoint_histograms_have_js_one() -> None:
+    edges = np.arange(5.0)
+    assert jensen_shannon(np.array([1, 1, 0, 0.0]), edges, np.array([0, 0, 3, 1.0]), edges) == pytest.approx(1.0)
+
+
+@given(histograms(), histograms())
+@settings(max_examples=60, deadline=None)
+def test_results_are_stable_under_finer_rebinning(a, b) -> None:
+    fa, fb = split_finer(*a), split_finer(*b)
+    assert jensen_shannon(*fa, *fb) == pytest.approx(jensen_shannon(*a, *b), abs=1e-9)
+    assert psi(*fa, *fb) == pytest.approx(psi(*a, *b), rel=1e-6, abs=1e-9)
+    # W1 places mass at bin centres: splitting moves it by at most a quarter of the widest bin.
+    tolerance = max(np.diff(a[1])[0], np.diff(b[1])[0]) / 2
+    assert abs(wasserstein(*fa, *fb) - wasserstein(*a, *b)) <= tolerance + 1e-9
+
+
+def test_common_grid_is_exact_for_dyadic_grids() -> None:
+    a = 0.5 * np.arange(9)  # width 0.5 from 0
+    b = -2 + 2.0 * np.arange(5)  # width 2 from -2
+    grid = common_grid(a, b)
+    assert np.diff(grid)[0] == 0.5 and grid[0] == -2 and grid[-1] == 6  # the finer width, both ranges
+    assert set(a) <= set(grid) and set(b) <= set(grid)  # every edge of both grids is a grid edge
+    assert len(common_grid(np.array([0, 2.0**-20]), np.array([0, 1024.0]), max_bins=100)) <= 101
+
+
+def test_moment_shift_and_drift_score() -> None:
+    mean_shift, std_shift = moment_shift(np.array([1.0, 3.0, 0.0]), np.array([2.0, 2.0, 4.0]))
+    np.testing.assert_allclose(mean_shift, [0, 1, 0.5])
+    np.testing.assert_allclose(std_shift, [0, 0, 1])
+    assert drift_score(np.array([0.0, 1.0, 1.0]), np.array([0.0, 1.0, 2.0])) == pytest.approx(0.75)
+    assert np.isnan(drift_score(np.array([1.0]), np.array([0.0])))
+
+
+@pytest.fixture
+def two_runs(tmp_path, layout):
+    paths = []
+    for name, value in (("base", 2.0), ("bn", 0.5)):
+        path = tmp_path / f"{name}.h5"
+        with RunWriter.create(path, layout, {"run_name": name}) as w:
+            for step in range(4):
+                capture = tiny_capture(layout, step, value=value)
+                for lc in capture.layers:  # the histogram moves by value * step
+                    lc.hist_counts = np.array([0, 4, 8, 4, 0, 0, 0, 0])
+                    lc.hist_edges = np.arange(9.0) + value * step
+                    lc.moments[1] = 1.0
+                capture.layers[0].moments[1] = 1.0
+                w.write_capture(capture)
+        paths.append(path)
+    runs = [open_run(p) for p in paths]
+    yield runs
+    for run in runs:
+        run.close()
+
+
+def test_run_level_drift_and_comparison(two_runs) -> None:
+    base, bn = two_runs
+    acts = base.activations("dense")
+    w1 = drift_curve(acts, "w1")
+    np.testing.assert_allclose(w1, [0, 2, 4, 6])  # shift / step-0 std (1)
+    np.testing.assert_allclose(drift_curve(acts, "w1", against="previous"), [0, 2, 2, 2])
+    names, matrix = drift_matrix(base)
+    assert names == ["dense", "block/relu"] and matrix.shape == (2, 4)
+    summary = {d.layer: d for d in run_drift(base)}
+    assert summary["dense"].final == pytest.approx(6)
+    comparison = compare_runs(base, bn)
+    assert comparison["dense"][2] == pytest.approx(4.0)  # the baseline drifts 4x further
+    with pytest.raises(ValueError, match="Received: metric='kl'"):
+        drift_curve(acts, "kl")
+    from icsviz.analysis import gradient_shift_summary
+
+    diff, cos = gradient_shift_summary(base)["dense"]
+    assert diff == pytest.approx(0.2) and cos == pytest.approx(0.9)  # means over captures 1..3
+
+
+def test_gradient_shift_summary_needs_the_data(tmp_path) -> None:
+    from conftest import tiny_layout
+
+    from icsviz.analysis import gradient_shift_summary
+    from icsviz.schema import RunLayout
+
+    base = tiny_layout()
+    layout = RunLayout(layers=base.layers, variables=base.variables, hist_bins=base.hist_bins)
+    path = tmp_path / "plain.h5"
+    with RunWriter.create(path, layout, {}) as w:
+        w.write_capture(tiny_capture(layout, 0))
+    with open_run(path) as run, pytest.raises(MissingDataError, match="gradient_shift=True"):
+        gradient_shift_summary(run)

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from icsviz import MissingDataError, open_run
+from icsviz.plots import figure_gradient_shift, figure_ioffe, hidden_input_layer, plot_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    runs = {p.stem.split("-")[-1]: open_run(p) for p in sorted((ROOT / "runs").glob("*.h5"))}
+    assert set(runs) == {"baseline", "bn"}, "runs/ must hold the two shipped reference runs"
+    yield runs
+    for run in runs.values():
+        run.close()
+
+
+def test_hidden_input_layer_is_the_input_of_the_last_hidden_activation(shipped) -> None:
+    assert hidden_input_layer(shipped["baseline"]) == "fc1"
+    assert hidden_input_layer(shipped["bn"]) == "fc1_bn"
+
+
+def test_ioffe_figure_draws_the_tracked_unit_percentiles(shipped) -> None:
+    fig = figure_ioffe(shipped)
+    left, right = fig.axes[:2]
+    assert left.get_shared_y_axes().joined(left, right)
+    line = left.get_lines()[1]  # the median
+    acts = shipped["baseline"].activations("fc1")
+    unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
+    assert list(line.get_ydata()) == pytest.approx(list(acts.unit_quantile(unit, 0.5)))
+    assert "unit" in left.get_title()
+
+
+def test_plot_writes_the_whole_set(shipped, tmp_path) -> None:
+    written, notes = plot_runs(shipped, tmp_path, layers=["conv1", "fc1_relu", "nope"], progress=False)
+    names = {p.name for p in written}
+    for stem in ("accuracy", "loss", "ioffe_fig1", "drift_matrix", "drift_comparison", "gradients",
+                 "layer_conv1", "layer_fc1_relu"):
+        assert f"{stem}.png" in names and f"{stem}.pdf" in names, stem
+    assert any("gradient_shift" in n for n in notes) and any("'nope'" in n for n in notes)
+    png = (tmp_path / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+    assert (tmp_path / "drift_matrix.pdf").read_bytes()[:4] == b"%PDF"
+    with pytest.raises(MissingDataError, match="gradient_shift=True"):
+        figure_gradient_shift(shipped)
+
+
+def test_plot_cli_and_its_errors(tmp_path, capsys) -> None:
+    from icsviz.cli import main
+
+    run = tmp_path / "bn.h5"
+    shutil.copy(ROOT / "runs" / "cifar10-bn.h5", run)
+    assert main(["plot", str(run), "--out", str(tmp_path / "figs"), "--layers", "fc1", "--formats", "png",
+                 "--quiet"]) == 0
+    assert (tmp_path / "figs" / "layer_fc1.png").exists() and not (tmp_path / "figs" / "layer_fc1.pdf").exists()
+    assert main(["plot", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.h5" in capsys.readouterr().err
+    assert main(["plot", str(run), "--labels", "a", "b"]) == 2
+    assert "one label per run" in capsys.readouterr().err
