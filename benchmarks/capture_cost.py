@@ -15,8 +15,8 @@ import statistics
 import time
 
 import keras
-from _common import cifar_like
 
+from _common import cifar_like
 from icsviz.capture import CaptureOptions, CaptureProgram
 from icsviz.layers import select_layers
 from icsviz.models import build_model

@@ -24,7 +24,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "icsviz.cli", "plot", *args.runs, "--out", out, "--quiet"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "icsviz.cli", "plot", *args.runs, "--out", out, "--quiet"], check=True
+        )
         elapsed = time.perf_counter() - start
         files = list(Path(out).iterdir())
     print(f"icsviz plot on {len(args.runs)} runs: {len(files)} files in {elapsed:.1f} s (target < 30 s)")

@@ -47,10 +47,14 @@ def _is_dyadic(edges: np.ndarray) -> bool:
     if not len(widths) or not np.allclose(widths, widths[0], rtol=1e-9, atol=0) or widths[0] <= 0:
         return False
     exponent = np.log2(widths[0])
-    return bool(exponent == np.round(exponent) and np.isclose(edges[0] / widths[0], np.round(edges[0] / widths[0])))
+    return bool(
+        exponent == np.round(exponent) and np.isclose(edges[0] / widths[0], np.round(edges[0] / widths[0]))
+    )
 
 
-def common_grid(edges_a: np.ndarray, edges_b: np.ndarray, bins: int = 256, max_bins: int = 4096) -> np.ndarray:
+def common_grid(
+    edges_a: np.ndarray, edges_b: np.ndarray, bins: int = 256, max_bins: int = 4096
+) -> np.ndarray:
     """A grid on which both histograms can be compared.
 
     For two dyadic grids (what icsviz records) it is the *finer* width, aligned,
@@ -79,16 +83,23 @@ def _probabilities(counts: np.ndarray, edges: np.ndarray, grid: np.ndarray) -> n
     return mass / total if total > 0 else mass
 
 
-def wasserstein(counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray) -> float:
+def wasserstein(
+    counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray
+) -> float:
     """W1 between two histograms, each bin's mass placed at its centre. NaN if one is empty."""
     counts_a, counts_b = np.asarray(counts_a, float), np.asarray(counts_b, float)
     if counts_a.sum() <= 0 or counts_b.sum() <= 0:
         return float("nan")
-    return float(wasserstein_distance(centers(np.asarray(edges_a, float)), centers(np.asarray(edges_b, float)),
-                                      counts_a, counts_b))
+    return float(
+        wasserstein_distance(
+            centers(np.asarray(edges_a, float)), centers(np.asarray(edges_b, float)), counts_a, counts_b
+        )
+    )
 
 
-def jensen_shannon(counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray) -> float:
+def jensen_shannon(
+    counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray
+) -> float:
     """Jensen-Shannon divergence in bits on a common grid: 0 for equal, 1 for disjoint.
 
     JS = KL(p || m) / 2 + KL(q || m) / 2 with m = (p + q) / 2 and base-2 logarithms;
@@ -103,8 +114,9 @@ def jensen_shannon(counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarr
     return float(min(max(value, 0.0), 1.0))
 
 
-def psi(counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray,
-        eps: float = 1e-3) -> float:
+def psi(
+    counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray, eps: float = 1e-3
+) -> float:
     """Population stability index Σ (q - p) ln(q / p) on a common grid (a = reference).
 
     A bin empty in one histogram but not the other gets the probability floor
@@ -165,11 +177,14 @@ def drift_score(curve: np.ndarray, epochs: np.ndarray) -> float:
     return float(np.sum((y[1:] + y[:-1]) / 2 * np.diff(x)) / (x[-1] - x[0]))
 
 
-def drift_matrix(run: Run, metric: str = "w1", against: str = "start",
-                 layers: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+def drift_matrix(
+    run: Run, metric: str = "w1", against: str = "start", layers: Sequence[str] | None = None
+) -> tuple[list[str], np.ndarray]:
     """(layer names, (L, T) matrix) of drift curves in model order."""
     names = list(layers) if layers is not None else run.layer_names
-    return names, np.vstack([drift_curve(run.activations(n), metric, against) for n in names]) if names else np.zeros((0, run.num_captures))
+    return names, np.vstack(
+        [drift_curve(run.activations(n), metric, against) for n in names]
+    ) if names else np.zeros((0, run.num_captures))
 
 
 @dataclass(frozen=True)
@@ -190,9 +205,15 @@ def run_drift(run: Run, metric: str = "w1") -> list[LayerDrift]:
         curve = drift_curve(acts, metric)
         js = drift_curve(acts, "js")
         mean_shift, _ = moment_shift(acts.mean, acts.std)
-        out.append(LayerDrift(name, drift_score(curve, acts.epochs), float(curve[-1]) if len(curve) else np.nan,
-                              float(js[-1]) if len(js) else np.nan,
-                              float(mean_shift[-1]) if len(mean_shift) else np.nan))
+        out.append(
+            LayerDrift(
+                name,
+                drift_score(curve, acts.epochs),
+                float(curve[-1]) if len(curve) else np.nan,
+                float(js[-1]) if len(js) else np.nan,
+                float(mean_shift[-1]) if len(mean_shift) else np.nan,
+            )
+        )
     return out
 
 
@@ -211,10 +232,14 @@ def compare_runs(baseline: Run, other: Run, metric: str = "w1") -> dict[str, tup
 def gradient_shift_summary(run: Run) -> Mapping[str, tuple[float, float]]:
     """Per layer: (mean ||G - G'||, mean cos(G, G')) over the captures after step 0."""
     if not run.has_ics:
-        raise MissingDataError(f"{run.path.name} has no gradient-shift data (record with gradient_shift=True)")
+        raise MissingDataError(
+            f"{run.path.name} has no gradient-shift data (record with gradient_shift=True)"
+        )
     out = {}
     for name in run.ics_layer_names:
         ics = run.ics(name)
-        out[name] = (float(np.nanmean(ics.grad_diff[1:])) if len(ics.grad_diff) > 1 else np.nan,
-                     float(np.nanmean(ics.grad_cos[1:])) if len(ics.grad_cos) > 1 else np.nan)
+        out[name] = (
+            float(np.nanmean(ics.grad_diff[1:])) if len(ics.grad_diff) > 1 else np.nan,
+            float(np.nanmean(ics.grad_cos[1:])) if len(ics.grad_cos) > 1 else np.nan,
+        )
     return out

@@ -183,8 +183,9 @@ def _figures(args: argparse.Namespace) -> int:
             bad = [f for f in formats if f not in ("png", "pdf", "svg")]
             if bad:
                 raise LabelCountError(f"--formats takes png, pdf or svg, not {bad}")
-            written, notes = plot_runs(runs, args.out, layers=args.layers, formats=formats,
-                                       progress=not args.quiet)
+            written, notes = plot_runs(
+                runs, args.out, layers=args.layers, formats=formats, progress=not args.quiet
+            )
             for note in notes:
                 print(f"icsviz: {note}", file=sys.stderr)
             print(f"icsviz: wrote {len(written)} files to {args.out}")

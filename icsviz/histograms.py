@@ -7,9 +7,12 @@ spread uniformly within it (linear interpolation of the cumulative counts).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
-__all__ = ["rebin", "common_edges", "densities", "centers"]
+__all__ = ["rebin", "common_edges", "shared_edges", "densities", "centers"]
 
 
 def rebin(counts: np.ndarray, edges: np.ndarray, new_edges: np.ndarray) -> np.ndarray:
@@ -50,3 +53,22 @@ def densities(counts: np.ndarray, edges: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         out = counts / (total * width)
     return np.where(np.isfinite(out), out, 0.0)
+
+
+def shared_edges(runs: Mapping[str, Any], layer: str, bins: int = 80) -> np.ndarray:
+    """One grid spanning every value of `layer` in every run (a mapping of `Run`s) that has it.
+
+    From the exact recorded min / max: the dyadic histogram edges reach up to a
+    bin span beyond the data, which would waste the axis.
+    """
+    sets = []
+    for run in runs.values():
+        if layer not in run.layer_names:
+            continue
+        acts = run.activations(layer)
+        lows, highs = acts.min[np.isfinite(acts.min)], acts.max[np.isfinite(acts.max)]
+        if len(lows) and len(highs):
+            sets.append(np.array([lows.min(), highs.max()]))
+        elif len(acts.edges):
+            sets.append(np.array([np.nanmin(acts.edges[:, 0]), np.nanmax(acts.edges[:, -1])]))
+    return common_edges(sets, bins)

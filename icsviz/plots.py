@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from . import analysis  # noqa: E402
 from .errors import MissingDataError  # noqa: E402
-from .histograms import densities, rebin  # noqa: E402
+from .histograms import densities, rebin, shared_edges  # noqa: E402
 from .reader import Run  # noqa: E402
 
 __all__ = [
@@ -42,10 +42,22 @@ __all__ = [
 Runs = Mapping[str, Run]
 FULL_WIDTH, PANEL_WIDTH = 7.0, 3.4  # inches: a two-column paper's page and column
 STYLE = {
-    "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
-    "xtick.labelsize": 7, "ytick.labelsize": 7, "axes.spines.top": False, "axes.spines.right": False,
-    "axes.grid": True, "grid.alpha": 0.25, "grid.linewidth": 0.5, "lines.linewidth": 1.2,
-    "figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight", "pdf.fonttype": 42,
+    "font.size": 8,
+    "axes.titlesize": 9,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.25,
+    "grid.linewidth": 0.5,
+    "lines.linewidth": 1.2,
+    "figure.dpi": 100,
+    "savefig.dpi": 200,
+    "savefig.bbox": "tight",
+    "pdf.fonttype": 42,
 }
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
@@ -54,8 +66,12 @@ def _color(i: int) -> str:
     return COLORS[i % len(COLORS)]
 
 
-def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs: object) -> tuple[Figure, np.ndarray]:
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False, layout="constrained", **kwargs)
+def _figure(
+    width: float, height: float, ncols: int = 1, nrows: int = 1, **kwargs: object
+) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width, height), squeeze=False, layout="constrained", **kwargs
+    )
     return fig, axes
 
 
@@ -104,7 +120,9 @@ def hidden_input_layer(run: Run) -> str:
     preacts = [info.name for info in infos if info.kind == "preactivation"]
     if len(preacts) >= 2:
         return preacts[-2]
-    raise MissingDataError(f"{run.path.name}: no hidden activation layer found; choose the layer with --layers")
+    raise MissingDataError(
+        f"{run.path.name}: no hidden activation layer found; choose the layer with --layers"
+    )
 
 
 def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
@@ -128,15 +146,9 @@ def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
 
 # ---------------------------------------------------------------- distributions per layer
 def _shared_grid(runs: Runs, layer: str, bins: int = 80) -> np.ndarray:
-    lows, highs = [], []
-    for run in runs.values():
-        if layer in run.layer_names:
-            edges = run.activations(layer).edges
-            lows.append(np.nanmin(edges[:, 0]))
-            highs.append(np.nanmax(edges[:, -1]))
-    if not lows:
+    if not any(layer in run.layer_names for run in runs.values()):
         raise MissingDataError(f"no run has layer {layer!r}")
-    return np.linspace(min(lows), max(highs), bins + 1)
+    return shared_edges(runs, layer, bins)
 
 
 def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
@@ -146,8 +158,14 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
         raise MissingDataError(f"no run has layer {layer!r}")
     grid = _shared_grid(have, layer)
     mids = (grid[:-1] + grid[1:]) / 2
-    fig, axes = _figure(FULL_WIDTH if len(have) > 1 else PANEL_WIDTH, 4.6, ncols=len(have), nrows=2,
-                        sharex=True, height_ratios=[1.2, 1])
+    fig, axes = _figure(
+        FULL_WIDTH if len(have) > 1 else PANEL_WIDTH,
+        4.6,
+        ncols=len(have),
+        nrows=2,
+        sharex=True,
+        height_ratios=[1.2, 1],
+    )
     heat_max = 0.0
     meshes = []
     for col, (label, run) in enumerate(have.items()):
@@ -155,7 +173,10 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
         dens = densities(np.stack([rebin(c, e, grid) for c, e in zip(acts.counts, acts.edges)]), grid)
         kinds = run.capture_kinds
         picks = [t for t, k in enumerate(kinds) if k in ("start", "epoch")] or list(range(len(kinds)))
-        picks = [picks[i] for i in sorted(set(np.linspace(0, len(picks) - 1, min(rows, len(picks))).round().astype(int)))]
+        picks = [
+            picks[i]
+            for i in sorted(set(np.linspace(0, len(picks) - 1, min(rows, len(picks))).round().astype(int)))
+        ]
         ax = axes[0, col]
         peak = max(float(dens[picks].max()), 1e-12)
         cmap = plt.get_cmap("viridis")
@@ -172,7 +193,9 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
         with np.errstate(divide="ignore"):
             log = np.where(dens > 0, np.log10(dens), np.nan)
         heat_max = max(heat_max, float(np.nanmax(log)) if np.isfinite(log).any() else 0.0)
-        edges_t = np.append(acts.epochs, acts.epochs[-1] + (acts.epochs[-1] - acts.epochs[-2] if len(acts.epochs) > 1 else 1))
+        edges_t = np.append(
+            acts.epochs, acts.epochs[-1] + (acts.epochs[-1] - acts.epochs[-2] if len(acts.epochs) > 1 else 1)
+        )
         meshes.append(heat.pcolormesh(grid, edges_t, log, cmap="inferno", shading="flat", rasterized=True))
         heat.set(xlabel="activation", ylabel="epoch")
         heat.grid(False)
@@ -196,8 +219,15 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
         names, matrix = mats[label]
         epochs = run.epochs
         edges_t = np.append(epochs, epochs[-1] + (epochs[-1] - epochs[-2] if len(epochs) > 1 else 1))
-        image = ax.pcolormesh(edges_t, np.arange(len(names) + 1), matrix, cmap="magma_r", vmin=0,
-                              vmax=max(vmax, 1e-9), rasterized=True)
+        image = ax.pcolormesh(
+            edges_t,
+            np.arange(len(names) + 1),
+            matrix,
+            cmap="magma_r",
+            vmin=0,
+            vmax=max(vmax, 1e-9),
+            rasterized=True,
+        )
         ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=6)
         ax.invert_yaxis()
         ax.set(xlabel="epoch", title=f"{label}: drift from step 0")
@@ -209,8 +239,12 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
 
 def figure_drift_comparison(runs: Runs, metric: str = "w1") -> Figure:
     """Per layer present in every run: the drift score (time-averaged drift), runs side by side."""
-    summaries = {label: {d.layer: d.score for d in analysis.run_drift(run, metric)} for label, run in runs.items()}
-    layers = [name for name in next(iter(runs.values())).layer_names if all(name in s for s in summaries.values())]
+    summaries = {
+        label: {d.layer: d.score for d in analysis.run_drift(run, metric)} for label, run in runs.items()
+    }
+    layers = [
+        name for name in next(iter(runs.values())).layer_names if all(name in s for s in summaries.values())
+    ]
     if not layers:
         raise MissingDataError("the runs share no layer name to compare")
     fig, axes = _figure(FULL_WIDTH, 2.6)
@@ -218,10 +252,15 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1") -> Figure:
     width = 0.8 / len(runs)
     x = np.arange(len(layers))
     for i, (label, scores) in enumerate(summaries.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, [scores[n] for n in layers], width, color=_color(i), label=label)
+        ax.bar(
+            x + i * width - 0.4 + width / 2, [scores[n] for n in layers], width, color=_color(i), label=label
+        )
     ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=6)
-    ax.set(ylabel="drift score (W1 / step-0 std)" if metric == "w1" else f"drift score ({metric})",
-           yscale="log", title="How far each layer drifted, averaged over training")
+    ax.set(
+        ylabel="drift score (W1 / step-0 std)" if metric == "w1" else f"drift score ({metric})",
+        yscale="log",
+        title="How far each layer drifted, averaged over training",
+    )
     ax.legend(frameon=False)
     return fig
 
@@ -229,7 +268,9 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1") -> Figure:
 # ---------------------------------------------------------------- gradients
 def figure_gradients(runs: Runs) -> Figure:
     """Per run: gradient norm (top) and update ratio (bottom) per layer, log scale."""
-    fig, axes = _figure(FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 4.4, ncols=len(runs), nrows=2, sharex=True)
+    fig, axes = _figure(
+        FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 4.4, ncols=len(runs), nrows=2, sharex=True
+    )
     any_grad = False
     for col, (label, run) in enumerate(runs.items()):
         layers = run.trainable_layers
@@ -241,12 +282,7 @@ def figure_gradients(runs: Runs) -> Figure:
             if np.isfinite(norm).any():
                 any_grad = True
                 axes[0, col].plot(run.epochs, norm, color=color, label=layer)
-            previous = np.vstack([np.full((1, g.weight_norm.shape[1]), np.nan), g.weight_norm[:-1]])
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ratio = np.sqrt(np.nansum(np.square(g.update_ratio * previous), axis=1)) / np.sqrt(
-                    np.nansum(np.square(previous), axis=1))
-            ratio[0] = np.nan
-            axes[1, col].plot(run.epochs, ratio, color=color, label=layer)
+            axes[1, col].plot(run.epochs, g.total_update_ratio, color=color, label=layer)
         axes[0, col].set(yscale="log", title=f"{label}: gradient norm")
         axes[1, col].set(yscale="log", xlabel="epoch", title="update ratio ||ΔW|| / ||W||")
     if not any_grad:
@@ -265,9 +301,17 @@ def figure_gradient_shift(runs: Runs) -> Figure:
         for layer in run.ics_layer_names:
             ics = run.ics(layer)
             axes[0, 0].plot(run.epochs, ics.grad_diff, color=_color(i), alpha=0.7)
-            axes[0, 1].plot(run.epochs, ics.grad_cos, color=_color(i), alpha=0.7, label=label if layer == run.ics_layer_names[0] else None)
+            axes[0, 1].plot(
+                run.epochs,
+                ics.grad_cos,
+                color=_color(i),
+                alpha=0.7,
+                label=label if layer == run.ics_layer_names[0] else None,
+            )
     axes[0, 0].set(xlabel="epoch", ylabel="||G - G'||", yscale="log", title="Gradient shift")
-    axes[0, 1].set(xlabel="epoch", ylabel="cos(G, G')", title="Gradient direction after the earlier layers step")
+    axes[0, 1].set(
+        xlabel="epoch", ylabel="cos(G, G')", title="Gradient direction after the earlier layers step"
+    )
     axes[0, 1].legend(frameon=False)
     return fig
 
@@ -289,8 +333,14 @@ def _progress(done: int, total: int, name: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def plot_runs(runs: Runs, out_dir: str | os.PathLike[str], *, layers: Sequence[str] | None = None,
-              formats: Sequence[str] = ("png", "pdf"), progress: bool = True) -> tuple[list[Path], list[str]]:
+def plot_runs(
+    runs: Runs,
+    out_dir: str | os.PathLike[str],
+    *,
+    layers: Sequence[str] | None = None,
+    formats: Sequence[str] = ("png", "pdf"),
+    progress: bool = True,
+) -> tuple[list[Path], list[str]]:
     """Write every figure for `runs` into `out_dir`. Returns (files written, notes on skipped figures)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

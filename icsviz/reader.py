@@ -109,6 +109,20 @@ class GradientStats:
         """(T,) L2 norm over all the variables together."""
         return np.sqrt(np.sum(np.square(self.grad_norm), axis=1))
 
+    @property
+    def total_update_ratio(self) -> np.ndarray:
+        """(T,) ||W_t - W_prev|| / ||W_prev|| over all the variables together (NaN at the first capture).
+
+        Each variable's update norm is its ratio times its previous weight norm.
+        """
+        previous = np.vstack([np.full((1, self.weight_norm.shape[1]), np.nan), self.weight_norm[:-1]])
+        update = np.sqrt(np.nansum(np.square(self.update_ratio * previous), axis=1))
+        base = np.sqrt(np.nansum(np.square(previous), axis=1))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(base > 0, update / base, np.nan)
+        ratio[:1] = np.nan
+        return ratio
+
 
 @dataclass(frozen=True)
 class ICSStats:

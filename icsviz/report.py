@@ -42,15 +42,17 @@ def accuracy_table(runs: Runs) -> list[dict[str, object]]:
         if i == 0:
             target = best
         reach = np.flatnonzero(val >= target) if np.isfinite(target) else np.array([])
-        rows.append({
-            "run": label,
-            "best": best,
-            "best_epoch": int(run.history_epochs[best_index]) + 1 if best_index is not None else None,
-            "final": float(val[-1]) if len(val) else math.nan,
-            "epochs": len(run.history_epochs),
-            "epoch_time": float(np.nanmedian(times)) if len(times) else math.nan,
-            "epochs_to_first_best": int(run.history_epochs[reach[0]]) + 1 if len(reach) else None,
-        })
+        rows.append(
+            {
+                "run": label,
+                "best": best,
+                "best_epoch": int(run.history_epochs[best_index]) + 1 if best_index is not None else None,
+                "final": float(val[-1]) if len(val) else math.nan,
+                "epochs": len(run.history_epochs),
+                "epoch_time": float(np.nanmedian(times)) if len(times) else math.nan,
+                "epochs_to_first_best": int(run.history_epochs[reach[0]]) + 1 if len(reach) else None,
+            }
+        )
     return rows
 
 
@@ -60,13 +62,18 @@ def drift_reading(runs: Runs) -> list[str]:
     if len(labels) < 2:
         scores = analysis.run_drift(runs[labels[0]])
         top = sorted((d for d in scores if np.isfinite(d.score)), key=lambda d: -d.score)[:3]
-        return [f"Layer <b>{html.escape(d.layer)}</b> drifted most: a <a href='#drift-score'>drift score</a> of "
-                f"{d.score:.2f} step-0 standard deviations." for d in top]
+        return [
+            f"Layer <b>{html.escape(d.layer)}</b> drifted most: a <a href='#drift-score'>drift score</a> of "
+            f"{d.score:.2f} step-0 standard deviations."
+            for d in top
+        ]
     sentences = []
     first = labels[0]
     for other in labels[1:]:
         comparison = analysis.compare_runs(runs[first], runs[other])
-        ranked = sorted(((n, v) for n, v in comparison.items() if np.isfinite(v[2])), key=lambda kv: -kv[1][2])
+        ranked = sorted(
+            ((n, v) for n, v in comparison.items() if np.isfinite(v[2])), key=lambda kv: -kv[1][2]
+        )
         if not ranked:
             sentences.append(f"{html.escape(first)} and {html.escape(other)} share no layer to compare.")
             continue
@@ -95,8 +102,10 @@ def _figure_html(fig: plt.Figure, caption: str) -> str:
     fig.savefig(buffer, format="png", dpi=130)
     plt.close(fig)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return (f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _fmt(value: object, pattern: str = "{:.4f}") -> str:
@@ -135,36 +144,94 @@ gradient and G' the same gradient after the layers before it took one gradient s
 
 def build_report(runs: Runs, title: str = "icsviz report") -> str:
     """The report as one HTML string."""
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
-             f"<p class='muted'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by icsviz {__version__} "
-             f"from {len(runs)} run(s).</p>"]
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<p class='muted'>Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by icsviz {__version__} "
+        f"from {len(runs)} run(s).</p>"
+    ]
     config_rows = []
     for label, run in runs.items():
         a, cfg = run.attrs, run.config
         recipe = cfg.get("recipe", {}) if isinstance(cfg.get("recipe"), dict) else {}
-        config_rows.append([html.escape(label), _fmt(a.get("model_name")), _fmt(cfg.get("parameters"), "{:,}"),
-                            _fmt(a.get("dataset")), _fmt(a.get("train_samples")), _fmt(cfg.get("optimizer")),
-                            _fmt(recipe.get("learning_rate"), "{:g}"), _fmt(recipe.get("batch_size")),
-                            _fmt(cfg.get("probe_size")), _fmt(a.get("backend")), _fmt(run.status)])
-    parts.append("<h2>Runs</h2>" + _table(
-        ["run", "model", "parameters", "dataset", "train images", "optimizer", "learning rate", "batch",
-         "probe", "backend", "status"], config_rows))
+        config_rows.append(
+            [
+                html.escape(label),
+                _fmt(a.get("model_name")),
+                _fmt(cfg.get("parameters"), "{:,}"),
+                _fmt(a.get("dataset")),
+                _fmt(a.get("train_samples")),
+                _fmt(cfg.get("optimizer")),
+                _fmt(recipe.get("learning_rate"), "{:g}"),
+                _fmt(recipe.get("batch_size")),
+                _fmt(cfg.get("probe_size")),
+                _fmt(a.get("backend")),
+                _fmt(run.status),
+            ]
+        )
+    parts.append(
+        "<h2>Runs</h2>"
+        + _table(
+            [
+                "run",
+                "model",
+                "parameters",
+                "dataset",
+                "train images",
+                "optimizer",
+                "learning rate",
+                "batch",
+                "probe",
+                "backend",
+                "status",
+            ],
+            config_rows,
+        )
+    )
     acc = accuracy_table(runs)
     first = next(iter(runs))
-    parts.append("<h2>Accuracy</h2>" + _table(
-        ["run", "best val acc", "epoch of best", "final val acc", "epochs", "s / epoch",
-         f"epochs to reach {first}'s best"],
-        [[html.escape(str(r["run"])), _fmt(r["best"]), _fmt(r["best_epoch"]), _fmt(r["final"]), _fmt(r["epochs"]),
-          _fmt(r["epoch_time"], "{:.1f}"), _fmt(r["epochs_to_first_best"])] for r in acc]))
-    parts.append("<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in drift_reading(runs)) + "</ul>")
+    parts.append(
+        "<h2>Accuracy</h2>"
+        + _table(
+            [
+                "run",
+                "best val acc",
+                "epoch of best",
+                "final val acc",
+                "epochs",
+                "s / epoch",
+                f"epochs to reach {first}'s best",
+            ],
+            [
+                [
+                    html.escape(str(r["run"])),
+                    _fmt(r["best"]),
+                    _fmt(r["best_epoch"]),
+                    _fmt(r["final"]),
+                    _fmt(r["epochs"]),
+                    _fmt(r["epoch_time"], "{:.1f}"),
+                    _fmt(r["epochs_to_first_best"]),
+                ]
+                for r in acc
+            ],
+        )
+    )
+    parts.append(
+        "<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in drift_reading(runs)) + "</ul>"
+    )
 
     figures = [
         (plots.figure_accuracy, "Validation accuracy per epoch."),
         (plots.figure_loss, "Training (dashed) and validation (solid) loss."),
-        (plots.figure_ioffe, "15th, 50th and 85th percentiles of the input of one unit of the last hidden layer "
-                             "over training (Ioffe & Szegedy 2015, Fig. 1)."),
-        (plots.figure_drift_matrix, "W1 drift from step 0 for every layer (rows, model order) over training."),
+        (
+            plots.figure_ioffe,
+            "15th, 50th and 85th percentiles of the input of one unit of the last hidden layer "
+            "over training (Ioffe & Szegedy 2015, Fig. 1).",
+        ),
+        (
+            plots.figure_drift_matrix,
+            "W1 drift from step 0 for every layer (rows, model order) over training.",
+        ),
         (plots.figure_drift_comparison, "Drift score per layer, run against run."),
         (plots.figure_gradients, "Gradient norm and update ratio per layer."),
         (plots.figure_gradient_shift, "Gradient shift (Santurkar et al. 2018)."),
@@ -175,7 +242,9 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
             try:
                 parts.append(_figure_html(make(runs), caption))
             except MissingDataError as exc:
-                parts.append(f"<p class='muted'>{html.escape(caption)} Not available: {html.escape(str(exc))}</p>")
+                parts.append(
+                    f"<p class='muted'>{html.escape(caption)} Not available: {html.escape(str(exc))}</p>"
+                )
         key_layers = []
         for run in runs.values():
             try:
@@ -183,8 +252,12 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
             except MissingDataError:
                 pass
         for layer in dict.fromkeys(key_layers):
-            parts.append(_figure_html(plots.figure_layer(runs, layer),
-                                      f"{layer}: histograms over epochs (ridgeline) and against time (heatmap)."))
+            parts.append(
+                _figure_html(
+                    plots.figure_layer(runs, layer),
+                    f"{layer}: histograms over epochs (ridgeline) and against time (heatmap).",
+                )
+            )
     parts.append("<h2 id='definitions'>Definitions</h2>" + _DEFINITIONS + "</body></html>")
     return "".join(parts)
 

@@ -2,14 +2,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tiny_capture
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from conftest import tiny_capture
 from icsviz import MissingDataError, open_run
 from icsviz.analysis import (
-    common_grid, compare_runs, drift_curve, drift_matrix, drift_score, jensen_shannon, moment_shift, psi,
-    run_drift, wasserstein,
+    common_grid,
+    compare_runs,
+    drift_curve,
+    drift_matrix,
+    drift_score,
+    jensen_shannon,
+    moment_shift,
+    psi,
+    run_drift,
+    wasserstein,
 )
 from icsviz.capture import dyadic_bin_width
 from icsviz.writer import RunWriter
@@ -63,7 +71,9 @@ def test_w1_of_a_shifted_histogram_is_the_shift(h, d) -> None:
 
 def test_disjoint_histograms_have_js_one() -> None:
     edges = np.arange(5.0)
-    assert jensen_shannon(np.array([1, 1, 0, 0.0]), edges, np.array([0, 0, 3, 1.0]), edges) == pytest.approx(1.0)
+    assert jensen_shannon(np.array([1, 1, 0, 0.0]), edges, np.array([0, 0, 3, 1.0]), edges) == pytest.approx(
+        1.0
+    )
 
 
 @given(histograms(), histograms())
@@ -137,7 +147,6 @@ def test_run_level_drift_and_comparison(two_runs) -> None:
 
 def test_gradient_shift_summary_needs_the_data(tmp_path) -> None:
     from conftest import tiny_layout
-
     from icsviz.analysis import gradient_shift_summary
     from icsviz.schema import RunLayout
 

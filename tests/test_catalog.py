@@ -3,8 +3,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import tiny_capture
 
+from conftest import tiny_capture
 from icsviz import RunFileError
 from icsviz.catalog import resolve_run, scan_runs
 from icsviz.writer import RunWriter

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import tiny_capture
 
+from conftest import tiny_capture
 from icsviz import open_run
 from icsviz.cli import main
 from icsviz.writer import RunWriter

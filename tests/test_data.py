@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CIFAR_SUBSET
 
+from conftest import CIFAR_SUBSET
 from icsviz import DataNotFoundError
 from icsviz.data import load_cifar10, load_dataset, load_fashion_mnist, synthetic
 

@@ -39,8 +39,16 @@ def test_ioffe_figure_draws_the_tracked_unit_percentiles(shipped) -> None:
 def test_plot_writes_the_whole_set(shipped, tmp_path) -> None:
     written, notes = plot_runs(shipped, tmp_path, layers=["conv1", "fc1_relu", "nope"], progress=False)
     names = {p.name for p in written}
-    for stem in ("accuracy", "loss", "ioffe_fig1", "drift_matrix", "drift_comparison", "gradients",
-                 "layer_conv1", "layer_fc1_relu"):
+    for stem in (
+        "accuracy",
+        "loss",
+        "ioffe_fig1",
+        "drift_matrix",
+        "drift_comparison",
+        "gradients",
+        "layer_conv1",
+        "layer_fc1_relu",
+    ):
         assert f"{stem}.png" in names and f"{stem}.pdf" in names, stem
     assert any("gradient_shift" in n for n in notes) and any("'nope'" in n for n in notes)
     png = (tmp_path / "accuracy.png").read_bytes()
@@ -55,9 +63,25 @@ def test_plot_cli_and_its_errors(tmp_path, capsys) -> None:
 
     run = tmp_path / "bn.h5"
     shutil.copy(ROOT / "runs" / "cifar10-bn.h5", run)
-    assert main(["plot", str(run), "--out", str(tmp_path / "figs"), "--layers", "fc1", "--formats", "png",
-                 "--quiet"]) == 0
-    assert (tmp_path / "figs" / "layer_fc1.png").exists() and not (tmp_path / "figs" / "layer_fc1.pdf").exists()
+    assert (
+        main(
+            [
+                "plot",
+                str(run),
+                "--out",
+                str(tmp_path / "figs"),
+                "--layers",
+                "fc1",
+                "--formats",
+                "png",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "figs" / "layer_fc1.png").exists() and not (
+        tmp_path / "figs" / "layer_fc1.pdf"
+    ).exists()
     assert main(["plot", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "x")]) == 2
     assert "missing.h5" in capsys.readouterr().err
     assert main(["plot", str(run), "--labels", "a", "b"]) == 2

@@ -3,8 +3,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from conftest import tiny_capture
 
+from conftest import tiny_capture
 from icsviz import MissingDataError, RunFileError, SchemaVersionError, open_run
 from icsviz.writer import RunWriter
 

@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def shipped():
-    runs = {"baseline": open_run(ROOT / "runs" / "cifar10-baseline.h5"), "bn": open_run(ROOT / "runs" / "cifar10-bn.h5")}
+    runs = {
+        "baseline": open_run(ROOT / "runs" / "cifar10-baseline.h5"),
+        "bn": open_run(ROOT / "runs" / "cifar10-bn.h5"),
+    }
     yield runs
     for run in runs.values():
         run.close()

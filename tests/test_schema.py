@@ -1,5 +1,4 @@
 from conftest import tiny_layout
-
 from icsviz.schema import QUANTILES, safe_id
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from conftest import tiny_capture, tiny_layout
 
+from conftest import tiny_capture, tiny_layout
 from icsviz import IncompatibleRunError, RunExistsError, open_run
 from icsviz.writer import RunWriter, repair_run
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from ..histograms import centers, common_edges, densities, rebin
+from ..histograms import centers, densities, rebin, shared_edges
 from ..reader import ActivationStats, Run
 
 __all__ = [
@@ -87,17 +87,6 @@ def nearest_capture(run: Run, epoch: float) -> int:
         return 0
     index = int(np.searchsorted(epochs, epoch + 1e-9, side="right")) - 1
     return max(index, 0)
-
-
-def shared_edges(runs: Runs, layer: str, bins: int = 80) -> np.ndarray:
-    """One grid spanning every capture of `layer` in every run that has it."""
-    sets = []
-    for run in runs.values():
-        if layer in run.layer_names:
-            acts = run.activations(layer)
-            if len(acts.edges):
-                sets.append(np.array([np.nanmin(acts.edges[:, 0]), np.nanmax(acts.edges[:, -1])]))
-    return common_edges(sets, bins)
 
 
 def _rebinned(run: Run, layer: str, edges: np.ndarray, indices: Sequence[int]) -> np.ndarray:
@@ -223,14 +212,26 @@ def drift_frame(runs: Runs) -> pd.DataFrame:
             continue
         for order, name in enumerate(run.layer_names):
             acts = run.activations(name)
-            rows.append(pd.DataFrame({
-                "run": label, "layer": name, "order": order, "epoch": acts.epochs,
-                "from_start": drift_curve(acts, "w1", "start"),
-                "from_previous": drift_curve(acts, "w1", "previous"),
-                "mean_shift": drift_curve(acts, "mean_shift", "start"),
-            }))
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
-        columns=["run", "layer", "order", "epoch", "from_start", "from_previous", "mean_shift"])
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "run": label,
+                        "layer": name,
+                        "order": order,
+                        "epoch": acts.epochs,
+                        "from_start": drift_curve(acts, "w1", "start"),
+                        "from_previous": drift_curve(acts, "w1", "previous"),
+                        "mean_shift": drift_curve(acts, "mean_shift", "start"),
+                    }
+                )
+            )
+    return (
+        pd.concat(rows, ignore_index=True)
+        if rows
+        else pd.DataFrame(
+            columns=["run", "layer", "order", "epoch", "from_start", "from_previous", "mean_shift"]
+        )
+    )
 
 
 def gradient_frame(runs: Runs) -> pd.DataFrame:
@@ -239,12 +240,6 @@ def gradient_frame(runs: Runs) -> pd.DataFrame:
     for label, run in runs.items():
         for order, layer in enumerate(run.trainable_layers):
             g = run.gradients(layer)
-            previous = np.vstack([np.full((1, g.weight_norm.shape[1]), np.nan), g.weight_norm[:-1]])
-            update = np.sqrt(np.nansum(np.square(g.update_ratio * previous), axis=1))
-            base = np.sqrt(np.nansum(np.square(previous), axis=1))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(base > 0, update / base, np.nan)
-            ratio[0] = np.nan
             rows.append(
                 pd.DataFrame(
                     {
@@ -253,7 +248,7 @@ def gradient_frame(runs: Runs) -> pd.DataFrame:
                         "order": order,
                         "epoch": run.epochs,
                         "grad_norm": g.total_grad_norm,
-                        "update_ratio": ratio,
+                        "update_ratio": g.total_update_ratio,
                     }
                 )
             )
