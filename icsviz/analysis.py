@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import rel_entr
-from scipy.stats import wasserstein_distance
 
 from .errors import MissingDataError
 from .histograms import centers, rebin
@@ -86,15 +85,21 @@ def _probabilities(counts: np.ndarray, edges: np.ndarray, grid: np.ndarray) -> n
 def wasserstein(
     counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray
 ) -> float:
-    """W1 between two histograms, each bin's mass placed at its centre. NaN if one is empty."""
+    """W1 between two histograms, each bin's mass placed at its centre. NaN if one is empty.
+
+    W1 = ∫ |F_a(x) - F_b(x)| dx over the merged support: the formula of
+    `scipy.stats.wasserstein_distance` (the tests check they agree), without its
+    per-call validation, which dominates when a drift matrix needs thousands.
+    """
     counts_a, counts_b = np.asarray(counts_a, float), np.asarray(counts_b, float)
-    if counts_a.sum() <= 0 or counts_b.sum() <= 0:
+    total_a, total_b = counts_a.sum(), counts_b.sum()
+    if total_a <= 0 or total_b <= 0:
         return float("nan")
-    return float(
-        wasserstein_distance(
-            centers(np.asarray(edges_a, float)), centers(np.asarray(edges_b, float)), counts_a, counts_b
-        )
-    )
+    x = np.concatenate([centers(np.asarray(edges_a, float)), centers(np.asarray(edges_b, float))])
+    w = np.concatenate([counts_a / total_a, -counts_b / total_b])
+    order = np.argsort(x, kind="stable")
+    x, w = x[order], w[order]
+    return float(np.sum(np.abs(np.cumsum(w)[:-1]) * np.diff(x)))
 
 
 def jensen_shannon(

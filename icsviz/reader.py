@@ -383,6 +383,10 @@ class Run:
                 f"{', '.join(self.layer_names[:20])}" + (" ..." if len(self._layers) > 20 else "")
             ) from None
 
+    def tracked_units(self, name: str) -> np.ndarray:
+        """(U,) indices of the units of a layer whose own quantiles are recorded."""
+        return self._file[f"layers/{self.layer(name).id}/tracked_units"][()]
+
     def activations(self, name: str) -> ActivationStats:
         """Activation statistics of one layer (by original name or layer id)."""
         info = self.layer(name)

@@ -62,6 +62,17 @@ def test_symmetry_and_bounds(a, b) -> None:
     assert psi(*a, *b) >= 0
 
 
+@given(histograms(), histograms())
+@settings(max_examples=60, deadline=None)
+def test_w1_agrees_with_scipy(a, b) -> None:
+    from scipy.stats import wasserstein_distance
+
+    from icsviz.histograms import centers
+
+    expected = wasserstein_distance(centers(a[1]), centers(b[1]), a[0], b[0])
+    assert wasserstein(*a, *b) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
 @given(histograms(), st.floats(-100, 100, allow_nan=False))
 @settings(max_examples=60, deadline=None)
 def test_w1_of_a_shifted_histogram_is_the_shift(h, d) -> None:

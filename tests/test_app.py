@@ -89,6 +89,23 @@ def test_changing_layer_capture_and_runs_updates_the_charts(shipped) -> None:
     assert not at.exception
 
 
+def test_play_starts_at_the_beginning_and_steps_through_captures(shipped) -> None:
+    from icsviz import open_run
+    from icsviz.dashboard.data import capture_epochs
+
+    with open_run(shipped / "cifar10-baseline.h5") as a, open_run(shipped / "cifar10-bn.h5") as b:
+        options = capture_epochs({"a": a, "b": b})
+    at = app_for(shipped).run()
+    at.toggle(key="playing").set_value(True).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.select_slider(key="capture").value == options[0]
+    time.sleep(0.7)  # one play step later
+    at.run()
+    assert at.select_slider(key="capture").value == options[1]
+    shown = set(frames_with(at, "run", "x", "density")[0]["epoch"])
+    assert len(shown) == 1 and shown.pop() == pytest.approx(options[1], abs=1e-4)
+
+
 def test_percentile_bands_follow_the_recorded_quantiles(shipped) -> None:
     at = app_for(shipped).run()
     at.sidebar.selectbox(key="layer").set_value("fc1").run()

@@ -48,6 +48,7 @@ def test_nearest_capture_and_histogram_frame(runs) -> None:
     run = runs["a"]
     np.testing.assert_allclose(run.epochs, [0, 1, 2, 3])
     assert data.nearest_capture(run, 2.5) == 2 and data.nearest_capture(run, -1) == 0
+    assert data.nearest_capture(run, 1.99996) == 2  # a slider value rounded to 4 decimals
     edges = data.shared_edges(runs, "dense")
     # spans the recorded min..max of every capture of both runs, not the wider dyadic edges
     assert edges[0] == -31 and edges[-1] == 31  # tiny_capture: min = -(step + 1), max = step + 1

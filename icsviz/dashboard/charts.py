@@ -196,7 +196,12 @@ def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) ->
         .mark_rect()
         .encode(
             x=alt.X("epoch:Q", title="epoch", bin=alt.Bin(maxbins=60)),
-            y=alt.Y("layer:N", sort=alt.SortField("order"), title=None),
+            y=alt.Y(
+                "layer:N",
+                sort=alt.SortField("order"),
+                title=None,
+                axis=alt.Axis(labelOverlap=False, labelLimit=220),
+            ),
             color=alt.Color(
                 f"max({field}):Q",
                 title="shift (step-0 std)",
@@ -208,7 +213,7 @@ def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) ->
                 alt.Tooltip(f"max({field}):Q", format=".3f"),
             ],
         )
-        .properties(height=max(160, 16 * df["layer"].nunique()))
+        .properties(height=alt.Step(16))
     )
 
 

@@ -85,7 +85,8 @@ def nearest_capture(run: Run, epoch: float) -> int:
     epochs = run.epochs
     if not len(epochs):
         return 0
-    index = int(np.searchsorted(epochs, epoch + 1e-9, side="right")) - 1
+    # capture_epochs rounds to 4 decimals: allow for it, or 53/159 = 0.33333 would miss 0.3333
+    index = int(np.searchsorted(epochs, epoch + 1e-4, side="right")) - 1
     return max(index, 0)
 
 

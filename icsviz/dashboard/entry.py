@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import streamlit as st
@@ -19,6 +20,7 @@ from . import page
 
 SHIPPED_PAIR = ("cifar10_cnn", "cifar10_cnn_bn")
 LIVE_REFRESH_S = 3.0
+PLAY_STEP_S = 0.8
 DRIFT_FIELDS = {
     "from_start": "W1 from step 0",
     "from_previous": "W1 from the previous capture",
@@ -57,19 +59,24 @@ def _capture_control(epochs: list[float]) -> float:
     left, right = st.columns([6, 1])
     with right:
         playing = st.toggle("▶ Play", key="playing", help="Move through the captures automatically")
+    if playing and not st.session_state.get("_was_playing"):
+        st.session_state.capture = epochs[0]  # play starts from the beginning
+        st.session_state._tick = time.monotonic()
+    st.session_state._was_playing = playing
     if playing:
 
-        @st.fragment(run_every=0.8)
+        @st.fragment(run_every=PLAY_STEP_S)
         def advance() -> None:
+            # One step per tick: a full rerun within the same tick does not step again.
+            now = time.monotonic()
+            if now - st.session_state.get("_tick", 0.0) < PLAY_STEP_S * 0.75:
+                return
             index = epochs.index(st.session_state.capture) if st.session_state.capture in epochs else -1
             if index + 1 < len(epochs):
+                st.session_state._tick = now
                 st.session_state.capture = epochs[index + 1]
                 st.rerun()
-            else:
-                st.session_state.playing = False
 
-        if epochs.index(st.session_state.capture) == len(epochs) - 1:
-            st.session_state.capture = epochs[0]
         advance()
     with left:
         return st.select_slider(

@@ -38,7 +38,7 @@ def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
             "curves": data.curves_frame(runs),
             "layers_of": {label: run.layer_names for label, run in runs.items()},
             "tracked": {
-                label: {n: run.activations(n).tracked_units.tolist() for n in run.layer_names}
+                label: {n: run.tracked_units(n).tolist() for n in run.layer_names}
                 for label, run in runs.items()
             },
         }
