@@ -16,6 +16,7 @@ import numpy as np
 
 __all__ = [
     "name",
+    "wide_float",
     "compile_function",
     "value_and_grad",
     "snapshot",
@@ -28,6 +29,15 @@ LossFn = Callable[[list[Any]], tuple[Any, Any]]
 
 def name() -> str:
     return keras.backend.backend()
+
+
+def wide_float() -> str:
+    """float64 for the histogram grid, unless JAX runs without x64 (it would truncate and warn)."""
+    if name() == "jax":
+        import jax
+
+        return "float64" if jax.config.jax_enable_x64 else "float32"
+    return "float64"
 
 
 def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -92,7 +102,12 @@ def snapshot(variables: Sequence[Any]) -> list[Any]:
         return [tf.identity(v.value) for v in variables]
     if backend == "torch":
         return [v.value.detach().clone() for v in variables]
-    return [v.value for v in variables]  # jax arrays are immutable
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        # Keras's JAX trainer donates variable buffers to each train step: keep real copies.
+        return [jnp.array(v.value, copy=True) for v in variables]
+    return [np.array(v.value, copy=True) for v in variables]
 
 
 def histogram(values: Any, low: Any, width: Any, bins: int) -> Any:

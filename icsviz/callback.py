@@ -71,10 +71,11 @@ def _as_float(value: Any) -> float | None:
 def _scalar(value: Any) -> float:
     """A Python float from a Keras variable or backend scalar.
 
-    Not through keras.ops.convert_to_numpy: on TensorFlow that path raises a
-    NumPy 2 DeprecationWarning for variables.
+    Not through keras.ops.convert_to_numpy or Variable.numpy(): with NumPy 2
+    those raise a DeprecationWarning for variables (TensorFlow and JAX).
     """
-    return float(value.numpy() if hasattr(value, "numpy") else value)
+    tensor = getattr(value, "value", value)  # a Keras Variable: its backend tensor
+    return float(tensor)
 
 
 def _is_chief() -> bool:

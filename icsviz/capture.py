@@ -182,7 +182,7 @@ def dyadic_bin_width(low: float, high: float, bins: int) -> tuple[float, float]:
 
 
 def _dyadic_grid(low: Any, high: Any, bins: int) -> tuple[Any, Any]:
-    low64, high64 = ops.cast(low, "float64"), ops.cast(high, "float64")
+    low64, high64 = ops.cast(low, backend.wide_float()), ops.cast(high, backend.wide_float())
     span = ops.maximum(
         high64 - low64,
         ops.maximum(ops.maximum(ops.abs(low64), ops.abs(high64)) * 2.0**-24, 2.0**-100),
@@ -225,7 +225,7 @@ def _layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, mas
         high = ops.max(ops.where(finite, full, float("-inf")))
         stats["nonfinite"] = ops.cast(int(full.shape[0]) - n_finite, "int32")
         stats["moments"] = ops.concatenate(
-            [stats["moments"][:2], ops.cast(ops.stack([low, high]), "float64")]
+            [stats["moments"][:2], ops.cast(ops.stack([low, high]), backend.wide_float())]
         )
         stats["moments"] = ops.where(ops.isfinite(stats["moments"]), stats["moments"], float("nan"))
     else:
@@ -233,7 +233,7 @@ def _layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, mas
         stats["all_finite"] = all_finite
         low, high = ops.min(full), ops.max(full)
         stats["moments"] = ops.concatenate(
-            [stats["moments"][:2], ops.cast(ops.stack([low, high]), "float64")]
+            [stats["moments"][:2], ops.cast(ops.stack([low, high]), backend.wide_float())]
         )
     return stats
 
@@ -302,7 +302,7 @@ def _reduce(
     else:  # skipped when NaN/Inf are present: that result is discarded anyway
         counts = ops.cond(all_finite, count, lambda: ops.zeros((bins,), "int32"))
     counts = counts - ops.cast(ops.one_hot(0, bins), "int32") * ops.cast(n_bad, "int32")
-    edges = first + width * ops.arange(bins + 1, dtype="float64")
+    edges = first + width * ops.arange(bins + 1, dtype=backend.wide_float())
 
     # Quantiles from a fixed sample of positions (all values when the layer is small).
     q = np.asarray(QUANTILES, dtype="float32")
@@ -325,10 +325,10 @@ def _reduce(
 
     moments = ops.stack(
         [
-            ops.cast(mean, "float64"),
-            ops.cast(std, "float64"),
-            ops.cast(ops.where(n_finite > 0, low, float("nan")), "float64"),
-            ops.cast(ops.where(n_finite > 0, high, float("nan")), "float64"),
+            ops.cast(mean, backend.wide_float()),
+            ops.cast(std, backend.wide_float()),
+            ops.cast(ops.where(n_finite > 0, low, float("nan")), backend.wide_float()),
+            ops.cast(ops.where(n_finite > 0, high, float("nan")), backend.wide_float()),
         ]
     )
     return {

@@ -37,6 +37,11 @@ Runs = Mapping[str, Run]
 BANDS = {"ioffe": [(0.15, 0.85)], "tensorboard": [(0.07, 0.93), (0.16, 0.84), (0.31, 0.69)]}
 
 
+def _frame(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """The parts stacked, or an empty frame with the expected columns when there are none."""
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
 def layer_union(runs: Runs) -> list[str]:
     """Layer names of all runs, in model order: the first run's, then others' extras."""
     names: list[str] = []
@@ -67,9 +72,7 @@ def curves_frame(runs: Runs) -> pd.DataFrame:
                             }
                         )
                     )
-    if not rows:
-        return pd.DataFrame(columns=["run", "epoch", "metric", "split", "value"])
-    return pd.concat(rows, ignore_index=True).dropna(subset=["value"])
+    return _frame(rows, ["run", "epoch", "metric", "split", "value"]).dropna(subset=["value"])
 
 
 def capture_epochs(runs: Runs) -> list[float]:
@@ -117,9 +120,7 @@ def histogram_frame(runs: Runs, layer: str, epoch: float, edges: np.ndarray) -> 
                 }
             )
         )
-    return (
-        pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "x", "density", "epoch"])
-    )
+    return _frame(rows, ["run", "x", "density", "epoch"])
 
 
 def ridgeline_captures(run: Run, rows: int = 10) -> list[int]:
@@ -139,7 +140,7 @@ def ridgeline_frame(run: Run, layer: str, edges: np.ndarray, rows: int = 10) -> 
         pd.DataFrame({"epoch": float(run.epochs[i]), "x": centers(edges), "density": d})
         for i, d in zip(indices, dens)
     ]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["epoch", "x", "density"])
+    return _frame(frames, ["epoch", "x", "density"])
 
 
 def heatmap_frame(run: Run, layer: str, edges: np.ndarray) -> pd.DataFrame:
@@ -178,7 +179,7 @@ def percentile_frame(runs: Runs, layer: str, unit: int | None = None, bands: str
             frame[f"q{round(low * 100):02d}"] = series(low)
             frame[f"q{round(high * 100):02d}"] = series(high)
         rows.append(frame)
-    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["run", "epoch", "median"])
+    return _frame(rows, ["run", "epoch", "median"])
 
 
 def unit_frame(run: Run, layer: str, stat: str = "mean", max_units: int = 64) -> pd.DataFrame:
@@ -226,13 +227,7 @@ def drift_frame(runs: Runs) -> pd.DataFrame:
                     }
                 )
             )
-    return (
-        pd.concat(rows, ignore_index=True)
-        if rows
-        else pd.DataFrame(
-            columns=["run", "layer", "order", "epoch", "from_start", "from_previous", "mean_shift"]
-        )
-    )
+    return _frame(rows, ["run", "layer", "order", "epoch", "from_start", "from_previous", "mean_shift"])
 
 
 def gradient_frame(runs: Runs) -> pd.DataFrame:
@@ -253,11 +248,7 @@ def gradient_frame(runs: Runs) -> pd.DataFrame:
                     }
                 )
             )
-    return (
-        pd.concat(rows, ignore_index=True)
-        if rows
-        else pd.DataFrame(columns=["run", "layer", "order", "epoch", "grad_norm", "update_ratio"])
-    )
+    return _frame(rows, ["run", "layer", "order", "epoch", "grad_norm", "update_ratio"])
 
 
 def ics_frame(runs: Runs) -> pd.DataFrame:
@@ -278,8 +269,4 @@ def ics_frame(runs: Runs) -> pd.DataFrame:
                     }
                 )
             )
-    return (
-        pd.concat(rows, ignore_index=True)
-        if rows
-        else pd.DataFrame(columns=["run", "layer", "order", "epoch", "grad_diff", "grad_cos"])
-    )
+    return _frame(rows, ["run", "layer", "order", "epoch", "grad_diff", "grad_cos"])
