@@ -217,24 +217,32 @@ def _layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, mas
     units = ops.reshape(x, (-1, plan.n_units))
     all_finite = ops.isfinite(ops.sum(full))  # NaN/Inf anywhere poisons the sum
     stats = _reduce(units, ops.reshape(units, (-1,)), plan, options, masked=masked, all_finite=all_finite)
-    # Exact over every value, whatever the budget: range and non-finite count.
+    low, high, n_finite = stats.pop("low"), stats.pop("high"), stats.pop("n_finite")
+    if plan.samples < plan.shape[0]:
+        # The budget cut the values: range and non-finite count stay exact over every value.
+        if masked:
+            finite = ops.isfinite(full)
+            n_finite = ops.sum(ops.cast(finite, "int32"))
+            low = ops.min(ops.where(finite, full, float("inf")))
+            high = ops.max(ops.where(finite, full, float("-inf")))
+        else:
+            low, high, n_finite = ops.min(full), ops.max(full), int(full.shape[0])
+    wide = backend.wide_float()
+    moments = ops.stack(
+        [
+            ops.cast(stats.pop("mean"), wide),
+            ops.cast(stats.pop("std"), wide),
+            ops.cast(ops.where(n_finite > 0, low, float("nan")), wide),
+            ops.cast(ops.where(n_finite > 0, high, float("nan")), wide),
+        ]
+    )
     if masked:
-        finite = ops.isfinite(full)
-        n_finite = ops.sum(ops.cast(finite, "int32"))
-        low = ops.min(ops.where(finite, full, float("inf")))
-        high = ops.max(ops.where(finite, full, float("-inf")))
+        stats["moments"] = ops.where(ops.isfinite(moments), moments, float("nan"))
         stats["nonfinite"] = ops.cast(int(full.shape[0]) - n_finite, "int32")
-        stats["moments"] = ops.concatenate(
-            [stats["moments"][:2], ops.cast(ops.stack([low, high]), backend.wide_float())]
-        )
-        stats["moments"] = ops.where(ops.isfinite(stats["moments"]), stats["moments"], float("nan"))
     else:
+        stats["moments"] = moments
         stats["nonfinite"] = ops.convert_to_tensor(0, "int32")
         stats["all_finite"] = all_finite
-        low, high = ops.min(full), ops.max(full)
-        stats["moments"] = ops.concatenate(
-            [stats["moments"][:2], ops.cast(ops.stack([low, high]), backend.wide_float())]
-        )
     return stats
 
 
@@ -247,7 +255,11 @@ def _reduce(
     masked: bool,
     all_finite: Any,
 ) -> dict[str, Any]:
-    """Statistics of the budgeted values (`units`: rows x units, `flat`: the same, 1-D)."""
+    """Statistics of the budgeted values (`units`: rows x units, `flat`: the same, 1-D).
+
+    Returns everything but the moments and the non-finite count, which the
+    caller assembles with the exact range.
+    """
     bins = options.hist_bins
     rows = plan.n_values // plan.n_units
     if masked:
@@ -323,24 +335,20 @@ def _reduce(
     n_tracked = ops.sum(ops.cast(tracked_finite, "int32"), axis=1)
     unit_quantiles = _interpolated_quantiles(ops.sort(tracked, axis=-1), n_tracked, q)
 
-    moments = ops.stack(
-        [
-            ops.cast(mean, backend.wide_float()),
-            ops.cast(std, backend.wide_float()),
-            ops.cast(ops.where(n_finite > 0, low, float("nan")), backend.wide_float()),
-            ops.cast(ops.where(n_finite > 0, high, float("nan")), backend.wide_float()),
-        ]
-    )
     return {
         "hist_counts": counts,
         "hist_edges": edges,
         "quantiles": quantiles,
-        "moments": moments,
+        "mean": mean,
+        "std": std,
         "zero_frac": zero_frac,
-        "nonfinite": ops.cast(n_bad, "int32"),  # of the budget; replaced by the caller
         "unit_mean": mean_c,
         "unit_std": ops.sqrt(var_c),
         "unit_quantiles": unit_quantiles,
+        # The budgeted values' range and finite count: the caller's, unless the budget cut values.
+        "low": low,
+        "high": high,
+        "n_finite": n_finite,
     }
 
 
