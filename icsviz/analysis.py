@@ -197,10 +197,8 @@ class LayerDrift:
     """One layer's drift summary."""
 
     layer: str
-    score: float  # drift_score of the W1 curve (step-0 std units)
+    score: float  # drift_score of the layer's drift curve (W1: step-0 std units)
     final: float  # the curve's last value
-    js_final: float
-    mean_shift_final: float
 
 
 def run_drift(run: Run, metric: str = "w1") -> list[LayerDrift]:
@@ -208,17 +206,8 @@ def run_drift(run: Run, metric: str = "w1") -> list[LayerDrift]:
     for name in run.layer_names:
         acts = run.activations(name)
         curve = drift_curve(acts, metric)
-        js = drift_curve(acts, "js")
-        mean_shift, _ = moment_shift(acts.mean, acts.std)
-        out.append(
-            LayerDrift(
-                name,
-                drift_score(curve, acts.epochs),
-                float(curve[-1]) if len(curve) else np.nan,
-                float(js[-1]) if len(js) else np.nan,
-                float(mean_shift[-1]) if len(mean_shift) else np.nan,
-            )
-        )
+        final = float(curve[-1]) if len(curve) else np.nan
+        out.append(LayerDrift(name, drift_score(curve, acts.epochs), final))
     return out
 
 

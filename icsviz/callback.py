@@ -84,13 +84,12 @@ def _is_chief() -> bool:
     if not raw:
         return True
     try:
-        task = json.loads(raw).get("task", {})
+        config = json.loads(raw)
     except ValueError:
         return True
+    task = config.get("task", {})
     kind, index = task.get("type", "chief"), int(task.get("index", 0))
-    return kind == "chief" or (
-        kind == "worker" and index == 0 and "chief" not in json.loads(raw).get("cluster", {})
-    )
+    return kind == "chief" or (kind == "worker" and index == 0 and "chief" not in config.get("cluster", {}))
 
 
 class ICSCallback(keras.callbacks.Callback):
@@ -311,7 +310,7 @@ class ICSCallback(keras.callbacks.Callback):
                 self._epoch_offset = self._recorded_epochs()
             self._writer = RunWriter.resume(self.path, layout, from_epoch=epoch + self._epoch_offset)
             capture.epoch += self._epoch_offset
-            if self._last_capture_epoch() != capture.epoch:
+            if self._writer.last_capture_epoch != capture.epoch:
                 self._writer.write_capture(capture)
         else:
             self._writer = RunWriter.create(
@@ -331,12 +330,6 @@ class ICSCallback(keras.callbacks.Callback):
         with open_run(self.path) as run:
             epochs = run.history_epochs
             return int(epochs[-1]) + 1 if len(epochs) else 0
-
-    def _last_capture_epoch(self) -> float | None:
-        assert self._writer is not None
-        ds = self._writer._file["captures/epoch"]
-        n = self._writer.num_captures
-        return float(ds[n - 1]) if n else None
 
     def _metadata(self, layout_size: int) -> dict[str, Any]:
         model = self.model

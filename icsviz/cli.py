@@ -16,8 +16,8 @@ class RunFolderError(ICSVizError, NotADirectoryError):
     """The runs folder given to `icsviz app` does not exist."""
 
 
-class LabelCountError(ICSVizError, ValueError):
-    """Command-line options that do not fit together."""
+class UsageError(ICSVizError, ValueError):
+    """Command-line options that do not fit together (labels, formats)."""
 
 
 __all__ = ["main"]
@@ -166,10 +166,10 @@ def _open_labelled(paths: Sequence[str], labels: Sequence[str] | None) -> dict:
     from .reader import open_run
 
     if labels is not None and len(labels) != len(paths):
-        raise LabelCountError(f"--labels needs one label per run: {len(paths)} runs, {len(labels)} labels")
+        raise UsageError(f"--labels needs one label per run: {len(paths)} runs, {len(labels)} labels")
     names = list(labels) if labels else [Path(p).stem for p in paths]
     if len(set(names)) != len(names):
-        raise LabelCountError(f"run labels must be unique, got {names}; pass --labels")
+        raise UsageError(f"run labels must be unique, got {names}; pass --labels")
     return {name: open_run(path) for name, path in zip(names, paths)}
 
 
@@ -182,7 +182,7 @@ def _figures(args: argparse.Namespace) -> int:
             formats = [f.lower().lstrip(".") for f in args.formats]
             bad = [f for f in formats if f not in ("png", "pdf", "svg")]
             if bad:
-                raise LabelCountError(f"--formats takes png, pdf or svg, not {bad}")
+                raise UsageError(f"--formats takes png, pdf or svg, not {bad}")
             written, notes = plot_runs(
                 runs, args.out, layers=args.layers, formats=formats, progress=not args.quiet
             )

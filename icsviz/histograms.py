@@ -7,12 +7,21 @@ spread uniformly within it (linear interpolation of the cumulative counts).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["rebin", "common_edges", "shared_edges", "densities", "centers"]
+__all__ = [
+    "rebin",
+    "rebin_captures",
+    "common_edges",
+    "shared_edges",
+    "densities",
+    "centers",
+    "time_edges",
+    "ridgeline_captures",
+]
 
 
 def rebin(counts: np.ndarray, edges: np.ndarray, new_edges: np.ndarray) -> np.ndarray:
@@ -72,3 +81,26 @@ def shared_edges(runs: Mapping[str, Any], layer: str, bins: int = 80) -> np.ndar
         elif len(acts.edges):
             sets.append(np.array([np.nanmin(acts.edges[:, 0]), np.nanmax(acts.edges[:, -1])]))
     return common_edges(sets, bins)
+
+
+def rebin_captures(acts: Any, edges: np.ndarray, indices: Sequence[int] | None = None) -> np.ndarray:
+    """(n, len(edges) - 1) counts of the chosen captures (all by default) of an ActivationStats."""
+    picks = range(len(acts.counts)) if indices is None else indices
+    rows = [rebin(acts.counts[i], acts.edges[i], edges) for i in picks]
+    return np.stack(rows) if rows else np.zeros((0, len(edges) - 1))
+
+
+def time_edges(epochs: np.ndarray) -> np.ndarray:
+    """Capture times plus one closing edge, so each capture spans until the next one (heatmaps)."""
+    step = epochs[-1] - epochs[-2] if len(epochs) > 1 else 1.0
+    return np.append(epochs, epochs[-1] + step)
+
+
+def ridgeline_captures(run: Any, rows: int = 10) -> list[int]:
+    """Up to `rows` capture indices, evenly spread over the epoch captures (start included)."""
+    kinds = run.capture_kinds
+    candidates = [i for i, k in enumerate(kinds) if k in ("start", "epoch")] or list(range(run.num_captures))
+    if len(candidates) <= rows:
+        return candidates
+    picks = np.linspace(0, len(candidates) - 1, rows).round().astype(int)
+    return [candidates[i] for i in sorted(set(picks))]

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from . import analysis  # noqa: E402
 from .errors import MissingDataError  # noqa: E402
-from .histograms import densities, rebin, shared_edges  # noqa: E402
+from .histograms import densities, rebin_captures, ridgeline_captures, shared_edges, time_edges  # noqa: E402
 from .reader import Run  # noqa: E402
 
 __all__ = [
@@ -170,13 +170,8 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
     meshes = []
     for col, (label, run) in enumerate(have.items()):
         acts = run.activations(layer)
-        dens = densities(np.stack([rebin(c, e, grid) for c, e in zip(acts.counts, acts.edges)]), grid)
-        kinds = run.capture_kinds
-        picks = [t for t, k in enumerate(kinds) if k in ("start", "epoch")] or list(range(len(kinds)))
-        picks = [
-            picks[i]
-            for i in sorted(set(np.linspace(0, len(picks) - 1, min(rows, len(picks))).round().astype(int)))
-        ]
+        dens = densities(rebin_captures(acts, grid), grid)
+        picks = ridgeline_captures(run, rows)
         ax = axes[0, col]
         peak = max(float(dens[picks].max()), 1e-12)
         cmap = plt.get_cmap("viridis")
@@ -193,9 +188,7 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
         with np.errstate(divide="ignore"):
             log = np.where(dens > 0, np.log10(dens), np.nan)
         heat_max = max(heat_max, float(np.nanmax(log)) if np.isfinite(log).any() else 0.0)
-        edges_t = np.append(
-            acts.epochs, acts.epochs[-1] + (acts.epochs[-1] - acts.epochs[-2] if len(acts.epochs) > 1 else 1)
-        )
+        edges_t = time_edges(acts.epochs)
         meshes.append(heat.pcolormesh(grid, edges_t, log, cmap="inferno", shading="flat", rasterized=True))
         heat.set(xlabel="activation", ylabel="epoch")
         heat.grid(False)
@@ -218,7 +211,7 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
     for ax, (label, run) in zip(axes[0], runs.items()):
         names, matrix = mats[label]
         epochs = run.epochs
-        edges_t = np.append(epochs, epochs[-1] + (epochs[-1] - epochs[-2] if len(epochs) > 1 else 1))
+        edges_t = time_edges(epochs)
         image = ax.pcolormesh(
             edges_t,
             np.arange(len(names) + 1),

@@ -167,6 +167,12 @@ class RunWriter:
     def num_captures(self) -> int:
         return int(self._file["captures/step"].shape[0])
 
+    @property
+    def last_capture_epoch(self) -> float | None:
+        """The epoch of the last committed capture (None before the first)."""
+        n = self.num_captures
+        return float(self._file["captures/epoch"][n - 1]) if n else None
+
     def write_capture(self, capture: Capture) -> None:
         """Append one capture; it becomes visible to readers atomically."""
         f = self._file
@@ -334,11 +340,7 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
     history.create_dataset("names", shape=(0,), maxshape=(None,), dtype=_NAME_DTYPE, chunks=(64,))
     history.create_dataset("values", shape=(0, 0), maxshape=(None, None), dtype="f8", chunks=(64, 16))
     _extendable(history, "epoch", (), "i8")
-    attrs["layout"] = json.dumps(_layout_to_json(layout))
-
-
-def _layout_to_json(layout: RunLayout) -> dict[str, Any]:
-    return asdict(layout)
+    attrs["layout"] = json.dumps(asdict(layout))
 
 
 def layout_from_file(file: h5py.File) -> RunLayout:

@@ -6,12 +6,12 @@ tested without a browser and reused by the report.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
 
-from ..histograms import centers, densities, rebin, shared_edges
+from ..histograms import centers, densities, rebin_captures, ridgeline_captures, shared_edges, time_edges
 from ..reader import ActivationStats, Run
 
 __all__ = [
@@ -93,15 +93,6 @@ def nearest_capture(run: Run, epoch: float) -> int:
     return max(index, 0)
 
 
-def _rebinned(run: Run, layer: str, edges: np.ndarray, indices: Sequence[int]) -> np.ndarray:
-    acts = run.activations(layer)
-    return (
-        np.stack([rebin(acts.counts[i], acts.edges[i], edges) for i in indices])
-        if len(indices)
-        else np.zeros((0, len(edges) - 1))
-    )
-
-
 def histogram_frame(runs: Runs, layer: str, epoch: float, edges: np.ndarray) -> pd.DataFrame:
     """Density of `layer` at the capture nearest `epoch`, per run, on shared `edges`."""
     rows = []
@@ -109,7 +100,7 @@ def histogram_frame(runs: Runs, layer: str, epoch: float, edges: np.ndarray) -> 
         if layer not in run.layer_names or not run.num_captures:
             continue
         index = nearest_capture(run, epoch)
-        counts = _rebinned(run, layer, edges, [index])[0]
+        counts = rebin_captures(run.activations(layer), edges, [index])[0]
         rows.append(
             pd.DataFrame(
                 {
@@ -123,19 +114,9 @@ def histogram_frame(runs: Runs, layer: str, epoch: float, edges: np.ndarray) -> 
     return _frame(rows, ["run", "x", "density", "epoch"])
 
 
-def ridgeline_captures(run: Run, rows: int = 10) -> list[int]:
-    """Up to `rows` capture indices, evenly spread over the epoch captures (start included)."""
-    kinds = run.capture_kinds
-    candidates = [i for i, k in enumerate(kinds) if k in ("start", "epoch")] or list(range(run.num_captures))
-    if len(candidates) <= rows:
-        return candidates
-    picks = np.linspace(0, len(candidates) - 1, rows).round().astype(int)
-    return [candidates[i] for i in sorted(set(picks))]
-
-
 def ridgeline_frame(run: Run, layer: str, edges: np.ndarray, rows: int = 10) -> pd.DataFrame:
     indices = ridgeline_captures(run, rows)
-    dens = densities(_rebinned(run, layer, edges, indices), edges)
+    dens = densities(rebin_captures(run.activations(layer), edges, indices), edges)
     frames = [
         pd.DataFrame({"epoch": float(run.epochs[i]), "x": centers(edges), "density": d})
         for i, d in zip(indices, dens)
@@ -148,8 +129,8 @@ def heatmap_frame(run: Run, layer: str, edges: np.ndarray) -> pd.DataFrame:
     epochs = run.epochs
     if not len(epochs):
         return pd.DataFrame(columns=["t0", "t1", "y0", "y1", "log_density"])
-    dens = densities(_rebinned(run, layer, edges, range(len(epochs))), edges)
-    nxt = np.append(epochs[1:], epochs[-1] + (epochs[-1] - epochs[-2] if len(epochs) > 1 else 1.0))
+    dens = densities(rebin_captures(run.activations(layer), edges), edges)
+    nxt = time_edges(epochs)[1:]
     t, b = np.nonzero(dens > 0)
     return pd.DataFrame(
         {
