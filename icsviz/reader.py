@@ -232,6 +232,7 @@ class Run:
             self._variables = self._read_groups("variables")
             self._ics = self._read_groups("ics")
             self._length = 0
+            self._activations: dict[str, tuple[int, ActivationStats]] = {}
             self.refresh()
         except RunFileError:
             self._file.close()
@@ -388,8 +389,24 @@ class Run:
         return self._file[f"layers/{self.layer(name).id}/tracked_units"][()]
 
     def activations(self, name: str) -> ActivationStats:
-        """Activation statistics of one layer (by original name or layer id)."""
+        """Activation statistics of one layer (by original name or layer id).
+
+        Read once per layer and committed length: views that ask for the same
+        layer share one read. The arrays are therefore read-only; copy one
+        before changing it.
+        """
         info = self.layer(name)
+        cached = self._activations.get(info.id)
+        if cached is not None and cached[0] == self._length:
+            return cached[1]
+        stats = self._read_activations(info)
+        for value in vars(stats).values():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+        self._activations[info.id] = (self._length, stats)
+        return stats
+
+    def _read_activations(self, info: LayerInfo) -> ActivationStats:
         g = f"layers/{info.id}/"
         moments = self._rows(g + "moments")
         moment_names = json.loads(self._file[g + "moments"].attrs["names"])

@@ -117,3 +117,14 @@ def test_live_reader_follows_a_growing_file(tmp_path, layout) -> None:
         run.close()
     finally:
         proc.wait(30)
+
+
+def test_activations_are_read_once_per_committed_length_and_read_only(run_path) -> None:
+    with open_run(run_path) as run:
+        first = run.activations("dense")
+        assert run.activations("000_dense") is first  # the same read, by name or id
+        with pytest.raises(ValueError, match="read-only"):
+            first.counts[0, 0] = 99
+        copy = first.counts.copy()
+        copy[0, 0] = 99  # a copy is the user's to change
+        assert first.counts[0, 0] != 99
