@@ -19,9 +19,9 @@ from .errors import (
     RunFileError,
     SchemaVersionError,
 )
-from .reader import ActivationStats, GradientStats, ICSStats, LayerInfo, Run, open_run
-from .schema import SCHEMA_VERSION
-from .writer import repair_run
+from .store.reader import ActivationStats, GradientStats, ICSStats, LayerInfo, Run, open_run
+from .store.schema import SCHEMA_VERSION
+from .store.writer import repair_run
 
 if TYPE_CHECKING:
     from .callback import ICSCallback

@@ -20,7 +20,7 @@ from scipy.special import rel_entr
 
 from .errors import MissingDataError
 from .histograms import centers, rebin
-from .reader import ActivationStats, Run
+from .store.reader import ActivationStats, Run
 
 __all__ = [
     "common_grid",

@@ -18,7 +18,7 @@ from . import backend
 from .capture import CaptureOptions, CaptureProgram
 from .errors import CaptureWarning, IncompatibleRunError, RunExistsError
 from .layers import LayerFilter, select_layers
-from .writer import RunWriter
+from .store.writer import RunWriter
 
 __all__ = ["ICSCallback"]
 
@@ -325,7 +325,7 @@ class ICSCallback(keras.callbacks.Callback):
         self._finalizer = weakref.finalize(self, RunWriter.close, self._writer, "interrupted")
 
     def _recorded_epochs(self) -> int:
-        from .reader import open_run  # the reader needs no Keras; imported lazily
+        from .store.reader import open_run  # the reader needs no Keras; imported lazily
 
         with open_run(self.path) as run:
             epochs = run.history_epochs

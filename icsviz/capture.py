@@ -27,8 +27,8 @@ import numpy as np
 
 from . import backend
 from .layers import SelectedLayer, iter_layers
-from .schema import QUANTILES, LayerSpec, RunLayout, VariableSpec
-from .writer import Capture, LayerCapture
+from .store.schema import QUANTILES, LayerSpec, RunLayout, VariableSpec
+from .store.writer import Capture, LayerCapture
 
 __all__ = ["CaptureOptions", "CaptureProgram", "TracedLayer", "dyadic_bin_width"]
 

@@ -129,7 +129,7 @@ def info(path: str) -> str:
     """A human summary of one run file."""
     import numpy as np
 
-    from .reader import open_run
+    from .store.reader import open_run
 
     with open_run(path) as run:
         a = run.attrs
@@ -163,7 +163,7 @@ def info(path: str) -> str:
 
 
 def _open_labelled(paths: Sequence[str], labels: Sequence[str] | None) -> dict:
-    from .reader import open_run
+    from .store.reader import open_run
 
     if labels is not None and len(labels) != len(paths):
         raise UsageError(f"--labels needs one label per run: {len(paths)} runs, {len(labels)} labels")
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "info":
             print("\n\n".join(info(p) for p in args.runs))
         elif args.command == "repair":
-            from .writer import repair_run
+            from .store.writer import repair_run
 
             for p in args.runs:
                 print(f"icsviz: repaired {repair_run(p)}")

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from . import analysis  # noqa: E402
 from .errors import MissingDataError  # noqa: E402
 from .histograms import densities, rebin_captures, ridgeline_captures, shared_edges, time_edges  # noqa: E402
-from .reader import Run  # noqa: E402
+from .store.reader import Run  # noqa: E402
 
 __all__ = [
     "STYLE",

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__, analysis, plots
 from .errors import MissingDataError
-from .reader import Run
+from .store.reader import Run
 
 __all__ = ["accuracy_table", "drift_reading", "build_report", "write_report"]
 

@@ -11,8 +11,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np
 import pytest
 
-from icsviz.schema import LayerSpec, RunLayout, VariableSpec
-from icsviz.writer import Capture, LayerCapture
+from icsviz.store.schema import LayerSpec, RunLayout, VariableSpec
+from icsviz.store.writer import Capture, LayerCapture
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar-10-batches-py-subset"

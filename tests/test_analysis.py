@@ -20,7 +20,7 @@ from icsviz.analysis import (
     wasserstein,
 )
 from icsviz.capture import dyadic_bin_width
-from icsviz.writer import RunWriter
+from icsviz.store.writer import RunWriter
 
 
 @st.composite
@@ -159,7 +159,7 @@ def test_run_level_drift_and_comparison(two_runs) -> None:
 def test_gradient_shift_summary_needs_the_data(tmp_path) -> None:
     from conftest import tiny_layout
     from icsviz.analysis import gradient_shift_summary
-    from icsviz.schema import RunLayout
+    from icsviz.store.schema import RunLayout
 
     base = tiny_layout()
     layout = RunLayout(layers=base.layers, variables=base.variables, hist_bins=base.hist_bins)

@@ -152,7 +152,7 @@ def test_a_run_that_grows_while_the_app_is_open_shows_new_captures(tmp_path) -> 
         import sys, time, os
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from conftest import tiny_capture, tiny_layout
-        from icsviz.writer import RunWriter
+        from icsviz.store.writer import RunWriter
         layout = tiny_layout()
         w = RunWriter.create({str(path)!r}, layout, {{"run_name": "growing"}})
         for step in range(3):

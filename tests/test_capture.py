@@ -78,7 +78,7 @@ def test_statistics_match_numpy() -> None:
     np.testing.assert_array_equal(stats.hist_counts, expected)
     assert stats.hist_counts.sum() == flat.size
     # Quantiles: exact (linear interpolation) when the layer fits the sample.
-    from icsviz.schema import QUANTILES
+    from icsviz.store.schema import QUANTILES
 
     np.testing.assert_allclose(stats.quantiles, np.quantile(flat, QUANTILES), rtol=1e-5, atol=1e-5)
     tracked = program.traced[0].tracked_units
@@ -141,7 +141,7 @@ def test_conv_units_are_channels_and_quantiles_use_a_fixed_sample() -> None:
     out = x.sum(-1, keepdims=True).repeat(4, -1)
     np.testing.assert_allclose(result.layers[0].unit_mean, out.reshape(-1, 4).mean(0), rtol=1e-4, atol=1e-5)
     sample = out.ravel()[plan.quantile_index]
-    from icsviz.schema import QUANTILES
+    from icsviz.store.schema import QUANTILES
 
     np.testing.assert_allclose(
         result.layers[0].quantiles, np.quantile(sample, QUANTILES), rtol=1e-4, atol=1e-4

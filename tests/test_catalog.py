@@ -6,8 +6,8 @@ import pytest
 
 from conftest import tiny_capture
 from icsviz import RunFileError
-from icsviz.catalog import resolve_run, scan_runs
-from icsviz.writer import RunWriter
+from icsviz.store.catalog import resolve_run, scan_runs
+from icsviz.store.writer import RunWriter
 
 
 def test_scan_lists_good_and_bad_files_with_reasons(tmp_path, layout) -> None:

@@ -5,7 +5,7 @@ import numpy as np
 from conftest import tiny_capture
 from icsviz import open_run
 from icsviz.cli import main
-from icsviz.writer import RunWriter
+from icsviz.store.writer import RunWriter
 
 
 def test_info_summarizes_a_run(tmp_path, layout, capsys) -> None:

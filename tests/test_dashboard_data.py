@@ -6,7 +6,7 @@ import pytest
 from conftest import tiny_capture
 from icsviz import open_run
 from icsviz.dashboard import data
-from icsviz.writer import RunWriter
+from icsviz.store.writer import RunWriter
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def test_errors_share_one_base_and_a_builtin() -> None:
 
 def test_reading_runs_never_imports_keras_or_tensorflow() -> None:
     code = (
-        "import sys, icsviz, icsviz.reader, icsviz.writer;"
+        "import sys, icsviz, icsviz.store.reader, icsviz.store.writer, icsviz.store.catalog;"
         "bad = [m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
     )

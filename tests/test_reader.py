@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_capture
 from icsviz import MissingDataError, RunFileError, SchemaVersionError, open_run
-from icsviz.writer import RunWriter
+from icsviz.store.writer import RunWriter
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_live_reader_follows_a_growing_file(tmp_path, layout) -> None:
         import os, sys, time
         sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
         from conftest import tiny_capture, tiny_layout
-        from icsviz.writer import RunWriter
+        from icsviz.store.writer import RunWriter
         layout = tiny_layout()
         w = RunWriter.create({str(path)!r}, layout, {{}})
         w.write_capture(tiny_capture(layout, 0))

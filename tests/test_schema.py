@@ -1,5 +1,5 @@
 from conftest import tiny_layout
-from icsviz.schema import QUANTILES, safe_id
+from icsviz.store.schema import QUANTILES, safe_id
 
 
 def test_safe_id_sanitizes_and_orders() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import tiny_capture, tiny_layout
 from icsviz import IncompatibleRunError, RunExistsError, open_run
-from icsviz.writer import RunWriter, repair_run
+from icsviz.store.writer import RunWriter, repair_run
 
 
 def test_roundtrip_values(tmp_path, layout) -> None:
@@ -100,7 +100,7 @@ def test_repair_makes_a_crashed_swmr_file_plain_readable(tmp_path, layout) -> No
         import os, sys
         sys.path.insert(0, {str(tmp_path.parent)!r})
         from conftest import tiny_capture, tiny_layout
-        from icsviz.writer import RunWriter
+        from icsviz.store.writer import RunWriter
         layout = tiny_layout()
         w = RunWriter.create({str(path)!r}, layout, {{}})
         for step in range(5):

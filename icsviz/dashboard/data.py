@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ..histograms import centers, densities, rebin_captures, ridgeline_captures, shared_edges, time_edges
-from ..reader import ActivationStats, Run
+from ..store.reader import ActivationStats, Run
 
 __all__ = [
     "layer_union",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import streamlit as st
 
-from ..catalog import RunEntry, scan_runs
+from ..store.catalog import RunEntry, scan_runs
 from . import page
 
 SHIPPED_PAIR = ("cifar10_cnn", "cifar10_cnn_bn")

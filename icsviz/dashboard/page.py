@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ..catalog import RunEntry
-from ..reader import open_run
+from ..store.catalog import RunEntry
+from ..store.reader import open_run
 from . import charts, data
 
 Key = tuple[str, int, int]

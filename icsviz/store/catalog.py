@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ICSVizError, RunFileError
+from ..errors import ICSVizError, RunFileError
 from .reader import open_run
 
 __all__ = ["RunEntry", "scan_runs", "resolve_run", "STALE_AFTER_S"]

@@ -21,7 +21,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import IncompatibleRunError, RunExistsError, RunFileError
+from ..errors import IncompatibleRunError, RunExistsError, RunFileError
 from .schema import CAPTURE_KINDS, SCHEMA_VERSION, LayerSpec, RunLayout, VariableSpec
 
 __all__ = ["RunWriter", "LayerCapture", "Capture", "layout_from_file", "repair_run"]
@@ -276,7 +276,7 @@ def _append_row(ds: h5py.Dataset, row: int, value: Any) -> None:
 
 
 def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, Any]) -> None:
-    from . import __version__  # late: the package imports this module
+    from .. import __version__  # late: the package imports this module
 
     attrs = file.attrs
     attrs["schema_version"] = SCHEMA_VERSION

@@ -19,7 +19,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .errors import MissingDataError, RunFileError, SchemaVersionError
+from ..errors import MissingDataError, RunFileError, SchemaVersionError
 from .schema import CAPTURE_KINDS, SCHEMA_VERSION
 
 __all__ = ["open_run", "Run", "ActivationStats", "GradientStats", "ICSStats", "LayerInfo"]
