@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend
 from .capture import CaptureOptions, CaptureProgram
-from .errors import CaptureWarning, IncompatibleRunError, RunExistsError
+from .errors import CaptureWarning, IncompatibleRunError, RunExistsError, RunInUseError
 from .layers import LayerFilter, select_layers
 from .store.writer import RunWriter
 
@@ -230,7 +230,7 @@ class ICSCallback(keras.callbacks.Callback):
     def _safely(self, what: str, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except (RunExistsError, IncompatibleRunError):
+        except (RunExistsError, IncompatibleRunError, RunInUseError):
             raise  # the user's configuration, found before the first training step: nothing is lost
         except Exception as exc:  # noqa: BLE001 - never stop the user's training
             self._capture_ok = False
@@ -257,6 +257,7 @@ class ICSCallback(keras.callbacks.Callback):
         self._train_start = time.perf_counter()
         self._started = False
         self._capture_ok = True
+        self._write_failed = False
         self._global_step = 0
         self._steps_per_epoch = self.params.get("steps") if self.params else None
         self._epoch_start_step = 0
@@ -311,7 +312,7 @@ class ICSCallback(keras.callbacks.Callback):
             self._writer = RunWriter.resume(self.path, layout, from_epoch=epoch + self._epoch_offset)
             capture.epoch += self._epoch_offset
             if self._writer.last_capture_epoch != capture.epoch:
-                self._writer.write_capture(capture)
+                self._write("the first capture", lambda: self._writer.write_capture(capture))
         else:
             self._writer = RunWriter.create(
                 self.path,
@@ -319,7 +320,7 @@ class ICSCallback(keras.callbacks.Callback):
                 self._metadata(layout_size=len(layout.layers)),
                 overwrite=self.overwrite,
             )
-            self._writer.write_capture(capture)
+            self._write("the first capture", lambda: self._writer.write_capture(capture))
         self._owns_file = True
         # Close the file cleanly if the interpreter exits without on_train_end.
         self._finalizer = weakref.finalize(self, RunWriter.close, self._writer, "interrupted")
@@ -403,7 +404,26 @@ class ICSCallback(keras.callbacks.Callback):
             time=time.perf_counter() - self._train_start,
             kind=kind,
         )
-        self._writer.write_capture(capture)
+        self._write("a capture", lambda: self._writer.write_capture(capture))
+
+    def _write(self, what: str, fn: Callable[[], None]) -> None:
+        """Write to the run file; on the first failure (a full disk, a lost mount) warn once and stop writing.
+
+        Every capture committed before the failure stays readable (the commit
+        marker is written last), so the run file is kept as it is.
+        """
+        if self._write_failed:
+            return
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - never stop the user's training
+            self._write_failed = True
+            self._capture_ok = False
+            self._warn(
+                f"writing {what} to {self.path} (nothing more is written to it; it keeps every capture "
+                "committed before this)",
+                exc,
+            )
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._active or self._writer is None:
@@ -417,17 +437,19 @@ class ICSCallback(keras.callbacks.Callback):
         metrics = {k: f for k, f in ((k, _as_float(v)) for k, v in logs.items()) if f is not None}
         metrics.setdefault("learning_rate", self._learning_rate())
         metrics["epoch_time"] = time.perf_counter() - self._epoch_start_time
-        try:
-            self._writer.write_epoch(epoch + self._epoch_offset, metrics)
-        except Exception as exc:  # noqa: BLE001
-            self._warn("writing the epoch metrics", exc)
+        writer = self._writer
+        self._write("the epoch metrics", lambda: writer.write_epoch(epoch + self._epoch_offset, metrics))
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._writer is not None:
             try:
-                self._writer.close("complete")
+                if self._write_failed:  # already reported: leave the committed captures as they are
+                    self._writer.close("interrupted", compact=False)
+                else:
+                    self._writer.close("complete")
             except Exception as exc:  # noqa: BLE001
-                self._warn("closing the run file", exc)
+                if not self._write_failed:
+                    self._warn("closing the run file", exc)
             if self._finalizer is not None:
                 self._finalizer.detach()
         self._writer = None

@@ -11,6 +11,8 @@ __all__ = [
     "ICSVizError",
     "RunFileError",
     "SchemaVersionError",
+    "DamagedRunError",
+    "RunInUseError",
     "RunExistsError",
     "IncompatibleRunError",
     "MissingDataError",
@@ -29,6 +31,24 @@ class RunFileError(ICSVizError, OSError):
 
 class SchemaVersionError(RunFileError):
     """A run file was written with a newer schema than this icsviz can read."""
+
+
+class DamagedRunError(RunFileError):
+    """Part of a run file cannot be read back as written: a failed checksum or a broken structure.
+
+    `dataset` names the part of the file that failed ("" when the whole file
+    is unreadable). `icsviz check FILE` lists every damaged part and
+    `icsviz repair FILE` saves the readable captures into a new file.
+    """
+
+    def __init__(self, message: str, *, path: str = "", dataset: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.dataset = dataset
+
+
+class RunInUseError(RunFileError):
+    """Another training process is writing this run file right now."""
 
 
 class RunExistsError(ICSVizError, FileExistsError):

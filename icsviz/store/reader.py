@@ -19,8 +19,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import MissingDataError, RunFileError, SchemaVersionError
-from .schema import CAPTURE_KINDS, SCHEMA_VERSION
+from ..errors import DamagedRunError, MissingDataError, RunFileError, SchemaVersionError
+from .files import open_for_reading, reading
+from .schema import CAPTURE_KINDS, SCHEMA_VERSION, STATUSES, safe_id
 
 __all__ = ["open_run", "Run", "ActivationStats", "GradientStats", "ICSStats", "LayerInfo"]
 
@@ -141,65 +142,6 @@ def _level_index(levels: np.ndarray, level: float) -> int:
     return int(hits[0])
 
 
-_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
-def _stored_end_of_file(path: Path) -> int | None:
-    """The end-of-file address that the HDF5 superblock records, if it can be read.
-
-    HDF5's SWMR reader retries unreadable metadata for minutes on a truncated
-    file instead of failing, so truncation is checked here first.
-    """
-    with open(path, "rb") as stream:
-        for base in (0, 512, 1024, 2048, 4096, 8192):  # the superblock may follow a user block
-            stream.seek(base)
-            head = stream.read(64)
-            if head[:8] != _SIGNATURE:
-                continue
-            version = head[8]
-            if version in (2, 3):
-                size = head[9]
-                offset = 12 + 2 * size  # base address, superblock extension address
-            elif version in (0, 1):
-                size = head[13]
-                offset = 24 + (4 if version == 1 else 0) + 2 * size  # base, free-space addresses
-            else:
-                return None
-            if size not in (4, 8):
-                return None
-            return base + int.from_bytes(head[offset : offset + size], "little")
-    return None
-
-
-def _open_h5(path: Path) -> tuple[h5py.File, bool]:
-    """Open for reading, following a writer (SWMR) when the file allows it."""
-    if not path.exists():
-        raise RunFileError(f"{path}: no such run file")
-    if path.is_dir():
-        raise RunFileError(f"{path} is a directory, not a run file")
-    size = path.stat().st_size
-    if size == 0:
-        raise RunFileError(f"{path} is empty (0 bytes): the run never wrote its header")
-    if not h5py.is_hdf5(path):
-        raise RunFileError(f"{path} is not an HDF5 file ({size} bytes without an HDF5 signature)")
-    stored_eof = _stored_end_of_file(path)
-    if stored_eof is not None and size < stored_eof:
-        raise RunFileError(
-            f"{path} is truncated: {size} bytes on disk, the file says {stored_eof} (it was cut "
-            "short while being copied or written)"
-        )
-    errors = []
-    for kwargs in ({"swmr": True, "libver": "latest"}, {"locking": False}):
-        try:
-            return h5py.File(path, "r", **kwargs), bool(kwargs.get("swmr"))
-        except OSError as exc:  # truncated, locked, or not SWMR-capable
-            errors.append(str(exc))
-    reason = errors[-1]
-    if "truncated" in " ".join(errors):
-        reason = "the file is truncated (it was cut short while being copied or written)"
-    raise RunFileError(f"{path} cannot be read as HDF5: {reason}")
-
-
 def open_run(path: str | os.PathLike[str]) -> Run:
     """Open a run file for reading.
 
@@ -223,9 +165,13 @@ class Run:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self._file, self.swmr = _open_h5(self.path)
+        self._file, self.swmr = open_for_reading(self.path)
+        # Parts found damaged while opening: HDF5 path -> what went wrong. The
+        # rest of the run reads as usual; `icsviz.check_run` reads everything.
+        self.damage: dict[str, str] = {}
         try:
-            self._check_schema()
+            with reading(self.path, "the file's attributes"):
+                self._check_schema()
             self._layers = self._read_layers()
             self._by_name = {info.name: info for info in self._layers}
             self._by_name.update({info.id: info for info in self._layers})
@@ -234,12 +180,9 @@ class Run:
             self._length = 0
             self._activations: dict[str, tuple[int, ActivationStats]] = {}
             self.refresh()
-        except RunFileError:
+        except BaseException:
             self._file.close()
             raise
-        except (KeyError, OSError, ValueError, TypeError) as exc:
-            self._file.close()
-            raise RunFileError(f"{self.path} is not a readable icsviz run: {exc}") from exc
 
     # ---------------------------------------------------------------- plumbing
     def _check_schema(self) -> None:
@@ -255,38 +198,70 @@ class Run:
                 "Upgrade icsviz to read it."
             )
 
+    def _groups(self, root: str) -> list[tuple[str, Any]]:
+        """(id, attributes) of the groups under `root`, in index order.
+
+        A group whose own metadata is damaged is left out and recorded in
+        `damage`: one broken layer must not cost the others.
+        """
+        with reading(self.path, "/" + root):
+            ids = list(self._file[root])
+        found = []
+        for gid in ids:
+            try:
+                with reading(self.path, f"/{root}/{gid}"):
+                    attrs = dict(self._file[f"{root}/{gid}"].attrs)
+                    found.append((int(attrs["index"]), gid, attrs))
+            except RunFileError as exc:
+                self.damage[f"/{root}/{gid}"] = str(exc)
+        return [(gid, attrs) for _, gid, attrs in sorted(found, key=lambda item: item[0])]
+
     def _read_layers(self) -> list[LayerInfo]:
         infos = []
-        for lid, group in self._file["layers"].items():
-            a = group.attrs
-            infos.append(
-                LayerInfo(
-                    name=str(a["name"]),
-                    id=lid,
-                    class_name=str(a["class_name"]),
-                    kind=str(a["kind"]),
-                    output_shape=tuple(json.loads(a["output_shape"])),
-                    n_units=int(a["n_units"]),
-                    n_values=int(a["n_values"]),
-                )
-            )
-        order = {lid: int(g.attrs["index"]) for lid, g in self._file["layers"].items()}
-        return sorted(infos, key=lambda info: order[info.id])
+        for lid, a in self._groups("layers"):
+            try:
+                with reading(self.path, f"/layers/{lid}"):
+                    infos.append(
+                        LayerInfo(
+                            name=str(a["name"]),
+                            id=lid,
+                            class_name=str(a["class_name"]),
+                            kind=str(a["kind"]),
+                            output_shape=tuple(json.loads(a["output_shape"])),
+                            n_units=int(a["n_units"]),
+                            n_values=int(a["n_values"]),
+                        )
+                    )
+            except RunFileError as exc:
+                self.damage[f"/layers/{lid}"] = str(exc)
+        return infos
 
     def _read_groups(self, root: str) -> dict[str, str]:
         """Original name -> group id, in index order."""
-        groups = sorted(self._file[root].items(), key=lambda item: int(item[1].attrs["index"]))
-        return {str(group.attrs["name"]): gid for gid, group in groups}
+        return {str(attrs["name"]): gid for gid, attrs in self._groups(root)}
 
     def _dataset(self, name: str) -> h5py.Dataset:
-        ds = self._file[name]
-        if self.swmr:
-            ds.refresh()
-        return ds
+        with reading(self.path, "/" + name):
+            ds = self._file[name]
+            if not isinstance(ds, h5py.Dataset):
+                raise TypeError(f"/{name} is a {type(ds).__name__}, not a dataset")
+            if self.swmr:
+                ds.refresh()
+            return ds
+
+    def _read(self, name: str, rows: int | None = None) -> np.ndarray:
+        """A whole dataset, or its first `rows` rows; damage raises DamagedRunError naming it."""
+        ds = self._dataset(name)
+        with reading(self.path, "/" + name):
+            return ds[()] if rows is None else ds[:rows]
+
+    def _attribute(self, name: str, attribute: str) -> Any:
+        with reading(self.path, f"/{name} (attribute {attribute!r})"):
+            return self._file[name].attrs[attribute]
 
     def _rows(self, name: str) -> np.ndarray:
         """The committed rows of a per-capture dataset."""
-        return self._dataset(name)[: self._length]
+        return self._read(name, self._length)
 
     def refresh(self) -> int:
         """Look for captures committed since the last refresh; returns their count."""
@@ -311,7 +286,9 @@ class Run:
     def attrs(self) -> dict[str, Any]:
         """The run's metadata (JSON-encoded values decoded)."""
         out: dict[str, Any] = {}
-        for key, value in self._file.attrs.items():
+        with reading(self.path, "the file's attributes"):
+            items = list(self._file.attrs.items())
+        for key, value in items:
             if key == "layout":
                 continue
             if isinstance(value, bytes):
@@ -338,7 +315,12 @@ class Run:
     @property
     def status(self) -> str:
         """ "training" (still being written, or killed), "complete" or "interrupted"."""
-        return self._dataset("status")[()].decode()
+        raw = self._read("status")
+        value = bytes(raw.reshape(-1)[0] if getattr(raw, "shape", ()) else raw).decode("utf-8", "replace")
+        if value not in STATUSES:  # a fixed string without a checksum in files of icsviz 0.1
+            with reading(self.path, "/status"):
+                raise ValueError(f"unknown status {value!r}")
+        return value
 
     # ---------------------------------------------------------------- captures
     @property
@@ -379,6 +361,10 @@ class Run:
         try:
             return self._by_name[name]
         except KeyError:
+            damaged = f"/layers/{safe_id(0, name)[4:]}"
+            for part, reason in self.damage.items():
+                if part.startswith("/layers/") and part[12:] == damaged[8:]:
+                    raise DamagedRunError(reason, path=str(self.path), dataset=part) from None
             raise MissingDataError(
                 f"{self.path.name} has no captured layer {name!r}; it has: "
                 f"{', '.join(self.layer_names[:20])}" + (" ..." if len(self._layers) > 20 else "")
@@ -386,7 +372,7 @@ class Run:
 
     def tracked_units(self, name: str) -> np.ndarray:
         """(U,) indices of the units of a layer whose own quantiles are recorded."""
-        return self._file[f"layers/{self.layer(name).id}/tracked_units"][()]
+        return self._read(f"layers/{self.layer(name).id}/tracked_units")
 
     def activations(self, name: str) -> ActivationStats:
         """Activation statistics of one layer (by original name or layer id).
@@ -409,7 +395,7 @@ class Run:
     def _read_activations(self, info: LayerInfo) -> ActivationStats:
         g = f"layers/{info.id}/"
         moments = self._rows(g + "moments")
-        moment_names = json.loads(self._file[g + "moments"].attrs["names"])
+        moment_names = json.loads(self._attribute(g + "moments", "names"))
         column = {m: moments[:, i] for i, m in enumerate(moment_names)}
         return ActivationStats(
             name=info.name,
@@ -418,7 +404,7 @@ class Run:
             counts=self._rows(g + "hist_counts"),
             edges=self._rows(g + "hist_edges"),
             quantiles=self._rows(g + "quantiles"),
-            q=np.asarray(self._file[g + "quantiles"].attrs["q"]),
+            q=np.asarray(self._attribute(g + "quantiles", "q")),
             mean=column["mean"],
             std=column["std"],
             min=column["min"],
@@ -427,7 +413,7 @@ class Run:
             nonfinite=self._rows(g + "nonfinite"),
             unit_mean=self._rows(g + "unit_mean"),
             unit_std=self._rows(g + "unit_std"),
-            tracked_units=self._file[g + "tracked_units"][()],
+            tracked_units=self._read(g + "tracked_units"),
             unit_quantiles=self._rows(g + "unit_quantiles"),
         )
 
@@ -445,7 +431,7 @@ class Run:
         """Layers that own trainable variables, in model order."""
         layers: list[str] = []
         for vid in self._variables.values():
-            layer = str(self._file[f"variables/{vid}"].attrs["layer"])
+            layer = str(self._attribute(f"variables/{vid}", "layer"))
             if layer not in layers:
                 layers.append(layer)
         return layers
@@ -455,7 +441,7 @@ class Run:
         return [
             name
             for name, vid in self._variables.items()
-            if self._file[f"variables/{vid}"].attrs["layer"] == layer
+            if self._attribute(f"variables/{vid}", "layer") == layer
         ]
 
     def gradients(self, name: str) -> GradientStats:
@@ -509,12 +495,12 @@ class Run:
     def history(self) -> dict[str, np.ndarray]:
         """Epoch metrics from Keras's logs: name -> (E,) array, NaN where absent."""
         rows = int(self._dataset("history/epoch").shape[0])
-        names = [n.decode("utf-8") for n in self._dataset("history/names")[()]]
-        values = self._dataset("history/values")[:rows]
+        with reading(self.path, "/history/names"):
+            names = [n.decode("utf-8") for n in self._read("history/names")]
+        values = self._read("history/values", rows)
         return {name: values[:, i].copy() for i, name in enumerate(names) if i < values.shape[1]}
 
     @property
     def history_epochs(self) -> np.ndarray:
         """(E,) 0-based epoch index of each history row."""
-        ds = self._dataset("history/epoch")
-        return ds[: ds.shape[0]]
+        return self._read("history/epoch")

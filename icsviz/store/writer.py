@@ -16,13 +16,18 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
 
-from ..errors import IncompatibleRunError, RunExistsError, RunFileError
+from ..errors import DamagedRunError, IncompatibleRunError, RunExistsError, RunFileError
+from .files import open_for_reading
+from .lock import WriterLock
 from .schema import CAPTURE_KINDS, SCHEMA_VERSION, LayerSpec, RunLayout, VariableSpec
+
+if TYPE_CHECKING:
+    from .check import RunCheck
 
 __all__ = ["RunWriter", "LayerCapture", "Capture", "layout_from_file", "repair_run"]
 
@@ -31,6 +36,11 @@ __all__ = ["RunWriter", "LayerCapture", "Capture", "layout_from_file", "repair_r
 # megabytes a capture. So the writer writes small uncompressed chunks (rewritten
 # in place) and compacts the file into a compressed copy when it closes.
 _COMPRESSION: dict[str, Any] = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+# Every chunk carries a Fletcher-32 checksum, so a changed byte is an error, never a
+# wrong number. Small fixed datasets are stored compact, inside their object
+# header, which HDF5 checksums itself.
+_CHECKSUM: dict[str, Any] = {"fletcher32": True}
+_COMPACT_LIMIT = 32 * 1024  # bytes; HDF5 allows up to 64 KiB in an object header
 _NAME_DTYPE = "S128"  # fixed-length UTF-8 strings: safe under SWMR, unlike vlen data
 
 
@@ -79,7 +89,24 @@ def _extendable(group: h5py.Group, name: str, row_shape: tuple[int, ...], dtype:
         maxshape=(None, *row_shape),
         chunks=(rows_per_chunk, *row_shape),
         dtype=dtype,
+        **_CHECKSUM,
     )
+
+
+def _fixed(group: h5py.Group, name: str, data: Any, dtype: Any = None) -> h5py.Dataset:
+    """A dataset that never grows: compact (checksummed with its header) when small."""
+    data = np.asarray(data, dtype=dtype)
+    if data.nbytes > _COMPACT_LIMIT or data.size == 0:
+        chunks = data.shape if data.size else None
+        return group.create_dataset(name, data=data, chunks=chunks, **(_CHECKSUM if chunks else {}))
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_layout(h5py.h5d.COMPACT)
+    space = h5py.h5s.create(h5py.h5s.SCALAR) if data.ndim == 0 else h5py.h5s.create_simple(data.shape)
+    dataset = h5py.Dataset(
+        h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(data.dtype), space, dcpl=dcpl)
+    )
+    dataset[()] = data
+    return dataset
 
 
 class RunWriter:
@@ -95,8 +122,9 @@ class RunWriter:
     ```
     """
 
-    def __init__(self, file: h5py.File, layout: RunLayout) -> None:
+    def __init__(self, file: h5py.File, layout: RunLayout, lock: WriterLock) -> None:
         self._file = file
+        self._lock = lock
         self.layout = layout
         self.path = Path(file.filename)
         self._layer_ids = layout.layer_ids()
@@ -124,12 +152,17 @@ class RunWriter:
                 "another path, or resume the run with initial_epoch > 0."
             )
         path.parent.mkdir(parents=True, exist_ok=True)
+        lock = WriterLock(path).acquire()  # before "w" truncates a file another run is writing
         try:
-            file = h5py.File(path, "w", libver="latest")
-        except OSError as exc:
-            raise RunFileError(f"cannot create run file {path}: {exc}") from exc
-        _create_layout(file, layout, metadata)
-        return cls(file, layout)
+            try:
+                file = h5py.File(path, "w", libver="latest")
+            except OSError as exc:
+                raise RunFileError(f"cannot create run file {path}: {exc}") from exc
+            _create_layout(file, layout, metadata)
+            return cls(file, layout, lock)
+        except BaseException:
+            lock.release()
+            raise
 
     @classmethod
     def resume(cls, path: str | os.PathLike[str], layout: RunLayout, *, from_epoch: int) -> RunWriter:
@@ -141,13 +174,19 @@ class RunWriter:
         replaces, so they are removed.
         """
         path = Path(path)
+        lock = WriterLock(path).acquire()  # the flags below mean "killed" only if nobody holds it
         try:
             file = h5py.File(path, "a", libver="latest")
         except OSError as exc:
             if not _left_open_by_dead_writer(exc):
+                lock.release()
                 raise RunFileError(f"cannot reopen {path} to resume the run: {exc}") from exc
-            repair_run(path)  # a killed writer left the SWMR flags set
-            file = h5py.File(path, "a", libver="latest")
+            try:
+                _rewrite(path, status="interrupted")  # a killed writer left the SWMR flags set
+                file = h5py.File(path, "a", libver="latest")
+            except BaseException:
+                lock.release()
+                raise
         try:
             stored = layout_from_file(file)
             difference = stored.describe_difference(layout)
@@ -159,8 +198,9 @@ class RunWriter:
             _truncate(file, from_epoch)
         except BaseException:
             file.close()
+            lock.release()
             raise
-        return cls(file, layout)
+        return cls(file, layout, lock)
 
     # ------------------------------------------------------------------ writing
     @property
@@ -252,11 +292,14 @@ class RunWriter:
         if not self._file.id.valid:
             return
         try:
-            self._set_status(status)
+            try:
+                self._set_status(status)
+            finally:
+                self._file.close()
+            if compact:
+                _rewrite(self.path, status=status)
         finally:
-            self._file.close()
-        if compact:
-            _rewrite(self.path, status=status)
+            self._lock.release()
 
     @property
     def closed(self) -> bool:
@@ -286,7 +329,7 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
     attrs["capture_kinds"] = json.dumps(CAPTURE_KINDS)
     for key, value in metadata.items():
         attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
-    file.create_dataset("status", data=b"training", dtype="S16")
+    _fixed(file, "status", b"training", "S16")
 
     captures = file.create_group("captures")
     for name, dtype in (("step", "i8"), ("epoch", "f8"), ("time", "f8"), ("kind", "u1")):
@@ -317,7 +360,7 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
         _extendable(g, "nonfinite", (), "i8")
         _extendable(g, "unit_mean", (spec.n_units,), "f4")
         _extendable(g, "unit_std", (spec.n_units,), "f4")
-        g.create_dataset("tracked_units", data=np.asarray(spec.tracked_units, dtype="i4"))
+        _fixed(g, "tracked_units", spec.tracked_units, "i4")
         u, tq = len(spec.tracked_units), len(layout.tracked_quantiles)
         _extendable(g, "unit_quantiles", (u, tq), "f4")
         g["unit_quantiles"].attrs["q"] = np.asarray(layout.tracked_quantiles)
@@ -337,8 +380,12 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
         _extendable(g, "grad_cos", (), "f4")
 
     history = file.create_group("history")
-    history.create_dataset("names", shape=(0,), maxshape=(None,), dtype=_NAME_DTYPE, chunks=(64,))
-    history.create_dataset("values", shape=(0, 0), maxshape=(None, None), dtype="f8", chunks=(64, 16))
+    history.create_dataset(
+        "names", shape=(0,), maxshape=(None,), dtype=_NAME_DTYPE, chunks=(64,), **_CHECKSUM
+    )
+    history.create_dataset(
+        "values", shape=(0, 0), maxshape=(None, None), dtype="f8", chunks=(64, 16), **_CHECKSUM
+    )
     _extendable(history, "epoch", (), "i8")
     attrs["layout"] = json.dumps(asdict(layout))
 
@@ -390,58 +437,123 @@ def _left_open_by_dead_writer(exc: OSError) -> bool:
     return "already open for" in text and "lock" not in text
 
 
-def repair_run(path: str | os.PathLike[str]) -> Path:
-    """Make a run file left by a killed writer openable by plain h5py again.
+def repair_run(path: str | os.PathLike[str], out: str | os.PathLike[str] | None = None) -> Path:
+    """Save every readable capture of a damaged or killed run into a clean file. Returns its path.
 
-    A writer killed in SWMR mode leaves the file's consistency flags set: SWMR
-    readers (icsviz, ``h5py.File(path, "r", swmr=True)``) still read every
-    committed capture, but ``h5py.File(path)`` and append mode refuse it. This
-    copies the committed content into a fresh compressed file, marks it
-    "interrupted" and atomically replaces the original. Returns the path.
+    A file left by a killed writer (HDF5's "open for writing" flags set, so
+    plain ``h5py.File(path)`` refuses it) but otherwise intact is rewritten in
+    place, marked "interrupted". A damaged file is copied to `out` (default:
+    ``NAME.repaired.h5`` beside it; the original is left as it is) without
+    the parts that fail their checksums: a damaged layer, variable or
+    gradient-shift group is left out whole, damaged rows of the capture index
+    drop those captures, damaged history rows are dropped. `icsviz check`
+    says beforehand what that keeps.
+
+    Raises:
+        DamagedRunError: the header or the whole capture index is damaged,
+            so nothing can be saved.
+        RunInUseError: a training process is writing the file.
     """
-    return _rewrite(Path(path), status="interrupted")
+    from .check import check_run  # check reads through the reader side only
 
-
-def _rewrite(path: Path, *, status: str) -> Path:
-    """Copy the committed content of a run into a fresh compressed file, in place."""
-    tmp = path.with_name(path.name + ".tmp")
+    path = Path(path)
+    lock = WriterLock(path).acquire()  # never under a live writer
     try:
-        src = h5py.File(path, "r", swmr=True, libver="latest")
-    except OSError as exc:
-        raise RunFileError(f"cannot rewrite {path}: {exc}") from exc
+        report = check_run(path)
+        if not report.openable:
+            raise DamagedRunError(f"{path} cannot be repaired: {report.error}", path=str(path))
+        if report.ok and out is None:
+            return _rewrite(path, status="interrupted")
+        target = Path(out) if out is not None else path.with_name(f"{path.stem}.repaired{path.suffix}")
+        if target.resolve() == path.resolve() and not report.ok:
+            raise ValueError(
+                f"repair writes the saved captures to a new file; pass an `out` other than {path}"
+            )
+        return _rewrite(path, status="interrupted", out=target, plan=report)
+    finally:
+        lock.release()
+
+
+def _rewrite(path: Path, *, status: str, out: Path | None = None, plan: RunCheck | None = None) -> Path:
+    """Copy the committed content of a run into a fresh compressed file (in place unless `out`).
+
+    With a `plan` from `check_run`, the damaged groups and rows it lists are left out.
+    """
+    out = path if out is None else out
+    tmp = out.with_name(out.name + ".tmp")
+    src, _ = open_for_reading(path)
     try:
         with src, h5py.File(tmp, "w", libver="latest") as dst:
             rows = int(src["captures/step"].shape[0]) if "captures/step" in src else None
-            _copy_group(src, dst, rows)
+            _Copy(rows, plan).group(src, dst)
             if "status" in dst:
                 dst["status"][()] = status.encode()
-        os.replace(tmp, path)
+        os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+    return out
 
 
-def _copy_group(src: h5py.Group, dst: h5py.Group, rows: int | None) -> None:
-    """Recursive copy that compresses datasets and keeps only committed rows."""
-    for key, value in src.attrs.items():
-        dst.attrs[key] = value
-    for name, obj in src.items():
-        if isinstance(obj, h5py.Group):
-            _copy_group(obj, dst.create_group(name), rows)
-            continue
-        data = obj[()]
-        per_capture = rows is not None and obj.maxshape[:1] == (None,) and "history" not in obj.name
-        if per_capture:
-            data = data[:rows]
+class _Copy:
+    """Recursive copy that compresses datasets, keeps only committed rows and leaves out damage."""
+
+    def __init__(self, rows: int | None, plan: RunCheck | None) -> None:
+        self.rows = rows
+        self.skip = set(plan.drop_groups) if plan else set()
+        self.drop_captures = set(plan.drop_captures) if plan else set()
+        self.drop_history = set(plan.drop_history) if plan else set()
+        self.history_lost = bool(plan and plan.history_lost)
+
+    def group(self, src: h5py.Group, dst: h5py.Group) -> None:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for name in src:
+            if f"{src.name.rstrip('/')}/{name}" in self.skip:
+                continue  # by path: a damaged object may not even open
+            obj = src[name]
+            if isinstance(obj, h5py.Group):
+                self.group(obj, dst.create_group(name))
+            else:
+                self.dataset(obj, dst, name)
+
+    def dataset(self, obj: h5py.Dataset, dst: h5py.Group, name: str) -> None:
+        history = obj.name.startswith("/history/")
+        if history and self.history_lost:
+            data = np.zeros((0,) * len(obj.shape), obj.dtype)
+        elif history and obj.name != "/history/names":
+            data = _kept_rows(obj, obj.shape[0], self.drop_history)
+        elif self.rows is not None and obj.maxshape[:1] == (None,) and not history:
+            data = _kept_rows(obj, self.rows, self.drop_captures)
+        else:
+            data = obj[()]
         if obj.maxshape == obj.shape or not obj.chunks:  # fixed-size: copy as is
-            new = dst.create_dataset(name, data=data, dtype=obj.dtype)
+            new = _fixed(dst, name, data, obj.dtype)
         else:
             chunks = tuple(max(1, min(c, 64)) if i == 0 else c for i, c in enumerate(obj.chunks))
             new = dst.create_dataset(
-                name, data=data, dtype=obj.dtype, maxshape=obj.maxshape, chunks=chunks, **_COMPRESSION
+                name,
+                data=data,
+                dtype=obj.dtype,
+                maxshape=obj.maxshape,
+                chunks=chunks,
+                **_COMPRESSION,
+                **_CHECKSUM,
             )
         for key, value in obj.attrs.items():
             new.attrs[key] = value
+
+
+def _kept_rows(ds: h5py.Dataset, rows: int, drop: set[int]) -> np.ndarray:
+    """The first `rows` rows without those in `drop`, reading around damaged chunks."""
+    if not drop:
+        return ds[:rows]
+    step = max(1, ds.chunks[0] if ds.chunks else rows)
+    blocks = []
+    for start in range(0, rows, step):
+        keep = [r - start for r in range(start, min(rows, start + step)) if r not in drop]
+        if keep:
+            blocks.append(ds[start : min(rows, start + step)][np.asarray(keep)])
+    return np.concatenate(blocks) if blocks else np.zeros((0, *ds.shape[1:]), ds.dtype)
 
 
 def _truncate_rows(file: h5py.File, rows: int) -> None:

@@ -1,0 +1,320 @@
+"""Find damage in run files, and save what can be saved.
+
+`check_run(path)` reads every byte a reader could ask for: every attribute,
+every dataset, chunk by chunk where a whole read fails, so that damage is
+located down to the capture rows it costs. The result says what is damaged
+and what a repair keeps. `guarded_check(path)` does the same in a worker
+process with a time limit, for callers that must survive whatever the HDF5
+library does with a damaged file (hang, or crash the interpreter): the app,
+`icsviz check` and `icsviz info`.
+
+What a repair keeps (`RunCheck.plan`): damage inside a layer, a variable or a
+gradient-shift group drops that group and keeps every capture; damage in the
+capture index (/captures) drops the captures of the damaged rows; damaged
+history rows are dropped; a damaged status becomes "interrupted".
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import RunFileError
+from .files import open_for_reading, reading, truncation
+from .schema import SCHEMA_VERSION, STATUSES
+
+__all__ = ["Damage", "RunCheck", "check_run", "guarded_check", "CHECK_TIMEOUT_S"]
+
+CHECK_TIMEOUT_S = 10.0
+_GROUPS = ("layers", "variables", "ics")
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One part of a file that does not read back as written."""
+
+    part: str  # HDF5 path: "/layers/003_conv2/hist_counts", "/layers/003_conv2", "/status", ...
+    reason: str
+    rows: tuple[int, ...] = ()  # capture (or history) rows lost, when the damage is row-wise
+
+    def describe(self) -> str:
+        where = self.part
+        if self.rows:
+            where += f" rows {_ranges(self.rows)}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class RunCheck:
+    """What `check_run` found in one file."""
+
+    path: Path
+    openable: bool  # header and capture index are intact: the run opens and has a timeline
+    error: str = ""  # why not, when not openable
+    captures: int = 0  # committed captures in the file
+    layers: tuple[str, ...] = ()  # captured layer names the file lists (intact groups only)
+    damage: tuple[Damage, ...] = ()
+    drop_groups: tuple[str, ...] = ()  # "/layers/<id>" ... that a repair leaves out
+    drop_layer_names: tuple[str, ...] = ()  # their names, where the name could be read
+    drop_captures: tuple[int, ...] = ()  # capture rows a repair leaves out
+    drop_history: tuple[int, ...] = ()  # history rows a repair leaves out
+    history_lost: bool = False  # the whole history is unreadable
+    hang: bool = field(default=False)  # the guarded check ran out of time
+
+    @property
+    def ok(self) -> bool:
+        return self.openable and not self.damage
+
+    def summary(self) -> str:
+        """A few lines for people: the verdict, the damage, what a repair keeps."""
+        if not self.openable:
+            return f"{self.path}: UNREADABLE: {self.error}"
+        if self.ok:
+            return f"{self.path}: ok ({self.captures} captures, {len(self.layers)} layers, every checksum matches)"
+        kept = self.captures - len(self.drop_captures)
+        lines = [f"{self.path}: DAMAGED ({len(self.damage)} damaged parts)"]
+        lines += [f"  - {d.describe()}" for d in self.damage]
+        saved = f"  repair keeps {kept} of {self.captures} captures"
+        if self.drop_layer_names:
+            names = ", ".join(self.drop_layer_names[:6]) + (" ..." if len(self.drop_layer_names) > 6 else "")
+            saved += f" and leaves out the damaged layers {names}"
+        others = len(self.drop_groups) - len(self.drop_layer_names)
+        if others:
+            saved += f" and {others} damaged gradient-statistics groups"
+        if self.history_lost:
+            saved += ", loses the epoch history"
+        elif self.drop_history:
+            saved += f", drops history rows {_ranges(self.drop_history)}"
+        lines.append(saved + f": `icsviz repair {self.path}`")
+        return "\n".join(lines)
+
+
+def _ranges(rows: tuple[int, ...]) -> str:
+    parts, start = [], None
+    for i, r in enumerate(rows):
+        if start is None:
+            start = r
+        if i + 1 == len(rows) or rows[i + 1] != r + 1:
+            parts.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(parts)
+
+
+class _Walker:
+    def __init__(self, path: Path, file: h5py.File) -> None:
+        self.path = path
+        self.file = file
+        self.damage: list[Damage] = []
+        self.rows = int(file["captures/step"].shape[0]) if "captures/step" in file else 0
+
+    def fail(self, part: str, exc: RunFileError, rows: tuple[int, ...] = ()) -> None:
+        reason = str(exc).split(" (", 1)[-1].rsplit("); the file is damaged", 1)[0]
+        self.damage.append(Damage(part, reason, rows))
+
+    def attributes(self, part: str) -> bool:
+        try:
+            with reading(self.path, part):
+                obj = self.file[part] if part != "/" else self.file
+                for key in obj.attrs:
+                    obj.attrs[key]  # noqa: B018 - reading is the check
+            return True
+        except RunFileError as exc:
+            self.fail(part, exc)
+            return False
+
+    def dataset(self, part: str) -> None:
+        try:
+            with reading(self.path, part):
+                ds = self.file[part]
+                for key in ds.attrs:
+                    ds.attrs[key]  # noqa: B018
+                per_capture = ds.maxshape[:1] == (None,) and not part.startswith("/history/")
+                rows = self.rows if per_capture else (ds.shape[0] if ds.shape else None)
+        except RunFileError as exc:
+            self.fail(part, exc)
+            return
+        try:
+            with reading(self.path, part):
+                ds[()] if rows is None else ds[:rows]  # noqa: B018
+            return
+        except RunFileError as exc:
+            if not ds.chunks or rows is None:
+                self.fail(part, exc)
+                return
+            first = exc
+        bad: list[int] = []
+        step = ds.chunks[0]
+        for start in range(0, rows, step):  # locate the damaged chunks
+            try:
+                with reading(self.path, part):
+                    ds[start : min(rows, start + step)]  # noqa: B018
+            except RunFileError:
+                bad.extend(range(start, min(rows, start + step)))
+        if not bad:  # the whole read failed, every part read: count it all as damaged
+            bad = list(range(rows))
+        self.fail(part, first, tuple(bad))
+
+    def group(self, part: str) -> None:
+        if not self.attributes(part):
+            return
+        try:
+            with reading(self.path, part):
+                children = [(name, isinstance(obj, h5py.Group)) for name, obj in self.file[part].items()]
+        except RunFileError as exc:
+            self.fail(part, exc)
+            return
+        for name, is_group in children:
+            child = f"{part.rstrip('/')}/{name}"
+            self.group(child) if is_group else self.dataset(child)
+
+
+def check_run(path: str | os.PathLike[str]) -> RunCheck:
+    """Read everything in a run file and report what is damaged and what a repair keeps.
+
+    Runs in this process: a damaged file can in rare cases hang or crash the
+    HDF5 library, so use `guarded_check` where that must not matter.
+    """
+    path = Path(path)
+    try:
+        file, _ = open_for_reading(path)
+    except RunFileError as exc:
+        return RunCheck(path, openable=False, error=str(exc))
+    with file:
+        walker = _Walker(path, file)
+        short = truncation(path)
+        if short:
+            walker.damage.append(Damage("(end of file)", short.split(" is ", 1)[-1]))
+        walker.group("/")
+        return _verdict(path, file, walker)
+
+
+def _verdict(path: Path, file: h5py.File, walker: _Walker) -> RunCheck:
+    damage = list(walker.damage)
+    header = [d for d in damage if d.part == "/" or d.part in ("/layers", "/variables", "/ics", "/captures")]
+    try:
+        with reading(path, "the file's attributes"):
+            version = int(file.attrs["schema_version"])
+        if version > SCHEMA_VERSION:
+            return RunCheck(path, False, f"schema version {version} is newer than this icsviz reads")
+    except (RunFileError, KeyError) as exc:
+        header.append(Damage("/", str(exc)))
+    index = [d for d in damage if d.part.startswith("/captures/")]
+    if header or any(not d.rows for d in index):
+        worst = (header or [d for d in index if not d.rows])[0]
+        return RunCheck(
+            path,
+            openable=False,
+            error=f"{worst.describe()}: the run's header or capture index is damaged, nothing can be read",
+            captures=walker.rows,
+            damage=tuple(damage),
+        )
+    try:
+        with reading(path, "/status"):
+            status = bytes(np.asarray(file["status"][()]).reshape(-1)[0]).decode("utf-8", "replace")
+        if status not in STATUSES:
+            damage.append(Damage("/status", f"unknown status {status!r}"))
+    except RunFileError:
+        pass  # already in the list from the walk
+
+    drop_groups: list[str] = []
+    for d in damage:
+        parts = d.part.split("/")
+        if len(parts) >= 3 and parts[1] in _GROUPS:
+            group = "/".join(parts[:3])
+            if group not in drop_groups:
+                drop_groups.append(group)
+    names = []
+    layers = []
+    for lid in _safe_keys(file, "layers"):
+        name = _name_of(file, f"layers/{lid}")
+        if f"/layers/{lid}" in drop_groups:
+            names.append(name or lid)
+        elif name:
+            layers.append(name)
+    history = [d for d in damage if d.part.startswith("/history")]
+    return RunCheck(
+        path,
+        openable=True,
+        captures=walker.rows,
+        layers=tuple(layers),
+        damage=tuple(damage),
+        drop_groups=tuple(drop_groups),
+        drop_layer_names=tuple(names),
+        drop_captures=tuple(sorted({r for d in index for r in d.rows})),
+        drop_history=tuple(sorted({r for d in history for r in d.rows})),
+        history_lost=any(not d.rows for d in history),
+    )
+
+
+def _safe_keys(file: h5py.File, group: str) -> list[str]:
+    try:
+        return list(file[group])
+    except Exception:  # noqa: BLE001 - damage is already recorded
+        return []
+
+
+def _name_of(file: h5py.File, group: str) -> str:
+    try:
+        return str(file[group].attrs["name"])
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+# ---------------------------------------------------------------- the guard
+_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+def _pool() -> concurrent.futures.ProcessPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        # spawn: a fork of a process with HDF5 files open (the app) is not safe
+        _POOL = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    return _POOL
+
+
+def _discard_pool() -> None:
+    global _POOL
+    pool, _POOL = _POOL, None
+    if pool is None:
+        return
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.kill()  # a hung HDF5 call never returns: nothing else stops it
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def guarded_check(path: str | os.PathLike[str], timeout: float = CHECK_TIMEOUT_S) -> RunCheck:
+    """`check_run` in a worker process that is killed after `timeout` seconds.
+
+    A file that hangs the HDF5 library or crashes it is reported as unreadable
+    instead of taking the caller down with it.
+    """
+    path = Path(path)
+    try:
+        future = _pool().submit(check_run, path)
+    except RuntimeError:  # the pool broke earlier (a crashed worker): start a new one
+        _discard_pool()
+        future = _pool().submit(check_run, path)
+    try:
+        return future.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        _discard_pool()
+        return RunCheck(
+            path,
+            openable=False,
+            error=f"reading it did not finish within {timeout:.0f} s: the HDF5 library hangs on this "
+            f"damaged file; `icsviz repair {path}` may save its captures",
+            hang=True,
+        )
+    except concurrent.futures.process.BrokenProcessPool:
+        _discard_pool()
+        return RunCheck(
+            path,
+            openable=False,
+            error="the HDF5 library crashed while reading it: the file is damaged beyond reading",
+        )

@@ -1,0 +1,203 @@
+"""Opening run files for reading without raw HDF5 errors or hangs.
+
+Three things go wrong with files that travel: they are cut short, they are
+damaged inside, or a writer left HDF5's "open for writing" flags set. This
+module turns each into a `RunFileError` that names the file:
+
+- cut-short files are found from the end-of-file address in the superblock,
+  before HDF5 sees them (HDF5's SWMR reader would retry for minutes);
+- a file is opened in plain read mode when it can be, where a failed checksum
+  fails at once; only a file that a writer has open (or left open when it was
+  killed) is opened in SWMR mode, with HDF5's metadata retries bounded, since
+  the default of 100 retries with back-off turns one flipped bit into a hang;
+- every later read goes through `reading(...)`, which names the file and the
+  dataset in a `DamagedRunError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+
+from ..errors import DamagedRunError, RunFileError
+
+__all__ = ["open_for_reading", "reading", "damage_hint", "truncation", "SWMR_READ_ATTEMPTS"]
+
+# Enough for a reader that races the writer (a mismatch there clears on the
+# next try), few enough that a damaged block fails in milliseconds.
+SWMR_READ_ATTEMPTS = 20
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_HDF5_FAILURES = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, UnicodeDecodeError)
+
+
+def damage_hint(path: Path | str) -> str:
+    return f"run `icsviz check {path}` to see what is damaged and `icsviz repair {path}` to save the rest"
+
+
+@contextlib.contextmanager
+def reading(path: Path | str, dataset: str) -> Iterator[None]:
+    """Turn any failure of HDF5 while reading `dataset` into a `DamagedRunError`."""
+    try:
+        yield
+    except RunFileError:
+        raise
+    except _HDF5_FAILURES as exc:
+        short = _safe_truncation(Path(path))
+        reason = (
+            f"it lies past the end of the file, which {short.split(' is ', 1)[-1]}" if short else _reason(exc)
+        )
+        raise DamagedRunError(
+            f"{path}: cannot read {dataset or 'the file'} ({reason}); the file is damaged: "
+            + damage_hint(path),
+            path=str(path),
+            dataset=dataset,
+        ) from exc
+
+
+def _safe_truncation(path: Path) -> str:
+    try:
+        return truncation(path)
+    except OSError:
+        return ""
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip("'\" ")
+    if "checksum" in text.lower() or "filter returned failure" in text:
+        return "its checksum does not match: the bytes changed after they were written"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _stored_end_of_file(path: Path) -> int | None:
+    """The end-of-file address that the HDF5 superblock records, if it can be read."""
+    with open(path, "rb") as stream:
+        for base in (0, 512, 1024, 2048, 4096, 8192):  # the superblock may follow a user block
+            stream.seek(base)
+            head = stream.read(64)
+            if head[:8] != _SIGNATURE:
+                continue
+            version = head[8]
+            if version in (2, 3):
+                size = head[9]
+                offset = 12 + 2 * size  # base address, superblock extension address
+            elif version in (0, 1):
+                size = head[13]
+                offset = 24 + (4 if version == 1 else 0) + 2 * size  # base, free-space addresses
+            else:
+                return None
+            if size not in (4, 8):
+                return None
+            return base + int.from_bytes(head[offset : offset + size], "little")
+    return None
+
+
+def truncation(path: Path) -> str:
+    """A sentence when the file is shorter than its superblock says, else ""."""
+    stored_eof = _stored_end_of_file(path)
+    size = path.stat().st_size
+    if stored_eof is None or size >= stored_eof:
+        return ""
+    return (
+        f"{path} is truncated: {size} bytes on disk, the file says {stored_eof} (it was cut short "
+        "while being copied or written, or the disk filled up)"
+    )
+
+
+def _hdf5_library() -> ctypes.CDLL | None:
+    """The HDF5 library that h5py uses, for the one setting h5py does not expose."""
+    here = os.path.dirname(h5py.__file__)
+    candidates = glob.glob(os.path.join(here, "..", "h5py.libs", "libhdf5-*.so*"))  # Linux wheels
+    candidates += glob.glob(os.path.join(here, ".dylibs", "libhdf5*.dylib"))  # macOS wheels
+    candidates += [
+        line.split()[-1] for line in _mapped_libraries() if "libhdf5." in line or "libhdf5-" in line
+    ]
+    for candidate in candidates:
+        if "_hl" in os.path.basename(candidate):
+            continue
+        try:
+            lib = ctypes.CDLL(candidate)
+            lib.H5Pset_metadata_read_attempts  # noqa: B018 - present since HDF5 1.10
+            return lib
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _mapped_libraries() -> list[str]:
+    try:
+        with open("/proc/self/maps") as maps:
+            return [line.strip() for line in maps if "libhdf5" in line]
+    except OSError:
+        return []
+
+
+_LIBRARY: ctypes.CDLL | None | bool = False  # False: not looked up yet
+
+
+def _swmr_access_list() -> h5py.h5p.PropFAID:
+    global _LIBRARY
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
+    if _LIBRARY is False:
+        _LIBRARY = _hdf5_library()
+    if _LIBRARY:
+        _LIBRARY.H5Pset_metadata_read_attempts(ctypes.c_int64(fapl.id), ctypes.c_uint(SWMR_READ_ATTEMPTS))
+    return fapl
+
+
+def _open_swmr(path: Path) -> h5py.File:
+    fid = h5py.h5f.open(os.fsencode(path), h5py.h5f.ACC_RDONLY | h5py.h5f.ACC_SWMR_READ, _swmr_access_list())
+    return h5py.File(fid)
+
+
+def open_for_reading(path: Path) -> tuple[h5py.File, bool]:
+    """(file, swmr): a run file opened for reading, or a `RunFileError` saying why not.
+
+    `swmr` is True when a writer has the file open (or was killed with it
+    open): the reader must then refresh to see new rows.
+    """
+    if not path.exists():
+        raise RunFileError(f"{path}: no such run file")
+    if path.is_dir():
+        raise RunFileError(f"{path} is a directory, not a run file")
+    size = path.stat().st_size
+    if size == 0:
+        raise RunFileError(f"{path} is empty (0 bytes): the run never wrote its header")
+    if not h5py.is_hdf5(path):
+        raise RunFileError(f"{path} is not an HDF5 file ({size} bytes without an HDF5 signature)")
+    short = truncation(path)
+    if short:
+        # A disk that filled up mid-run leaves the committed captures intact in
+        # front of the missing end: the SWMR reader gets at them, plain HDF5 refuses.
+        try:
+            return _open_swmr(path), True
+        except _HDF5_FAILURES:
+            raise RunFileError(short) from None
+    try:
+        return h5py.File(path, "r", locking=False), False
+    except OSError as exc:
+        plain_error = exc
+    if "already open for" not in str(plain_error):
+        raise _unopenable(path, plain_error)
+    try:  # a live writer, or one killed with the file open
+        return _open_swmr(path), True
+    except _HDF5_FAILURES as exc:
+        raise _unopenable(path, exc) from exc
+
+
+def _unopenable(path: Path, exc: BaseException) -> RunFileError:
+    text = str(exc)
+    if "truncated" in text:
+        return RunFileError(f"{path} is truncated (it was cut short while being copied or written)")
+    return DamagedRunError(
+        f"{path} cannot be opened as HDF5 ({_reason(exc)}); its header is damaged and nothing in it "
+        "can be read",
+        path=str(path),
+    )
