@@ -70,3 +70,17 @@ def tiny_capture(layout: RunLayout, step: int, value: float = 1.0, kind: str = "
 @pytest.fixture
 def layout() -> RunLayout:
     return tiny_layout()
+
+
+def damage_chunk(path: Path, dataset: str, chunk: int = 0) -> None:
+    """Flip one byte in the middle of one stored chunk of `dataset`, as a bad disk would."""
+    import h5py
+
+    with h5py.File(path, "r", locking=False) as f:
+        info = f[dataset].id.get_chunk_info(chunk)
+    offset = info.byte_offset + info.size // 2
+    with open(path, "r+b") as stream:
+        stream.seek(offset)
+        byte = stream.read(1)[0]
+        stream.seek(offset)
+        stream.write(bytes([byte ^ 0x10]))

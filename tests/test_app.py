@@ -14,6 +14,8 @@ import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from conftest import damage_chunk
+
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 SHIPPED = sorted((ROOT / "runs").glob("*.h5"))
@@ -192,3 +194,32 @@ def test_a_run_that_grows_while_the_app_is_open_shows_new_captures(tmp_path) -> 
     finally:
         proc.kill()
         proc.wait(30)
+
+
+def test_a_damaged_run_is_marked_and_only_its_damaged_layer_is_left_out(shipped, tmp_path) -> None:
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    for path in SHIPPED:
+        shutil.copy(path, folder / path.name)
+    with __import__("h5py").File(folder / "cifar10-bn.h5", "r") as f:
+        lid = next(k for k in f["layers"] if f["layers"][k].attrs["name"] == "fc1_relu")
+    damage_chunk(folder / "cifar10-bn.h5", f"layers/{lid}/hist_counts")
+    (folder / "zeros.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(4096))  # a header and nothing else
+
+    at = app_for(folder).run()
+    assert not at.exception, [e.value for e in at.exception]
+    warnings = " ".join(w.value for w in at.warning)
+    assert "cifar10-bn.h5 is damaged" in warnings and "fc1_relu" in warnings
+    assert "zeros.h5 is unreadable" in warnings
+    assert sorted(at.sidebar.multiselect(key="runs").value) == ["cifar10-baseline.h5", "cifar10-bn.h5"]
+    assert "fc1_relu (cifar10-bn)" in " ".join(c.value for c in at.sidebar.caption)
+
+    at.sidebar.selectbox(key="layer").set_value("fc1_relu").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("damaged in cifar10-bn" in w.value for w in at.warning)
+    hist = frames_with(at, "run", "density")
+    assert hist and all(set(df["run"]) == {"cifar10-baseline"} for df in hist)
+
+    at.sidebar.selectbox(key="layer").set_value("fc1").run()  # an intact layer: both runs
+    assert not at.exception
+    assert {"cifar10-baseline", "cifar10-bn"} <= set().union(*(set(df["run"]) for df in frames_with(at, "run", "density")))

@@ -131,11 +131,13 @@ def run_app() -> None:
         page.runs_table(entries)
 
     names = [e.path.name for e in entries if e.readable]
+    damaged = {e.path.name for e in entries if e.readable and e.damaged}
     selected = st.sidebar.multiselect(
         "Runs",
         names,
         default=default_selection(entries),
         key="runs",
+        format_func=lambda name: f"{name} (damaged)" if name in damaged else name,
         help="Runs to show side by side, on shared axes",
     )
     chosen = [e for e in entries if e.path.name in selected]
@@ -148,6 +150,9 @@ def run_app() -> None:
         st.info("The selected runs captured no layers.")
         return
     layer = st.sidebar.selectbox("Layer (model order)", layers, key="layer")
+    lost = [f"{name} ({e.path.stem})" for e in chosen for name in e.damaged_layers]
+    if lost:
+        st.sidebar.caption("Damaged, left out: " + ", ".join(lost))
     bands = st.sidebar.radio(
         "Percentile bands",
         ["ioffe", "tensorboard"],

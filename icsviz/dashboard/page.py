@@ -8,6 +8,7 @@ files are shown as text (tables, chart labels), never rendered as HTML.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,18 +16,50 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ..store.catalog import RunEntry
-from ..store.reader import open_run
+from ..errors import ICSVizError
+from ..store.catalog import RunEntry, entry_for
+from ..store.reader import Run, open_run
 from . import charts, data
 
 Key = tuple[str, int, int]
 
 
 # ---------------------------------------------------------------- cached reads
+def _open(key: Key) -> Run:
+    """A run as the catalog found it: without the parts its check found damaged."""
+    entry = entry_for(key)
+    return entry.open() if entry is not None else open_run(key[0])
+
+
 def _with_runs(keys: Sequence[Key], labels: Sequence[str], fn: Callable[[dict], Any]) -> Any:
     with contextlib.ExitStack() as stack:
-        runs = {label: stack.enter_context(open_run(key[0])) for key, label in zip(keys, labels)}
+        runs = {label: stack.enter_context(_open(key)) for key, label in zip(keys, labels)}
         return fn(runs)
+
+
+def guarded(view: Callable[..., None]) -> Callable[..., None]:
+    """A view that shows what went wrong in its own place, instead of breaking the page."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            view(*args, **kwargs)
+        except ICSVizError as exc:
+            st.error(f"This panel cannot be shown: {exc}", icon="⚠️")
+
+    return wrapper
+
+
+def _with_readable_history(runs: dict[str, Run]) -> dict[str, Run]:
+    """The runs whose epoch history reads (a damaged one leaves the curves of the others)."""
+    readable = {}
+    for label, run in runs.items():
+        try:
+            run.history  # noqa: B018 - reading is the check
+            readable[label] = run
+        except ICSVizError:
+            continue
+    return readable
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -35,7 +68,10 @@ def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
         return {
             "layers": data.layer_union(runs),
             "epochs": data.capture_epochs(runs),
-            "curves": data.curves_frame(runs),
+            "curves": data.curves_frame(_with_readable_history(runs)),
+            "damaged_of": {
+                label: list(getattr(entry_for(key), "damaged_layers", ())) for key, label in zip(keys, labels)
+            },
             "layers_of": {label: run.layer_names for label, run in runs.items()},
             "tracked": {
                 label: {n: run.tracked_units(n).tolist() for n in run.layer_names}
@@ -99,7 +135,7 @@ def runs_table(entries: Sequence[RunEntry]) -> None:
             "dataset": e.dataset,
             "epochs": e.epochs,
             "captures": e.captures,
-            "status": e.status,
+            "status": e.status + (", damaged" if e.damaged else ""),
             "best val acc": None if np.isnan(e.best_val_accuracy) else round(e.best_val_accuracy, 4),
         }
         for e in entries
@@ -108,8 +144,17 @@ def runs_table(entries: Sequence[RunEntry]) -> None:
     for e in entries:
         if not e.readable:
             st.warning(f"{e.path.name} is unreadable: {e.error}", icon="⚠️")
+        elif e.damaged:
+            lost = f" Left out: layers {', '.join(e.damaged_layers)}." if e.damaged_layers else ""
+            st.warning(
+                f"{e.path.name} is damaged ({len(e.damage)} parts fail their checksums); the rest is "
+                f"shown.{lost} `icsviz check {e.path.name}` lists the damage, `icsviz repair` saves the "
+                "readable captures.",
+                icon="⚠️",
+            )
 
 
+@guarded
 def training_curves(keys: tuple[Key, ...], labels: tuple[str, ...], epoch: float | None) -> None:
     overview = _overview(keys, labels)
     st.subheader("Training curves")
@@ -123,6 +168,7 @@ def training_curves(keys: tuple[Key, ...], labels: tuple[str, ...], epoch: float
     st.altair_chart(charts.curves_chart(overview["curves"], labels, epoch), width="stretch")
 
 
+@guarded
 def distributions(
     keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, epoch: float, bands: str, unit_choice: str
 ) -> None:
@@ -131,8 +177,15 @@ def distributions(
     edges = frames["edges"]
     domain = (float(edges[0]), float(edges[-1]))
     missing = [label for label in labels if layer not in overview["layers_of"][label]]
-    if missing:
-        st.info(f"Layer {layer!r} is not in: {', '.join(missing)}.")
+    damaged = [label for label in missing if layer in overview["damaged_of"].get(label, [])]
+    if damaged:
+        st.warning(
+            f"Layer {layer!r} is damaged in {', '.join(damaged)} (its checksums fail): shown for the other runs only.",
+            icon="⚠️",
+        )
+    absent = [label for label in missing if label not in damaged]
+    if absent:
+        st.info(f"Layer {layer!r} is not in: {', '.join(absent)}.")
 
     st.subheader("Histogram at one capture")
     st.caption(
@@ -180,6 +233,7 @@ def distributions(
             st.altair_chart(charts.heatmap_chart(frames["heat"][label], label, domain), width="stretch")
 
 
+@guarded
 def unit_drift(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, stat: str) -> None:
     frames = _layer_frames(keys, labels, layer)
     st.caption(
@@ -194,6 +248,7 @@ def unit_drift(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, stat:
             st.altair_chart(charts.unit_chart(df, f"{label}: {layer}", stat), width="stretch")
 
 
+@guarded
 def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, field: str) -> None:
     frames = _summary_frames(keys, labels)
     drift = frames["drift"]
@@ -220,6 +275,7 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
         )
 
 
+@guarded
 def gradients(keys: tuple[Key, ...], labels: tuple[str, ...]) -> None:
     frames = _summary_frames(keys, labels)
     grads, ics = frames["gradients"], frames["ics"]

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ICSVizError, RunFileError
-from .reader import open_run
+from .check import guarded_check
+from .reader import Run, open_run
 
-__all__ = ["RunEntry", "scan_runs", "resolve_run", "STALE_AFTER_S"]
+__all__ = ["RunEntry", "scan_runs", "summarize", "entry_for", "resolve_run", "STALE_AFTER_S"]
 
 STALE_AFTER_S = 300  # a "training" file untouched this long was probably killed
 
@@ -39,6 +40,9 @@ class RunEntry:
     best_val_accuracy: float = math.nan
     mtime_ns: int = 0
     size: int = 0
+    damage: tuple[str, ...] = ()  # what `check_run` found damaged, one line each
+    skip: tuple[str, ...] = ()  # damaged groups the views leave out ("/layers/<id>")
+    damaged_layers: tuple[str, ...] = ()  # their layer names
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -48,6 +52,14 @@ class RunEntry:
     @property
     def live(self) -> bool:
         return self.status == "training"
+
+    @property
+    def damaged(self) -> bool:
+        return bool(self.damage)
+
+    def open(self) -> Run:
+        """The run, without the parts found damaged."""
+        return open_run(self.path, skip=self.skip)
 
 
 def resolve_run(folder: str | os.PathLike[str], name: str) -> Path:
@@ -59,16 +71,24 @@ def resolve_run(folder: str | os.PathLike[str], name: str) -> Path:
     return candidate
 
 
-def _summarize(path: Path) -> RunEntry:
-    stat = path.stat()
+def _summarize(path: Path, stat: os.stat_result) -> RunEntry:
     base = {"path": path, "mtime_ns": stat.st_mtime_ns, "size": stat.st_size}
+    # Read everything once in a worker process first: a damaged file may hang or
+    # crash the HDF5 library, and the app must survive both.
+    report = guarded_check(path)
+    if not report.openable:
+        return RunEntry(name=path.stem, readable=False, error=report.error, status="unreadable", **base)
     try:
-        with open_run(path) as run:
+        with open_run(path, skip=report.drop_groups) as run:
             attrs = run.attrs
-            history = run.history
+            try:
+                history = run.history
+                epochs = len(run.history_epochs)
+            except ICSVizError:
+                history, epochs = {}, 0
             val = history.get("val_accuracy", np.array([]))
             best = float(np.nanmax(val)) if len(val) and np.isfinite(val).any() else math.nan
-            status = run.status
+            status = run.status if "/status" not in {d.part for d in report.damage} else "interrupted"
             if status == "training" and time.time() - stat.st_mtime > STALE_AFTER_S:
                 status = "stopped (killed?)"
             return RunEntry(
@@ -76,10 +96,13 @@ def _summarize(path: Path) -> RunEntry:
                 readable=True,
                 model=str(attrs.get("model_name", "")),
                 dataset=str(attrs.get("dataset", "")),
-                epochs=len(run.history_epochs),
+                epochs=epochs,
                 captures=run.num_captures,
                 status=status,
                 best_val_accuracy=best,
+                damage=tuple(d.describe() for d in report.damage),
+                skip=report.drop_groups,
+                damaged_layers=report.drop_layer_names,
                 **base,
             )
     except ICSVizError as exc:
@@ -90,10 +113,33 @@ def _summarize(path: Path) -> RunEntry:
         )
 
 
+# Summaries by (path, mtime, size): a file is read again only when it changed.
+_SUMMARIES: dict[tuple[str, int, int], RunEntry] = {}
+_MAX_SUMMARIES = 4096
+
+
+def summarize(path: Path) -> RunEntry:
+    """The summary of one run file, from the cache while the file is unchanged."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    entry = _SUMMARIES.get(key)
+    if entry is None:
+        entry = _summarize(path, stat)
+        if len(_SUMMARIES) >= _MAX_SUMMARIES:
+            _SUMMARIES.clear()
+        _SUMMARIES[key] = entry
+    return entry
+
+
+def entry_for(key: tuple[str, int, int]) -> RunEntry | None:
+    """The cached summary of a file version, if it was scanned."""
+    return _SUMMARIES.get(key)
+
+
 def scan_runs(folder: str | os.PathLike[str]) -> list[RunEntry]:
     """Every `*.h5` file directly in `folder`, sorted by name, each summarized."""
     root = Path(folder)
     if not root.is_dir():
         return []
     files = [p for p in sorted(root.iterdir()) if p.suffix == ".h5" and p.is_file() and not p.is_symlink()]
-    return [_summarize(p) for p in files]
+    return [summarize(p) for p in files]

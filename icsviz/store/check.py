@@ -16,9 +16,13 @@ history rows are dropped; a damaged status becomes "interrupted".
 
 from __future__ import annotations
 
-import concurrent.futures
-import multiprocessing
+import base64
 import os
+import pickle
+import select
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,25 +271,53 @@ def _name_of(file: h5py.File, group: str) -> str:
 
 
 # ---------------------------------------------------------------- the guard
-_POOL: concurrent.futures.ProcessPoolExecutor | None = None
+class _Worker:
+    """A Python process that runs `check_run` for us, one path at a time.
+
+    A plain subprocess, not multiprocessing: spawn would re-import the
+    caller's __main__ (the Streamlit script), and fork is unsafe with HDF5
+    files open. Requests and answers are single lines (a path; a base64 pickle).
+    """
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from icsviz.store.check import _serve; _serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+
+    def ask(self, path: Path, timeout: float) -> RunCheck | None:
+        """The check of `path`, or None when the worker hung or died."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(os.fsencode(path.resolve()).hex().encode() + b"\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            return None
+        line = self.process.stdout.readline()
+        return pickle.loads(base64.b64decode(line)) if line else None
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
 
 
-def _pool() -> concurrent.futures.ProcessPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        # spawn: a fork of a process with HDF5 files open (the app) is not safe
-        _POOL = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-    return _POOL
+def _serve() -> None:
+    """The worker's loop: a hex-encoded path in, a base64 pickle of its RunCheck out."""
+    for line in sys.stdin.buffer:
+        path = Path(os.fsdecode(bytes.fromhex(line.decode().strip())))
+        try:
+            result = check_run(path)
+        except Exception as exc:  # noqa: BLE001 - report, keep serving
+            result = RunCheck(path, openable=False, error=f"{type(exc).__name__}: {exc}")
+        sys.stdout.buffer.write(base64.b64encode(pickle.dumps(result)) + b"\n")
+        sys.stdout.buffer.flush()
 
 
-def _discard_pool() -> None:
-    global _POOL
-    pool, _POOL = _POOL, None
-    if pool is None:
-        return
-    for process in list(getattr(pool, "_processes", {}).values()):
-        process.kill()  # a hung HDF5 call never returns: nothing else stops it
-    pool.shutdown(wait=False, cancel_futures=True)
+_WORKER: _Worker | None = None
+_WORKER_LOCK = threading.Lock()  # the app serves several sessions on threads
 
 
 def guarded_check(path: str | os.PathLike[str], timeout: float = CHECK_TIMEOUT_S) -> RunCheck:
@@ -294,16 +326,24 @@ def guarded_check(path: str | os.PathLike[str], timeout: float = CHECK_TIMEOUT_S
     A file that hangs the HDF5 library or crashes it is reported as unreadable
     instead of taking the caller down with it.
     """
+    global _WORKER
     path = Path(path)
-    try:
-        future = _pool().submit(check_run, path)
-    except RuntimeError:  # the pool broke earlier (a crashed worker): start a new one
-        _discard_pool()
-        future = _pool().submit(check_run, path)
-    try:
-        return future.result(timeout=timeout)
-    except concurrent.futures.TimeoutError:
-        _discard_pool()
+    with _WORKER_LOCK:
+        fresh = _WORKER is None or _WORKER.process.poll() is not None
+        if fresh:
+            _WORKER = _Worker()
+        worker = _WORKER
+        try:
+            # A fresh worker also pays its start (imports, about a second).
+            result = worker.ask(path, timeout + (5.0 if fresh else 0.0))
+        except (OSError, ValueError, pickle.UnpicklingError):
+            result = None
+        if result is not None:
+            return RunCheck(**{**vars(result), "path": path})
+        hung = worker.process.poll() is None
+        worker.kill()
+        _WORKER = None
+    if hung:
         return RunCheck(
             path,
             openable=False,
@@ -311,10 +351,8 @@ def guarded_check(path: str | os.PathLike[str], timeout: float = CHECK_TIMEOUT_S
             f"damaged file; `icsviz repair {path}` may save its captures",
             hang=True,
         )
-    except concurrent.futures.process.BrokenProcessPool:
-        _discard_pool()
-        return RunCheck(
-            path,
-            openable=False,
-            error="the HDF5 library crashed while reading it: the file is damaged beyond reading",
-        )
+    return RunCheck(
+        path,
+        openable=False,
+        error="the HDF5 library crashed while reading it: the file is damaged beyond reading",
+    )

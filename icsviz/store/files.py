@@ -49,9 +49,7 @@ def reading(path: Path | str, dataset: str) -> Iterator[None]:
         raise
     except _HDF5_FAILURES as exc:
         short = _safe_truncation(Path(path))
-        reason = (
-            f"it lies past the end of the file, which {short.split(' is ', 1)[-1]}" if short else _reason(exc)
-        )
+        reason = "the file is " + short.split(" is ", 1)[-1] if short else _reason(exc)
         raise DamagedRunError(
             f"{path}: cannot read {dataset or 'the file'} ({reason}); the file is damaged: "
             + damage_hint(path),

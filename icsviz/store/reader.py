@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +142,12 @@ def _level_index(levels: np.ndarray, level: float) -> int:
     return int(hits[0])
 
 
-def open_run(path: str | os.PathLike[str]) -> Run:
+def open_run(path: str | os.PathLike[str], *, skip: Iterable[str] = ()) -> Run:
     """Open a run file for reading.
+
+    `skip` lists groups known to be damaged ("/layers/003_conv2", as
+    `icsviz.check_run(path).drop_groups` gives them): the run opens without
+    them, as if they had not been captured, and `Run.damage` says why.
 
     Raises:
         RunFileError: the file is missing, empty, truncated, not HDF5, not an
@@ -157,18 +161,21 @@ def open_run(path: str | os.PathLike[str]) -> Run:
     print(acts.mean[-1] - acts.mean[0])
     ```
     """
-    return Run(path)
+    return Run(path, skip=skip)
 
 
 class Run:
     """A recorded run. Use as a context manager or call `close()`."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, skip: Iterable[str] = ()) -> None:
         self.path = Path(path)
+        self._skip = frozenset(skip)
         self._file, self.swmr = open_for_reading(self.path)
         # Parts found damaged while opening: HDF5 path -> what went wrong. The
         # rest of the run reads as usual; `icsviz.check_run` reads everything.
-        self.damage: dict[str, str] = {}
+        self.damage: dict[str, str] = {
+            part: "damaged: left out (icsviz check FILE says why)" for part in self._skip
+        }
         try:
             with reading(self.path, "the file's attributes"):
                 self._check_schema()
@@ -205,7 +212,7 @@ class Run:
         `damage`: one broken layer must not cost the others.
         """
         with reading(self.path, "/" + root):
-            ids = list(self._file[root])
+            ids = [gid for gid in self._file[root] if f"/{root}/{gid}" not in self._skip]
         found = []
         for gid in ids:
             try:
