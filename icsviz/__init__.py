@@ -11,14 +11,17 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     CaptureWarning,
+    DamagedRunError,
     DataNotFoundError,
     ICSVizError,
     IncompatibleRunError,
     MissingDataError,
     RunExistsError,
     RunFileError,
+    RunInUseError,
     SchemaVersionError,
 )
+from .store.check import RunCheck, check_run
 from .store.reader import ActivationStats, GradientStats, ICSStats, LayerInfo, Run, open_run
 from .store.schema import SCHEMA_VERSION
 from .store.writer import repair_run
@@ -34,6 +37,8 @@ __all__ = [
     "ICSCallback",
     "open_run",
     "repair_run",
+    "check_run",
+    "RunCheck",
     "Run",
     "LayerInfo",
     "ActivationStats",
@@ -42,6 +47,8 @@ __all__ = [
     "ICSVizError",
     "RunFileError",
     "SchemaVersionError",
+    "DamagedRunError",
+    "RunInUseError",
     "RunExistsError",
     "IncompatibleRunError",
     "MissingDataError",

@@ -84,8 +84,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="summarize run files")
     p.add_argument("runs", nargs="+", help="run files (.h5)")
 
-    p = sub.add_parser("repair", help="make a run left by a killed process openable by plain h5py")
-    p.add_argument("runs", nargs="+")
+    p = sub.add_parser("check", help="read every byte of run files and report what is damaged")
+    p.add_argument("runs", nargs="+", help="run files (.h5)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per file before it counts as hung")
+
+    p = sub.add_parser(
+        "repair",
+        help="save the readable captures of a damaged run (or make a killed run plain-h5py readable)",
+    )
+    p.add_argument("runs", nargs="+", help="run files (.h5)")
+    p.add_argument("--out", help="where to write (one run only; default: NAME.repaired.h5 for a damaged run)")
     return parser
 
 
@@ -162,6 +170,55 @@ def info(path: str) -> str:
     return "\n".join(lines)
 
 
+def _info(paths: Sequence[str]) -> int:
+    """`icsviz info`: each file is checked in a worker first, so a damaged one cannot hang or crash us."""
+    from .store.check import guarded_check
+
+    blocks, failed = [], 0
+    for path in paths:
+        report = guarded_check(path)
+        if not report.openable:
+            blocks.append(f"{path}\n  unreadable: {report.error}")
+            failed += 1
+            continue
+        text = info(path)
+        if report.damage:
+            text += "\n  damaged    " + "\n             ".join(d.describe() for d in report.damage)
+            text += f"\n             `icsviz repair {path}` saves the readable captures"
+            failed += 1
+        blocks.append(text)
+    print("\n\n".join(blocks))
+    return 1 if failed else 0
+
+
+def _check(paths: Sequence[str], timeout: float) -> int:
+    """`icsviz check`: exit 0 when every file is intact, 1 when any is damaged or unreadable."""
+    from .store.check import guarded_check
+
+    reports = [guarded_check(path, timeout=timeout) for path in paths]
+    for report in reports:
+        print(report.summary())
+    return 0 if all(r.ok for r in reports) else 1
+
+
+def _repair(paths: Sequence[str], out: str | None) -> int:
+    from .store.check import guarded_check
+    from .store.writer import repair_run
+
+    if out is not None and len(paths) != 1:
+        raise UsageError(f"--out takes one run, got {len(paths)}")
+    for path in paths:
+        report = guarded_check(path)  # a file that would hang HDF5 is not opened here
+        if not report.openable:
+            print(f"icsviz: cannot repair {path}: {report.error}", file=sys.stderr)
+            return 2
+        written = repair_run(path, out)
+        kept = report.captures - len(report.drop_captures)
+        note = "" if report.ok else f" ({kept} of {report.captures} captures; see `icsviz check {path}`)"
+        print(f"icsviz: repaired {path} -> {written}{note}")
+    return 0
+
+
 def _open_labelled(paths: Sequence[str], labels: Sequence[str] | None) -> dict:
     from .store.reader import open_run
 
@@ -235,12 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "app":
             return _app(args)
         if args.command == "info":
-            print("\n\n".join(info(p) for p in args.runs))
-        elif args.command == "repair":
-            from .store.writer import repair_run
-
-            for p in args.runs:
-                print(f"icsviz: repaired {repair_run(p)}")
+            return _info(args.runs)
+        if args.command == "check":
+            return _check(args.runs, args.timeout)
+        if args.command == "repair":
+            return _repair(args.runs, args.out)
         elif args.command == "train":
             out = Path(args.out or f"runs/{args.dataset}-{args.model}.h5")
             _train_one(args, args.model, out)

@@ -222,4 +222,6 @@ def test_a_damaged_run_is_marked_and_only_its_damaged_layer_is_left_out(shipped,
 
     at.sidebar.selectbox(key="layer").set_value("fc1").run()  # an intact layer: both runs
     assert not at.exception
-    assert {"cifar10-baseline", "cifar10-bn"} <= set().union(*(set(df["run"]) for df in frames_with(at, "run", "density")))
+    assert {"cifar10-baseline", "cifar10-bn"} <= set().union(
+        *(set(df["run"]) for df in frames_with(at, "run", "density"))
+    )

@@ -25,6 +25,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -190,7 +191,11 @@ def check_run(path: str | os.PathLike[str]) -> RunCheck:
     except RunFileError as exc:
         return RunCheck(path, openable=False, error=str(exc))
     with file:
-        walker = _Walker(path, file)
+        try:
+            with reading(path, "/captures/step"):
+                walker = _Walker(path, file)
+        except RunFileError as exc:
+            return RunCheck(path, openable=False, error=f"{exc}: the capture index is unreadable")
         short = truncation(path)
         if short:
             walker.damage.append(Damage("(end of file)", short.split(" is ", 1)[-1]))
@@ -279,17 +284,17 @@ class _Worker:
     files open. Requests and answers are single lines (a path; a base64 pickle).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, code: str = "from icsviz.store.check import _serve; _serve()") -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from icsviz.store.check import _serve; _serve()"],
+            [sys.executable, "-c", code],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
 
-    def ask(self, path: Path, timeout: float) -> RunCheck | None:
-        """The check of `path`, or None when the worker hung or died."""
+    def ask(self, path: Path, timeout: float) -> Any:
+        """The worker's answer for `path` (a RunCheck), or None when it hung or died."""
         assert self.process.stdin is not None and self.process.stdout is not None
         self.process.stdin.write(os.fsencode(path.resolve()).hex().encode() + b"\n")
         self.process.stdin.flush()

@@ -69,6 +69,8 @@ def _reason(exc: BaseException) -> str:
     text = str(exc).strip("'\" ")
     if "checksum" in text.lower() or "filter returned failure" in text:
         return "its checksum does not match: the bytes changed after they were written"
+    if "object header" in text or "synchronously open object" in text:
+        return f"its HDF5 structure is broken: {text.split('(', 1)[-1].rstrip(')')}"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

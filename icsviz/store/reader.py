@@ -206,41 +206,31 @@ class Run:
             )
 
     def _groups(self, root: str) -> list[tuple[str, Any]]:
-        """(id, attributes) of the groups under `root`, in index order.
-
-        A group whose own metadata is damaged is left out and recorded in
-        `damage`: one broken layer must not cost the others.
-        """
+        """(id, attributes) of the groups under `root` but those in `skip`, in index order."""
         with reading(self.path, "/" + root):
             ids = [gid for gid in self._file[root] if f"/{root}/{gid}" not in self._skip]
         found = []
         for gid in ids:
-            try:
-                with reading(self.path, f"/{root}/{gid}"):
-                    attrs = dict(self._file[f"{root}/{gid}"].attrs)
-                    found.append((int(attrs["index"]), gid, attrs))
-            except RunFileError as exc:
-                self.damage[f"/{root}/{gid}"] = str(exc)
+            with reading(self.path, f"/{root}/{gid}"):
+                attrs = dict(self._file[f"{root}/{gid}"].attrs)
+                found.append((int(attrs["index"]), gid, attrs))
         return [(gid, attrs) for _, gid, attrs in sorted(found, key=lambda item: item[0])]
 
     def _read_layers(self) -> list[LayerInfo]:
         infos = []
         for lid, a in self._groups("layers"):
-            try:
-                with reading(self.path, f"/layers/{lid}"):
-                    infos.append(
-                        LayerInfo(
-                            name=str(a["name"]),
-                            id=lid,
-                            class_name=str(a["class_name"]),
-                            kind=str(a["kind"]),
-                            output_shape=tuple(json.loads(a["output_shape"])),
-                            n_units=int(a["n_units"]),
-                            n_values=int(a["n_values"]),
-                        )
+            with reading(self.path, f"/layers/{lid}"):
+                infos.append(
+                    LayerInfo(
+                        name=str(a["name"]),
+                        id=lid,
+                        class_name=str(a["class_name"]),
+                        kind=str(a["kind"]),
+                        output_shape=tuple(json.loads(a["output_shape"])),
+                        n_units=int(a["n_units"]),
+                        n_values=int(a["n_values"]),
                     )
-            except RunFileError as exc:
-                self.damage[f"/layers/{lid}"] = str(exc)
+                )
         return infos
 
     def _read_groups(self, root: str) -> dict[str, str]:

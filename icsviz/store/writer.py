@@ -148,7 +148,7 @@ class RunWriter:
         path = Path(path)
         if path.exists() and not overwrite:
             raise RunExistsError(
-                f"{path} already exists. Pass overwrite=True to replace it, choose "
+                f"{path} already exists. Pass overwrite=True (--overwrite on the command line) to replace it, choose "
                 "another path, or resume the run with initial_epoch > 0."
             )
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ class RunWriter:
             if difference is not None:
                 raise IncompatibleRunError(
                     f"{path} holds a run of another model or layer set ({difference}). "
-                    "Pass overwrite=True to replace it, or write to another path."
+                    "Pass overwrite=True (--overwrite on the command line) to replace it, or write to another path."
                 )
             _truncate(file, from_epoch)
         except BaseException:

@@ -1,0 +1,176 @@
+"""Damage: checksums, located damage, repair, the guard, and a seeded corruption test."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import damage_chunk, tiny_capture, tiny_layout
+from icsviz import DamagedRunError, RunFileError, open_run, repair_run
+from icsviz.store.check import _Worker, check_run, guarded_check
+from icsviz.store.writer import RunWriter
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_run(path: Path, captures: int = 6, epochs: int = 3) -> Path:
+    layout = tiny_layout()
+    with RunWriter.create(path, layout, {"run_name": "demo", "model_name": "m"}) as w:
+        for step in range(captures):
+            w.write_capture(tiny_capture(layout, step))
+        for epoch in range(epochs):
+            w.write_epoch(epoch, {"loss": 1.0 / (epoch + 1), "val_accuracy": 0.1 * epoch})
+    return path
+
+
+def storage(ds: h5py.Dataset) -> str:
+    layout = ds.id.get_create_plist().get_layout()
+    if layout == h5py.h5d.COMPACT:
+        return "compact"
+    return "checksummed" if ds.fletcher32 else "unprotected"
+
+
+def datasets(f: h5py.File) -> list[str]:
+    names: list[str] = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
+
+
+def test_every_dataset_is_checksummed_while_training_and_after_compaction(tmp_path) -> None:
+    layout = tiny_layout()
+    w = RunWriter.create(tmp_path / "r.h5", layout, {})
+    w.write_capture(tiny_capture(layout, 0))
+    w.write_epoch(0, {"loss": 1.0})
+    for f in (h5py.File(tmp_path / "r.h5", "r", swmr=True), None):
+        if f is None:
+            w.close()
+            f = h5py.File(tmp_path / "r.h5", "r")
+        kinds = {name: storage(f[name]) for name in datasets(f)}
+        f.close()
+        assert kinds and set(kinds.values()) <= {"compact", "checksummed"}, kinds
+        assert kinds["status"] == "compact" and kinds["layers/000_dense/tracked_units"] == "compact"
+
+
+def test_a_damaged_chunk_is_our_error_naming_file_and_dataset_and_the_rest_reads(tmp_path) -> None:
+    path = make_run(tmp_path / "r.h5")
+    with open_run(path) as run:
+        expected = run.activations("block/relu").mean.copy()
+    damage_chunk(path, "layers/000_dense/hist_counts")
+    with open_run(path) as run:
+        with pytest.raises(DamagedRunError, match=r"r\.h5.*/layers/000_dense/hist_counts.*checksum") as info:
+            run.activations("dense")
+        assert info.value.dataset == "/layers/000_dense/hist_counts"
+        np.testing.assert_array_equal(run.activations("block/relu").mean, expected)
+
+
+def test_check_locates_the_damage_and_repair_keeps_everything_else(tmp_path) -> None:
+    path = make_run(tmp_path / "r.h5", captures=150)
+    with open_run(path) as run:
+        relu = run.activations("block/relu")
+        steps = run.steps.copy()
+    damage_chunk(path, "layers/000_dense/unit_mean", chunk=1)  # rows 64-127 of one layer
+    damage_chunk(path, "captures/epoch", chunk=2)  # rows 128-149 of the capture index
+    report = check_run(path)
+    assert report.openable and not report.ok
+    assert {d.part for d in report.damage} == {"/layers/000_dense/unit_mean", "/captures/epoch"}
+    assert report.drop_groups == ("/layers/000_dense",) and report.drop_layer_names == ("dense",)
+    assert report.drop_captures == tuple(range(128, 150))
+    assert "rows 64-127" in report.summary() and "keeps 128 of 150 captures" in report.summary()
+
+    out = repair_run(path)
+    assert out == tmp_path / "r.repaired.h5" and path.exists()  # the original is left as it is
+    assert check_run(out).ok
+    with open_run(out) as run:
+        assert run.layer_names == ["block/relu"] and run.status == "interrupted"
+        np.testing.assert_array_equal(run.steps, steps[:128])
+        np.testing.assert_array_equal(run.activations("block/relu").counts, relu.counts[:128])
+        assert len(run.history["loss"]) == 3
+
+
+def test_a_destroyed_header_cannot_be_repaired_and_says_so(tmp_path) -> None:
+    path = make_run(tmp_path / "r.h5")
+    data = bytearray(path.read_bytes())
+    data[48:4096] = bytes(4096 - 48)  # the superblock's root group and what follows
+    path.write_bytes(bytes(data))
+    report = check_run(path)
+    assert not report.openable and str(path) in report.summary()
+    with pytest.raises(RunFileError, match="cannot be repaired"):
+        repair_run(path)
+
+
+def test_the_guard_reports_a_file_that_takes_too_long_and_keeps_working(tmp_path) -> None:
+    path = make_run(tmp_path / "r.h5")
+    assert guarded_check(path).ok
+    slow = guarded_check(path, timeout=0.0)  # as if HDF5 hung: the worker is killed
+    assert slow.hang and not slow.openable and "did not finish" in slow.error
+    assert guarded_check(path).ok  # a fresh worker takes over
+
+
+def corrupt(data: bytes, rng: np.random.Generator, kind: str) -> bytes:
+    out = bytearray(data)
+    if kind == "flip":
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(0, len(out)))
+            out[at] ^= 1 << int(rng.integers(0, 8))
+    elif kind == "zero":
+        size = int(rng.choice([64, 512, 4096]))
+        at = int(rng.integers(0, max(1, len(out) - size)))
+        out[at : at + size] = bytes(len(out[at : at + size]))
+    else:
+        out = out[: int(rng.integers(0, len(out)))]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("source", ["closed", "killed"])
+def test_seeded_corruption_reads_right_or_gets_our_error_never_a_hang(tmp_path, source) -> None:
+    """Bit flips, zeroed blocks and truncations: every case reads the original values or raises
+    a RunFileError; no raw exception, no crash, no hang (2 s per case)."""
+    path = make_run(tmp_path / "pristine.h5", captures=70)
+    if source == "killed":  # a writer that died with the file open: SWMR flags set
+        layout = tiny_layout()
+        w = RunWriter.create(tmp_path / "killed.h5", layout, {"run_name": "k"})
+        for step in range(20):
+            w.write_capture(tiny_capture(layout, step))
+        w._file.flush()
+        shutil.copy(tmp_path / "killed.h5", tmp_path / "pristine-killed.h5")
+        w.close(compact=False)
+        path = tmp_path / "pristine-killed.h5"
+    data = path.read_bytes()
+    worker = _Worker(
+        f"import sys; sys.path.insert(0, {str(HERE)!r}); import corruption_worker as w; w.main()"
+    )
+    try:
+        reference = worker.ask(path, 30)
+        assert reference[0] == "ok" and reference[3], reference
+        rng = np.random.default_rng(2026 if source == "closed" else 11)
+        counts: dict[tuple[str, str], int] = {}
+        started = time.monotonic()
+        for case in range(150):
+            kind = ("flip", "flip", "zero", "truncate")[case % 4]
+            bad = tmp_path / f"case{case:03d}.h5"
+            bad.write_bytes(corrupt(data, rng, kind))
+            answer = worker.ask(bad, 2.0)
+            if answer is None:
+                pytest.fail(f"case {case} ({kind}) hung or crashed the reader: {bad}")
+            verdict, *rest = answer
+            assert verdict != "raw", f"case {case} ({kind}): raw {rest}"
+            if verdict == "ok":
+                assert rest[0] == reference[1], (
+                    f"case {case} ({kind}) read different numbers without an error"
+                )
+            else:
+                assert str(bad) in rest[1] or bad.name in rest[1], rest
+            if answer[-2]:  # check_run found nothing: the file must read right
+                assert verdict == "ok", f"case {case} ({kind}): check says ok, reading says {rest}"
+            counts[(kind, verdict)] = counts.get((kind, verdict), 0) + 1
+            bad.unlink()
+        assert time.monotonic() - started < 120
+        assert sum(v for (k, verdict), v in counts.items() if verdict == "ours") > 30, counts
+        print(source, counts)
+    finally:
+        worker.kill()
