@@ -144,7 +144,6 @@ def _swmr_access_list() -> h5py.h5p.PropFAID:
     global _LIBRARY
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
     fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
-    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
     if _LIBRARY is False:
         _LIBRARY = _hdf5_library()
     if _LIBRARY:
@@ -184,12 +183,10 @@ def open_for_reading(path: Path) -> tuple[h5py.File, bool]:
         return h5py.File(path, "r", locking=False), False
     except OSError as exc:
         plain_error = exc
-    if "already open for" not in str(plain_error):
-        raise _unopenable(path, plain_error)
-    try:  # a live writer, or one killed with the file open
+    try:  # a live writer (in this process too), or one killed with the file open
         return _open_swmr(path), True
-    except _HDF5_FAILURES as exc:
-        raise _unopenable(path, exc) from exc
+    except _HDF5_FAILURES:
+        raise _unopenable(path, plain_error) from plain_error
 
 
 def _unopenable(path: Path, exc: BaseException) -> RunFileError:
