@@ -419,8 +419,6 @@ class ICSCallback(keras.callbacks.Callback):
         except Exception as exc:  # noqa: BLE001 - never stop the user's training
             self._write_failed = True
             self._capture_ok = False
-            if self._writer is not None:
-                self._writer.abandon()
             self._warn(
                 f"writing {what} to {self.path} (nothing more is written to it; it keeps every capture "
                 "committed before this)",

@@ -174,12 +174,12 @@ def _info(paths: Sequence[str]) -> int:
     """`icsviz info`: each file is checked in a worker first, so a damaged one cannot hang or crash us."""
     from .store.check import guarded_check
 
-    blocks, failed = [], 0
+    blocks, failed, unreadable = [], 0, False
     for path in paths:
         report = guarded_check(path)
         if not report.openable:
-            blocks.append(f"{path}\n  unreadable: {report.error}")
-            failed += 1
+            print(f"icsviz: error: {report.error}", file=sys.stderr)
+            unreadable = True
             continue
         text = info(path)
         if report.damage:
@@ -187,8 +187,9 @@ def _info(paths: Sequence[str]) -> int:
             text += f"\n             `icsviz repair {path}` saves the readable captures"
             failed += 1
         blocks.append(text)
-    print("\n\n".join(blocks))
-    return 1 if failed else 0
+    if blocks:
+        print("\n\n".join(blocks))
+    return 2 if unreadable else (1 if failed else 0)
 
 
 def _check(paths: Sequence[str], timeout: float) -> int:

@@ -10,7 +10,6 @@ killed at any moment leaves every capture that was committed before.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Mapping
@@ -299,25 +298,6 @@ class RunWriter:
                 self._file.close()
             if compact:
                 _rewrite(self.path, status=status)
-        finally:
-            self._lock.release()
-
-    def abandon(self) -> None:
-        """Close after a failed write (a full disk), keeping the file as it is.
-
-        HDF5 cannot flush what it still holds, so every open object is closed
-        now, while the failure is handled, rather than at interpreter exit.
-        """
-        try:
-            if self._file.id.valid:
-                for obj_id in self._file.id.get_obj_ids(h5py.h5f.OBJ_ALL & ~h5py.h5f.OBJ_FILE):
-                    with contextlib.suppress(Exception):
-                        while obj_id.valid:
-                            obj_id._close()
-                with contextlib.suppress(Exception):
-                    self._file.id._close_open_objects(h5py.h5f.OBJ_ALL)
-                with contextlib.suppress(Exception):
-                    self._file.close()
         finally:
             self._lock.release()
 
