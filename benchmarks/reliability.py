@@ -21,19 +21,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from corruption_worker import digest  # noqa: E402
-from test_check import corrupt  # noqa: E402
-
 from conftest import tiny_capture  # noqa: E402
+from corruption_worker import corrupt, digest, start_worker  # noqa: E402
 from icsviz.store import writer as writer_module  # noqa: E402
-from icsviz.store.check import _Worker  # noqa: E402
 from icsviz.store.writer import RunWriter, layout_from_file  # noqa: E402
 
 
 def reliability(source: Path, cases: int, seed: int) -> None:
     data = source.read_bytes()
     reference = digest(source)
-    worker = _Worker(worker_code(ROOT))
+    worker = start_worker()
     worker.ask(source, 30.0)
     table: dict[str, dict[str, int]] = {}
     rng = np.random.default_rng(seed)
@@ -46,7 +43,7 @@ def reliability(source: Path, cases: int, seed: int) -> None:
             if answer is None:
                 verdict = "hang or crash"
                 worker.kill()
-                worker = _Worker(worker_code(ROOT))
+                worker = start_worker()
                 worker.ask(source, 30.0)  # its start-up must not count against the next case
             elif answer[0] == "ok":
                 verdict = "read right" if answer[1] == reference else "WRONG NUMBERS"
@@ -61,10 +58,6 @@ def reliability(source: Path, cases: int, seed: int) -> None:
     print("| --- " * (len(columns) + 2) + "|")
     for kind, row in table.items():
         print(f"| {kind} | {sum(row.values())} | " + " | ".join(str(row.get(c, 0)) for c in columns) + " |")
-
-
-def worker_code(root: Path) -> str:
-    return f"import sys; sys.path.insert(0, {str(root / 'tests')!r}); import corruption_worker as w; w.main()"
 
 
 def checksum_cost(source: Path, captures: int = 100) -> None:

@@ -41,10 +41,11 @@ class DamagedRunError(RunFileError):
     `icsviz repair FILE` saves the readable captures into a new file.
     """
 
-    def __init__(self, message: str, *, path: str = "", dataset: str = "") -> None:
+    def __init__(self, message: str, *, path: str = "", dataset: str = "", reason: str = "") -> None:
         super().__init__(message)
         self.path = path
         self.dataset = dataset
+        self.reason = reason or message  # what went wrong, without the file and the advice
 
 
 class RunInUseError(RunFileError):

@@ -18,7 +18,29 @@ from pathlib import Path
 import numpy as np
 
 import icsviz
-from icsviz.store.check import check_run
+from icsviz.store.check import _Worker, check_run
+
+HERE = Path(__file__).resolve().parent
+
+
+def start_worker() -> _Worker:
+    """This module's `main` in a process of its own (a hang or a crash there is only an answer)."""
+    return _Worker(f"import sys; sys.path.insert(0, {str(HERE)!r}); import corruption_worker as w; w.main()")
+
+
+def corrupt(data: bytes, rng: np.random.Generator, kind: str) -> bytes:
+    out = bytearray(data)
+    if kind == "flip":
+        for _ in range(int(rng.integers(1, 4))):
+            at = int(rng.integers(0, len(out)))
+            out[at] ^= 1 << int(rng.integers(0, 8))
+    elif kind == "zero":
+        size = int(rng.choice([64, 512, 4096]))
+        at = int(rng.integers(0, max(1, len(out) - size)))
+        out[at : at + size] = bytes(len(out[at : at + size]))
+    else:
+        out = out[: int(rng.integers(0, len(out)))]
+    return bytes(out)
 
 
 def digest(path: Path) -> str:

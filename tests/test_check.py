@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import damage_chunk, tiny_capture, tiny_layout
+from corruption_worker import corrupt, start_worker
 from icsviz import DamagedRunError, RunFileError, open_run, repair_run
-from icsviz.store.check import _Worker, check_run, guarded_check
+from icsviz.store.check import check_run, guarded_check
 from icsviz.store.writer import RunWriter
-
-HERE = Path(__file__).resolve().parent
 
 
 def make_run(path: Path, captures: int = 6, epochs: int = 3) -> Path:
@@ -111,21 +110,6 @@ def test_the_guard_reports_a_file_that_takes_too_long_and_keeps_working(tmp_path
     assert guarded_check(path).ok  # a fresh worker takes over
 
 
-def corrupt(data: bytes, rng: np.random.Generator, kind: str) -> bytes:
-    out = bytearray(data)
-    if kind == "flip":
-        for _ in range(int(rng.integers(1, 4))):
-            at = int(rng.integers(0, len(out)))
-            out[at] ^= 1 << int(rng.integers(0, 8))
-    elif kind == "zero":
-        size = int(rng.choice([64, 512, 4096]))
-        at = int(rng.integers(0, max(1, len(out) - size)))
-        out[at : at + size] = bytes(len(out[at : at + size]))
-    else:
-        out = out[: int(rng.integers(0, len(out)))]
-    return bytes(out)
-
-
 @pytest.mark.parametrize("source", ["closed", "killed"])
 def test_seeded_corruption_reads_right_or_gets_our_error_never_a_hang(tmp_path, source) -> None:
     """Bit flips, zeroed blocks and truncations: every case reads the original values or raises
@@ -141,9 +125,7 @@ def test_seeded_corruption_reads_right_or_gets_our_error_never_a_hang(tmp_path, 
         w.close(compact=False)
         path = tmp_path / "pristine-killed.h5"
     data = path.read_bytes()
-    worker = _Worker(
-        f"import sys; sys.path.insert(0, {str(HERE)!r}); import corruption_worker as w; w.main()"
-    )
+    worker = start_worker()
     try:
         reference = worker.ask(path, 30)
         assert reference[0] == "ok" and reference[3], reference

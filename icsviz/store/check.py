@@ -17,6 +17,7 @@ history rows are dropped; a damaged status becomes "interrupted".
 from __future__ import annotations
 
 import base64
+import dataclasses
 import os
 import pickle
 import select
@@ -28,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import h5py
-import numpy as np
 
-from ..errors import RunFileError
+from ..errors import DamagedRunError, RunFileError
 from .files import open_for_reading, reading, truncation
-from .schema import SCHEMA_VERSION, STATUSES
+from .schema import SCHEMA_VERSION, decode_status, is_per_capture
 
 __all__ = ["Damage", "RunCheck", "check_run", "guarded_check", "CHECK_TIMEOUT_S"]
 
@@ -118,9 +118,8 @@ class _Walker:
         self.damage: list[Damage] = []
         self.rows = int(file["captures/step"].shape[0]) if "captures/step" in file else 0
 
-    def fail(self, part: str, exc: RunFileError, rows: tuple[int, ...] = ()) -> None:
-        reason = str(exc).split(" (", 1)[-1].rsplit("); the file is damaged", 1)[0]
-        self.damage.append(Damage(part, reason, rows))
+    def fail(self, part: str, exc: DamagedRunError, rows: tuple[int, ...] = ()) -> None:
+        self.damage.append(Damage(part, exc.reason, rows))
 
     def attributes(self, part: str) -> bool:
         try:
@@ -129,7 +128,7 @@ class _Walker:
                 for key in obj.attrs:
                     obj.attrs[key]  # noqa: B018 - reading is the check
             return True
-        except RunFileError as exc:
+        except DamagedRunError as exc:
             self.fail(part, exc)
             return False
 
@@ -139,16 +138,15 @@ class _Walker:
                 ds = self.file[part]
                 for key in ds.attrs:
                     ds.attrs[key]  # noqa: B018
-                per_capture = ds.maxshape[:1] == (None,) and not part.startswith("/history/")
-                rows = self.rows if per_capture else (ds.shape[0] if ds.shape else None)
-        except RunFileError as exc:
+                rows = self.rows if is_per_capture(part, ds.maxshape) else (ds.shape[0] if ds.shape else None)
+        except DamagedRunError as exc:
             self.fail(part, exc)
             return
         try:
             with reading(self.path, part):
                 ds[()] if rows is None else ds[:rows]  # noqa: B018
             return
-        except RunFileError as exc:
+        except DamagedRunError as exc:
             if not ds.chunks or rows is None:
                 self.fail(part, exc)
                 return
@@ -171,7 +169,7 @@ class _Walker:
         try:
             with reading(self.path, part):
                 children = [(name, isinstance(obj, h5py.Group)) for name, obj in self.file[part].items()]
-        except RunFileError as exc:
+        except DamagedRunError as exc:
             self.fail(part, exc)
             return
         for name, is_group in children:
@@ -225,11 +223,10 @@ def _verdict(path: Path, file: h5py.File, walker: _Walker) -> RunCheck:
         )
     try:
         with reading(path, "/status"):
-            status = bytes(np.asarray(file["status"][()]).reshape(-1)[0]).decode("utf-8", "replace")
-        if status not in STATUSES:
-            damage.append(Damage("/status", f"unknown status {status!r}"))
-    except RunFileError:
-        pass  # already in the list from the walk
+            decode_status(file["status"][()])
+    except DamagedRunError as exc:
+        if not any(d.part == "/status" for d in damage):  # a checksum failure is in the list already
+            damage.append(Damage("/status", exc.reason))
 
     drop_groups: list[str] = []
     for d in damage:
@@ -344,7 +341,7 @@ def guarded_check(path: str | os.PathLike[str], timeout: float = CHECK_TIMEOUT_S
         except (OSError, ValueError, pickle.UnpicklingError):
             result = None
         if result is not None:
-            return RunCheck(**{**vars(result), "path": path})
+            return dataclasses.replace(result, path=path)  # as the caller spelled it
         hung = worker.process.poll() is None
         worker.kill()
         _WORKER = None

@@ -55,6 +55,7 @@ def reading(path: Path | str, dataset: str) -> Iterator[None]:
             + damage_hint(path),
             path=str(path),
             dataset=dataset,
+            reason=reason,
         ) from exc
 
 

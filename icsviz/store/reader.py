@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import DamagedRunError, MissingDataError, RunFileError, SchemaVersionError
 from .files import open_for_reading, reading
-from .schema import CAPTURE_KINDS, SCHEMA_VERSION, STATUSES, safe_id
+from .schema import CAPTURE_KINDS, SCHEMA_VERSION, decode_status, safe_id
 
 __all__ = ["open_run", "Run", "ActivationStats", "GradientStats", "ICSStats", "LayerInfo"]
 
@@ -313,11 +313,8 @@ class Run:
     def status(self) -> str:
         """ "training" (still being written, or killed), "complete" or "interrupted"."""
         raw = self._read("status")
-        value = bytes(raw.reshape(-1)[0] if getattr(raw, "shape", ()) else raw).decode("utf-8", "replace")
-        if value not in STATUSES:  # a fixed string without a checksum in files of icsviz 0.1
-            with reading(self.path, "/status"):
-                raise ValueError(f"unknown status {value!r}")
-        return value
+        with reading(self.path, "/status"):  # files of icsviz 0.1 hold it without a checksum
+            return decode_status(raw)
 
     # ---------------------------------------------------------------- captures
     @property
@@ -358,9 +355,11 @@ class Run:
         try:
             return self._by_name[name]
         except KeyError:
-            damaged = f"/layers/{safe_id(0, name)[4:]}"
+            # A left-out layer's attributes were not read: match its id ("NNN_<sanitized name>").
+            sanitized = safe_id(0, name).split("_", 1)[1]
             for part, reason in self.damage.items():
-                if part.startswith("/layers/") and part[12:] == damaged[8:]:
+                root, _, lid = part.rpartition("/")
+                if root == "/layers" and lid.split("_", 1)[-1] == sanitized:
                     raise DamagedRunError(reason, path=str(self.path), dataset=part) from None
             raise MissingDataError(
                 f"{self.path.name} has no captured layer {name!r}; it has: "

@@ -20,6 +20,8 @@ __all__ = [
     "VariableSpec",
     "RunLayout",
     "safe_id",
+    "is_per_capture",
+    "decode_status",
 ]
 
 SCHEMA_VERSION = 1
@@ -59,6 +61,19 @@ def safe_id(index: int, name: str) -> str:
     """
     clean = _UNSAFE.sub("_", name).strip("._") or "unnamed"
     return f"{index:03d}_{clean[:80]}"
+
+
+def is_per_capture(path: str, maxshape: tuple[int | None, ...]) -> bool:
+    """True for a dataset with one row per capture (everything that grows, but the history)."""
+    return maxshape[:1] == (None,) and not path.lstrip("/").startswith("history/")
+
+
+def decode_status(raw: bytes) -> str:
+    """The value of /status; ValueError for anything but a known status (a damaged byte in old files)."""
+    value = bytes(raw).decode("utf-8", "replace")
+    if value not in STATUSES:
+        raise ValueError(f"unknown status {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import DamagedRunError, IncompatibleRunError, RunExistsError, RunFileError
 from .files import open_for_reading
 from .lock import WriterLock
-from .schema import CAPTURE_KINDS, SCHEMA_VERSION, LayerSpec, RunLayout, VariableSpec
+from .schema import CAPTURE_KINDS, SCHEMA_VERSION, LayerSpec, RunLayout, VariableSpec, is_per_capture
 
 if TYPE_CHECKING:
     from .check import RunCheck
@@ -522,7 +522,7 @@ class _Copy:
             data = np.zeros((0,) * len(obj.shape), obj.dtype)
         elif history and obj.name != "/history/names":
             data = _kept_rows(obj, obj.shape[0], self.drop_history)
-        elif self.rows is not None and obj.maxshape[:1] == (None,) and not history:
+        elif self.rows is not None and is_per_capture(obj.name, obj.maxshape):
             data = _kept_rows(obj, self.rows, self.drop_captures)
         else:
             data = obj[()]
@@ -560,8 +560,7 @@ def _truncate_rows(file: h5py.File, rows: int) -> None:
     """Cut per-capture datasets to the committed number of rows."""
 
     def visit(name: str, obj: object) -> None:
-        if isinstance(obj, h5py.Dataset) and not name.startswith("history/"):
-            if obj.maxshape[:1] == (None,) and obj.shape[0] > rows:
-                obj.resize(rows, axis=0)
+        if isinstance(obj, h5py.Dataset) and is_per_capture(name, obj.maxshape) and obj.shape[0] > rows:
+            obj.resize(rows, axis=0)
 
     file.visititems(visit)
