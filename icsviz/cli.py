@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", default="runs", help="folder of run files (default: runs)")
     p.add_argument("--port", type=int, default=8501)
     p.add_argument("--address", default="localhost", help="interface to bind (default: localhost only)")
+    p.add_argument("--headless", action="store_true", help="do not open a browser (on a server)")
 
     p = sub.add_parser("plot", help="write publication figures (PNG and PDF) for one or more runs")
     p.add_argument("runs", nargs="+", help="run files (.h5)")
@@ -261,7 +262,7 @@ def _figures(args: argparse.Namespace) -> int:
 def _app(args: argparse.Namespace) -> int:
     import subprocess
 
-    from .dashboard import entry
+    from .dashboard import streamlit_app_path
 
     folder = Path(args.runs)
     if not folder.is_dir():
@@ -271,13 +272,17 @@ def _app(args: argparse.Namespace) -> int:
         "-m",
         "streamlit",
         "run",
-        entry.__file__,
+        streamlit_app_path(),
         "--server.address",
         args.address,
         "--server.port",
         str(args.port),
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "viewer",  # as .streamlit/config.toml, which is read from the working directory only
+        "--server.headless",
+        "true" if args.headless else "false",
         "--",
         "--runs",
         str(folder.resolve()),

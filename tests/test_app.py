@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,11 @@ def chart_data(at: AppTest) -> list[list]:
         [pa.ipc.open_stream(d.data.data).read_pandas() for d in el.proto.datasets]
         for el in at.get("vega_lite_chart")
     ]
+
+
+def shown(markdown: str) -> str:
+    """What a reader sees of a message: the app escapes names with backslashes."""
+    return re.sub(r"\\(.)", r"\1", markdown)
 
 
 def frames_with(at: AppTest, *columns: str) -> list:
@@ -132,7 +138,7 @@ def test_a_folder_with_broken_files_shows_them_and_keeps_working(shipped, tmp_pa
     (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
     at = app_for(tmp_path).run()
     assert not at.exception
-    warnings = " ".join(w.value for w in at.warning)
+    warnings = " ".join(shown(w.value) for w in at.warning)
     assert "empty.h5 is unreadable" in warnings and "empty (0 bytes)" in warnings
     assert "notes.h5" in warnings and "not an HDF5 file" in warnings
     assert "cut.h5" in warnings and "truncated" in warnings
@@ -208,15 +214,15 @@ def test_a_damaged_run_is_marked_and_only_its_damaged_layer_is_left_out(shipped,
 
     at = app_for(folder).run()
     assert not at.exception, [e.value for e in at.exception]
-    warnings = " ".join(w.value for w in at.warning)
+    warnings = " ".join(shown(w.value) for w in at.warning)
     assert "cifar10-bn.h5 is damaged" in warnings and "fc1_relu" in warnings
     assert "zeros.h5 is unreadable" in warnings
     assert sorted(at.sidebar.multiselect(key="runs").value) == ["cifar10-baseline.h5", "cifar10-bn.h5"]
-    assert "fc1_relu (cifar10-bn)" in " ".join(c.value for c in at.sidebar.caption)
+    assert "fc1_relu (cifar10-bn)" in " ".join(shown(c.value) for c in at.sidebar.caption)
 
     at.sidebar.selectbox(key="layer").set_value("fc1_relu").run()
     assert not at.exception, [e.value for e in at.exception]
-    assert any("damaged in cifar10-bn" in w.value for w in at.warning)
+    assert any("damaged in cifar10-bn" in shown(w.value) for w in at.warning)
     hist = frames_with(at, "run", "density")
     assert hist and all(set(df["run"]) == {"cifar10-baseline"} for df in hist)
 
@@ -225,3 +231,37 @@ def test_a_damaged_run_is_marked_and_only_its_damaged_layer_is_left_out(shipped,
     assert {"cifar10-baseline", "cifar10-bn"} <= set().union(
         *(set(df["run"]) for df in frames_with(at, "run", "density"))
     )
+
+
+def test_names_from_files_are_shown_as_text_never_as_markdown_or_html(tmp_path) -> None:
+    from conftest import tiny_capture, tiny_layout
+    from icsviz.dashboard.page import plain
+    from icsviz.store.schema import LayerSpec, RunLayout
+    from icsviz.store.writer import RunWriter
+
+    base = tiny_layout()
+    hostile = "**bold** <script>alert(1)</script> :red[x] $x$"
+    layout = RunLayout(
+        layers=(LayerSpec(hostile, "Dense", "linear", (4,), 4, (0, 3), 64, 16, 64), base.layers[1]),
+        variables=base.variables,
+        hist_bins=base.hist_bins,
+    )
+    with RunWriter.create(tmp_path / "**run**.h5", layout, {"run_name": hostile}) as w:
+        for step in range(3):
+            w.write_capture(tiny_capture(layout, step))
+    with RunWriter.create(tmp_path / "plain.h5", base, {"run_name": "plain"}) as w:
+        for step in range(3):
+            w.write_capture(tiny_capture(base, step))
+    (tmp_path / "_x_ <b>.h5").write_text("not a run")
+    at = app_for(tmp_path).run()
+    assert not at.exception, [e.value for e in at.exception]
+    unreadable = next(w.value for w in at.warning if "unreadable" in w.value)
+    assert unreadable.startswith(plain("_x_ <b>.h5")) and "\\<b\\>" in unreadable  # escaped, shows as typed
+    assert shown(unreadable).startswith("_x_ <b>.h5 is unreadable")
+    assert hostile in at.sidebar.selectbox(key="layer").options  # a widget label: plain text already
+    at.sidebar.selectbox(key="layer").set_value(hostile).run()
+    assert not at.exception
+    absent = next(i.value for i in at.info if "is not in" in i.value)  # the layer's name in a message
+    assert shown(absent) == f"Layer {hostile} is not in: plain."
+    for element in [*at.markdown, *at.caption, *at.info, *at.warning]:
+        assert "<script>" not in element.value and "**bold**" not in element.value, element.value

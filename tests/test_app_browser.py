@@ -46,10 +46,60 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_app_renders_charts_in_a_real_browser(tmp_path) -> None:
-    _browser_or_skip()
+def _wait_for_health(server: subprocess.Popen, port: int) -> None:
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.time() < deadline and server.poll() is None, "streamlit did not start"
+        time.sleep(0.3)
+
+
+def _page_text(port: int, screenshot: Path) -> str:
+    """Load the app in Chromium, wait until charts are drawn, screenshot it, return its text."""
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})
+        page.goto(f"http://127.0.0.1:{port}/", timeout=60000)
+        page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
+        page.wait_for_function(
+            "document.querySelectorAll(\"[data-testid='stVegaLiteChart'] canvas, "
+            "[data-testid='stVegaLiteChart'] svg\").length >= 4",
+            timeout=90000,
+        )
+        time.sleep(1.0)
+        page.screenshot(path=str(screenshot), full_page=True)
+        assert page.locator("[data-testid='stException']").count() == 0
+        text = page.inner_text("body")
+        browser.close()
+    assert screenshot.stat().st_size > 20000
+    return text
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """Local IPv4/IPv6 addresses with a listening TCP socket on `port`, from /proc/net (Linux)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if int(hex_port, 16) == port and state == "0A":  # LISTEN
+                found.add(address)
+    return found
+
+
+def test_app_renders_charts_in_a_real_browser(tmp_path) -> None:
+    _browser_or_skip()
     port = _free_port()
     server = subprocess.Popen(
         [
@@ -70,33 +120,47 @@ def test_app_renders_charts_in_a_real_browser(tmp_path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline and server.poll() is None, "streamlit did not start"
-            time.sleep(0.3)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 2200})
-            page.goto(f"http://127.0.0.1:{port}/", timeout=60000)
-            page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
-            page.wait_for_function(
-                "document.querySelectorAll(\"[data-testid='stVegaLiteChart'] canvas, "
-                "[data-testid='stVegaLiteChart'] svg\").length >= 4",
-                timeout=90000,
-            )
-            time.sleep(1.0)
-            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-            assert page.locator("[data-testid='stException']").count() == 0
-            text = page.inner_text("body")
-            assert "internal covariate shift" in text and "Training curves" in text
-            browser.close()
-        assert (tmp_path / "app.png").stat().st_size > 20000
+        _wait_for_health(server, port)
+        text = _page_text(port, tmp_path / "app.png")
+        assert "internal covariate shift" in text and "Training curves" in text
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_icsviz_app_on_localhost_marks_a_damaged_run_and_draws_the_rest(tmp_path) -> None:
+    """The console command as users start it, outside the repository, on a folder with damage."""
+    _browser_or_skip()
+    from conftest import damage_chunk
+
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for path in sorted((ROOT / "runs").glob("*.h5")):
+        shutil.copy(path, folder / path.name)
+    damage_chunk(folder / "cifar10-bn.h5", "layers/000_conv1/hist_counts")
+    (folder / "<img src=x>notes.h5").write_text("not a run")
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "icsviz.cli", "app", "--runs", str(folder), "--port", str(port), "--headless"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_health(server, port)
+        listening = _listening_addresses(port)
+        if listening:  # Linux: the default binds the loopback interface only
+            loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+            assert listening <= loopback, listening
+        text = _page_text(
+            port,
+            ROOT / "docs" / "figures" / "app_damaged.png"
+            if os.environ.get("ICSVIZ_SCREENSHOTS")
+            else tmp_path / "app.png",
+        )
+        assert "cifar10-bn.h5 is damaged" in text and "conv1" in text
+        assert "<img src=x>notes.h5 is unreadable" in text  # a file name shown as text, not HTML
+        assert "Training curves" in text
     finally:
         server.terminate()
         server.wait(30)

@@ -43,7 +43,7 @@ def default_selection(entries: Sequence[RunEntry]) -> list[str]:
 
 
 def _empty_folder(folder: str) -> None:
-    st.info(f"No run files (*.h5) in {folder!r}.")
+    st.info(f"No run files (\\*.h5) in {page.plain(folder)}.")
     st.markdown(
         "Record one by adding the callback to `model.fit`:\n\n"
         "```python\nfrom icsviz import ICSCallback\n"
@@ -101,7 +101,9 @@ def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_cho
         return
     live = [e.path.name for e in chosen if e.live]
     if live:
-        st.caption(f"Live: {', '.join(live)} still training; refreshing every {LIVE_REFRESH_S:.0f} s.")
+        st.caption(
+            f"Live: {page.plain(', '.join(live))} still training; refreshing every {LIVE_REFRESH_S:.0f} s."
+        )
     epoch = _capture_control(overview["epochs"])
     page.training_curves(keys, labels, epoch)
     tabs = st.tabs(["Distributions", "Per-unit drift", "Drift summary", "Gradients"])
@@ -127,7 +129,9 @@ def run_app() -> None:
     if not entries:
         _empty_folder(folder)
         return
-    with st.expander(f"Runs in {folder} ({len(entries)})", expanded=any(not e.readable for e in entries)):
+    with st.expander(
+        f"Runs in {page.plain(folder)} ({len(entries)})", expanded=any(not e.readable for e in entries)
+    ):
         page.runs_table(entries)
 
     names = [e.path.name for e in entries if e.readable]
@@ -152,7 +156,7 @@ def run_app() -> None:
     layer = st.sidebar.selectbox("Layer (model order)", layers, key="layer")
     lost = [f"{name} ({e.path.stem})" for e in chosen for name in e.damaged_layers]
     if lost:
-        st.sidebar.caption("Damaged, left out: " + ", ".join(lost))
+        st.sidebar.caption("Damaged, left out: " + page.plain(", ".join(lost)))
     bands = st.sidebar.radio(
         "Percentile bands",
         ["ioffe", "tensorboard"],

@@ -24,6 +24,16 @@ from . import charts, data
 Key = tuple[str, int, int]
 
 
+# What changes rendering inside a sentence: Markdown, HTML, LaTeX ($), and Streamlit's
+# ":red[...]" colours and ":emoji:" codes. Escaped, each shows as itself.
+_MARKDOWN = str.maketrans({c: "\\" + c for c in "\\`*_[]<>#~$|:"})
+
+
+def plain(text: object) -> str:
+    """A run, layer or file name as literal text inside a Streamlit message (which renders Markdown)."""
+    return str(text).translate(_MARKDOWN)
+
+
 # ---------------------------------------------------------------- cached reads
 def _open(key: Key) -> Run:
     """A run as the catalog found it: without the parts its check found damaged."""
@@ -45,7 +55,7 @@ def guarded(view: Callable[..., None]) -> Callable[..., None]:
         try:
             view(*args, **kwargs)
         except ICSVizError as exc:
-            st.error(f"This panel cannot be shown: {exc}", icon="⚠️")
+            st.error(f"This panel cannot be shown: {plain(exc)}", icon="⚠️")
 
     return wrapper
 
@@ -143,13 +153,17 @@ def runs_table(entries: Sequence[RunEntry]) -> None:
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     for e in entries:
         if not e.readable:
-            st.warning(f"{e.path.name} is unreadable: {e.error}", icon="⚠️")
+            st.warning(f"{plain(e.path.name)} is unreadable: {plain(e.error)}", icon="⚠️")
         elif e.damaged:
-            lost = f" Left out: layers {', '.join(e.damaged_layers)}." if e.damaged_layers else ""
+            lost = f" Left out: layers {plain(', '.join(e.damaged_layers))}." if e.damaged_layers else ""
+            parts = (
+                "1 part fails its checksum"
+                if len(e.damage) == 1
+                else f"{len(e.damage)} parts fail their checksums"
+            )
             st.warning(
-                f"{e.path.name} is damaged ({len(e.damage)} parts fail their checksums); the rest is "
-                f"shown.{lost} `icsviz check {e.path.name}` lists the damage, `icsviz repair` saves the "
-                "readable captures.",
+                f"{plain(e.path.name)} is damaged ({parts}); the rest is shown.{lost} `icsviz check` lists "
+                "the damage, `icsviz repair` saves the readable captures.",
                 icon="⚠️",
             )
 
@@ -180,12 +194,13 @@ def distributions(
     damaged = [label for label in missing if layer in overview["damaged_of"].get(label, [])]
     if damaged:
         st.warning(
-            f"Layer {layer!r} is damaged in {', '.join(damaged)} (its checksums fail): shown for the other runs only.",
+            f"Layer {plain(layer)} is damaged in {plain(', '.join(damaged))} (its checksums fail): shown "
+            "for the other runs only.",
             icon="⚠️",
         )
     absent = [label for label in missing if label not in damaged]
     if absent:
-        st.info(f"Layer {layer!r} is not in: {', '.join(absent)}.")
+        st.info(f"Layer {plain(layer)} is not in: {plain(', '.join(absent))}.")
 
     st.subheader("Histogram at one capture")
     st.caption(
