@@ -35,6 +35,8 @@ __all__ = [
     "run_drift",
     "compare_runs",
     "gradient_shift_summary",
+    "Divergence",
+    "divergence",
     "METRICS",
 ]
 
@@ -237,3 +239,48 @@ def gradient_shift_summary(run: Run) -> Mapping[str, tuple[float, float]]:
             float(np.nanmean(ics.grad_cos[1:])) if len(ics.grad_cos) > 1 else np.nan,
         )
     return out
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """Where a run stopped producing numbers."""
+
+    epoch: float  # of the first capture with NaN/Inf activations, else of the first bad loss
+    step: int | None  # that capture's training step (None: only the loss shows it)
+    layers: tuple[str, ...]  # layers with NaN/Inf at that capture, model order
+    loss_epoch: int | None  # first epoch (1 = the first) whose training loss is NaN/Inf
+
+    def describe(self) -> str:
+        parts = []
+        if self.step is not None:
+            shown = ", ".join(self.layers[:3]) + (
+                f" and {len(self.layers) - 3} more" if len(self.layers) > 3 else ""
+            )
+            parts.append(
+                f"NaN/Inf activations from step {self.step} (epoch {self.epoch:g}), first in {shown}"
+            )
+        if self.loss_epoch is not None:
+            parts.append(f"the training loss is NaN/Inf from epoch {self.loss_epoch}")
+        return "diverged: " + "; ".join(parts)
+
+
+def divergence(run: Run) -> Divergence | None:
+    """The first capture with NaN/Inf activations and the first non-finite loss, or None."""
+    first, layers = None, []
+    for name in run.layer_names:
+        bad = np.flatnonzero(run.nonfinite(name) > 0)
+        if not len(bad):
+            continue
+        t = int(bad[0])
+        if first is None or t < first:
+            first, layers = t, [name]
+        elif t == first:
+            layers.append(name)
+    loss = run.history.get("loss", np.array([]))
+    bad_loss = np.flatnonzero(~np.isfinite(loss))
+    loss_epoch = int(run.history_epochs[bad_loss[0]]) + 1 if len(bad_loss) else None
+    if first is None and loss_epoch is None:
+        return None
+    if first is not None:
+        return Divergence(float(run.epochs[first]), int(run.steps[first]), tuple(layers), loss_epoch)
+    return Divergence(float(loss_epoch - 1), None, (), loss_epoch)  # the loss went bad during that epoch

@@ -75,6 +75,37 @@ def _figure(
     return fig, axes
 
 
+def _mark_divergence(ax: plt.Axes, run: Run, color: str, *, horizontal: bool = False) -> None:
+    """A dotted rule and a cross where the run diverged (x = epoch, or y = epoch when `horizontal`)."""
+    found = analysis.divergence(run)
+    if found is None:
+        return
+    if horizontal:  # shade what comes after: the histograms there hold no finite values
+        top = ax.get_ylim()[1]
+        ax.axhspan(found.epoch, top, color="0.9", zorder=0, linewidth=0)
+        ax.axhline(found.epoch, color="0.3", linestyle=":", linewidth=1.0)
+        ax.text(
+            sum(ax.get_xlim()) / 2,
+            (found.epoch + top) / 2,
+            f"NaN/Inf from epoch {found.epoch:g}",
+            color="0.3",
+            fontsize=7,
+            ha="center",
+            va="center",
+        )
+        return
+    ax.axvline(found.epoch, color=color, linestyle=":", linewidth=1.0)
+    ax.plot([found.epoch], [ax.get_ylim()[1]], "x", color=color, clip_on=False, markersize=6)
+    ax.annotate(
+        "diverged",
+        (found.epoch, ax.get_ylim()[1]),
+        xytext=(3, -9),
+        textcoords="offset points",
+        color=color,
+        fontsize=6,
+    )
+
+
 # ---------------------------------------------------------------- the seed article's two plots
 def figure_accuracy(runs: Runs) -> Figure:
     """Validation accuracy per epoch, one line per run."""
@@ -86,6 +117,8 @@ def figure_accuracy(runs: Runs) -> Figure:
             raise MissingDataError(f"{label}: no val_accuracy in its history (train with validation data)")
         ax.plot(run.history_epochs + 1, acc, color=_color(i), label=label)
     ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy")
+    for i, run in enumerate(runs.values()):
+        _mark_divergence(ax, run, _color(i))
     ax.legend(frameon=False)
     return fig
 
@@ -102,6 +135,8 @@ def figure_loss(runs: Runs) -> Figure:
         if "val_loss" in history:
             ax.plot(epochs, history["val_loss"], "-", color=_color(i), label=f"{label} (validation)")
     ax.set(xlabel="epoch", ylabel="loss", title="Training and validation loss")
+    for i, run in enumerate(runs.values()):
+        _mark_divergence(ax, run, _color(i))
     ax.legend(frameon=False)
     return fig
 
@@ -192,6 +227,7 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
         meshes.append(heat.pcolormesh(grid, edges_t, log, cmap="inferno", shading="flat", rasterized=True))
         heat.set(xlabel="activation", ylabel="epoch")
         heat.grid(False)
+        _mark_divergence(heat, run, "0.3", horizontal=True)
     low = min(np.nanmin(m.get_array()) for m in meshes if np.isfinite(m.get_array()).any())
     for mesh in meshes:
         mesh.set_clim(low, heat_max)
@@ -352,6 +388,10 @@ def plot_runs(
         Planned("gradient_shift", lambda: figure_gradient_shift(runs)),
     ] + [Planned(f"layer_{_safe(name)}", lambda name=name: figure_layer(runs, name)) for name in layers]
     written, notes = [], []
+    for label, run in runs.items():
+        found = analysis.divergence(run)
+        if found is not None:
+            notes.append(f"{label}: {found.describe()} (marked in the figures)")
     with plt.rc_context(STYLE):
         for i, item in enumerate(plan):
             if progress:

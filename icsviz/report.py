@@ -216,9 +216,13 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
             ],
         )
     )
-    parts.append(
-        "<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in drift_reading(runs)) + "</ul>"
-    )
+    diverged = [(label, analysis.divergence(run)) for label, run in runs.items()]
+    reading = [
+        f"<b>{html.escape(label)}</b> {html.escape(found.describe())}; its figures end there."
+        for label, found in diverged
+        if found is not None
+    ] + drift_reading(runs)
+    parts.append("<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in reading) + "</ul>")
 
     figures = [
         (plots.figure_accuracy, "Validation accuracy per epoch."),

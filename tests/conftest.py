@@ -84,3 +84,19 @@ def damage_chunk(path: Path, dataset: str, chunk: int = 0) -> None:
         byte = stream.read(1)[0]
         stream.seek(offset)
         stream.write(bytes([byte ^ 0x10]))
+
+
+def diverging_run(path: Path, *, bad_from: int = 3, captures: int = 6, epochs: int = 3) -> Path:
+    """A run whose layer "dense" has NaN/Inf from capture `bad_from` and whose loss is NaN from epoch 2."""
+    from icsviz.store.writer import RunWriter
+
+    layout = tiny_layout()
+    with RunWriter.create(path, layout, {"run_name": path.stem}) as w:
+        for step in range(captures):
+            capture = tiny_capture(layout, step)
+            for index, layer in enumerate(capture.layers):
+                layer.nonfinite = 5 if index == 0 and step >= bad_from else 0
+            w.write_capture(capture)
+        for epoch in range(epochs):
+            w.write_epoch(epoch, {"loss": float("nan") if epoch >= 1 else 1.0, "val_accuracy": 0.5})
+    return path

@@ -168,3 +168,33 @@ def test_gradient_shift_summary_needs_the_data(tmp_path) -> None:
         w.write_capture(tiny_capture(layout, 0))
     with open_run(path) as run, pytest.raises(MissingDataError, match="gradient_shift=True"):
         gradient_shift_summary(run)
+
+
+def test_divergence_names_the_first_bad_capture_its_layers_and_the_loss(tmp_path) -> None:
+    from conftest import diverging_run
+    from icsviz import analysis
+
+    with open_run(diverging_run(tmp_path / "nan.h5", bad_from=3)) as run:
+        found = analysis.divergence(run)
+        assert found.step == 3 and found.epoch == pytest.approx(0.3)  # tiny_capture: epoch = step / 10
+        assert found.layers == ("dense",) and found.loss_epoch == 2
+        assert found.describe() == (
+            "diverged: NaN/Inf activations from step 3 (epoch 0.3), first in dense; "
+            "the training loss is NaN/Inf from epoch 2"
+        )
+
+
+def test_a_finite_run_has_no_divergence(tmp_path) -> None:
+    from conftest import tiny_layout
+    from icsviz import analysis
+
+    layout = tiny_layout()
+    with RunWriter.create(tmp_path / "ok.h5", layout, {}) as w:
+        for step in range(4):
+            capture = tiny_capture(layout, step)
+            for layer in capture.layers:
+                layer.nonfinite = 0
+            w.write_capture(capture)
+        w.write_epoch(0, {"loss": 1.0})
+    with open_run(tmp_path / "ok.h5") as run:
+        assert analysis.divergence(run) is None

@@ -265,3 +265,19 @@ def test_names_from_files_are_shown_as_text_never_as_markdown_or_html(tmp_path) 
     assert shown(absent) == f"Layer {hostile} is not in: plain."
     for element in [*at.markdown, *at.caption, *at.info, *at.warning]:
         assert "<script>" not in element.value and "**bold**" not in element.value, element.value
+
+
+def test_a_diverged_run_says_where_it_diverged_and_the_page_keeps_working(shipped, tmp_path) -> None:
+    from conftest import diverging_run
+
+    shutil.copy(shipped / "cifar10-baseline.h5", tmp_path / "cifar10-baseline.h5")
+    diverging_run(tmp_path / "nan.h5", bad_from=3)
+    at = app_for(tmp_path).run()
+    at.sidebar.multiselect(key="runs").set_value(["cifar10-baseline.h5", "nan.h5"]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    said = [shown(w.value) for w in at.warning if "diverged" in w.value]
+    assert said == [
+        "nan diverged: NaN/Inf activations from step 3 (epoch 0.3), first in dense; the training loss "
+        "is NaN/Inf from epoch 2; its charts end there."
+    ]
+    assert frames_with(at, "run", "metric", "split", "value")  # the curves are still drawn

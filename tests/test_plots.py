@@ -86,3 +86,20 @@ def test_plot_cli_and_its_errors(tmp_path, capsys) -> None:
     assert "missing.h5" in capsys.readouterr().err
     assert main(["plot", str(run), "--labels", "a", "b"]) == 2
     assert "one label per run" in capsys.readouterr().err
+
+
+def test_a_diverged_run_is_marked_where_it_diverged(tmp_path) -> None:
+    from conftest import diverging_run
+    from icsviz.plots import figure_layer, figure_loss
+
+    with open_run(diverging_run(tmp_path / "nan.h5", bad_from=3)) as run:
+        runs = {"nan": run}
+        loss = figure_loss(runs).axes[0]
+        rules = [line for line in loss.lines if list(line.get_xdata()) == [0.3, 0.3]]
+        assert rules and rules[0].get_linestyle() == ":"  # the dotted rule at epoch 0.3
+        assert any(t.get_text() == "diverged" for t in loss.texts)
+        heat = figure_layer(runs, "dense").axes[1]
+        assert any(t.get_text() == "NaN/Inf from epoch 0.3" for t in heat.texts)
+        assert any(list(line.get_ydata()) == [0.3, 0.3] for line in heat.lines)
+        _, notes = plot_runs(runs, tmp_path / "figs", formats=["png"], progress=False, layers=["dense"])
+        assert any(n.startswith("nan: diverged: NaN/Inf activations from step 3") for n in notes)

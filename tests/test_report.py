@@ -69,3 +69,15 @@ def test_report_renders_in_a_real_browser(shipped, tmp_path) -> None:
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert os.path.getsize(tmp_path / "report.png") > 20000
+
+
+def test_the_report_says_where_a_run_diverged_with_its_name_escaped(tmp_path) -> None:
+    from conftest import diverging_run
+    from icsviz import open_run
+
+    with open_run(diverging_run(tmp_path / "nan.h5", bad_from=3)) as run:
+        html_text = build_report({"<i>nan</i>": run})
+    assert (
+        "<li><b>&lt;i&gt;nan&lt;/i&gt;</b> diverged: NaN/Inf activations from step 3 (epoch 0.3), first in "
+        "dense; the training loss is NaN/Inf from epoch 2; its figures end there.</li>"
+    ) in html_text

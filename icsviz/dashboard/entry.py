@@ -104,6 +104,9 @@ def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_cho
         st.caption(
             f"Live: {page.plain(', '.join(live))} still training; refreshing every {LIVE_REFRESH_S:.0f} s."
         )
+    for label, words in overview["diverged"].items():
+        if words:
+            st.warning(f"{page.plain(label)} {page.plain(words)}; its charts end there.", icon="⚠️")
     epoch = _capture_control(overview["epochs"])
     page.training_curves(keys, labels, epoch)
     tabs = st.tabs(["Distributions", "Per-unit drift", "Drift summary", "Gradients"])

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from .. import analysis
 from ..errors import ICSVizError
 from ..store.catalog import RunEntry, entry_for
 from ..store.reader import Run, open_run
@@ -72,6 +73,15 @@ def _with_readable_history(runs: dict[str, Run]) -> dict[str, Run]:
     return readable
 
 
+def _divergence(run: Run) -> str:
+    """The run's divergence in words, or "" (a damaged layer must not hide it for the rest)."""
+    try:
+        found = analysis.divergence(run)
+    except ICSVizError:
+        return ""
+    return found.describe() if found is not None else ""
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
     def build(runs: dict) -> dict[str, Any]:
@@ -79,6 +89,7 @@ def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
             "layers": data.layer_union(runs),
             "epochs": data.capture_epochs(runs),
             "curves": data.curves_frame(_with_readable_history(runs)),
+            "diverged": {label: _divergence(run) for label, run in runs.items()},
             "damaged_of": {
                 label: list(getattr(entry_for(key), "damaged_layers", ())) for key, label in zip(keys, labels)
             },

@@ -413,6 +413,10 @@ class Run:
             unit_quantiles=self._rows(g + "unit_quantiles"),
         )
 
+    def nonfinite(self, name: str) -> np.ndarray:
+        """(T,) NaN/Inf values of a layer at each capture, without reading the rest of the layer."""
+        return self._rows(f"layers/{self.layer(name).id}/nonfinite")
+
     def iter_activations(self) -> Iterator[ActivationStats]:
         for name in self.layer_names:
             yield self.activations(name)
