@@ -26,6 +26,8 @@ from corruption_worker import corrupt, digest, start_worker  # noqa: E402
 from icsviz.store import writer as writer_module  # noqa: E402
 from icsviz.store.writer import RunWriter, layout_from_file  # noqa: E402
 
+LIMIT_S = 2.0  # per case; a slower answer is waited for and listed, a missing one is a hang
+
 
 def reliability(source: Path, cases: int, seed: int) -> None:
     data = source.read_bytes()
@@ -33,15 +35,27 @@ def reliability(source: Path, cases: int, seed: int) -> None:
     worker = start_worker()
     worker.ask(source, 30.0)
     table: dict[str, dict[str, int]] = {}
+    slow: list[str] = []
+    odd: list[str] = []
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         for case in range(cases):
             kind = ("flip", "flip", "zero", "truncate")[case % 4]
             bad = Path(tmp) / f"case{case}.h5"
             bad.write_bytes(corrupt(data, rng, kind))
-            answer = worker.ask(bad, 2.0)
+            started = time.perf_counter()
+            answer = worker.ask(bad, LIMIT_S)
+            if answer is None and worker.process.poll() is None:
+                answer = worker.wait(60.0)  # over the limit: slow, or really hung?
+                if answer is not None:
+                    slow.append(f"case {case} ({kind}): {time.perf_counter() - started:.1f} s")
             if answer is None:
-                verdict = "hang or crash"
+                crashed = worker.process.poll() is not None
+                verdict = "crash" if crashed else "hang"
+                odd.append(
+                    f"case {case} ({kind}): {verdict}"
+                    + (f" (exit {worker.process.returncode})" if crashed else "")
+                )
                 worker.kill()
                 worker = start_worker()
                 worker.ask(source, 30.0)  # its start-up must not count against the next case
@@ -52,12 +66,16 @@ def reliability(source: Path, cases: int, seed: int) -> None:
             row = table.setdefault(kind, {})
             row[verdict] = row.get(verdict, 0) + 1
     worker.kill()
-    columns = ["read right", "our error", "RAW EXCEPTION", "WRONG NUMBERS", "hang or crash"]
+    columns = ["read right", "our error", "RAW EXCEPTION", "WRONG NUMBERS", "hang", "crash"]
     print(f"{source.name}, {cases} cases (seed {seed}):")
     print("| damage | cases | " + " | ".join(columns) + " |")
     print("| --- " * (len(columns) + 2) + "|")
     for kind, row in table.items():
         print(f"| {kind} | {sum(row.values())} | " + " | ".join(str(row.get(c, 0)) for c in columns) + " |")
+    for line in odd:
+        print("  " + line)
+    if slow:
+        print(f"  over {LIMIT_S:.0f} s but answered: " + "; ".join(slow))
 
 
 def checksum_cost(source: Path, captures: int = 100) -> None:

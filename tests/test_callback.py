@@ -410,9 +410,8 @@ def test_a_full_disk_gives_one_warning_training_finishes_and_committed_captures_
         [sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True, timeout=300
     )
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
-    # Known: HDF5 can still crash in its own shutdown at interpreter exit, after the script
-    # has finished (the file it failed to flush); so the script's output, not its exit code.
-    assert "EPOCHS" in out, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]  # HDF5 used to crash at exit after the failed write
+    assert "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
     epochs, committed, warned = (
         out["EPOCHS"].split()[0],
         int(out["EPOCHS"].split()[2]),

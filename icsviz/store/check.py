@@ -295,6 +295,11 @@ class _Worker:
         assert self.process.stdin is not None and self.process.stdout is not None
         self.process.stdin.write(os.fsencode(path.resolve()).hex().encode() + b"\n")
         self.process.stdin.flush()
+        return self.wait(timeout)
+
+    def wait(self, timeout: float) -> Any:
+        """The answer to the last question, if it comes within `timeout` seconds, else None."""
+        assert self.process.stdout is not None
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
         if not ready:
             return None

@@ -10,9 +10,10 @@ killed at any moment leaves every capture that was committed before.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -125,6 +126,10 @@ class RunWriter:
     def __init__(self, file: h5py.File, layout: RunLayout, lock: WriterLock) -> None:
         self._file = file
         self._lock = lock
+        # Datasets stay open while the writer is: reopening them per row costs time, and a
+        # dataset closed after a failed write leaves HDF5 a half-closed id that crashes it at exit.
+        self._datasets: dict[str, h5py.Dataset] = {}
+        self._detached = False  # after a failed write, HDF5 writes to /dev/null (see _detach)
         self.layout = layout
         self.path = Path(file.filename)
         self._layer_ids = layout.layer_ids()
@@ -203,18 +208,60 @@ class RunWriter:
         return cls(file, layout, lock)
 
     # ------------------------------------------------------------------ writing
+    def _ds(self, name: str) -> h5py.Dataset:
+        dataset = self._datasets.get(name)
+        if dataset is None:
+            dataset = self._datasets[name] = self._file[name]
+        return dataset
+
     @property
     def num_captures(self) -> int:
-        return int(self._file["captures/step"].shape[0])
+        return int(self._ds("captures/step").shape[0])
 
     @property
     def last_capture_epoch(self) -> float | None:
         """The epoch of the last committed capture (None before the first)."""
         n = self.num_captures
-        return float(self._file["captures/epoch"][n - 1]) if n else None
+        return float(self._ds("captures/epoch")[n - 1]) if n else None
+
+    @contextlib.contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Turn a failed write into a RunFileError, leaving the file as the failure found it."""
+        if self._detached:
+            raise RunFileError(f"{self.path}: an earlier write failed; nothing more is written")
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            self._detach()
+            raise RunFileError(
+                f"writing {what} to {self.path} failed ({exc}); the file keeps every capture committed before"
+            ) from exc
+
+    def _detach(self) -> None:
+        """Send HDF5's further writes to /dev/null.
+
+        After a failed write (a full disk) HDF5 still holds dirty data it cannot flush; closing
+        a dataset or the file then fails halfway, and the half-closed ids crash the library at
+        interpreter exit. Behind /dev/null every later flush succeeds and the bytes on disk stay
+        exactly as they were when the write failed.
+        """
+        self._detached = True
+        try:
+            descriptor = self._file.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, descriptor)
+            finally:
+                os.close(null)
+        except (OSError, RuntimeError, TypeError, ValueError):
+            pass  # another file driver: nothing to redirect
 
     def write_capture(self, capture: Capture) -> None:
         """Append one capture; it becomes visible to readers atomically."""
+        with self._writing("a capture"):
+            self._write_capture(capture)
+
+    def _write_capture(self, capture: Capture) -> None:
         f = self._file
         t = self.num_captures
         if len(capture.layers) != len(self._layer_ids):
@@ -250,15 +297,19 @@ class RunWriter:
             cos = capture.ics_grad_cos[i] if len(capture.ics_grad_cos) else np.nan
             rows += [(g + "grad_diff", diff), (g + "grad_cos", cos)]
         for name, value in rows:
-            _append_row(f[name], t, value)
+            _append_row(self._ds(name), t, value)
         f.flush()
-        _append_row(f["captures/step"], t, capture.step)  # the commit marker, last
+        _append_row(self._ds("captures/step"), t, capture.step)  # the commit marker, last
         f.flush()
 
     def write_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Append one row of epoch metrics (new metric names become new columns)."""
+        with self._writing("the epoch metrics"):
+            self._write_epoch(epoch, metrics)
+
+    def _write_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         f = self._file
-        names_ds, values_ds, epoch_ds = f["history/names"], f["history/values"], f["history/epoch"]
+        names_ds, values_ds, epoch_ds = (self._ds(f"history/{n}") for n in ("names", "values", "epoch"))
         new = [str(k) for k in metrics if str(k) not in self._history_names]
         if new:
             self._history_names += new
@@ -280,7 +331,7 @@ class RunWriter:
         f.flush()
 
     def _set_status(self, status: str) -> None:
-        self._file["status"][()] = status.encode()
+        self._ds("status")[()] = status.encode()
         self._file.flush()
 
     def close(self, status: str = "complete", *, compact: bool = True) -> None:
@@ -295,8 +346,9 @@ class RunWriter:
             try:
                 self._set_status(status)
             finally:
+                self._datasets.clear()
                 self._file.close()
-            if compact:
+            if compact and not self._detached:  # detached: the disk holds what it held
                 _rewrite(self.path, status=status)
         finally:
             self._lock.release()
