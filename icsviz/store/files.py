@@ -27,7 +27,7 @@ import h5py
 
 from ..errors import DamagedRunError, RunFileError
 
-__all__ = ["open_for_reading", "reading", "damage_hint", "truncation", "SWMR_READ_ATTEMPTS"]
+__all__ = ["open_for_reading", "reading", "damage_hint", "truncation", "hdf5_library", "SWMR_READ_ATTEMPTS"]
 
 # Enough for a reader that races the writer (a mismatch there clears on the
 # next try), few enough that a damaged block fails in milliseconds.
@@ -141,14 +141,20 @@ def _mapped_libraries() -> list[str]:
 _LIBRARY: ctypes.CDLL | None | bool = False  # False: not looked up yet
 
 
-def _swmr_access_list() -> h5py.h5p.PropFAID:
+def hdf5_library() -> ctypes.CDLL | None:
+    """h5py's own HDF5 library, for the few settings h5py does not expose (None: not found)."""
     global _LIBRARY
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
     if _LIBRARY is False:
         _LIBRARY = _hdf5_library()
-    if _LIBRARY:
-        _LIBRARY.H5Pset_metadata_read_attempts(ctypes.c_int64(fapl.id), ctypes.c_uint(SWMR_READ_ATTEMPTS))
+    return _LIBRARY or None
+
+
+def _swmr_access_list() -> h5py.h5p.PropFAID:
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    library = hdf5_library()
+    if library is not None:
+        library.H5Pset_metadata_read_attempts(ctypes.c_int64(fapl.id), ctypes.c_uint(SWMR_READ_ATTEMPTS))
     return fapl
 
 
@@ -192,6 +198,11 @@ def open_for_reading(path: Path) -> tuple[h5py.File, bool]:
 
 def _unopenable(path: Path, exc: BaseException) -> RunFileError:
     text = str(exc)
+    if "values don't match" in text or "degree doesn't match" in text:
+        return RunFileError(
+            f"{path} is already open in this process with other HDF5 settings (h5py.File?); close "
+            "that handle, then open it again"
+        )
     if "truncated" in text:
         return RunFileError(f"{path} is truncated (it was cut short while being copied or written)")
     return DamagedRunError(

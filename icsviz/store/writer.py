@@ -11,6 +11,7 @@ killed at any moment leaves every capture that was committed before.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -23,7 +24,7 @@ import h5py
 import numpy as np
 
 from ..errors import DamagedRunError, IncompatibleRunError, RunExistsError, RunFileError
-from .files import open_for_reading
+from .files import hdf5_library, open_for_reading
 from .lock import WriterLock
 from .schema import CAPTURE_KINDS, SCHEMA_VERSION, LayerSpec, RunLayout, VariableSpec, is_per_capture
 
@@ -94,6 +95,30 @@ def _extendable(group: h5py.Group, name: str, row_shape: tuple[int, ...], dtype:
     )
 
 
+# Links stay inside their (checksummed) group header instead of moving to HDF5's dense
+# storage past 8 of them: damage in dense link storage can make the library free memory
+# twice while it reports the damage, which no caller survives. (Attributes keep HDF5's
+# default: compact attributes hung the library on a zeroed block.)
+_COMPACT_LINKS = (65535, 65534)
+
+
+def _new_file(path: Path) -> h5py.File:
+    """A fresh file (libver latest); the root's 6 links are compact by default."""
+    fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
+    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl))
+
+
+def _group(parent: h5py.Group, name: str) -> h5py.Group:
+    """A new group that keeps its links compact."""
+    gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+    library = hdf5_library()  # h5py has no setter for the links' phase change
+    if library is not None:
+        library.H5Pset_link_phase_change(ctypes.c_int64(gcpl.id), *(ctypes.c_uint(n) for n in _COMPACT_LINKS))
+    return h5py.Group(h5py.h5g.create(parent.id, name.encode(), gcpl=gcpl))
+
+
 def _fixed(group: h5py.Group, name: str, data: Any, dtype: Any = None) -> h5py.Dataset:
     """A dataset that never grows: compact (checksummed with its header) when small."""
     data = np.asarray(data, dtype=dtype)
@@ -160,7 +185,7 @@ class RunWriter:
         lock = WriterLock(path).acquire()  # before "w" truncates a file another run is writing
         try:
             try:
-                file = h5py.File(path, "w", libver="latest")
+                file = _new_file(path)
             except OSError as exc:
                 raise RunFileError(f"cannot create run file {path}: {exc}") from exc
             _create_layout(file, layout, metadata)
@@ -383,14 +408,14 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
         attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
     _fixed(file, "status", b"training", "S16")
 
-    captures = file.create_group("captures")
+    captures = _group(file, "captures")
     for name, dtype in (("step", "i8"), ("epoch", "f8"), ("time", "f8"), ("kind", "u1")):
         _extendable(captures, name, (), dtype)
 
     b, q, k = layout.hist_bins, len(layout.quantiles), len(layout.moment_names)
-    layers = file.create_group("layers")
+    layers = _group(file, "layers")
     for index, (lid, spec) in enumerate(zip(layout.layer_ids(), layout.layers)):
-        g = layers.create_group(lid)
+        g = _group(layers, lid)
         g.attrs.update(
             name=spec.name,
             class_name=spec.class_name,
@@ -417,21 +442,21 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
         _extendable(g, "unit_quantiles", (u, tq), "f4")
         g["unit_quantiles"].attrs["q"] = np.asarray(layout.tracked_quantiles)
 
-    variables = file.create_group("variables")
+    variables = _group(file, "variables")
     for index, (vid, vspec) in enumerate(zip(layout.variable_ids(), layout.variables)):
-        g = variables.create_group(vid)
+        g = _group(variables, vid)
         g.attrs.update(name=vspec.name, layer=vspec.layer, index=index, shape=json.dumps(list(vspec.shape)))
         for name in ("grad_norm", "weight_norm", "update_ratio"):
             _extendable(g, name, (), "f4")
 
-    ics = file.create_group("ics")
+    ics = _group(file, "ics")
     for index, (iid, name) in enumerate(zip(layout.ics_ids(), layout.ics_layers)):
-        g = ics.create_group(iid)
+        g = _group(ics, iid)
         g.attrs.update(name=name, index=index)
         _extendable(g, "grad_diff", (), "f4")
         _extendable(g, "grad_cos", (), "f4")
 
-    history = file.create_group("history")
+    history = _group(file, "history")
     history.create_dataset(
         "names", shape=(0,), maxshape=(None,), dtype=_NAME_DTYPE, chunks=(64,), **_CHECKSUM
     )
@@ -535,7 +560,7 @@ def _rewrite(path: Path, *, status: str, out: Path | None = None, plan: RunCheck
     tmp = out.with_name(out.name + ".tmp")
     src, _ = open_for_reading(path)
     try:
-        with src, h5py.File(tmp, "w", libver="latest") as dst:
+        with src, _new_file(tmp) as dst:
             rows = int(src["captures/step"].shape[0]) if "captures/step" in src else None
             _Copy(rows, plan).group(src, dst)
             if "status" in dst:
@@ -564,7 +589,7 @@ class _Copy:
                 continue  # by path: a damaged object may not even open
             obj = src[name]
             if isinstance(obj, h5py.Group):
-                self.group(obj, dst.create_group(name))
+                self.group(obj, _group(dst, name))
             else:
                 self.dataset(obj, dst, name)
 
