@@ -14,6 +14,8 @@ separate trainings instead was useless here: on this shared machine the same
 epoch took 48 s and 84 s within minutes.) Epoch 1 includes the one-off cost
 (tracing the capture function, the step-0 capture); later epochs are the
 steady state (one capture at the epoch's end). Target: at most 1.03.
+It ends with what the checksums on every dataset cost when writing captures
+(the same measurement as benchmarks/reliability.py).
 """
 
 from __future__ import annotations
@@ -107,6 +109,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             measure(name, x, y, args.epochs, args.probe, Path(tmp))
+    # The checksums every dataset carries: their share of writing a capture.
+    from reliability import ROOT, checksum_cost
+
+    checksum_cost(ROOT / "runs" / "cifar10-bn.h5")
 
 
 if __name__ == "__main__":
