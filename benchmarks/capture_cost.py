@@ -17,8 +17,9 @@ import time
 import keras
 
 from _common import cifar_like
-from icsviz.capture import CaptureOptions, CaptureProgram
-from icsviz.layers import select_layers
+from icsviz.capture.layers import select_layers
+from icsviz.capture.program import CaptureProgram
+from icsviz.capture.stats import CaptureOptions
 from icsviz.models import build_model
 from icsviz.train import RECIPES, _optimizer
 

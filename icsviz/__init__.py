@@ -27,7 +27,7 @@ from .store.schema import SCHEMA_VERSION
 from .store.writer import repair_run
 
 if TYPE_CHECKING:
-    from .callback import ICSCallback
+    from .capture.callback import ICSCallback
 
 __version__ = "0.1.0"
 
@@ -60,7 +60,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Importing Keras takes seconds; the app and the plots never need it.
     if name == "ICSCallback":
-        from .callback import ICSCallback
+        from .capture.callback import ICSCallback
 
         return ICSCallback
     raise AttributeError(f"module 'icsviz' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from .callback import ICSCallback
+from .capture.callback import ICSCallback
 from .data import Dataset
 from .models import build_model
 

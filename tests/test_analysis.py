@@ -19,7 +19,7 @@ from icsviz.analysis import (
     run_drift,
     wasserstein,
 )
-from icsviz.capture import dyadic_bin_width
+from icsviz.capture.stats import dyadic_bin_width
 from icsviz.store.writer import RunWriter
 
 

@@ -259,7 +259,7 @@ def test_diverging_run_counts_nonfinite_values_and_keeps_training(tmp_path) -> N
 
 
 def test_a_failure_inside_capture_warns_and_training_goes_on(tmp_path, monkeypatch) -> None:
-    from icsviz.capture import CaptureProgram
+    from icsviz.capture.program import CaptureProgram
 
     calls = {"n": 0}
     original = CaptureProgram.run

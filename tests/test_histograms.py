@@ -2,7 +2,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from icsviz.capture import dyadic_bin_width
+from icsviz.capture.stats import dyadic_bin_width
 from icsviz.histograms import common_edges, densities, rebin
 
 

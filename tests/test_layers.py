@@ -4,7 +4,7 @@ import keras
 import pytest
 
 from icsviz import CaptureWarning
-from icsviz.layers import classify, iter_layers, select_layers
+from icsviz.capture.layers import classify, iter_layers, select_layers
 from icsviz.models import build_model
 
 

@@ -32,7 +32,7 @@ import h5py
 
 from ..errors import DamagedRunError, RunFileError
 from .files import open_for_reading, reading, truncation
-from .schema import SCHEMA_VERSION, decode_status, is_per_capture
+from .schema import SCHEMA_VERSION, decode_status, is_per_batch, is_per_capture
 
 __all__ = ["Damage", "RunCheck", "check_run", "guarded_check", "CHECK_TIMEOUT_S"]
 
@@ -147,7 +147,7 @@ class _Walker:
                 ds[()] if rows is None else ds[:rows]  # noqa: B018
             return
         except DamagedRunError as exc:
-            if not ds.chunks or rows is None:
+            if not ds.chunks or rows is None or is_per_batch(part, ds.maxshape):
                 self.fail(part, exc)
                 return
             first = exc
@@ -231,7 +231,12 @@ def _verdict(path: Path, file: h5py.File, walker: _Walker) -> RunCheck:
     drop_groups: list[str] = []
     for d in damage:
         parts = d.part.split("/")
-        if len(parts) >= 3 and parts[1] in _GROUPS:
+        if len(parts) >= 2 and parts[1] == "batches":
+            # Training-step rows are a series of their own: a repair keeps the probe captures
+            # and leaves all of them out rather than a series with holes.
+            if "/batches" not in drop_groups:
+                drop_groups.append("/batches")
+        elif len(parts) >= 3 and parts[1] in _GROUPS:
             group = "/".join(parts[:3])
             if group not in drop_groups:
                 drop_groups.append(group)

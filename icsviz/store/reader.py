@@ -185,6 +185,8 @@ class Run:
             self._variables = self._read_groups("variables")
             self._ics = self._read_groups("ics")
             self._length = 0
+            self._batch_length = 0
+            self._batch_ids = self._read_batch_groups()
             self._activations: dict[str, tuple[int, ActivationStats]] = {}
             self.refresh()
         except BaseException:
@@ -264,6 +266,8 @@ class Run:
         """Look for captures committed since the last refresh; returns their count."""
         before = self._length
         self._length = int(self._dataset("captures/step").shape[0])
+        if self.has_batch_stats:
+            self._batch_length = int(self._dataset("batches/step").shape[0])
         return self._length - before
 
     def close(self) -> None:
@@ -411,6 +415,83 @@ class Run:
             unit_std=self._rows(g + "unit_std"),
             tracked_units=self._read(g + "tracked_units"),
             unit_quantiles=self._rows(g + "unit_quantiles"),
+        )
+
+    # ------------------------------------------------------------ per-step mode
+    def _read_batch_groups(self) -> dict[str, str]:
+        if "/batches" in self._skip or "batches" not in self._file:
+            return {}
+        return {str(attrs["name"]): gid for gid, attrs in self._groups("batches/layers")}
+
+    @property
+    def has_batch_stats(self) -> bool:
+        """Whether the run recorded the training batches at every step (`batch_stats=True`)."""
+        return bool(self._batch_ids)
+
+    @property
+    def batch_steps(self) -> np.ndarray:
+        """(S,) the global step of each recorded training batch (weights after that many updates)."""
+        return self._read("batches/step", self._batch_length) if self.has_batch_stats else np.zeros(0, "i8")
+
+    @property
+    def batch_epochs(self) -> np.ndarray:
+        """(S,) fractional epoch of each recorded training batch."""
+        return self._read("batches/epoch", self._batch_length) if self.has_batch_stats else np.zeros(0)
+
+    @property
+    def batch_layer_names(self) -> list[str]:
+        """Layers with per-step statistics, in model order."""
+        return list(self._batch_ids)
+
+    def batch_activations(self, name: str) -> ActivationStats:
+        """Statistics of one layer on the training batch of every step (per-step mode).
+
+        Histogram, quantiles and zero fraction come from a fixed random sample of
+        the batch's values (`sample` per step, see docs/statistics.md); mean,
+        std, min and max are exact over the whole batch. `counts` sum to the
+        sample's finite values; `nonfinite` counts NaN/Inf in the sample.
+        Per-unit means and stds are not recorded per step (empty (S, 0)).
+        """
+        if name not in self._batch_ids:
+            info = self._by_name.get(name)
+            if info is not None and info.name in self._batch_ids:
+                name = info.name
+            else:
+                raise MissingDataError(
+                    f"{self.path.name} has no per-step statistics for {name!r}"
+                    + (
+                        f"; layers with them: {', '.join(self._batch_ids)}"
+                        if self._batch_ids
+                        else " (it was recorded without batch_stats=True)"
+                    )
+                )
+        g = f"batches/layers/{self._batch_ids[name]}/"
+        n = self._batch_length
+        moments = self._read(g + "moments", n).astype(np.float64)
+        moment_names = json.loads(self._attribute(g + "moments", "names"))
+        column = {m: moments[:, i] for i, m in enumerate(moment_names)}
+        ranges = self._read(g + "hist_range", n)
+        counts = self._read(g + "hist_counts", n).astype(np.int64)
+        bins = counts.shape[1]
+        edges = ranges[:, :1] + ranges[:, 1:2] * np.arange(bins + 1)
+        return ActivationStats(
+            name=name,
+            steps=self.batch_steps,
+            epochs=self.batch_epochs,
+            counts=counts,
+            edges=edges,
+            quantiles=self._read(g + "quantiles", n),
+            q=np.asarray(self._attribute(g + "quantiles", "q")),
+            mean=column["mean"],
+            std=column["std"],
+            min=column["min"],
+            max=column["max"],
+            zero_frac=self._read(g + "zero_frac", n),
+            nonfinite=self._read(g + "nonfinite", n).astype(np.int64),
+            unit_mean=np.zeros((n, 0), np.float32),
+            unit_std=np.zeros((n, 0), np.float32),
+            tracked_units=self._read(g + "tracked_units"),
+            unit_quantiles=self._read(g + "unit_quantiles", n),
         )
 
     def nonfinite(self, name: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The HDF5 run layout (schema version 1), shared by writer and reader.
+"""The HDF5 run layout (schema version 2), shared by writer and reader.
 
 Nothing here imports Keras: the layout is described with plain dataclasses so
 that the store, the app and the plots can use it on a machine without
@@ -18,13 +18,16 @@ __all__ = [
     "STATUSES",
     "LayerSpec",
     "VariableSpec",
+    "BatchLayerSpec",
     "RunLayout",
     "safe_id",
     "is_per_capture",
+    "is_per_batch",
     "decode_status",
 ]
 
-SCHEMA_VERSION = 1
+# 2: adds /batches, statistics of the training batches measured inside the training step.
+SCHEMA_VERSION = 2
 
 # Ioffe & Szegedy's 15/50/85 plus TensorBoard's normal bands (7..93) and the tails.
 QUANTILES: tuple[float, ...] = (
@@ -64,8 +67,14 @@ def safe_id(index: int, name: str) -> str:
 
 
 def is_per_capture(path: str, maxshape: tuple[int | None, ...]) -> bool:
-    """True for a dataset with one row per capture (everything that grows, but the history)."""
-    return maxshape[:1] == (None,) and not path.lstrip("/").startswith("history/")
+    """True for a dataset with one row per probe capture (everything that grows, but the
+    history and the training-batch rows)."""
+    return maxshape[:1] == (None,) and not path.lstrip("/").startswith(("history/", "batches/"))
+
+
+def is_per_batch(path: str, maxshape: tuple[int | None, ...]) -> bool:
+    """True for a dataset with one row per recorded training step (under /batches)."""
+    return maxshape[:1] == (None,) and path.lstrip("/").startswith("batches/")
 
 
 def decode_status(raw: bytes) -> str:
@@ -101,6 +110,21 @@ class VariableSpec:
 
 
 @dataclass(frozen=True)
+class BatchLayerSpec:
+    """A layer whose training-batch statistics are recorded at every step (per-step mode).
+
+    `index` is the layer's index in `RunLayout.layers` (same group id under /batches/layers).
+    """
+
+    name: str
+    index: int
+    n_units: int
+    tracked_units: tuple[int, ...]
+    sample: int  # values sampled per step for the histogram, quantiles and zero fraction
+    unit_sample: int  # values sampled per tracked unit for its quantiles
+
+
+@dataclass(frozen=True)
 class RunLayout:
     """Everything that fixes a run file's datasets and their shapes.
 
@@ -114,6 +138,7 @@ class RunLayout:
     quantiles: tuple[float, ...] = QUANTILES
     moment_names: tuple[str, ...] = MOMENT_NAMES
     tracked_quantiles: tuple[float, ...] = field(default=QUANTILES)
+    batch_layers: tuple[BatchLayerSpec, ...] = ()  # per-step mode: empty when off
 
     def layer_ids(self) -> list[str]:
         return [safe_id(i, spec.name) for i, spec in enumerate(self.layers)]
@@ -139,4 +164,6 @@ class RunLayout:
             return "trainable variables differ"
         if self.ics_layers != other.ics_layers:
             return "gradient-shift (ICS) layers differ"
+        if self.batch_layers != other.batch_layers:
+            return "the per-step (batch_stats) layers differ"
         return "histogram bins or quantile levels differ"

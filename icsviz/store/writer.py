@@ -26,7 +26,16 @@ import numpy as np
 from ..errors import DamagedRunError, IncompatibleRunError, RunExistsError, RunFileError
 from .files import hdf5_library, open_for_reading
 from .lock import WriterLock
-from .schema import CAPTURE_KINDS, SCHEMA_VERSION, LayerSpec, RunLayout, VariableSpec, is_per_capture
+from .schema import (
+    CAPTURE_KINDS,
+    SCHEMA_VERSION,
+    BatchLayerSpec,
+    LayerSpec,
+    RunLayout,
+    VariableSpec,
+    is_per_batch,
+    is_per_capture,
+)
 
 if TYPE_CHECKING:
     from .check import RunCheck
@@ -77,14 +86,45 @@ class Capture:
     ics_grad_cos: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
+@dataclass
+class BatchRows:
+    """Statistics of S training steps (per-step mode), one row per step.
+
+    `layers` follows `RunLayout.batch_layers`; each entry maps a dataset name
+    (hist_counts, hist_range, quantiles, moments, zero_frac, nonfinite,
+    unit_quantiles) to an array with S rows.
+    """
+
+    step: np.ndarray
+    epoch: np.ndarray
+    time: np.ndarray
+    layers: list[dict[str, np.ndarray]]
+
+    def __len__(self) -> int:
+        return len(self.step)
+
+
+BATCH_DATASETS: tuple[str, ...] = (
+    "hist_counts",
+    "hist_range",
+    "quantiles",
+    "moments",
+    "zero_frac",
+    "nonfinite",
+    "unit_quantiles",
+)
+
+
 def _encode(names: list[str]) -> np.ndarray:
     return np.array([n.encode("utf-8")[:128] for n in names], dtype=_NAME_DTYPE)
 
 
-def _extendable(group: h5py.Group, name: str, row_shape: tuple[int, ...], dtype: Any) -> None:
-    """A dataset of zero rows that grows along its first axis."""
+def _extendable(
+    group: h5py.Group, name: str, row_shape: tuple[int, ...], dtype: Any, *, rows: int = 256
+) -> None:
+    """A dataset of zero rows that grows along its first axis (`rows`: at most this many per chunk)."""
     row_size = int(np.prod(row_shape)) if row_shape else 1
-    rows_per_chunk = max(1, min(256, 4096 // row_size))
+    rows_per_chunk = max(1, min(rows, 4096 * rows // 256 // row_size))
     group.create_dataset(
         name,
         shape=(0, *row_shape),
@@ -327,6 +367,32 @@ class RunWriter:
         _append_row(self._ds("captures/step"), t, capture.step)  # the commit marker, last
         f.flush()
 
+    @property
+    def num_batch_rows(self) -> int:
+        return int(self._ds("batches/step").shape[0]) if self.layout.batch_layers else 0
+
+    def write_batches(self, rows: BatchRows) -> None:
+        """Append the statistics of several training steps; committed together, atomically."""
+        if not len(rows):
+            return
+        with self._writing("training-batch statistics"):
+            self._write_batches(rows)
+
+    def _write_batches(self, rows: BatchRows) -> None:
+        if len(rows.layers) != len(self.layout.batch_layers):
+            raise ValueError(f"{len(rows.layers)} batch layers, the layout has {len(self.layout.batch_layers)}")
+        start, n = self.num_batch_rows, len(rows)
+        writes: list[tuple[str, Any]] = [("batches/epoch", rows.epoch), ("batches/time", rows.time)]
+        for spec, stats in zip(self.layout.batch_layers, rows.layers):
+            g = f"batches/layers/{self._layer_ids[spec.index]}/"
+            writes += [(g + name, stats[name]) for name in BATCH_DATASETS]
+        for name, value in writes:
+            _append_rows(self._ds(name), start, np.asarray(value))
+        self._file.flush()
+        _append_rows(self._ds("batches/step"), start, np.asarray(rows.step))  # the commit marker, last
+        self._file.flush()
+        assert self.num_batch_rows == start + n
+
     def write_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Append one row of epoch metrics (new metric names become new columns)."""
         with self._writing("the epoch metrics"):
@@ -387,6 +453,13 @@ class RunWriter:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         self.close("complete" if exc_type is None else "interrupted")
+
+
+def _append_rows(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
+    end = start + len(values)
+    if ds.shape[0] < end:
+        ds.resize(end, axis=0)
+    ds[start:end] = values
 
 
 def _append_row(ds: h5py.Dataset, row: int, value: Any) -> None:
@@ -456,6 +529,9 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
         _extendable(g, "grad_diff", (), "f4")
         _extendable(g, "grad_cos", (), "f4")
 
+    if layout.batch_layers:
+        _create_batches(file, layout)
+
     history = _group(file, "history")
     history.create_dataset(
         "names", shape=(0,), maxshape=(None,), dtype=_NAME_DTYPE, chunks=(64,), **_CHECKSUM
@@ -465,6 +541,33 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
     )
     _extendable(history, "epoch", (), "i8")
     attrs["layout"] = json.dumps(asdict(layout))
+
+
+def _create_batches(file: h5py.File, layout: RunLayout) -> None:
+    """/batches: one row per training step, committed by the length of /batches/step."""
+    batches = _group(file, "batches")
+    batches.attrs["source"] = "training batches, measured inside the training step (per-step mode)"
+    for name, dtype in (("step", "i8"), ("epoch", "f8"), ("time", "f8")):
+        _extendable(batches, name, (), dtype, rows=1024)
+    b, q, k = layout.hist_bins, len(layout.quantiles), len(layout.moment_names)
+    layers = _group(batches, "layers")
+    ids = layout.layer_ids()
+    for spec in layout.batch_layers:
+        g = _group(layers, ids[spec.index])
+        g.attrs.update(
+            name=spec.name, index=spec.index, n_units=spec.n_units, sample=spec.sample, unit_sample=spec.unit_sample
+        )
+        _extendable(g, "hist_counts", (b,), "i4", rows=1024)
+        _extendable(g, "hist_range", (2,), "f8", rows=1024)  # first edge, bin width
+        _extendable(g, "quantiles", (q,), "f4", rows=1024)
+        g["quantiles"].attrs["q"] = np.asarray(layout.quantiles)
+        _extendable(g, "moments", (k,), "f4", rows=1024)
+        g["moments"].attrs["names"] = json.dumps(list(layout.moment_names))
+        _extendable(g, "zero_frac", (), "f4", rows=1024)
+        _extendable(g, "nonfinite", (), "i4", rows=1024)
+        _fixed(g, "tracked_units", spec.tracked_units, "i4")
+        _extendable(g, "unit_quantiles", (len(spec.tracked_units), len(layout.tracked_quantiles)), "f4", rows=1024)
+        g["unit_quantiles"].attrs["q"] = np.asarray(layout.tracked_quantiles)
 
 
 def layout_from_file(file: h5py.File) -> RunLayout:
@@ -487,6 +590,10 @@ def layout_from_file(file: h5py.File) -> RunLayout:
         quantiles=tuple(raw["quantiles"]),
         moment_names=tuple(raw["moment_names"]),
         tracked_quantiles=tuple(raw["tracked_quantiles"]),
+        batch_layers=tuple(
+            BatchLayerSpec(**{**spec, "tracked_units": tuple(spec["tracked_units"])})
+            for spec in raw.get("batch_layers", ())
+        ),
     )
 
 
@@ -496,6 +603,16 @@ def _truncate(file: h5py.File, from_epoch: int) -> None:
     epochs = file["captures/epoch"][:committed]
     keep = int(np.searchsorted(epochs, from_epoch, side="right"))
     _truncate_rows(file, min(keep, committed))
+    if "batches/step" in file:
+        marked_steps = int(file["batches/step"].shape[0])
+        keep_steps = int(np.sum(file["batches/epoch"][:marked_steps] < from_epoch))
+
+        def cut(name: str, obj: object) -> None:
+            if isinstance(obj, h5py.Dataset) and is_per_batch("batches/" + name, obj.maxshape):
+                if obj.shape[0] > keep_steps:
+                    obj.resize(keep_steps, axis=0)
+
+        file["batches"].visititems(cut)
     marked = int(file["history/epoch"].shape[0])
     history_epochs = file["history/epoch"][:marked]
     keep_rows = int(np.sum(history_epochs < from_epoch))
@@ -562,7 +679,9 @@ def _rewrite(path: Path, *, status: str, out: Path | None = None, plan: RunCheck
     try:
         with src, _new_file(tmp) as dst:
             rows = int(src["captures/step"].shape[0]) if "captures/step" in src else None
-            _Copy(rows, plan).group(src, dst)
+            copy = _Copy(rows, plan)
+            copy.batch_rows = int(src["batches/step"].shape[0]) if "batches/step" in src else None
+            copy.group(src, dst)
             if "status" in dst:
                 dst["status"][()] = status.encode()
         os.replace(tmp, out)
@@ -580,6 +699,7 @@ class _Copy:
         self.drop_captures = set(plan.drop_captures) if plan else set()
         self.drop_history = set(plan.drop_history) if plan else set()
         self.history_lost = bool(plan and plan.history_lost)
+        self.batch_rows: int | None = None  # committed training-step rows (per-step mode)
 
     def group(self, src: h5py.Group, dst: h5py.Group) -> None:
         for key, value in src.attrs.items():
@@ -601,12 +721,15 @@ class _Copy:
             data = _kept_rows(obj, obj.shape[0], self.drop_history)
         elif self.rows is not None and is_per_capture(obj.name, obj.maxshape):
             data = _kept_rows(obj, self.rows, self.drop_captures)
+        elif self.batch_rows is not None and is_per_batch(obj.name, obj.maxshape):
+            data = obj[: self.batch_rows]
         else:
             data = obj[()]
         if obj.maxshape == obj.shape or not obj.chunks:  # fixed-size: copy as is
             new = _fixed(dst, name, data, obj.dtype)
         else:
-            chunks = tuple(max(1, min(c, 64)) if i == 0 else c for i, c in enumerate(obj.chunks))
+            cap = 1024 if is_per_batch(obj.name, obj.maxshape) else 64
+            chunks = tuple(max(1, min(c, cap)) if i == 0 else c for i, c in enumerate(obj.chunks))
             new = dst.create_dataset(
                 name,
                 data=data,

@@ -14,11 +14,14 @@ from typing import Any
 import keras
 import numpy as np
 
+from ..errors import CaptureWarning, IncompatibleRunError, RunExistsError, RunInUseError
+from ..store.schema import BatchLayerSpec, RunLayout
+from ..store.writer import BatchRows, RunWriter
 from . import backend
-from .capture import CaptureOptions, CaptureProgram
-from .errors import CaptureWarning, IncompatibleRunError, RunExistsError, RunInUseError
+from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, unpack, unsupported_reason
 from .layers import LayerFilter, select_layers
-from .store.writer import RunWriter
+from .program import CaptureProgram
+from .stats import CaptureOptions
 
 __all__ = ["ICSCallback"]
 
@@ -120,6 +123,14 @@ class ICSCallback(keras.callbacks.Callback):
             normalization, activation and merge layers), or a list of names,
             glob patterns ("block1/*"), layer classes or predicates.
         every_n_steps: Also capture every N training steps (None: epochs only).
+        batch_stats: Per-step mode: also measure every training batch inside the
+            training step itself (no second pass; about 1.05x the plain step on
+            the reference CNN): exact mean/std/min/max, and quantiles, histogram
+            and zero fraction from a fixed sample of 4096 values per layer, one
+            row per step under /batches. Probe captures go on as configured.
+        flush_every: In per-step mode, write the steps' rows every this many
+            steps (they wait on the device until then; a kill loses at most
+            these).
         gradient_shift: Also record the gradient-shift measure of Santurkar et
             al. (2018), which costs one extra backward pass per layer.
         histogram_bins: Bins of each activation histogram.
@@ -153,6 +164,8 @@ class ICSCallback(keras.callbacks.Callback):
         *,
         layers: Sequence[LayerFilter] | None = None,
         every_n_steps: int | None = None,
+        batch_stats: bool = False,
+        flush_every: int = 100,
         gradient_shift: bool = False,
         histogram_bins: int = 64,
         tracked_units: int = 3,
@@ -169,6 +182,8 @@ class ICSCallback(keras.callbacks.Callback):
             raise ValueError(
                 f"every_n_steps must be a positive integer or None. Received: every_n_steps={every_n_steps!r}"
             )
+        if not isinstance(flush_every, int) or flush_every < 1:
+            raise ValueError(f"flush_every must be a positive integer. Received: flush_every={flush_every!r}")
         if not isinstance(histogram_bins, int) or not 2 <= histogram_bins <= 4096:
             raise ValueError(
                 f"histogram_bins must be an integer from 2 to 4096. Received: histogram_bins={histogram_bins!r}"
@@ -199,6 +214,8 @@ class ICSCallback(keras.callbacks.Callback):
         self.path = Path(path)
         self.layers = layers
         self.every_n_steps = every_n_steps
+        self.batch_stats = bool(batch_stats)
+        self.flush_every = flush_every
         self.overwrite = overwrite
         self.run_name = run_name or self.path.stem
         self.metadata = dict(metadata or {})
@@ -218,6 +235,9 @@ class ICSCallback(keras.callbacks.Callback):
         self._owns_file = False  # this instance wrote the file in an earlier fit
         self._epoch_offset = 0
         self._finalizer: Any = None
+        self._steps: StepStatistics | None = None
+        self._step_tags: list[tuple[int, float, float]] = []  # (step, epoch, time) awaiting their vectors
+        self._tagged_through = 0
 
     # ---------------------------------------------------------------- helpers
     def _warn(self, what: str, exc: BaseException) -> None:
@@ -276,6 +296,11 @@ class ICSCallback(keras.callbacks.Callback):
                 CaptureWarning,
                 stacklevel=3,
             )
+        if not getattr(model, "built", True):
+            # A subclassed model Keras has not built yet: build it on one probe sample in
+            # inference mode (what its first training step would do), so that the capture
+            # sees its variables and its trace never runs inside Keras's build.
+            model(_take(self._probe_x, 1), training=False)
         program = self._program
         reusable = (
             program is not None
@@ -305,7 +330,7 @@ class ICSCallback(keras.callbacks.Callback):
             time=0.0,
             kind=kind,
         )
-        layout = self._program.layout
+        layout = self._with_batch_layers(self._program.layout)
         if resume and self.path.exists() and not self.overwrite:
             if self._owns_file:
                 self._epoch_offset = self._recorded_epochs()
@@ -322,11 +347,100 @@ class ICSCallback(keras.callbacks.Callback):
             )
             self._write("the first capture", lambda: self._writer.write_capture(capture))
         self._owns_file = True
+        if layout.batch_layers:
+            self._safely_steps("starting the per-step statistics", lambda: self._install_steps(layout))
         # Close the file cleanly if the interpreter exits without on_train_end.
         self._finalizer = weakref.finalize(self, RunWriter.close, self._writer, "interrupted")
 
+    # ------------------------------------------------------------ per-step mode
+    def _with_batch_layers(self, layout: RunLayout) -> RunLayout:
+        if not self.batch_stats:
+            return layout
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            warnings.warn(
+                f"icsviz: batch_stats=True is off for this run: {reason}. Probe captures go on.",
+                CaptureWarning,
+                stacklevel=4,
+            )
+            return layout
+        import dataclasses
+
+        specs = tuple(
+            BatchLayerSpec(
+                name=spec.name,
+                index=i,
+                n_units=spec.n_units,
+                tracked_units=spec.tracked_units,
+                sample=SAMPLE,
+                unit_sample=UNIT_SAMPLE,
+            )
+            for i, spec in enumerate(layout.layers)
+        )
+        return dataclasses.replace(layout, batch_layers=specs)
+
+    def _install_steps(self, layout: RunLayout) -> None:
+        assert self._program is not None
+        plans = [
+            BatchPlan.create(spec, layout.hist_bins, len(layout.quantiles), self.options.seed)
+            for spec in layout.batch_layers
+        ]
+        self._steps = StepStatistics(self.model, self._program.selection, plans, layout.quantiles)
+        self._steps.install()
+        self._step_tags = []
+        self._tagged_through = self._global_step
+
+    def _safely_steps(self, what: str, fn: Callable[[], None]) -> None:
+        """A failure in the per-step mode turns it off; probe captures go on."""
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - never stop the user's training
+            self._warn(f"{what} (per-step statistics are off for the rest of this run; probe captures go on)", exc)
+            self._stop_steps()
+
+    def _stop_steps(self) -> None:
+        steps, self._steps = self._steps, None
+        if steps is not None:
+            try:
+                steps.uninstall()
+            except Exception as exc:  # noqa: BLE001
+                self._warn("restoring the model's training step", exc)
+
+    def _tag_steps(self) -> None:
+        """Name the steps whose vectors the last train_function call produced."""
+        new = self._global_step
+        if new <= self._tagged_through:
+            return
+        # JAX emits one vector per step (also with steps_per_execution > 1); TF and
+        # torch return one per train_function call: the last step's.
+        first = self._tagged_through if backend.name() == "jax" else new - 1
+        steps = self._steps_per_epoch or 0
+        now = time.perf_counter() - self._train_start
+        for step in range(first, new):
+            within = step - self._epoch_start_step
+            epoch = self._current_epoch + (within / steps if steps else 0.0)
+            self._step_tags.append((step, epoch, now))
+        self._tagged_through = new
+
+    def _flush_steps(self) -> None:
+        steps, writer = self._steps, self._writer
+        if steps is None or writer is None:
+            return
+        n = min(len(self._step_tags), steps.pending)
+        if n == 0:
+            return
+        vectors = steps.drain(n)
+        tags, self._step_tags = self._step_tags[:n], self._step_tags[n:]
+        rows = BatchRows(
+            step=np.asarray([t[0] for t in tags], "i8"),
+            epoch=np.asarray([t[1] for t in tags], "f8"),
+            time=np.asarray([t[2] for t in tags], "f8"),
+            layers=unpack(vectors, steps.plans),
+        )
+        self._write("training-batch statistics", lambda: writer.write_batches(rows))
+
     def _recorded_epochs(self) -> int:
-        from .store.reader import open_run  # the reader needs no Keras; imported lazily
+        from ..store.reader import open_run  # the reader needs no Keras; imported lazily
 
         with open_run(self.path) as run:
             epochs = run.history_epochs
@@ -341,6 +455,8 @@ class ICSCallback(keras.callbacks.Callback):
             "training_mode": self.options.training,
             "gradient_shift": self.options.gradient_shift,
             "every_n_steps": self.every_n_steps,
+            "batch_stats": self.batch_stats,
+            "flush_every": self.flush_every if self.batch_stats else None,
             "probe_size": self._probe_size,
             "probe_has_labels": self._probe_y is not None,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
@@ -377,6 +493,10 @@ class ICSCallback(keras.callbacks.Callback):
         if not self._active:
             return
         self._global_step = self._epoch_start_step + batch + 1
+        if self._steps is not None:
+            self._safely_steps("per-step statistics", self._tag_steps)
+            if self._steps is not None and len(self._step_tags) >= self.flush_every:
+                self._safely_steps("writing per-step statistics", self._flush_steps)
         last_of_epoch = self._steps_per_epoch is not None and batch + 1 >= self._steps_per_epoch
         if (
             self.every_n_steps
@@ -434,6 +554,8 @@ class ICSCallback(keras.callbacks.Callback):
                 "the epoch capture",
                 lambda: self._capture(float(epoch + 1 + self._epoch_offset), "epoch"),
             )
+        if self._steps is not None:
+            self._safely_steps("writing per-step statistics", self._flush_steps)
         metrics = {k: f for k, f in ((k, _as_float(v)) for k, v in logs.items()) if f is not None}
         metrics.setdefault("learning_rate", self._learning_rate())
         metrics["epoch_time"] = time.perf_counter() - self._epoch_start_time
@@ -441,6 +563,9 @@ class ICSCallback(keras.callbacks.Callback):
         self._write("the epoch metrics", lambda: writer.write_epoch(epoch + self._epoch_offset, metrics))
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self._steps is not None:
+            self._safely_steps("writing per-step statistics", self._flush_steps)
+            self._stop_steps()
         if self._writer is not None:
             try:
                 if self._write_failed:  # already reported: leave the committed captures as they are

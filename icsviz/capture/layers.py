@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CaptureWarning
+from ..errors import CaptureWarning
 
 __all__ = ["LayerFilter", "SelectedLayer", "iter_layers", "classify", "select_layers"]
 
@@ -44,7 +44,11 @@ _NORMALIZATION = {
 }
 _ACTIVATION = {"Activation", "ReLU", "LeakyReLU", "PReLU", "ELU", "Softmax"}
 _MERGE = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"}
-_RECURRENT = {"RNN", "LSTM", "GRU", "SimpleRNN", "Bidirectional", "MultiHeadAttention"}
+# Recurrent layers: their hidden units are the output over every time step
+# (units on the last axis); the pre-activations live inside the time loop and
+# are not intercepted (docs/statistics.md).
+_RECURRENT = {"RNN", "LSTM", "GRU", "SimpleRNN", "ConvLSTM", "Bidirectional"}
+_ATTENTION = {"MultiHeadAttention", "GroupedQueryAttention", "Attention", "AdditiveAttention"}
 # Never captured by default: they move or mask values but make no new representation.
 _PLUMBING = {
     "InputLayer",
@@ -90,7 +94,7 @@ class SelectedLayer:
 
     name: str  # "layer" or "outer/inner" for a layer of a nested model
     layer: Any  # keras.layers.Layer
-    kind: str  # "linear", "normalization", "activation", "merge", "recurrent", "other"
+    kind: str  # "linear", "normalization", "activation", "merge", "recurrent", "attention", "other"
     capture_preactivation: bool  # the layer applies a non-linear activation itself
 
 
@@ -105,6 +109,9 @@ def _is_model(layer: Any) -> bool:
 def classify(layer: Any) -> str | None:
     """The kind of a layer, or None when its output is not a hidden representation."""
     names = _mro_names(layer)
+    if "TimeDistributed" in names and getattr(layer, "layer", None) is not None:
+        # The wrapped layer applied at every time step: it makes what the wrapped layer makes.
+        return classify(layer.layer)
     if names & _PLUMBING:
         return None
     if names & _NORMALIZATION:
@@ -117,6 +124,8 @@ def classify(layer: Any) -> str | None:
         return "merge"
     if names & _RECURRENT:
         return "recurrent"
+    if names & _ATTENTION:
+        return "attention"
     if getattr(layer, "trainable_weights", None):
         return "other"  # a layer with weights makes a representation
     if not type(layer).__module__.startswith("keras"):
@@ -135,7 +144,8 @@ def has_fused_activation(layer: Any) -> bool:
 
 def _fuses(layer: Any, kind: str) -> bool:
     # An Activation layer *is* the activation: its input is already captured upstream.
-    return kind != "activation" and has_fused_activation(layer)
+    # A recurrent layer applies its activation inside the time loop, out of reach.
+    return kind not in ("activation", "recurrent") and has_fused_activation(layer)
 
 
 def iter_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

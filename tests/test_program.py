@@ -11,8 +11,9 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from icsviz.capture import CaptureOptions, CaptureProgram, dyadic_bin_width
-from icsviz.layers import select_layers
+from icsviz.capture.layers import select_layers
+from icsviz.capture.program import CaptureProgram
+from icsviz.capture.stats import CaptureOptions, dyadic_bin_width
 
 
 def identity_model(units: int) -> keras.Model:

@@ -1,0 +1,372 @@
+"""Per-step mode: statistics of the training batch, measured inside the training step.
+
+A probe capture is a second forward and backward pass; at every step that
+would cost several training steps. Here the selected layers are intercepted
+while Keras traces the model's own training step, and a few statistics of each
+captured tensor are computed right there, on the device, from the tensors the
+step computes anyway (no second pass). They leave the compiled step as one
+small float32 vector per step, which the callback keeps on the device and
+writes every `flush_every` steps.
+
+Per tensor and step:
+- exact over the whole batch: mean, std, min, max;
+- from a fixed stratified random sample of `SAMPLE` value positions: the
+  quantiles, a histogram on the dyadic grid of the exact range, the zero
+  fraction and the NaN/Inf count;
+- for the tracked units: quantiles from `UNIT_SAMPLE` of the unit's values.
+docs/statistics.md gives the sampling error.
+
+The model's weights, optimizer and losses are untouched: the step is the
+user's own (`model.train_step`, custom ones included) with read-only
+interception around it, and every statistic sits behind `stop_gradient`.
+The hooks are installed for one `fit` and removed at its end.
+
+Backends: TensorFlow and torch return the vector with the step's logs (and it
+is removed from them before Keras or any callback sees them). JAX computes
+the loss inside `jax.value_and_grad`, whose intermediate values cannot leave
+it, so there the vector is computed inside `compute_loss_and_updates` and sent
+to the host with `jax.debug.callback`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from ..store.schema import BatchLayerSpec
+from . import backend
+from .intercept import Recorder, intercept, warn_once
+from .layers import SelectedLayer
+from .stats import dyadic_grid, interpolated_quantiles, unit_axis
+
+__all__ = ["SAMPLE", "UNIT_SAMPLE", "BatchPlan", "StepStatistics", "batch_vector", "tensor_sample", "unpack"]
+
+ops = keras.ops
+
+SAMPLE = 4096  # values per tensor and step for quantiles, histogram, zero fraction
+UNIT_SAMPLE = 1024  # values per tracked unit and step
+_LOG_KEY = "_icsviz_batch_stats"  # never shown: removed from the logs before Keras sees them
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one tensor is reduced at every step; the vector layout follows from it."""
+
+    spec: BatchLayerSpec
+    bins: int
+    n_quantiles: int
+    strata: np.ndarray  # (SAMPLE,) in [0, 1): position i of the sample is floor(strata[i] * n)
+    unit_strata: np.ndarray  # (UNIT_SAMPLE,) the same along a tracked unit's values
+
+    @property
+    def size(self) -> int:
+        """This layer's share of the step vector."""
+        u = len(self.spec.tracked_units)
+        return self.bins + 2 + self.n_quantiles + 4 + 2 + u * self.n_quantiles
+
+    @classmethod
+    def create(cls, spec: BatchLayerSpec, bins: int, n_quantiles: int, seed: int) -> BatchPlan:
+        rng = np.random.default_rng([seed, spec.index, 7])
+        # One position per stratum, jittered: spread over the whole tensor and, unlike a
+        # fixed stride, never locked to one channel when the stride divides the channel count.
+        strata = (np.arange(spec.sample) + rng.random(spec.sample)) / spec.sample
+        unit_strata = (np.arange(spec.unit_sample) + rng.random(spec.unit_sample)) / spec.unit_sample
+        return cls(spec, bins, n_quantiles, strata.astype("float32"), unit_strata.astype("float32"))
+
+
+def _positions(plan: BatchPlan, size: Any, rows: Any) -> Any:
+    """Flat positions of the layer sample and of the tracked units' samples (units last)."""
+    n = ops.cast(size, "float32")
+    main = ops.cast(ops.floor(ops.convert_to_tensor(plan.strata) * n), "int32")
+    parts = [ops.minimum(main, ops.cast(size, "int32") - 1)]
+    if plan.spec.tracked_units:
+        r = ops.cast(ops.floor(ops.convert_to_tensor(plan.unit_strata) * ops.cast(rows, "float32")), "int32")
+        r = ops.minimum(r, ops.cast(rows, "int32") - 1)
+        for unit in plan.spec.tracked_units:
+            parts.append(r * plan.spec.n_units + unit)
+    return ops.concatenate(parts)
+
+
+def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any) -> Any:
+    """The values of one captured tensor at its planned positions: (SAMPLE + U * UNIT_SAMPLE,).
+
+    One gather: everything else is computed from these few values, for all layers at once.
+    """
+    x = ops.cast(ops.stop_gradient(tensor), "float32")
+    rank = len(x.shape)
+    axis = unit_axis(layer, rank)
+    if rank > 1 and axis != rank - 1:
+        x = ops.moveaxis(x, axis, -1)  # units last, so that flat position = row * units + unit
+    flat = ops.reshape(x, (-1,))
+    size = ops.shape(flat)[0]
+    return ops.take(flat, _positions(plan, size, size // plan.spec.n_units))
+
+
+def _row_stats(values: Any, q: np.ndarray) -> tuple[Any, Any, Any]:
+    """Sorted rows (non-finite moved to the end as +inf), finite counts, quantiles per row."""
+    finite = ops.isfinite(values)
+    n_finite = ops.sum(ops.cast(finite, "int32"), axis=-1)
+    ordered = ops.sort(ops.where(finite, values, float("inf")), axis=-1)
+    return ordered, n_finite, interpolated_quantiles(ordered, n_finite, q)
+
+
+def batch_vector(samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarray) -> Any:
+    """The statistics of all layers' samples as one float32 vector, computed batched.
+
+    Layout (`unpack` reads it): counts (L*B), histogram first edge and width
+    (L*2), quantiles (L*Q), mean/std/min/max (L*4), zero fraction (L),
+    NaN/Inf count (L), tracked-unit quantiles (sum(U)*Q).
+    """
+    bins = plans[0].bins
+    main = ops.stack([s[: plan.spec.sample] for s, plan in zip(samples, plans)])  # (L, S)
+    ordered, n_finite, quantiles = _row_stats(main, q)
+    count = ops.maximum(ops.cast(n_finite, "float32"), 1.0)
+    finite = ordered < float("inf")
+    zeroed = ops.where(finite, ordered, 0.0)
+    mean = ops.sum(zeroed, axis=-1) / count
+    std = ops.sqrt(ops.sum(ops.where(finite, ops.square(ordered - ops.expand_dims(mean, -1)), 0.0), axis=-1) / count)
+    low = ordered[:, 0]
+    high = ops.take_along_axis(ordered, ops.expand_dims(ops.maximum(n_finite - 1, 0), -1), axis=-1)[:, 0]
+    some = n_finite > 0
+    nan = float("nan")
+    moments = ops.stack(
+        [ops.where(some, mean, nan), ops.where(some, std, nan), ops.where(some, low, nan), ops.where(some, high, nan)],
+        axis=1,
+    )
+    zero_frac = ops.sum(ops.cast(ops.equal(ordered, 0.0), "float32"), axis=-1) / count
+    nonfinite = ops.cast(plans[0].spec.sample - n_finite, "float32")
+    # Histogram on each row's dyadic grid: bin index per value, one segment sum for all rows.
+    first, width = dyadic_grid(ops.where(some, low, 0.0), ops.where(some, high, 1.0), bins)
+    first32, width32 = ops.cast(first, "float32"), ops.cast(width, "float32")
+    index = ops.floor((zeroed - ops.expand_dims(first32, -1)) / ops.expand_dims(width32, -1))
+    index = ops.cast(ops.clip(index, 0, bins - 1), "int32") + ops.expand_dims(ops.arange(len(plans), dtype="int32") * bins, -1)
+    counts = ops.segment_sum(
+        ops.reshape(ops.cast(finite, "float32"), (-1,)), ops.reshape(index, (-1,)), num_segments=len(plans) * bins
+    )
+    parts = [
+        counts,
+        ops.reshape(ops.stack([first32, width32], axis=1), (-1,)),
+        ops.reshape(quantiles, (-1,)),
+        ops.reshape(moments, (-1,)),
+        zero_frac,
+        nonfinite,
+    ]
+    units = [
+        ops.reshape(s[plan.spec.sample :], (len(plan.spec.tracked_units), plan.spec.unit_sample))
+        for s, plan in zip(samples, plans)
+        if plan.spec.tracked_units
+    ]
+    if units:
+        _, _, unit_quantiles = _row_stats(ops.concatenate(units, axis=0), q)
+        parts.append(ops.reshape(unit_quantiles, (-1,)))
+    return ops.concatenate(parts)
+
+
+def unpack(vectors: np.ndarray, plans: Sequence[BatchPlan]) -> list[dict[str, np.ndarray]]:
+    """Split (S, total) step vectors (`batch_vector`'s layout) into the datasets of `BatchRows`."""
+    steps, n_layers = len(vectors), len(plans)
+    bins, nq = plans[0].bins, plans[0].n_quantiles
+    at = np.cumsum([0, n_layers * bins, n_layers * 2, n_layers * nq, n_layers * 4, n_layers, n_layers])
+    block = [vectors[:, at[i] : at[i + 1]] for i in range(6)]
+    counts = np.rint(block[0]).reshape(steps, n_layers, bins).astype("int32")  # <= SAMPLE: exact in float32
+    ranges = block[1].reshape(steps, n_layers, 2).astype("float64")
+    quantiles = block[2].reshape(steps, n_layers, nq)
+    moments = block[3].reshape(steps, n_layers, 4)
+    unit_offset = at[6]
+    out = []
+    for i, plan in enumerate(plans):
+        u = len(plan.spec.tracked_units)
+        unit_quantiles = vectors[:, unit_offset : unit_offset + u * nq].reshape(steps, u, nq)
+        unit_offset += u * nq
+        out.append(
+            {
+                "hist_counts": counts[:, i],
+                "hist_range": ranges[:, i],
+                "quantiles": quantiles[:, i],
+                "moments": moments[:, i],
+                "zero_frac": block[4][:, i],
+                "nonfinite": np.rint(block[5][:, i]).astype("int32"),
+                "unit_quantiles": unit_quantiles,
+            }
+        )
+    return out
+
+
+def unsupported_reason(model: keras.Model) -> str | None:
+    """Why the per-step mode cannot run on this model's training, or None."""
+    name = backend.name()
+    if name not in ("tensorflow", "jax", "torch"):
+        return f"the {name} backend has no training step to instrument"
+    if name == "tensorflow":
+        strategy = getattr(model, "distribute_strategy", None)
+        replicas = getattr(strategy, "num_replicas_in_sync", 1)
+        if replicas > 1:
+            return f"training runs on {replicas} replicas (tf.distribute); each replica sees only its share of the batch"
+    if name == "jax":
+        from keras import distribution
+
+        if distribution.distribution() is not None:
+            return "training runs under a keras.distribution layout"
+    return None
+
+
+class StepStatistics:
+    """Instruments a model's training step for one `fit`; collects one vector per step.
+
+    `install()` after Keras made its train function (on_train_begin or later,
+    before the first step), `drain()` to take the vectors received so far as
+    (steps, matrix), `uninstall()` at the end of training.
+    """
+
+    def __init__(self, model: keras.Model, selection: Sequence[SelectedLayer], plans: Sequence[BatchPlan], q: Any) -> None:
+        self.model = model
+        self.plans = list(plans)
+        self._q = np.asarray(q, "float32")
+        names = {plan.spec.name for plan in self.plans}
+        self._selection = [s for s in selection if any(_base(n) == s.name for n in names)]
+        self._pending: list[Any] = []  # device vectors not yet written, in step order
+        self._installed = False
+        self._saved: dict[str, Any] = {}
+        self.missing: list[str] = []  # planned layers the training step did not produce
+
+    # ------------------------------------------------------------- tracing
+    def _vector(self, recorder: Recorder) -> Any:
+        produced = {record.name: record for record in recorder.records}
+        samples = []
+        for plan in self.plans:
+            record = produced.get(plan.spec.name)
+            width = plan.spec.sample + len(plan.spec.tracked_units) * plan.spec.unit_sample
+            missing = ops.full((width,), float("nan"))
+            if record is None:
+                warn_once(
+                    f"batch-missing:{plan.spec.name}",
+                    f"the training step does not compute layer {plan.spec.name!r} as the probe pass does; "
+                    "its per-step rows are NaN (probe captures still record it).",
+                )
+                samples.append(missing)
+                continue
+            try:
+                samples.append(tensor_sample(record.tensor, plan, record.layer.layer))
+            except Exception as exc:  # noqa: BLE001 - one layer never costs the run
+                warn_once(
+                    f"batch-fail:{plan.spec.name}",
+                    f"per-step statistics of layer {plan.spec.name!r} failed ({type(exc).__name__}: {exc}); "
+                    "its per-step rows are NaN.",
+                )
+                samples.append(missing)
+        return batch_vector(samples, self.plans, self._q)
+
+    @contextlib.contextmanager
+    def _recording(self) -> Iterator[Recorder]:
+        recorder = Recorder()
+        with intercept(self._selection, recorder):
+            yield recorder
+
+    def _tf_train_step(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def train_step(*args: Any, **kwargs: Any) -> Any:
+            with self._recording() as recorder:
+                logs = original(*args, **kwargs)
+            if not isinstance(logs, dict):
+                return logs  # a custom step returning something else: nothing to attach to
+            return {**logs, _LOG_KEY: self._vector(recorder)}
+
+        return train_step
+
+    def _jax_loss(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        import jax
+
+        def compute_loss_and_updates(*args: Any, **kwargs: Any) -> Any:
+            with self._recording() as recorder:
+                result = original(*args, **kwargs)
+            jax.debug.callback(self._receive, self._vector(recorder), ordered=True)
+            return result
+
+        return compute_loss_and_updates
+
+    def _jax_train_step(self, original: Callable[..., Any]) -> Callable[..., Any]:
+        def train_step(state: Any, data: Any) -> Any:
+            # Only while Keras traces the training step: the test step (validation) also
+            # calls compute_loss_and_updates and must stay as it is.
+            with _patched(self.model, "compute_loss_and_updates", self._jax_loss(self.model.compute_loss_and_updates)):
+                return original(state, data)
+
+        return train_step
+
+    def _receive(self, vector: Any) -> None:
+        self._pending.append(np.asarray(vector))
+
+    # ------------------------------------------------------------- fit hooks
+    def install(self) -> None:
+        model = self.model
+        self._saved = {
+            "train_function": model.train_function,
+            "train_step": model.__dict__.get("train_step"),
+        }
+        original = model.train_step
+        if backend.name() == "jax":
+            object.__setattr__(model, "train_step", self._jax_train_step(original))
+        else:
+            object.__setattr__(model, "train_step", self._tf_train_step(original))
+        model.make_train_function(force=True)
+        inner = model.train_function
+
+        def train_function(*args: Any, **kwargs: Any) -> Any:
+            result = inner(*args, **kwargs)
+            logs = result[0] if backend.name() == "jax" else result
+            if isinstance(logs, dict) and _LOG_KEY in logs:
+                logs = dict(logs)
+                self._pending.append(logs.pop(_LOG_KEY))
+                result = (logs, result[1]) if backend.name() == "jax" else logs
+            return result
+
+        model.train_function = train_function
+        self._installed = True
+
+    def uninstall(self) -> None:
+        if not self._installed:
+            return
+        model = self.model
+        if self._saved.get("train_step") is None:
+            model.__dict__.pop("train_step", None)
+        else:
+            object.__setattr__(model, "train_step", self._saved["train_step"])
+        model.train_function = self._saved["train_function"]
+        self._installed = False
+
+    def drain(self, limit: int | None = None) -> np.ndarray:
+        """(S, total) the first `limit` (default: all) vectors received, in step order."""
+        count = len(self._pending) if limit is None else min(limit, len(self._pending))
+        taken, self._pending = self._pending[:count], self._pending[count:]
+        if not taken:
+            return np.zeros((0, sum(p.size for p in self.plans)), "float32")
+        return np.stack([np.asarray(keras.ops.convert_to_numpy(v), "float32") for v in taken])
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+
+def _base(name: str) -> str:
+    """The selected layer's name behind a captured tensor name ("fc1:preact#2" -> "fc1")."""
+    for mark in (":", "[", "#"):
+        name = name.split(mark, 1)[0]
+    return name
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, attr: str, value: Any) -> Iterator[None]:
+    had = attr in obj.__dict__
+    old = obj.__dict__.get(attr)
+    object.__setattr__(obj, attr, value)
+    try:
+        yield
+    finally:
+        if had:
+            object.__setattr__(obj, attr, old)
+        else:
+            obj.__dict__.pop(attr, None)

@@ -1,0 +1,161 @@
+"""Interception: collect the tensors the selected layers produce during one call.
+
+Each selected layer's `call` (and, for a layer with a fused activation, its
+`activation`) is wrapped while a function is traced, then restored. That works
+for Sequential, functional, nested and subclassed models alike, and inside any
+function that calls the model: the capture program's probe pass and, in the
+per-step mode, the user's own training step.
+
+A layer that cannot be wrapped (an `activation` that is a read-only property,
+an object that refuses new attributes) loses only what could not be wrapped,
+with one `CaptureWarning` naming it; every other layer is still recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+
+from ..errors import CaptureWarning
+from .layers import SelectedLayer
+
+__all__ = ["Record", "Recorder", "intercept", "is_float_tensor", "warn_once"]
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """One CaptureWarning per layer and reason for the life of the process (traces repeat)."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"icsviz: {message}", CaptureWarning, stacklevel=3)
+
+
+@dataclass
+class Record:
+    """One captured tensor: which layer made it, a suffix for its role, its kind."""
+
+    layer: SelectedLayer
+    tensor: Any
+    suffix: str
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return self.layer.name + self.suffix
+
+
+@dataclass
+class Recorder:
+    """Collects the tensors produced by the selected layers during one call."""
+
+    records: list[Record] = field(default_factory=list)
+    calls: dict[int, int] = field(default_factory=dict)
+
+    def add(self, selected: SelectedLayer, outputs: Any, kind: str, tag: str = "") -> None:
+        # A shared layer called n times yields "name", "name#2", ...; the
+        # pre-activation of call n is recorded before its output, with the same suffix.
+        count = self.calls.get(id(selected.layer), 0)
+        if not tag:
+            self.calls[id(selected.layer)] = count + 1
+        call_suffix = f"#{count + 1}" if count else ""
+        flat = keras.tree.flatten(outputs)
+        for i, tensor in enumerate(flat):
+            if not is_float_tensor(tensor):
+                continue
+            index = f"[{i}]" if len(flat) > 1 else ""
+            self.records.append(Record(selected, tensor, f"{tag}{index}{call_suffix}", kind))
+
+
+def is_float_tensor(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    try:
+        return "float" in keras.backend.standardize_dtype(dtype)
+    except ValueError:  # a dtype Keras does not know (strings, resources)
+        return False
+
+
+def _settable(obj: Any, attr: str) -> bool:
+    """Whether `attr` can be shadowed on the instance (not a read-only property)."""
+    descriptor = getattr(type(obj), attr, None)
+    if isinstance(descriptor, property):
+        return False
+    return hasattr(obj, "__dict__")
+
+
+@contextlib.contextmanager
+def intercept(selection: Sequence[SelectedLayer], recorder: Recorder) -> Iterator[None]:
+    """Wrap the selected layers' `call` (and fused activations) for the duration."""
+    restore: list[tuple[Any, str, bool, Any]] = []
+
+    def patch(obj: Any, attr: str, new: Any) -> bool:
+        if not _settable(obj, attr):
+            return False
+        had = attr in obj.__dict__
+        old = obj.__dict__.get(attr)
+        try:
+            object.__setattr__(obj, attr, new)
+        except (AttributeError, TypeError):
+            return False
+        restore.append((obj, attr, had, old))
+        return True
+
+    for selected in selection:
+        layer = selected.layer
+        original_call = layer.call
+        kind = selected.kind if not selected.capture_preactivation else "activation"
+
+        def call(
+            *args: Any, _orig: Any = original_call, _sel: SelectedLayer = selected, _kind: str = kind, **kwargs: Any
+        ) -> Any:
+            out = _orig(*args, **kwargs)
+            _record(recorder, _sel, out, _kind)
+            return out
+
+        if not patch(layer, "call", call):
+            warn_once(
+                f"call:{selected.name}",
+                f"layer {selected.name!r} ({type(layer).__name__}) is not recorded: its `call` "
+                "cannot be wrapped. Every other layer is.",
+            )
+            continue
+        if selected.capture_preactivation:
+            original_activation = layer.activation
+
+            def activation(x: Any, _orig: Any = original_activation, _sel: SelectedLayer = selected) -> Any:
+                _record(recorder, _sel, x, "preactivation", tag=":preact")
+                return _orig(x)
+
+            if not patch(layer, "activation", activation):
+                warn_once(
+                    f"activation:{selected.name}",
+                    f"the pre-activation of layer {selected.name!r} ({type(layer).__name__}) is not "
+                    "recorded: its `activation` cannot be replaced. Its output is.",
+                )
+    try:
+        yield
+    finally:
+        for obj, attr, had, value in reversed(restore):
+            if had:
+                object.__setattr__(obj, attr, value)
+            else:
+                object.__delattr__(obj, attr)
+
+
+def _record(recorder: Recorder, selected: SelectedLayer, outputs: Any, kind: str, tag: str = "") -> None:
+    # Our bookkeeping must never break the user's forward pass.
+    try:
+        recorder.add(selected, outputs, kind, tag)
+    except Exception as exc:  # noqa: BLE001
+        warn_once(
+            f"record:{selected.name}",
+            f"layer {selected.name!r} is not recorded ({type(exc).__name__}: {exc}).",
+        )

@@ -1,0 +1,268 @@
+"""The capture program: one compiled function per capture.
+
+It runs the model on the fixed probe batch, intercepts the outputs of the
+selected layers, and reduces each one on the device to a few small arrays
+(histogram, quantiles, per-unit moments, ...) before anything crosses to the
+host. Optionally it also computes gradient statistics and the gradient-shift
+measure of Santurkar et al. (2018).
+
+Outputs are intercepted by wrapping each selected layer's `call` (and, for a
+layer with a fused activation, its `activation`) while the function is traced.
+That works for Sequential, functional, nested and subclassed models alike. The
+model runs inside a `keras.StatelessScope`, so a capture never changes the
+model: BatchNormalization's moving statistics and the dropout seed are left
+as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import numpy as np
+
+from ..store.schema import RunLayout, VariableSpec
+from ..store.writer import Capture, LayerCapture
+from . import backend
+from .intercept import Recorder, intercept, warn_once
+from .layers import SelectedLayer, iter_layers
+from .stats import CaptureOptions, TracedLayer, l2, layer_stats, plan_tensor
+
+__all__ = ["CaptureProgram"]
+
+ops = keras.ops
+
+
+class CaptureProgram:
+    """Builds and runs the compiled capture function for one model and probe.
+
+    Call `run(x, y, learning_rate)`; the first call traces the function and
+    fills `layout`. Nothing here writes files.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        selection: Sequence[SelectedLayer],
+        options: CaptureOptions,
+        with_gradients: bool,
+    ) -> None:
+        self.model = model
+        self.selection = list(selection)
+        self.options = options
+        self.with_gradients = with_gradients
+        self.trainable = list(model.trainable_variables)
+        self.non_trainable = list(model.non_trainable_variables)
+        # Dropout masks come from seed-generator state: pin it so every capture
+        # draws the same masks and drift comes from the weights alone.
+        self._pinned = backend.snapshot(self.non_trainable)
+        self._is_seed = [v.path.endswith("seed_generator_state") for v in self.non_trainable]
+        self._owner = self._variable_owners()
+        self.ics_layers, self._ics_groups = self._ics_plan()
+        self.traced: list[TracedLayer] | None = None
+        self.skipped: dict[str, str] = {}  # layer name -> why it is not recorded
+        self._previous: list[Any] | None = None
+        self._function = backend.compile_function(self._program)
+        self._masked_function: Any = None  # compiled when a capture first sees NaN/Inf
+
+    # ---------------------------------------------------------------- planning
+    def _variable_owners(self) -> list[str]:
+        owner: dict[int, str] = {}
+        for name, layer in iter_layers(self.model):
+            for v in layer.trainable_variables:
+                owner.setdefault(id(v), name)
+        return [owner.get(id(v), self.model.name) for v in self.trainable]
+
+    def _ics_plan(self) -> tuple[tuple[str, ...], list[list[int]]]:
+        if not (self.options.gradient_shift and self.with_gradients):
+            return (), []
+        order: dict[str, list[int]] = {}
+        for index, name in enumerate(self._owner):
+            order.setdefault(name, []).append(index)
+        return tuple(order), list(order.values())
+
+    def _plan(self, recorder: Recorder) -> list[TracedLayer]:
+        """Plan every recorded tensor; one that cannot be measured is skipped with a warning."""
+        plans: list[TracedLayer] = []
+        seen: set[str] = set()
+        for index, record in enumerate(recorder.records):
+            if record.name in seen:
+                continue  # the same name twice (a layer called again in one pass): keep the first
+            seen.add(record.name)
+            try:
+                plan = plan_tensor(
+                    record.name, record.layer.layer, record.kind, tuple(record.tensor.shape), index, self.options
+                )
+            except Exception as exc:  # noqa: BLE001 - one layer never costs the run
+                self._skip(record.name, type(record.layer.layer).__name__, exc)
+                continue
+            plans.append(plan)
+        return plans
+
+    def _skip(self, name: str, class_name: str, exc: BaseException) -> None:
+        self.skipped[name] = f"{type(exc).__name__}: {exc}"
+        warn_once(
+            f"measure:{name}",
+            f"layer {name!r} ({class_name}) is not recorded ({exc}). Every other layer is.",
+        )
+
+    @property
+    def layout(self) -> RunLayout:
+        if self.traced is None:
+            raise RuntimeError("the capture program has not run yet")
+        variables = tuple(
+            VariableSpec(name=v.path, layer=owner, shape=tuple(int(d) for d in v.shape))
+            for v, owner in zip(self.trainable, self._owner)
+        )
+        return RunLayout(
+            layers=tuple(t.spec() for t in self.traced),
+            variables=variables,
+            ics_layers=self.ics_layers,
+            hist_bins=self.options.hist_bins,
+        )
+
+    # ---------------------------------------------------------------- program
+    def _forward(
+        self, trainable: list[Any], non_trainable: list[Any], x: Any, y: Any, recorder: Recorder | None
+    ) -> tuple[Any, list[Any]]:
+        mapping = list(zip(self.trainable, trainable)) + list(zip(self.non_trainable, non_trainable))
+        training = self.options.training
+        with contextlib.ExitStack() as stack:
+            if recorder is not None:
+                stack.enter_context(intercept(self.selection, recorder))
+            stack.enter_context(keras.StatelessScope(state_mapping=mapping))
+            y_pred = self.model(x, training=training)
+            if y is None:
+                loss = ops.zeros(())
+            else:
+                loss = self.model.compute_loss(x=x, y=y, y_pred=y_pred, training=training)
+        tensors = [r.tensor for r in recorder.records] if recorder is not None else []
+        return loss, tensors
+
+    def _masked_program(self, *args: Any) -> dict[str, Any]:
+        return self._program(*args, masked=True)
+
+    def _program(
+        self,
+        trainable: list[Any],
+        non_trainable: list[Any],
+        previous: list[Any],
+        x: Any,
+        y: Any,
+        learning_rate: Any,
+        masked: bool = False,
+    ) -> dict[str, Any]:
+        recorder = Recorder()
+
+        def loss_fn(params: list[Any]) -> tuple[Any, list[Any]]:
+            return self._forward(params, non_trainable, x, y, recorder)
+
+        grads: list[Any] = []
+        if self.with_gradients:
+            loss, activations, grads = backend.value_and_grad(loss_fn, trainable)
+        else:
+            loss, activations = loss_fn(trainable)
+        names = [r.name for r in recorder.records]
+        if self.traced is None:
+            self.traced = self._plan(recorder)
+        by_name = dict(zip(names, activations))
+        stats: list[dict[str, Any]] = []
+        for plan in list(self.traced):
+            try:
+                stats.append(layer_stats(by_name[plan.name], plan, self.options, masked=masked))
+            except Exception as exc:  # noqa: BLE001 - one layer never costs the run
+                self._skip(plan.name, plan.class_name, exc)
+                self.traced.remove(plan)
+        weights = [ops.cast(w, "float32") for w in trainable]
+        out: dict[str, Any] = {
+            "loss": loss,
+            "layers": stats,
+            "grad_norm": ops.stack([l2(g) for g in grads]) if grads else ops.zeros((0,)),
+            "weight_norm": ops.stack([l2(w) for w in weights]) if weights else ops.zeros((0,)),
+            "update_norm": (
+                ops.stack([l2(w - ops.cast(p, "float32")) for w, p in zip(weights, previous)])
+                if weights
+                else ops.zeros((0,))
+            ),
+            "previous_norm": (ops.stack([l2(p) for p in previous]) if weights else ops.zeros((0,))),
+        }
+        if self._ics_groups:
+            out["ics_diff"], out["ics_cos"] = self._gradient_shift(
+                trainable, non_trainable, x, y, grads, learning_rate
+            )
+        return out
+
+    def _gradient_shift(
+        self,
+        trainable: list[Any],
+        non_trainable: list[Any],
+        x: Any,
+        y: Any,
+        grads: list[Any],
+        learning_rate: Any,
+    ) -> tuple[Any, Any]:
+        """Santurkar et al.: G_i vs G'_i after the layers before i took an SGD step."""
+        diffs, coss = [], []
+        stepped: set[int] = set()
+        for group in self._ics_groups:
+            params = [
+                ops.cast(w, "float32") - learning_rate * g if k in stepped else w
+                for k, (w, g) in enumerate(zip(trainable, grads))
+            ]
+            _, _, shifted = backend.value_and_grad(
+                lambda p: self._forward(p, non_trainable, x, y, None), params
+            )
+            g = ops.concatenate([ops.reshape(grads[k], (-1,)) for k in group])
+            g2 = ops.concatenate([ops.reshape(shifted[k], (-1,)) for k in group])
+            diffs.append(l2(g - g2))
+            coss.append(ops.sum(g * g2) / ops.maximum(l2(g) * l2(g2), 1e-30))
+            stepped.update(group)
+        return ops.stack(diffs), ops.stack(coss)
+
+    # ---------------------------------------------------------------- running
+    def run(
+        self, x: Any, y: Any, learning_rate: float, *, step: int, epoch: float, time: float, kind: str
+    ) -> Capture:
+        trainable = backend.read_values(self.trainable)
+        non_trainable = [
+            pinned if is_seed else v.value
+            for v, pinned, is_seed in zip(self.non_trainable, self._pinned, self._is_seed)
+        ]
+        first = self._previous is None
+        # Snapshots on every call (not the live variables on the first): one input
+        # signature, so the function is traced once.
+        previous = backend.snapshot(self.trainable) if first else self._previous
+        lr = ops.convert_to_tensor(learning_rate, "float32")
+        args = (trainable, non_trainable, previous, x, y, lr)
+        result = backend.to_numpy(self._function(*args))
+        if not all(bool(stats.pop("all_finite")) for stats in result["layers"]):
+            # A diverging run: recompute with NaN/Inf masked out (a second, lazily
+            # compiled function, so the common case pays nothing for it).
+            if self._masked_function is None:
+                self._masked_function = backend.compile_function(self._masked_program)
+            result = backend.to_numpy(self._masked_function(*args))
+        self._previous = backend.snapshot(self.trainable)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # undefined (NaN), not infinite, for a variable that was all zeros (a fresh bias)
+            update = np.where(
+                result["previous_norm"] > 0, result["update_norm"] / result["previous_norm"], np.nan
+            )
+        nan = np.full(len(self.trainable), np.nan)
+        grad_norm = result["grad_norm"] if self.with_gradients else nan
+        weight_norm = result["weight_norm"]
+        update_ratio = nan if first else update
+        layers = [LayerCapture(**stats) for stats in result["layers"]]
+        return Capture(
+            step=step,
+            epoch=epoch,
+            time=time,
+            kind=kind,
+            layers=layers,
+            grad_norm=np.asarray(grad_norm, dtype=float),
+            weight_norm=np.asarray(weight_norm, dtype=float),
+            update_ratio=np.asarray(update_ratio, dtype=float),
+            ics_grad_diff=np.asarray(result.get("ics_diff", np.zeros(0)), dtype=float),
+            ics_grad_cos=np.asarray(result.get("ics_cos", np.zeros(0)), dtype=float),
+        )

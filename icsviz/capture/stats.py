@@ -1,0 +1,327 @@
+"""The statistics kernels: what a capture computes from one captured tensor.
+
+Everything here is written with `keras.ops` and runs inside the compiled
+capture function, so only the small results (bin counts, quantiles, moments)
+cross to the host. docs/statistics.md defines each quantity.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from ..store.schema import QUANTILES, LayerSpec
+from . import backend
+
+__all__ = [
+    "CaptureOptions",
+    "TracedLayer",
+    "plan_tensor",
+    "unit_axis",
+    "dyadic_bin_width",
+    "dyadic_grid",
+    "interpolated_quantiles",
+    "layer_stats",
+    "l2",
+]
+
+ops = keras.ops
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    """What a capture computes. See docs/statistics.md for the definitions."""
+
+    hist_bins: int = 64
+    quantile_sample: int = 65536  # layer quantiles from at most this many values
+    tracked_units: int = 3  # units per layer whose own quantiles are kept
+    unit_quantile_sample: int = 16384
+    max_values: int | None = 2**21  # histogram/moments from the first probe samples up to this
+    training: bool = True  # run layers in training mode (BN batch statistics)
+    gradient_shift: bool = False
+    seed: int = 0
+
+
+@dataclass
+class TracedLayer:
+    """A captured tensor as seen while tracing: shape and sampling plan."""
+
+    name: str
+    class_name: str
+    kind: str
+    shape: tuple[int, ...]  # with the batch axis
+    unit_axis: int
+    n_units: int
+    n_values: int  # values counted in histogram and moments (the first `rows` samples)
+    samples: int  # probe samples those values come from
+    tracked_units: tuple[int, ...]
+    quantile_index: np.ndarray | None = None  # flat positions of the quantile sample
+    unit_rows: np.ndarray | None = None  # rows sampled for tracked-unit quantiles
+
+    def spec(self) -> LayerSpec:
+        sample = self.n_values if self.quantile_index is None else len(self.quantile_index)
+        return LayerSpec(
+            name=self.name,
+            class_name=self.class_name,
+            kind=self.kind,
+            output_shape=tuple(int(d) for d in self.shape[1:]),
+            n_units=self.n_units,
+            tracked_units=self.tracked_units,
+            n_values=self.n_values,
+            samples=self.samples,
+            quantile_sample=sample,
+        )
+
+
+def unit_axis(layer: Any, rank: int) -> int:
+    if rank <= 1:
+        return 0
+    if getattr(layer, "data_format", None) == "channels_first":
+        return 1
+    axis = getattr(layer, "axis", None)
+    if isinstance(axis, int) and "Normalization" in type(layer).__name__:
+        return axis % rank
+    if rank >= 4 and keras.config.image_data_format() == "channels_first":
+        return 1
+    return rank - 1
+
+
+def plan_tensor(
+    name: str, layer: Any, kind: str, shape: tuple[int, ...], index: int, options: CaptureOptions
+) -> TracedLayer:
+    """How one captured tensor is reduced: its unit axis, value budget and samples.
+
+    Raises ValueError for a tensor that cannot be measured (a dimension unknown
+    while tracing); the caller skips that layer with a warning.
+    """
+    if any(d is None for d in shape):
+        raise ValueError(f"its output shape {shape} has a dimension that is unknown while tracing")
+    shape = tuple(int(d) for d in shape)
+    if any(d == 0 for d in shape):
+        raise ValueError(f"its output shape {shape} holds no values")
+    rank = len(shape)
+    axis = unit_axis(layer, rank)
+    n_units = shape[axis] if rank > 1 else 1
+    per_sample = int(np.prod(shape[1:])) if rank > 1 else 1
+    samples = shape[0] if rank else 1
+    if options.max_values is not None:
+        samples = max(1, min(samples, -(-options.max_values // per_sample)))
+    n_values = samples * per_sample
+    rows = n_values // n_units
+    rng = np.random.default_rng([options.seed, index])
+    qs = options.quantile_sample
+    quantile_index = None
+    if n_values > qs:
+        quantile_index = np.sort(rng.choice(n_values, size=qs, replace=False)).astype("int32")
+    tracked_count = min(options.tracked_units, n_units)
+    tracked = tuple(int(u) for u in np.linspace(0, n_units - 1, tracked_count).round())
+    unit_rows = None
+    if rows > options.unit_quantile_sample:
+        unit_rows = np.sort(rng.choice(rows, size=options.unit_quantile_sample, replace=False)).astype("int32")
+    return TracedLayer(
+        name=name,
+        class_name=type(layer).__name__,
+        kind=kind,
+        shape=shape,
+        unit_axis=axis,
+        n_units=n_units,
+        n_values=n_values,
+        samples=samples,
+        tracked_units=tracked,
+        quantile_index=quantile_index,
+        unit_rows=unit_rows,
+    )
+
+
+def dyadic_bin_width(low: float, high: float, bins: int) -> tuple[float, float]:
+    """(first edge, width) of the aligned power-of-two grid covering [low, high].
+
+    The width is the smallest power of two w such that `bins` bins of width w,
+    starting at a multiple of w, hold [low, high]. Edges of a coarser grid are
+    a subset of a finer one's, so histograms of two captures can be merged onto
+    the coarser grid exactly. This is the host-side twin of `dyadic_grid`.
+    """
+    span = max(high - low, max(abs(low), abs(high)) * 2.0**-24, 2.0**-100)
+    width = 2.0 ** math.ceil(math.log2(span / bins))
+    if math.floor(high / width) - math.floor(low / width) >= bins:
+        width *= 2
+    return math.floor(low / width) * width, width
+
+
+def dyadic_grid(low: Any, high: Any, bins: int) -> tuple[Any, Any]:
+    low64, high64 = ops.cast(low, backend.wide_float()), ops.cast(high, backend.wide_float())
+    span = ops.maximum(
+        high64 - low64,
+        ops.maximum(ops.maximum(ops.abs(low64), ops.abs(high64)) * 2.0**-24, 2.0**-100),
+    )
+    width = ops.power(2.0, ops.ceil(ops.log2(span / bins)))
+    too_many = (ops.floor(high64 / width) - ops.floor(low64 / width)) >= bins
+    width = ops.where(too_many, width * 2.0, width)
+    first = ops.floor(low64 / width) * width
+    return first, width
+
+
+def interpolated_quantiles(sorted_values: Any, n_finite: Any, q: np.ndarray) -> Any:
+    """Linear-interpolation quantiles of the first `n_finite` sorted values (last axis)."""
+    n = ops.cast(n_finite, "float32")
+    pos = ops.expand_dims(ops.maximum(n - 1.0, 0.0), -1) * ops.convert_to_tensor(q, "float32")
+    lower = ops.floor(pos)
+    frac = pos - lower
+    upper = ops.minimum(lower + 1.0, ops.expand_dims(ops.maximum(n - 1.0, 0.0), -1))
+    lo_vals = ops.take_along_axis(sorted_values, ops.cast(lower, "int32"), axis=-1)
+    hi_vals = ops.take_along_axis(sorted_values, ops.cast(upper, "int32"), axis=-1)
+    out = lo_vals + (hi_vals - lo_vals) * frac
+    return ops.where(ops.expand_dims(n, -1) > 0, out, float("nan"))
+
+
+def layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool) -> dict[str, Any]:
+    x = ops.cast(tensor, "float32")
+    full = ops.reshape(x, (-1,))
+    if plan.samples < plan.shape[0]:
+        x = x[: plan.samples]  # the value budget: a contiguous slice costs no copy
+    if plan.unit_axis != len(plan.shape) - 1:
+        x = ops.moveaxis(x, plan.unit_axis, -1)
+    units = ops.reshape(x, (-1, plan.n_units))
+    all_finite = ops.isfinite(ops.sum(full))  # NaN/Inf anywhere poisons the sum
+    stats = reduce_values(units, ops.reshape(units, (-1,)), plan, options, masked=masked, all_finite=all_finite)
+    low, high, n_finite = stats.pop("low"), stats.pop("high"), stats.pop("n_finite")
+    if plan.samples < plan.shape[0]:
+        # The budget cut the values: range and non-finite count stay exact over every value.
+        if masked:
+            finite = ops.isfinite(full)
+            n_finite = ops.sum(ops.cast(finite, "int32"))
+            low = ops.min(ops.where(finite, full, float("inf")))
+            high = ops.max(ops.where(finite, full, float("-inf")))
+        else:
+            low, high, n_finite = ops.min(full), ops.max(full), int(full.shape[0])
+    wide = backend.wide_float()
+    moments = ops.stack(
+        [
+            ops.cast(stats.pop("mean"), wide),
+            ops.cast(stats.pop("std"), wide),
+            ops.cast(ops.where(n_finite > 0, low, float("nan")), wide),
+            ops.cast(ops.where(n_finite > 0, high, float("nan")), wide),
+        ]
+    )
+    if masked:
+        stats["moments"] = ops.where(ops.isfinite(moments), moments, float("nan"))
+        stats["nonfinite"] = ops.cast(int(full.shape[0]) - n_finite, "int32")
+    else:
+        stats["moments"] = moments
+        stats["nonfinite"] = ops.convert_to_tensor(0, "int32")
+        stats["all_finite"] = all_finite
+    return stats
+
+
+def reduce_values(
+    units: Any,
+    flat: Any,
+    plan: TracedLayer,
+    options: CaptureOptions,
+    *,
+    masked: bool,
+    all_finite: Any,
+) -> dict[str, Any]:
+    """Statistics of the budgeted values (`units`: rows x units, `flat`: the same, 1-D).
+
+    Returns everything but the moments and the non-finite count, which the
+    caller assembles with the exact range.
+    """
+    bins = options.hist_bins
+    rows = plan.n_values // plan.n_units
+    if masked:
+        finite_units = ops.isfinite(units)
+        finite = ops.reshape(finite_units, (-1,))
+        weight = ops.cast(finite_units, "float32")
+        units0 = ops.where(finite_units, units, 0.0)
+        count_c = ops.sum(weight, axis=0)
+        safe_c = ops.maximum(count_c, 1.0)
+        mean_c = ops.sum(units0, axis=0) / safe_c
+        var_c = ops.sum(ops.square((units0 - mean_c) * weight), axis=0) / safe_c
+        n_finite = ops.sum(ops.cast(finite, "int32"))
+        low = ops.min(ops.where(finite, flat, float("inf")))
+        high = ops.max(ops.where(finite, flat, float("-inf")))
+        any_finite = n_finite > 0
+        low = ops.where(any_finite, low, 0.0)
+        high = ops.where(any_finite, high, 0.0)
+        hist_values = ops.where(finite, flat, low)  # parked in bin 0, removed below
+        mean_c = ops.where(count_c > 0, mean_c, float("nan"))
+        var_c = ops.where(count_c > 0, var_c, float("nan"))
+    else:
+        count_c = ops.full((plan.n_units,), float(rows))
+        mean_c = ops.mean(units, axis=0)
+        var_c = ops.mean(ops.square(units - mean_c), axis=0)
+        n_finite = ops.convert_to_tensor(plan.n_values, "int32")
+        low, high = ops.min(flat), ops.max(flat)
+        # With NaN/Inf present this result is discarded (the masked program
+        # reruns), but it must still run: keep the histogram range valid.
+        sane = ops.logical_and(ops.isfinite(low), ops.isfinite(high))
+        low, high = ops.where(sane, low, 0.0), ops.where(sane, high, 1.0)
+        hist_values = flat
+    n_bad = plan.n_values - n_finite
+
+    # Layer moments from the per-unit ones (parallel variance formula): no extra pass.
+    total = ops.maximum(ops.sum(count_c), 1.0)
+    valid = count_c > 0
+    mean = ops.sum(ops.where(valid, count_c * mean_c, 0.0)) / total
+    spread = ops.where(valid, count_c * (var_c + ops.square(mean_c - mean)), 0.0)
+    std = ops.sqrt(ops.sum(spread) / total)
+    counted = ops.sum(count_c) > 0  # all values NaN/Inf: no moments, not zeros
+    mean, std = ops.where(counted, mean, float("nan")), ops.where(counted, std, float("nan"))
+    zeros = ops.sum(ops.cast(ops.equal(flat, 0.0), "int32"))
+    zero_frac = ops.cast(zeros, "float32") / ops.maximum(ops.cast(n_finite, "float32"), 1.0)
+
+    first, width = dyadic_grid(low, high, bins)
+
+    def count() -> Any:
+        return backend.histogram(hist_values, ops.cast(first, "float32"), ops.cast(width, "float32"), bins)
+
+    if masked:
+        counts = count()
+    else:  # skipped when NaN/Inf are present: that result is discarded anyway
+        counts = ops.cond(all_finite, count, lambda: ops.zeros((bins,), "int32"))
+    counts = counts - ops.cast(ops.one_hot(0, bins), "int32") * ops.cast(n_bad, "int32")
+    edges = first + width * ops.arange(bins + 1, dtype=backend.wide_float())
+
+    # Quantiles from a fixed sample of positions (all values when the layer is small).
+    q = np.asarray(QUANTILES, dtype="float32")
+    sample = flat if plan.quantile_index is None else ops.take(flat, plan.quantile_index)
+    if masked:
+        sample_finite = ops.isfinite(sample)
+        sample = ops.where(sample_finite, sample, float("inf"))
+        n_sample = ops.sum(ops.cast(sample_finite, "int32"))
+    else:
+        n_sample = ops.convert_to_tensor(int(sample.shape[0]), "int32")
+    quantiles = interpolated_quantiles(ops.sort(sample), n_sample, q)
+
+    tracked = ops.transpose(ops.take(units, np.asarray(plan.tracked_units, "int32"), axis=1))
+    if plan.unit_rows is not None:
+        tracked = ops.take(tracked, plan.unit_rows, axis=1)
+    tracked_finite = ops.isfinite(tracked)
+    tracked = ops.where(tracked_finite, tracked, float("inf"))
+    n_tracked = ops.sum(ops.cast(tracked_finite, "int32"), axis=1)
+    unit_quantiles = interpolated_quantiles(ops.sort(tracked, axis=-1), n_tracked, q)
+
+    return {
+        "hist_counts": counts,
+        "hist_edges": edges,
+        "quantiles": quantiles,
+        "mean": mean,
+        "std": std,
+        "zero_frac": zero_frac,
+        "unit_mean": mean_c,
+        "unit_std": ops.sqrt(var_c),
+        "unit_quantiles": unit_quantiles,
+        # The budgeted values' range and finite count: the caller's, unless the budget cut values.
+        "low": low,
+        "high": high,
+        "n_finite": n_finite,
+    }
+
+
+def l2(x: Any) -> Any:
+    return ops.sqrt(ops.sum(ops.square(ops.cast(x, "float32"))))

@@ -1,0 +1,179 @@
+"""A zoo of small Keras models of every layer family, shared by the TF tests and
+the JAX subprocess test (which imports this file with KERAS_BACKEND=jax).
+
+Each entry builds (model, x, y). `check_recorded` trains one epoch with the
+callback and asserts that the step-0 capture of each layer equals numpy's
+statistics of that layer's output computed from the same weights.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+from keras import layers as L
+
+T, F, CLASSES = 6, 5, 3
+
+
+def _seq_data(n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, T, F)).astype("float32"), rng.integers(0, CLASSES, n)
+
+
+def _head() -> L.Layer:
+    return L.Dense(CLASSES, activation="softmax", name="head")
+
+
+def simple_rnn() -> tuple[keras.Model, Any, Any]:
+    inputs = keras.Input((T, F))
+    h = L.SimpleRNN(8, return_sequences=True, name="rnn_seq")(inputs)
+    h = L.SimpleRNN(4, name="rnn_last")(h)
+    return keras.Model(inputs, _head()(h)), *_seq_data()
+
+
+def lstm() -> tuple[keras.Model, Any, Any]:
+    model = keras.Sequential(
+        [keras.Input((T, F)), L.LSTM(8, return_sequences=True, name="lstm_seq"), L.LSTM(4, name="lstm_last"), _head()]
+    )
+    return model, *_seq_data()
+
+
+def gru_with_states() -> tuple[keras.Model, Any, Any]:
+    inputs = keras.Input((T, F))
+    seq, state = L.GRU(8, return_sequences=True, return_state=True, name="gru")(inputs)
+    out, h, c = L.LSTM(4, return_state=True, name="lstm_state")(seq, initial_state=None)
+    return keras.Model(inputs, _head()(L.Concatenate()([out, h, c, state]))), *_seq_data()
+
+
+def bidirectional_time_distributed() -> tuple[keras.Model, Any, Any]:
+    model = keras.Sequential(
+        [
+            keras.Input((T, F)),
+            L.Bidirectional(L.LSTM(8, return_sequences=True), name="bilstm"),
+            L.TimeDistributed(L.Dense(4, activation="relu"), name="per_step"),
+            L.GlobalAveragePooling1D(),
+            _head(),
+        ]
+    )
+    return model, *_seq_data()
+
+
+def conv_lstm() -> tuple[keras.Model, Any, Any]:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 3, 8, 8, 2)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((3, 8, 8, 2)), L.ConvLSTM2D(4, 3, name="convlstm"), L.Flatten(), _head()]
+    )
+    return model, x, rng.integers(0, CLASSES, 32)
+
+
+def attention() -> tuple[keras.Model, Any, Any]:
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 50, (64, T)).astype("int32")
+    inputs = keras.Input((T,), dtype="int32")
+    e = L.Embedding(50, 8, name="embed")(inputs)
+    a = L.MultiHeadAttention(2, 4, name="mha")(e, e)
+    a = L.LayerNormalization(name="layer_norm")(L.Add(name="residual")([a, e]))
+    return keras.Model(inputs, _head()(L.GlobalAveragePooling1D()(a))), ids, rng.integers(0, CLASSES, 64)
+
+
+def separable_convs() -> tuple[keras.Model, Any, Any]:
+    rng = np.random.default_rng(3)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 4)),
+            L.DepthwiseConv2D(3, activation="relu", name="depthwise"),
+            L.SeparableConv2D(8, 3, activation="relu", name="separable"),
+            L.GroupNormalization(2, name="group_norm"),
+            L.GlobalAveragePooling2D(),
+            _head(),
+        ]
+    )
+    return model, rng.normal(size=(64, 8, 8, 4)).astype("float32"), rng.integers(0, CLASSES, 64)
+
+
+ZOO: dict[str, Callable[[], tuple[keras.Model, Any, Any]]] = {
+    "simple_rnn": simple_rnn,
+    "lstm": lstm,
+    "gru_with_states": gru_with_states,
+    "bidirectional_time_distributed": bidirectional_time_distributed,
+    "conv_lstm": conv_lstm,
+    "attention": attention,
+    "separable_convs": separable_convs,
+}
+
+# What each model must record (beyond the head): its layers' outputs in model order.
+EXPECTED: dict[str, list[str]] = {
+    "simple_rnn": ["rnn_seq", "rnn_last"],
+    "lstm": ["lstm_seq", "lstm_last"],
+    "gru_with_states": ["gru[0]", "gru[1]", "lstm_state[0]", "lstm_state[1]", "lstm_state[2]"],
+    "bidirectional_time_distributed": ["bilstm", "per_step"],
+    "conv_lstm": ["convlstm"],
+    "attention": ["embed", "mha", "residual", "layer_norm"],
+    "separable_convs": ["depthwise:preact", "depthwise", "separable:preact", "separable", "group_norm"],
+}
+
+
+def _expected_outputs(model: keras.Model, x: Any) -> dict[str, np.ndarray]:
+    """Every layer's output(s) on `x` in training mode, from the current weights."""
+    outputs: dict[str, np.ndarray] = {}
+    for layer in model.layers:
+        if isinstance(layer, L.InputLayer):
+            continue
+        tensors = keras.tree.flatten(layer.output)
+        probe = keras.Model(model.inputs[0] if len(model.inputs) == 1 else model.inputs, tensors)
+        values = probe(x, training=True)
+        values = keras.tree.flatten(values)
+        for i, value in enumerate(values):
+            suffix = f"[{i}]" if len(tensors) > 1 else ""
+            outputs[layer.name + suffix] = np.asarray(keras.ops.convert_to_numpy(value))
+    return outputs
+
+
+def check_recorded(name: str, path: Path) -> list[str]:
+    """Train `name` one epoch with the callback; assert the recorded step-0 values.
+
+    Returns the captured layer names.
+    """
+    from icsviz import ICSCallback, open_run
+
+    keras.utils.set_random_seed(0)
+    model, x, y = ZOO[name]()
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    probe_x, probe_y = x[:32], y[:32]
+    expected = _expected_outputs(model, probe_x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            x, y, epochs=1, batch_size=16, verbose=0, callbacks=[ICSCallback(path, probe=(probe_x, probe_y))]
+        )
+    ours = [str(w.message) for w in caught if "icsviz" in str(w.message)]
+    assert not ours, ours
+    with open_run(path) as run:
+        names = run.layer_names
+        for layer in EXPECTED[name]:
+            assert layer in names, (layer, names)
+        for layer in names:
+            if layer not in expected:
+                continue  # pre-activations: checked by the program tests
+            values = expected[layer].astype("float64")
+            units = values.reshape(-1, values.shape[-1])
+            acts = run.activations(layer)
+            assert acts.counts[0].sum() == values.size, layer
+            np.testing.assert_allclose(
+                [acts.mean[0], acts.std[0], acts.min[0], acts.max[0]],
+                [values.mean(), values.std(), values.min(), values.max()],
+                rtol=2e-4,
+                atol=2e-5,
+                err_msg=layer,
+            )
+            np.testing.assert_allclose(acts.unit_mean[0], units.mean(0), rtol=2e-4, atol=2e-5, err_msg=layer)
+        # Every variable's gradient is measured, recurrent kernels included.
+        for variable in run.variable_names:
+            assert np.isfinite(run.gradients(variable).grad_norm).all(), variable
+    return names

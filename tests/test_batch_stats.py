@@ -1,0 +1,239 @@
+"""Per-step mode (batch_stats=True): statistics of each training batch, measured inside
+the training step, equal to numpy's on the same batch, and the user's training untouched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from icsviz import CaptureWarning, ICSCallback, open_run
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 16
+
+
+def _model(mixed: bool = False) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(6, 3, activation="relu", name="conv"),
+            keras.layers.BatchNormalization(name="bn"),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(5, activation="softmax", name="out", dtype="float32" if mixed else None),
+        ]
+    )
+
+
+def _data(n: int = 96) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 8, 8, 3)).astype("float32"), rng.integers(0, 5, n)
+
+
+def _probe() -> tuple[np.ndarray, np.ndarray]:
+    x, y = _data()
+    return x[:32], y[:32]
+
+
+def _fit(callbacks: list, lr: float = 0.05, epochs: int = 2, **compile_args) -> tuple[keras.Model, list[float]]:
+    model = _model()
+    model.compile(keras.optimizers.SGD(lr), "sparse_categorical_crossentropy", **compile_args)
+    x, y = _data()
+    history = model.fit(x, y, epochs=epochs, batch_size=BATCH, verbose=0, shuffle=False, callbacks=callbacks)
+    return model, history.history["loss"]
+
+
+def _ours(caught: list) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+
+
+def test_rows_match_numpy_on_each_training_batch(tmp_path: Path) -> None:
+    # lr 0: the weights never move, so each step's layer output is the sub-model on that batch.
+    path = tmp_path / "steps.h5"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = _fit([ICSCallback(path, probe=_probe(), batch_stats=True, flush_every=4)], lr=0.0)
+    assert not _ours(caught)
+    x, _ = _data()
+    with open_run(path) as run:
+        assert run.has_batch_stats
+        np.testing.assert_array_equal(run.batch_steps, np.arange(12))
+        np.testing.assert_allclose(run.batch_epochs, np.arange(12) / 6)
+        assert run.batch_layer_names == run.layer_names  # every captured layer, per step too
+        for name in ("conv:preact", "conv", "bn"):
+            acts = run.batch_activations(name)
+            for step in (0, 5, 7):
+                layer = model.get_layer(name.split(":")[0])
+                sub = keras.Model(model.inputs, layer.output)
+                batch = x[(step % 6) * BATCH : (step % 6 + 1) * BATCH]
+                values = np.asarray(sub(batch, training=True))
+                if name.endswith(":preact"):  # the Dense/Conv output before relu
+                    w, b = layer.get_weights()
+                    values = np.asarray(keras.ops.conv(batch, w)) + b
+                flat = values.ravel()
+                # A 4096-value sample of a ~3500-value tensor: moments and quantiles close to exact.
+                assert acts.counts[step].sum() == 4096 and acts.nonfinite[step] == 0
+                assert flat.min() <= acts.min[step] and acts.max[step] <= flat.max()
+                assert acts.edges[step][0] <= acts.min[step] and acts.max[step] <= acts.edges[step][-1]
+                assert abs(acts.mean[step] - flat.mean()) < 0.05 * flat.std()
+                assert abs(acts.std[step] - flat.std()) < 0.05 * flat.std()
+                for level in (0.15, 0.5, 0.85):
+                    value = acts.quantile(level)[step]  # ranks with ties (ReLU zeros) are a range
+                    below, at_most = np.mean(flat < value), np.mean(flat <= value)
+                    assert below - 0.03 < level < at_most + 0.03, (name, step, level, below, at_most)
+                if name == "conv":
+                    assert abs(acts.zero_frac[step] - np.mean(flat == 0)) < 0.03
+                units = acts.tracked_units
+                for i, unit in enumerate(units):
+                    column = values[..., unit].ravel()
+                    median = acts.unit_quantiles[step, i, list(acts.q).index(0.5)]
+                    assert np.mean(column < median) - 0.06 < 0.5 < np.mean(column <= median) + 0.06
+
+
+def test_layers_are_restored_after_probe_and_step_interception(tmp_path: Path) -> None:
+    model = _model()
+    before = {layer.name: dict(layer.__dict__) for layer in model.layers}
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    model.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0, callbacks=[ICSCallback(tmp_path / "r.h5", probe=_probe(), batch_stats=True)])
+    for layer in model.layers:
+        assert layer.__dict__.get("activation") is before[layer.name].get("activation"), layer.name
+        assert "call" not in layer.__dict__, layer.name
+
+
+def test_training_is_untouched_losses_weights_and_saved_model(tmp_path: Path) -> None:
+    plain, plain_loss = _fit([])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watched, loss = _fit([ICSCallback(tmp_path / "w.h5", probe=_probe(), batch_stats=True)])
+    assert not _ours(caught)
+    assert loss == plain_loss  # bit for bit
+    for a, b in zip(plain.get_weights(), watched.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    def names(model: keras.Model) -> list[str]:
+        return [v.path.split("/", 1)[1] for v in model.variables]  # without the model's own name
+
+    assert names(watched) == names(plain)
+    assert "train_step" not in watched.__dict__  # the hooks are gone after fit
+    watched.save(tmp_path / "m.keras")
+    reloaded = keras.models.load_model(tmp_path / "m.keras")
+    assert len(reloaded.weights) == len(plain.weights)
+    # A second fit without the callback trains as usual (Keras's own train function back).
+    watched.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"jit_compile": True}, {"steps_per_execution": 3}, {"run_eagerly": True}],
+    ids=["jit_compile", "steps_per_execution", "run_eagerly"],
+)
+def test_compile_settings_keep_working(setting: dict, tmp_path: Path) -> None:
+    plain, plain_loss = _fit([], **setting)
+    path = tmp_path / "s.h5"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, loss = _fit([ICSCallback(path, probe=_probe(), batch_stats=True)], **setting)
+    assert not _ours(caught)
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
+    with open_run(path) as run:
+        steps = run.batch_steps
+        if "steps_per_execution" in setting:  # one row per execution of 3 steps: its last step
+            np.testing.assert_array_equal(steps, [2, 5, 8, 11])
+        else:
+            np.testing.assert_array_equal(steps, np.arange(12))
+        assert np.isfinite(run.batch_activations("bn").mean).all()
+
+
+def test_custom_train_step_and_mixed_precision(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    class Custom(keras.Sequential):
+        def train_step(self, data):  # the guide's custom step
+            x, y = data
+            with tf.GradientTape() as tape:
+                y_pred = self(x, training=True)
+                loss = self.compute_loss(y=y, y_pred=y_pred)
+            grads = tape.gradient(loss, self.trainable_variables)
+            self.optimizer.apply(grads, self.trainable_variables)
+            return {"loss": loss}
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = Custom(_model(mixed=True).layers)
+        model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+        path = tmp_path / "custom.h5"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0, callbacks=[ICSCallback(path, probe=_probe(), batch_stats=True)])
+        assert not _ours(caught)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.batch_steps, np.arange(6))
+        acts = run.batch_activations("conv")
+        assert np.isfinite(acts.quantiles).all() and (acts.counts.sum(1) == 4096).all()
+
+
+def test_distribution_strategy_warns_once_and_probe_captures_go_on(tmp_path: Path) -> None:
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("CPU")
+    if len(devices) < 2:
+        pytest.skip("needs two logical CPU devices (configured before TensorFlow starts; see test_callback)")
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    with strategy.scope():
+        model = _model()
+        model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    path = tmp_path / "mirrored.h5"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0, callbacks=[ICSCallback(path, probe=_probe(), batch_stats=True)])
+    messages = _ours(caught)
+    assert len(messages) == 1 and "batch_stats=True is off" in messages[0] and "replicas" in messages[0]
+    with open_run(path) as run:
+        assert not run.has_batch_stats and len(run.steps) == 2
+
+
+def test_old_files_without_batches_say_so(tmp_path: Path) -> None:
+    from icsviz import MissingDataError
+
+    path = tmp_path / "plain.h5"
+    _fit([ICSCallback(path, probe=_probe())], epochs=1)
+    with open_run(path) as run:
+        assert not run.has_batch_stats and len(run.batch_steps) == 0
+        with pytest.raises(MissingDataError, match="without batch_stats=True"):
+            run.batch_activations("conv")
+
+
+def test_killed_run_keeps_every_flushed_step(tmp_path: Path) -> None:
+    path = tmp_path / "killed.h5"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        import keras
+        from test_batch_stats import _model, _data, _probe
+        from icsviz import ICSCallback
+
+        class Kill(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if batch == 4:  # after the flush at step 4 (flush_every=4), before the next
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        model = _model(); model.compile("sgd", "sparse_categorical_crossentropy")
+        cb = ICSCallback({str(path)!r}, probe=_probe(), batch_stats=True, flush_every=4)
+        model.fit(*_data(), epochs=1, batch_size=16, verbose=0, callbacks=[cb, Kill()])
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == -9
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.batch_steps, [0, 1, 2, 3])
+        assert np.isfinite(run.batch_activations("bn").mean).all()
