@@ -30,6 +30,7 @@ __all__ = [
     "figure_accuracy",
     "figure_loss",
     "figure_ioffe",
+    "figure_ioffe_steps",
     "figure_layer",
     "figure_drift_matrix",
     "figure_drift_comparison",
@@ -176,6 +177,30 @@ def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
             ax.plot(x, series, style, color=_color(i))
         ax.set(title=f"{label}: {name}, unit {unit}", xlabel="epoch")
     axes[0, 0].set_ylabel("input to the activation\n(15th, 50th, 85th percentile)")
+    return fig
+
+
+def figure_ioffe_steps(runs: Runs, layer: str | None = None) -> Figure:
+    """Ioffe & Szegedy's Fig. 1 at step resolution: the same unit's 15/50/85 percentiles on
+    every training batch (per-step mode, `batch_stats=True`), runs side by side."""
+    have = {label: run for label, run in runs.items() if run.has_batch_stats}
+    if not have:
+        raise MissingDataError("no run was recorded with batch_stats=True (per-step statistics)")
+    fig, axes = _figure(FULL_WIDTH if len(have) > 1 else PANEL_WIDTH, 2.4, ncols=len(have), sharey=True)
+    for ax, (label, run) in zip(axes[0], have.items()):
+        i = list(runs).index(label)
+        name = layer or hidden_input_layer(run)
+        acts = run.batch_activations(name)
+        if not len(acts.tracked_units):
+            raise MissingDataError(f"{label}: layer {name!r} tracks no unit (ICSCallback(tracked_units=...))")
+        unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
+        x = acts.steps
+        lo, mid, hi = (acts.unit_quantile(unit, q) for q in (0.15, 0.5, 0.85))
+        ax.fill_between(x, lo, hi, color=_color(i), alpha=0.2, linewidth=0)
+        for series, style in ((lo, ":"), (mid, "-"), (hi, ":")):
+            ax.plot(x, series, style, color=_color(i), linewidth=0.8)
+        ax.set(title=f"{label}: {name}, unit {unit}", xlabel="training step")
+    axes[0, 0].set_ylabel("input to the activation, each batch\n(15th, 50th, 85th percentile)")
     return fig
 
 
@@ -382,6 +407,7 @@ def plot_runs(
         Planned("accuracy", lambda: figure_accuracy(runs)),
         Planned("loss", lambda: figure_loss(runs)),
         Planned("ioffe_fig1", lambda: figure_ioffe(runs)),
+        Planned("ioffe_fig1_steps", lambda: figure_ioffe_steps(runs)),
         Planned("drift_matrix", lambda: figure_drift_matrix(runs)),
         Planned("drift_comparison", lambda: figure_drift_comparison(runs)),
         Planned("gradients", lambda: figure_gradients(runs)),

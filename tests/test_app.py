@@ -281,3 +281,21 @@ def test_a_diverged_run_says_where_it_diverged_and_the_page_keeps_working(shippe
         "is NaN/Inf from epoch 2; its charts end there."
     ]
     assert frames_with(at, "run", "metric", "split", "value")  # the curves are still drawn
+
+
+def test_per_step_runs_show_the_bands_of_every_training_batch(tmp_path) -> None:
+    from test_batch_stats import _fit, _probe
+
+    from icsviz import ICSCallback, open_run
+
+    _fit([ICSCallback(tmp_path / "steps.h5", probe=_probe(), batch_stats=True)])
+    at = app_for(tmp_path).run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.sidebar.selectbox(key="layer").set_value("bn").run()
+    assert any("every training batch" in s.value for s in at.subheader)
+    per_step = frames_with(at, "run", "epoch", "step", "median", "q15", "q85")
+    assert len(per_step) == 1
+    with open_run(tmp_path / "steps.h5") as run:
+        acts = run.batch_activations("bn")
+        np.testing.assert_allclose(per_step[0]["q85"].to_numpy(), acts.quantile(0.85), rtol=1e-6)
+        np.testing.assert_array_equal(per_step[0]["step"].to_numpy(), acts.steps)

@@ -3,6 +3,7 @@ the training step, equal to numpy's on the same batch, and the user's training u
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -184,23 +185,35 @@ def test_custom_train_step_and_mixed_precision(tmp_path: Path) -> None:
 
 
 def test_distribution_strategy_warns_once_and_probe_captures_go_on(tmp_path: Path) -> None:
-    import tensorflow as tf
-
-    devices = tf.config.list_logical_devices("CPU")
-    if len(devices) < 2:
-        pytest.skip("needs two logical CPU devices (configured before TensorFlow starts; see test_callback)")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
-    with strategy.scope():
-        model = _model()
-        model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    # Two logical CPUs must be configured before TensorFlow starts: a subprocess.
     path = tmp_path / "mirrored.h5"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0, callbacks=[ICSCallback(path, probe=_probe(), batch_stats=True)])
-    messages = _ours(caught)
-    assert len(messages) == 1 and "batch_stats=True is off" in messages[0] and "replicas" in messages[0]
-    with open_run(path) as run:
-        assert not run.has_batch_stats and len(run.steps) == 2
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        import tensorflow as tf, keras
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from test_batch_stats import _model, _data, _probe
+        from icsviz import CaptureWarning, ICSCallback, open_run
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = _model()
+            model.compile("sgd", "sparse_categorical_crossentropy")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(*_data(), epochs=1, batch_size=16, verbose=0,
+                      callbacks=[ICSCallback({str(path)!r}, probe=_probe(), batch_stats=True)])
+        ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+        run = open_run({str(path)!r})
+        print("WARNINGS", len(ours), "|", ours[0] if ours else "")
+        print("BATCHES", run.has_batch_stats, "CAPTURES", run.num_captures)
+    """)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNINGS 1 | icsviz: batch_stats=True is off for this run: training runs on 2 replicas" in proc.stdout
+    assert "BATCHES False CAPTURES 2" in proc.stdout
 
 
 def test_old_files_without_batches_say_so(tmp_path: Path) -> None:
@@ -237,3 +250,43 @@ def test_killed_run_keeps_every_flushed_step(tmp_path: Path) -> None:
     with open_run(path) as run:
         np.testing.assert_array_equal(run.batch_steps, [0, 1, 2, 3])
         assert np.isfinite(run.batch_activations("bn").mean).all()
+
+
+def _other_backend(backend: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        import keras, numpy as np
+        assert keras.backend.backend() == {backend!r}
+        from test_batch_stats import _fit, _probe
+        from icsviz import CaptureWarning, ICSCallback, open_run
+        _, plain = _fit([])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, loss = _fit([ICSCallback({str(tmp_path / 'b.h5')!r}, probe=_probe(), batch_stats=True, flush_every=5)])
+        assert not [w for w in caught if issubclass(w.category, CaptureWarning)], [str(w.message) for w in caught]
+        np.testing.assert_allclose(loss, plain, rtol=1e-6)
+        run = open_run({str(tmp_path / 'b.h5')!r})
+        assert list(run.batch_steps) == list(range(12)), run.batch_steps
+        acts = run.batch_activations("bn")
+        assert (acts.counts.sum(1) == 4096).all() and np.isfinite(acts.quantiles).all()
+        assert abs(acts.mean[0]) < 0.1 and abs(acts.std[0] - 1) < 0.1  # BN output on its own batch
+        print("BATCH STATS OK")
+    """)
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')")
+def test_per_step_mode_on_jax(tmp_path: Path) -> None:
+    proc = _other_backend("jax", tmp_path)
+    assert proc.returncode == 0 and "BATCH STATS OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="torch is not installed (pip install torch==2.13.0, a CPU build); README gives a local run",
+)
+def test_per_step_mode_on_torch(tmp_path: Path) -> None:
+    proc = _other_backend("torch", tmp_path)
+    assert proc.returncode == 0 and "BATCH STATS OK" in proc.stdout, proc.stderr[-3000:]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from icsviz import MissingDataError, open_run
@@ -103,3 +104,32 @@ def test_a_diverged_run_is_marked_where_it_diverged(tmp_path) -> None:
         assert any(list(line.get_ydata()) == [0.3, 0.3] for line in heat.lines)
         _, notes = plot_runs(runs, tmp_path / "figs", formats=["png"], progress=False, layers=["dense"])
         assert any(n.startswith("nan: diverged: NaN/Inf activations from step 3") for n in notes)
+
+
+def test_ioffe_figure_at_step_resolution_draws_every_batch(tmp_path) -> None:
+    from test_batch_stats import _fit, _probe
+
+    from icsviz import ICSCallback, open_run
+    from icsviz.plots import figure_ioffe_steps
+
+    _fit([ICSCallback(tmp_path / "steps.h5", probe=_probe(), batch_stats=True)])
+    with open_run(tmp_path / "steps.h5") as run:
+        fig = figure_ioffe_steps({"steps": run}, layer="bn")
+        ax = fig.axes[0]
+        acts = run.batch_activations("bn")
+        unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
+        median = [line for line in ax.get_lines() if line.get_linestyle() == "-"][0]
+        np.testing.assert_array_equal(median.get_xdata(), acts.steps)
+        np.testing.assert_allclose(median.get_ydata(), acts.unit_quantile(unit, 0.5))
+        assert ax.get_xlabel() == "training step"
+
+
+def test_ioffe_steps_figure_says_when_no_run_has_per_step_rows(tmp_path) -> None:
+    from test_batch_stats import _fit, _probe
+
+    from icsviz import ICSCallback, MissingDataError, open_run
+    from icsviz.plots import figure_ioffe_steps
+
+    _fit([ICSCallback(tmp_path / "plain.h5", probe=_probe())], epochs=1)
+    with open_run(tmp_path / "plain.h5") as run, pytest.raises(MissingDataError, match="batch_stats=True"):
+        figure_ioffe_steps({"plain": run})

@@ -27,18 +27,35 @@ def test_zoo_model_is_recorded_with_exact_values_tensorflow(name: str, tmp_path:
     assert names[-2:] == ["head:preact", "head"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')")
-def test_zoo_is_recorded_with_exact_values_on_jax(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param(
+            "jax",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+            ),
+        ),
+        pytest.param(
+            "torch",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torch") is None,
+                reason="torch is not installed (pip install torch==2.13.0, a CPU build)",
+            ),
+        ),
+    ],
+)
+def test_zoo_is_recorded_with_exact_values_on_other_backends(backend: str, tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import keras
         from pathlib import Path
         from model_zoo import ZOO, check_recorded
-        assert keras.backend.backend() == "jax"
+        assert keras.backend.backend() == {backend!r}
         for name in sorted(ZOO):
             check_recorded(name, Path({str(tmp_path)!r}) / (name + ".h5"))
         print("ZOO OK", len(ZOO))
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and f"ZOO OK {len(ZOO)}" in proc.stdout, proc.stderr[-3000:]
 

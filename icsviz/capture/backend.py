@@ -8,7 +8,8 @@ one small implementation per backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -21,6 +22,7 @@ __all__ = [
     "value_and_grad",
     "snapshot",
     "histogram",
+    "isolated_rng",
     "to_numpy",
 ]
 
@@ -108,6 +110,32 @@ def snapshot(variables: Sequence[Any]) -> list[Any]:
         # Keras's JAX trainer donates variable buffers to each train step: keep real copies.
         return [jnp.array(v.value, copy=True) for v in variables]
     return [np.array(v.value, copy=True) for v in variables]
+
+
+@contextlib.contextmanager
+def isolated_rng(seed: int) -> Iterator[None]:
+    """Run a capture on its own random stream, leaving the user's untouched.
+
+    On torch an unseeded Dropout draws from torch's global generator: a probe
+    pass would consume it and change the masks (and losses) of the training
+    that follows. Here the global state is saved, seeded for the capture (the
+    same masks every capture) and restored. TF and JAX draw from Keras seed
+    state, which the capture program pins itself.
+    """
+    if name() != "torch":
+        yield
+        return
+    import torch
+
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def histogram(values: Any, low: Any, width: Any, bins: int) -> Any:

@@ -236,13 +236,15 @@ class CaptureProgram:
         previous = backend.snapshot(self.trainable) if first else self._previous
         lr = ops.convert_to_tensor(learning_rate, "float32")
         args = (trainable, non_trainable, previous, x, y, lr)
-        result = backend.to_numpy(self._function(*args))
+        with backend.isolated_rng(self.options.seed):
+            result = backend.to_numpy(self._function(*args))
         if not all(bool(stats.pop("all_finite")) for stats in result["layers"]):
             # A diverging run: recompute with NaN/Inf masked out (a second, lazily
             # compiled function, so the common case pays nothing for it).
             if self._masked_function is None:
                 self._masked_function = backend.compile_function(self._masked_program)
-            result = backend.to_numpy(self._masked_function(*args))
+            with backend.isolated_rng(self.options.seed):
+                result = backend.to_numpy(self._masked_function(*args))
         self._previous = backend.snapshot(self.trainable)
         with np.errstate(divide="ignore", invalid="ignore"):
             # undefined (NaN), not infinite, for a variable that was all zeros (a fresh bias)

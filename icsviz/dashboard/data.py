@@ -163,6 +163,38 @@ def percentile_frame(runs: Runs, layer: str, unit: int | None = None, bands: str
     return _frame(rows, ["run", "epoch", "median"])
 
 
+def batch_percentile_frame(
+    runs: Runs, layer: str, unit: int | None = None, bands: str = "ioffe", max_points: int = 1500
+) -> pd.DataFrame:
+    """The same bands on every training batch (per-step mode), runs without it left out.
+
+    Long runs are thinned to `max_points` rows per run by averaging consecutive
+    steps (the browser draws a few thousand points quickly, not a million).
+    """
+    rows = []
+    pairs = BANDS[bands]
+    for label, run in runs.items():
+        if layer not in run.batch_layer_names:
+            continue
+        acts = run.batch_activations(layer)
+        if unit is not None and unit not in acts.tracked_units:
+            continue
+
+        def series(level: float, acts: ActivationStats = acts) -> np.ndarray:
+            return acts.quantile(level) if unit is None else acts.unit_quantile(unit, level)
+
+        columns = {"epoch": acts.epochs, "step": acts.steps.astype(float), "median": series(0.5)}
+        for low, high in pairs:
+            columns[f"q{round(low * 100):02d}"] = series(low)
+            columns[f"q{round(high * 100):02d}"] = series(high)
+        frame = pd.DataFrame(columns)
+        if len(frame) > max_points:
+            frame = frame.groupby(np.arange(len(frame)) * max_points // len(frame)).mean()
+        frame.insert(0, "run", label)
+        rows.append(frame)
+    return _frame(rows, ["run", "epoch", "step", "median"])
+
+
 def unit_frame(run: Run, layer: str, stat: str = "mean", max_units: int = 64) -> pd.DataFrame:
     """Per-unit mean (or std) over captures, for at most `max_units` evenly chosen units."""
     acts = run.activations(layer)

@@ -133,6 +133,13 @@ def _percentiles(
     return _with_runs(keys, labels, lambda runs: data.percentile_frame(runs, layer, unit, bands))
 
 
+@st.cache_data(max_entries=256, show_spinner=False)
+def _batch_percentiles(
+    keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, unit: int | None, bands: str
+) -> pd.DataFrame:
+    return _with_runs(keys, labels, lambda runs: data.batch_percentile_frame(runs, layer, unit, bands))
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def _summary_frames(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, pd.DataFrame]:
     return _with_runs(
@@ -241,6 +248,17 @@ def distributions(
         st.info("No run tracks this unit for this layer.")
     else:
         st.altair_chart(charts.percentile_chart(pct, labels, pairs, f"{layer}: {what}"), width="stretch")
+
+    steps = _batch_percentiles(keys, labels, layer, unit, bands)
+    if not steps.empty:
+        st.subheader("The same bands on every training batch")
+        st.caption(
+            "Per-step mode (recorded with batch_stats=True): the quantiles of each training batch, "
+            "measured inside the training step from a fixed sample of 4096 values per layer, at step "
+            "resolution as in Ioffe & Szegedy's Fig. 1. The batches differ from step to step, so these "
+            "bands also move with the data; the probe bands above move with the weights alone."
+        )
+        st.altair_chart(charts.percentile_chart(steps, labels, pairs, f"{layer}: {what}, per step"), width="stretch")
 
     have = [label for label in labels if label in frames["ridge"]]
     if not have:
