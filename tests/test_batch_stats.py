@@ -290,3 +290,26 @@ def test_per_step_mode_on_jax(tmp_path: Path) -> None:
 def test_per_step_mode_on_torch(tmp_path: Path) -> None:
     proc = _other_backend("torch", tmp_path)
     assert proc.returncode == 0 and "BATCH STATS OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_fit_that_raises_leaves_no_hooks_behind(tmp_path: Path) -> None:
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 2:
+                raise RuntimeError("the user's own callback fails")
+
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+    callback = ICSCallback(tmp_path / "boom.h5", probe=_probe(), batch_stats=True, flush_every=1)
+    with pytest.raises(RuntimeError, match="own callback"):
+        model.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0, callbacks=[callback, Boom()])
+    # The next fit without icsviz: the stale hooks give the model its own step back.
+    history = model.fit(*_data(), epochs=2, batch_size=BATCH, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert "train_step" not in model.__dict__
+    assert getattr(model.train_function, "icsviz_hooks", None) is None
+    # And a next fit with icsviz records normally.
+    model.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0,
+              callbacks=[ICSCallback(tmp_path / "again.h5", probe=_probe(), batch_stats=True)])
+    with open_run(tmp_path / "again.h5") as run:
+        assert len(run.batch_steps) == 6

@@ -233,6 +233,7 @@ class StepStatistics:
         self._installed = False
         self._saved: dict[str, Any] = {}
         self.missing: list[str] = []  # planned layers the training step did not produce
+        self.expected = False  # set by the callback before each step of its own fit
 
     # ------------------------------------------------------------- tracing
     def _vector(self, recorder: Recorder) -> Any:
@@ -303,6 +304,9 @@ class StepStatistics:
     # ------------------------------------------------------------- fit hooks
     def install(self) -> None:
         model = self.model
+        stale = getattr(model.train_function, "icsviz_hooks", None)
+        if stale is not None:  # left by a fit that ended in an exception
+            stale.uninstall()
         self._saved = {
             "train_function": model.train_function,
             "train_step": model.__dict__.get("train_step"),
@@ -316,6 +320,13 @@ class StepStatistics:
         inner = model.train_function
 
         def train_function(*args: Any, **kwargs: Any) -> Any:
+            if not self.expected:
+                # No ICSCallback announced this step: the fit that installed the hooks
+                # ended without on_train_end (an exception). Give the model its own step back.
+                self.uninstall()
+                self._pending.clear()
+                return model.train_function(*args, **kwargs)
+            self.expected = False
             result = inner(*args, **kwargs)
             logs = result[0] if backend.name() == "jax" else result
             if isinstance(logs, dict) and _LOG_KEY in logs:
@@ -324,6 +335,7 @@ class StepStatistics:
                 result = (logs, result[1]) if backend.name() == "jax" else logs
             return result
 
+        train_function.icsviz_hooks = self  # type: ignore[attr-defined]
         model.train_function = train_function
         self._installed = True
 

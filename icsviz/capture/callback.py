@@ -489,6 +489,10 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_start_time = time.perf_counter()
         self._epoch_start_step = self._global_step
 
+    def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self._steps is not None:
+            self._steps.expected = True  # this step belongs to our fit (see StepStatistics)
+
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._active:
             return

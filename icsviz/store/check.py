@@ -32,7 +32,7 @@ import h5py
 
 from ..errors import DamagedRunError, RunFileError
 from .files import open_for_reading, reading, truncation
-from .schema import SCHEMA_VERSION, decode_status, is_per_batch, is_per_capture
+from .schema import SCHEMA_VERSION, decode_status, decode_text, is_per_batch, is_per_capture
 
 __all__ = ["Damage", "RunCheck", "check_run", "guarded_check", "CHECK_TIMEOUT_S"]
 
@@ -272,7 +272,7 @@ def _safe_keys(file: h5py.File, group: str) -> list[str]:
 
 def _name_of(file: h5py.File, group: str) -> str:
     try:
-        return str(file[group].attrs["name"])
+        return str(decode_text(file[group].attrs["name"]))
     except Exception:  # noqa: BLE001
         return ""
 

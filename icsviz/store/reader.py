@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import DamagedRunError, MissingDataError, RunFileError, SchemaVersionError
 from .files import open_for_reading, reading
-from .schema import CAPTURE_KINDS, SCHEMA_VERSION, decode_status, safe_id
+from .schema import CAPTURE_KINDS, SCHEMA_VERSION, decode_status, decode_text, safe_id
 
 __all__ = ["open_run", "Run", "ActivationStats", "GradientStats", "ICSStats", "LayerInfo"]
 
@@ -200,7 +200,7 @@ class Run:
             raise RunFileError(f"{self.path} is HDF5 but not an icsviz run (no schema_version)")
         version = int(attrs["schema_version"])
         if version > SCHEMA_VERSION:
-            writer = attrs.get("icsviz_version", "a newer icsviz")
+            writer = decode_text(attrs.get("icsviz_version", "a newer icsviz"))
             raise SchemaVersionError(
                 f"{self.path} uses run schema version {version} (written by icsviz "
                 f"{writer}); this icsviz reads schema versions up to {SCHEMA_VERSION}. "
@@ -214,7 +214,7 @@ class Run:
         found = []
         for gid in ids:
             with reading(self.path, f"/{root}/{gid}"):
-                attrs = dict(self._file[f"{root}/{gid}"].attrs)
+                attrs = {k: decode_text(v) for k, v in self._file[f"{root}/{gid}"].attrs.items()}
                 found.append((int(attrs["index"]), gid, attrs))
         return [(gid, attrs) for _, gid, attrs in sorted(found, key=lambda item: item[0])]
 
@@ -256,7 +256,7 @@ class Run:
 
     def _attribute(self, name: str, attribute: str) -> Any:
         with reading(self.path, f"/{name} (attribute {attribute!r})"):
-            return self._file[name].attrs[attribute]
+            return decode_text(self._file[name].attrs[attribute])
 
     def _rows(self, name: str) -> np.ndarray:
         """The committed rows of a per-capture dataset."""

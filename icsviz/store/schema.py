@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -24,6 +27,8 @@ __all__ = [
     "is_per_capture",
     "is_per_batch",
     "decode_status",
+    "encode_text",
+    "decode_text",
 ]
 
 # 2: adds /batches, statistics of the training batches measured inside the training step.
@@ -75,6 +80,24 @@ def is_per_capture(path: str, maxshape: tuple[int | None, ...]) -> bool:
 def is_per_batch(path: str, maxshape: tuple[int | None, ...]) -> bool:
     """True for a dataset with one row per recorded training step (under /batches)."""
     return maxshape[:1] == (None,) and path.lstrip("/").startswith("batches/")
+
+
+def encode_text(value: str) -> np.bytes_:
+    """A text attribute as fixed-length UTF-8 bytes.
+
+    h5py stores a Python str as a variable-length string, whose bytes live in
+    HDF5's global heap: the one structure without checksums, and a zeroed block
+    there sends the library into an endless loop. Fixed-length bytes live in the
+    (checksummed) object header or dense attribute storage instead.
+    """
+    return np.bytes_(value.encode("utf-8"))
+
+
+def decode_text(value: Any) -> Any:
+    """The str of a text attribute (fixed-length bytes now, variable-length str in older files)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value
 
 
 def decode_status(raw: bytes) -> str:

@@ -33,6 +33,7 @@ from .schema import (
     LayerSpec,
     RunLayout,
     VariableSpec,
+    encode_text,
     is_per_batch,
     is_per_capture,
 )
@@ -194,6 +195,7 @@ class RunWriter:
         # Datasets stay open while the writer is: reopening them per row costs time, and a
         # dataset closed after a failed write leaves HDF5 a half-closed id that crashes it at exit.
         self._datasets: dict[str, h5py.Dataset] = {}
+        self._row_writers: dict[str, _RowWriter] = {}
         self._detached = False  # after a failed write, HDF5 writes to /dev/null (see _detach)
         self.layout = layout
         self.path = Path(file.filename)
@@ -279,6 +281,12 @@ class RunWriter:
             dataset = self._datasets[name] = self._file[name]
         return dataset
 
+    def _rows(self, name: str) -> _RowWriter:
+        writer = self._row_writers.get(name)
+        if writer is None:
+            writer = self._row_writers[name] = _RowWriter(self._ds(name))
+        return writer
+
     @property
     def num_captures(self) -> int:
         return int(self._ds("captures/step").shape[0])
@@ -362,9 +370,9 @@ class RunWriter:
             cos = capture.ics_grad_cos[i] if len(capture.ics_grad_cos) else np.nan
             rows += [(g + "grad_diff", diff), (g + "grad_cos", cos)]
         for name, value in rows:
-            _append_row(self._ds(name), t, value)
+            self._rows(name).write(t, value)
         f.flush()
-        _append_row(self._ds("captures/step"), t, capture.step)  # the commit marker, last
+        _append_row(self._ds("captures/step"), t, capture.step)  # the commit marker, last, exact length
         f.flush()
 
     @property
@@ -437,6 +445,7 @@ class RunWriter:
             try:
                 self._set_status(status)
             finally:
+                self._row_writers.clear()
                 self._datasets.clear()
                 self._file.close()
             if compact and not self._detached:  # detached: the disk holds what it held
@@ -455,6 +464,36 @@ class RunWriter:
         self.close("complete" if exc_type is None else "interrupted")
 
 
+class _RowWriter:
+    """Appends rows to one per-capture dataset through h5py's low-level API.
+
+    A capture of a deep model writes a few thousand small rows; the high-level
+    `ds[row] = value` (selection parsing, a resize per row) cost ~0.2 ms each. Here
+    the dataset grows a chunk's worth of rows at a time and each row is one
+    hyperslab write. Rows past the commit marker (the length of /captures/step)
+    are not committed: readers ignore them, resuming and compacting cut them off.
+    """
+
+    def __init__(self, ds: h5py.Dataset) -> None:
+        self.ds = ds
+        self.row_shape = tuple(ds.shape[1:])
+        self.dtype = ds.dtype
+        self.capacity = int(ds.shape[0])
+        self.grow = max(1, int(ds.chunks[0]) if ds.chunks else 64)
+        self.memory = h5py.h5s.create_simple((1, *self.row_shape))
+        self.file_space = ds.id.get_space()
+        self.offset_tail = (0,) * len(self.row_shape)
+
+    def write(self, row: int, value: Any) -> None:
+        if row >= self.capacity:
+            self.capacity = (row // self.grow + 1) * self.grow
+            self.ds.id.set_extent((self.capacity, *self.row_shape))
+            self.file_space = self.ds.id.get_space()
+        data = np.ascontiguousarray(np.asarray(value, dtype=self.dtype).reshape((1, *self.row_shape)))
+        self.file_space.select_hyperslab((row, *self.offset_tail), (1, *self.row_shape))
+        self.ds.id.write(self.memory, self.file_space, data)
+
+
 def _append_rows(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
     end = start + len(values)
     if ds.shape[0] < end:
@@ -468,17 +507,25 @@ def _append_row(ds: h5py.Dataset, row: int, value: Any) -> None:
     ds[row] = value
 
 
+def _set_attrs(obj: h5py.Group | h5py.Dataset, **values: Any) -> None:
+    """Attributes with text stored as fixed-length UTF-8 (see `encode_text`)."""
+    for key, value in values.items():
+        obj.attrs[key] = encode_text(value) if isinstance(value, str) else value
+
+
 def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, Any]) -> None:
     from .. import __version__  # late: the package imports this module
 
-    attrs = file.attrs
-    attrs["schema_version"] = SCHEMA_VERSION
-    attrs["icsviz_version"] = __version__
-    attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    attrs["hist_bins"] = layout.hist_bins
-    attrs["capture_kinds"] = json.dumps(CAPTURE_KINDS)
+    _set_attrs(
+        file,
+        schema_version=SCHEMA_VERSION,
+        icsviz_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        hist_bins=layout.hist_bins,
+        capture_kinds=json.dumps(CAPTURE_KINDS),
+    )
     for key, value in metadata.items():
-        attrs[key] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else value
+        _set_attrs(file, **{key: json.dumps(value) if isinstance(value, (dict, list, tuple)) else value})
     _fixed(file, "status", b"training", "S16")
 
     captures = _group(file, "captures")
@@ -489,7 +536,8 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
     layers = _group(file, "layers")
     for index, (lid, spec) in enumerate(zip(layout.layer_ids(), layout.layers)):
         g = _group(layers, lid)
-        g.attrs.update(
+        _set_attrs(
+            g,
             name=spec.name,
             class_name=spec.class_name,
             kind=spec.kind,
@@ -505,7 +553,7 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
         _extendable(g, "quantiles", (q,), "f4")
         g["quantiles"].attrs["q"] = np.asarray(layout.quantiles)
         _extendable(g, "moments", (k,), "f8")
-        g["moments"].attrs["names"] = json.dumps(list(layout.moment_names))
+        _set_attrs(g["moments"], names=json.dumps(list(layout.moment_names)))
         _extendable(g, "zero_frac", (), "f4")
         _extendable(g, "nonfinite", (), "i8")
         _extendable(g, "unit_mean", (spec.n_units,), "f4")
@@ -518,14 +566,14 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
     variables = _group(file, "variables")
     for index, (vid, vspec) in enumerate(zip(layout.variable_ids(), layout.variables)):
         g = _group(variables, vid)
-        g.attrs.update(name=vspec.name, layer=vspec.layer, index=index, shape=json.dumps(list(vspec.shape)))
+        _set_attrs(g, name=vspec.name, layer=vspec.layer, index=index, shape=json.dumps(list(vspec.shape)))
         for name in ("grad_norm", "weight_norm", "update_ratio"):
             _extendable(g, name, (), "f4")
 
     ics = _group(file, "ics")
     for index, (iid, name) in enumerate(zip(layout.ics_ids(), layout.ics_layers)):
         g = _group(ics, iid)
-        g.attrs.update(name=name, index=index)
+        _set_attrs(g, name=name, index=index)
         _extendable(g, "grad_diff", (), "f4")
         _extendable(g, "grad_cos", (), "f4")
 
@@ -540,13 +588,13 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
         "values", shape=(0, 0), maxshape=(None, None), dtype="f8", chunks=(64, 16), **_CHECKSUM
     )
     _extendable(history, "epoch", (), "i8")
-    attrs["layout"] = json.dumps(asdict(layout))
+    _set_attrs(file, layout=json.dumps(asdict(layout)))
 
 
 def _create_batches(file: h5py.File, layout: RunLayout) -> None:
     """/batches: one row per training step, committed by the length of /batches/step."""
     batches = _group(file, "batches")
-    batches.attrs["source"] = "training batches, measured inside the training step (per-step mode)"
+    _set_attrs(batches, source="training batches, measured inside the training step (per-step mode)")
     for name, dtype in (("step", "i8"), ("epoch", "f8"), ("time", "f8")):
         _extendable(batches, name, (), dtype, rows=1024)
     b, q, k = layout.hist_bins, len(layout.quantiles), len(layout.moment_names)
@@ -554,15 +602,15 @@ def _create_batches(file: h5py.File, layout: RunLayout) -> None:
     ids = layout.layer_ids()
     for spec in layout.batch_layers:
         g = _group(layers, ids[spec.index])
-        g.attrs.update(
-            name=spec.name, index=spec.index, n_units=spec.n_units, sample=spec.sample, unit_sample=spec.unit_sample
+        _set_attrs(
+            g, name=spec.name, index=spec.index, n_units=spec.n_units, sample=spec.sample, unit_sample=spec.unit_sample
         )
         _extendable(g, "hist_counts", (b,), "i4", rows=1024)
         _extendable(g, "hist_range", (2,), "f8", rows=1024)  # first edge, bin width
         _extendable(g, "quantiles", (q,), "f4", rows=1024)
         g["quantiles"].attrs["q"] = np.asarray(layout.quantiles)
         _extendable(g, "moments", (k,), "f4", rows=1024)
-        g["moments"].attrs["names"] = json.dumps(list(layout.moment_names))
+        _set_attrs(g["moments"], names=json.dumps(list(layout.moment_names)))
         _extendable(g, "zero_frac", (), "f4", rows=1024)
         _extendable(g, "nonfinite", (), "i4", rows=1024)
         _fixed(g, "tracked_units", spec.tracked_units, "i4")
@@ -703,7 +751,7 @@ class _Copy:
 
     def group(self, src: h5py.Group, dst: h5py.Group) -> None:
         for key, value in src.attrs.items():
-            dst.attrs[key] = value
+            _set_attrs(dst, **{key: value})
         for name in src:
             if f"{src.name.rstrip('/')}/{name}" in self.skip:
                 continue  # by path: a damaged object may not even open
@@ -740,7 +788,7 @@ class _Copy:
                 **_CHECKSUM,
             )
         for key, value in obj.attrs.items():
-            new.attrs[key] = value
+            _set_attrs(new, **{key: value})
 
 
 def _kept_rows(ds: h5py.Dataset, rows: int, drop: set[int]) -> np.ndarray:

@@ -1,0 +1,162 @@
+"""Capture cost against depth: reference CNN, MobileNetV2, ResNet50, an LSTM, and TensorBoard.
+
+Usage: python benchmarks/depth.py [--models baseline bn mobilenetv2 resnet50 lstm] [--probe 64]
+
+For each model, in one process (medians of --repeats, interleaved):
+- train step: `train_on_batch` on a batch of the probe's size;
+- capture: one steady-state probe capture as the callback takes it (statistics + write),
+  split into the compiled statistics and the HDF5 write, and its ratio to the step;
+- first capture: what the callback's first hook costs (tracing the capture function,
+  creating the file, the step-0 capture): everything a run with the callback pays beyond
+  the same run without it, apart from the later captures;
+- peak host memory a capture allocates (tracemalloc: the numpy results and the write);
+- TensorBoard(histogram_freq=1): the time its epoch-end hook takes (weight histograms
+  written every epoch) beside ICSCallback's epoch-end hook, on the same short epoch.
+Targets (issue 8): capture <= 1.5 steps on MobileNetV2 / ResNet50, <= 1.2 on the reference
+CNN; first capture <= 10 s on MobileNetV2, <= 2 s on the reference CNN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from _common import cifar_like
+from icsviz import ICSCallback
+from icsviz.models import build_model
+
+HOOKS = ("on_epoch_begin", "on_epoch_end")
+
+
+def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
+    keras.utils.set_random_seed(0)
+    if name in ("baseline", "bn"):
+        model = build_model(name, (32, 32, 3), 10)
+        x, y = cifar_like(256)
+    elif name == "mobilenetv2":
+        model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
+        x, y = cifar_like(256)
+    elif name == "resnet50":
+        model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+        x, y = cifar_like(256)
+    elif name == "lstm":
+        model = keras.Sequential(
+            [
+                keras.Input((32, 16)),
+                keras.layers.LSTM(64, return_sequences=True),
+                keras.layers.LSTM(64),
+                keras.layers.Dense(10, activation="softmax"),
+            ]
+        )
+        rng = np.random.default_rng(0)
+        x, y = rng.normal(size=(256, 32, 16)).astype("float32"), rng.integers(0, 10, 256)
+    else:
+        raise SystemExit(f"unknown model {name!r}")
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    return model, x, y
+
+
+class Timed(keras.callbacks.Callback):
+    """Times another callback's epoch hooks."""
+
+    def __init__(self, inner: keras.callbacks.Callback) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seconds: dict[tuple[str, int], float] = {}
+        for hook in HOOKS:
+            setattr(self, hook, self._timed(hook))
+
+    def _timed(self, hook: str):
+        method = getattr(self.inner, hook)
+
+        def call(epoch, logs=None):
+            start = time.perf_counter()
+            method(epoch, logs)
+            self.seconds[(hook, epoch)] = time.perf_counter() - start
+
+        return call
+
+    def set_model(self, model) -> None:
+        super().set_model(model)
+        self.inner.set_model(model)
+
+    def set_params(self, params) -> None:
+        super().set_params(params)
+        self.inner.set_params(params)
+
+    def on_train_begin(self, logs=None):
+        self.inner.on_train_begin(logs)
+
+    def on_train_end(self, logs=None):
+        self.inner.on_train_end(logs)
+
+
+def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
+    model, x, y = make(name)
+    batch_x, batch_y = x[:probe], y[:probe]
+    model.train_on_batch(batch_x, batch_y)  # trace the train function
+
+    ics = Timed(ICSCallback(folder / f"{name}.h5", probe=(batch_x, batch_y), overwrite=True))
+    board = Timed(keras.callbacks.TensorBoard(str(folder / f"tb-{name}"), histogram_freq=1))
+    model.fit(x[:probe], y[:probe], batch_size=probe, epochs=2, verbose=0, callbacks=[ics, board])
+    first = ics.seconds[("on_epoch_begin", 0)]
+    ics_epoch_end = ics.seconds[("on_epoch_end", 1)]
+    tb_epoch_end = board.seconds[("on_epoch_end", 1)]
+
+    callback = ics.inner
+    program = callback._program
+    layers = len(program.traced)
+    xt = keras.tree.map_structure(keras.ops.convert_to_tensor, callback._probe_x)
+    yt = keras.tree.map_structure(keras.ops.convert_to_tensor, callback._probe_y)
+    from icsviz.store.writer import RunWriter
+
+    writer = RunWriter.create(folder / f"{name}-w.h5", program.layout, {"model_name": name}, overwrite=True)
+    stats_t, write_t, steps_t, peaks = [], [], [], []
+    for _ in range(repeats):  # interleaved: machine load hits all alike
+        tracemalloc.start()
+        start = time.perf_counter()
+        capture = program.run(xt, yt, 0.01, step=1, epoch=1.0, time=0.0, kind="epoch")
+        middle = time.perf_counter()
+        writer.write_capture(capture)
+        end = time.perf_counter()
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        stats_t.append(middle - start)
+        write_t.append(end - middle)
+        start = time.perf_counter()
+        model.train_on_batch(batch_x, batch_y)
+        steps_t.append(time.perf_counter() - start)
+    writer.close(compact=False)
+    step = statistics.median(steps_t)
+    stats, write = statistics.median(stats_t), statistics.median(write_t)
+    print(
+        f"{name:11s} {layers:3d} tensors, {len(program.trainable):3d} variables | step {step * 1e3:6.1f} ms | "
+        f"capture {(stats + write) * 1e3:6.1f} ms = stats {stats * 1e3:6.1f} + write {write * 1e3:5.1f} "
+        f"-> x{(stats + write) / step:4.2f} steps | first capture {first:5.1f} s | "
+        f"peak host memory {max(peaks) / 2**20:5.1f} MiB | epoch-end hook: ICSCallback {ics_epoch_end:5.2f} s, "
+        f"TensorBoard(histogram_freq=1) {tb_epoch_end:5.2f} s",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["baseline", "bn", "lstm", "mobilenetv2", "resnet50"])
+    parser.add_argument("--probe", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"icsviz capture cost vs depth: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})")
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            measure(name, args.probe, args.repeats, Path(folder))
+
+
+if __name__ == "__main__":
+    main()
