@@ -23,9 +23,26 @@ class UsageError(ICSVizError, ValueError):
 __all__ = ["main"]
 
 
+# The data sets `icsviz train` knows (icsviz.data.DATASETS; kept here so --help needs no import).
+_DATASETS = ("cifar10", "fashion_mnist", "mnist", "synthetic")
+
+
+def _dataset(value: str) -> str:
+    key = value.replace("-", "_").lower()
+    if key not in _DATASETS:
+        raise argparse.ArgumentTypeError(
+            f"unknown data set {value!r}: icsviz train knows {', '.join(_DATASETS)}. For another data set, "
+            "train your own model with ICSCallback in model.fit (see the README's quick start)."
+        )
+    return key
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--dataset", default="cifar10", help="cifar10, fashion_mnist, mnist or synthetic (default: cifar10)"
+        "--dataset",
+        default="cifar10",
+        type=_dataset,
+        help="cifar10, fashion_mnist, mnist or synthetic (default: cifar10)",
     )
     p.add_argument("--data-dir", help="local copy: a cifar-10-batches-py folder or tarball, or an idx folder")
     p.add_argument("--epochs", type=int, help="epochs (default: the recipe's, 50)")

@@ -234,16 +234,15 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
         picks = ridgeline_captures(run, rows)
         ax = axes[0, col]
         peak = max(float(dens[picks].max()), 1e-12)
-        cmap = plt.get_cmap("viridis")
-        for k, t in enumerate(reversed(picks)):  # later captures behind, earlier in front
+        cmap = plt.get_cmap("viridis")  # the app's epoch colours: start dark, end bright
+        last = max(len(picks) - 1, 1)
+        for k, t in enumerate(picks):  # the start on top; each later ridge in front of the one above
             offset = (len(picks) - 1 - k) * 0.55
             y = dens[t] / peak + offset
-            color = cmap(1 - (len(picks) - 1 - k) / max(len(picks) - 1, 1))
-            ax.fill_between(mids, offset, y, color=color, alpha=0.8, linewidth=0.4, edgecolor="white")
+            ax.fill_between(mids, offset, y, color=cmap(k / last), alpha=0.85, linewidth=0.4, edgecolor="white")
             ax.text(grid[-1], offset + 0.05, f"{acts.epochs[t]:.0f}", fontsize=6, ha="right", va="bottom")
         ax.set(yticks=[], title=f"{label}: {layer}")
         ax.grid(False)
-        ax.invert_yaxis()
         heat = axes[1, col]
         with np.errstate(divide="ignore"):
             log = np.where(dens > 0, np.log10(dens), np.nan)
@@ -251,6 +250,7 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
         edges_t = time_edges(acts.epochs)
         meshes.append(heat.pcolormesh(grid, edges_t, log, cmap="inferno", shading="flat", rasterized=True))
         heat.set(xlabel="activation", ylabel="epoch")
+        heat.invert_yaxis()  # time runs down, as in the ridgeline above
         heat.grid(False)
         _mark_divergence(heat, run, "0.3", horizontal=True)
     low = min(np.nanmin(m.get_array()) for m in meshes if np.isfinite(m.get_array()).any())
@@ -321,27 +321,41 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1") -> Figure:
 
 # ---------------------------------------------------------------- gradients
 def figure_gradients(runs: Runs) -> Figure:
-    """Per run: gradient norm (top) and update ratio (bottom) per layer, log scale."""
+    """Per run: gradient norm (top) and update ratio (bottom) per layer, log scale.
+
+    Rows share their y axis across runs; a layer's colour is its depth (the same
+    colour map for every run, one colour bar), and with a dozen layers or fewer
+    each line is named at its end.
+    """
     fig, axes = _figure(
-        FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 4.4, ncols=len(runs), nrows=2, sharex=True
+        FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 4.6, ncols=len(runs), nrows=2, sharex=True, sharey="row"
     )
+    cmap = plt.get_cmap("viridis")
     any_grad = False
     for col, (label, run) in enumerate(runs.items()):
         layers = run.trainable_layers
-        cmap = plt.get_cmap("viridis")
+        named = len(layers) <= 12
         for k, layer in enumerate(layers):
             g = run.gradients(layer)
             color = cmap(k / max(len(layers) - 1, 1))
-            norm = g.total_grad_norm
-            if np.isfinite(norm).any():
-                any_grad = True
-                axes[0, col].plot(run.epochs, norm, color=color, label=layer)
-            axes[1, col].plot(run.epochs, g.total_update_ratio, color=color, label=layer)
+            for row, series in enumerate((g.total_grad_norm, g.total_update_ratio)):
+                if not np.isfinite(series).any():
+                    continue
+                any_grad = any_grad or row == 0
+                axes[row, col].plot(run.epochs, series, color=color, linewidth=1.0)
+                if named:
+                    last = np.flatnonzero(np.isfinite(series))[-1]
+                    axes[row, col].annotate(
+                        layer, (run.epochs[last], series[last]), xytext=(2, 0), textcoords="offset points",
+                        fontsize=6, color=color, va="center",
+                    )
         axes[0, col].set(yscale="log", title=f"{label}: gradient norm")
-        axes[1, col].set(yscale="log", xlabel="epoch", title="update ratio ||ΔW|| / ||W||")
+        axes[1, col].set(yscale="log", xlabel="epoch", title=f"{label}: update ratio ||ΔW|| / ||W||")
     if not any_grad:
         raise MissingDataError("no run recorded gradients (its probe had no labels)")
-    axes[0, -1].legend(frameon=False, fontsize=5, ncols=2, loc="upper right")
+    mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=cmap)
+    bar = fig.colorbar(mappable, ax=axes[:, -1].tolist(), ticks=[0, 1], shrink=0.6, label="layer depth")
+    bar.ax.set_yticklabels(["first", "last"])
     return fig
 
 

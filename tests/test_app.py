@@ -16,6 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import damage_chunk
+from icsviz.store.schema import decode_text
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -208,7 +209,7 @@ def test_a_damaged_run_is_marked_and_only_its_damaged_layer_is_left_out(shipped,
     for path in SHIPPED:
         shutil.copy(path, folder / path.name)
     with __import__("h5py").File(folder / "cifar10-bn.h5", "r") as f:
-        lid = next(k for k in f["layers"] if f["layers"][k].attrs["name"] == "fc1_relu")
+        lid = next(k for k in f["layers"] if decode_text(f["layers"][k].attrs["name"]) == "fc1_relu")
     damage_chunk(folder / "cifar10-bn.h5", f"layers/{lid}/hist_counts")
     (folder / "zeros.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(4096))  # a header and nothing else
 

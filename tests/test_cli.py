@@ -58,3 +58,24 @@ def test_train_writes_a_run_with_the_recipe(tmp_path, capsys) -> None:
         np.testing.assert_allclose(run.history["learning_rate"], 0.5)
     assert main(["info", str(out)]) == 0
     assert "ioffe_mlp_bn" in capsys.readouterr().out
+
+
+def test_an_unknown_data_set_names_the_known_ones_without_a_traceback(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from icsviz.data import DATASETS
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "icsviz.cli", "train", "--model", "bn", "--dataset", "cifar100", "--out", str(tmp_path / "x.h5")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "unknown data set 'cifar100'" in proc.stderr
+    assert all(name in proc.stderr for name in DATASETS)
+    from icsviz.cli import _DATASETS
+
+    assert _DATASETS == DATASETS  # the command line and the loader know the same data sets

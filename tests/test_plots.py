@@ -10,6 +10,8 @@ from icsviz import MissingDataError, open_run
 from icsviz.plots import figure_gradient_shift, figure_ioffe, hidden_input_layer, plot_runs
 
 ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_BN = ROOT / "runs" / "cifar10-bn.h5"
+SHIPPED_BASELINE = ROOT / "runs" / "cifar10-baseline.h5"
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,37 @@ def test_ioffe_steps_figure_says_when_no_run_has_per_step_rows(tmp_path) -> None
     _fit([ICSCallback(tmp_path / "plain.h5", probe=_probe())], epochs=1)
     with open_run(tmp_path / "plain.h5") as run, pytest.raises(MissingDataError, match="batch_stats=True"):
         figure_ioffe_steps({"plain": run})
+
+
+def test_ridgelines_stand_upright_with_the_start_on_top_in_the_app_colours() -> None:
+    from matplotlib import colors
+
+    from icsviz.plots import figure_layer
+
+    with open_run(SHIPPED_BN) as run:
+        fig = figure_layer({"bn": run}, "fc1_bn")
+        ridge, heat = fig.axes[0], fig.axes[1]
+        low, high = ridge.get_ylim()
+        assert low < high  # not inverted: densities point up
+        ridges = ridge.collections
+        bottoms = [float(np.min(c.get_paths()[0].vertices[:, 1])) for c in ridges]
+        assert bottoms == sorted(bottoms, reverse=True)  # the start highest, later ones below
+        first, last = (colors.to_hex(c.get_facecolor()[0]) for c in (ridges[0], ridges[-1]))
+        import matplotlib.pyplot as plt
+
+        assert first == colors.to_hex(plt.get_cmap("viridis")(0.0))  # the start dark, as in the app
+        assert last == colors.to_hex(plt.get_cmap("viridis")(1.0))
+        assert heat.yaxis_inverted()  # time runs down in both panels
+
+
+def test_gradient_figure_shares_its_scales_and_names_every_layer() -> None:
+    from icsviz.plots import figure_gradients
+
+    with open_run(SHIPPED_BN) as bn, open_run(SHIPPED_BASELINE) as base:
+        fig = figure_gradients({"baseline": base, "bn": bn})
+        top_left, top_right = fig.axes[0], fig.axes[1]
+        assert top_left.get_ylim() == top_right.get_ylim()  # one y scale per row
+        named = {t.get_text() for t in top_left.texts}
+        assert set(base.trainable_layers) <= named
+        assert any(ax.get_ylabel() == "layer depth" for ax in fig.axes)  # one colour bar, not a legend
+        assert all(ax.get_legend() is None for ax in fig.axes)

@@ -48,7 +48,9 @@ def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, reduce_retracing=True)
+        # autograph=False: the capture has no Python control flow on tensors, and converting
+        # a deep model's statistics code took most of the tracing time.
+        return tf.function(fn, reduce_retracing=True, autograph=False)
     if backend == "jax":
         import jax
 

@@ -37,9 +37,9 @@ class CaptureOptions:
     """What a capture computes. See docs/statistics.md for the definitions."""
 
     hist_bins: int = 64
-    quantile_sample: int = 65536  # layer quantiles from at most this many values
+    quantile_sample: int = 16384  # layer quantiles from at most this many values
     tracked_units: int = 3  # units per layer whose own quantiles are kept
-    unit_quantile_sample: int = 16384
+    unit_quantile_sample: int = 4096
     max_values: int | None = 2**21  # histogram/moments from the first probe samples up to this
     training: bool = True  # run layers in training mode (BN batch statistics)
     gradient_shift: bool = False
@@ -147,9 +147,17 @@ def dyadic_bin_width(low: float, high: float, bins: int) -> tuple[float, float]:
     """
     span = max(high - low, max(abs(low), abs(high)) * 2.0**-24, 2.0**-100)
     width = 2.0 ** math.ceil(math.log2(span / bins))
-    if math.floor(high / width) - math.floor(low / width) >= bins:
+    while True:  # at most two doublings (bins >= 2)
+        first = _grid_floor(low, width)
+        if math.floor(high / width) - first / width < bins:
+            return first, width
         width *= 2
-    return math.floor(low / width) * width, width
+
+
+def _grid_floor(value: float, width: float) -> float:
+    """The grid line at or below `value` (low / width can underflow to -0.0 for a tiny negative low)."""
+    first = math.floor(value / width) * width
+    return first - width if first > value else first
 
 
 def dyadic_grid(low: Any, high: Any, bins: int) -> tuple[Any, Any]:
@@ -159,10 +167,25 @@ def dyadic_grid(low: Any, high: Any, bins: int) -> tuple[Any, Any]:
         ops.maximum(ops.maximum(ops.abs(low64), ops.abs(high64)) * 2.0**-24, 2.0**-100),
     )
     width = ops.power(2.0, ops.ceil(ops.log2(span / bins)))
-    too_many = (ops.floor(high64 / width) - ops.floor(low64 / width)) >= bins
-    width = ops.where(too_many, width * 2.0, width)
-    first = ops.floor(low64 / width) * width
-    return first, width
+    for _ in range(2):  # a range straddling grid lines can need two doublings when bins == 2
+        too_many = (ops.floor(high64 / width) - _grid_floor_op(low64, width) / width) >= bins
+        width = ops.where(too_many, width * 2.0, width)
+    return _grid_floor_op(low64, width), width
+
+
+def _grid_floor_op(value: Any, width: Any) -> Any:
+    first = ops.floor(value / width) * width
+    return ops.where(first > value, first - width, first)
+
+
+def _take_last(values: Any, index: Any) -> Any:
+    """values[..., index[...]] along the last axis for 1-D or 2-D values, as one flat gather
+    (keras.ops.take_along_axis builds ~40 ops per call on TensorFlow: slow to trace)."""
+    if len(values.shape) == 1:
+        return ops.take(values, index)
+    rows, width = values.shape[0], values.shape[1]
+    offsets = ops.expand_dims(ops.arange(rows, dtype="int32") * width, -1)
+    return ops.take(ops.reshape(values, (-1,)), index + offsets)
 
 
 def interpolated_quantiles(sorted_values: Any, n_finite: Any, q: np.ndarray) -> Any:
@@ -172,8 +195,8 @@ def interpolated_quantiles(sorted_values: Any, n_finite: Any, q: np.ndarray) -> 
     lower = ops.floor(pos)
     frac = pos - lower
     upper = ops.minimum(lower + 1.0, ops.expand_dims(ops.maximum(n - 1.0, 0.0), -1))
-    lo_vals = ops.take_along_axis(sorted_values, ops.cast(lower, "int32"), axis=-1)
-    hi_vals = ops.take_along_axis(sorted_values, ops.cast(upper, "int32"), axis=-1)
+    lo_vals = _take_last(sorted_values, ops.cast(lower, "int32"))
+    hi_vals = _take_last(sorted_values, ops.cast(upper, "int32"))
     out = lo_vals + (hi_vals - lo_vals) * frac
     return ops.where(ops.expand_dims(n, -1) > 0, out, float("nan"))
 
