@@ -127,8 +127,11 @@ def test_percentile_bands_follow_the_recorded_quantiles(shipped) -> None:
         expected = run.activations("fc1").unit_quantile(unit, 0.85)
     got = bands[bands["run"] == "cifar10-bn"]["q85"].to_numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert any("Ioffe & Szegedy 2015" in c.value for c in at.caption)
     at.sidebar.radio(key="bands").set_value("tensorboard").run()
     assert frames_with(at, "q07", "q93", "q31", "q69")
+    band_captions = [c.value for c in at.caption if "percentiles, the line is the median" in c.value]
+    assert band_captions and "TensorBoard" in band_captions[0] and "Ioffe" not in band_captions[0]
 
 
 def test_a_folder_with_broken_files_shows_them_and_keeps_working(shipped, tmp_path) -> None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,16 @@ def test_heatmap_ridgeline_and_units(runs) -> None:
     units = data.unit_frame(run, "dense", "mean")
     assert len(units) == 4 * 4 and set(units["unit"]) == {0, 1, 2, 3}
     assert data.layer_union(runs) == ["dense", "block/relu"]
+
+
+def test_layer_union_keeps_model_order_with_layers_only_one_run_has() -> None:
+    from icsviz import open_run
+
+    root = Path(__file__).resolve().parents[1] / "runs"
+    with open_run(root / "cifar10-baseline.h5") as base, open_run(root / "cifar10-bn.h5") as bn:
+        merged = data.layer_union({"baseline": base, "bn": bn})
+        assert set(merged) == set(base.layer_names) | set(bn.layer_names)
+        for run in (base, bn):  # each run's own order is kept
+            positions = [merged.index(n) for n in run.layer_names]
+            assert positions == sorted(positions)
+        assert merged.index("conv1_bn") == merged.index("conv1") + 1  # BN right after its conv

@@ -43,12 +43,15 @@ def _frame(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
 
 
 def layer_union(runs: Runs) -> list[str]:
-    """Layer names of all runs, in model order: the first run's, then others' extras."""
+    """Layer names of all runs in model order: a layer only some runs have (conv1_bn) goes
+    right after the layer it follows in those runs, not after all the others."""
     names: list[str] = []
     for run in runs.values():
+        previous: str | None = None
         for name in run.layer_names:
             if name not in names:
-                names.append(name)
+                names.insert(names.index(previous) + 1 if previous is not None else 0, name)
+            previous = name
     return names
 
 

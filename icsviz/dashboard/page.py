@@ -235,8 +235,13 @@ def distributions(
     st.caption(
         f"Quantiles of {what} over training: the band spans the "
         + ", ".join(f"{round(a * 100)}th-{round(b * 100)}th" for a, b in pairs)
-        + " percentiles, the line is the median (Ioffe & Szegedy 2015, Fig. 1). A band that "
-        "wanders is internal covariate shift made visible."
+        + " percentiles, the line is the median"
+        + (
+            " (Ioffe & Szegedy 2015, Fig. 1, show these three)."
+            if bands == "ioffe"
+            else " (TensorBoard's distribution bands: ±1, 1.5 and 2 standard deviations of a normal)."
+        )
+        + " A band that wanders is internal covariate shift made visible."
     )
     tracked_ok = [
         label for label in labels if unit is None or unit in overview["tracked"].get(label, {}).get(layer, [])
