@@ -310,6 +310,12 @@ def _app(args: argparse.Namespace) -> int:
         "--runs",
         str(folder.resolve()),
     ]
+    if os.name == "posix":
+        # Become the server (same pid): a SIGTERM to `icsviz app` then stops Streamlit too,
+        # instead of leaving it running as an orphan.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, command)
     return subprocess.call(command)
 
 

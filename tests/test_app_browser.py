@@ -164,3 +164,8 @@ def test_icsviz_app_on_localhost_marks_a_damaged_run_and_draws_the_rest(tmp_path
     finally:
         server.terminate()
         server.wait(30)
+    # `icsviz app` is the server itself: stopping it stops Streamlit, nothing is left listening.
+    deadline = time.monotonic() + 10
+    while _listening_addresses(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _listening_addresses(port)
