@@ -291,30 +291,42 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
     return fig
 
 
-def figure_drift_comparison(runs: Runs, metric: str = "w1") -> Figure:
-    """Per layer present in every run: the drift score (time-averaged drift), runs side by side."""
+def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") -> Figure:
+    """The drift score (time-averaged drift) of comparable tensors, runs side by side.
+
+    By role (default): the input of each nonlinearity, whatever its name in each run
+    (baseline `fc1`, BN `fc1_bn`); `by="name"`: layers of equal name.
+    """
     summaries = {
         label: {d.layer: d.score for d in analysis.run_drift(run, metric)} for label, run in runs.items()
     }
-    layers = [
-        name for name in next(iter(runs.values())).layer_names if all(name in s for s in summaries.values())
-    ]
-    if not layers:
-        raise MissingDataError("the runs share no layer name to compare")
-    fig, axes = _figure(FULL_WIDTH, 2.6)
+    pairs = analysis.pair_layers(runs, by=by)
+    if not pairs:
+        raise MissingDataError(
+            "the runs share no nonlinearity to compare" if by == "role" else "the runs share no layer name to compare"
+        )
+    fig, axes = _figure(FULL_WIDTH, 2.8)
     ax = axes[0, 0]
     width = 0.8 / len(runs)
-    x = np.arange(len(layers))
+    x = np.arange(len(pairs))
     for i, (label, scores) in enumerate(summaries.items()):
-        ax.bar(
-            x + i * width - 0.4 + width / 2, [scores[n] for n in layers], width, color=_color(i), label=label
-        )
-    ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=6)
+        values = [scores.get(names[label], np.nan) for _, names in pairs]
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, color=_color(i), label=label)
+    ticks = [
+        role.replace("input of ", "") + "\n" + " / ".join(dict.fromkeys(names.values())) for role, names in pairs
+    ] if by == "role" else [role for role, _ in pairs]
+    ax.set_xticks(x, ticks, rotation=0 if by == "role" else 45, ha="center" if by == "role" else "right", fontsize=6)
     ax.set(
         ylabel="drift score (W1 / step-0 std)" if metric == "w1" else f"drift score ({metric})",
         yscale="log",
-        title="How far each layer drifted, averaged over training",
+        title=(
+            "How far the input of each nonlinearity drifted, averaged over training"
+            if by == "role"
+            else "How far each layer drifted, averaged over training"
+        ),
     )
+    if by == "role":
+        ax.set_xlabel("nonlinearity (its input in each run)")
     ax.legend(frameon=False)
     return fig
 

@@ -70,29 +70,38 @@ def drift_reading(runs: Runs) -> list[str]:
     sentences = []
     first = labels[0]
     for other in labels[1:]:
-        comparison = analysis.compare_runs(runs[first], runs[other])
-        ranked = sorted(
-            ((n, v) for n, v in comparison.items() if np.isfinite(v[2])), key=lambda kv: -kv[1][2]
-        )
+        pair = {first: runs[first], other: runs[other]}
+        pairs = analysis.pair_layers(pair, by="role")
+        score = {
+            label: {d.layer: d.score for d in analysis.run_drift(run)} for label, run in pair.items()
+        }
+        ranked = []
+        for role, names in pairs:
+            a, b = score[first].get(names[first], np.nan), score[other].get(names[other], np.nan)
+            if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0:
+                ranked.append((role, names, a, b, a / b))
+        ranked.sort(key=lambda item: -max(item[4], 1 / item[4]))
         if not ranked:
-            sentences.append(f"{html.escape(first)} and {html.escape(other)} share no layer to compare.")
+            sentences.append(
+                f"{html.escape(first)} and {html.escape(other)} have no nonlinearity in common to compare."
+            )
             continue
-        for name, (a, b, ratio) in ranked[:4]:
-            if ratio >= 1:
-                sentences.append(
-                    f"Layer <b>{html.escape(name)}</b> moved {ratio:.1f}x further from its start in "
-                    f"{html.escape(first)} than in {html.escape(other)} (<a href='#drift-score'>drift score</a> "
-                    f"{a:.2f} vs {b:.2f})."
-                )
-            else:
-                sentences.append(
-                    f"Layer <b>{html.escape(name)}</b> moved {1 / ratio:.1f}x further in {html.escape(other)} "
-                    f"than in {html.escape(first)} (<a href='#drift-score'>drift score</a> {b:.2f} vs {a:.2f})."
-                )
-        ratios = np.array([v[2] for _, v in ranked])
+        for role, names, a, b, ratio in ranked[:4]:
+            which = (
+                f"{html.escape(first)} <b>{html.escape(names[first])}</b>, "
+                f"{html.escape(other)} <b>{html.escape(names[other])}</b>"
+            )
+            more, less, factor = (first, other, ratio) if ratio >= 1 else (other, first, 1 / ratio)
+            sentences.append(
+                f"The {html.escape(role)} ({which}) moved {factor:.1f}x further from its start in "
+                f"{html.escape(more)} than in {html.escape(less)} (<a href='#drift-score'>drift score</a> "
+                f"{html.escape(first)} {a:.2f}, {html.escape(other)} {b:.2f})."
+            )
+        ratios = np.array([item[4] for item in ranked])
         sentences.append(
-            f"Over the {len(ranked)} layers both runs have, the median ratio is {np.median(ratios):.1f}x; "
-            f"{int(np.sum(ratios > 1))} of {len(ratios)} layers drifted more in {html.escape(first)}."
+            f"Over the inputs of the {len(ranked)} nonlinearities both runs have (paired by their place in "
+            f"the network, not by name), the median ratio is {np.median(ratios):.1f}x; "
+            f"{int(np.sum(ratios > 1))} of {len(ratios)} drifted more in {html.escape(first)}."
         )
     return sentences
 

@@ -40,6 +40,10 @@ def test_drift_reading_names_layers_and_ratios(shipped) -> None:
     sentences = drift_reading(shipped)
     assert any("further from its start" in s for s in sentences)
     assert any("median ratio" in s for s in sentences)
+    # Paired by role, naming what was measured in both runs (the fc1 / fc1_bn reading).
+    fc1 = [s for s in sentences if "input of fc1_relu" in s]
+    assert fc1 and "<b>fc1</b>" in fc1[0] and "<b>fc1_bn</b>" in fc1[0] and "14.6x" in fc1[0]
+    assert "1.93" in fc1[0] and "0.13" in fc1[0]
 
 
 def test_report_is_self_contained_and_escapes_names(shipped, tmp_path) -> None:

@@ -213,3 +213,43 @@ def select_layers(model: Any, layers: Sequence[LayerFilter] | None = None) -> li
             stacklevel=3,
         )
     return selected
+
+
+def captured_inputs(selection: Sequence[SelectedLayer], captured: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """For each captured tensor, the captured tensors that feed it in the model's graph.
+
+    Walks back from each selected layer's first call through layers that are not
+    captured (Dropout, Flatten, pooling, ...). A fused layer's output is fed by its
+    own `:preact`. Layers outside a functional graph (subclassed models) get no
+    entry; analysis then falls back on model order.
+    """
+    by_layer = {id(s.layer): s for s in selection}
+    names = set(captured)
+    out: dict[str, tuple[str, ...]] = {}
+    for selected in selection:
+        try:
+            nodes = selected.layer._inbound_nodes
+            if not nodes:
+                continue
+            found: list[str] = []
+            queue, seen = list(nodes[0].parent_nodes), set()
+            while queue:
+                parent = queue.pop(0)
+                if id(parent) in seen:
+                    continue
+                seen.add(id(parent))
+                owner = by_layer.get(id(parent.operation))
+                if owner is not None and owner.name in names:
+                    if owner.name not in found:
+                        found.append(owner.name)
+                else:
+                    queue.extend(parent.parent_nodes)
+        except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
+            continue
+        preact = f"{selected.name}:preact"
+        if preact in names:
+            out[preact] = tuple(found)
+            out[selected.name] = (preact,)
+        else:
+            out[selected.name] = tuple(found)
+    return out

@@ -17,6 +17,7 @@ as they were.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from ..store.schema import RunLayout, VariableSpec
 from ..store.writer import Capture, LayerCapture
 from . import backend
 from .intercept import Recorder, intercept, warn_once
-from .layers import SelectedLayer, iter_layers
+from .layers import SelectedLayer, captured_inputs, iter_layers
 from .stats import CaptureOptions, TracedLayer, l2, layer_stats, plan_tensor
 
 __all__ = ["CaptureProgram"]
@@ -116,8 +117,10 @@ class CaptureProgram:
             VariableSpec(name=v.path, layer=owner, shape=tuple(int(d) for d in v.shape))
             for v, owner in zip(self.trainable, self._owner)
         )
+        names = [t.name for t in self.traced]
+        inputs = captured_inputs(self.selection, names)
         return RunLayout(
-            layers=tuple(t.spec() for t in self.traced),
+            layers=tuple(dataclasses.replace(t.spec(), inputs=inputs.get(t.name, ())) for t in self.traced),
             variables=variables,
             ics_layers=self.ics_layers,
             hist_bins=self.options.hist_bins,

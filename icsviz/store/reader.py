@@ -37,6 +37,7 @@ class LayerInfo:
     output_shape: tuple[int, ...]
     n_units: int
     n_values: int
+    inputs: tuple[str, ...] = ()  # captured tensors that feed this one (empty when unknown)
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,7 @@ class Run:
                         output_shape=tuple(json.loads(a["output_shape"])),
                         n_units=int(a["n_units"]),
                         n_values=int(a["n_values"]),
+                        inputs=tuple(json.loads(a["inputs"])) if "inputs" in a else (),
                     )
                 )
         return infos

@@ -121,6 +121,9 @@ class LayerSpec:
     n_values: int  # values counted per capture in histogram and moments
     samples: int  # the probe samples they come from (the first ones)
     quantile_sample: int  # values the layer quantiles are computed from
+    # Captured tensors that feed this one (model graph, through uncaptured layers); not part
+    # of a layout's identity, so runs recorded before it was kept still resume.
+    inputs: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)

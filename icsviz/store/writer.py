@@ -547,6 +547,7 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
             n_values=spec.n_values,
             samples=spec.samples,
             quantile_sample=spec.quantile_sample,
+            inputs=json.dumps(list(spec.inputs)),
         )
         _extendable(g, "hist_counts", (b,), "i8")
         _extendable(g, "hist_edges", (b + 1,), "f8")
@@ -628,6 +629,7 @@ def layout_from_file(file: h5py.File) -> RunLayout:
                     **spec,
                     "output_shape": tuple(spec["output_shape"]),
                     "tracked_units": tuple(spec["tracked_units"]),
+                    "inputs": tuple(spec.get("inputs", ())),
                 }
             )
             for spec in raw["layers"]

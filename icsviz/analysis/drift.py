@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import rel_entr
 
-from .errors import MissingDataError
-from .histograms import centers, rebin
-from .store.reader import ActivationStats, Run
+from ..errors import MissingDataError
+from ..histograms import centers, rebin
+from ..store.reader import ActivationStats, Run
 
 __all__ = [
     "common_grid",
@@ -213,15 +213,24 @@ def run_drift(run: Run, metric: str = "w1") -> list[LayerDrift]:
     return out
 
 
-def compare_runs(baseline: Run, other: Run, metric: str = "w1") -> dict[str, tuple[float, float, float]]:
-    """Per layer present in both: (baseline score, other score, baseline / other)."""
+def compare_runs(
+    baseline: Run, other: Run, metric: str = "w1", by: str = "role"
+) -> dict[str, tuple[float, float, float]]:
+    """Per pair of comparable tensors: (baseline score, other score, baseline / other).
+
+    `by="role"` (default) pairs the input of the k-th nonlinearity of each run
+    (baseline `fc1` with BN `fc1_bn`), keyed "input of <nonlinearity>"; `by="name"`
+    pairs layers of equal name. See `icsviz.analysis.roles`.
+    """
+    from .roles import pair_layers  # roles imports nothing from here: no cycle at import time
+
     a = {d.layer: d.score for d in run_drift(baseline, metric)}
     b = {d.layer: d.score for d in run_drift(other, metric)}
     out = {}
-    for name in a:
-        if name in b:
-            ratio = a[name] / b[name] if b[name] and np.isfinite(b[name]) and b[name] > 0 else np.nan
-            out[name] = (a[name], b[name], ratio)
+    for label, names in pair_layers({"a": baseline, "b": other}, by=by):
+        score_a, score_b = a.get(names["a"], np.nan), b.get(names["b"], np.nan)
+        ratio = score_a / score_b if np.isfinite(score_b) and score_b > 0 else np.nan
+        out[label] = (score_a, score_b, ratio)
     return out
 
 

@@ -1,0 +1,74 @@
+"""Which captured tensor plays which role, so that runs are compared like with like.
+
+Ioffe & Szegedy's comparison is "the input of each nonlinearity". In the
+baseline CNN that is `fc1` (the Dense output); in its BN twin it is `fc1_bn`,
+while `fc1` there is the Dense output *before* the normalization. Pairing by
+name compares the wrong tensors; pairing by role compares the input of the k-th
+nonlinearity of one run with the input of the k-th nonlinearity of the other.
+
+A nonlinearity is an activation layer (its input is the captured tensor that
+feeds it: recorded in the run as the layer's `inputs` since 2026-11-25, the
+previous captured tensor in model order for older runs) or a fused activation
+(its input is recorded as `name:preact`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..store.reader import Run
+
+__all__ = ["Role", "nonlinearity_inputs", "pair_layers"]
+
+
+@dataclass(frozen=True)
+class Role:
+    """The input of one nonlinearity of a run."""
+
+    index: int  # k: the k-th nonlinearity in model order, from 1
+    nonlinearity: str  # its name (an activation layer, or a layer with a fused activation)
+    layer: str  # the captured tensor that is its input, in this run
+
+    @property
+    def label(self) -> str:
+        return f"input of {self.nonlinearity}"
+
+
+def nonlinearity_inputs(run: Run) -> list[Role]:
+    """The input of every nonlinearity of `run`, in model order."""
+    infos = run.layers
+    names = {info.name for info in infos}
+    roles: list[Role] = []
+    for i, info in enumerate(infos):
+        if info.kind == "preactivation":
+            roles.append(Role(len(roles) + 1, info.name.split(":preact")[0], info.name))
+        elif info.kind == "activation":
+            feeding = [name for name in info.inputs if name in names]
+            source = feeding[0] if feeding else (infos[i - 1].name if i > 0 else None)
+            if source is not None:
+                roles.append(Role(len(roles) + 1, info.name, source))
+    return roles
+
+
+def pair_layers(runs: Mapping[str, Run], by: str = "role") -> list[tuple[str, dict[str, str]]]:
+    """Tensors to compare across runs: [(label, {run label: layer name})], in model order.
+
+    `by="role"` pairs the inputs of the k-th nonlinearity of every run (runs with a
+    different number of nonlinearities pair up to the shortest); `by="name"` pairs
+    layers of equal name present in every run.
+    """
+    if by == "name":
+        first = next(iter(runs.values()))
+        shared = [n for n in first.layer_names if all(n in run.layer_names for run in runs.values())]
+        return [(name, {label: name for label in runs}) for name in shared]
+    if by != "role":
+        raise ValueError(f"by must be 'role' or 'name'. Received: by={by!r}")
+    per_run = {label: nonlinearity_inputs(run) for label, run in runs.items()}
+    count = min((len(roles) for roles in per_run.values()), default=0)
+    pairs = []
+    for k in range(count):
+        first_label = next(iter(per_run))
+        label = per_run[first_label][k].label
+        pairs.append((label, {run_label: roles[k].layer for run_label, roles in per_run.items()}))
+    return pairs
