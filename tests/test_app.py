@@ -16,6 +16,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import damage_chunk
+from icsviz import open_run
 from icsviz.store.schema import decode_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +73,34 @@ def test_default_view_shows_the_shipped_pair(shipped) -> None:
     ]
     np.testing.assert_allclose(bn_val.sort_values("epoch")["value"], expected)
     assert len(at.get("vega_lite_chart")) >= 8
-    assert at.sidebar.selectbox(key="layer").value == "conv1"
+    # The first screen opens on the most telling comparison, paired by role, with a sentence
+    # computed from the data.
+    from icsviz import analysis
+
+    with open_run(shipped / "cifar10-baseline.h5") as base, open_run(shipped / "cifar10-bn.h5") as bn:
+        comparison = analysis.compare_runs(base, bn)
+    telling = max(comparison, key=lambda role: comparison[role][2])
+    assert at.sidebar.selectbox(key="layer").value == telling
+    a, b, ratio = comparison[telling]
+    headline = " ".join(shown(m.value) for m in at.markdown)
+    assert f"The {telling} drifted {ratio:.1f}x further" in headline
+    assert f"{a:.2f} for cifar10-baseline's" in headline and f"{b:.2f} for cifar10-bn's" in headline
+    assert "best validation accuracy" in headline
+
+
+def test_a_role_shows_each_run_its_own_tensor(shipped) -> None:
+    at = app_for(shipped).run()
+    at.sidebar.selectbox(key="layer").set_value("input of fc1_relu").run()
+    assert not at.exception, [e.value for e in at.exception]
+    bands = frames_with(at, "run", "epoch", "median", "q15", "q85")[0]
+    with open_run(shipped / "cifar10-baseline.h5") as base, open_run(shipped / "cifar10-bn.h5") as bn:
+        np.testing.assert_allclose(
+            bands[bands["run"] == "cifar10-baseline"]["median"], base.activations("fc1").quantile(0.5), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            bands[bands["run"] == "cifar10-bn"]["median"], bn.activations("fc1_bn").quantile(0.5), rtol=1e-6
+        )
+    assert not any("is not in" in i.value for i in at.info)  # both runs have the role
 
 
 def test_changing_layer_capture_and_runs_updates_the_charts(shipped) -> None:

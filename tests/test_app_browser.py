@@ -121,8 +121,17 @@ def test_app_renders_charts_in_a_real_browser(tmp_path) -> None:
     )
     try:
         _wait_for_health(server, port)
-        text = _page_text(port, tmp_path / "app.png")
+        shot = tmp_path / "app.png"
+        text = _page_text(port, shot)
         assert "internal covariate shift" in text and "Training curves" in text
+        # The first screen tells the story: the computed sentence, on the most telling role.
+        from icsviz import analysis, open_run
+
+        with open_run(ROOT / "runs" / "cifar10-baseline.h5") as base, open_run(ROOT / "runs" / "cifar10-bn.h5") as bn:
+            comparison = analysis.compare_runs(base, bn)
+        telling = max(comparison, key=lambda role: comparison[role][2])
+        assert f"The {telling} drifted {comparison[telling][2]:.1f}x further" in text
+        assert shot.stat().st_size > 20_000  # a drawn page, not a blank one
     finally:
         server.terminate()
         server.wait(30)

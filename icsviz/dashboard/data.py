@@ -11,10 +11,15 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from .. import analysis
+from ..errors import ICSVizError
 from ..histograms import centers, densities, rebin_captures, ridgeline_captures, shared_edges, time_edges
 from ..store.reader import ActivationStats, Run
 
 __all__ = [
+    "RoleNamed",
+    "role_pairs",
+    "headline",
     "layer_union",
     "curves_frame",
     "capture_epochs",
@@ -35,6 +40,92 @@ Runs = Mapping[str, Run]
 
 # (low, high) quantile pairs drawn as bands: Ioffe & Szegedy's 15-85, TensorBoard's normal bands.
 BANDS = {"ioffe": [(0.15, 0.85)], "tensorboard": [(0.07, 0.93), (0.16, 0.84), (0.31, 0.69)]}
+
+
+class RoleNamed:
+    """A run whose layers also answer to their role: "input of fc1_relu" is this run's own
+    input of that nonlinearity (fc1 in the baseline, fc1_bn in the BN twin), so that views
+    written for one layer name compare like with like across runs."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        try:
+            self._alias = {role.label: role.layer for role in analysis.nonlinearity_inputs(run)}
+        except ICSVizError:
+            self._alias = {}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._run, name)
+
+    def _name(self, name: str) -> str:
+        return self._alias.get(name, name)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [*self._run.layer_names, *self._alias]
+
+    @property
+    def batch_layer_names(self) -> list[str]:
+        own = self._run.batch_layer_names
+        return [*own, *(alias for alias, name in self._alias.items() if name in own)]
+
+    def activations(self, name: str) -> ActivationStats:
+        return self._run.activations(self._name(name))
+
+    def batch_activations(self, name: str) -> ActivationStats:
+        return self._run.batch_activations(self._name(name))
+
+    def tracked_units(self, name: str) -> np.ndarray:
+        return self._run.tracked_units(self._name(name))
+
+
+def role_pairs(runs: Runs) -> list[tuple[str, dict[str, str]]]:
+    """The inputs of the nonlinearities every run has, paired by role (none for one run)."""
+    if len(runs) < 2:
+        return []
+    try:
+        return analysis.pair_layers(runs, by="role")
+    except ICSVizError:
+        return []
+
+
+def headline(runs: Runs) -> tuple[str, str | None]:
+    """One sentence computed from the data (never written by hand) and the role it is about.
+
+    For two or more runs: the largest drift ratio between the first two runs over the inputs
+    of the nonlinearities, with both runs' tensors and scores, and their best validation
+    accuracy. Returns ("", None) when there is nothing to compare.
+    """
+    labels = list(runs)
+    if len(labels) < 2:
+        return "", None
+    first, other = labels[0], labels[1]
+    try:
+        comparison = analysis.compare_runs(runs[first], runs[other])
+        pairs = dict(analysis.pair_layers({first: runs[first], other: runs[other]}))
+    except ICSVizError:
+        return "", None
+    finite = {k: v for k, v in comparison.items() if np.isfinite(v[2]) and v[2] > 0}
+    if not finite:
+        return "", None
+    role, (a, b, ratio) = max(finite.items(), key=lambda kv: max(kv[1][2], 1 / kv[1][2]))
+    names = pairs[role]
+    more, less, factor = (first, other, ratio) if ratio >= 1 else (other, first, 1 / ratio)
+    sentence = (
+        f"The {role} drifted {factor:.1f}x further from where it started in {more} than in {less} "
+        f"(drift score {a:.2f} for {first}'s {names[first]}, {b:.2f} for {other}'s {names[other]})"
+    )
+    accuracy = []
+    for label in (first, other):
+        try:
+            values = runs[label].history.get("val_accuracy")
+        except ICSVizError:
+            values = None
+        if values is not None and np.isfinite(values).any():
+            accuracy.append(f"{label} {np.nanmax(values):.1%}")
+    if len(accuracy) == 2:
+        sentence += f"; best validation accuracy: {accuracy[0]}, {accuracy[1]}"
+    return sentence + ".", role
 
 
 def _frame(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:

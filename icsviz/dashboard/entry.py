@@ -107,6 +107,9 @@ def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_cho
     for label, words in overview["diverged"].items():
         if words:
             st.warning(f"{page.plain(label)} {page.plain(words)}; its charts end there.", icon="⚠️")
+    sentence, _ = overview["headline"]
+    if sentence:
+        st.markdown(f"**{page.plain(sentence)}**")
     epoch = _capture_control(overview["epochs"])
     page.training_curves(keys, labels, epoch)
     tabs = st.tabs(["Distributions", "Per-unit drift", "Drift summary", "Gradients"])
@@ -156,7 +159,22 @@ def run_app() -> None:
     if not layers:
         st.info("The selected runs captured no layers.")
         return
-    layer = st.sidebar.selectbox("Layer (model order)", layers, key="layer")
+    roles = dict(overview["roles"])
+    options = [*roles, *layers]
+    sentence, telling = overview["headline"]
+    layer = st.sidebar.selectbox(
+        "Layer",
+        options,
+        index=options.index(telling) if telling in options else 0,
+        key="layer",
+        format_func=lambda name: (
+            f"{name}: " + ", ".join(f"{run} {tensor}" for run, tensor in roles[name].items())
+            if name in roles
+            else name
+        ),
+        help="Paired by role: the input of each nonlinearity, whatever its name in each run (the "
+        "baseline's fc1, the BN twin's fc1_bn). Then every layer by name, in model order.",
+    )
     lost = [f"{name} ({e.path.stem})" for e in chosen for name in e.damaged_layers]
     if lost:
         st.sidebar.caption("Damaged, left out: " + page.plain(", ".join(lost)))

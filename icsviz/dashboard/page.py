@@ -42,10 +42,17 @@ def _open(key: Key) -> Run:
     return entry.open() if entry is not None else open_run(key[0])
 
 
-def _with_runs(keys: Sequence[Key], labels: Sequence[str], fn: Callable[[dict], Any]) -> Any:
+def _with_runs(keys: Sequence[Key], labels: Sequence[str], fn: Callable[[dict], Any], *, roles: bool = False) -> Any:
+    """`fn({label: run})` with the runs open; `roles`: layers also answer to their role name."""
     with contextlib.ExitStack() as stack:
         runs = {label: stack.enter_context(_open(key)) for key, label in zip(keys, labels)}
+        if roles:
+            runs = {label: data.RoleNamed(run) for label, run in runs.items()}
         return fn(runs)
+
+
+def _by_role(layer: str) -> bool:
+    return layer.startswith("input of ")
 
 
 def guarded(view: Callable[..., None]) -> Callable[..., None]:
@@ -98,9 +105,19 @@ def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
                 label: {n: run.tracked_units(n).tolist() for n in run.layer_names}
                 for label, run in runs.items()
             },
+            "roles": data.role_pairs(runs),
+            "headline": data.headline(runs),
         }
 
-    return _with_runs(keys, labels, build)
+    def with_roles(runs: dict) -> dict[str, Any]:
+        overview = build(runs)
+        for role, names in overview["roles"]:  # a role stands for each run's own tensor in it
+            for label, name in names.items():
+                overview["layers_of"][label] = [*overview["layers_of"][label], role]
+                overview["tracked"][label][role] = overview["tracked"][label].get(name, [])
+        return overview
+
+    return _with_runs(keys, labels, with_roles)
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -116,28 +133,32 @@ def _layer_frames(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str) ->
             "units_std": {label: data.unit_frame(run, layer, "std") for label, run in have.items()},
         }
 
-    return _with_runs(keys, labels, build)
+    return _with_runs(keys, labels, build, roles=_by_role(layer))
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def _histogram(
     keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, epoch: float, edges: tuple[float, ...]
 ) -> pd.DataFrame:
-    return _with_runs(keys, labels, lambda runs: data.histogram_frame(runs, layer, epoch, np.asarray(edges)))
+    return _with_runs(
+        keys, labels, lambda runs: data.histogram_frame(runs, layer, epoch, np.asarray(edges)), roles=_by_role(layer)
+    )
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def _percentiles(
     keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, unit: int | None, bands: str
 ) -> pd.DataFrame:
-    return _with_runs(keys, labels, lambda runs: data.percentile_frame(runs, layer, unit, bands))
+    return _with_runs(keys, labels, lambda runs: data.percentile_frame(runs, layer, unit, bands), roles=_by_role(layer))
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
 def _batch_percentiles(
     keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, unit: int | None, bands: str
 ) -> pd.DataFrame:
-    return _with_runs(keys, labels, lambda runs: data.batch_percentile_frame(runs, layer, unit, bands))
+    return _with_runs(
+        keys, labels, lambda runs: data.batch_percentile_frame(runs, layer, unit, bands), roles=_by_role(layer)
+    )
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
