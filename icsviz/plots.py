@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from . import analysis  # noqa: E402
 from .errors import MissingDataError  # noqa: E402
 from .histograms import densities, rebin_captures, ridgeline_captures, shared_edges, time_edges  # noqa: E402
-from .store.reader import Run  # noqa: E402
+from .store.reader import ActivationStats, Run  # noqa: E402
 
 __all__ = [
     "STYLE",
@@ -161,21 +161,26 @@ def hidden_input_layer(run: Run) -> str:
     )
 
 
+def _ioffe_panel(ax: plt.Axes, label: str, name: str, acts: ActivationStats, x: np.ndarray, color: str, **line: float) -> None:
+    """One run's panel of Ioffe's Fig. 1: a tracked unit's 15/50/85 percentiles over `x`."""
+    if not len(acts.tracked_units):
+        raise MissingDataError(f"{label}: layer {name!r} tracks no unit (ICSCallback(tracked_units=...))")
+    unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
+    lo, mid, hi = (acts.unit_quantile(unit, q) for q in (0.15, 0.5, 0.85))
+    ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+    for series, style in ((lo, ":"), (mid, "-"), (hi, ":")):
+        ax.plot(x, series, style, color=color, **line)
+    ax.set(title=f"{label}: {name}, unit {unit}")
+
+
 def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
     """15/50/85 percentiles of one tracked unit's input over training, runs side by side."""
     fig, axes = _figure(FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 2.4, ncols=len(runs), sharey=True)
     for ax, (i, (label, run)) in zip(axes[0], enumerate(runs.items())):
         name = layer or hidden_input_layer(run)
         acts = run.activations(name)
-        if not len(acts.tracked_units):
-            raise MissingDataError(f"{label}: layer {name!r} tracks no unit (ICSCallback(tracked_units=...))")
-        unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
-        x = acts.epochs
-        lo, mid, hi = (acts.unit_quantile(unit, q) for q in (0.15, 0.5, 0.85))
-        ax.fill_between(x, lo, hi, color=_color(i), alpha=0.2, linewidth=0)
-        for series, style in ((lo, ":"), (mid, "-"), (hi, ":")):
-            ax.plot(x, series, style, color=_color(i))
-        ax.set(title=f"{label}: {name}, unit {unit}", xlabel="epoch")
+        _ioffe_panel(ax, label, name, acts, acts.epochs, _color(i))
+        ax.set_xlabel("epoch")
     axes[0, 0].set_ylabel("input to the activation\n(15th, 50th, 85th percentile)")
     return fig
 
@@ -188,18 +193,10 @@ def figure_ioffe_steps(runs: Runs, layer: str | None = None) -> Figure:
         raise MissingDataError("no run was recorded with batch_stats=True (per-step statistics)")
     fig, axes = _figure(FULL_WIDTH if len(have) > 1 else PANEL_WIDTH, 2.4, ncols=len(have), sharey=True)
     for ax, (label, run) in zip(axes[0], have.items()):
-        i = list(runs).index(label)
         name = layer or hidden_input_layer(run)
         acts = run.batch_activations(name)
-        if not len(acts.tracked_units):
-            raise MissingDataError(f"{label}: layer {name!r} tracks no unit (ICSCallback(tracked_units=...))")
-        unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
-        x = acts.steps
-        lo, mid, hi = (acts.unit_quantile(unit, q) for q in (0.15, 0.5, 0.85))
-        ax.fill_between(x, lo, hi, color=_color(i), alpha=0.2, linewidth=0)
-        for series, style in ((lo, ":"), (mid, "-"), (hi, ":")):
-            ax.plot(x, series, style, color=_color(i), linewidth=0.8)
-        ax.set(title=f"{label}: {name}, unit {unit}", xlabel="training step")
+        _ioffe_panel(ax, label, name, acts, acts.steps, _color(list(runs).index(label)), linewidth=0.8)
+        ax.set_xlabel("training step")
     axes[0, 0].set_ylabel("input to the activation, each batch\n(15th, 50th, 85th percentile)")
     return fig
 
