@@ -331,3 +331,50 @@ def test_per_step_runs_show_the_bands_of_every_training_batch(tmp_path) -> None:
         acts = run.batch_activations("bn")
         np.testing.assert_allclose(per_step[0]["q85"].to_numpy(), acts.quantile(0.85), rtol=1e-6)
         np.testing.assert_array_equal(per_step[0]["step"].to_numpy(), acts.steps)
+
+
+def _specs(at: AppTest) -> list[dict]:
+    import json
+
+    return [json.loads(el.proto.spec) for el in at.get("vega_lite_chart")]
+
+
+def _find(spec: object, key: str) -> list:
+    """Every value of `key` anywhere in a Vega-Lite spec."""
+    found = []
+    if isinstance(spec, dict):
+        for k, v in spec.items():
+            if k == key:
+                found.append(v)
+            found += _find(v, key)
+    elif isinstance(spec, list):
+        for v in spec:
+            found += _find(v, key)
+    return found
+
+
+def test_side_by_side_panels_share_their_scales_and_show_time(shipped) -> None:
+    at = app_for(shipped).run()
+    at.sidebar.selectbox(key="layer").set_value("conv1").run()
+    specs = _specs(at)
+    # Histogram-against-time heatmaps: one log-density range for both runs.
+    heat = [s for s in specs if "log10 density" in str(_find(s, "title"))]
+    assert len(heat) == 2
+    assert _find(heat[0], "domain") == _find(heat[1], "domain")  # activation axis and log density
+    assert len(_find(heat[0], "domain")) == 2
+    # The curves' legend sits below the panels, where a narrow page cannot cut it off.
+    curves = [s for s in specs if _find(s, "strokeDash")][0]
+    assert _find(curves, "legend")[0]["orient"] == "bottom"
+    # The bands mark the capture on display.
+    bands = [s for s in specs if "median" in str(s) and "q85" in str(s)][0]
+    assert any(isinstance(m, dict) and m.get("type") == "rule" or m == "rule" for m in _find(bands, "mark"))
+    # Per-unit means: epochs on the x axis, one symmetric colour range for both runs.
+    at.tabs[1].radio(key="unit_stat").set_value("mean").run() if at.tabs else None
+    units = [s for s in _specs(at) if "unit mean" in str(_find(s, "title"))]
+    assert len(units) == 2
+    ranges = [d for s in units for d in _find(s, "domain") if isinstance(d, list) and len(d) == 2]
+    assert ranges[0] == ranges[1] and ranges[0][0] == -ranges[0][1]
+    assert "epoch (time →)" in str(_find(units[0], "title"))
+    # The drift heatmap on a symlog scale: the logits no longer flatten every other layer.
+    drift = [s for s in _specs(at) if "shift (step-0 std)" in str(_find(s, "title")) and _find(s, "bin")]
+    assert drift and all("symlog" in _find(s, "type") for s in drift)

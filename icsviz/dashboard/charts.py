@@ -59,7 +59,12 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
                 .encode(x="epoch:Q")
             )
         panels.append(alt.layer(*layers).properties(title=metric.capitalize(), height=230))
-    return alt.hconcat(*panels).resolve_scale(color="shared", strokeDash="shared")
+    # The legend below the panels: on the right it was cut off in a narrow page.
+    return (
+        alt.hconcat(*panels)
+        .resolve_scale(color="shared", strokeDash="shared")
+        .configure_legend(orient="bottom", direction="horizontal", labelLimit=320)
+    )
 
 
 def histogram_chart(df: pd.DataFrame, runs: Sequence[str], x_domain: Sequence[float]) -> alt.Chart:
@@ -110,8 +115,13 @@ def ridgeline_chart(df: pd.DataFrame, title: str, x_domain: Sequence[float], ste
     )
 
 
-def heatmap_chart(df: pd.DataFrame, title: str, y_domain: Sequence[float]) -> alt.Chart:
-    """Histogram against time: bins (y) by captures (x), colour = log10 density."""
+def heatmap_chart(
+    df: pd.DataFrame, title: str, y_domain: Sequence[float], color_domain: Sequence[float] | None = None
+) -> alt.Chart:
+    """Histogram against time: bins (y) by captures (x), colour = log10 density.
+
+    `color_domain`: the log-density range shared by the panels shown side by side.
+    """
     return (
         alt.Chart(df, title=title)
         .mark_rect()
@@ -120,7 +130,11 @@ def heatmap_chart(df: pd.DataFrame, title: str, y_domain: Sequence[float]) -> al
             x2="t1:Q",
             y=alt.Y("y0:Q", title="activation", scale=alt.Scale(domain=list(y_domain), nice=False)),
             y2="y1:Q",
-            color=alt.Color("log_density:Q", title="log10 density", scale=alt.Scale(scheme="inferno")),
+            color=alt.Color(
+                "log_density:Q",
+                title="log10 density",
+                scale=alt.Scale(scheme="inferno", domain=list(color_domain) if color_domain else alt.Undefined),
+            ),
             tooltip=[
                 alt.Tooltip("t0:Q", title="epoch", format=".2f"),
                 alt.Tooltip("y0:Q", title="from", format=".3g"),
@@ -133,9 +147,14 @@ def heatmap_chart(df: pd.DataFrame, title: str, y_domain: Sequence[float]) -> al
 
 
 def percentile_chart(
-    df: pd.DataFrame, runs: Sequence[str], pairs: Sequence[tuple[float, float]], title: str
+    df: pd.DataFrame,
+    runs: Sequence[str],
+    pairs: Sequence[tuple[float, float]],
+    title: str,
+    current_epoch: float | None = None,
 ) -> alt.Chart:
-    """Quantile bands over training (Ioffe & Szegedy Fig. 1), median as a line."""
+    """Quantile bands over training (Ioffe & Szegedy Fig. 1), median as a line; a dotted rule
+    marks the capture on display."""
     layers = []
     opacity = 0.25 if len(pairs) == 1 else 0.12
     for low, high in pairs:
@@ -166,23 +185,34 @@ def percentile_chart(
             tooltip=["run", alt.Tooltip("epoch:Q", format=".2f"), alt.Tooltip("median:Q", format=".3g")],
         )
     )
+    if current_epoch is not None:
+        layers.append(
+            alt.Chart(pd.DataFrame({"epoch": [current_epoch]}))
+            .mark_rule(color="gray", strokeDash=[2, 2])
+            .encode(x="epoch:Q")
+        )
     return alt.layer(*layers).properties(title=title, height=260)
 
 
-def unit_chart(df: pd.DataFrame, title: str, stat: str) -> alt.Chart:
-    """Per-unit mean or std (y: unit) over captures (x)."""
-    scheme = (
-        alt.Scale(scheme="redblue", domainMid=0, reverse=True)
-        if stat == "mean"
-        else alt.Scale(scheme="viridis")
-    )
+def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = None) -> alt.Chart:
+    """Per-unit mean or std (y: unit) over captures (x, labelled by epoch).
+
+    `limit`: the colour range shared by the panels side by side (means: -limit..limit,
+    centred on zero; stds: 0..limit).
+    """
+    if stat == "mean":
+        bound = limit if limit else float(df["value"].abs().max() or 1.0)
+        scale = alt.Scale(scheme="redblue", domain=[-bound, bound], reverse=True)
+    else:
+        scale = alt.Scale(scheme="viridis", domain=[0, limit] if limit else alt.Undefined)
     return (
         alt.Chart(df, title=title)
         .mark_rect()
         .encode(
-            x=alt.X("capture:O", title="capture (time →)", axis=alt.Axis(labels=False, ticks=False)),
+            x=alt.X("t0:Q", title="epoch (time →)", scale=alt.Scale(nice=False)),
+            x2="t1:Q",
             y=alt.Y("unit:O", title="unit", axis=alt.Axis(labelOverlap=True)),
-            color=alt.Color("value:Q", title=f"unit {stat}", scale=scheme),
+            color=alt.Color("value:Q", title=f"unit {stat}", scale=scale),
             tooltip=["unit", alt.Tooltip("epoch:Q", format=".2f"), alt.Tooltip("value:Q", format=".4g")],
         )
         .properties(height=260)
@@ -205,7 +235,8 @@ def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) ->
             color=alt.Color(
                 f"max({field}):Q",
                 title="shift (step-0 std)",
-                scale=alt.Scale(scheme="oranges", domain=[0, max(max_value, 1e-9)], clamp=True),
+                # symlog: the logits' large shifts no longer flatten every other layer to white
+                scale=alt.Scale(type="symlog", scheme="oranges", domain=[0, max(max_value, 1e-9)], clamp=True),
             ),
             tooltip=[
                 "layer",

@@ -297,10 +297,13 @@ def unit_frame(run: Run, layer: str, stat: str = "mean", max_units: int = 64) ->
     if len(units) > max_units:
         units = np.unique(np.linspace(0, len(units) - 1, max_units).round().astype(int))
     t = np.repeat(np.arange(len(acts.epochs)), len(units))
+    edges = time_edges(acts.epochs)  # each capture a column from its epoch to the next
     return pd.DataFrame(
         {
             "epoch": acts.epochs[t],
             "capture": t,
+            "t0": edges[t],
+            "t1": edges[t + 1],
             "unit": np.tile(units, len(acts.epochs)),
             "value": values[:, units].ravel(),
         }

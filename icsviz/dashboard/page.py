@@ -273,7 +273,7 @@ def distributions(
     if pct.empty:
         st.info("No run tracks this unit for this layer.")
     else:
-        st.altair_chart(charts.percentile_chart(pct, labels, pairs, f"{layer}: {what}"), width="stretch")
+        st.altair_chart(charts.percentile_chart(pct, labels, pairs, f"{layer}: {what}", epoch), width="stretch")
 
     steps = _batch_percentiles(keys, labels, layer, unit, bands)
     if not steps.empty:
@@ -284,7 +284,9 @@ def distributions(
             "resolution as in Ioffe & Szegedy's Fig. 1. The batches differ from step to step, so these "
             "bands also move with the data; the probe bands above move with the weights alone."
         )
-        st.altair_chart(charts.percentile_chart(steps, labels, pairs, f"{layer}: {what}, per step"), width="stretch")
+        st.altair_chart(
+            charts.percentile_chart(steps, labels, pairs, f"{layer}: {what}, per step", epoch), width="stretch"
+        )
 
     have = [label for label in labels if label in frames["ridge"]]
     if not have:
@@ -295,12 +297,15 @@ def distributions(
         "every capture as a column, colour = log10 density (bins x captures). Same activation "
         "axis for every run."
     )
+    logs = [frames["heat"][label]["log_density"] for label in have]
+    finite = [float(v) for part in logs for v in (part.min(), part.max()) if np.isfinite(v)]
+    shared = (min(finite), max(finite)) if finite else None  # one colour scale for every run
     for label in have:
         left, right = st.columns(2)
         with left:
             st.altair_chart(charts.ridgeline_chart(frames["ridge"][label], label, domain), width="stretch")
         with right:
-            st.altair_chart(charts.heatmap_chart(frames["heat"][label], label, domain), width="stretch")
+            st.altair_chart(charts.heatmap_chart(frames["heat"][label], label, domain, shared), width="stretch")
 
 
 @guarded
@@ -312,10 +317,12 @@ def unit_drift(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, stat:
         "distribution drifts."
     )
     source = frames["units_mean" if stat == "mean" else "units_std"]
+    values = [df["value"].abs().max() for df in source.values() if not df.empty]
+    limit = float(np.nanmax(values)) if values else None  # one colour scale for the runs side by side
     cols = st.columns(max(1, len(source)))
     for col, (label, df) in zip(cols, source.items()):
         with col:
-            st.altair_chart(charts.unit_chart(df, f"{label}: {layer}", stat), width="stretch")
+            st.altair_chart(charts.unit_chart(df, f"{label}: {layer}", stat, limit), width="stretch")
 
 
 @guarded
@@ -338,7 +345,12 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
             part = drift[drift["run"] == label]
             if not part.empty:
                 st.altair_chart(charts.drift_heatmap(part, label, field, top), width="stretch")
-    selected = drift[drift["layer"] == layer]
+    roles = dict(_overview(keys, labels)["roles"])
+    if layer in roles:  # each run's own tensor in that role
+        parts = [drift[(drift["run"] == run) & (drift["layer"] == name)] for run, name in roles[layer].items()]
+        selected = pd.concat(parts).assign(layer=layer) if parts else drift.iloc[:0]
+    else:
+        selected = drift[drift["layer"] == layer]
     if not selected.empty:
         st.altair_chart(
             charts.drift_lines(selected, labels, field, f"{layer}: drift, run against run"), width="stretch"
