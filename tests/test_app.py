@@ -378,3 +378,20 @@ def test_side_by_side_panels_share_their_scales_and_show_time(shipped) -> None:
     # The drift heatmap on a symlog scale: the logits no longer flatten every other layer.
     drift = [s for s in _specs(at) if "shift (step-0 std)" in str(_find(s, "title")) and _find(s, "bin")]
     assert drift and all("symlog" in _find(s, "type") for s in drift)
+
+
+def test_relu_histograms_show_live_values_and_the_dead_fraction_apart(shipped) -> None:
+    at = app_for(shipped).run()
+    at.sidebar.selectbox(key="layer").set_value("conv2_relu").run()
+    hist = frames_with(at, "run", "x", "density", "dead")[0]
+    with open_run(shipped / "cifar10-baseline.h5") as run:
+        acts = run.activations("conv2_relu")
+        last = len(run.epochs) - 1  # the slider starts at the last capture
+        dead = float(acts.zero_frac[last])
+    base = hist[hist["run"] == "cifar10-baseline"]
+    assert base["dead"].iloc[0] == pytest.approx(dead)
+    assert dead > 0.2  # a ReLU layer: a large share of exact zeros
+    # Without the zeros, the bin at 0 is no longer a spike towering over the live values.
+    width = float(np.diff(np.sort(base["x"].to_numpy()))[0])
+    assert float((base["density"] * width).sum()) == pytest.approx(1.0)  # normalized over live values
+    assert any(f"cifar10-baseline {dead:.1%}" in shown(c.value) for c in at.caption)

@@ -105,3 +105,20 @@ def test_layer_union_keeps_model_order_with_layers_only_one_run_has() -> None:
             positions = [merged.index(n) for n in run.layer_names]
             assert positions == sorted(positions)
         assert merged.index("conv1_bn") == merged.index("conv1") + 1  # BN right after its conv
+
+
+def test_histogram_leaves_exact_zeros_out_and_reports_them() -> None:
+    from icsviz import open_run
+
+    root = Path(__file__).resolve().parents[1] / "runs"
+    with open_run(root / "cifar10-baseline.h5") as run:
+        runs = {"baseline": run}
+        edges = data.shared_edges(runs, "conv2_relu")
+        frame = data.histogram_frame(runs, "conv2_relu", 50.0, edges)
+        dead = float(run.activations("conv2_relu").zero_frac[-1])
+    width = np.diff(edges)
+    mass = frame["density"].to_numpy() * width
+    assert frame["dead"].iloc[0] == pytest.approx(dead) and dead > 0.5
+    assert mass.sum() == pytest.approx(1.0)
+    # With the zeros in, the bin at 0 alone would hold more than half of everything.
+    assert mass[0] < 0.5 < dead

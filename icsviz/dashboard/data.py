@@ -13,7 +13,15 @@ import pandas as pd
 
 from .. import analysis
 from ..errors import ICSVizError
-from ..histograms import centers, densities, rebin_captures, ridgeline_captures, shared_edges, time_edges
+from ..histograms import (
+    centers,
+    densities,
+    rebin,
+    rebin_captures,
+    ridgeline_captures,
+    shared_edges,
+    time_edges,
+)
 from ..store.reader import ActivationStats, Run
 
 __all__ = [
@@ -194,7 +202,17 @@ def histogram_frame(runs: Runs, layer: str, epoch: float, edges: np.ndarray) -> 
         if layer not in run.layer_names or not run.num_captures:
             continue
         index = nearest_capture(run, epoch)
-        counts = rebin_captures(run.activations(layer), edges, [index])[0]
+        acts = run.activations(layer)
+        # Exact zeros (dead ReLU units) are reported on their own: in the histogram they are
+        # one spike that flattens the live values' shape to nothing. Taken out of the recorded
+        # bin that holds 0, before re-binning spreads that bin over the shared grid.
+        own = acts.counts[index].astype(float)
+        own_edges = acts.edges[index]
+        dead = float(acts.zero_frac[index]) if np.isfinite(acts.zero_frac[index]) else 0.0
+        at_zero = int(np.searchsorted(own_edges, 0.0, side="right")) - 1
+        if dead > 0 and 0 <= at_zero < len(own):
+            own[at_zero] = max(own[at_zero] - round(dead * own.sum()), 0.0)
+        counts = rebin(own, own_edges, edges)
         rows.append(
             pd.DataFrame(
                 {
@@ -202,10 +220,11 @@ def histogram_frame(runs: Runs, layer: str, epoch: float, edges: np.ndarray) -> 
                     "x": centers(edges),
                     "density": densities(counts, edges),
                     "epoch": float(run.epochs[index]),
+                    "dead": dead,
                 }
             )
         )
-    return _frame(rows, ["run", "x", "density", "epoch"])
+    return _frame(rows, ["run", "x", "density", "epoch", "dead"])
 
 
 def ridgeline_frame(run: Run, layer: str, edges: np.ndarray, rows: int = 10) -> pd.DataFrame:

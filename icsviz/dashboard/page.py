@@ -248,6 +248,12 @@ def distributions(
     )
     hist = _histogram(keys, labels, layer, epoch, tuple(edges.tolist()))
     st.altair_chart(charts.histogram_chart(hist, labels, domain), width="stretch")
+    if not hist.empty and hist["dead"].max() > 0.001:
+        dead = hist.groupby("run", sort=False)["dead"].first()
+        st.caption(
+            "Exactly zero (dead units of a ReLU), left out of the histogram so that it shows the live "
+            "values: " + ", ".join(f"{plain(run)} {value:.1%}" for run, value in dead.items()) + "."
+        )
 
     st.subheader("Percentile bands over training")
     pairs = data.BANDS[bands]
