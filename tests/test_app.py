@@ -86,6 +86,15 @@ def test_default_view_shows_the_shipped_pair(shipped) -> None:
     assert f"The {telling} drifted {ratio:.1f}x further" in headline
     assert f"{a:.2f} for cifar10-baseline's" in headline and f"{b:.2f} for cifar10-bn's" in headline
     assert "best validation accuracy" in headline
+    # Beside it, the drift score of every nonlinearity's input, runs side by side in model order.
+    bars = frames_with(at, "run", "role", "layer", "order", "score")[0]
+    with open_run(shipped / "cifar10-baseline.h5") as base, open_run(shipped / "cifar10-bn.h5") as bn:
+        scores = {d.layer: d.score for d in analysis.run_drift(bn)}
+    fc1 = bars[(bars["run"] == "cifar10-bn") & (bars["role"] == "fc1_relu")]
+    assert fc1["layer"].iloc[0] == "fc1_bn" and fc1["score"].iloc[0] == pytest.approx(scores["fc1_bn"])
+    assert list(bars[bars["run"] == "cifar10-bn"].sort_values("order")["role"]) == [
+        "conv1_relu", "conv2_relu", "conv3_relu", "conv4_relu", "fc1_relu", "logits_softmax"
+    ]
 
 
 def test_a_role_shows_each_run_its_own_tensor(shipped) -> None:

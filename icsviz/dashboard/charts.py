@@ -9,6 +9,7 @@ import pandas as pd
 
 __all__ = [
     "curves_chart",
+    "role_drift_chart",
     "histogram_chart",
     "ridgeline_chart",
     "heatmap_chart",
@@ -64,6 +65,27 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
         alt.hconcat(*panels)
         .resolve_scale(color="shared", strokeDash="shared")
         .configure_legend(orient="bottom", direction="horizontal", labelLimit=320)
+    )
+
+
+def role_drift_chart(df: pd.DataFrame, runs: Sequence[str]) -> alt.Chart:
+    """Drift score of the input of each nonlinearity (model order), runs side by side, log scale."""
+    return (
+        alt.Chart(df, title="How far the input of each nonlinearity drifted (drift score, log scale)")
+        .mark_circle(size=110, opacity=0.9)  # dots: bars have no baseline on a log scale
+        .encode(
+            x=alt.X("role:N", sort=alt.SortField("order"), title="nonlinearity", axis=alt.Axis(labelAngle=0)),
+            xOffset=alt.XOffset("run:N", sort=list(runs)),
+            y=alt.Y(
+                "score:Q",
+                title="W1 / step-0 std",
+                scale=alt.Scale(type="log", nice=False, padding=12),
+                axis=alt.Axis(values=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]),
+            ),
+            color=_run_color(runs),
+            tooltip=["run", "role", "layer", alt.Tooltip("score:Q", format=".3f")],
+        )
+        .properties(height=200)
     )
 
 

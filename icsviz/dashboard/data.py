@@ -28,6 +28,7 @@ __all__ = [
     "RoleNamed",
     "role_pairs",
     "headline",
+    "role_drift_frame",
     "layer_union",
     "curves_frame",
     "capture_epochs",
@@ -95,6 +96,24 @@ def role_pairs(runs: Runs) -> list[tuple[str, dict[str, str]]]:
         return analysis.pair_layers(runs, by="role")
     except ICSVizError:
         return []
+
+
+def role_drift_frame(runs: Runs, pairs: list[tuple[str, dict[str, str]]]) -> pd.DataFrame:
+    """The drift score of each run's input of each nonlinearity (the headline's bars)."""
+    rows = []
+    for label, run in runs.items():
+        try:
+            scores = {d.layer: d.score for d in analysis.run_drift(run)}
+        except ICSVizError:
+            continue
+        for order, (role, names) in enumerate(pairs):
+            layer = names.get(label)
+            if layer is not None and np.isfinite(scores.get(layer, np.nan)):
+                rows.append(
+                    {"run": label, "role": role.replace("input of ", ""), "layer": layer, "order": order,
+                     "score": scores[layer]}
+                )
+    return pd.DataFrame(rows, columns=["run", "role", "layer", "order", "score"])
 
 
 def headline(runs: Runs) -> tuple[str, str | None]:

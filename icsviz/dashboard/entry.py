@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import streamlit as st
 
 from ..store.catalog import RunEntry, scan_runs
-from . import page
+from . import charts, page
 
 SHIPPED_PAIR = ("cifar10_cnn", "cifar10_cnn_bn")
 LIVE_REFRESH_S = 3.0
@@ -110,6 +110,8 @@ def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_cho
     sentence, _ = overview["headline"]
     if sentence:
         st.markdown(f"**{page.plain(sentence)}**")
+        if not overview["role_drift"].empty:
+            st.altair_chart(charts.role_drift_chart(overview["role_drift"], labels), width="stretch")
     epoch = _capture_control(overview["epochs"])
     page.training_curves(keys, labels, epoch)
     tabs = st.tabs(["Distributions", "Per-unit drift", "Drift summary", "Gradients"])

@@ -107,6 +107,7 @@ def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
             },
             "roles": data.role_pairs(runs),
             "headline": data.headline(runs),
+            "role_drift": data.role_drift_frame(runs, data.role_pairs(runs)),
         }
 
     def with_roles(runs: dict) -> dict[str, Any]:
