@@ -152,7 +152,9 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    print(f"icsviz capture cost vs depth: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})")
+    print(
+        f"icsviz capture cost vs depth: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})"
+    )
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             measure(name, args.probe, args.repeats, Path(folder))

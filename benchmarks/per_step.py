@@ -97,7 +97,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["baseline", "bn"])
     args = parser.parse_args()
     x, y = cifar_like(args.images)
-    print(f"icsviz per-step mode: {args.images} images, keras {keras.__version__} ({keras.backend.backend()})")
+    print(
+        f"icsviz per-step mode: {args.images} images, keras {keras.__version__} ({keras.backend.backend()})"
+    )
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             measure(name, x, y, args.rounds, Path(folder))

@@ -161,7 +161,9 @@ def hidden_input_layer(run: Run) -> str:
     )
 
 
-def _ioffe_panel(ax: plt.Axes, label: str, name: str, acts: ActivationStats, x: np.ndarray, color: str, **line: float) -> None:
+def _ioffe_panel(
+    ax: plt.Axes, label: str, name: str, acts: ActivationStats, x: np.ndarray, color: str, **line: float
+) -> None:
     """One run's panel of Ioffe's Fig. 1: a tracked unit's 15/50/85 percentiles over `x`."""
     if not len(acts.tracked_units):
         raise MissingDataError(f"{label}: layer {name!r} tracks no unit (ICSCallback(tracked_units=...))")
@@ -236,7 +238,9 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
         for k, t in enumerate(picks):  # the start on top; each later ridge in front of the one above
             offset = (len(picks) - 1 - k) * 0.55
             y = dens[t] / peak + offset
-            ax.fill_between(mids, offset, y, color=cmap(k / last), alpha=0.85, linewidth=0.4, edgecolor="white")
+            ax.fill_between(
+                mids, offset, y, color=cmap(k / last), alpha=0.85, linewidth=0.4, edgecolor="white"
+            )
             ax.text(grid[-1], offset + 0.05, f"{acts.epochs[t]:.0f}", fontsize=6, ha="right", va="bottom")
         ax.set(yticks=[], title=f"{label}: {layer}")
         ax.grid(False)
@@ -300,7 +304,9 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
     pairs = analysis.pair_layers(runs, by=by)
     if not pairs:
         raise MissingDataError(
-            "the runs share no nonlinearity to compare" if by == "role" else "the runs share no layer name to compare"
+            "the runs share no nonlinearity to compare"
+            if by == "role"
+            else "the runs share no layer name to compare"
         )
     fig, axes = _figure(FULL_WIDTH, 2.8)
     ax = axes[0, 0]
@@ -309,10 +315,17 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
     for i, (label, scores) in enumerate(summaries.items()):
         values = [scores.get(names[label], np.nan) for _, names in pairs]
         ax.bar(x + i * width - 0.4 + width / 2, values, width, color=_color(i), label=label)
-    ticks = [
-        role.replace("input of ", "") + "\n" + " / ".join(dict.fromkeys(names.values())) for role, names in pairs
-    ] if by == "role" else [role for role, _ in pairs]
-    ax.set_xticks(x, ticks, rotation=0 if by == "role" else 45, ha="center" if by == "role" else "right", fontsize=6)
+    ticks = (
+        [
+            role.replace("input of ", "") + "\n" + " / ".join(dict.fromkeys(names.values()))
+            for role, names in pairs
+        ]
+        if by == "role"
+        else [role for role, _ in pairs]
+    )
+    ax.set_xticks(
+        x, ticks, rotation=0 if by == "role" else 45, ha="center" if by == "role" else "right", fontsize=6
+    )
     ax.set(
         ylabel="drift score (W1 / step-0 std)" if metric == "w1" else f"drift score ({metric})",
         yscale="log",
@@ -355,8 +368,13 @@ def figure_gradients(runs: Runs) -> Figure:
                 if named:
                     last = np.flatnonzero(np.isfinite(series))[-1]
                     axes[row, col].annotate(
-                        layer, (run.epochs[last], series[last]), xytext=(2, 0), textcoords="offset points",
-                        fontsize=6, color=color, va="center",
+                        layer,
+                        (run.epochs[last], series[last]),
+                        xytext=(2, 0),
+                        textcoords="offset points",
+                        fontsize=6,
+                        color=color,
+                        va="center",
                     )
         axes[0, col].set(yscale="log", title=f"{label}: gradient norm")
         axes[1, col].set(yscale="log", xlabel="epoch", title=f"{label}: update ratio ||ΔW|| / ||W||")

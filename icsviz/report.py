@@ -72,9 +72,7 @@ def drift_reading(runs: Runs) -> list[str]:
     for other in labels[1:]:
         pair = {first: runs[first], other: runs[other]}
         pairs = analysis.pair_layers(pair, by="role")
-        score = {
-            label: {d.layer: d.score for d in analysis.run_drift(run)} for label, run in pair.items()
-        }
+        score = {label: {d.layer: d.score for d in analysis.run_drift(run)} for label, run in pair.items()}
         ranked = []
         for role, names in pairs:
             a, b = score[first].get(names[first], np.nan), score[other].get(names[other], np.nan)

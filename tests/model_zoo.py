@@ -38,7 +38,12 @@ def simple_rnn() -> tuple[keras.Model, Any, Any]:
 
 def lstm() -> tuple[keras.Model, Any, Any]:
     model = keras.Sequential(
-        [keras.Input((T, F)), L.LSTM(8, return_sequences=True, name="lstm_seq"), L.LSTM(4, name="lstm_last"), _head()]
+        [
+            keras.Input((T, F)),
+            L.LSTM(8, return_sequences=True, name="lstm_seq"),
+            L.LSTM(4, name="lstm_last"),
+            _head(),
+        ]
     )
     return model, *_seq_data()
 

@@ -209,11 +209,19 @@ def test_layers_pair_by_role_not_by_name_on_the_shipped_runs() -> None:
     from icsviz import open_run
     from icsviz.analysis import nonlinearity_inputs, pair_layers
 
-    with open_run(ROOT / "runs" / "cifar10-baseline.h5") as base, open_run(ROOT / "runs" / "cifar10-bn.h5") as bn:
+    with (
+        open_run(ROOT / "runs" / "cifar10-baseline.h5") as base,
+        open_run(ROOT / "runs" / "cifar10-bn.h5") as bn,
+    ):
         pairs = dict(pair_layers({"baseline": base, "bn": bn}))
         assert pairs["input of fc1_relu"] == {"baseline": "fc1", "bn": "fc1_bn"}
         assert [r.nonlinearity for r in nonlinearity_inputs(bn)] == [
-            "conv1_relu", "conv2_relu", "conv3_relu", "conv4_relu", "fc1_relu", "logits_softmax"
+            "conv1_relu",
+            "conv2_relu",
+            "conv3_relu",
+            "conv4_relu",
+            "fc1_relu",
+            "logits_softmax",
         ]
         by_role, by_name = compare_runs(base, bn), compare_runs(base, bn, by="name")
         # The numbers: by role BN's fc1 input drifts 14.6x less; by name the comparison

@@ -93,7 +93,12 @@ def test_default_view_shows_the_shipped_pair(shipped) -> None:
     fc1 = bars[(bars["run"] == "cifar10-bn") & (bars["role"] == "fc1_relu")]
     assert fc1["layer"].iloc[0] == "fc1_bn" and fc1["score"].iloc[0] == pytest.approx(scores["fc1_bn"])
     assert list(bars[bars["run"] == "cifar10-bn"].sort_values("order")["role"]) == [
-        "conv1_relu", "conv2_relu", "conv3_relu", "conv4_relu", "fc1_relu", "logits_softmax"
+        "conv1_relu",
+        "conv2_relu",
+        "conv3_relu",
+        "conv4_relu",
+        "fc1_relu",
+        "logits_softmax",
     ]
 
 
@@ -104,7 +109,9 @@ def test_a_role_shows_each_run_its_own_tensor(shipped) -> None:
     bands = frames_with(at, "run", "epoch", "median", "q15", "q85")[0]
     with open_run(shipped / "cifar10-baseline.h5") as base, open_run(shipped / "cifar10-bn.h5") as bn:
         np.testing.assert_allclose(
-            bands[bands["run"] == "cifar10-baseline"]["median"], base.activations("fc1").quantile(0.5), rtol=1e-6
+            bands[bands["run"] == "cifar10-baseline"]["median"],
+            base.activations("fc1").quantile(0.5),
+            rtol=1e-6,
         )
         np.testing.assert_allclose(
             bands[bands["run"] == "cifar10-bn"]["median"], bn.activations("fc1_bn").quantile(0.5), rtol=1e-6

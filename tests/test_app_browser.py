@@ -127,7 +127,10 @@ def test_app_renders_charts_in_a_real_browser(tmp_path) -> None:
         # The first screen tells the story: the computed sentence, on the most telling role.
         from icsviz import analysis, open_run
 
-        with open_run(ROOT / "runs" / "cifar10-baseline.h5") as base, open_run(ROOT / "runs" / "cifar10-bn.h5") as bn:
+        with (
+            open_run(ROOT / "runs" / "cifar10-baseline.h5") as base,
+            open_run(ROOT / "runs" / "cifar10-bn.h5") as bn,
+        ):
             comparison = analysis.compare_runs(base, bn)
         telling = max(comparison, key=lambda role: comparison[role][2])
         assert f"The {telling} drifted {comparison[telling][2]:.1f}x further" in text

@@ -45,7 +45,9 @@ def _probe() -> tuple[np.ndarray, np.ndarray]:
     return x[:32], y[:32]
 
 
-def _fit(callbacks: list, lr: float = 0.05, epochs: int = 2, **compile_args) -> tuple[keras.Model, list[float]]:
+def _fit(
+    callbacks: list, lr: float = 0.05, epochs: int = 2, **compile_args
+) -> tuple[keras.Model, list[float]]:
     model = _model()
     model.compile(keras.optimizers.SGD(lr), "sparse_categorical_crossentropy", **compile_args)
     x, y = _data()
@@ -104,7 +106,13 @@ def test_layers_are_restored_after_probe_and_step_interception(tmp_path: Path) -
     model = _model()
     before = {layer.name: dict(layer.__dict__) for layer in model.layers}
     model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
-    model.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0, callbacks=[ICSCallback(tmp_path / "r.h5", probe=_probe(), batch_stats=True)])
+    model.fit(
+        *_data(),
+        epochs=1,
+        batch_size=BATCH,
+        verbose=0,
+        callbacks=[ICSCallback(tmp_path / "r.h5", probe=_probe(), batch_stats=True)],
+    )
     for layer in model.layers:
         assert layer.__dict__.get("activation") is before[layer.name].get("activation"), layer.name
         assert "call" not in layer.__dict__, layer.name
@@ -119,6 +127,7 @@ def test_training_is_untouched_losses_weights_and_saved_model(tmp_path: Path) ->
     assert loss == plain_loss  # bit for bit
     for a, b in zip(plain.get_weights(), watched.get_weights()):
         np.testing.assert_array_equal(a, b)
+
     def names(model: keras.Model) -> list[str]:
         return [v.path.split("/", 1)[1] for v in model.variables]  # without the model's own name
 
@@ -174,7 +183,13 @@ def test_custom_train_step_and_mixed_precision(tmp_path: Path) -> None:
         path = tmp_path / "custom.h5"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0, callbacks=[ICSCallback(path, probe=_probe(), batch_stats=True)])
+            model.fit(
+                *_data(),
+                epochs=1,
+                batch_size=BATCH,
+                verbose=0,
+                callbacks=[ICSCallback(path, probe=_probe(), batch_stats=True)],
+            )
         assert not _ours(caught)
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -189,7 +204,7 @@ def test_distribution_strategy_warns_once_and_probe_captures_go_on(tmp_path: Pat
     path = tmp_path / "mirrored.h5"
     script = textwrap.dedent(f"""
         import sys, warnings
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        sys.path.insert(0, {str(ROOT / "tests")!r})
         import tensorflow as tf, keras
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -209,10 +224,17 @@ def test_distribution_strategy_warns_once_and_probe_captures_go_on(tmp_path: Pat
         print("BATCHES", run.has_batch_stats, "CAPTURES", run.num_captures)
     """)
     proc = subprocess.run(
-        [sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "WARNINGS 1 | icsviz: batch_stats=True is off for this run: training runs on 2 replicas" in proc.stdout
+    assert (
+        "WARNINGS 1 | icsviz: batch_stats=True is off for this run: training runs on 2 replicas"
+        in proc.stdout
+    )
     assert "BATCHES False CAPTURES 2" in proc.stdout
 
 
@@ -231,7 +253,7 @@ def test_killed_run_keeps_every_flushed_step(tmp_path: Path) -> None:
     path = tmp_path / "killed.h5"
     script = textwrap.dedent(f"""
         import os, signal, sys
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        sys.path.insert(0, {str(ROOT / "tests")!r})
         import keras
         from test_batch_stats import _model, _data, _probe
         from icsviz import ICSCallback
@@ -245,7 +267,9 @@ def test_killed_run_keeps_every_flushed_step(tmp_path: Path) -> None:
         cb = ICSCallback({str(path)!r}, probe=_probe(), batch_stats=True, flush_every=4)
         model.fit(*_data(), epochs=1, batch_size=16, verbose=0, callbacks=[cb, Kill()])
     """)
-    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300
+    )
     assert proc.returncode == -9
     with open_run(path) as run:
         np.testing.assert_array_equal(run.batch_steps, [0, 1, 2, 3])
@@ -255,7 +279,7 @@ def test_killed_run_keeps_every_flushed_step(tmp_path: Path) -> None:
 def _other_backend(backend: str, tmp_path: Path) -> subprocess.CompletedProcess:
     script = textwrap.dedent(f"""
         import sys, warnings
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
+        sys.path.insert(0, {str(ROOT / "tests")!r})
         import keras, numpy as np
         assert keras.backend.backend() == {backend!r}
         from test_batch_stats import _fit, _probe
@@ -263,10 +287,10 @@ def _other_backend(backend: str, tmp_path: Path) -> subprocess.CompletedProcess:
         _, plain = _fit([])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            _, loss = _fit([ICSCallback({str(tmp_path / 'b.h5')!r}, probe=_probe(), batch_stats=True, flush_every=5)])
+            _, loss = _fit([ICSCallback({str(tmp_path / "b.h5")!r}, probe=_probe(), batch_stats=True, flush_every=5)])
         assert not [w for w in caught if issubclass(w.category, CaptureWarning)], [str(w.message) for w in caught]
         np.testing.assert_allclose(loss, plain, rtol=1e-6)
-        run = open_run({str(tmp_path / 'b.h5')!r})
+        run = open_run({str(tmp_path / "b.h5")!r})
         assert list(run.batch_steps) == list(range(12)), run.batch_steps
         acts = run.batch_activations("bn")
         assert (acts.counts.sum(1) == 4096).all() and np.isfinite(acts.quantiles).all()
@@ -274,10 +298,14 @@ def _other_backend(backend: str, tmp_path: Path) -> subprocess.CompletedProcess:
         print("BATCH STATS OK")
     """)
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+)
 def test_per_step_mode_on_jax(tmp_path: Path) -> None:
     proc = _other_backend("jax", tmp_path)
     assert proc.returncode == 0 and "BATCH STATS OK" in proc.stdout, proc.stderr[-3000:]
@@ -309,7 +337,12 @@ def test_a_fit_that_raises_leaves_no_hooks_behind(tmp_path: Path) -> None:
     assert "train_step" not in model.__dict__
     assert getattr(model.train_function, "icsviz_hooks", None) is None
     # And a next fit with icsviz records normally.
-    model.fit(*_data(), epochs=1, batch_size=BATCH, verbose=0,
-              callbacks=[ICSCallback(tmp_path / "again.h5", probe=_probe(), batch_stats=True)])
+    model.fit(
+        *_data(),
+        epochs=1,
+        batch_size=BATCH,
+        verbose=0,
+        callbacks=[ICSCallback(tmp_path / "again.h5", probe=_probe(), batch_stats=True)],
+    )
     with open_run(tmp_path / "again.h5") as run:
         assert len(run.batch_steps) == 6

@@ -67,7 +67,18 @@ def test_an_unknown_data_set_names_the_known_ones_without_a_traceback(tmp_path) 
     from icsviz.data import DATASETS
 
     proc = subprocess.run(
-        [sys.executable, "-m", "icsviz.cli", "train", "--model", "bn", "--dataset", "cifar100", "--out", str(tmp_path / "x.h5")],
+        [
+            sys.executable,
+            "-m",
+            "icsviz.cli",
+            "train",
+            "--model",
+            "bn",
+            "--dataset",
+            "cifar100",
+            "--out",
+            str(tmp_path / "x.h5"),
+        ],
         capture_output=True,
         text=True,
         timeout=120,

@@ -33,7 +33,8 @@ def test_zoo_model_is_recorded_with_exact_values_tensorflow(name: str, tmp_path:
         pytest.param(
             "jax",
             marks=pytest.mark.skipif(
-                importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+                importlib.util.find_spec("jax") is None,
+                reason="jax is not installed (pip install 'jax[cpu]')",
             ),
         ),
         pytest.param(
@@ -56,7 +57,9 @@ def test_zoo_is_recorded_with_exact_values_on_other_backends(backend: str, tmp_p
         print("ZOO OK", len(ZOO))
     """)
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0 and f"ZOO OK {len(ZOO)}" in proc.stdout, proc.stderr[-3000:]
 
 

@@ -129,13 +129,20 @@ def batch_vector(samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarr
     finite = ordered < float("inf")
     zeroed = ops.where(finite, ordered, 0.0)
     mean = ops.sum(zeroed, axis=-1) / count
-    std = ops.sqrt(ops.sum(ops.where(finite, ops.square(ordered - ops.expand_dims(mean, -1)), 0.0), axis=-1) / count)
+    std = ops.sqrt(
+        ops.sum(ops.where(finite, ops.square(ordered - ops.expand_dims(mean, -1)), 0.0), axis=-1) / count
+    )
     low = ordered[:, 0]
     high = ops.take_along_axis(ordered, ops.expand_dims(ops.maximum(n_finite - 1, 0), -1), axis=-1)[:, 0]
     some = n_finite > 0
     nan = float("nan")
     moments = ops.stack(
-        [ops.where(some, mean, nan), ops.where(some, std, nan), ops.where(some, low, nan), ops.where(some, high, nan)],
+        [
+            ops.where(some, mean, nan),
+            ops.where(some, std, nan),
+            ops.where(some, low, nan),
+            ops.where(some, high, nan),
+        ],
         axis=1,
     )
     zero_frac = ops.sum(ops.cast(ops.equal(ordered, 0.0), "float32"), axis=-1) / count
@@ -144,9 +151,13 @@ def batch_vector(samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarr
     first, width = dyadic_grid(ops.where(some, low, 0.0), ops.where(some, high, 1.0), bins)
     first32, width32 = ops.cast(first, "float32"), ops.cast(width, "float32")
     index = ops.floor((zeroed - ops.expand_dims(first32, -1)) / ops.expand_dims(width32, -1))
-    index = ops.cast(ops.clip(index, 0, bins - 1), "int32") + ops.expand_dims(ops.arange(len(plans), dtype="int32") * bins, -1)
+    index = ops.cast(ops.clip(index, 0, bins - 1), "int32") + ops.expand_dims(
+        ops.arange(len(plans), dtype="int32") * bins, -1
+    )
     counts = ops.segment_sum(
-        ops.reshape(ops.cast(finite, "float32"), (-1,)), ops.reshape(index, (-1,)), num_segments=len(plans) * bins
+        ops.reshape(ops.cast(finite, "float32"), (-1,)),
+        ops.reshape(index, (-1,)),
+        num_segments=len(plans) * bins,
     )
     parts = [
         counts,
@@ -223,7 +234,9 @@ class StepStatistics:
     (steps, matrix), `uninstall()` at the end of training.
     """
 
-    def __init__(self, model: keras.Model, selection: Sequence[SelectedLayer], plans: Sequence[BatchPlan], q: Any) -> None:
+    def __init__(
+        self, model: keras.Model, selection: Sequence[SelectedLayer], plans: Sequence[BatchPlan], q: Any
+    ) -> None:
         self.model = model
         self.plans = list(plans)
         self._q = np.asarray(q, "float32")
@@ -293,7 +306,9 @@ class StepStatistics:
         def train_step(state: Any, data: Any) -> Any:
             # Only while Keras traces the training step: the test step (validation) also
             # calls compute_loss_and_updates and must stay as it is.
-            with _patched(self.model, "compute_loss_and_updates", self._jax_loss(self.model.compute_loss_and_updates)):
+            with _patched(
+                self.model, "compute_loss_and_updates", self._jax_loss(self.model.compute_loss_and_updates)
+            ):
                 return original(state, data)
 
         return train_step

@@ -395,7 +395,9 @@ class ICSCallback(keras.callbacks.Callback):
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - never stop the user's training
-            self._warn(f"{what} (per-step statistics are off for the rest of this run; probe captures go on)", exc)
+            self._warn(
+                f"{what} (per-step statistics are off for the rest of this run; probe captures go on)", exc
+            )
             self._stop_steps()
 
     def _stop_steps(self) -> None:

@@ -114,7 +114,11 @@ def intercept(selection: Sequence[SelectedLayer], recorder: Recorder) -> Iterato
         kind = selected.kind if not selected.capture_preactivation else "activation"
 
         def call(
-            *args: Any, _orig: Any = original_call, _sel: SelectedLayer = selected, _kind: str = kind, **kwargs: Any
+            *args: Any,
+            _orig: Any = original_call,
+            _sel: SelectedLayer = selected,
+            _kind: str = kind,
+            **kwargs: Any,
         ) -> Any:
             out = _orig(*args, **kwargs)
             _record(recorder, _sel, out, _kind)

@@ -215,7 +215,9 @@ def select_layers(model: Any, layers: Sequence[LayerFilter] | None = None) -> li
     return selected
 
 
-def captured_inputs(selection: Sequence[SelectedLayer], captured: Sequence[str]) -> dict[str, tuple[str, ...]]:
+def captured_inputs(
+    selection: Sequence[SelectedLayer], captured: Sequence[str]
+) -> dict[str, tuple[str, ...]]:
     """For each captured tensor, the captured tensors that feed it in the model's graph.
 
     Walks back from each selected layer's first call through layers that are not

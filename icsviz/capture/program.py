@@ -94,7 +94,12 @@ class CaptureProgram:
             seen.add(record.name)
             try:
                 plan = plan_tensor(
-                    record.name, record.layer.layer, record.kind, tuple(record.tensor.shape), index, self.options
+                    record.name,
+                    record.layer.layer,
+                    record.kind,
+                    tuple(record.tensor.shape),
+                    index,
+                    self.options,
                 )
             except Exception as exc:  # noqa: BLE001 - one layer never costs the run
                 self._skip(record.name, type(record.layer.layer).__name__, exc)

@@ -121,7 +121,9 @@ def plan_tensor(
     tracked = tuple(int(u) for u in np.linspace(0, n_units - 1, tracked_count).round())
     unit_rows = None
     if rows > options.unit_quantile_sample:
-        unit_rows = np.sort(rng.choice(rows, size=options.unit_quantile_sample, replace=False)).astype("int32")
+        unit_rows = np.sort(rng.choice(rows, size=options.unit_quantile_sample, replace=False)).astype(
+            "int32"
+        )
     return TracedLayer(
         name=name,
         class_name=type(layer).__name__,
@@ -210,7 +212,9 @@ def layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, mask
         x = ops.moveaxis(x, plan.unit_axis, -1)
     units = ops.reshape(x, (-1, plan.n_units))
     all_finite = ops.isfinite(ops.sum(full))  # NaN/Inf anywhere poisons the sum
-    stats = reduce_values(units, ops.reshape(units, (-1,)), plan, options, masked=masked, all_finite=all_finite)
+    stats = reduce_values(
+        units, ops.reshape(units, (-1,)), plan, options, masked=masked, all_finite=all_finite
+    )
     low, high, n_finite = stats.pop("low"), stats.pop("high"), stats.pop("n_finite")
     if plan.samples < plan.shape[0]:
         # The budget cut the values: range and non-finite count stay exact over every value.

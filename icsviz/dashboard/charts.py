@@ -155,7 +155,9 @@ def heatmap_chart(
             color=alt.Color(
                 "log_density:Q",
                 title="log10 density",
-                scale=alt.Scale(scheme="inferno", domain=list(color_domain) if color_domain else alt.Undefined),
+                scale=alt.Scale(
+                    scheme="inferno", domain=list(color_domain) if color_domain else alt.Undefined
+                ),
             ),
             tooltip=[
                 alt.Tooltip("t0:Q", title="epoch", format=".2f"),
@@ -258,7 +260,9 @@ def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) ->
                 f"max({field}):Q",
                 title="shift (step-0 std)",
                 # symlog: the logits' large shifts no longer flatten every other layer to white
-                scale=alt.Scale(type="symlog", scheme="oranges", domain=[0, max(max_value, 1e-9)], clamp=True),
+                scale=alt.Scale(
+                    type="symlog", scheme="oranges", domain=[0, max(max_value, 1e-9)], clamp=True
+                ),
             ),
             tooltip=[
                 "layer",

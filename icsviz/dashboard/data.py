@@ -110,8 +110,13 @@ def role_drift_frame(runs: Runs, pairs: list[tuple[str, dict[str, str]]]) -> pd.
             layer = names.get(label)
             if layer is not None and np.isfinite(scores.get(layer, np.nan)):
                 rows.append(
-                    {"run": label, "role": role.replace("input of ", ""), "layer": layer, "order": order,
-                     "score": scores[layer]}
+                    {
+                        "run": label,
+                        "role": role.replace("input of ", ""),
+                        "layer": layer,
+                        "order": order,
+                        "score": scores[layer],
+                    }
                 )
     return pd.DataFrame(rows, columns=["run", "role", "layer", "order", "score"])
 

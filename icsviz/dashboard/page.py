@@ -42,7 +42,9 @@ def _open(key: Key) -> Run:
     return entry.open() if entry is not None else open_run(key[0])
 
 
-def _with_runs(keys: Sequence[Key], labels: Sequence[str], fn: Callable[[dict], Any], *, roles: bool = False) -> Any:
+def _with_runs(
+    keys: Sequence[Key], labels: Sequence[str], fn: Callable[[dict], Any], *, roles: bool = False
+) -> Any:
     """`fn({label: run})` with the runs open; `roles`: layers also answer to their role name."""
     with contextlib.ExitStack() as stack:
         runs = {label: stack.enter_context(_open(key)) for key, label in zip(keys, labels)}
@@ -142,7 +144,10 @@ def _histogram(
     keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, epoch: float, edges: tuple[float, ...]
 ) -> pd.DataFrame:
     return _with_runs(
-        keys, labels, lambda runs: data.histogram_frame(runs, layer, epoch, np.asarray(edges)), roles=_by_role(layer)
+        keys,
+        labels,
+        lambda runs: data.histogram_frame(runs, layer, epoch, np.asarray(edges)),
+        roles=_by_role(layer),
     )
 
 
@@ -150,7 +155,9 @@ def _histogram(
 def _percentiles(
     keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, unit: int | None, bands: str
 ) -> pd.DataFrame:
-    return _with_runs(keys, labels, lambda runs: data.percentile_frame(runs, layer, unit, bands), roles=_by_role(layer))
+    return _with_runs(
+        keys, labels, lambda runs: data.percentile_frame(runs, layer, unit, bands), roles=_by_role(layer)
+    )
 
 
 @st.cache_data(max_entries=256, show_spinner=False)
@@ -158,7 +165,10 @@ def _batch_percentiles(
     keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, unit: int | None, bands: str
 ) -> pd.DataFrame:
     return _with_runs(
-        keys, labels, lambda runs: data.batch_percentile_frame(runs, layer, unit, bands), roles=_by_role(layer)
+        keys,
+        labels,
+        lambda runs: data.batch_percentile_frame(runs, layer, unit, bands),
+        roles=_by_role(layer),
     )
 
 
@@ -280,7 +290,9 @@ def distributions(
     if pct.empty:
         st.info("No run tracks this unit for this layer.")
     else:
-        st.altair_chart(charts.percentile_chart(pct, labels, pairs, f"{layer}: {what}", epoch), width="stretch")
+        st.altair_chart(
+            charts.percentile_chart(pct, labels, pairs, f"{layer}: {what}", epoch), width="stretch"
+        )
 
     steps = _batch_percentiles(keys, labels, layer, unit, bands)
     if not steps.empty:
@@ -292,7 +304,8 @@ def distributions(
             "bands also move with the data; the probe bands above move with the weights alone."
         )
         st.altair_chart(
-            charts.percentile_chart(steps, labels, pairs, f"{layer}: {what}, per step", epoch), width="stretch"
+            charts.percentile_chart(steps, labels, pairs, f"{layer}: {what}, per step", epoch),
+            width="stretch",
         )
 
     have = [label for label in labels if label in frames["ridge"]]
@@ -312,7 +325,9 @@ def distributions(
         with left:
             st.altair_chart(charts.ridgeline_chart(frames["ridge"][label], label, domain), width="stretch")
         with right:
-            st.altair_chart(charts.heatmap_chart(frames["heat"][label], label, domain, shared), width="stretch")
+            st.altair_chart(
+                charts.heatmap_chart(frames["heat"][label], label, domain, shared), width="stretch"
+            )
 
 
 @guarded
@@ -354,7 +369,9 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
                 st.altair_chart(charts.drift_heatmap(part, label, field, top), width="stretch")
     roles = dict(_overview(keys, labels)["roles"])
     if layer in roles:  # each run's own tensor in that role
-        parts = [drift[(drift["run"] == run) & (drift["layer"] == name)] for run, name in roles[layer].items()]
+        parts = [
+            drift[(drift["run"] == run) & (drift["layer"] == name)] for run, name in roles[layer].items()
+        ]
         selected = pd.concat(parts).assign(layer=layer) if parts else drift.iloc[:0]
     else:
         selected = drift[drift["layer"] == layer]

@@ -388,7 +388,9 @@ class RunWriter:
 
     def _write_batches(self, rows: BatchRows) -> None:
         if len(rows.layers) != len(self.layout.batch_layers):
-            raise ValueError(f"{len(rows.layers)} batch layers, the layout has {len(self.layout.batch_layers)}")
+            raise ValueError(
+                f"{len(rows.layers)} batch layers, the layout has {len(self.layout.batch_layers)}"
+            )
         start, n = self.num_batch_rows, len(rows)
         writes: list[tuple[str, Any]] = [("batches/epoch", rows.epoch), ("batches/time", rows.time)]
         for spec, stats in zip(self.layout.batch_layers, rows.layers):
@@ -604,7 +606,12 @@ def _create_batches(file: h5py.File, layout: RunLayout) -> None:
     for spec in layout.batch_layers:
         g = _group(layers, ids[spec.index])
         _set_attrs(
-            g, name=spec.name, index=spec.index, n_units=spec.n_units, sample=spec.sample, unit_sample=spec.unit_sample
+            g,
+            name=spec.name,
+            index=spec.index,
+            n_units=spec.n_units,
+            sample=spec.sample,
+            unit_sample=spec.unit_sample,
         )
         _extendable(g, "hist_counts", (b,), "i4", rows=1024)
         _extendable(g, "hist_range", (2,), "f8", rows=1024)  # first edge, bin width
@@ -615,7 +622,9 @@ def _create_batches(file: h5py.File, layout: RunLayout) -> None:
         _extendable(g, "zero_frac", (), "f4", rows=1024)
         _extendable(g, "nonfinite", (), "i4", rows=1024)
         _fixed(g, "tracked_units", spec.tracked_units, "i4")
-        _extendable(g, "unit_quantiles", (len(spec.tracked_units), len(layout.tracked_quantiles)), "f4", rows=1024)
+        _extendable(
+            g, "unit_quantiles", (len(spec.tracked_units), len(layout.tracked_quantiles)), "f4", rows=1024
+        )
         g["unit_quantiles"].attrs["q"] = np.asarray(layout.tracked_quantiles)
 
 
