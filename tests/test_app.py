@@ -411,3 +411,23 @@ def test_relu_histograms_show_live_values_and_the_dead_fraction_apart(shipped) -
     width = float(np.diff(np.sort(base["x"].to_numpy()))[0])
     assert float((base["density"] * width).sum()) == pytest.approx(1.0)  # normalized over live values
     assert any(f"cifar10-baseline {dead:.1%}" in shown(c.value) for c in at.caption)
+
+
+def test_the_run_picker_filters_by_name_model_and_date(shipped, tmp_path) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(6):  # a sweep: copies of the shipped pair
+        for path in SHIPPED:
+            shutil.copy(path, folder / f"sweep{i}-{path.name}")
+    at = app_for(folder).run()
+    assert len(at.sidebar.multiselect(key="runs").options) == 12
+    at.sidebar.text_input(key="run_filter").set_value("sweep3 bn").run()
+    assert not at.exception
+    options = at.sidebar.multiselect(key="runs").options
+    chosen = set(at.sidebar.multiselect(key="runs").value)
+    assert "sweep3-cifar10-bn.h5" in options and chosen <= set(options)
+    assert set(options) - chosen == {"sweep3-cifar10-bn.h5"} - chosen  # others only if already chosen
+    today = time.strftime("%Y-%m-%d")
+    at.sidebar.text_input(key="run_filter").set_value(f"{today} cnn_bn").run()
+    options = at.sidebar.multiselect(key="runs").options
+    assert "sweep5-cifar10-bn.h5" in options and "sweep5-cifar10-baseline.h5" not in (set(options) - chosen)

@@ -42,6 +42,13 @@ def default_selection(entries: Sequence[RunEntry]) -> list[str]:
     return pair if len(pair) == 2 else [e.path.name for e in readable[:2]]
 
 
+def matches(entry: RunEntry, query: str) -> bool:
+    """Whether every word of `query` occurs in the run's names, model, dataset or date."""
+    date = time.strftime("%Y-%m-%d", time.localtime(entry.mtime_ns / 1e9)) if entry.mtime_ns else ""
+    text = " ".join([entry.path.name, entry.name, entry.model, entry.dataset, date]).lower()
+    return all(word in text for word in query.lower().split())
+
+
 def _empty_folder(folder: str) -> None:
     st.info(f"No run files (\\*.h5) in {page.plain(folder)}.")
     st.markdown(
@@ -142,7 +149,14 @@ def run_app() -> None:
     ):
         page.runs_table(entries)
 
-    names = [e.path.name for e in entries if e.readable]
+    query = st.sidebar.text_input(
+        "Filter runs",
+        key="run_filter",
+        placeholder="name, model, dataset or date",
+        help="Every word must match the run's file name, run name, model, dataset or date (YYYY-MM-DD).",
+    )
+    kept = set(st.session_state.get("runs") or [])  # a chosen run never disappears from the list
+    names = [e.path.name for e in entries if e.readable and (e.path.name in kept or matches(e, query))]
     damaged = {e.path.name for e in entries if e.readable and e.damaged}
     selected = st.sidebar.multiselect(
         "Runs",
