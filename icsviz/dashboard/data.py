@@ -29,6 +29,7 @@ __all__ = [
     "role_pairs",
     "headline",
     "role_drift_frame",
+    "drift_scores",
     "layer_union",
     "curves_frame",
     "capture_epochs",
@@ -98,13 +99,26 @@ def role_pairs(runs: Runs) -> list[tuple[str, dict[str, str]]]:
         return []
 
 
-def role_drift_frame(runs: Runs, pairs: list[tuple[str, dict[str, str]]]) -> pd.DataFrame:
-    """The drift score of each run's input of each nonlinearity (the headline's bars)."""
-    rows = []
+def drift_scores(runs: Runs) -> dict[str, dict[str, float]]:
+    """Each run's drift score per layer, computed once for the headline and its chart."""
+    out = {}
     for label, run in runs.items():
         try:
-            scores = {d.layer: d.score for d in analysis.run_drift(run)}
+            out[label] = {d.layer: d.score for d in analysis.run_drift(run)}
         except ICSVizError:
+            continue
+    return out
+
+
+def role_drift_frame(
+    runs: Runs, pairs: list[tuple[str, dict[str, str]]], scores_of: dict[str, dict[str, float]] | None = None
+) -> pd.DataFrame:
+    """The drift score of each run's input of each nonlinearity (the headline's dots)."""
+    scores_of = drift_scores(runs) if scores_of is None else scores_of
+    rows = []
+    for label in runs:
+        scores = scores_of.get(label)
+        if scores is None:
             continue
         for order, (role, names) in enumerate(pairs):
             layer = names.get(label)
@@ -121,7 +135,7 @@ def role_drift_frame(runs: Runs, pairs: list[tuple[str, dict[str, str]]]) -> pd.
     return pd.DataFrame(rows, columns=["run", "role", "layer", "order", "score"])
 
 
-def headline(runs: Runs) -> tuple[str, str | None]:
+def headline(runs: Runs, scores_of: dict[str, dict[str, float]] | None = None) -> tuple[str, str | None]:
     """One sentence computed from the data (never written by hand) and the role it is about.
 
     For two or more runs: the largest drift ratio between the first two runs over the inputs
@@ -132,11 +146,18 @@ def headline(runs: Runs) -> tuple[str, str | None]:
     if len(labels) < 2:
         return "", None
     first, other = labels[0], labels[1]
+    scores_of = drift_scores({first: runs[first], other: runs[other]}) if scores_of is None else scores_of
     try:
-        comparison = analysis.compare_runs(runs[first], runs[other])
         pairs = dict(analysis.pair_layers({first: runs[first], other: runs[other]}))
     except ICSVizError:
         return "", None
+    if first not in scores_of or other not in scores_of:
+        return "", None
+    comparison = {}
+    for role, names in pairs.items():  # as analysis.compare_runs, from the scores already computed
+        a = scores_of[first].get(names[first], np.nan)
+        b = scores_of[other].get(names[other], np.nan)
+        comparison[role] = (a, b, a / b if np.isfinite(b) and b > 0 else np.nan)
     finite = {k: v for k, v in comparison.items() if np.isfinite(v[2]) and v[2] > 0}
     if not finite:
         return "", None

@@ -94,6 +94,8 @@ def _divergence(run: Run) -> str:
 @st.cache_data(max_entries=64, show_spinner=False)
 def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
     def build(runs: dict) -> dict[str, Any]:
+        roles = data.role_pairs(runs)
+        scores = data.drift_scores(runs) if roles else {}
         return {
             "layers": data.layer_union(runs),
             "epochs": data.capture_epochs(runs),
@@ -107,9 +109,9 @@ def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
                 label: {n: run.tracked_units(n).tolist() for n in run.layer_names}
                 for label, run in runs.items()
             },
-            "roles": data.role_pairs(runs),
-            "headline": data.headline(runs),
-            "role_drift": data.role_drift_frame(runs, data.role_pairs(runs)),
+            "roles": roles,
+            "headline": data.headline(runs, scores),
+            "role_drift": data.role_drift_frame(runs, roles, scores),
         }
 
     def with_roles(runs: dict) -> dict[str, Any]:
