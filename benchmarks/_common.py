@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import defaultdict
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -29,6 +30,70 @@ class EpochTimer:
 
         class End(keras.callbacks.Callback):
             def on_epoch_end(self, epoch, logs=None):
+                timer.times.append(time.perf_counter() - timer._start)
+
+        self.begin, self.end = Begin(), End()
+
+
+HOOKS = (
+    "on_train_begin",
+    "on_epoch_begin",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_epoch_end",
+    "on_train_end",
+)
+
+
+class TimedCallback(keras.callbacks.Callback):
+    """Forwards every training hook to `inner` and times it: `seconds[epoch]` adds up an
+    epoch's hooks, `hook_seconds[(hook, epoch)]` each hook's share."""
+
+    def __init__(self, inner: keras.callbacks.Callback) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seconds: dict[int, float] = defaultdict(float)
+        self.hook_seconds: dict[tuple[str, int], float] = defaultdict(float)
+        self.epoch = 0
+        for hook in HOOKS:
+            setattr(self, hook, self._timed(hook))
+
+    def _timed(self, hook: str):
+        method = getattr(self.inner, hook)
+
+        def call(*args, **kwargs):
+            if hook == "on_epoch_begin":
+                self.epoch = args[0]
+            start = time.perf_counter()
+            method(*args, **kwargs)
+            spent = time.perf_counter() - start
+            self.seconds[self.epoch] += spent
+            self.hook_seconds[(hook, self.epoch)] += spent
+
+        return call
+
+    def set_model(self, model) -> None:
+        super().set_model(model)
+        self.inner.set_model(model)
+
+    def set_params(self, params) -> None:
+        super().set_params(params)
+        self.inner.set_params(params)
+
+
+class StepTimer:
+    """Two callbacks around the others: the seconds of each training step, all hooks included."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        timer = self
+
+        class Begin(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                timer._start = time.perf_counter()
+
+        class End(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
                 timer.times.append(time.perf_counter() - timer._start)
 
         self.begin, self.end = Begin(), End()

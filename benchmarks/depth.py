@@ -28,11 +28,9 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from _common import cifar_like
+from _common import TimedCallback, cifar_like
 from icsviz import ICSCallback
 from icsviz.models import build_model
-
-HOOKS = ("on_epoch_begin", "on_epoch_end")
 
 
 def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
@@ -63,52 +61,17 @@ def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
     return model, x, y
 
 
-class Timed(keras.callbacks.Callback):
-    """Times another callback's epoch hooks."""
-
-    def __init__(self, inner: keras.callbacks.Callback) -> None:
-        super().__init__()
-        self.inner = inner
-        self.seconds: dict[tuple[str, int], float] = {}
-        for hook in HOOKS:
-            setattr(self, hook, self._timed(hook))
-
-    def _timed(self, hook: str):
-        method = getattr(self.inner, hook)
-
-        def call(epoch, logs=None):
-            start = time.perf_counter()
-            method(epoch, logs)
-            self.seconds[(hook, epoch)] = time.perf_counter() - start
-
-        return call
-
-    def set_model(self, model) -> None:
-        super().set_model(model)
-        self.inner.set_model(model)
-
-    def set_params(self, params) -> None:
-        super().set_params(params)
-        self.inner.set_params(params)
-
-    def on_train_begin(self, logs=None):
-        self.inner.on_train_begin(logs)
-
-    def on_train_end(self, logs=None):
-        self.inner.on_train_end(logs)
-
-
 def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     model, x, y = make(name)
     batch_x, batch_y = x[:probe], y[:probe]
     model.train_on_batch(batch_x, batch_y)  # trace the train function
 
-    ics = Timed(ICSCallback(folder / f"{name}.h5", probe=(batch_x, batch_y), overwrite=True))
-    board = Timed(keras.callbacks.TensorBoard(str(folder / f"tb-{name}"), histogram_freq=1))
+    ics = TimedCallback(ICSCallback(folder / f"{name}.h5", probe=(batch_x, batch_y), overwrite=True))
+    board = TimedCallback(keras.callbacks.TensorBoard(str(folder / f"tb-{name}"), histogram_freq=1))
     model.fit(x[:probe], y[:probe], batch_size=probe, epochs=2, verbose=0, callbacks=[ics, board])
-    first = ics.seconds[("on_epoch_begin", 0)]
-    ics_epoch_end = ics.seconds[("on_epoch_end", 1)]
-    tb_epoch_end = board.seconds[("on_epoch_end", 1)]
+    first = ics.hook_seconds[("on_epoch_begin", 0)]
+    ics_epoch_end = ics.hook_seconds[("on_epoch_end", 1)]
+    tb_epoch_end = board.hook_seconds[("on_epoch_end", 1)]
 
     callback = ics.inner
     program = callback._program

@@ -22,50 +22,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import keras
 
-from _common import EpochTimer, cifar_like
+from _common import EpochTimer, TimedCallback, cifar_like
 from icsviz import ICSCallback
 from icsviz.models import build_model
 from icsviz.train import RECIPES, _optimizer
-
-HOOKS = ("on_train_begin", "on_epoch_begin", "on_train_batch_end", "on_epoch_end", "on_train_end")
-
-
-class TimedCallback(keras.callbacks.Callback):
-    """Forwards every hook to `inner` and adds up, per epoch, the seconds spent in it."""
-
-    def __init__(self, inner: keras.callbacks.Callback) -> None:
-        super().__init__()
-        self.inner = inner
-        self.seconds: dict[int, float] = defaultdict(float)
-        self.epoch = 0
-        for hook in HOOKS:
-            setattr(self, hook, self._timed(hook))
-
-    def _timed(self, hook: str):
-        method = getattr(self.inner, hook)
-
-        def call(*args, **kwargs):
-            if hook == "on_epoch_begin":
-                self.epoch = args[0]
-            start = time.perf_counter()
-            method(*args, **kwargs)
-            self.seconds[self.epoch] += time.perf_counter() - start
-
-        return call
-
-    def set_model(self, model) -> None:
-        super().set_model(model)
-        self.inner.set_model(model)
-
-    def set_params(self, params) -> None:
-        super().set_params(params)
-        self.inner.set_params(params)
 
 
 def measure(name: str, x, y, epochs: int, probe: int, folder: Path) -> None:

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import keras
 
-from _common import cifar_like
+from _common import StepTimer, cifar_like
 from icsviz import ICSCallback
 from icsviz.models import build_model
 from icsviz.train import RECIPES, _optimizer
@@ -34,25 +33,9 @@ from icsviz.train import RECIPES, _optimizer
 WARMUP = 5
 
 
-class StepTimer:
-    """Two callbacks around the others: the seconds of each step, all hooks included."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        timer = self
-
-        class Begin(keras.callbacks.Callback):
-            def on_train_batch_begin(self, batch, logs=None):
-                timer._start = time.perf_counter()
-
-        class End(keras.callbacks.Callback):
-            def on_train_batch_end(self, batch, logs=None):
-                timer.times.append(time.perf_counter() - timer._start)
-
-        self.begin, self.end = Begin(), End()
-
-    def total(self) -> float:
-        return sum(self.times[WARMUP:])
+def total(timer: StepTimer) -> float:
+    """The seconds of a fit's steps after the first WARMUP (tracing)."""
+    return sum(timer.times[WARMUP:])
 
 
 def measure(name: str, x, y, rounds: int, folder: Path) -> None:
@@ -79,10 +62,10 @@ def measure(name: str, x, y, rounds: int, folder: Path) -> None:
             verbose=0,
             callbacks=[stats.begin, callback, stats.end],
         )
-        ratios.append(stats.total() / plain.total())
+        ratios.append(total(stats) / total(plain))
         n = len(plain.times) - WARMUP
-        plain_steps.append(plain.total() / n)
-        with_steps.append(stats.total() / n)
+        plain_steps.append(total(plain) / n)
+        with_steps.append(total(stats) / n)
     print(
         f"{name:8s} batch {recipe.batch_size}: step {statistics.median(plain_steps) * 1e3:.1f} ms plain, "
         f"{statistics.median(with_steps) * 1e3:.1f} ms with batch_stats -> ratio "

@@ -70,14 +70,13 @@ def drift_reading(runs: Runs) -> list[str]:
     sentences = []
     first = labels[0]
     for other in labels[1:]:
-        pair = {first: runs[first], other: runs[other]}
-        pairs = analysis.pair_layers(pair, by="role")
-        score = {label: {d.layer: d.score for d in analysis.run_drift(run)} for label, run in pair.items()}
-        ranked = []
-        for role, names in pairs:
-            a, b = score[first].get(names[first], np.nan), score[other].get(names[other], np.nan)
-            if np.isfinite(a) and np.isfinite(b) and a > 0 and b > 0:
-                ranked.append((role, names, a, b, a / b))
+        pairs = dict(analysis.pair_layers({first: runs[first], other: runs[other]}, by="role"))
+        comparison = analysis.compare_runs(runs[first], runs[other])
+        ranked = [
+            (role, pairs[role], a, b, ratio)
+            for role, (a, b, ratio) in comparison.items()
+            if np.isfinite(ratio) and ratio > 0
+        ]
         ranked.sort(key=lambda item: -max(item[4], 1 / item[4]))
         if not ranked:
             sentences.append(

@@ -34,6 +34,7 @@ __all__ = [
     "LayerDrift",
     "run_drift",
     "compare_runs",
+    "compare_scores",
     "gradient_shift_summary",
     "Divergence",
     "divergence",
@@ -226,9 +227,20 @@ def compare_runs(
 
     a = {d.layer: d.score for d in run_drift(baseline, metric)}
     b = {d.layer: d.score for d in run_drift(other, metric)}
+    pairs = [
+        (label, (names["a"], names["b"])) for label, names in pair_layers({"a": baseline, "b": other}, by=by)
+    ]
+    return compare_scores(a, b, pairs)
+
+
+def compare_scores(
+    baseline: Mapping[str, float], other: Mapping[str, float], pairs: Sequence[tuple[str, tuple[str, str]]]
+) -> dict[str, tuple[float, float, float]]:
+    """`compare_runs` from drift scores already computed ({layer: score} per run) and the
+    pairs [(label, (baseline layer, other layer))] to compare."""
     out = {}
-    for label, names in pair_layers({"a": baseline, "b": other}, by=by):
-        score_a, score_b = a.get(names["a"], np.nan), b.get(names["b"], np.nan)
+    for label, (name_a, name_b) in pairs:
+        score_a, score_b = baseline.get(name_a, np.nan), other.get(name_b, np.nan)
         ratio = score_a / score_b if np.isfinite(score_b) and score_b > 0 else np.nan
         out[label] = (score_a, score_b, ratio)
     return out

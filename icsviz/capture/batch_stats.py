@@ -245,7 +245,6 @@ class StepStatistics:
         self._pending: list[Any] = []  # device vectors not yet written, in step order
         self._installed = False
         self._saved: dict[str, Any] = {}
-        self.missing: list[str] = []  # planned layers the training step did not produce
         self.expected = False  # set by the callback before each step of its own fit
 
     # ------------------------------------------------------------- tracing
@@ -254,15 +253,13 @@ class StepStatistics:
         samples = []
         for plan in self.plans:
             record = produced.get(plan.spec.name)
-            width = plan.spec.sample + len(plan.spec.tracked_units) * plan.spec.unit_sample
-            missing = ops.full((width,), float("nan"))
             if record is None:
                 warn_once(
                     f"batch-missing:{plan.spec.name}",
                     f"the training step does not compute layer {plan.spec.name!r} as the probe pass does; "
                     "its per-step rows are NaN (probe captures still record it).",
                 )
-                samples.append(missing)
+                samples.append(_missing(plan))
                 continue
             try:
                 samples.append(tensor_sample(record.tensor, plan, record.layer.layer))
@@ -272,7 +269,7 @@ class StepStatistics:
                     f"per-step statistics of layer {plan.spec.name!r} failed ({type(exc).__name__}: {exc}); "
                     "its per-step rows are NaN.",
                 )
-                samples.append(missing)
+                samples.append(_missing(plan))
         return batch_vector(samples, self.plans, self._q)
 
     @contextlib.contextmanager
@@ -376,6 +373,11 @@ class StepStatistics:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+
+def _missing(plan: BatchPlan) -> Any:
+    """A sample of NaN for a layer the step did not produce: its statistics come out NaN."""
+    return ops.full((plan.spec.sample + len(plan.spec.tracked_units) * plan.spec.unit_sample,), float("nan"))
 
 
 def _base(name: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -364,8 +365,6 @@ class ICSCallback(keras.callbacks.Callback):
                 stacklevel=4,
             )
             return layout
-        import dataclasses
-
         specs = tuple(
             BatchLayerSpec(
                 name=spec.name,

@@ -6,7 +6,7 @@ tested without a browser and reused by the report.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -153,11 +153,11 @@ def headline(runs: Runs, scores_of: dict[str, dict[str, float]] | None = None) -
         return "", None
     if first not in scores_of or other not in scores_of:
         return "", None
-    comparison = {}
-    for role, names in pairs.items():  # as analysis.compare_runs, from the scores already computed
-        a = scores_of[first].get(names[first], np.nan)
-        b = scores_of[other].get(names[other], np.nan)
-        comparison[role] = (a, b, a / b if np.isfinite(b) and b > 0 else np.nan)
+    comparison = analysis.compare_scores(
+        scores_of[first],
+        scores_of[other],
+        [(role, (names[first], names[other])) for role, names in pairs.items()],
+    )
     finite = {k: v for k, v in comparison.items() if np.isfinite(v[2]) and v[2] > 0}
     if not finite:
         return "", None
@@ -301,6 +301,21 @@ def heatmap_frame(run: Run, layer: str, edges: np.ndarray) -> pd.DataFrame:
     )
 
 
+def _band_columns(
+    acts: ActivationStats, unit: int | None, pairs: Sequence[tuple[float, float]]
+) -> dict[str, np.ndarray]:
+    """The median and the band edges ("q15", "q85", ...) of the layer or one tracked unit."""
+
+    def series(level: float) -> np.ndarray:
+        return acts.quantile(level) if unit is None else acts.unit_quantile(unit, level)
+
+    columns = {"median": series(0.5)}
+    for low, high in pairs:
+        columns[f"q{round(low * 100):02d}"] = series(low)
+        columns[f"q{round(high * 100):02d}"] = series(high)
+    return columns
+
+
 def percentile_frame(runs: Runs, layer: str, unit: int | None = None, bands: str = "ioffe") -> pd.DataFrame:
     """Quantile bands over training for the layer (or one tracked unit), wide by level."""
     rows = []
@@ -309,15 +324,7 @@ def percentile_frame(runs: Runs, layer: str, unit: int | None = None, bands: str
         if layer not in run.layer_names:
             continue
         acts = run.activations(layer)
-
-        def series(level: float, acts: ActivationStats = acts) -> np.ndarray:
-            return acts.quantile(level) if unit is None else acts.unit_quantile(unit, level)
-
-        frame = pd.DataFrame({"run": label, "epoch": acts.epochs, "median": series(0.5)})
-        for low, high in pairs:
-            frame[f"q{round(low * 100):02d}"] = series(low)
-            frame[f"q{round(high * 100):02d}"] = series(high)
-        rows.append(frame)
+        rows.append(pd.DataFrame({"run": label, "epoch": acts.epochs, **_band_columns(acts, unit, pairs)}))
     return _frame(rows, ["run", "epoch", "median"])
 
 
@@ -338,14 +345,9 @@ def batch_percentile_frame(
         if unit is not None and unit not in acts.tracked_units:
             continue
 
-        def series(level: float, acts: ActivationStats = acts) -> np.ndarray:
-            return acts.quantile(level) if unit is None else acts.unit_quantile(unit, level)
-
-        columns = {"epoch": acts.epochs, "step": acts.steps.astype(float), "median": series(0.5)}
-        for low, high in pairs:
-            columns[f"q{round(low * 100):02d}"] = series(low)
-            columns[f"q{round(high * 100):02d}"] = series(high)
-        frame = pd.DataFrame(columns)
+        frame = pd.DataFrame(
+            {"epoch": acts.epochs, "step": acts.steps.astype(float), **_band_columns(acts, unit, pairs)}
+        )
         if len(frame) > max_points:
             frame = frame.groupby(np.arange(len(frame)) * max_points // len(frame)).mean()
         frame.insert(0, "run", label)
