@@ -74,13 +74,17 @@ def _capture_control(epochs: list[float]) -> float:
 
         @st.fragment(run_every=PLAY_STEP_S)
         def advance() -> None:
-            # One step per tick: a full rerun within the same tick does not step again.
+            # One step per tick: the full rerun a step causes does not step again, however long
+            # the page takes to draw (a slow page used to chain steps and skip captures).
+            if st.session_state.pop("_stepped", False):
+                return
             now = time.monotonic()
             if now - st.session_state.get("_tick", 0.0) < PLAY_STEP_S * 0.75:
                 return
             index = epochs.index(st.session_state.capture) if st.session_state.capture in epochs else -1
             if index + 1 < len(epochs):
                 st.session_state._tick = now
+                st.session_state._stepped = True
                 st.session_state.capture = epochs[index + 1]
                 st.rerun()
 
