@@ -58,8 +58,13 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-shift", action="store_true", help="record the Santurkar et al. gradient shift")
     p.add_argument(
         "--batch-stats",
-        action="store_true",
-        help="per-step mode: also measure every training batch inside the training step (about 1.05x)",
+        nargs="?",
+        type=int,
+        const=1,
+        default=0,
+        metavar="N",
+        help="per-step mode: also measure every training batch inside the training step (about 1.05x); "
+        "with N, keep every N-th step's row",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace existing run files")

@@ -98,7 +98,7 @@ def train(
     recipe: Recipe | None = None,
     probe_size: int = 512,
     every_n_steps: int | None = None,
-    batch_stats: bool = False,
+    batch_stats: bool | int = False,
     gradient_shift: bool = False,
     overwrite: bool = False,
     seed: int = 0,

@@ -102,6 +102,22 @@ def test_rows_match_numpy_on_each_training_batch(tmp_path: Path) -> None:
                     assert np.mean(column < median) - 0.06 < 0.5 < np.mean(column <= median) + 0.06
 
 
+def test_every_nth_step_keeps_the_rows_of_those_steps(tmp_path: Path) -> None:
+    every, full = tmp_path / "every3.h5", tmp_path / "all.h5"
+    _fit([ICSCallback(full, probe=_probe(), batch_stats=True, flush_every=4)], lr=0.0)
+    _fit([ICSCallback(every, probe=_probe(), batch_stats=3, flush_every=4)], lr=0.0)
+    with open_run(every) as kept, open_run(full) as run:
+        np.testing.assert_array_equal(kept.batch_steps, [0, 3, 6, 9])
+        assert kept.attrs["config"]["batch_stats_every"] == 3
+        same, all_rows = kept.batch_activations("bn"), run.batch_activations("bn")
+        # lr 0 and no shuffling: the kept rows are exactly those steps' rows of the full record.
+        np.testing.assert_array_equal(same.counts, all_rows.counts[[0, 3, 6, 9]])
+        np.testing.assert_array_equal(same.mean, all_rows.mean[[0, 3, 6, 9]])
+    for bad in (-1, 2.5, "yes"):
+        with pytest.raises(ValueError, match="batch_stats must be"):
+            ICSCallback(tmp_path / "bad.h5", probe=_probe(), batch_stats=bad)
+
+
 def test_layers_are_restored_after_probe_and_step_interception(tmp_path: Path) -> None:
     model = _model()
     before = {layer.name: dict(layer.__dict__) for layer in model.layers}

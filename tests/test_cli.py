@@ -90,3 +90,13 @@ def test_an_unknown_data_set_names_the_known_ones_without_a_traceback(tmp_path) 
     from icsviz.cli import _DATASETS
 
     assert _DATASETS == DATASETS  # the command line and the loader know the same data sets
+
+
+def test_batch_stats_takes_an_optional_step_interval() -> None:
+    from icsviz.cli import _parser
+
+    parse = _parser().parse_args
+    assert parse(["train", "--model", "bn", "--batch-stats"]).batch_stats == 1
+    assert parse(["train", "--model", "bn", "--batch-stats", "10"]).batch_stats == 10
+    assert parse(["train", "--model", "bn"]).batch_stats == 0
+    assert parse(["experiment", "--batch-stats", "5"]).batch_stats == 5

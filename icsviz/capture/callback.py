@@ -129,6 +129,9 @@ class ICSCallback(keras.callbacks.Callback):
             the reference CNN): exact mean/std/min/max, and quantiles, histogram
             and zero fraction from a fixed sample of 4096 values per layer, one
             row per step under /batches. Probe captures go on as configured.
+            An integer N keeps the row of every N-th step only (True is 1): each
+            row is still one batch's statistics, and the file grows N times
+            slower on long runs (the in-step cost is the same).
         flush_every: In per-step mode, write the steps' rows every this many
             steps (they wait on the device until then; a kill loses at most
             these).
@@ -165,7 +168,7 @@ class ICSCallback(keras.callbacks.Callback):
         *,
         layers: Sequence[LayerFilter] | None = None,
         every_n_steps: int | None = None,
-        batch_stats: bool = False,
+        batch_stats: bool | int = False,
         flush_every: int = 100,
         gradient_shift: bool = False,
         histogram_bins: int = 64,
@@ -182,6 +185,11 @@ class ICSCallback(keras.callbacks.Callback):
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(
                 f"every_n_steps must be a positive integer or None. Received: every_n_steps={every_n_steps!r}"
+            )
+        if not isinstance(batch_stats, int) or batch_stats < 0:
+            raise ValueError(
+                "batch_stats must be True, False or a positive integer N (keep every N-th step). "
+                f"Received: batch_stats={batch_stats!r}"
             )
         if not isinstance(flush_every, int) or flush_every < 1:
             raise ValueError(f"flush_every must be a positive integer. Received: flush_every={flush_every!r}")
@@ -216,6 +224,7 @@ class ICSCallback(keras.callbacks.Callback):
         self.layers = layers
         self.every_n_steps = every_n_steps
         self.batch_stats = bool(batch_stats)
+        self.batch_stats_every = int(batch_stats) if batch_stats else 0
         self.flush_every = flush_every
         self.overwrite = overwrite
         self.run_name = run_name or self.path.stem
@@ -432,6 +441,11 @@ class ICSCallback(keras.callbacks.Callback):
             return
         vectors = steps.drain(n)
         tags, self._step_tags = self._step_tags[:n], self._step_tags[n:]
+        # batch_stats=N: every step computes its row (one step program), every N-th is kept.
+        keep = [i for i, tag in enumerate(tags) if tag[0] % self.batch_stats_every == 0]
+        if not keep:
+            return
+        vectors, tags = vectors[keep], [tags[i] for i in keep]
         rows = BatchRows(
             step=np.asarray([t[0] for t in tags], "i8"),
             epoch=np.asarray([t[1] for t in tags], "f8"),
@@ -457,6 +471,7 @@ class ICSCallback(keras.callbacks.Callback):
             "gradient_shift": self.options.gradient_shift,
             "every_n_steps": self.every_n_steps,
             "batch_stats": self.batch_stats,
+            "batch_stats_every": self.batch_stats_every or None,
             "flush_every": self.flush_every if self.batch_stats else None,
             "probe_size": self._probe_size,
             "probe_has_labels": self._probe_y is not None,
