@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Folder catalogues of this test session go to a folder of their own, not the user's ~/.cache.
+os.environ["ICSVIZ_CACHE_DIR"] = tempfile.mkdtemp(prefix="icsviz-test-cache-")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np

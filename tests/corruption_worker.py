@@ -67,7 +67,7 @@ def digest(path: Path) -> str:
 
 def main() -> None:
     for line in sys.stdin.buffer:
-        path = Path(os.fsdecode(bytes.fromhex(line.decode().strip())))
+        path = Path(os.fsdecode(bytes.fromhex(line.decode().split()[-1])))  # "<task> <hex path>"
         try:
             answer: tuple = ("ok", digest(path))
         except icsviz.RunFileError as exc:

@@ -16,7 +16,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from conftest import damage_chunk
-from icsviz import open_run
+from icsviz import analysis, open_run
+from icsviz.store.catalog import catalog, scan_runs
 from icsviz.store.schema import decode_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -396,6 +397,21 @@ def test_side_by_side_panels_share_their_scales_and_show_time(shipped) -> None:
     assert drift and all("symlog" in _find(s, "type") for s in drift)
 
 
+def test_every_chart_the_app_draws_is_valid_vega_lite(shipped, monkeypatch) -> None:
+    from icsviz.dashboard import page
+
+    monkeypatch.setattr(page, "VALIDATE_CHARTS", True)  # the app skips the schema check for speed
+    page._spec.clear()
+    at = app_for(shipped).run()
+    assert not at.exception, [e.value for e in at.exception]
+    drawn = len(at.get("vega_lite_chart"))
+    for layer in ("conv2_relu", "input of fc1_relu"):
+        at.sidebar.selectbox(key="layer").set_value(layer).run()
+        assert not at.exception, [e.value for e in at.exception]
+    assert drawn >= 14  # every tab is drawn on each run: curves, bands, ridgelines, drift, gradients
+    page._spec.clear()
+
+
 def test_relu_histograms_show_live_values_and_the_dead_fraction_apart(shipped) -> None:
     at = app_for(shipped).run()
     at.sidebar.selectbox(key="layer").set_value("conv2_relu").run()
@@ -413,12 +429,58 @@ def test_relu_histograms_show_live_values_and_the_dead_fraction_apart(shipped) -
     assert any(f"cifar10-baseline {dead:.1%}" in shown(c.value) for c in at.caption)
 
 
-def test_the_run_picker_filters_by_name_model_and_date(shipped, tmp_path) -> None:
+def sweep_folder(tmp_path: Path, copies: int = 6) -> Path:
     folder = tmp_path / "many"
     folder.mkdir()
-    for i in range(6):  # a sweep: copies of the shipped pair
+    for i in range(copies):  # a sweep: copies of the shipped pair
         for path in SHIPPED:
             shutil.copy(path, folder / f"sweep{i}-{path.name}")
+    return folder
+
+
+def test_a_new_folder_opens_at_once_and_its_table_fills_in(shipped, tmp_path) -> None:
+    folder = sweep_folder(tmp_path)
+    at = app_for(folder).run()
+    assert not at.exception
+    # The first screen does not wait for all 12 files: it opens on the first runs read...
+    assert len(at.sidebar.multiselect(key="runs").value) == 2
+    table = at.dataframe(key="sweep").value
+    assert len(table) == 12 and "not read yet" in set(table["status"])
+    assert any("in the background" in c.value for c in at.caption)
+    # ...while the catalogue reads the rest in the background, once: it is kept on disk.
+    assert catalog(folder).wait(180)
+    at.run()
+    table = at.dataframe(key="sweep").value
+    assert len(at.sidebar.multiselect(key="runs").options) == 12
+    assert set(table["status"]) == {"complete"}
+    row = table[table["file"] == "sweep2-cifar10-bn.h5"].iloc[0]
+    with open_run(folder / "sweep2-cifar10-bn.h5") as run:
+        assert row["drift"] == pytest.approx(analysis.run_drift_score(run))
+        val = run.history["val_accuracy"]
+        assert row["final val acc"] == pytest.approx(val[-1]) and row["best val acc"] == pytest.approx(
+            val.max()
+        )
+        assert row["date"] == str(run.attrs["created"])[:10] and row["epochs"] == len(val)
+    assert list(table.columns[:4]) == ["file", "run", "model", "dataset"]
+
+
+def test_rows_selected_in_the_sweep_table_are_compared(shipped, tmp_path) -> None:
+    folder = sweep_folder(tmp_path, copies=2)
+    scan_runs(folder)  # catalogued already
+    at = app_for(folder).run()
+    files = at.dataframe(key="sweep").value["file"].tolist()
+    picks = [files.index("sweep1-cifar10-baseline.h5"), files.index("sweep0-cifar10-bn.h5")]
+    at.session_state["sweep"] = {"selection": {"rows": picks, "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception
+    assert at.sidebar.multiselect(key="runs").value == ["sweep1-cifar10-baseline.h5", "sweep0-cifar10-bn.h5"]
+    labels = set(frames_with(at, "run", "metric", "split", "value")[0]["run"])
+    assert labels == {"sweep1-cifar10-baseline", "sweep0-cifar10-bn"}
+
+
+def test_the_run_picker_filters_by_name_model_and_date(shipped, tmp_path) -> None:
+    folder = sweep_folder(tmp_path)
+    scan_runs(folder)
     at = app_for(folder).run()
     assert len(at.sidebar.multiselect(key="runs").options) == 12
     at.sidebar.text_input(key="run_filter").set_value("sweep3 bn").run()
@@ -427,7 +489,9 @@ def test_the_run_picker_filters_by_name_model_and_date(shipped, tmp_path) -> Non
     chosen = set(at.sidebar.multiselect(key="runs").value)
     assert "sweep3-cifar10-bn.h5" in options and chosen <= set(options)
     assert set(options) - chosen == {"sweep3-cifar10-bn.h5"} - chosen  # others only if already chosen
-    today = time.strftime("%Y-%m-%d")
-    at.sidebar.text_input(key="run_filter").set_value(f"{today} cnn_bn").run()
+    assert set(at.dataframe(key="sweep").value["file"]) == {"sweep3-cifar10-bn.h5"}  # the table too
+    with open_run(folder / "sweep5-cifar10-bn.h5") as run:
+        created = str(run.attrs["created"])[:10]
+    at.sidebar.text_input(key="run_filter").set_value(f"{created} cnn_bn").run()
     options = at.sidebar.multiselect(key="runs").options
     assert "sweep5-cifar10-bn.h5" in options and "sweep5-cifar10-baseline.h5" not in (set(options) - chosen)

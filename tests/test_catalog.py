@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import tiny_capture
-from icsviz import RunFileError
+from icsviz import RunFileError, analysis, open_run
+from icsviz.store import catalog as catalog_module
 from icsviz.store.catalog import resolve_run, scan_runs
 from icsviz.store.writer import RunWriter
 
@@ -43,3 +47,98 @@ def test_resolve_refuses_traversal(tmp_path, layout) -> None:
     for name in ("../ok.h5", "/etc/passwd", "ok.h5/../../x.h5", "missing.h5", "sub/ok.h5"):
         with pytest.raises(RunFileError):
             resolve_run(tmp_path, name)
+
+
+def _sweep(folder: Path, layout, n: int = 3) -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"run{i}.h5"
+        with RunWriter.create(path, layout, {"run_name": f"run{i}", "model_name": "net"}) as w:
+            for step in range(3):
+                w.write_capture(tiny_capture(layout, step, value=1.0 + i * step))
+            w.write_epoch(0, {"val_accuracy": 0.5})
+            w.write_epoch(1, {"val_accuracy": 0.25 * (i + 1)})
+        paths.append(path)
+    return paths
+
+
+def _new_process() -> None:
+    """Forget what this process knows, as a new app process would."""
+    catalog_module._CATALOGS.clear()
+    catalog_module._BY_KEY.clear()
+
+
+def test_a_folder_is_read_once_and_its_catalogue_kept_on_disk(tmp_path, layout, monkeypatch) -> None:
+    folder = tmp_path / "sweep"
+    paths = _sweep(folder, layout)
+    first = scan_runs(folder)
+    assert [e.final_val_accuracy for e in first] == [0.25, 0.5, 0.75]
+    assert [e.best_val_accuracy for e in first] == [0.5, 0.5, 0.75]
+    with open_run(paths[2]) as run:
+        assert first[2].drift_score == pytest.approx(analysis.run_drift_score(run))
+        assert first[2].created == run.attrs["created"] and first[2].date == run.attrs["created"][:10]
+    assert all(np.isfinite(e.drift_score) for e in first)
+    stored = list(catalog_module.cache_dir().glob("catalog-*.json"))
+    assert stored, "the catalogue is kept on disk"
+
+    _new_process()
+
+    def unread(path, stat):
+        raise AssertionError(f"{path} was read again")
+
+    monkeypatch.setattr(catalog_module, "_summarize", unread)
+    assert scan_runs(folder) == first  # from disk: no file opened
+    monkeypatch.undo()
+
+    # A file that changes is read again; a removed one leaves the catalogue.
+    with RunWriter.resume(paths[0], layout, from_epoch=2) as w:
+        w.write_epoch(2, {"val_accuracy": 0.9})
+    paths[1].unlink()
+    again = scan_runs(folder)
+    assert [e.path.name for e in again] == ["run0.h5", "run2.h5"]
+    assert again[0].final_val_accuracy == 0.9 and again[0].epochs == 3
+
+
+def test_a_damaged_catalogue_is_only_a_cache(tmp_path, layout) -> None:
+    folder = tmp_path / "sweep"
+    _sweep(folder, layout, n=2)
+    expected = scan_runs(folder)
+    for stored in catalog_module.cache_dir().glob("catalog-*.json"):
+        stored.write_text('{"version": 1, "entries": [{"path": 3')
+    _new_process()
+    assert scan_runs(folder) == expected
+
+
+def test_the_catalogue_reads_new_files_in_the_background(tmp_path, layout) -> None:
+    folder = tmp_path / "sweep"
+    _sweep(folder, layout, n=4)
+    runs = catalog_module.catalog(folder)
+    listed = runs.entries()  # answers at once
+    assert len(listed) == 4 and all(e.pending or e.readable for e in listed)
+    assert runs.wait(60)
+    done = runs.entries()
+    assert not any(e.pending for e in done) and [e.status for e in done] == ["complete"] * 4
+    assert runs.pending == 0
+
+
+def test_a_run_left_training_is_shown_as_stopped_once_stale(tmp_path, layout) -> None:
+    folder = tmp_path / "live"
+    folder.mkdir()
+    writer = RunWriter.create(folder / "live.h5", layout, {})
+    writer.write_capture(tiny_capture(layout, 0))
+    try:
+        assert scan_runs(folder)[0].status == "training"
+        old = time.time() - catalog_module.STALE_AFTER_S - 60
+        os.utime(folder / "live.h5", (old, old))
+        assert scan_runs(folder)[0].status == "stopped (killed?)"
+    finally:
+        writer.close()
+
+
+def test_no_catalogue_on_disk_when_turned_off(tmp_path, layout, monkeypatch) -> None:
+    monkeypatch.setenv("ICSVIZ_CACHE_DIR", "off")
+    folder = tmp_path / "sweep"
+    _sweep(folder, layout, n=1)
+    assert catalog_module.cache_dir() is None
+    assert scan_runs(folder)[0].readable

@@ -19,12 +19,13 @@ import numpy as np
 from scipy.special import rel_entr
 
 from ..errors import MissingDataError
-from ..histograms import centers, rebin
+from ..histograms import rebin
 from ..store.reader import ActivationStats, Run
 
 __all__ = [
     "common_grid",
     "wasserstein",
+    "wasserstein_rows",
     "jensen_shannon",
     "psi",
     "moment_shift",
@@ -33,6 +34,7 @@ __all__ = [
     "drift_score",
     "LayerDrift",
     "run_drift",
+    "run_drift_score",
     "compare_runs",
     "compare_scores",
     "gradient_shift_summary",
@@ -94,15 +96,35 @@ def wasserstein(
     `scipy.stats.wasserstein_distance` (the tests check they agree), without its
     per-call validation, which dominates when a drift matrix needs thousands.
     """
+    return float(
+        wasserstein_rows(
+            np.asarray(counts_a, float)[None],
+            np.asarray(edges_a, float)[None],
+            np.asarray(counts_b, float)[None],
+            np.asarray(edges_b, float)[None],
+        )[0]
+    )
+
+
+def wasserstein_rows(
+    counts_a: np.ndarray, edges_a: np.ndarray, counts_b: np.ndarray, edges_b: np.ndarray
+) -> np.ndarray:
+    """`wasserstein` of each row pair of (T, B) counts and (T, B + 1) edges, at once: (T,)."""
     counts_a, counts_b = np.asarray(counts_a, float), np.asarray(counts_b, float)
-    total_a, total_b = counts_a.sum(), counts_b.sum()
-    if total_a <= 0 or total_b <= 0:
-        return float("nan")
-    x = np.concatenate([centers(np.asarray(edges_a, float)), centers(np.asarray(edges_b, float))])
-    w = np.concatenate([counts_a / total_a, -counts_b / total_b])
-    order = np.argsort(x, kind="stable")
-    x, w = x[order], w[order]
-    return float(np.sum(np.abs(np.cumsum(w)[:-1]) * np.diff(x)))
+    total_a, total_b = counts_a.sum(axis=1, keepdims=True), counts_b.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.concatenate([counts_a / total_a, -counts_b / total_b], axis=1)
+    x = np.concatenate([_row_centers(edges_a), _row_centers(edges_b)], axis=1)
+    order = np.argsort(x, axis=1, kind="stable")
+    x, w = np.take_along_axis(x, order, axis=1), np.take_along_axis(w, order, axis=1)
+    out = np.sum(np.abs(np.cumsum(w, axis=1)[:, :-1]) * np.diff(x, axis=1), axis=1)
+    empty = (total_a[:, 0] <= 0) | (total_b[:, 0] <= 0) | ~np.isfinite(out)
+    return np.where(empty, np.nan, out)
+
+
+def _row_centers(edges: np.ndarray) -> np.ndarray:
+    edges = np.asarray(edges, float)
+    return (edges[:, 1:] + edges[:, :-1]) / 2
 
 
 def jensen_shannon(
@@ -165,14 +187,15 @@ def drift_curve(acts: ActivationStats, metric: str = "w1", against: str = "start
             mean_shift = np.abs(np.diff(acts.mean, prepend=acts.mean[:1])) / scale
             std_shift = np.abs(np.diff(acts.std, prepend=acts.std[:1])) / scale
         return mean_shift if metric == "mean_shift" else std_shift
-    fn = {"w1": wasserstein, "js": jensen_shannon, "psi": psi}[metric]
+    refs = np.zeros(n, int) if against == "start" else np.maximum(np.arange(n) - 1, 0)
+    if metric == "w1":  # all captures at once: a drift matrix needs thousands of these
+        out = wasserstein_rows(acts.counts[refs], acts.edges[refs], acts.counts, acts.edges)
+        scale = acts.std[0] if np.isfinite(acts.std[0]) and acts.std[0] > 0 else np.nan
+        return out / scale
+    fn = jensen_shannon if metric == "js" else psi
     out = np.full(n, np.nan)
     for t in range(n):
-        ref = 0 if against == "start" else max(t - 1, 0)
-        out[t] = fn(acts.counts[ref], acts.edges[ref], acts.counts[t], acts.edges[t])
-    if metric == "w1":
-        scale = acts.std[0] if np.isfinite(acts.std[0]) and acts.std[0] > 0 else np.nan
-        out = out / scale
+        out[t] = fn(acts.counts[refs[t]], acts.edges[refs[t]], acts.counts[t], acts.edges[t])
     return out
 
 
@@ -204,14 +227,30 @@ class LayerDrift:
     final: float  # the curve's last value
 
 
-def run_drift(run: Run, metric: str = "w1") -> list[LayerDrift]:
+def run_drift(run: Run, metric: str = "w1", layers: Sequence[str] | None = None) -> list[LayerDrift]:
+    """The drift summary of each layer (`layers`, default all), in model order."""
     out = []
-    for name in run.layer_names:
+    for name in run.layer_names if layers is None else layers:
         acts = run.activations(name)
         curve = drift_curve(acts, metric)
         final = float(curve[-1]) if len(curve) else np.nan
         out.append(LayerDrift(name, drift_score(curve, acts.epochs), final))
     return out
+
+
+def run_drift_score(run: Run, metric: str = "w1") -> float:
+    """One number for a whole run: the median drift score of the inputs of its nonlinearities.
+
+    The inputs of the nonlinearities are what BatchNormalization is meant to hold
+    steady (Ioffe & Szegedy); a run without a recognised nonlinearity uses all
+    its layers. The median keeps one runaway layer (often the logits) from
+    speaking for the run. NaN when no layer has two captures.
+    """
+    from .roles import nonlinearity_inputs
+
+    layers = [role.layer for role in nonlinearity_inputs(run)] or run.layer_names
+    scores = [d.score for d in run_drift(run, metric, layers) if np.isfinite(d.score)]
+    return float(np.median(scores)) if scores else float("nan")
 
 
 def compare_runs(

@@ -12,15 +12,19 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import streamlit as st
 
-from ..store.catalog import RunEntry, scan_runs
+from ..store.catalog import FolderCatalog, RunEntry, catalog
 from . import charts, page
 
+ICON = Path(__file__).with_name("icon.png")
 SHIPPED_PAIR = ("cifar10_cnn", "cifar10_cnn_bn")
 LIVE_REFRESH_S = 3.0
 PLAY_STEP_S = 0.8
+CATALOG_REFRESH_S = 2.0
+FIRST_READ = 4  # files read at once when a new folder has no readable run known yet
 DRIFT_FIELDS = {
     "from_start": "W1 from step 0",
     "from_previous": "W1 from the previous capture",
@@ -42,10 +46,21 @@ def default_selection(entries: Sequence[RunEntry]) -> list[str]:
     return pair if len(pair) == 2 else [e.path.name for e in readable[:2]]
 
 
+def _first_entries(runs: FolderCatalog, entries: list[RunEntry]) -> list[RunEntry]:
+    """A folder seen for the first time opens on its first runs, read now; the rest follow
+    in the background."""
+    if len(default_selection(entries)) >= 2:
+        return entries
+    first = [e.path.name for e in entries if e.pending][:FIRST_READ]
+    if not first:
+        return entries
+    runs.read_now(first)
+    return runs.entries()
+
+
 def matches(entry: RunEntry, query: str) -> bool:
     """Whether every word of `query` occurs in the run's names, model, dataset or date."""
-    date = time.strftime("%Y-%m-%d", time.localtime(entry.mtime_ns / 1e9)) if entry.mtime_ns else ""
-    text = " ".join([entry.path.name, entry.name, entry.model, entry.dataset, date]).lower()
+    text = " ".join([entry.path.name, entry.name, entry.model, entry.dataset, entry.date]).lower()
     return all(word in text for word in query.lower().split())
 
 
@@ -99,7 +114,9 @@ def _capture_control(epochs: list[float]) -> float:
 
 
 def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_choice: str) -> None:
-    entries = {e.path.name: e for e in scan_runs(folder)}
+    runs = catalog(folder)
+    runs.read_now(selected)  # a growing run is read again in its new version before it is drawn
+    entries = {e.path.name: e for e in runs.entries()}
     chosen = [entries[name] for name in selected if name in entries and entries[name].readable]
     if not chosen:
         st.info("Choose one or more readable runs in the sidebar.")
@@ -122,7 +139,7 @@ def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_cho
     if sentence:
         st.markdown(f"**{page.plain(sentence)}**")
         if not overview["role_drift"].empty:
-            st.altair_chart(charts.role_drift_chart(overview["role_drift"], labels), width="stretch")
+            page.draw(charts.role_drift_chart, overview["role_drift"], labels)
     epoch = _capture_control(overview["epochs"])
     page.training_curves(keys, labels, epoch)
     tabs = st.tabs(["Distributions", "Per-unit drift", "Drift summary", "Gradients"])
@@ -140,25 +157,55 @@ def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_cho
         page.gradients(keys, labels)
 
 
+def sweep_table(folder: str, query: str, expanded: bool, reading: bool) -> None:
+    """The runs of the folder in a sortable table, refreshed while the catalogue reads new files."""
+
+    @st.fragment(run_every=CATALOG_REFRESH_S if reading else None)
+    def table() -> None:
+        runs = catalog(folder)
+        entries = runs.entries()
+        shown = [e for e in entries if matches(e, query)]
+        pending = sum(e.pending for e in entries)
+        count = f"{len(shown)} of {len(entries)}" if len(shown) != len(entries) else f"{len(entries)}"
+        with st.expander(f"Runs in {page.plain(folder)} ({count})", expanded=expanded):
+            if pending:
+                st.caption(
+                    f"Reading {pending} of {len(entries)} run files in the background; the table fills "
+                    "in as they are read (once: the catalogue is kept for next time)."
+                )
+            st.caption("Click a column to sort; select rows to compare those runs.")
+            page.runs_table(shown)
+        if st.session_state.pop(page.SWEEP_CHOSE, False) or (reading and not pending):
+            st.rerun()  # the whole page: new runs chosen in the table, or the runs just read
+
+    table()
+
+
 def run_app() -> None:
-    st.set_page_config(page_title="icsviz: internal covariate shift", page_icon="📈", layout="wide")
+    # A file, not an emoji: Streamlit checks a text icon against its emoji pattern, whose
+    # compilation costs about 0.6 s of each new process's first page.
+    st.set_page_config(page_title="icsviz: internal covariate shift", page_icon=ICON, layout="wide")
     st.title("icsviz: internal covariate shift, made visible")
     folder = st.sidebar.text_input("Runs folder", value=default_folder(), key="folder")
-    entries = scan_runs(folder)
-    if not entries:
-        _empty_folder(folder)
-        return
-    with st.expander(
-        f"Runs in {page.plain(folder)} ({len(entries)})", expanded=any(not e.readable for e in entries)
-    ):
-        page.runs_table(entries)
-
     query = st.sidebar.text_input(
         "Filter runs",
         key="run_filter",
         placeholder="name, model, dataset or date",
         help="Every word must match the run's file name, run name, model, dataset or date (YYYY-MM-DD).",
     )
+    runs = catalog(folder)
+    runs.read_now(list(st.session_state.get("runs") or []))
+    entries = _first_entries(runs, runs.entries())
+    if not entries:
+        _empty_folder(folder)
+        return
+    sweep_table(
+        folder,
+        query,
+        expanded=len(entries) > len(SHIPPED_PAIR) or any(not e.readable and not e.pending for e in entries),
+        reading=any(e.pending for e in entries),
+    )
+
     kept = set(st.session_state.get("runs") or [])  # a chosen run never disappears from the list
     names = [e.path.name for e in entries if e.readable and (e.path.name in kept or matches(e, query))]
     damaged = {e.path.name for e in entries if e.readable and e.damaged}

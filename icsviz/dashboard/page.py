@@ -7,8 +7,10 @@ files are shown as text (tables, chart labels), never rendered as HTML.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +21,7 @@ import streamlit as st
 from .. import analysis
 from ..errors import ICSVizError
 from ..store.catalog import RunEntry, entry_for
-from ..store.reader import Run, open_run
+from ..store.reader import ActivationStats, Run, open_run
 from . import charts, data
 
 Key = tuple[str, int, int]
@@ -36,10 +38,47 @@ def plain(text: object) -> str:
 
 
 # ---------------------------------------------------------------- cached reads
+class _Remembered:
+    """A run whose layers' activation statistics are read from the file once per process: the
+    headline, the drift summary and the layer views all need them."""
+
+    _read: collections.OrderedDict[tuple[Key, str], ActivationStats] = collections.OrderedDict()
+    _lock = threading.Lock()
+    _MAX = 256  # layers (about 0.2 MB each for a 50-epoch run)
+
+    def __init__(self, run: Run, key: Key) -> None:
+        self._run, self._key = run, key
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._run, name)
+
+    def __enter__(self) -> _Remembered:
+        self._run.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._run.__exit__(*exc)
+
+    def activations(self, name: str) -> ActivationStats:
+        memo = (self._key, name)
+        with self._lock:
+            found = self._read.get(memo)
+            if found is not None:
+                self._read.move_to_end(memo)
+                return found
+        found = self._run.activations(name)
+        with self._lock:
+            self._read[memo] = found
+            while len(self._read) > self._MAX:
+                self._read.popitem(last=False)
+        return found
+
+
 def _open(key: Key) -> Run:
     """A run as the catalog found it: without the parts its check found damaged."""
     entry = entry_for(key)
-    return entry.open() if entry is not None else open_run(key[0])
+    run = entry.open() if entry is not None else open_run(key[0])
+    return _Remembered(run, key)  # type: ignore[return-value]  (a Run in every other way)
 
 
 def _with_runs(
@@ -187,26 +226,114 @@ def _summary_frames(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str,
     )
 
 
+# ---------------------------------------------------------------- charts
+try:  # Streamlit's own Altair -> Vega-Lite conversion (its data as Arrow, as st.altair_chart sends it)
+    from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec as _to_spec
+except ImportError:  # pragma: no cover - a Streamlit without it: charts are built on every rerun
+    _to_spec = None
+
+
+VALIDATE_CHARTS = False  # check every chart against the Vega-Lite schema (the tests turn it on)
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def _spec(name: str, *args: Any) -> dict[str, Any]:
+    chart = getattr(charts, name)(*args)
+    if not VALIDATE_CHARTS:
+        # The specs are valid (a test draws every view with the check on); the schema check
+        # would cost more than the rest of the conversion.
+        object.__setattr__(chart, "to_dict", functools.partial(type(chart).to_dict, chart, validate=False))
+    return _to_spec(chart)
+
+
+def draw(build: Callable[..., Any], *args: Any) -> None:
+    """Draw `build(*args)` (a function of `charts`), its Vega-Lite spec made once per input.
+
+    Building and validating an Altair chart costs 30-60 ms; a page of 17 charts
+    paid most of a second on every rerun (a new layer, a filter, the play
+    button) for charts whose inputs had not changed.
+    """
+    if _to_spec is None:
+        st.altair_chart(build(*args), width="stretch")
+        return
+    st.vega_lite_chart(_spec(build.__name__, *args), width="stretch")
+
+
 # ---------------------------------------------------------------- views
-def runs_table(entries: Sequence[RunEntry]) -> None:
+SWEEP_COLUMNS = {
+    "file": st.column_config.TextColumn("file"),
+    "run": st.column_config.TextColumn("run"),
+    "model": st.column_config.TextColumn("model"),
+    "dataset": st.column_config.TextColumn("dataset"),
+    "date": st.column_config.TextColumn("date", help="When the run was created"),
+    "epochs": st.column_config.NumberColumn("epochs", format="%d"),
+    "final val acc": st.column_config.NumberColumn("final val acc", format="%.3f"),
+    "best val acc": st.column_config.NumberColumn("best val acc", format="%.3f"),
+    "drift": st.column_config.NumberColumn(
+        "drift",
+        format="%.3f",
+        help="Median drift score of the inputs of the run's nonlinearities: time-averaged W1 distance "
+        "from step 0, in step-0 standard deviations (lower: steadier)",
+    ),
+    "status": st.column_config.TextColumn("status"),
+}
+SWEEP_CHOSE = "_sweep_chose"  # set when rows chosen in the table replaced the compared runs
+_MAX_WARNINGS = 5  # a folder of many damaged runs gets a count, not a wall of warnings
+
+
+def sweep_frame(entries: Sequence[RunEntry]) -> pd.DataFrame:
+    """One row per run file: what the sweep table shows (and sorts on)."""
+
+    def number(value: float) -> float | None:
+        return None if np.isnan(value) else value
+
     rows = [
         {
             "file": e.path.name,
             "run": e.name,
             "model": e.model,
             "dataset": e.dataset,
-            "epochs": e.epochs,
-            "captures": e.captures,
+            "date": e.date,
+            "epochs": e.epochs if e.readable else None,
+            "final val acc": number(e.final_val_accuracy),
+            "best val acc": number(e.best_val_accuracy),
+            "drift": number(e.drift_score),
             "status": e.status + (", damaged" if e.damaged else ""),
-            "best val acc": None if np.isnan(e.best_val_accuracy) else round(e.best_val_accuracy, 4),
         }
         for e in entries
     ]
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-    for e in entries:
+    return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+
+
+def runs_table(entries: Sequence[RunEntry], *, key: str = "sweep") -> None:
+    """The sweep table: every run, sortable by any column; selecting rows compares those runs."""
+    table = sweep_frame(entries)
+    files = table["file"].tolist()
+    readable = {e.path.name for e in entries if e.readable}
+
+    event = st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        column_config=SWEEP_COLUMNS,
+        key=key,
+        on_select="rerun",
+        selection_mode="multi-row",
+    )
+    # Rows chosen in the table become the compared runs. Only a change of selection over the
+    # same rows counts: a filter that changes the rows leaves the selection's row numbers stale.
+    rows = tuple(event.selection.rows)
+    seen, st.session_state[f"_{key}_seen"] = st.session_state.get(f"_{key}_seen"), (tuple(files), rows)
+    if seen is not None and seen[0] == tuple(files) and seen[1] != rows:
+        chosen = [files[i] for i in rows if i < len(files) and files[i] in readable]
+        if chosen:
+            st.session_state.runs = chosen  # the sidebar's run list follows the table
+            st.session_state[SWEEP_CHOSE] = True
+    problems = [e for e in entries if not e.pending and (not e.readable or e.damaged)]
+    for e in problems[:_MAX_WARNINGS]:
         if not e.readable:
             st.warning(f"{plain(e.path.name)} is unreadable: {plain(e.error)}", icon="⚠️")
-        elif e.damaged:
+        else:
             lost = f" Left out: layers {plain(', '.join(e.damaged_layers))}." if e.damaged_layers else ""
             parts = (
                 "1 part fails its checksum"
@@ -218,6 +345,12 @@ def runs_table(entries: Sequence[RunEntry]) -> None:
                 "the damage, `icsviz repair` saves the readable captures.",
                 icon="⚠️",
             )
+    if len(problems) > _MAX_WARNINGS:
+        st.warning(
+            f"{len(problems) - _MAX_WARNINGS} more run files are unreadable or damaged: see the status "
+            "column, and `icsviz check` on them.",
+            icon="⚠️",
+        )
 
 
 @guarded
@@ -231,7 +364,7 @@ def training_curves(keys: tuple[Key, ...], labels: tuple[str, ...], epoch: float
     if overview["curves"].empty:
         st.info("No epoch has finished yet.")
         return
-    st.altair_chart(charts.curves_chart(overview["curves"], labels, epoch), width="stretch")
+    draw(charts.curves_chart, overview["curves"], labels, epoch)
 
 
 @guarded
@@ -260,7 +393,7 @@ def distributions(
         "with the slider; runs overlaid on the same axes."
     )
     hist = _histogram(keys, labels, layer, epoch, tuple(edges.tolist()))
-    st.altair_chart(charts.histogram_chart(hist, labels, domain), width="stretch")
+    draw(charts.histogram_chart, hist, labels, domain)
     if not hist.empty and hist["dead"].max() > 0.001:
         dead = hist.groupby("run", sort=False)["dead"].first()
         st.caption(
@@ -292,9 +425,7 @@ def distributions(
     if pct.empty:
         st.info("No run tracks this unit for this layer.")
     else:
-        st.altair_chart(
-            charts.percentile_chart(pct, labels, pairs, f"{layer}: {what}", epoch), width="stretch"
-        )
+        draw(charts.percentile_chart, pct, labels, pairs, f"{layer}: {what}", epoch)
 
     steps = _batch_percentiles(keys, labels, layer, unit, bands)
     if not steps.empty:
@@ -305,10 +436,7 @@ def distributions(
             "resolution as in Ioffe & Szegedy's Fig. 1. The batches differ from step to step, so these "
             "bands also move with the data; the probe bands above move with the weights alone."
         )
-        st.altair_chart(
-            charts.percentile_chart(steps, labels, pairs, f"{layer}: {what}, per step", epoch),
-            width="stretch",
-        )
+        draw(charts.percentile_chart, steps, labels, pairs, f"{layer}: {what}, per step", epoch)
 
     have = [label for label in labels if label in frames["ridge"]]
     if not have:
@@ -325,11 +453,9 @@ def distributions(
     for label in have:
         left, right = st.columns(2)
         with left:
-            st.altair_chart(charts.ridgeline_chart(frames["ridge"][label], label, domain), width="stretch")
+            draw(charts.ridgeline_chart, frames["ridge"][label], label, domain)
         with right:
-            st.altair_chart(
-                charts.heatmap_chart(frames["heat"][label], label, domain, shared), width="stretch"
-            )
+            draw(charts.heatmap_chart, frames["heat"][label], label, domain, shared)
 
 
 @guarded
@@ -346,7 +472,7 @@ def unit_drift(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, stat:
     cols = st.columns(max(1, len(source)))
     for col, (label, df) in zip(cols, source.items()):
         with col:
-            st.altair_chart(charts.unit_chart(df, f"{label}: {layer}", stat, limit), width="stretch")
+            draw(charts.unit_chart, df, f"{label}: {layer}", stat, limit)
 
 
 @guarded
@@ -368,7 +494,7 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
         with col:
             part = drift[drift["run"] == label]
             if not part.empty:
-                st.altair_chart(charts.drift_heatmap(part, label, field, top), width="stretch")
+                draw(charts.drift_heatmap, part, label, field, top)
     roles = dict(_overview(keys, labels)["roles"])
     if layer in roles:  # each run's own tensor in that role
         parts = [
@@ -378,9 +504,7 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
     else:
         selected = drift[drift["layer"] == layer]
     if not selected.empty:
-        st.altair_chart(
-            charts.drift_lines(selected, labels, field, f"{layer}: drift, run against run"), width="stretch"
-        )
+        draw(charts.drift_lines, selected, labels, field, f"{layer}: drift, run against run")
 
 
 @guarded
@@ -398,17 +522,13 @@ def gradients(keys: tuple[Key, ...], labels: tuple[str, ...]) -> None:
         with col:
             part = grads[grads["run"] == label]
             if not part.empty:
-                st.altair_chart(
-                    charts.gradient_chart(part, "grad_norm", f"{label}: gradient norm"), width="stretch"
-                )
-                st.altair_chart(
-                    charts.gradient_chart(part, "update_ratio", f"{label}: update ratio"), width="stretch"
-                )
+                draw(charts.gradient_chart, part, "grad_norm", f"{label}: gradient norm")
+                draw(charts.gradient_chart, part, "update_ratio", f"{label}: update ratio")
     if not ics.empty:
         st.subheader("Gradient shift (Santurkar et al. 2018)")
         st.caption(
             "||G - G'|| and cos(G, G'): how much a layer's gradient changes when the layers before "
             "it take one step. Large differences and low cosines mean strong shift."
         )
-        st.altair_chart(charts.ics_chart(ics, "grad_diff", "||G - G'||"), width="stretch")
-        st.altair_chart(charts.ics_chart(ics, "grad_cos", "cos(G, G')"), width="stretch")
+        draw(charts.ics_chart, ics, "grad_diff", "||G - G'||")
+        draw(charts.ics_chart, ics, "grad_cos", "cos(G, G')")

@@ -1,5 +1,14 @@
 """Find the run files in a folder and summarize each, unreadable ones included.
 
+A folder's summaries form its catalogue. It is kept on disk (one JSON file per
+folder in the user's cache directory, see `cache_dir`) and keyed on each file's
+path, size and modification time, so a file is read once and again only when
+it changes: a folder of a thousand runs lists in milliseconds the second time,
+in a new process too. Files are read in the check's worker process (a damaged
+file may hang or crash the HDF5 library) and, for the app, on a background
+thread: `FolderCatalog.entries()` answers at once with what is known and lists
+the rest as pending while they are read.
+
 Only regular `*.h5` files directly inside the folder are listed, and a run is
 opened only through `resolve_run`, which refuses names that leave the folder:
 a name typed into the app can never reach another file.
@@ -7,26 +16,45 @@ a name typed into the app can never reach another file.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import os
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import ICSVizError, RunFileError
-from .check import guarded_check
+from .check import RunCheck, check_run, failure_message, guarded
 from .reader import Run, open_run
 
-__all__ = ["RunEntry", "scan_runs", "summarize", "entry_for", "resolve_run", "STALE_AFTER_S"]
+__all__ = [
+    "RunEntry",
+    "FolderCatalog",
+    "catalog",
+    "scan_runs",
+    "summarize",
+    "summary_of",
+    "entry_for",
+    "resolve_run",
+    "cache_dir",
+    "STALE_AFTER_S",
+]
 
 STALE_AFTER_S = 300  # a "training" file untouched this long was probably killed
+CATALOG_VERSION = 1
+_SAVE_EVERY_S = 2.0  # the background reader saves its progress this often
 
 
 @dataclass(frozen=True)
 class RunEntry:
-    """One file of a runs folder, readable or not."""
+    """One file of a runs folder, readable or not (or not read yet: `pending`)."""
 
     path: Path
     name: str
@@ -36,13 +64,17 @@ class RunEntry:
     dataset: str = ""
     epochs: int = 0
     captures: int = 0
-    status: str = ""  # complete, training, stopped (killed?), interrupted, unreadable
+    status: str = ""  # complete, training, stopped (killed?), interrupted, unreadable, not read yet
     best_val_accuracy: float = math.nan
+    final_val_accuracy: float = math.nan
+    drift_score: float = math.nan  # analysis.run_drift_score: median over the nonlinearities' inputs
+    created: str = ""  # ISO 8601 UTC, when the run file was created
     mtime_ns: int = 0
     size: int = 0
     damage: tuple[str, ...] = ()  # what `check_run` found damaged, one line each
     skip: tuple[str, ...] = ()  # damaged groups the views leave out ("/layers/<id>")
     damaged_layers: tuple[str, ...] = ()  # their layer names
+    pending: bool = False  # listed, not read yet (the catalogue is reading it)
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -56,6 +88,13 @@ class RunEntry:
     @property
     def damaged(self) -> bool:
         return bool(self.damage)
+
+    @property
+    def date(self) -> str:
+        """YYYY-MM-DD the run was created (the file's modification date for older files)."""
+        if self.created:
+            return self.created[:10]
+        return time.strftime("%Y-%m-%d", time.localtime(self.mtime_ns / 1e9)) if self.mtime_ns else ""
 
     def open(self) -> Run:
         """The run, without the parts found damaged."""
@@ -71,26 +110,44 @@ def resolve_run(folder: str | os.PathLike[str], name: str) -> Path:
     return candidate
 
 
-def _summarize(path: Path, stat: os.stat_result) -> RunEntry:
+# ---------------------------------------------------------------- one file
+def _accuracies(run: Run) -> tuple[int, float, float]:
+    """(epochs, best, final validation accuracy) from the history; NaN where absent."""
+    try:
+        history = run.history
+        epochs = len(run.history_epochs)
+    except ICSVizError:
+        return 0, math.nan, math.nan
+    val = np.asarray(history.get("val_accuracy", []), float)
+    finite = val[np.isfinite(val)]
+    return (
+        epochs,
+        (float(finite.max()) if len(finite) else math.nan),
+        (float(val[-1]) if len(val) else math.nan),
+    )
+
+
+def _drift_score(run: Run) -> float:
+    from ..analysis import run_drift_score  # analysis reads runs through this package: imported late
+
+    try:
+        return run_drift_score(run)
+    except ICSVizError:
+        return math.nan
+
+
+def summary_of(path: Path) -> RunEntry:
+    """Read and summarize one run file, in this process (the worker's task "summary")."""
+    stat = path.stat()
     base = {"path": path, "mtime_ns": stat.st_mtime_ns, "size": stat.st_size}
-    # Read everything once in a worker process first: a damaged file may hang or
-    # crash the HDF5 library, and the app must survive both.
-    report = guarded_check(path)
+    report = check_run(path)
     if not report.openable:
         return RunEntry(name=path.stem, readable=False, error=report.error, status="unreadable", **base)
     try:
         with open_run(path, skip=report.drop_groups) as run:
             attrs = run.attrs
-            try:
-                history = run.history
-                epochs = len(run.history_epochs)
-            except ICSVizError:
-                history, epochs = {}, 0
-            val = history.get("val_accuracy", np.array([]))
-            best = float(np.nanmax(val)) if len(val) and np.isfinite(val).any() else math.nan
+            epochs, best, final = _accuracies(run)
             status = run.status if "/status" not in {d.part for d in report.damage} else "interrupted"
-            if status == "training" and time.time() - stat.st_mtime > STALE_AFTER_S:
-                status = "stopped (killed?)"
             return RunEntry(
                 name=run.name,
                 readable=True,
@@ -100,6 +157,9 @@ def _summarize(path: Path, stat: os.stat_result) -> RunEntry:
                 captures=run.num_captures,
                 status=status,
                 best_val_accuracy=best,
+                final_val_accuracy=final,
+                drift_score=_drift_score(run),
+                created=str(attrs.get("created", "")),
                 damage=tuple(d.describe() for d in report.damage),
                 skip=report.drop_groups,
                 damaged_layers=report.drop_layer_names,
@@ -113,33 +173,291 @@ def _summarize(path: Path, stat: os.stat_result) -> RunEntry:
         )
 
 
-# Summaries by (path, mtime, size): a file is read again only when it changed.
-_SUMMARIES: dict[tuple[str, int, int], RunEntry] = {}
-_MAX_SUMMARIES = 4096
+def _summarize(path: Path, stat: os.stat_result) -> RunEntry:
+    """`summary_of` in the worker process: a file that hangs or crashes HDF5 is only unreadable."""
+    base = {"path": path, "mtime_ns": stat.st_mtime_ns, "size": stat.st_size}
+    result, failure = guarded("summary", path)
+    if isinstance(result, RunEntry):
+        # The version listed, as the caller spelled it: if the file changed while it was
+        # read, the next listing sees a new version and reads it again.
+        return dataclasses.replace(result, **base)
+    error = result.error if isinstance(result, RunCheck) else failure_message(failure, path)
+    return RunEntry(name=path.stem, readable=False, error=error, status="unreadable", **base)
 
 
-def summarize(path: Path) -> RunEntry:
-    """The summary of one run file, from the cache while the file is unchanged."""
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    entry = _SUMMARIES.get(key)
-    if entry is None:
-        entry = _summarize(path, stat)
-        if len(_SUMMARIES) >= _MAX_SUMMARIES:
-            _SUMMARIES.clear()
-        _SUMMARIES[key] = entry
+def _pending(path: Path, stat: os.stat_result) -> RunEntry:
+    return RunEntry(
+        path=path,
+        name=path.stem,
+        readable=False,
+        status="not read yet",
+        mtime_ns=stat.st_mtime_ns,
+        size=stat.st_size,
+        pending=True,
+    )
+
+
+def _aged(entry: RunEntry) -> RunEntry:
+    """A "training" run whose file has not changed for STALE_AFTER_S was probably killed."""
+    if entry.status == "training" and time.time() - entry.mtime_ns / 1e9 > STALE_AFTER_S:
+        return dataclasses.replace(entry, status="stopped (killed?)")
     return entry
 
 
-def entry_for(key: tuple[str, int, int]) -> RunEntry | None:
-    """The cached summary of a file version, if it was scanned."""
-    return _SUMMARIES.get(key)
+# ---------------------------------------------------------------- on disk
+def cache_dir() -> Path | None:
+    """Where catalogues are kept: $ICSVIZ_CACHE_DIR, else $XDG_CACHE_HOME/icsviz or
+    ~/.cache/icsviz. ICSVIZ_CACHE_DIR=off keeps none (every process reads the files again)."""
+    chosen = os.environ.get("ICSVIZ_CACHE_DIR")
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off", "none", "0") else Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "icsviz"
+
+
+def _cache_file(root: Path) -> Path | None:
+    where = cache_dir()
+    if where is None:
+        return None
+    digest = hashlib.sha256(os.fsencode(root)).hexdigest()[:20]
+    return where / f"catalog-{digest}.json"
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+def _to_json(entry: RunEntry) -> dict[str, Any]:
+    out = dataclasses.asdict(entry)
+    out["path"] = entry.path.name
+    for field in ("best_val_accuracy", "final_val_accuracy", "drift_score"):
+        out[field] = None if math.isnan(out[field]) else out[field]
+    return out
+
+
+def _from_json(root: Path, item: dict[str, Any]) -> RunEntry:
+    fields = {f.name for f in dataclasses.fields(RunEntry)}
+    values = {k: v for k, v in item.items() if k in fields}
+    name = Path(values.pop("path")).name  # a file name, never a path out of the folder
+    for field in ("damage", "skip", "damaged_layers"):
+        values[field] = tuple(str(v) for v in values.get(field, ()))
+    for field in ("best_val_accuracy", "final_val_accuracy", "drift_score"):
+        values[field] = math.nan if values.get(field) is None else float(values[field])
+    return RunEntry(path=root / name, **values)
+
+
+# ---------------------------------------------------------------- a folder
+_BY_KEY: dict[tuple[str, int, int], RunEntry] = {}  # every summary this process knows, for entry_for
+_MAX_BY_KEY = 16384
+
+
+def _remember(entry: RunEntry) -> None:
+    if len(_BY_KEY) >= _MAX_BY_KEY:
+        _BY_KEY.clear()
+    _BY_KEY[entry.key] = entry
+
+
+class FolderCatalog:
+    """The summaries of one folder's run files, kept on disk and read in the background.
+
+    `entries()` lists the folder (one `stat` per file) and answers at once: the
+    summary of every file it knows in its current version, a pending entry for
+    each other file, which a background thread then reads. `entries(wait=True)`
+    reads them first. Thread-safe: the app's sessions share one catalogue per folder.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._known: dict[str, RunEntry] = {}  # file name -> summary of the version last read
+        self._todo: list[tuple[Path, os.stat_result]] = []
+        self._reader: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self._dirty = False
+        self._file = _cache_file(root)
+        self._load()
+
+    # -- on disk
+    def _load(self) -> None:
+        if self._file is None or not self._file.is_file():
+            return
+        try:
+            stored = json.loads(self._file.read_text("utf-8"))
+            if stored.get("version") != CATALOG_VERSION or stored.get("icsviz") != _version():
+                return  # written by another icsviz: its verdicts may not hold
+            if stored.get("folder") != str(self.root):
+                return
+            known = {}
+            for item in stored["entries"]:
+                entry = _from_json(self.root, item)
+                known[entry.path.name] = entry
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return  # a damaged or foreign catalogue is only a cache: read the files again
+        self._known = known
+        for entry in known.values():
+            _remember(entry)
+
+    def save(self) -> None:
+        """Write the catalogue (atomically; a folder we cannot write to keeps it in memory only)."""
+        if self._file is None:
+            return
+        with self._lock:
+            if not self._dirty:
+                return
+            payload = {
+                "version": CATALOG_VERSION,
+                "icsviz": _version(),
+                "folder": str(self.root),
+                "entries": [_to_json(e) for e in self._known.values() if not e.pending],
+            }
+            self._dirty = False
+        try:
+            self._file.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(
+                "w", encoding="utf-8", dir=self._file.parent, prefix=".catalog-", delete=False
+            ) as out:
+                json.dump(payload, out)
+            os.replace(out.name, self._file)
+        except OSError:
+            with self._lock:
+                self._dirty = True  # try again next time
+
+    # -- listing
+    def _listing(self) -> list[tuple[Path, os.stat_result]]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        with os.scandir(self.root) as items:
+            for item in items:
+                if not item.name.endswith(".h5") or item.is_symlink():
+                    continue
+                try:
+                    if item.is_file():
+                        out.append((self.root / item.name, item.stat()))
+                except OSError:
+                    continue  # removed while we looked
+        return sorted(out, key=lambda pair: pair[0].name)
+
+    def _current(self, path: Path, stat: os.stat_result) -> RunEntry | None:
+        entry = self._known.get(path.name)
+        if entry is not None and entry.mtime_ns == stat.st_mtime_ns and entry.size == stat.st_size:
+            return entry
+        return None
+
+    def entries(self, *, wait: bool = False) -> list[RunEntry]:
+        """Every run file of the folder, sorted by name; unread ones pending unless `wait`."""
+        listing = self._listing()
+        with self._lock:
+            names = {path.name for path, _ in listing}
+            gone = [name for name in self._known if name not in names]
+            for name in gone:
+                del self._known[name]
+            self._dirty |= bool(gone)
+            todo = [(path, stat) for path, stat in listing if self._current(path, stat) is None]
+        if wait:
+            for path, stat in todo:
+                self._read(path, stat)
+            self.save()
+        elif todo:
+            self._start(todo)
+        with self._lock:
+            return [_aged(self._current(path, stat) or _pending(path, stat)) for path, stat in listing]
+
+    def read_now(self, names: list[str]) -> None:
+        """Read these files now if they are pending (the runs a page is about to show)."""
+        for path, stat in self._listing():
+            if path.name in names:
+                with self._lock:
+                    known = self._current(path, stat) is not None
+                if not known:
+                    self._read(path, stat)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._todo) + (0 if self._idle.is_set() else 1)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the background reader is done (True) or `timeout` passes (False)."""
+        return self._idle.wait(timeout)
+
+    # -- reading
+    def _read(self, path: Path, stat: os.stat_result) -> RunEntry:
+        entry = _summarize(path, stat)
+        with self._lock:
+            self._known[path.name] = entry
+            self._dirty = True
+        _remember(entry)
+        return entry
+
+    def _start(self, todo: list[tuple[Path, os.stat_result]]) -> None:
+        with self._lock:
+            self._todo = todo  # the newest listing wins: files changed since are read in their new version
+            if self._reader is not None and self._reader.is_alive():
+                return
+            self._idle.clear()
+            self._reader = threading.Thread(
+                target=self._read_all, name=f"icsviz-catalog {self.root}", daemon=True
+            )
+            self._reader.start()
+
+    def _read_all(self) -> None:
+        saved = time.monotonic()
+        try:
+            while True:
+                with self._lock:
+                    if not self._todo:
+                        break
+                    path, stat = self._todo.pop(0)
+                    if self._current(path, stat) is not None:
+                        continue  # read meanwhile (read_now)
+                try:
+                    self._read(path, stat)
+                except OSError:
+                    continue  # removed or unreadable at the OS level: the next listing says so
+                if time.monotonic() - saved > _SAVE_EVERY_S:
+                    self.save()
+                    saved = time.monotonic()
+        finally:
+            with self._lock:
+                self._idle.set()
+            self.save()
+
+
+_CATALOGS: dict[Path, FolderCatalog] = {}
+_CATALOGS_LOCK = threading.Lock()
+
+
+def catalog(folder: str | os.PathLike[str]) -> FolderCatalog:
+    """The catalogue of `folder`, one per folder and process."""
+    root = Path(folder).resolve()
+    with _CATALOGS_LOCK:
+        found = _CATALOGS.get(root)
+        if found is None:
+            found = _CATALOGS[root] = FolderCatalog(root)
+        return found
 
 
 def scan_runs(folder: str | os.PathLike[str]) -> list[RunEntry]:
-    """Every `*.h5` file directly in `folder`, sorted by name, each summarized."""
-    root = Path(folder)
-    if not root.is_dir():
+    """Every `*.h5` file directly in `folder`, sorted by name, each summarized (read now if needed)."""
+    if not Path(folder).is_dir():
         return []
-    files = [p for p in sorted(root.iterdir()) if p.suffix == ".h5" and p.is_file() and not p.is_symlink()]
-    return [summarize(p) for p in files]
+    return catalog(folder).entries(wait=True)
+
+
+def summarize(path: Path) -> RunEntry:
+    """The summary of one run file, from its folder's catalogue while the file is unchanged."""
+    found = catalog(path.parent)
+    found.read_now([path.name])
+    for entry in found.entries():
+        if entry.path.name == path.name:
+            return entry
+    return _summarize(path, path.stat())
+
+
+def entry_for(key: tuple[str, int, int]) -> RunEntry | None:
+    """The summary of a file version, if this process has read or loaded it."""
+    return _BY_KEY.get(key)

@@ -279,11 +279,12 @@ def _name_of(file: h5py.File, group: str) -> str:
 
 # ---------------------------------------------------------------- the guard
 class _Worker:
-    """A Python process that runs `check_run` for us, one path at a time.
+    """A Python process that reads run files for us, one request at a time.
 
     A plain subprocess, not multiprocessing: spawn would re-import the
     caller's __main__ (the Streamlit script), and fork is unsafe with HDF5
-    files open. Requests and answers are single lines (a path; a base64 pickle).
+    files open. Requests and answers are single lines ("<task> <hex path>";
+    a base64 pickle).
     """
 
     def __init__(self, code: str = "from icsviz.store.check import _serve; _serve()") -> None:
@@ -295,10 +296,10 @@ class _Worker:
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
 
-    def ask(self, path: Path, timeout: float) -> Any:
-        """The worker's answer for `path` (a RunCheck), or None when it hung or died."""
+    def ask(self, path: Path, timeout: float, task: str = "check") -> Any:
+        """The worker's answer for `path`, or None when it hung or died."""
         assert self.process.stdin is not None and self.process.stdout is not None
-        self.process.stdin.write(os.fsencode(path.resolve()).hex().encode() + b"\n")
+        self.process.stdin.write(task.encode() + b" " + os.fsencode(path.resolve()).hex().encode() + b"\n")
         self.process.stdin.flush()
         return self.wait(timeout)
 
@@ -314,14 +315,26 @@ class _Worker:
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def _task(name: str) -> Any:
+    if name == "summary":  # the catalog's summary of a run (imported here: catalog imports this module)
+        from .catalog import summary_of
+
+        return summary_of
+    return check_run
 
 
 def _serve() -> None:
-    """The worker's loop: a hex-encoded path in, a base64 pickle of its RunCheck out."""
+    """The worker's loop: "<task> <hex path>" in, a base64 pickle of the task's answer out."""
     for line in sys.stdin.buffer:
-        path = Path(os.fsdecode(bytes.fromhex(line.decode().strip())))
+        task, _, hex_path = line.decode().strip().rpartition(" ")
+        path = Path(os.fsdecode(bytes.fromhex(hex_path)))
         try:
-            result = check_run(path)
+            result = _task(task)(path)
         except Exception as exc:  # noqa: BLE001 - report, keep serving
             result = RunCheck(path, openable=False, error=f"{type(exc).__name__}: {exc}")
         sys.stdout.buffer.write(base64.b64encode(pickle.dumps(result)) + b"\n")
@@ -332,14 +345,13 @@ _WORKER: _Worker | None = None
 _WORKER_LOCK = threading.Lock()  # the app serves several sessions on threads
 
 
-def guarded_check(path: str | os.PathLike[str], timeout: float = CHECK_TIMEOUT_S) -> RunCheck:
-    """`check_run` in a worker process that is killed after `timeout` seconds.
+def guarded(task: str, path: Path, timeout: float = CHECK_TIMEOUT_S) -> tuple[Any, str]:
+    """(answer, "") from the worker process, or (None, "hang" / "crash") when it failed on `path`.
 
-    A file that hangs the HDF5 library or crashes it is reported as unreadable
-    instead of taking the caller down with it.
+    The worker is killed after `timeout` seconds, so that a file that hangs the
+    HDF5 library or crashes it cannot take the caller down with it.
     """
     global _WORKER
-    path = Path(path)
     with _WORKER_LOCK:
         fresh = _WORKER is None or _WORKER.process.poll() is not None
         if fresh:
@@ -347,24 +359,37 @@ def guarded_check(path: str | os.PathLike[str], timeout: float = CHECK_TIMEOUT_S
         worker = _WORKER
         try:
             # A fresh worker also pays its start (imports, about a second).
-            result = worker.ask(path, timeout + (5.0 if fresh else 0.0))
+            result = worker.ask(path, timeout + (5.0 if fresh else 0.0), task)
         except (OSError, ValueError, pickle.UnpicklingError):
             result = None
         if result is not None:
-            return dataclasses.replace(result, path=path)  # as the caller spelled it
+            return result, ""
         hung = worker.process.poll() is None
         worker.kill()
         _WORKER = None
-    if hung:
-        return RunCheck(
-            path,
-            openable=False,
-            error=f"reading it did not finish within {timeout:.0f} s: the HDF5 library hangs on this "
-            f"damaged file; `icsviz repair {path}` may save its captures",
-            hang=True,
+    return None, "hang" if hung else "crash"
+
+
+def failure_message(failure: str, path: Path, timeout: float = CHECK_TIMEOUT_S) -> str:
+    """Why a guarded read of `path` gave no answer, for people."""
+    if failure == "hang":
+        return (
+            f"reading it did not finish within {timeout:.0f} s: the HDF5 library hangs on this "
+            f"damaged file; `icsviz repair {path}` may save its captures"
         )
+    return "the HDF5 library crashed while reading it: the file is damaged beyond reading"
+
+
+def guarded_check(path: str | os.PathLike[str], timeout: float = CHECK_TIMEOUT_S) -> RunCheck:
+    """`check_run` in a worker process that is killed after `timeout` seconds.
+
+    A file that hangs the HDF5 library or crashes it is reported as unreadable
+    instead of taking the caller down with it.
+    """
+    path = Path(path)
+    result, failure = guarded("check", path, timeout)
+    if result is not None:
+        return dataclasses.replace(result, path=path)  # as the caller spelled it
     return RunCheck(
-        path,
-        openable=False,
-        error="the HDF5 library crashed while reading it: the file is damaged beyond reading",
+        path, openable=False, error=failure_message(failure, path, timeout), hang=failure == "hang"
     )
