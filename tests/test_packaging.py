@@ -69,6 +69,9 @@ def test_the_wheel_holds_every_module_of_the_package(installed) -> None:
     source = {p.relative_to(ROOT / "icsviz").as_posix() for p in (ROOT / "icsviz").rglob("*.py")}
     assert source <= shipped, sorted(source - shipped)
     assert (site / "py.typed").exists()
+    assert (site / "dashboard" / "icon.png").read_bytes() == (
+        ROOT / "icsviz" / "dashboard" / "icon.png"
+    ).read_bytes()
 
 
 def test_the_installed_command_works_outside_the_source_tree(installed, tmp_path) -> None:
