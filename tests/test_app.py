@@ -495,3 +495,10 @@ def test_the_run_picker_filters_by_name_model_and_date(shipped, tmp_path) -> Non
     at.sidebar.text_input(key="run_filter").set_value(f"{created} cnn_bn").run()
     options = at.sidebar.multiselect(key="runs").options
     assert "sweep5-cifar10-bn.h5" in options and "sweep5-cifar10-baseline.h5" not in (set(options) - chosen)
+
+
+def test_a_sweep_opens_on_one_baseline_and_one_bn_run(shipped, tmp_path) -> None:
+    folder = sweep_folder(tmp_path, copies=3)
+    scan_runs(folder)
+    at = app_for(folder).run()
+    assert at.sidebar.multiselect(key="runs").value == ["sweep0-cifar10-baseline.h5", "sweep0-cifar10-bn.h5"]

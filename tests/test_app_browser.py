@@ -181,3 +181,69 @@ def test_icsviz_app_on_localhost_marks_a_damaged_run_and_draws_the_rest(tmp_path
     while _listening_addresses(port) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _listening_addresses(port)
+
+
+# The runs chosen in the sidebar: the tags of the multiselect (each names its value).
+CHIPS = (
+    "() => Array.from(document.querySelectorAll(\"[data-testid='stMultiSelect'] [data-tag]\"))"
+    ".map(e => e.getAttribute('aria-label'))"
+)
+
+
+def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path) -> None:
+    """A folder of a sweep: the catalogue written by another process is used, and clicking rows
+    of the table replaces the compared runs."""
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    from icsviz.store.catalog import scan_runs
+
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    for i in range(3):
+        for path in sorted((ROOT / "runs").glob("*.h5")):
+            shutil.copy(path, folder / f"sweep{i}-{path.name}")
+    scan_runs(folder)  # this process writes the catalogue; the server only reads it
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "icsviz.cli", "app", "--runs", str(folder), "--port", str(port), "--headless"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def chips(page) -> list[str]:
+        return page.evaluate(CHIPS)
+
+    try:
+        _wait_for_health(server, port)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            page.goto(f"http://127.0.0.1:{port}/", timeout=60000)
+            page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
+            assert chips(page) == ["sweep0-cifar10-baseline.h5", "sweep0-cifar10-bn.h5"]
+            assert "not read yet" not in page.inner_text("body")  # the catalogue came from disk
+            table = page.locator("[data-testid='stDataFrame']").first
+            table.wait_for(timeout=30000)
+            box = table.bounding_box()
+            assert box is not None
+            row_height = 35  # the grid's default; the header row is as tall
+            for row, expected in (
+                (3, ["sweep1-cifar10-bn.h5"]),
+                (4, ["sweep1-cifar10-bn.h5", "sweep2-cifar10-baseline.h5"]),
+            ):
+                page.mouse.click(box["x"] + 18, box["y"] + row_height * (row + 1) + row_height / 2)
+                page.wait_for_function(
+                    f"expected => JSON.stringify(({CHIPS})()) === JSON.stringify(expected)",
+                    arg=expected,
+                    timeout=60000,
+                )
+            page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
+            time.sleep(2.0)
+            page.screenshot(path=str(tmp_path / "sweep.png"), full_page=False)
+            assert page.locator("[data-testid='stException']").count() == 0
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -42,7 +42,10 @@ def default_folder(argv: Sequence[str] | None = None) -> str:
 def default_selection(entries: Sequence[RunEntry]) -> list[str]:
     """The shipped baseline / BN pair when present, else the first two readable runs."""
     readable = [e for e in entries if e.readable]
-    pair = [e.path.name for model in SHIPPED_PAIR for e in readable if e.model == model][:2]
+    firsts = {
+        model: next((e.path.name for e in readable if e.model == model), None) for model in SHIPPED_PAIR
+    }
+    pair = [name for name in firsts.values() if name is not None]  # one baseline, one BN twin
     return pair if len(pair) == 2 else [e.path.name for e in readable[:2]]
 
 
