@@ -17,12 +17,19 @@ from streamlit.testing.v1 import AppTest
 
 from conftest import damage_chunk
 from icsviz import analysis, open_run
+from icsviz.dashboard.entry import TABS
 from icsviz.store.catalog import catalog, scan_runs
 from icsviz.store.schema import decode_text
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 SHIPPED = sorted((ROOT / "runs").glob("*.h5"))
+
+
+def open_tab(at: AppTest, name: str) -> AppTest:
+    """Open one of the app's tabs (only the open tab is drawn), as a click on it does."""
+    at.session_state["view"] = name
+    return at.run()
 
 
 def app_for(folder: Path) -> AppTest:
@@ -386,13 +393,14 @@ def test_side_by_side_panels_share_their_scales_and_show_time(shipped) -> None:
     bands = [s for s in specs if "median" in str(s) and "q85" in str(s)][0]
     assert any(isinstance(m, dict) and m.get("type") == "rule" or m == "rule" for m in _find(bands, "mark"))
     # Per-unit means: epochs on the x axis, one symmetric colour range for both runs.
-    at.tabs[1].radio(key="unit_stat").set_value("mean").run() if at.tabs else None
+    open_tab(at, "Per-unit drift")
     units = [s for s in _specs(at) if "unit mean" in str(_find(s, "title"))]
     assert len(units) == 2
     ranges = [d for s in units for d in _find(s, "domain") if isinstance(d, list) and len(d) == 2]
     assert ranges[0] == ranges[1] and ranges[0][0] == -ranges[0][1]
     assert "epoch (time →)" in str(_find(units[0], "title"))
     # The drift heatmap on a symlog scale: the logits no longer flatten every other layer.
+    open_tab(at, "Drift summary")
     drift = [s for s in _specs(at) if "shift (step-0 std)" in str(_find(s, "title")) and _find(s, "bin")]
     assert drift and all("symlog" in _find(s, "type") for s in drift)
 
@@ -404,12 +412,27 @@ def test_every_chart_the_app_draws_is_valid_vega_lite(shipped, monkeypatch) -> N
     page._spec.clear()
     at = app_for(shipped).run()
     assert not at.exception, [e.value for e in at.exception]
-    drawn = len(at.get("vega_lite_chart"))
+    drawn = 0
     for layer in ("conv2_relu", "input of fc1_relu"):
         at.sidebar.selectbox(key="layer").set_value(layer).run()
-        assert not at.exception, [e.value for e in at.exception]
-    assert drawn >= 14  # every tab is drawn on each run: curves, bands, ridgelines, drift, gradients
+        for tab in TABS:
+            open_tab(at, tab)
+            assert not at.exception, [e.value for e in at.exception]
+            drawn += len(at.get("vega_lite_chart"))
+    assert drawn >= 2 * 20  # curves, bands, ridgelines, heatmaps, units, drift, gradients
     page._spec.clear()
+
+
+def test_only_the_open_tab_is_drawn(shipped) -> None:
+    at = app_for(shipped).run()
+    titles = str([_find(s, "title") for s in _specs(at)])
+    assert "log10 density" in titles and "gradient norm" not in titles
+    open_tab(at, "Gradients")
+    titles = str([_find(s, "title") for s in _specs(at)])
+    assert "gradient norm" in titles and "log10 density" not in titles
+    assert at.session_state["view"] == "Gradients"  # and it stays open across reruns
+    at.sidebar.selectbox(key="layer").set_value("conv2").run()
+    assert "gradient norm" in str([_find(s, "title") for s in _specs(at)])
 
 
 def test_relu_histograms_show_live_values_and_the_dead_fraction_apart(shipped) -> None:

@@ -25,6 +25,7 @@ LIVE_REFRESH_S = 3.0
 PLAY_STEP_S = 0.8
 CATALOG_REFRESH_S = 2.0
 FIRST_READ = 4  # files read at once when a new folder has no readable run known yet
+TABS = ["Distributions", "Per-unit drift", "Drift summary", "Gradients"]
 DRIFT_FIELDS = {
     "from_start": "W1 from step 0",
     "from_previous": "W1 from the previous capture",
@@ -145,19 +146,24 @@ def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_cho
             page.draw(charts.role_drift_chart, overview["role_drift"], labels)
     epoch = _capture_control(overview["epochs"])
     page.training_curves(keys, labels, epoch)
-    tabs = st.tabs(["Distributions", "Per-unit drift", "Drift summary", "Gradients"])
+    # Only the open tab runs (a new layer redraws one tab, not four); opening another reruns.
+    tabs = st.tabs(TABS, key="view", on_change="rerun")
     with tabs[0]:
-        page.distributions(keys, labels, layer, epoch, bands, unit_choice)
+        if tabs[0].open:
+            page.distributions(keys, labels, layer, epoch, bands, unit_choice)
     with tabs[1]:
-        stat = st.radio("Per-unit statistic", ["mean", "std"], horizontal=True, key="unit_stat")
-        page.unit_drift(keys, labels, layer, stat)
+        if tabs[1].open:
+            stat = st.radio("Per-unit statistic", ["mean", "std"], horizontal=True, key="unit_stat")
+            page.unit_drift(keys, labels, layer, stat)
     with tabs[2]:
-        field = st.radio(
-            "Drift", list(DRIFT_FIELDS), horizontal=True, key="drift_field", format_func=DRIFT_FIELDS.get
-        )
-        page.drift_summary(keys, labels, layer, field)
+        if tabs[2].open:
+            field = st.radio(
+                "Drift", list(DRIFT_FIELDS), horizontal=True, key="drift_field", format_func=DRIFT_FIELDS.get
+            )
+            page.drift_summary(keys, labels, layer, field)
     with tabs[3]:
-        page.gradients(keys, labels)
+        if tabs[3].open:
+            page.gradients(keys, labels)
 
 
 def sweep_table(folder: str, query: str, expanded: bool, reading: bool) -> None:
