@@ -422,9 +422,9 @@ class FolderCatalog:
                     self.save()
                     saved = time.monotonic()
         finally:
+            self.save()  # before `wait()` returns: a process that exits then keeps the catalogue
             with self._lock:
                 self._idle.set()
-            self.save()
 
 
 _CATALOGS: dict[Path, FolderCatalog] = {}
