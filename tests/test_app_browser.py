@@ -82,6 +82,16 @@ def _page_text(port: int, screenshot: Path) -> str:
     return text
 
 
+def _icsviz_app(folder: Path, port: int, cwd: Path) -> subprocess.Popen:
+    """`icsviz app --runs FOLDER` as users start it, headless on localhost."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "icsviz.cli", "app", "--runs", str(folder), "--port", str(port), "--headless"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def _listening_addresses(port: int) -> set[str]:
     """Local IPv4/IPv6 addresses with a listening TCP socket on `port`, from /proc/net (Linux)."""
     found = set()
@@ -152,12 +162,7 @@ def test_icsviz_app_on_localhost_marks_a_damaged_run_and_draws_the_rest(tmp_path
     damage_chunk(folder / "cifar10-bn.h5", "layers/000_conv1/hist_counts")
     (folder / "<img src=x>notes.h5").write_text("not a run")
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "icsviz.cli", "app", "--runs", str(folder), "--port", str(port), "--headless"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = _icsviz_app(folder, port, cwd=tmp_path)
     try:
         _wait_for_health(server, port)
         listening = _listening_addresses(port)
@@ -205,12 +210,7 @@ def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path)
             shutil.copy(path, folder / f"sweep{i}-{path.name}")
     scan_runs(folder)  # this process writes the catalogue; the server only reads it
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "icsviz.cli", "app", "--runs", str(folder), "--port", str(port), "--headless"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = _icsviz_app(folder, port, cwd=tmp_path)
 
     def chips(page) -> list[str]:
         return page.evaluate(CHIPS)
