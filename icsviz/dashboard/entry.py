@@ -50,15 +50,16 @@ def default_selection(entries: Sequence[RunEntry]) -> list[str]:
     return pair if len(pair) == 2 else [e.path.name for e in readable[:2]]
 
 
-def _first_entries(runs: FolderCatalog, entries: list[RunEntry]) -> list[RunEntry]:
-    """A folder seen for the first time opens on its first runs, read now; the rest follow
-    in the background."""
-    if len(default_selection(entries)) >= 2:
-        return entries
-    first = [e.path.name for e in entries if e.pending][:FIRST_READ]
-    if not first:
-        return entries
-    runs.read_now(first)
+def _first_entries(runs: FolderCatalog) -> list[RunEntry]:
+    """The folder's runs. One seen for the first time opens on its first runs, read now, one
+    by one until there is a pair to show; the others are read in the background after."""
+    entries = runs.entries(background=False)
+    pending = [e.path.name for e in entries if e.pending][:FIRST_READ]
+    for name in pending:
+        if len(default_selection(entries)) >= 2:
+            break
+        runs.read_now([name])
+        entries = runs.entries(background=False)
     return runs.entries()
 
 
@@ -204,7 +205,7 @@ def run_app() -> None:
     )
     runs = catalog(folder)
     runs.read_now(list(st.session_state.get("runs") or []))
-    entries = _first_entries(runs, runs.entries())
+    entries = _first_entries(runs)
     if not entries:
         _empty_folder(folder)
         return

@@ -347,8 +347,11 @@ class FolderCatalog:
             return entry
         return None
 
-    def entries(self, *, wait: bool = False) -> list[RunEntry]:
-        """Every run file of the folder, sorted by name; unread ones pending unless `wait`."""
+    def entries(self, *, wait: bool = False, background: bool = True) -> list[RunEntry]:
+        """Every run file of the folder, sorted by name; unread ones pending unless `wait`.
+
+        Pending files are read on a background thread unless `background` is False.
+        """
         listing = self._listing()
         with self._lock:
             names = {path.name for path, _ in listing}
@@ -361,7 +364,7 @@ class FolderCatalog:
             for path, stat in todo:
                 self._read(path, stat)
             self.save()
-        elif todo:
+        elif todo and background:
             self._start(todo)
         with self._lock:
             return [_aged(self._current(path, stat) or _pending(path, stat)) for path, stat in listing]
