@@ -342,28 +342,38 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
 
 
 # ---------------------------------------------------------------- gradients
-def figure_gradients(runs: Runs) -> Figure:
-    """Per run: gradient norm (top) and update ratio (bottom) per layer, log scale.
+def _depth_panels(
+    runs: Runs,
+    layers_of: Callable[[Run], list[str]],
+    rows: Sequence[tuple[Callable[[Run, str], np.ndarray], str, bool]],
+) -> tuple[Figure, list[bool]]:
+    """One column per run (titled with its label), one row per (series of a layer, quantity,
+    log scale) in `rows`.
 
     Rows share their y axis across runs; a layer's colour is its depth (the same
     colour map for every run, one colour bar), and with a dozen layers or fewer
-    each line is named at its end.
+    each line is named at its end. Also returns, per row, whether any value was finite.
     """
     fig, axes = _figure(
-        FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 4.6, ncols=len(runs), nrows=2, sharex=True, sharey="row"
+        FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH,
+        2.3 * len(rows),
+        ncols=len(runs),
+        nrows=len(rows),
+        sharex=True,
+        sharey="row",
     )
     cmap = plt.get_cmap("viridis")
-    any_grad = False
+    drawn = [False] * len(rows)
     for col, (label, run) in enumerate(runs.items()):
-        layers = run.trainable_layers
+        layers = layers_of(run)
         named = len(layers) <= 12
         for k, layer in enumerate(layers):
-            g = run.gradients(layer)
             color = cmap(k / max(len(layers) - 1, 1))
-            for row, series in enumerate((g.total_grad_norm, g.total_update_ratio)):
+            for row, (series_of, _, _) in enumerate(rows):
+                series = series_of(run, layer)
                 if not np.isfinite(series).any():
                     continue
-                any_grad = any_grad or row == 0
+                drawn[row] = True
                 axes[row, col].plot(run.epochs, series, color=color, linewidth=1.0)
                 if named:
                     last = np.flatnonzero(np.isfinite(series))[-1]
@@ -376,38 +386,52 @@ def figure_gradients(runs: Runs) -> Figure:
                         color=color,
                         va="center",
                     )
-        axes[0, col].set(yscale="log", title=f"{label}: gradient norm")
-        axes[1, col].set(yscale="log", xlabel="epoch", title=f"{label}: update ratio ||ΔW|| / ||W||")
-    if not any_grad:
-        raise MissingDataError("no run recorded gradients (its probe had no labels)")
+        for row, (_, quantity, log) in enumerate(rows):
+            axes[row, col].set(yscale="log" if log else "linear")
+            if col == 0:
+                axes[row, col].set_ylabel(quantity)
+        axes[0, col].set_title(label)
+        axes[-1, col].set(xlabel="epoch")
     mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=cmap)
     bar = fig.colorbar(mappable, ax=axes[:, -1].tolist(), ticks=[0, 1], shrink=0.6, label="layer depth")
     bar.ax.set_yticklabels(["first", "last"])
+    return fig, drawn
+
+
+def figure_gradients(runs: Runs) -> Figure:
+    """Per run: gradient norm (top) and update ratio (bottom) per layer, log scale."""
+    fig, drawn = _depth_panels(
+        runs,
+        lambda run: run.trainable_layers,
+        [
+            (lambda run, layer: run.gradients(layer).total_grad_norm, "gradient norm", True),
+            (lambda run, layer: run.gradients(layer).total_update_ratio, "update ratio ||ΔW|| / ||W||", True),
+        ],
+    )
+    if not drawn[0]:
+        plt.close(fig)
+        raise MissingDataError("no run recorded gradients (its probe had no labels)")
     return fig
 
 
 def figure_gradient_shift(runs: Runs) -> Figure:
-    """The Santurkar et al. gradient shift per layer over training, for runs that recorded it."""
+    """The Santurkar et al. gradient shift per layer over training, runs side by side.
+
+    Top: ||G - G'||, how far a layer's gradient moves when the layers before it take
+    one step (log scale); bottom: cos(G, G'). Layers coloured by depth, as in
+    `figure_gradients`.
+    """
     have = {label: run for label, run in runs.items() if run.has_ics}
     if not have:
         raise MissingDataError("no run recorded the gradient shift (ICSCallback(gradient_shift=True))")
-    fig, axes = _figure(FULL_WIDTH, 2.6, ncols=2)
-    for i, (label, run) in enumerate(have.items()):
-        for layer in run.ics_layer_names:
-            ics = run.ics(layer)
-            axes[0, 0].plot(run.epochs, ics.grad_diff, color=_color(i), alpha=0.7)
-            axes[0, 1].plot(
-                run.epochs,
-                ics.grad_cos,
-                color=_color(i),
-                alpha=0.7,
-                label=label if layer == run.ics_layer_names[0] else None,
-            )
-    axes[0, 0].set(xlabel="epoch", ylabel="||G - G'||", yscale="log", title="Gradient shift")
-    axes[0, 1].set(
-        xlabel="epoch", ylabel="cos(G, G')", title="Gradient direction after the earlier layers step"
+    fig, _ = _depth_panels(
+        have,
+        lambda run: run.ics_layer_names,
+        [
+            (lambda run, layer: run.ics(layer).grad_diff, "gradient shift ||G − G′||", True),
+            (lambda run, layer: run.ics(layer).grad_cos, "cos(G, G′)", False),
+        ],
     )
-    axes[0, 1].legend(frameon=False)
     return fig
 
 
