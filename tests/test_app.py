@@ -270,6 +270,8 @@ def test_a_damaged_run_is_marked_and_only_its_damaged_layer_is_left_out(shipped,
 
     at = app_for(folder).run()
     assert not at.exception, [e.value for e in at.exception]
+    assert catalog(folder).wait(60)  # the file after the pair shown first is read in the background
+    at.run()
     warnings = " ".join(shown(w.value) for w in at.warning)
     assert "cifar10-bn.h5 is damaged" in warnings and "fc1_relu" in warnings
     assert "zeros.h5 is unreadable" in warnings

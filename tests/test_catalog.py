@@ -77,6 +77,7 @@ def test_a_folder_is_read_once_and_its_catalogue_kept_on_disk(tmp_path, layout, 
     assert [e.best_val_accuracy for e in first] == [0.5, 0.5, 0.75]
     with open_run(paths[2]) as run:
         assert first[2].drift_score == pytest.approx(analysis.run_drift_score(run))
+        assert dict(first[2].input_drift) == pytest.approx(analysis.input_drift(run))  # the app's headline
         assert first[2].created == run.attrs["created"] and first[2].date == run.attrs["created"][:10]
     assert all(np.isfinite(e.drift_score) for e in first)
     stored = list(catalog_module.cache_dir().glob("catalog-*.json"))

@@ -35,6 +35,7 @@ __all__ = [
     "LayerDrift",
     "run_drift",
     "run_drift_score",
+    "input_drift",
     "compare_runs",
     "compare_scores",
     "gradient_shift_summary",
@@ -238,19 +239,27 @@ def run_drift(run: Run, metric: str = "w1", layers: Sequence[str] | None = None)
     return out
 
 
-def run_drift_score(run: Run, metric: str = "w1") -> float:
+def input_drift(run: Run, metric: str = "w1") -> dict[str, float]:
+    """The drift score of the input of each of the run's nonlinearities, by layer name (every
+    layer's for a run without a recognised nonlinearity)."""
+    from .roles import nonlinearity_inputs
+
+    layers = [role.layer for role in nonlinearity_inputs(run)] or run.layer_names
+    return {d.layer: d.score for d in run_drift(run, metric, layers)}
+
+
+def run_drift_score(run: Run, metric: str = "w1", scores: Mapping[str, float] | None = None) -> float:
     """One number for a whole run: the median drift score of the inputs of its nonlinearities.
 
     The inputs of the nonlinearities are what BatchNormalization is meant to hold
     steady (Ioffe & Szegedy); a run without a recognised nonlinearity uses all
     its layers. The median keeps one runaway layer (often the logits) from
-    speaking for the run. NaN when no layer has two captures.
+    speaking for the run. NaN when no layer has two captures. `scores`: the
+    `input_drift` of the run, when already computed.
     """
-    from .roles import nonlinearity_inputs
-
-    layers = [role.layer for role in nonlinearity_inputs(run)] or run.layer_names
-    scores = [d.score for d in run_drift(run, metric, layers) if np.isfinite(d.score)]
-    return float(np.median(scores)) if scores else float("nan")
+    scores = input_drift(run, metric) if scores is None else scores
+    finite = [score for score in scores.values() if np.isfinite(score)]
+    return float(np.median(finite)) if finite else float("nan")
 
 
 def compare_runs(

@@ -100,11 +100,12 @@ def role_pairs(runs: Runs) -> list[tuple[str, dict[str, str]]]:
 
 
 def drift_scores(runs: Runs) -> dict[str, dict[str, float]]:
-    """Each run's drift score per layer, computed once for the headline and its chart."""
+    """Each run's drift score of the input of each nonlinearity (`analysis.input_drift`),
+    computed once for the headline and its chart."""
     out = {}
     for label, run in runs.items():
         try:
-            out[label] = {d.layer: d.score for d in analysis.run_drift(run)}
+            out[label] = analysis.input_drift(run)
         except ICSVizError:
             continue
     return out

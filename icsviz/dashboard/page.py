@@ -130,11 +130,24 @@ def _divergence(run: Run) -> str:
     return found.describe() if found is not None else ""
 
 
+def _input_drift(keys: Sequence[Key], labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """The drift scores of the nonlinearities' inputs as the catalogue computed them (reading
+    every layer of two runs again would cost most of the first render)."""
+    found = {}
+    for key, label in zip(keys, labels):
+        entry = entry_for(key)
+        if entry is not None and entry.input_drift:
+            found[label] = dict(entry.input_drift)
+    return found
+
+
 @st.cache_data(max_entries=64, show_spinner=False)
 def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
     def build(runs: dict) -> dict[str, Any]:
         roles = data.role_pairs(runs)
-        scores = data.drift_scores(runs) if roles else {}
+        scores = _input_drift(keys, labels) if roles else {}
+        if roles and len(scores) < len(labels):
+            scores = data.drift_scores(runs)
         return {
             "layers": data.layer_union(runs),
             "epochs": data.capture_epochs(runs),

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 STALE_AFTER_S = 300  # a "training" file untouched this long was probably killed
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2
 _SAVE_EVERY_S = 2.0  # the background reader saves its progress this often
 
 
@@ -68,6 +68,7 @@ class RunEntry:
     best_val_accuracy: float = math.nan
     final_val_accuracy: float = math.nan
     drift_score: float = math.nan  # analysis.run_drift_score: median over the nonlinearities' inputs
+    input_drift: tuple[tuple[str, float], ...] = ()  # analysis.input_drift: (layer, drift score) pairs
     created: str = ""  # ISO 8601 UTC, when the run file was created
     mtime_ns: int = 0
     size: int = 0
@@ -127,13 +128,15 @@ def _accuracies(run: Run) -> tuple[int, float, float]:
     )
 
 
-def _drift_score(run: Run) -> float:
-    from ..analysis import run_drift_score  # analysis reads runs through this package: imported late
+def _drift(run: Run) -> tuple[float, tuple[tuple[str, float], ...]]:
+    """(run_drift_score, input_drift pairs): the sweep table's number and the app's headline's."""
+    from ..analysis import input_drift, run_drift_score  # analysis reads runs through this package
 
     try:
-        return run_drift_score(run)
+        scores = input_drift(run)
     except ICSVizError:
-        return math.nan
+        return math.nan, ()
+    return run_drift_score(run, scores=scores), tuple(scores.items())
 
 
 def summary_of(path: Path) -> RunEntry:
@@ -147,6 +150,7 @@ def summary_of(path: Path) -> RunEntry:
         with open_run(path, skip=report.drop_groups) as run:
             attrs = run.attrs
             epochs, best, final = _accuracies(run)
+            score, scores = _drift(run)
             status = run.status if "/status" not in {d.part for d in report.damage} else "interrupted"
             return RunEntry(
                 name=run.name,
@@ -158,7 +162,8 @@ def summary_of(path: Path) -> RunEntry:
                 status=status,
                 best_val_accuracy=best,
                 final_val_accuracy=final,
-                drift_score=_drift_score(run),
+                drift_score=score,
+                input_drift=scores,
                 created=str(attrs.get("created", "")),
                 damage=tuple(d.describe() for d in report.damage),
                 skip=report.drop_groups,
@@ -243,6 +248,7 @@ def _from_json(root: Path, item: dict[str, Any]) -> RunEntry:
     name = Path(values.pop("path")).name  # a file name, never a path out of the folder
     for field in ("damage", "skip", "damaged_layers"):
         values[field] = tuple(str(v) for v in values.get(field, ()))
+    values["input_drift"] = tuple((str(name), float(score)) for name, score in values.get("input_drift", ()))
     for field in ("best_val_accuracy", "final_val_accuracy", "drift_score"):
         values[field] = math.nan if values.get(field) is None else float(values[field])
     return RunEntry(path=root / name, **values)
