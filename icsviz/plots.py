@@ -369,8 +369,10 @@ def _depth_panels(
         named = len(layers) <= 12
         for k, layer in enumerate(layers):
             color = cmap(k / max(len(layers) - 1, 1))
-            for row, (series_of, _, _) in enumerate(rows):
-                series = series_of(run, layer)
+            for row, (series_of, _, log) in enumerate(rows):
+                series = np.asarray(series_of(run, layer), float)
+                if log:  # zeros (the first layer's gradient shift) have no place on a log axis
+                    series = np.where(series > 0, series, np.nan)
                 if not np.isfinite(series).any():
                     continue
                 drawn[row] = True

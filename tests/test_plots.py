@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -49,16 +50,38 @@ def test_plot_writes_the_whole_set(shipped, tmp_path) -> None:
         "drift_matrix",
         "drift_comparison",
         "gradients",
+        "gradient_shift",  # the shipped runs record it
+        "ioffe_fig1_steps",  # and the training batches
         "layer_conv1",
         "layer_fc1_relu",
     ):
         assert f"{stem}.png" in names and f"{stem}.pdf" in names, stem
-    assert any("gradient_shift" in n for n in notes) and any("'nope'" in n for n in notes)
+    assert any("'nope'" in n for n in notes)
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
     assert (tmp_path / "drift_matrix.pdf").read_bytes()[:4] == b"%PDF"
-    with pytest.raises(MissingDataError, match="gradient_shift=True"):
-        figure_gradient_shift(shipped)
+
+
+def test_gradient_shift_figure_needs_the_data_and_shares_its_scales(shipped, tmp_path, layout) -> None:
+    fig = figure_gradient_shift(shipped)
+    top_left, top_right = fig.axes[0], fig.axes[1]
+    assert top_left.get_ylim() == top_right.get_ylim()  # one y scale per row
+    assert [top_left.get_title(), top_right.get_title()] == ["baseline", "bn"]
+    base = shipped["baseline"]
+    moved = {name for name in base.ics_layer_names if (base.ics(name).grad_diff > 0).any()}
+    assert moved == set(base.ics_layer_names) - {"conv1"}  # nothing before the first layer steps
+    assert moved == {t.get_text() for t in top_left.texts}  # on the log axis: every layer but it
+    assert set(base.ics_layer_names) == {t.get_text() for t in fig.axes[2].texts}  # all in cos
+    conv2 = shipped["baseline"].ics("conv2").grad_diff
+    assert any(list(line.get_ydata()) == pytest.approx(list(conv2), nan_ok=True) for line in top_left.lines)
+    from conftest import tiny_capture
+    from icsviz.store.writer import RunWriter
+
+    plain_layout = dataclasses.replace(layout, ics_layers=())  # recorded without gradient_shift
+    with RunWriter.create(tmp_path / "plain.h5", plain_layout, {}) as writer:
+        writer.write_capture(tiny_capture(plain_layout, 0))
+    with open_run(tmp_path / "plain.h5") as plain, pytest.raises(MissingDataError, match="gradient_shift=True"):
+        figure_gradient_shift({"plain": plain})
 
 
 def test_plot_cli_and_its_errors(tmp_path, capsys) -> None:
