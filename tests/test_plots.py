@@ -80,7 +80,10 @@ def test_gradient_shift_figure_needs_the_data_and_shares_its_scales(shipped, tmp
     plain_layout = dataclasses.replace(layout, ics_layers=())  # recorded without gradient_shift
     with RunWriter.create(tmp_path / "plain.h5", plain_layout, {}) as writer:
         writer.write_capture(tiny_capture(plain_layout, 0))
-    with open_run(tmp_path / "plain.h5") as plain, pytest.raises(MissingDataError, match="gradient_shift=True"):
+    with (
+        open_run(tmp_path / "plain.h5") as plain,
+        pytest.raises(MissingDataError, match="gradient_shift=True"),
+    ):
         figure_gradient_shift({"plain": plain})
 
 
