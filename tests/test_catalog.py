@@ -144,3 +144,13 @@ def test_no_catalogue_on_disk_when_turned_off(tmp_path, layout, monkeypatch) -> 
     _sweep(folder, layout, n=1)
     assert catalog_module.cache_dir() is None
     assert scan_runs(folder)[0].readable
+
+
+def test_files_read_for_the_page_are_kept_on_disk_too(tmp_path, layout) -> None:
+    folder = tmp_path / "pair"
+    _sweep(folder, layout, n=2)
+    runs = catalog_module.catalog(folder)
+    runs.read_now(["run0.h5", "run1.h5"])  # what the app does for the runs it shows first
+    assert not any(e.pending for e in runs.entries(background=False))
+    _new_process()
+    assert not any(e.pending for e in catalog_module.catalog(folder).entries(background=False))

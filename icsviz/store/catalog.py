@@ -377,12 +377,16 @@ class FolderCatalog:
 
     def read_now(self, names: list[str]) -> None:
         """Read these files now if they are pending (the runs a page is about to show)."""
+        read = False
         for path, stat in self._listing():
             if path.name in names:
                 with self._lock:
                     known = self._current(path, stat) is not None
                 if not known:
                     self._read(path, stat)
+                    read = True
+        if read:
+            self.save()  # also when no background reader follows (a folder of only these runs)
 
     @property
     def pending(self) -> int:
