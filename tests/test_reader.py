@@ -128,3 +128,17 @@ def test_activations_are_read_once_per_committed_length_and_read_only(run_path) 
         copy = first.counts.copy()
         copy[0, 0] = 99  # a copy is the user's to change
         assert first.counts[0, 0] != 99
+
+
+def test_another_open_of_the_same_file_version_shares_the_read(run_path, layout) -> None:
+    with open_run(run_path) as run, open_run(run_path) as again:
+        assert again.activations("dense") is run.activations("dense")
+    from icsviz.store.writer import RunWriter
+
+    with open_run(run_path) as run:
+        before = run.activations("dense")
+    with RunWriter.resume(run_path, layout, from_epoch=99) as writer:  # the file changes
+        writer.write_capture(tiny_capture(layout, 10))
+    with open_run(run_path) as changed:
+        after = changed.activations("dense")
+        assert after is not before and len(after.counts) == len(before.counts) + 1

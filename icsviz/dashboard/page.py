@@ -7,10 +7,8 @@ files are shown as text (tables, chart labels), never rendered as HTML.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,7 +19,7 @@ import streamlit as st
 from .. import analysis
 from ..errors import ICSVizError
 from ..store.catalog import RunEntry, entry_for
-from ..store.reader import ActivationStats, Run, open_run
+from ..store.reader import Run, open_run
 from . import charts, data
 
 Key = tuple[str, int, int]
@@ -38,47 +36,10 @@ def plain(text: object) -> str:
 
 
 # ---------------------------------------------------------------- cached reads
-class _Remembered:
-    """A run whose layers' activation statistics are read from the file once per process: the
-    headline, the drift summary and the layer views all need them."""
-
-    _read: collections.OrderedDict[tuple[Key, str], ActivationStats] = collections.OrderedDict()
-    _lock = threading.Lock()
-    _MAX = 256  # layers (about 0.2 MB each for a 50-epoch run)
-
-    def __init__(self, run: Run, key: Key) -> None:
-        self._run, self._key = run, key
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._run, name)
-
-    def __enter__(self) -> _Remembered:
-        self._run.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._run.__exit__(*exc)
-
-    def activations(self, name: str) -> ActivationStats:
-        memo = (self._key, name)
-        with self._lock:
-            found = self._read.get(memo)
-            if found is not None:
-                self._read.move_to_end(memo)
-                return found
-        found = self._run.activations(name)
-        with self._lock:
-            self._read[memo] = found
-            while len(self._read) > self._MAX:
-                self._read.popitem(last=False)
-        return found
-
-
 def _open(key: Key) -> Run:
     """A run as the catalog found it: without the parts its check found damaged."""
     entry = entry_for(key)
-    run = entry.open() if entry is not None else open_run(key[0])
-    return _Remembered(run, key)  # type: ignore[return-value]  (a Run in every other way)
+    return entry.open() if entry is not None else open_run(key[0])
 
 
 def _with_runs(

@@ -9,8 +9,11 @@ ever returned.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,9 +168,15 @@ def open_run(path: str | os.PathLike[str], *, skip: Iterable[str] = ()) -> Run:
     return Run(path, skip=skip)
 
 
-# Each file version's index of groups (see Run._read_index): read once per process.
+# Read once per process and file version (path, inode, size, mtime, parts skipped): each
+# version's index of groups (Run._read_index) and, per committed length, its layers'
+# statistics (Run.activations). The app opens the same files in every view.
 _INDEXES: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 _MAX_INDEXES = 1024
+_ACTIVATIONS: collections.OrderedDict[tuple[Any, ...], ActivationStats] = collections.OrderedDict()
+_MAX_ACTIVATIONS = 256  # layers, about 0.2 MB each for a 50-epoch run
+_ACTIVATIONS_LOCK = threading.Lock()  # the app reads from several sessions' threads
+_UNVERSIONED = itertools.count()  # a file whose version cannot be read shares nothing
 
 
 class Run:
@@ -185,12 +194,12 @@ class Run:
         try:
             with reading(self.path, "the file's attributes"):
                 self._check_schema()
+            self._version = self._file_version()
             self._layers, self._variables, self._ics, self._batch_ids = self._read_index()
             self._by_name = {info.name: info for info in self._layers}
             self._by_name.update({info.id: info for info in self._layers})
             self._length = 0
             self._batch_length = 0
-            self._activations: dict[str, tuple[int, ActivationStats]] = {}
             self.refresh()
         except BaseException:
             self._file.close()
@@ -210,19 +219,22 @@ class Run:
                 "Upgrade icsviz to read it."
             )
 
+    def _file_version(self) -> tuple[Any, ...]:
+        """What identifies this file's content: (path, inode, size, mtime, parts skipped)."""
+        try:
+            stat = self.path.stat()
+            return (str(self.path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, self._skip)
+        except OSError:
+            return ("unversioned", next(_UNVERSIONED))
+
     def _read_index(self) -> tuple[list[LayerInfo], dict[str, str], dict[str, str], dict[str, str]]:
         """The layers and the groups of variables, gradient shift and batch rows.
 
         Reading them means every group's attributes (about 50 ms for the reference CNN);
-        they are kept per file version (inode, size, modification time), so that
-        opening the same file again, as the app's views do, costs a `stat`.
+        they are kept per file version, so that opening the same file again, as the
+        app's views do, costs a `stat`.
         """
-        try:
-            stat = self.path.stat()
-            version = (str(self.path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, self._skip)
-        except OSError:
-            version = None
-        found = _INDEXES.get(version) if version is not None else None
+        found = _INDEXES.get(self._version)
         if found is None:
             found = (
                 self._read_layers(),
@@ -230,10 +242,9 @@ class Run:
                 self._read_groups("ics"),
                 self._read_batch_groups(),
             )
-            if version is not None:
-                if len(_INDEXES) >= _MAX_INDEXES:
-                    _INDEXES.clear()
-                _INDEXES[version] = found
+            if len(_INDEXES) >= _MAX_INDEXES:
+                _INDEXES.clear()
+            _INDEXES[self._version] = found
         layers, variables, ics, batches = found
         return list(layers), dict(variables), dict(ics), dict(batches)
 
@@ -408,19 +419,26 @@ class Run:
     def activations(self, name: str) -> ActivationStats:
         """Activation statistics of one layer (by original name or layer id).
 
-        Read once per layer and committed length: views that ask for the same
-        layer share one read. The arrays are therefore read-only; copy one
+        Read once per file version, layer and committed length, in this process:
+        views that ask for the same layer share one read, also through another
+        `open_run` of the same file. The arrays are therefore read-only; copy one
         before changing it.
         """
         info = self.layer(name)
-        cached = self._activations.get(info.id)
-        if cached is not None and cached[0] == self._length:
-            return cached[1]
+        key = (self._version, info.id, self._length)
+        with _ACTIVATIONS_LOCK:
+            cached = _ACTIVATIONS.get(key)
+            if cached is not None:
+                _ACTIVATIONS.move_to_end(key)
+                return cached
         stats = self._read_activations(info)
         for value in vars(stats).values():
             if isinstance(value, np.ndarray):
                 value.setflags(write=False)
-        self._activations[info.id] = (self._length, stats)
+        with _ACTIVATIONS_LOCK:
+            _ACTIVATIONS[key] = stats
+            while len(_ACTIVATIONS) > _MAX_ACTIVATIONS:
+                _ACTIVATIONS.popitem(last=False)
         return stats
 
     def _read_activations(self, info: LayerInfo) -> ActivationStats:
