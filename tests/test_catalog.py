@@ -39,6 +39,9 @@ def test_links_out_of_the_folder_are_not_listed(tmp_path, layout) -> None:
     runs.mkdir()
     os.symlink(outside / "secret.h5", runs / "link.h5")
     assert scan_runs(runs) == []
+    found = catalog_module.catalog(runs)
+    found.read_now(["link.h5", "../outside/secret.h5"])  # names from a page: the same rules
+    assert not found._known and found.entries(background=False) == []
 
 
 def test_resolve_refuses_traversal(tmp_path, layout) -> None:

@@ -60,7 +60,7 @@ def _first_entries(runs: FolderCatalog) -> list[RunEntry]:
             break
         runs.read_now([name])
         entries = runs.entries(background=False)
-    return runs.entries()
+    return runs.entries() if any(e.pending for e in entries) else entries  # start the reader
 
 
 def matches(entry: RunEntry, query: str) -> bool:
@@ -118,10 +118,21 @@ def _capture_control(epochs: list[float]) -> float:
         )
 
 
-def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_choice: str) -> None:
-    runs = catalog(folder)
-    runs.read_now(selected)  # a growing run is read again in its new version before it is drawn
-    entries = {e.path.name: e for e in runs.entries()}
+def main_area(
+    folder: str,
+    selected: list[str],
+    layer: str,
+    bands: str,
+    unit_choice: str,
+    listed: list[RunEntry] | None = None,
+) -> None:
+    """The page below the sidebar. `listed`: the folder's entries this run already has (None in
+    the live fragment, whose reruns must see the files grow)."""
+    if listed is None:
+        runs = catalog(folder)
+        runs.read_now(selected)  # a growing run is read again in its new version before it is drawn
+        listed = runs.entries()
+    entries = {e.path.name: e for e in listed}
     chosen = [entries[name] for name in selected if name in entries and entries[name].readable]
     if not chosen:
         st.info("Choose one or more readable runs in the sidebar.")
@@ -167,13 +178,16 @@ def main_area(folder: str, selected: list[str], layer: str, bands: str, unit_cho
             page.gradients(keys, labels)
 
 
-def sweep_table(folder: str, query: str, expanded: bool, reading: bool) -> None:
+def sweep_table(folder: str, query: str, listed: list[RunEntry]) -> None:
     """The runs of the folder in a sortable table, refreshed while the catalogue reads new files."""
+    reading = any(e.pending for e in listed)
+    expanded = len(listed) > len(SHIPPED_PAIR) or any(not e.readable and not e.pending for e in listed)
 
     @st.fragment(run_every=CATALOG_REFRESH_S if reading else None)
     def table() -> None:
-        runs = catalog(folder)
-        entries = runs.entries()
+        # While files are read the fragment refreshes on its own and lists the folder again;
+        # otherwise it reruns only for its own table, and this run's listing holds.
+        entries = catalog(folder).entries() if reading else listed
         shown = [e for e in entries if matches(e, query)]
         pending = sum(e.pending for e in entries)
         count = f"{len(shown)} of {len(entries)}" if len(shown) != len(entries) else f"{len(entries)}"
@@ -209,12 +223,7 @@ def run_app() -> None:
     if not entries:
         _empty_folder(folder)
         return
-    sweep_table(
-        folder,
-        query,
-        expanded=len(entries) > len(SHIPPED_PAIR) or any(not e.readable and not e.pending for e in entries),
-        reading=any(e.pending for e in entries),
-    )
+    sweep_table(folder, query, entries)
 
     kept = set(st.session_state.get("runs") or [])  # a chosen run never disappears from the list
     names = [e.path.name for e in entries if e.readable and (e.path.name in kept or matches(e, query))]
@@ -269,7 +278,7 @@ def run_app() -> None:
     if any(e.live for e in chosen):
         st.fragment(run_every=LIVE_REFRESH_S)(main_area)(folder, selected, layer, bands, unit_choice)
     else:
-        main_area(folder, selected, layer, bands, unit_choice)
+        main_area(folder, selected, layer, bands, unit_choice, entries)
 
 
 if __name__ == "__main__":

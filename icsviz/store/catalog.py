@@ -26,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import numpy as np
@@ -234,10 +235,13 @@ def _version() -> str:
     return __version__
 
 
+_NUMBERS = ("best_val_accuracy", "final_val_accuracy", "drift_score")  # NaN when absent: null in JSON
+
+
 def _to_json(entry: RunEntry) -> dict[str, Any]:
     out = dataclasses.asdict(entry)
     out["path"] = entry.path.name
-    for field in ("best_val_accuracy", "final_val_accuracy", "drift_score"):
+    for field in _NUMBERS:
         out[field] = None if math.isnan(out[field]) else out[field]
     return out
 
@@ -248,8 +252,10 @@ def _from_json(root: Path, item: dict[str, Any]) -> RunEntry:
     name = Path(values.pop("path")).name  # a file name, never a path out of the folder
     for field in ("damage", "skip", "damaged_layers"):
         values[field] = tuple(str(v) for v in values.get(field, ()))
-    values["input_drift"] = tuple((str(name), float(score)) for name, score in values.get("input_drift", ()))
-    for field in ("best_val_accuracy", "final_val_accuracy", "drift_score"):
+    values["input_drift"] = tuple(
+        (str(layer), float(score)) for layer, score in values.get("input_drift", ())
+    )
+    for field in _NUMBERS:
         values[field] = math.nan if values.get(field) is None else float(values[field])
     return RunEntry(path=root / name, **values)
 
@@ -376,15 +382,25 @@ class FolderCatalog:
             return [_aged(self._current(path, stat) or _pending(path, stat)) for path, stat in listing]
 
     def read_now(self, names: list[str]) -> None:
-        """Read these files now if they are pending (the runs a page is about to show)."""
+        """Read these files now if they are pending (the runs a page is about to show).
+
+        Only the named files are looked at (a `stat` each, the listing's rules), not
+        the whole folder.
+        """
         read = False
-        for path, stat in self._listing():
-            if path.name in names:
-                with self._lock:
-                    known = self._current(path, stat) is not None
-                if not known:
-                    self._read(path, stat)
-                    read = True
+        for name in dict.fromkeys(names):
+            path = self.root / name
+            try:
+                stat = path.lstat()
+            except OSError:
+                continue  # gone: the next listing says so
+            if not (name.endswith(".h5") and Path(name).name == name and S_ISREG(stat.st_mode)):
+                continue  # not a file the listing would show (a link, a folder, a path)
+            with self._lock:
+                known = self._current(path, stat) is not None
+            if not known:
+                self._read(path, stat)
+                read = True
         if read:
             self.save()  # also when no background reader follows (a folder of only these runs)
 
@@ -465,7 +481,7 @@ def summarize(path: Path) -> RunEntry:
     """The summary of one run file, from its folder's catalogue while the file is unchanged."""
     found = catalog(path.parent)
     found.read_now([path.name])
-    for entry in found.entries():
+    for entry in found.entries(background=False):  # one file asked for: not the whole folder
         if entry.path.name == path.name:
             return entry
     return _summarize(path, path.stat())
