@@ -14,8 +14,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np
 import pytest
 
+from icsviz import open_run
 from icsviz.store.schema import LayerSpec, RunLayout, VariableSpec
-from icsviz.store.writer import Capture, LayerCapture
+from icsviz.store.writer import Capture, LayerCapture, RunWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar-10-batches-py-subset"
@@ -73,6 +74,34 @@ def tiny_capture(layout: RunLayout, step: int, value: float = 1.0, kind: str = "
 @pytest.fixture
 def layout() -> RunLayout:
     return tiny_layout()
+
+
+@pytest.fixture
+def tiny_runs(tmp_path, layout):
+    """Two open runs, "a" and "b", of four captures and three epochs each."""
+    paths = {}
+    for label, value in (("a", 1.0), ("b", 3.0)):
+        path = tmp_path / f"{label}.h5"
+        with RunWriter.create(path, layout, {"run_name": label}) as w:
+            for step in range(0, 40, 10):
+                w.write_capture(
+                    tiny_capture(layout, step, value=value, kind="start" if step == 0 else "epoch")
+                )
+            for epoch in range(3):
+                w.write_epoch(
+                    epoch,
+                    {
+                        "accuracy": 0.5 + epoch / 10,
+                        "val_accuracy": 0.4 + epoch / 10,
+                        "loss": 1.0 - epoch / 10,
+                        "val_loss": 1.1,
+                    },
+                )
+        paths[label] = path
+    opened = {label: open_run(p) for label, p in paths.items()}
+    yield opened
+    for run in opened.values():
+        run.close()
 
 
 def damage_chunk(path: Path, dataset: str, chunk: int = 0) -> None:

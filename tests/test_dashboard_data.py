@@ -5,93 +5,63 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_capture
-from icsviz import open_run
 from icsviz.dashboard import data
-from icsviz.store.writer import RunWriter
 
 
-@pytest.fixture
-def runs(tmp_path, layout):
-    paths = {}
-    for label, value in (("a", 1.0), ("b", 3.0)):
-        path = tmp_path / f"{label}.h5"
-        with RunWriter.create(path, layout, {"run_name": label}) as w:
-            for step in range(0, 40, 10):
-                w.write_capture(
-                    tiny_capture(layout, step, value=value, kind="start" if step == 0 else "epoch")
-                )
-            for epoch in range(3):
-                w.write_epoch(
-                    epoch,
-                    {
-                        "accuracy": 0.5 + epoch / 10,
-                        "val_accuracy": 0.4 + epoch / 10,
-                        "loss": 1.0 - epoch / 10,
-                        "val_loss": 1.1,
-                    },
-                )
-        paths[label] = path
-    opened = {label: open_run(p) for label, p in paths.items()}
-    yield opened
-    for run in opened.values():
-        run.close()
-
-
-def test_curves_frame(runs) -> None:
-    df = data.curves_frame(runs)
+def test_curves_frame(tiny_runs) -> None:
+    df = data.curves_frame(tiny_runs)
     assert set(df["split"]) == {"training", "validation"} and set(df["metric"]) == {"accuracy", "loss"}
     acc = df[(df.run == "a") & (df.metric == "accuracy") & (df.split == "training")]
     np.testing.assert_allclose(acc["value"], [0.5, 0.6, 0.7])
     np.testing.assert_array_equal(acc["epoch"], [1, 2, 3])
 
 
-def test_nearest_capture_and_histogram_frame(runs) -> None:
-    run = runs["a"]
+def test_nearest_capture_and_histogram_frame(tiny_runs) -> None:
+    run = tiny_runs["a"]
     np.testing.assert_allclose(run.epochs, [0, 1, 2, 3])
     assert data.nearest_capture(run, 2.5) == 2 and data.nearest_capture(run, -1) == 0
     assert data.nearest_capture(run, 1.99996) == 2  # a slider value rounded to 4 decimals
-    edges = data.shared_edges(runs, "dense")
+    edges = data.shared_edges(tiny_runs, "dense")
     # spans the recorded min..max of every capture of both runs, not the wider dyadic edges
     assert edges[0] == -31 and edges[-1] == 31  # tiny_capture: min = -(step + 1), max = step + 1
-    df = data.histogram_frame(runs, "dense", 2.0, edges)
+    df = data.histogram_frame(tiny_runs, "dense", 2.0, edges)
     assert set(df["epoch"]) == {2.0}
     for _, part in df.groupby("run"):
         assert (part["density"] * np.diff(edges)).sum() == pytest.approx(1.0)
 
 
-def test_percentiles_drift_and_gradients(runs) -> None:
-    pct = data.percentile_frame(runs, "dense")
+def test_percentiles_drift_and_gradients(tiny_runs) -> None:
+    pct = data.percentile_frame(tiny_runs, "dense")
     a = pct[pct.run == "a"]
-    np.testing.assert_allclose(a["median"], runs["a"].activations("dense").quantile(0.5))
+    np.testing.assert_allclose(a["median"], tiny_runs["a"].activations("dense").quantile(0.5))
     assert {"q15", "q85"} <= set(pct.columns)
-    drift = data.drift_frame(runs)
+    drift = data.drift_frame(tiny_runs)
     b = drift[(drift.run == "b") & (drift.layer == "dense")]
     # mean = 3 * step, std_0 = 1: mean shift from start = 3 * step
     np.testing.assert_allclose(b["mean_shift"], [0, 30, 60, 90])
     from icsviz.analysis import drift_curve
 
-    acts = runs["b"].activations("dense")
+    acts = tiny_runs["b"].activations("dense")
     np.testing.assert_allclose(b["from_start"], drift_curve(acts, "w1", "start"))
     np.testing.assert_allclose(b["from_previous"], drift_curve(acts, "w1", "previous"))
     assert b["from_start"].iloc[0] == 0 and (b["from_start"].iloc[1:] > 0).all()
-    grads = data.gradient_frame(runs)
+    grads = data.gradient_frame(tiny_runs)
     g = grads[(grads.run == "a") & (grads.layer == "dense")]
     np.testing.assert_allclose(g["grad_norm"], np.sqrt(2) * 0.5 * np.array([0, 10, 20, 30]))
     assert np.isnan(g["update_ratio"].iloc[0]) and g["update_ratio"].iloc[1] == pytest.approx(0.01)
-    ics = data.ics_frame(runs)
+    ics = data.ics_frame(tiny_runs)
     np.testing.assert_allclose(ics[ics.run == "a"]["grad_diff"], [0, 1, 2, 3], rtol=1e-6)
 
 
-def test_heatmap_ridgeline_and_units(runs) -> None:
-    run = runs["a"]
+def test_heatmap_ridgeline_and_units(tiny_runs) -> None:
+    run = tiny_runs["a"]
     edges = data.shared_edges({"a": run}, "dense")
     heat = data.heatmap_frame(run, "dense", edges)
     assert set(np.round(heat["t0"], 6)) == {0, 1, 2, 3} and (heat["t1"] > heat["t0"]).all()
     assert data.ridgeline_captures(run, rows=2) == [0, 3]
     units = data.unit_frame(run, "dense", "mean")
     assert len(units) == 4 * 4 and set(units["unit"]) == {0, 1, 2, 3}
-    assert data.layer_union(runs) == ["dense", "block/relu"]
+    assert data.layer_union(tiny_runs) == ["dense", "block/relu"]
 
 
 def test_layer_union_keeps_model_order_with_layers_only_one_run_has() -> None:

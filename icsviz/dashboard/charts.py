@@ -1,13 +1,22 @@
-"""Altair charts for the app's views. Each takes a frame from `data` and returns a chart."""
+"""Vega-Lite specs for the app's views. Each takes a frame from `data` and returns a spec.
+
+The specs are plain dicts, written out rather than built with Altair: Altair
+builds and checks a chart in 30-120 ms, and a page of a dozen charts paid most
+of a second on every rerun (a new layer, a filter, the play button). A dict
+costs microseconds. The frames travel in the spec's `datasets`, which
+Streamlit sends as Arrow. Every spec is checked against the Vega-Lite schema
+in the tests (`tests/test_charts.py`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import altair as alt
 import pandas as pd
 
 __all__ = [
+    "Spec",
     "curves_chart",
     "role_drift_chart",
     "histogram_chart",
@@ -21,152 +30,181 @@ __all__ = [
     "ics_chart",
 ]
 
-alt.data_transformers.disable_max_rows()  # frames are already reduced to what is drawn
-
+Spec = dict[str, Any]
+SCHEMA = "https://vega.github.io/schema/vega-lite/v6.4.1.json"
 RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+_RULE = {"type": "rule", "color": "gray", "strokeDash": [2, 2]}  # the capture on display
 
 
-def _run_color(runs: Sequence[str]) -> alt.Color:
-    return alt.Color(
-        "run:N", title="run", scale=alt.Scale(domain=list(runs), range=RUN_COLORS[: max(1, len(runs))])
-    )
+# ---------------------------------------------------------------- building blocks
+def _q(field: str, **props: Any) -> dict[str, Any]:
+    return {"field": field, "type": "quantitative", **props}
 
 
-def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | None = None) -> alt.Chart:
+def _n(field: str, **props: Any) -> dict[str, Any]:
+    return {"field": field, "type": "nominal", **props}
+
+
+def _spec(datasets: dict[str, pd.DataFrame], **props: Any) -> Spec:
+    """A top-level spec: its frames by name (Streamlit sends them as Arrow) and the schema."""
+    return {**props, "datasets": datasets, "$schema": SCHEMA}
+
+
+def _run_color(runs: Sequence[str]) -> dict[str, Any]:
+    """One colour per run, the same in every chart (runs in the order they are chosen)."""
+    scale = {"domain": list(runs), "range": RUN_COLORS[: max(1, len(runs))]}
+    return _n("run", title="run", scale=scale)
+
+
+def _epoch_rule(name: str) -> Spec:
+    return {"data": {"name": name}, "mark": _RULE, "encoding": {"x": _q("epoch")}}
+
+
+def _rule_frame(epoch: float) -> pd.DataFrame:
+    return pd.DataFrame({"epoch": [epoch]})
+
+
+# ---------------------------------------------------------------- charts
+def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | None = None) -> Spec:
     """Accuracy and loss, training (dashed) and validation (solid), one panel each."""
+    datasets: dict[str, pd.DataFrame] = {}
+    if current_epoch is not None:
+        datasets["capture"] = _rule_frame(current_epoch)
     panels = []
     for metric in ("accuracy", "loss"):
-        part = df[df["metric"] == metric]
-        base = (
-            alt.Chart(part)
-            .mark_line(point=alt.OverlayMarkDef(size=12))
-            .encode(
-                x=alt.X("epoch:Q", title="epoch"),
-                y=alt.Y("value:Q", title=metric, scale=alt.Scale(zero=False)),
-                color=_run_color(runs),
-                strokeDash=alt.StrokeDash(
-                    "split:N",
+        datasets[metric] = df[df["metric"] == metric]
+        line = {
+            "data": {"name": metric},
+            "mark": {"type": "line", "point": {"size": 12}},
+            "encoding": {
+                "x": _q("epoch", title="epoch"),
+                "y": _q("value", title=metric, scale={"zero": False}),
+                "color": _run_color(runs),
+                "strokeDash": _n(
+                    "split",
                     title="data",
-                    scale=alt.Scale(domain=["training", "validation"], range=[[4, 3], [1, 0]]),
+                    scale={"domain": ["training", "validation"], "range": [[4, 3], [1, 0]]},
                 ),
-                tooltip=["run", "split", "epoch", alt.Tooltip("value:Q", format=".4f")],
-            )
-        )
-        layers = [base]
-        if current_epoch is not None:
-            layers.append(
-                alt.Chart(pd.DataFrame({"epoch": [current_epoch]}))
-                .mark_rule(color="gray", strokeDash=[2, 2])
-                .encode(x="epoch:Q")
-            )
-        panels.append(alt.layer(*layers).properties(title=metric.capitalize(), height=230))
+                "tooltip": [_n("run"), _n("split"), _q("epoch"), _q("value", format=".4f")],
+            },
+        }
+        layers = [line, _epoch_rule("capture")] if current_epoch is not None else [line]
+        panels.append({"layer": layers, "height": 230, "title": metric.capitalize()})
     # The legend below the panels: on the right it was cut off in a narrow page.
-    return (
-        alt.hconcat(*panels)
-        .resolve_scale(color="shared", strokeDash="shared")
-        .configure_legend(orient="bottom", direction="horizontal", labelLimit=320)
+    return _spec(
+        datasets,
+        hconcat=panels,
+        resolve={"scale": {"color": "shared", "strokeDash": "shared"}},
+        config={"legend": {"orient": "bottom", "direction": "horizontal", "labelLimit": 320}},
     )
 
 
-def role_drift_chart(df: pd.DataFrame, runs: Sequence[str]) -> alt.Chart:
+def role_drift_chart(df: pd.DataFrame, runs: Sequence[str]) -> Spec:
     """Drift score of the input of each nonlinearity (model order), runs side by side, log scale."""
-    return (
-        alt.Chart(df, title="How far the input of each nonlinearity drifted (drift score, log scale)")
-        .mark_circle(size=110, opacity=0.9)  # dots: bars have no baseline on a log scale
-        .encode(
-            x=alt.X("role:N", sort=alt.SortField("order"), title="nonlinearity", axis=alt.Axis(labelAngle=0)),
-            xOffset=alt.XOffset("run:N", sort=list(runs)),
-            y=alt.Y(
-                "score:Q",
+    return _spec(
+        {"scores": df},
+        data={"name": "scores"},
+        mark={"type": "circle", "size": 110, "opacity": 0.9},  # dots: bars have no baseline on a log scale
+        encoding={
+            "x": _n("role", sort={"field": "order"}, title="nonlinearity", axis={"labelAngle": 0}),
+            "xOffset": _n("run", sort=list(runs)),
+            "y": _q(
+                "score",
                 title="W1 / step-0 std",
-                scale=alt.Scale(type="log", nice=False, padding=12),
-                axis=alt.Axis(values=[0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]),
+                scale={"type": "log", "nice": False, "padding": 12},
+                axis={"values": [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]},
             ),
-            color=_run_color(runs),
-            tooltip=["run", "role", "layer", alt.Tooltip("score:Q", format=".3f")],
-        )
-        .properties(height=200)
+            "color": _run_color(runs),
+            "tooltip": [_n("run"), _n("role"), _n("layer"), _q("score", format=".3f")],
+        },
+        height=200,
+        title="How far the input of each nonlinearity drifted (drift score, log scale)",
     )
 
 
-def histogram_chart(df: pd.DataFrame, runs: Sequence[str], x_domain: Sequence[float]) -> alt.Chart:
+def histogram_chart(df: pd.DataFrame, runs: Sequence[str], x_domain: Sequence[float]) -> Spec:
     """One histogram per run at the chosen capture, overlaid on shared axes."""
-    return (
-        alt.Chart(df)
-        .mark_area(interpolate="step", fillOpacity=0.25, line=True)
-        .encode(
-            x=alt.X("x:Q", title="activation", scale=alt.Scale(domain=list(x_domain), nice=False)),
-            y=alt.Y("density:Q", title="density", stack=None),
-            color=_run_color(runs),
-            tooltip=[
-                "run",
-                alt.Tooltip("epoch:Q", format=".2f"),
-                alt.Tooltip("x:Q", format=".3g"),
-                alt.Tooltip("density:Q", format=".3g"),
+    return _spec(
+        {"histogram": df},
+        data={"name": "histogram"},
+        mark={"type": "area", "interpolate": "step", "fillOpacity": 0.25, "line": True},
+        encoding={
+            "x": _q("x", title="activation", scale={"domain": list(x_domain), "nice": False}),
+            "y": _q("density", title="density", stack=None),
+            "color": _run_color(runs),
+            "tooltip": [
+                _n("run"),
+                _q("epoch", format=".2f"),
+                _q("x", format=".3g"),
+                _q("density", format=".3g"),
             ],
-        )
-        .properties(height=260)
+        },
+        height=260,
     )
 
 
-def ridgeline_chart(df: pd.DataFrame, title: str, x_domain: Sequence[float], step: int = 26) -> alt.Chart:
+def ridgeline_chart(df: pd.DataFrame, title: str, x_domain: Sequence[float], step: int = 26) -> Spec:
     """Joy plot: one density per capture, stacked from the start (top) to the end."""
-    return (
-        alt.Chart(df, title=title)
-        .mark_area(
-            interpolate="monotone",
-            fillOpacity=0.7,
-            stroke="white",
-            strokeWidth=0.6,
-        )
-        .encode(
-            x=alt.X("x:Q", title="activation", scale=alt.Scale(domain=list(x_domain), nice=False)),
-            y=alt.Y("density:Q", axis=None, scale=alt.Scale(range=[step, -step * 2])),
-            fill=alt.Fill("epoch:Q", title="epoch", scale=alt.Scale(scheme="viridis")),
-            row=alt.Row(
-                "epoch:Q",
+    return _spec(
+        {"densities": df},
+        data={"name": "densities"},
+        mark={
+            "type": "area",
+            "interpolate": "monotone",
+            "fillOpacity": 0.7,
+            "stroke": "white",
+            "strokeWidth": 0.6,
+        },
+        encoding={
+            "x": _q("x", title="activation", scale={"domain": list(x_domain), "nice": False}),
+            # A range reaching above the row: each density overlaps the row before it.
+            "y": _q("density", axis=None, scale={"range": [step, -step * 2]}),
+            "fill": _q("epoch", title="epoch", scale={"scheme": "viridis"}),
+            "row": _q(
+                "epoch",
                 title=None,
                 sort="ascending",
-                header=alt.Header(labelAngle=0, labelAlign="left", format=".0f", labelPadding=2),
+                header={"labelAngle": 0, "labelAlign": "left", "format": ".0f", "labelPadding": 2},
             ),
-            tooltip=[alt.Tooltip("epoch:Q", format=".2f"), alt.Tooltip("x:Q", format=".3g")],
-        )
-        .properties(height=step, width=280, bounds="flush")
-        .configure_facet(spacing=0)
-        .configure_view(stroke=None)
+            "tooltip": [_q("epoch", format=".2f"), _q("x", format=".3g")],
+        },
+        title=title,
+        height=step,
+        width=280,
+        bounds="flush",
+        config={"facet": {"spacing": 0}, "view": {"stroke": None}},
     )
 
 
 def heatmap_chart(
     df: pd.DataFrame, title: str, y_domain: Sequence[float], color_domain: Sequence[float] | None = None
-) -> alt.Chart:
+) -> Spec:
     """Histogram against time: bins (y) by captures (x), colour = log10 density.
 
     `color_domain`: the log-density range shared by the panels shown side by side.
     """
-    return (
-        alt.Chart(df, title=title)
-        .mark_rect()
-        .encode(
-            x=alt.X("t0:Q", title="epoch"),
-            x2="t1:Q",
-            y=alt.Y("y0:Q", title="activation", scale=alt.Scale(domain=list(y_domain), nice=False)),
-            y2="y1:Q",
-            color=alt.Color(
-                "log_density:Q",
-                title="log10 density",
-                scale=alt.Scale(
-                    scheme="inferno", domain=list(color_domain) if color_domain else alt.Undefined
-                ),
-            ),
-            tooltip=[
-                alt.Tooltip("t0:Q", title="epoch", format=".2f"),
-                alt.Tooltip("y0:Q", title="from", format=".3g"),
-                alt.Tooltip("y1:Q", title="to", format=".3g"),
-                alt.Tooltip("log_density:Q", format=".2f"),
+    color_scale: dict[str, Any] = {"scheme": "inferno"}
+    if color_domain:
+        color_scale["domain"] = list(color_domain)
+    return _spec(
+        {"heatmap": df},
+        data={"name": "heatmap"},
+        mark={"type": "rect"},
+        encoding={
+            "x": _q("t0", title="epoch"),
+            "x2": {"field": "t1"},
+            "y": _q("y0", title="activation", scale={"domain": list(y_domain), "nice": False}),
+            "y2": {"field": "y1"},
+            "color": _q("log_density", title="log10 density", scale=color_scale),
+            "tooltip": [
+                _q("t0", title="epoch", format=".2f"),
+                _q("y0", title="from", format=".3g"),
+                _q("y1", title="to", format=".3g"),
+                _q("log_density", format=".2f"),
             ],
-        )
-        .properties(height=260)
+        },
+        title=title,
+        height=260,
     )
 
 
@@ -176,49 +214,51 @@ def percentile_chart(
     pairs: Sequence[tuple[float, float]],
     title: str,
     current_epoch: float | None = None,
-) -> alt.Chart:
+) -> Spec:
     """Quantile bands over training (Ioffe & Szegedy Fig. 1), median as a line; a dotted rule
     marks the capture on display."""
-    layers = []
+    datasets = {"bands": df}
     opacity = 0.25 if len(pairs) == 1 else 0.12
+    layers = []
     for low, high in pairs:
         lo, hi = f"q{round(low * 100):02d}", f"q{round(high * 100):02d}"
         layers.append(
-            alt.Chart(df)
-            .mark_area(opacity=opacity)
-            .encode(
-                x=alt.X("epoch:Q", title="epoch"),
-                y=alt.Y(f"{lo}:Q", title="activation"),
-                y2=f"{hi}:Q",
-                color=_run_color(runs),
-                tooltip=[
-                    "run",
-                    alt.Tooltip("epoch:Q", format=".2f"),
-                    alt.Tooltip(f"{lo}:Q", format=".3g"),
-                    alt.Tooltip(f"{hi}:Q", format=".3g"),
-                ],
-            )
+            {
+                "data": {"name": "bands"},
+                "mark": {"type": "area", "opacity": opacity},
+                "encoding": {
+                    "x": _q("epoch", title="epoch"),
+                    "y": _q(lo, title="activation"),
+                    "y2": {"field": hi},
+                    "color": _run_color(runs),
+                    "tooltip": [
+                        _n("run"),
+                        _q("epoch", format=".2f"),
+                        _q(lo, format=".3g"),
+                        _q(hi, format=".3g"),
+                    ],
+                },
+            }
         )
     layers.append(
-        alt.Chart(df)
-        .mark_line()
-        .encode(
-            x="epoch:Q",
-            y="median:Q",
-            color=_run_color(runs),
-            tooltip=["run", alt.Tooltip("epoch:Q", format=".2f"), alt.Tooltip("median:Q", format=".3g")],
-        )
+        {
+            "data": {"name": "bands"},
+            "mark": {"type": "line"},
+            "encoding": {
+                "x": _q("epoch"),
+                "y": _q("median"),
+                "color": _run_color(runs),
+                "tooltip": [_n("run"), _q("epoch", format=".2f"), _q("median", format=".3g")],
+            },
+        }
     )
     if current_epoch is not None:
-        layers.append(
-            alt.Chart(pd.DataFrame({"epoch": [current_epoch]}))
-            .mark_rule(color="gray", strokeDash=[2, 2])
-            .encode(x="epoch:Q")
-        )
-    return alt.layer(*layers).properties(title=title, height=260)
+        datasets["capture"] = _rule_frame(current_epoch)
+        layers.append(_epoch_rule("capture"))
+    return _spec(datasets, layer=layers, height=260, title=title)
 
 
-def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = None) -> alt.Chart:
+def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = None) -> Spec:
     """Per-unit mean or std (y: unit) over captures (x, labelled by epoch).
 
     `limit`: the colour range shared by the panels side by side (means: -limit..limit,
@@ -226,98 +266,104 @@ def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = No
     """
     if stat == "mean":
         bound = limit if limit else float(df["value"].abs().max() or 1.0)
-        scale = alt.Scale(scheme="redblue", domain=[-bound, bound], reverse=True)
+        scale: dict[str, Any] = {"scheme": "redblue", "domain": [-bound, bound], "reverse": True}
     else:
-        scale = alt.Scale(scheme="viridis", domain=[0, limit] if limit else alt.Undefined)
-    return (
-        alt.Chart(df, title=title)
-        .mark_rect()
-        .encode(
-            x=alt.X("t0:Q", title="epoch (time →)", scale=alt.Scale(nice=False)),
-            x2="t1:Q",
-            y=alt.Y("unit:O", title="unit", axis=alt.Axis(labelOverlap=True)),
-            color=alt.Color("value:Q", title=f"unit {stat}", scale=scale),
-            tooltip=["unit", alt.Tooltip("epoch:Q", format=".2f"), alt.Tooltip("value:Q", format=".4g")],
-        )
-        .properties(height=260)
+        scale = {"scheme": "viridis", **({"domain": [0, limit]} if limit else {})}
+    return _spec(
+        {"units": df},
+        data={"name": "units"},
+        mark={"type": "rect"},
+        encoding={
+            "x": _q("t0", title="epoch (time →)", scale={"nice": False}),
+            "x2": {"field": "t1"},
+            "y": {"field": "unit", "type": "ordinal", "title": "unit", "axis": {"labelOverlap": True}},
+            "color": _q("value", title=f"unit {stat}", scale=scale),
+            "tooltip": [_q("unit"), _q("epoch", format=".2f"), _q("value", format=".4g")],
+        },
+        title=title,
+        height=260,
     )
 
 
-def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) -> alt.Chart:
+def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) -> Spec:
     """Layers (y, model order) by captures (x), colour = drift."""
-    return (
-        alt.Chart(df, title=title)
-        .mark_rect()
-        .encode(
-            x=alt.X("epoch:Q", title="epoch", bin=alt.Bin(maxbins=60)),
-            y=alt.Y(
-                "layer:N",
-                sort=alt.SortField("order"),
-                title=None,
-                axis=alt.Axis(labelOverlap=False, labelLimit=220),
+    return _spec(
+        {"drift": df},
+        data={"name": "drift"},
+        mark={"type": "rect"},
+        encoding={
+            "x": _q("epoch", title="epoch", bin={"maxbins": 60}),
+            "y": _n(
+                "layer", sort={"field": "order"}, title=None, axis={"labelOverlap": False, "labelLimit": 220}
             ),
-            color=alt.Color(
-                f"max({field}):Q",
+            "color": _q(
+                field,
+                aggregate="max",
                 title="shift (step-0 std)",
                 # symlog: the logits' large shifts no longer flatten every other layer to white
-                scale=alt.Scale(
-                    type="symlog", scheme="oranges", domain=[0, max(max_value, 1e-9)], clamp=True
-                ),
+                scale={
+                    "type": "symlog",
+                    "scheme": "oranges",
+                    "domain": [0, max(max_value, 1e-9)],
+                    "clamp": True,
+                },
             ),
-            tooltip=[
-                "layer",
-                alt.Tooltip("epoch:Q", format=".2f"),
-                alt.Tooltip(f"max({field}):Q", format=".3f"),
-            ],
-        )
-        .properties(height=alt.Step(16))
+            "tooltip": [_n("layer"), _q("epoch", format=".2f"), _q(field, aggregate="max", format=".3f")],
+        },
+        title=title,
+        height={"step": 16},
     )
 
 
-def drift_lines(df: pd.DataFrame, runs: Sequence[str], field: str, title: str) -> alt.Chart:
-    return (
-        alt.Chart(df, title=title)
-        .mark_line()
-        .encode(
-            x=alt.X("epoch:Q", title="epoch"),
-            y=alt.Y(f"{field}:Q", title="shift (step-0 std)"),
-            color=_run_color(runs),
-            tooltip=[
-                "run",
-                "layer",
-                alt.Tooltip("epoch:Q", format=".2f"),
-                alt.Tooltip(f"{field}:Q", format=".3f"),
-            ],
-        )
-        .properties(height=230)
+def drift_lines(df: pd.DataFrame, runs: Sequence[str], field: str, title: str) -> Spec:
+    return _spec(
+        {"drift": df},
+        data={"name": "drift"},
+        mark={"type": "line"},
+        encoding={
+            "x": _q("epoch", title="epoch"),
+            "y": _q(field, title="shift (step-0 std)"),
+            "color": _run_color(runs),
+            "tooltip": [_n("run"), _n("layer"), _q("epoch", format=".2f"), _q(field, format=".3f")],
+        },
+        title=title,
+        height=230,
     )
 
 
-def gradient_chart(df: pd.DataFrame, field: str, title: str) -> alt.Chart:
+def _layer_color() -> dict[str, Any]:
+    """Layers coloured by depth (model order), from the input side (dark) to the output."""
+    return _n("layer", sort={"field": "order"}, scale={"scheme": "viridis"})
+
+
+def gradient_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
     """One line per layer (model order), log scale."""
-    data = df[df[field] > 0]
-    return (
-        alt.Chart(data, title=title)
-        .mark_line()
-        .encode(
-            x=alt.X("epoch:Q", title="epoch"),
-            y=alt.Y(f"{field}:Q", title=field.replace("_", " "), scale=alt.Scale(type="log")),
-            color=alt.Color("layer:N", sort=alt.SortField("order"), scale=alt.Scale(scheme="viridis")),
-            tooltip=["layer", alt.Tooltip("epoch:Q", format=".2f"), alt.Tooltip(f"{field}:Q", format=".3g")],
-        )
-        .properties(height=260)
+    return _spec(
+        {"gradients": df[df[field] > 0]},  # zeros have no place on a log axis
+        data={"name": "gradients"},
+        mark={"type": "line"},
+        encoding={
+            "x": _q("epoch", title="epoch"),
+            "y": _q(field, title=field.replace("_", " "), scale={"type": "log"}),
+            "color": _layer_color(),
+            "tooltip": [_n("layer"), _q("epoch", format=".2f"), _q(field, format=".3g")],
+        },
+        title=title,
+        height=260,
     )
 
 
-def ics_chart(df: pd.DataFrame, field: str, title: str) -> alt.Chart:
-    return (
-        alt.Chart(df, title=title)
-        .mark_line()
-        .encode(
-            x=alt.X("epoch:Q", title="epoch"),
-            y=alt.Y(f"{field}:Q", title=field.replace("_", " ")),
-            color=alt.Color("layer:N", sort=alt.SortField("order"), scale=alt.Scale(scheme="viridis")),
-            strokeDash="run:N",
-        )
-        .properties(height=240)
+def ics_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
+    return _spec(
+        {"shift": df},
+        data={"name": "shift"},
+        mark={"type": "line"},
+        encoding={
+            "x": _q("epoch", title="epoch"),
+            "y": _q(field, title=field.replace("_", " ")),
+            "color": _layer_color(),
+            "strokeDash": _n("run"),
+        },
+        title=title,
+        height=240,
     )

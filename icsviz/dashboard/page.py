@@ -201,36 +201,9 @@ def _summary_frames(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str,
 
 
 # ---------------------------------------------------------------- charts
-try:  # Streamlit's own Altair -> Vega-Lite conversion (its data as Arrow, as st.altair_chart sends it)
-    from streamlit.elements.vega_charts import _convert_altair_to_vega_lite_spec as _to_spec
-except ImportError:  # pragma: no cover - a Streamlit without it: charts are built on every rerun
-    _to_spec = None
-
-
-VALIDATE_CHARTS = False  # check every chart against the Vega-Lite schema (the tests turn it on)
-
-
-@st.cache_data(max_entries=512, show_spinner=False)
-def _spec(name: str, *args: Any) -> dict[str, Any]:
-    chart = getattr(charts, name)(*args)
-    if not VALIDATE_CHARTS:
-        # The specs are valid (a test draws every view with the check on); the schema check
-        # would cost more than the rest of the conversion.
-        object.__setattr__(chart, "to_dict", functools.partial(type(chart).to_dict, chart, validate=False))
-    return _to_spec(chart)
-
-
-def draw(build: Callable[..., Any], *args: Any) -> None:
-    """Draw `build(*args)` (a function of `charts`), its Vega-Lite spec made once per input.
-
-    Building and validating an Altair chart costs 30-60 ms; a page of 17 charts
-    paid most of a second on every rerun (a new layer, a filter, the play
-    button) for charts whose inputs had not changed.
-    """
-    if _to_spec is None:
-        st.altair_chart(build(*args), width="stretch")
-        return
-    st.vega_lite_chart(_spec(build.__name__, *args), width="stretch")
+def draw(build: Callable[..., charts.Spec], *args: Any) -> None:
+    """Draw `build(*args)`, a function of `charts` that returns a Vega-Lite spec."""
+    st.vega_lite_chart(build(*args), width="stretch")
 
 
 # ---------------------------------------------------------------- views

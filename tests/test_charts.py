@@ -1,0 +1,118 @@
+"""The app's Vega-Lite specs: valid against the schema, fed with the frames they were given,
+and every encoded field present in the data it reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from altair.utils.schemapi import validate_jsonschema
+from altair.vegalite.v6.schema.core import load_schema
+from jsonschema.exceptions import ValidationError
+
+from icsviz.dashboard import charts, data
+
+SCHEMA = load_schema()
+RUNS = ("a", "b")
+
+
+def check(spec: charts.Spec) -> dict[str, pd.DataFrame]:
+    """Validate `spec` as Streamlit sends it (frames apart) and check that every field an
+    encoding names is a column of the dataset that view reads; returns the datasets."""
+    datasets = spec["datasets"]
+    assert all(isinstance(df, pd.DataFrame) for df in datasets.values())
+    validate_jsonschema({k: v for k, v in spec.items() if k != "datasets"}, SCHEMA)
+
+    def walk(view: Any, source: str | None) -> int:
+        if isinstance(view, list):
+            return sum(walk(v, source) for v in view)
+        if not isinstance(view, dict):
+            return 0
+        source = view.get("data", {}).get("name", source)
+        checked = 0
+        for channel, encoding in view.get("encoding", {}).items():
+            for enc in encoding if isinstance(encoding, list) else [encoding]:
+                assert source in datasets, f"{channel}: no dataset {source!r}"
+                assert enc["field"] in datasets[source].columns, (
+                    f"{channel}: {enc['field']!r} not in {source}"
+                )
+                checked += 1
+        return checked + sum(walk(view.get(k), source) for k in ("layer", "hconcat", "vconcat"))
+
+    assert walk(spec, None) > 0
+    return datasets
+
+
+def test_every_chart_is_valid_and_reads_its_own_frames(tiny_runs) -> None:
+    edges = data.shared_edges(tiny_runs, "dense")
+    domain = (float(edges[0]), float(edges[-1]))
+    run = tiny_runs["a"]
+    curves = data.curves_frame(tiny_runs)
+    specs = {
+        "curves": charts.curves_chart(curves, RUNS, 2.0),
+        "histogram": charts.histogram_chart(
+            data.histogram_frame(tiny_runs, "dense", 2.0, edges), RUNS, domain
+        ),
+        "ridgeline": charts.ridgeline_chart(data.ridgeline_frame(run, "dense", edges), "a", domain),
+        "heatmap": charts.heatmap_chart(data.heatmap_frame(run, "dense", edges), "a", domain, (-3.0, 0.5)),
+        "bands": charts.percentile_chart(
+            data.percentile_frame(tiny_runs, "dense", bands="tensorboard"),
+            RUNS,
+            data.BANDS["tensorboard"],
+            "dense",
+            2.0,
+        ),
+        "units": charts.unit_chart(data.unit_frame(run, "dense", "mean"), "a", "mean", 4.0),
+        "stds": charts.unit_chart(data.unit_frame(run, "dense", "std"), "a", "std"),
+        "drift": charts.drift_heatmap(data.drift_frame(tiny_runs), "a", "from_start", 2.0),
+        "drift lines": charts.drift_lines(data.drift_frame(tiny_runs), RUNS, "mean_shift", "dense"),
+        "gradients": charts.gradient_chart(data.gradient_frame(tiny_runs), "grad_norm", "a"),
+        "shift": charts.ics_chart(data.ics_frame(tiny_runs), "grad_cos", "cos"),
+    }
+    for name, spec in specs.items():
+        try:
+            check(spec)
+        except (AssertionError, ValidationError) as exc:
+            raise AssertionError(f"{name}: {exc}") from exc
+    # The curves: one panel per metric, each fed its own rows, and the capture on display marked.
+    datasets = specs["curves"]["datasets"]
+    pd.testing.assert_frame_equal(datasets["accuracy"], curves[curves["metric"] == "accuracy"])
+    assert datasets["capture"]["epoch"].tolist() == [2.0]
+    # Shared scales arrive as given: the heatmap's colour range, the units' symmetric range.
+    assert specs["heatmap"]["encoding"]["color"]["scale"]["domain"] == [-3.0, 0.5]
+    assert specs["units"]["encoding"]["color"]["scale"]["domain"] == [-4.0, 4.0]
+    assert "domain" not in specs["stds"]["encoding"]["color"]["scale"]  # no limit: Vega-Lite's own
+    # TensorBoard's bands: three areas, a median line and the rule.
+    marks = [layer["mark"]["type"] for layer in specs["bands"]["layer"]]
+    assert marks == ["area", "area", "area", "line", "rule"]
+
+
+def test_run_colours_follow_the_order_of_the_runs() -> None:
+    frame = pd.DataFrame({"run": ["b", "a"], "x": [0.0, 1.0], "density": [1.0, 1.0], "epoch": [1.0, 1.0]})
+    spec = charts.histogram_chart(frame, ("b", "a"), (0.0, 1.0))
+    scale = spec["encoding"]["color"]["scale"]
+    assert scale == {"domain": ["b", "a"], "range": charts.RUN_COLORS[:2]}
+
+
+def test_gradients_leave_zeros_off_the_log_axis() -> None:
+    frame = pd.DataFrame(
+        {"run": "a", "layer": ["d"] * 3, "order": 0, "epoch": [0.0, 1.0, 2.0], "grad_norm": [0.0, 0.5, 0.25]}
+    )
+    spec = charts.gradient_chart(frame, "grad_norm", "a")
+    shown = spec["datasets"]["gradients"]
+    np.testing.assert_array_equal(shown["grad_norm"], [0.5, 0.25])
+    assert spec["encoding"]["y"]["scale"] == {"type": "log"}
+
+
+def test_a_misspelt_field_is_caught() -> None:
+    frame = pd.DataFrame({"run": ["a"], "x": [0.0], "density": [1.0], "epoch": [1.0]})
+    spec = charts.histogram_chart(frame, ("a",), (0.0, 1.0))
+    spec["encoding"]["y"]["field"] = "densty"
+    with pytest.raises(AssertionError, match="densty"):
+        check(spec)
+    spec["encoding"]["y"]["field"] = "density"
+    spec["mark"]["type"] = "aera"
+    with pytest.raises(ValidationError):
+        check(spec)
