@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -488,6 +489,27 @@ def test_a_new_folder_opens_at_once_and_its_table_fills_in(shipped, tmp_path) ->
         )
         assert row["date"] == str(run.attrs["created"])[:10] and row["epochs"] == len(val)
     assert list(table.columns[:4]) == ["file", "run", "model", "dataset"]
+
+
+def test_the_sweep_table_is_built_again_only_when_a_file_changes(shipped, tmp_path) -> None:
+    import os
+
+    from icsviz.dashboard import page
+
+    folder = sweep_folder(tmp_path, copies=1)
+    (folder / "junk.h5").write_bytes(b"not a run")
+    runs = catalog(folder)
+    frame = page._sweep_frame_of(runs.entries(wait=True))
+    junk = frame[frame["file"] == "junk.h5"].iloc[0]
+    assert junk["status"] == "unreadable" and np.isnan(junk["epochs"]) and np.isnan(junk["drift"])
+    assert page._sweep_frame_of(runs.entries()) is frame  # the same files: the same table, not rebuilt
+    path = folder / "sweep0-cifar10-bn.h5"
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed = runs.entries(wait=True)
+    again = page._sweep_frame_of(changed)
+    assert again is not frame
+    pd.testing.assert_frame_equal(again, page.sweep_frame(changed))
 
 
 def test_rows_selected_in_the_sweep_table_are_compared(shipped, tmp_path) -> None:

@@ -43,18 +43,16 @@ def default_folder(argv: Sequence[str] | None = None) -> str:
 def default_selection(entries: Sequence[RunEntry]) -> list[str]:
     """The shipped baseline / BN pair when present, else the first two readable runs."""
     readable = [e for e in entries if e.readable]
-    firsts = {
-        model: next((e.path.name for e in readable if e.model == model), None) for model in SHIPPED_PAIR
-    }
+    firsts = {model: next((e.file for e in readable if e.model == model), None) for model in SHIPPED_PAIR}
     pair = [name for name in firsts.values() if name is not None]  # one baseline, one BN twin
-    return pair if len(pair) == 2 else [e.path.name for e in readable[:2]]
+    return pair if len(pair) == 2 else [e.file for e in readable[:2]]
 
 
 def _first_entries(runs: FolderCatalog) -> list[RunEntry]:
     """The folder's runs. One seen for the first time opens on its first runs, read now, one
     by one until there is a pair to show; the others are read in the background after."""
     entries = runs.entries(background=False)
-    pending = [e.path.name for e in entries if e.pending][:FIRST_READ]
+    pending = [e.file for e in entries if e.pending][:FIRST_READ]
     for name in pending:
         if len(default_selection(entries)) >= 2:
             break
@@ -65,8 +63,7 @@ def _first_entries(runs: FolderCatalog) -> list[RunEntry]:
 
 def matches(entry: RunEntry, query: str) -> bool:
     """Whether every word of `query` occurs in the run's names, model, dataset or date."""
-    text = " ".join([entry.path.name, entry.name, entry.model, entry.dataset, entry.date]).lower()
-    return all(word in text for word in query.lower().split())
+    return all(word in entry.search_text for word in query.lower().split())
 
 
 def _empty_folder(folder: str) -> None:
@@ -132,7 +129,7 @@ def main_area(
         runs = catalog(folder)
         runs.read_now(selected)  # a growing run is read again in its new version before it is drawn
         listed = runs.entries()
-    entries = {e.path.name: e for e in listed}
+    entries = {e.file: e for e in listed}
     chosen = [entries[name] for name in selected if name in entries and entries[name].readable]
     if not chosen:
         st.info("Choose one or more readable runs in the sidebar.")
@@ -143,7 +140,7 @@ def main_area(
     if not overview["epochs"]:
         st.info("The selected runs have no captures yet.")
         return
-    live = [e.path.name for e in chosen if e.live]
+    live = [e.file for e in chosen if e.live]
     if live:
         st.caption(
             f"Live: {page.plain(', '.join(live))} still training; refreshing every {LIVE_REFRESH_S:.0f} s."
@@ -226,8 +223,8 @@ def run_app() -> None:
     sweep_table(folder, query, entries)
 
     kept = set(st.session_state.get("runs") or [])  # a chosen run never disappears from the list
-    names = [e.path.name for e in entries if e.readable and (e.path.name in kept or matches(e, query))]
-    damaged = {e.path.name for e in entries if e.readable and e.damaged}
+    names = [e.file for e in entries if e.readable and (e.file in kept or matches(e, query))]
+    damaged = {e.file for e in entries if e.readable and e.damaged}
     selected = st.sidebar.multiselect(
         "Runs",
         names,
@@ -236,7 +233,7 @@ def run_app() -> None:
         format_func=lambda name: f"{name} (damaged)" if name in damaged else name,
         help="Runs to show side by side, on shared axes",
     )
-    chosen = [e for e in entries if e.path.name in selected]
+    chosen = [e for e in entries if e.file in selected]
     if not chosen:
         st.info("Choose one or more runs in the sidebar.")
         return

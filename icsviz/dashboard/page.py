@@ -229,34 +229,46 @@ _MAX_WARNINGS = 5  # a folder of many damaged runs gets a count, not a wall of w
 
 
 def sweep_frame(entries: Sequence[RunEntry]) -> pd.DataFrame:
-    """One row per run file: what the sweep table shows (and sorts on)."""
+    """One row per run file: what the sweep table shows (and sorts on). NaN: not recorded."""
+    columns = {
+        "file": [e.file for e in entries],
+        "run": [e.name for e in entries],
+        "model": [e.model for e in entries],
+        "dataset": [e.dataset for e in entries],
+        "date": [e.date for e in entries],
+        "epochs": [e.epochs if e.readable else np.nan for e in entries],
+        "final val acc": [e.final_val_accuracy for e in entries],
+        "best val acc": [e.best_val_accuracy for e in entries],
+        "drift": [e.drift_score for e in entries],
+        "status": [e.status + (", damaged" if e.damaged else "") for e in entries],
+    }
+    frame = pd.DataFrame(columns, columns=list(SWEEP_COLUMNS))
+    for name in ("epochs", "final val acc", "best val acc", "drift"):
+        frame[name] = frame[name].astype(float)  # also for a folder of only unread files
+    return frame
 
-    def number(value: float) -> float | None:
-        return None if np.isnan(value) else value
 
-    rows = [
-        {
-            "file": e.path.name,
-            "run": e.name,
-            "model": e.model,
-            "dataset": e.dataset,
-            "date": e.date,
-            "epochs": e.epochs if e.readable else None,
-            "final val acc": number(e.final_val_accuracy),
-            "best val acc": number(e.best_val_accuracy),
-            "drift": number(e.drift_score),
-            "status": e.status + (", damaged" if e.damaged else ""),
-        }
-        for e in entries
-    ]
-    return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+_last_sweep: tuple[tuple[int, ...], Sequence[RunEntry], pd.DataFrame] | None = None
+
+
+def _sweep_frame_of(entries: Sequence[RunEntry]) -> pd.DataFrame:
+    """`sweep_frame`, built again only when the entries change (the catalogue hands out the
+    same entry objects while files do not change; the memo holds them, so ids stay unique)."""
+    global _last_sweep
+    ids = tuple(map(id, entries))
+    last = _last_sweep
+    if last is not None and last[0] == ids:
+        return last[2]
+    frame = sweep_frame(entries)
+    _last_sweep = (ids, list(entries), frame)
+    return frame
 
 
 def runs_table(entries: Sequence[RunEntry], *, key: str = "sweep") -> None:
     """The sweep table: every run, sortable by any column; selecting rows compares those runs."""
-    table = sweep_frame(entries)
+    table = _sweep_frame_of(entries)
     files = table["file"].tolist()
-    readable = {e.path.name for e in entries if e.readable}
+    readable = {e.file for e in entries if e.readable}
 
     event = st.dataframe(
         table,
@@ -279,7 +291,7 @@ def runs_table(entries: Sequence[RunEntry], *, key: str = "sweep") -> None:
     problems = [e for e in entries if not e.pending and (not e.readable or e.damaged)]
     for e in problems[:_MAX_WARNINGS]:
         if not e.readable:
-            st.warning(f"{plain(e.path.name)} is unreadable: {plain(e.error)}", icon="⚠️")
+            st.warning(f"{plain(e.file)} is unreadable: {plain(e.error)}", icon="⚠️")
         else:
             lost = f" Left out: layers {plain(', '.join(e.damaged_layers))}." if e.damaged_layers else ""
             parts = (
@@ -288,7 +300,7 @@ def runs_table(entries: Sequence[RunEntry], *, key: str = "sweep") -> None:
                 else f"{len(e.damage)} parts fail their checksums"
             )
             st.warning(
-                f"{plain(e.path.name)} is damaged ({parts}); the rest is shown.{lost} `icsviz check` lists "
+                f"{plain(e.file)} is damaged ({parts}); the rest is shown.{lost} `icsviz check` lists "
                 "the damage, `icsviz repair` saves the readable captures.",
                 icon="⚠️",
             )

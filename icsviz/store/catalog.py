@@ -17,6 +17,7 @@ a name typed into the app can never reach another file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -77,6 +78,16 @@ class RunEntry:
     skip: tuple[str, ...] = ()  # damaged groups the views leave out ("/layers/<id>")
     damaged_layers: tuple[str, ...] = ()  # their layer names
     pending: bool = False  # listed, not read yet (the catalogue is reading it)
+
+    @functools.cached_property
+    def file(self) -> str:
+        """The file's name in its folder (kept: the app asks it of every run on every rerun)."""
+        return self.path.name
+
+    @functools.cached_property
+    def search_text(self) -> str:
+        """What a run filter searches, lower case: file and run name, model, dataset, date."""
+        return " ".join([self.file, self.name, self.model, self.dataset, self.date]).lower()
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -338,7 +349,9 @@ class FolderCatalog:
                 self._dirty = True  # try again next time
 
     # -- listing
-    def _listing(self) -> list[tuple[Path, os.stat_result]]:
+    def _listing(self) -> list[tuple[str, os.stat_result]]:
+        """(file name, stat) of every run file, by name. Names, not paths: building a Path per
+        file cost more than the stat at 1000 files, on every rerun of the app."""
         if not self.root.is_dir():
             return []
         out = []
@@ -348,13 +361,14 @@ class FolderCatalog:
                     continue
                 try:
                     if item.is_file():
-                        out.append((self.root / item.name, item.stat()))
+                        out.append((item.name, item.stat()))
                 except OSError:
                     continue  # removed while we looked
-        return sorted(out, key=lambda pair: pair[0].name)
+        out.sort(key=lambda pair: pair[0])
+        return out
 
-    def _current(self, path: Path, stat: os.stat_result) -> RunEntry | None:
-        entry = self._known.get(path.name)
+    def _current(self, name: str, stat: os.stat_result) -> RunEntry | None:
+        entry = self._known.get(name)
         if entry is not None and entry.mtime_ns == stat.st_mtime_ns and entry.size == stat.st_size:
             return entry
         return None
@@ -366,12 +380,12 @@ class FolderCatalog:
         """
         listing = self._listing()
         with self._lock:
-            names = {path.name for path, _ in listing}
+            names = {name for name, _ in listing}
             gone = [name for name in self._known if name not in names]
             for name in gone:
                 del self._known[name]
             self._dirty |= bool(gone)
-            todo = [(path, stat) for path, stat in listing if self._current(path, stat) is None]
+            todo = [(self.root / name, stat) for name, stat in listing if self._current(name, stat) is None]
         if wait:
             for path, stat in todo:
                 self._read(path, stat)
@@ -379,7 +393,8 @@ class FolderCatalog:
         elif todo and background:
             self._start(todo)
         with self._lock:
-            return [_aged(self._current(path, stat) or _pending(path, stat)) for path, stat in listing]
+            found = [(name, stat, self._current(name, stat)) for name, stat in listing]
+        return [_aged(entry) if entry else _pending(self.root / name, stat) for name, stat, entry in found]
 
     def read_now(self, names: list[str]) -> None:
         """Read these files now if they are pending (the runs a page is about to show).
@@ -397,7 +412,7 @@ class FolderCatalog:
             if not (name.endswith(".h5") and Path(name).name == name and S_ISREG(stat.st_mode)):
                 continue  # not a file the listing would show (a link, a folder, a path)
             with self._lock:
-                known = self._current(path, stat) is not None
+                known = self._current(name, stat) is not None
             if not known:
                 self._read(path, stat)
                 read = True
@@ -441,7 +456,7 @@ class FolderCatalog:
                     if not self._todo:
                         break
                     path, stat = self._todo.pop(0)
-                    if self._current(path, stat) is not None:
+                    if self._current(path.name, stat) is not None:
                         continue  # read meanwhile (read_now)
                 try:
                     self._read(path, stat)
