@@ -27,6 +27,7 @@ import numpy as np
 from ..store.schema import RunLayout, VariableSpec
 from ..store.writer import Capture, LayerCapture
 from . import backend
+from .batched import all_layer_stats, split
 from .intercept import Recorder, intercept, warn_once
 from .layers import SelectedLayer, captured_inputs, iter_layers
 from .stats import CaptureOptions, TracedLayer, l2, layer_stats, plan_tensor
@@ -67,6 +68,7 @@ class CaptureProgram:
         self._previous: list[Any] | None = None
         self._function = backend.compile_function(self._program)
         self._masked_function: Any = None  # compiled when a capture first sees NaN/Inf
+        self._batched = True  # all layers' statistics in one batch (see batched.py)
 
     # ---------------------------------------------------------------- planning
     def _variable_owners(self) -> list[str]:
@@ -176,17 +178,10 @@ class CaptureProgram:
         if self.traced is None:
             self.traced = self._plan(recorder)
         by_name = dict(zip(names, activations))
-        stats: list[dict[str, Any]] = []
-        for plan in list(self.traced):
-            try:
-                stats.append(layer_stats(by_name[plan.name], plan, self.options, masked=masked))
-            except Exception as exc:  # noqa: BLE001 - one layer never costs the run
-                self._skip(plan.name, plan.class_name, exc)
-                self.traced.remove(plan)
         weights = [ops.cast(w, "float32") for w in trainable]
         out: dict[str, Any] = {
             "loss": loss,
-            "layers": stats,
+            **self._layer_stats(by_name, masked),
             "grad_norm": ops.stack([l2(g) for g in grads]) if grads else ops.zeros((0,)),
             "weight_norm": ops.stack([l2(w) for w in weights]) if weights else ops.zeros((0,)),
             "update_norm": (
@@ -201,6 +196,30 @@ class CaptureProgram:
                 trainable, non_trainable, x, y, grads, learning_rate
             )
         return out
+
+    def _layer_stats(self, by_name: dict[str, Any], masked: bool) -> dict[str, Any]:
+        """{"batched": ...} for all layers at once, or {"layers": [...]} one by one: masked
+        (NaN/Inf present), or when the batched statistics cannot be built for this model."""
+        assert self.traced is not None
+        if not masked and self._batched:
+            try:
+                tensors = [by_name[plan.name] for plan in self.traced]
+                return {"batched": all_layer_stats(tensors, self.traced, self.options)}
+            except Exception as exc:  # noqa: BLE001 - the per-layer statistics still work
+                self._batched = False
+                warn_once(
+                    "batched-stats",
+                    f"the statistics of all layers could not be computed together ({type(exc).__name__}: "
+                    f"{exc}); computing them layer by layer (slower on deep models).",
+                )
+        stats: list[dict[str, Any]] = []
+        for plan in list(self.traced):
+            try:
+                stats.append(layer_stats(by_name[plan.name], plan, self.options, masked=masked))
+            except Exception as exc:  # noqa: BLE001 - one layer never costs the run
+                self._skip(plan.name, plan.class_name, exc)
+                self.traced.remove(plan)
+        return {"layers": stats}
 
     def _gradient_shift(
         self,
@@ -230,6 +249,14 @@ class CaptureProgram:
         return ops.stack(diffs), ops.stack(coss)
 
     # ---------------------------------------------------------------- running
+    def _host(self, output: dict[str, Any]) -> dict[str, Any]:
+        """The function's output on the host, its layer statistics as one dict per layer."""
+        result = backend.to_numpy(output)
+        if "batched" in result:
+            assert self.traced is not None
+            result["layers"] = split(result.pop("batched"), self.traced, self.options.hist_bins)
+        return result
+
     def run(
         self, x: Any, y: Any, learning_rate: float, *, step: int, epoch: float, time: float, kind: str
     ) -> Capture:
@@ -245,14 +272,14 @@ class CaptureProgram:
         lr = ops.convert_to_tensor(learning_rate, "float32")
         args = (trainable, non_trainable, previous, x, y, lr)
         with backend.isolated_rng(self.options.seed):
-            result = backend.to_numpy(self._function(*args))
+            result = self._host(self._function(*args))
         if not all(bool(stats.pop("all_finite")) for stats in result["layers"]):
             # A diverging run: recompute with NaN/Inf masked out (a second, lazily
             # compiled function, so the common case pays nothing for it).
             if self._masked_function is None:
                 self._masked_function = backend.compile_function(self._masked_program)
             with backend.isolated_rng(self.options.seed):
-                result = backend.to_numpy(self._masked_function(*args))
+                result = self._host(self._masked_function(*args))
         self._previous = backend.snapshot(self.trainable)
         with np.errstate(divide="ignore", invalid="ignore"):
             # undefined (NaN), not infinite, for a variable that was all zeros (a fresh bias)
