@@ -124,3 +124,29 @@ def test_when_batching_fails_the_layers_are_measured_one_by_one(monkeypatch) -> 
     out = result.layers[[t.name for t in prog.traced].index("d")]
     np.testing.assert_allclose(out.unit_mean, y.mean(axis=0), rtol=1e-5)
     assert batched.all_layer_stats is not broken  # the module itself is untouched
+
+
+def test_the_value_budget_keeps_a_fixed_sample_of_rows_across_every_sample() -> None:
+    options = CaptureOptions(max_values=4096)
+    x = np.random.default_rng(5).normal(size=(16, 12, 10, 4)).astype("float32")  # 1920 rows of 4 units
+    plan = plan_tensor("conv", _Layer(), "output", x.shape, 0, options)
+    assert plan.n_values == 4096 and plan.samples == 16 and plan.spec().value_sample == "rows"
+    assert len(np.unique(plan.row_index)) == 1024 and plan.row_index.max() < 1920
+    assert len(np.unique(plan.row_index // 120)) == 16  # rows from every probe sample
+    again = plan_tensor("conv", _Layer(), "output", x.shape, 0, options)
+    np.testing.assert_array_equal(plan.row_index, again.row_index)  # every capture, the same rows
+    kept = x.reshape(-1, 4)[plan.row_index]
+    out = split(
+        keras.tree.map_structure(
+            keras.ops.convert_to_numpy, all_layer_stats([keras.ops.convert_to_tensor(x)], [plan], options)
+        ),
+        [plan],
+        options.hist_bins,
+    )[0]
+    np.testing.assert_allclose(out["unit_mean"], kept.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(out["unit_std"], kept.std(axis=0), rtol=1e-5)
+    assert out["hist_counts"].sum() == kept.size
+    np.testing.assert_allclose(out["quantiles"][6], np.median(kept), rtol=1e-6)
+    assert out["moments"][2] == x.min() and out["moments"][3] == x.max()  # the range: every value
+    small = plan_tensor("dense", _Layer(), "output", (64, 60), 1, options)
+    assert small.row_index is None and small.n_values == 3840 and small.spec().value_sample == "all"

@@ -116,17 +116,20 @@ def test_all_nonfinite_layer_gives_nan_moments_and_empty_histogram() -> None:
     assert np.isnan(stats.moments).all() and np.isnan(stats.quantiles).all()
 
 
-def test_value_budget_uses_first_samples_but_exact_range() -> None:
+def test_value_budget_uses_a_fixed_sample_of_rows_but_exact_range() -> None:
     rng = np.random.default_rng(2)
     x = rng.normal(size=(100, 8)).astype("float32")
-    x[90, 3] = 50.0  # outside the budget: still the exact max
+    program, _ = capture(identity_model(8), x, options=CaptureOptions(max_values=80))
+    plan = program.traced[0]
+    outside = int(np.setdiff1d(np.arange(100), plan.row_index)[0])
+    x[outside, 3] = 50.0  # outside the budget: still the exact max
     program, result = capture(identity_model(8), x, options=CaptureOptions(max_values=80))
     plan = program.traced[0]
-    assert plan.samples == 10 and plan.n_values == 80
+    assert plan.samples == 100 and plan.n_values == 80 and len(plan.row_index) == 10
     stats = result.layers[0]
     assert stats.hist_counts.sum() == 80
     assert stats.moments[3] == 50.0
-    np.testing.assert_allclose(stats.unit_mean, x[:10].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.unit_mean, x[plan.row_index].mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_conv_units_are_channels_and_quantiles_use_a_fixed_sample() -> None:

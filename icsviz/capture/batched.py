@@ -25,7 +25,7 @@ import numpy as np
 
 from ..store.schema import QUANTILES
 from . import backend
-from .stats import CaptureOptions, TracedLayer, dyadic_grid, interpolated_quantiles
+from .stats import CaptureOptions, TracedLayer, budgeted, dyadic_grid, interpolated_quantiles
 
 __all__ = ["all_layer_stats", "split"]
 
@@ -49,14 +49,10 @@ def all_layer_stats(
     flats, low, high, exact_low, exact_high, sums, zeros = [], [], [], [], [], [], []
     unit_mean, unit_var, samples, tracked = [], [], [], []
     for tensor, plan in zip(tensors, plans):
-        x = ops.cast(ops.stop_gradient(tensor), "float32")  # statistics, never differentiated
-        full = ops.reshape(x, (-1,))
-        cut = plan.samples < plan.shape[0]
-        if cut:
-            x = x[: plan.samples]  # the value budget: a contiguous slice costs no copy
-        if plan.unit_axis != len(plan.shape) - 1:
-            x = ops.moveaxis(x, plan.unit_axis, -1)
-        units = ops.reshape(x, (-1, plan.n_units))
+        tensor = ops.stop_gradient(tensor)  # statistics, never differentiated
+        full = ops.reshape(ops.cast(tensor, "float32"), (-1,))
+        cut = plan.n_values < int(np.prod(plan.shape))
+        units = budgeted(tensor, plan)
         flat = ops.reshape(units, (-1,))
         mean_u = ops.mean(units, axis=0)
         unit_mean.append(mean_u)

@@ -21,6 +21,7 @@ __all__ = [
     "CaptureOptions",
     "TracedLayer",
     "plan_tensor",
+    "budgeted",
     "unit_axis",
     "dyadic_bin_width",
     "dyadic_grid",
@@ -40,7 +41,9 @@ class CaptureOptions:
     quantile_sample: int = 16384  # layer quantiles from at most this many values
     tracked_units: int = 3  # units per layer whose own quantiles are kept
     unit_quantile_sample: int = 4096
-    max_values: int | None = 2**21  # histogram/moments from the first probe samples up to this
+    # Histogram, moments and quantiles from at most this many values per tensor: a fixed random
+    # sample of (sample, position) rows, all units of each (docs/statistics.md, "Value budget").
+    max_values: int | None = 2**16
     training: bool = True  # run layers in training mode (BN batch statistics)
     gradient_shift: bool = False
     seed: int = 0
@@ -56,9 +59,10 @@ class TracedLayer:
     shape: tuple[int, ...]  # with the batch axis
     unit_axis: int
     n_units: int
-    n_values: int  # values counted in histogram and moments (the first `rows` samples)
-    samples: int  # probe samples those values come from
+    n_values: int  # values counted in histogram and moments
+    samples: int  # probe samples those values come from (all of them)
     tracked_units: tuple[int, ...]
+    row_index: np.ndarray | None = None  # the (sample, position) rows kept by the value budget
     quantile_index: np.ndarray | None = None  # flat positions of the quantile sample
     unit_rows: np.ndarray | None = None  # rows sampled for tracked-unit quantiles
 
@@ -74,6 +78,7 @@ class TracedLayer:
             n_values=self.n_values,
             samples=self.samples,
             quantile_sample=sample,
+            value_sample="rows" if self.row_index is not None else "all",
         )
 
 
@@ -108,11 +113,16 @@ def plan_tensor(
     n_units = shape[axis] if rank > 1 else 1
     per_sample = int(np.prod(shape[1:])) if rank > 1 else 1
     samples = shape[0] if rank else 1
-    if options.max_values is not None:
-        samples = max(1, min(samples, -(-options.max_values // per_sample)))
-    n_values = samples * per_sample
-    rows = n_values // n_units
+    rows = samples * per_sample // n_units  # a row: one sample at one position, all units
     rng = np.random.default_rng([options.seed, index])
+    row_index = None
+    if options.max_values is not None and rows * n_units > options.max_values:
+        # A fixed random sample of rows across every probe sample and position: unbiased
+        # (a regular grid of positions over-weighted the borders, where padding shows).
+        keep = max(1, options.max_values // n_units)
+        row_index = np.sort(rng.choice(rows, size=keep, replace=False)).astype("int32")
+        rows = keep
+    n_values = rows * n_units
     qs = options.quantile_sample
     quantile_index = None
     if n_values > qs:
@@ -134,9 +144,20 @@ def plan_tensor(
         n_values=n_values,
         samples=samples,
         tracked_units=tracked,
+        row_index=row_index,
         quantile_index=quantile_index,
         unit_rows=unit_rows,
     )
+
+
+def budgeted(tensor: Any, plan: TracedLayer) -> Any:
+    """The tensor's budgeted values as (rows, units) float32, units last: every row, or the
+    plan's fixed sample of rows (a row: one probe sample at one position)."""
+    x = ops.cast(tensor, "float32")
+    if plan.unit_axis != len(plan.shape) - 1:
+        x = ops.moveaxis(x, plan.unit_axis, -1)
+    units = ops.reshape(x, (-1, plan.n_units))
+    return units if plan.row_index is None else ops.take(units, plan.row_index, axis=0)
 
 
 def dyadic_bin_width(low: float, high: float, bins: int) -> tuple[float, float]:
@@ -204,19 +225,15 @@ def interpolated_quantiles(sorted_values: Any, n_finite: Any, q: np.ndarray) -> 
 
 
 def layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool) -> dict[str, Any]:
-    x = ops.cast(tensor, "float32")
-    full = ops.reshape(x, (-1,))
-    if plan.samples < plan.shape[0]:
-        x = x[: plan.samples]  # the value budget: a contiguous slice costs no copy
-    if plan.unit_axis != len(plan.shape) - 1:
-        x = ops.moveaxis(x, plan.unit_axis, -1)
-    units = ops.reshape(x, (-1, plan.n_units))
+    full = ops.reshape(ops.cast(tensor, "float32"), (-1,))
+    units = budgeted(tensor, plan)
+    cut = plan.n_values < int(np.prod(plan.shape))
     all_finite = ops.isfinite(ops.sum(full))  # NaN/Inf anywhere poisons the sum
     stats = reduce_values(
         units, ops.reshape(units, (-1,)), plan, options, masked=masked, all_finite=all_finite
     )
     low, high, n_finite = stats.pop("low"), stats.pop("high"), stats.pop("n_finite")
-    if plan.samples < plan.shape[0]:
+    if cut:
         # The budget cut the values: range and non-finite count stay exact over every value.
         if masked:
             finite = ops.isfinite(full)

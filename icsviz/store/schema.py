@@ -119,8 +119,11 @@ class LayerSpec:
     n_units: int  # Dense units or conv channels
     tracked_units: tuple[int, ...]  # units whose own quantiles are recorded
     n_values: int  # values counted per capture in histogram and moments
-    samples: int  # the probe samples they come from (the first ones)
+    samples: int  # the probe samples they come from
     quantile_sample: int  # values the layer quantiles are computed from
+    # How n_values were chosen: "all", "rows" (a fixed random sample of (sample, position)
+    # rows, since 2026-11-26) or "first samples" (the first `samples` whole, before).
+    value_sample: str = "first samples"
     # Captured tensors that feed this one (model graph, through uncaptured layers); not part
     # of a layout's identity, so runs recorded before it was kept still resume.
     inputs: tuple[str, ...] = field(default=(), compare=False)

@@ -549,6 +549,7 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
             n_values=spec.n_values,
             samples=spec.samples,
             quantile_sample=spec.quantile_sample,
+            value_sample=spec.value_sample,
             inputs=json.dumps(list(spec.inputs)),
         )
         _extendable(g, "hist_counts", (b,), "i8")
