@@ -4,8 +4,10 @@ Usage: python benchmarks/depth.py [--models baseline bn mobilenetv2 resnet50 lst
 
 For each model, in one process (medians of --repeats, interleaved):
 - train step: `train_on_batch` on a batch of the probe's size;
-- capture: one steady-state probe capture as the callback takes it (statistics + write),
-  split into the compiled statistics and the HDF5 write, and its ratio to the step;
+- capture: one steady-state probe capture (statistics + write), split into the compiled
+  statistics and the HDF5 write, and its ratio to the step; then as the callback takes it,
+  the write on the writer's thread beside the next training step: what the training thread
+  pays (the statistics, and what the write slows that step);
 - first capture: what the callback's first hook costs (tracing the capture function,
   creating the file, the step-0 capture): everything a run with the callback pays beyond
   the same run without it, apart from the later captures;
@@ -19,6 +21,7 @@ CNN; first capture <= 10 s on MobileNetV2, <= 2 s on the reference CNN.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import tempfile
 import time
@@ -30,6 +33,7 @@ import numpy as np
 
 from _common import TimedCallback, cifar_like
 from icsviz import ICSCallback
+from icsviz.capture.write_queue import WriteQueue
 from icsviz.models import build_model
 
 
@@ -96,13 +100,31 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
         start = time.perf_counter()
         model.train_on_batch(batch_x, batch_y)
         steps_t.append(time.perf_counter() - start)
+    # As ICSCallback takes it: the write handed to the writer's thread, overlapping the next
+    # training step. The training thread pays the statistics, and whatever the write slows
+    # the step that runs beside it.
+    queue = WriteQueue("benchmark")
+    queued_t, beside_t = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        capture = program.run(xt, yt, 0.01, step=1, epoch=1.0, time=0.0, kind="epoch")
+        queue.submit("a capture", functools.partial(writer.write_capture, capture))
+        middle = time.perf_counter()
+        model.train_on_batch(batch_x, batch_y)
+        end = time.perf_counter()
+        queue.drain()
+        queued_t.append(middle - start)
+        beside_t.append(end - middle)
+    queue.close()
     writer.close(compact=False)
     step = statistics.median(steps_t)
     stats, write = statistics.median(stats_t), statistics.median(write_t)
+    threaded = statistics.median(queued_t) + max(0.0, statistics.median(beside_t) - step)
     print(
         f"{name:11s} {layers:3d} tensors, {len(program.trainable):3d} variables | step {step * 1e3:6.1f} ms | "
         f"capture {(stats + write) * 1e3:6.1f} ms = stats {stats * 1e3:6.1f} + write {write * 1e3:5.1f} "
-        f"-> x{(stats + write) / step:4.2f} steps | first capture {first:5.1f} s | "
+        f"-> x{(stats + write) / step:4.2f} steps; on the training thread (write beside the next step) "
+        f"{threaded * 1e3:6.1f} ms -> x{threaded / step:4.2f} | first capture {first:5.1f} s | "
         f"peak host memory {max(peaks) / 2**20:5.1f} MiB | epoch-end hook: ICSCallback {ics_epoch_end:5.2f} s, "
         f"TensorBoard(histogram_freq=1) {tb_epoch_end:5.2f} s",
         flush=True,

@@ -277,6 +277,7 @@ def test_killed_run_keeps_every_flushed_step(tmp_path: Path) -> None:
         class Kill(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
                 if batch == 4:  # after the flush at step 4 (flush_every=4), before the next
+                    cb.flush()  # the rows handed to the writer's thread are in the file
                     os.kill(os.getpid(), signal.SIGKILL)
 
         model = _model(); model.compile("sgd", "sparse_categorical_crossentropy")

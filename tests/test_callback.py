@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -326,7 +327,9 @@ def test_sigkill_mid_training_leaves_every_flushed_capture(tmp_path) -> None:
         from icsviz import ICSCallback
         class Report(keras.callbacks.Callback):
             def on_train_batch_end(self, batch, logs=None):
-                # after ICSCallback's own hook: the capture of this step is committed
+                # after ICSCallback's own hook, which queued this step's capture; flush() waits
+                # until it is written: from here on the capture of this step is committed
+                ics.flush()
                 with open({str(marker)!r}, "a") as f:
                     f.write(f"{{int(self.model.optimizer.iterations.numpy())}}\\n")
         keras.utils.set_random_seed(0)
@@ -335,8 +338,8 @@ def test_sigkill_mid_training_leaves_every_flushed_capture(tmp_path) -> None:
         model.compile("sgd", "sparse_categorical_crossentropy")
         rng = np.random.default_rng(0)
         x = rng.normal(size=(640, 6)).astype("float32"); y = rng.integers(0, 3, 640)
-        model.fit(x, y, epochs=1000, batch_size=32, verbose=0,
-                  callbacks=[ICSCallback({str(path)!r}, probe=(x[:64], y[:64]), every_n_steps=3), Report()])
+        ics = ICSCallback({str(path)!r}, probe=(x[:64], y[:64]), every_n_steps=3)
+        model.fit(x, y, epochs=1000, batch_size=32, verbose=0, callbacks=[ics, Report()])
     """
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.Popen(
@@ -462,3 +465,45 @@ def test_a_second_training_on_a_file_in_use_is_refused_and_the_first_is_unharmed
     with open_run(path) as run:
         assert run.status == "complete" and run.epochs.tolist() == [0.0, 1.0, 2.0, 3.0]
         assert len(run.history["loss"]) == 3
+
+
+def test_captures_are_written_on_the_writer_thread_and_all_are_in_the_file(tmp_path, monkeypatch) -> None:
+    from icsviz.store.writer import RunWriter
+
+    threads: list[str] = []
+    original = RunWriter.write_capture
+
+    def slow_write(self, capture):
+        threads.append(threading.current_thread().name)
+        time.sleep(0.05)  # a slow disk: training does not wait for it
+        original(self, capture)
+
+    monkeypatch.setattr(RunWriter, "write_capture", slow_write)
+    path = tmp_path / "threaded.h5"
+    x, y = data()
+    model = compiled(sequential())
+    model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[ICSCallback(path, probe=(x[:32], y[:32]))])
+    assert threads and all(name.startswith("icsviz-writer") for name in threads)
+    with open_run(path) as run:  # on_train_end waited for every queued capture
+        assert run.num_captures == len(threads) == 4 and run.status == "complete"
+
+
+def test_a_crash_in_training_leaves_every_capture_taken_before_it(tmp_path) -> None:
+    import gc
+
+    path = tmp_path / "crashed.h5"
+    x, y = data()
+    model = compiled(sequential())
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:  # after ICSCallback queued the capture of epoch 2
+                raise RuntimeError("the user's training crashed")
+
+    ics = ICSCallback(path, probe=(x[:32], y[:32]))
+    with pytest.raises(RuntimeError, match="crashed"):
+        model.fit(x, y, epochs=5, batch_size=16, verbose=0, callbacks=[ics, Crash()])
+    del ics
+    gc.collect()  # the callback's finalizer: the queued captures are written, the file closed
+    with open_run(path) as run:
+        assert list(run.epochs) == [0.0, 1.0, 2.0] and run.status == "interrupted"

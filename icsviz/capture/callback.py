@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -23,10 +24,17 @@ from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, unpack,
 from .layers import LayerFilter, select_layers
 from .program import CaptureProgram
 from .stats import CaptureOptions
+from .write_queue import WriteQueue
 
 __all__ = ["ICSCallback"]
 
 _MAX_PROBE = 4096
+
+
+def _close_when_written(queue: WriteQueue, writer: RunWriter) -> None:
+    """Write what is queued, then close the file as interrupted (the finalizer's job)."""
+    queue.close()
+    writer.close("interrupted")
 
 
 def _first_batch(probe: Any) -> Any:
@@ -239,6 +247,7 @@ class ICSCallback(keras.callbacks.Callback):
         self._probe_x, self._probe_y = x, y
         self._probe_size = min(n, _MAX_PROBE)
         self._writer: RunWriter | None = None
+        self._queue: WriteQueue | None = None  # the writer's thread: writes leave the training loop
         self._program: CaptureProgram | None = None
         self._started = False
         self._capture_ok = True
@@ -341,13 +350,14 @@ class ICSCallback(keras.callbacks.Callback):
             kind=kind,
         )
         layout = self._with_batch_layers(self._program.layout)
+        self._queue = WriteQueue(self.path.name)
         if resume and self.path.exists() and not self.overwrite:
             if self._owns_file:
                 self._epoch_offset = self._recorded_epochs()
             self._writer = RunWriter.resume(self.path, layout, from_epoch=epoch + self._epoch_offset)
             capture.epoch += self._epoch_offset
             if self._writer.last_capture_epoch != capture.epoch:
-                self._write("the first capture", lambda: self._writer.write_capture(capture))
+                self._write("the first capture", functools.partial(self._writer.write_capture, capture))
         else:
             self._writer = RunWriter.create(
                 self.path,
@@ -355,12 +365,13 @@ class ICSCallback(keras.callbacks.Callback):
                 self._metadata(layout_size=len(layout.layers)),
                 overwrite=self.overwrite,
             )
-            self._write("the first capture", lambda: self._writer.write_capture(capture))
+            self._write("the first capture", functools.partial(self._writer.write_capture, capture))
         self._owns_file = True
         if layout.batch_layers:
             self._safely_steps("starting the per-step statistics", lambda: self._install_steps(layout))
-        # Close the file cleanly if the interpreter exits without on_train_end.
-        self._finalizer = weakref.finalize(self, RunWriter.close, self._writer, "interrupted")
+        # Close the file cleanly if the interpreter exits without on_train_end (a crash in the
+        # user's training): the captures queued before it are written first.
+        self._finalizer = weakref.finalize(self, _close_when_written, self._queue, self._writer)
 
     # ------------------------------------------------------------ per-step mode
     def _with_batch_layers(self, layout: RunLayout) -> RunLayout:
@@ -544,26 +555,51 @@ class ICSCallback(keras.callbacks.Callback):
             time=time.perf_counter() - self._train_start,
             kind=kind,
         )
-        self._write("a capture", lambda: self._writer.write_capture(capture))
+        self._write("a capture", functools.partial(self._writer.write_capture, capture))
 
     def _write(self, what: str, fn: Callable[[], None]) -> None:
-        """Write to the run file; on the first failure (a full disk, a lost mount) warn once and stop writing.
+        """Write to the run file, on the writer's thread; on the first failure (a full disk, a lost
+        mount) warn once, here on the training thread, and stop writing.
 
         Every capture committed before the failure stays readable (the commit
         marker is written last), so the run file is kept as it is.
         """
+        self._report_write_failure()
         if self._write_failed:
             return
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - never stop the user's training
-            self._write_failed = True
-            self._capture_ok = False
-            self._warn(
-                f"writing {what} to {self.path} (nothing more is written to it; it keeps every capture "
-                "committed before this)",
-                exc,
-            )
+        if self._queue is None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - never stop the user's training
+                self._write_failure(what, exc)
+            return
+        self._queue.submit(what, fn)
+
+    def _report_write_failure(self) -> None:
+        """Warn about a write the writer's thread found failed (once)."""
+        failure = self._queue.failure if self._queue is not None else None
+        if failure is not None and not self._write_failed:
+            self._write_failure(*failure)
+
+    def _write_failure(self, what: str, exc: BaseException) -> None:
+        self._write_failed = True
+        self._capture_ok = False
+        self._warn(
+            f"writing {what} to {self.path} (nothing more is written to it; it keeps every capture "
+            "committed before this)",
+            exc,
+        )
+
+    def flush(self) -> None:
+        """Wait until everything captured so far is written to the run file and committed.
+
+        Captures are written on a thread of their own while training goes on; the
+        callback flushes by itself at the end of training. Call this to read the
+        file from the same process mid-training and find every capture taken so far.
+        """
+        if self._queue is not None:
+            self._queue.drain()
+        self._report_write_failure()
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._active or self._writer is None:
@@ -580,12 +616,15 @@ class ICSCallback(keras.callbacks.Callback):
         metrics.setdefault("learning_rate", self._learning_rate())
         metrics["epoch_time"] = time.perf_counter() - self._epoch_start_time
         writer = self._writer
-        self._write("the epoch metrics", lambda: writer.write_epoch(epoch + self._epoch_offset, metrics))
+        self._write(
+            "the epoch metrics", functools.partial(writer.write_epoch, epoch + self._epoch_offset, metrics)
+        )
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
         if self._steps is not None:
             self._safely_steps("writing per-step statistics", self._flush_steps)
             self._stop_steps()
+        self.flush()
         if self._writer is not None:
             try:
                 if self._write_failed:  # already reported: leave the committed captures as they are
@@ -597,7 +636,10 @@ class ICSCallback(keras.callbacks.Callback):
                     self._warn("closing the run file", exc)
             if self._finalizer is not None:
                 self._finalizer.detach()
+        if self._queue is not None:
+            self._queue.close()
         self._writer = None
+        self._queue = None
 
     _epoch_index = 0
     _global_step = 0
