@@ -180,10 +180,9 @@ def sweep_table(folder: str, query: str, listed: list[RunEntry]) -> None:
     reading = any(e.pending for e in listed)
     expanded = len(listed) > len(SHIPPED_PAIR) or any(not e.readable and not e.pending for e in listed)
 
-    @st.fragment(run_every=CATALOG_REFRESH_S if reading else None)
     def table() -> None:
-        # While files are read the fragment refreshes on its own and lists the folder again;
-        # otherwise it reruns only for its own table, and this run's listing holds.
+        # While files are read the table is a fragment that refreshes on its own and lists the
+        # folder again; otherwise it is a plain part of the page and this run's listing holds.
         entries = catalog(folder).entries() if reading else listed
         shown = [e for e in entries if matches(e, query)]
         pending = sum(e.pending for e in entries)
@@ -196,10 +195,15 @@ def sweep_table(folder: str, query: str, listed: list[RunEntry]) -> None:
                 )
             st.caption("Click a column to sort; select rows to compare those runs.")
             page.runs_table(shown)
-        if st.session_state.pop(page.SWEEP_CHOSE, False) or (reading and not pending):
-            st.rerun()  # the whole page: new runs chosen in the table, or the runs just read
+        chose = st.session_state.pop(page.SWEEP_CHOSE, False)
+        if reading and (chose or not pending):
+            # A fragment's own rerun: the whole page follows (new runs chosen, or all read).
+            st.rerun()
 
-    table()
+    if reading:
+        st.fragment(run_every=CATALOG_REFRESH_S)(table)()
+    else:
+        table()  # rows chosen here rerun the page once, and the run list below follows them
 
 
 def run_app() -> None:
@@ -228,7 +232,9 @@ def run_app() -> None:
     selected = st.sidebar.multiselect(
         "Runs",
         names,
-        default=default_selection(entries),
+        # Once chosen (here or in the sweep table) the selection lives in the session state;
+        # a default beside it would make Streamlit warn in the server's log on every choice.
+        default=None if "runs" in st.session_state else default_selection(entries),
         key="runs",
         format_func=lambda name: f"{name} (damaged)" if name in damaged else name,
         help="Runs to show side by side, on shared axes",
