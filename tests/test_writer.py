@@ -83,6 +83,28 @@ def test_resume_appends_and_drops_the_replaced_timeline(tmp_path, layout) -> Non
         np.testing.assert_allclose(run.history["loss"], [0, 1, 9])
 
 
+def test_a_run_recorded_before_value_sample_was_kept_still_resumes(tmp_path, layout) -> None:
+    import dataclasses
+    import json
+
+    import h5py
+
+    path = tmp_path / "old.h5"
+    RunWriter.create(path, layout, {}).close()
+    with h5py.File(path, "r+") as f:  # as written before 2026-11-26: no value_sample in the layout
+        raw = json.loads(f.attrs["layout"])
+        for spec in raw["layers"]:
+            spec.pop("value_sample")
+        f.attrs["layout"] = json.dumps(raw)
+    today = dataclasses.replace(
+        layout, layers=tuple(dataclasses.replace(s, value_sample="all") for s in layout.layers)
+    )
+    with RunWriter.resume(path, today, from_epoch=0) as w:  # the same layers, measured whole
+        w.write_capture(tiny_capture(today, 0))
+    with open_run(path) as run:
+        assert run.num_captures == 1
+
+
 def test_resume_refuses_another_layout(tmp_path, layout) -> None:
     path = tmp_path / "r.h5"
     RunWriter.create(path, layout, {}).close()

@@ -122,8 +122,9 @@ class LayerSpec:
     samples: int  # the probe samples they come from
     quantile_sample: int  # values the layer quantiles are computed from
     # How n_values were chosen: "all", "rows" (a fixed random sample of (sample, position)
-    # rows, since 2026-11-26) or "first samples" (the first `samples` whole, before).
-    value_sample: str = "first samples"
+    # rows, since 2026-11-26) or "first samples" (the first `samples` whole, before). Not part
+    # of a layout's identity: a layer measured whole then and now still resumes.
+    value_sample: str = field(default="first samples", compare=False)
     # Captured tensors that feed this one (model graph, through uncaptured layers); not part
     # of a layout's identity, so runs recorded before it was kept still resume.
     inputs: tuple[str, ...] = field(default=(), compare=False)
