@@ -491,6 +491,23 @@ def test_a_new_folder_opens_at_once_and_its_table_fills_in(shipped, tmp_path) ->
     assert list(table.columns[:4]) == ["file", "run", "model", "dataset"]
 
 
+def test_new_runs_open_on_their_telling_layer_unless_one_was_chosen_by_hand(shipped, tmp_path) -> None:
+    folder = sweep_folder(tmp_path, copies=2)
+    scan_runs(folder)
+    at = app_for(folder).run()
+    telling = at.sidebar.selectbox(key="layer").value
+    assert telling.startswith("input of ")  # the pair opens on a role
+    at.sidebar.multiselect(key="runs").set_value(["sweep0-cifar10-baseline.h5"]).run()
+    alone = at.sidebar.selectbox(key="layer").value
+    assert not alone.startswith("input of ")  # one run: no roles to pair
+    at.sidebar.multiselect(key="runs").set_value(["sweep1-cifar10-baseline.h5", "sweep1-cifar10-bn.h5"]).run()
+    assert at.sidebar.selectbox(key="layer").value == telling  # a pair again: back on its telling role
+    at.sidebar.selectbox(key="layer").set_value("conv2").run()  # chosen by hand...
+    at.sidebar.multiselect(key="runs").set_value(["sweep0-cifar10-baseline.h5", "sweep0-cifar10-bn.h5"]).run()
+    assert not at.exception
+    assert at.sidebar.selectbox(key="layer").value == "conv2"  # ...it stays where the new runs have it
+
+
 def test_the_sweep_table_is_built_again_only_when_a_file_changes(shipped, tmp_path) -> None:
     import os
 

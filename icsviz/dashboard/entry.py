@@ -251,10 +251,16 @@ def run_app() -> None:
     roles = dict(overview["roles"])
     options = [*roles, *layers]
     sentence, telling = overview["headline"]
+    default = telling if telling in options else options[0]
+    # New runs open on their own most telling layer, unless a layer was chosen by hand (one that
+    # is not the default the page last opened on) and the new runs have it too.
+    shown_before = st.session_state.get("layer")
+    if shown_before not in options or shown_before == st.session_state.get("_layer_default"):
+        st.session_state.layer = default
+    st.session_state._layer_default = default
     layer = st.sidebar.selectbox(
         "Layer",
         options,
-        index=options.index(telling) if telling in options else 0,
         key="layer",
         format_func=lambda name: (
             f"{name}: " + ", ".join(f"{run} {tensor}" for run, tensor in roles[name].items())
