@@ -2,8 +2,10 @@
 
 Usage: python benchmarks/overhead.py [--images 50000] [--epochs 2] [--models baseline bn]
 
-ICSCallback runs synchronously in the training loop, so its cost is the time
-spent inside its hooks. This script trains each reference model (recipe batch
+ICSCallback's hooks run in the training loop, so its cost is the time spent
+inside them (the file writes run on a thread beside training since 2026-11-26:
+on a busy CPU they can still slow the steps they overlap, which this
+attribution does not see; benchmarks/depth.py measures that for one capture). This script trains each reference model (recipe batch
 size, no augmentation) for `--epochs` epochs with the callback wrapped in a
 timer and prints, per epoch,
 
