@@ -350,14 +350,12 @@ class ICSCallback(keras.callbacks.Callback):
             kind=kind,
         )
         layout = self._with_batch_layers(self._program.layout)
-        self._queue = WriteQueue(self.path.name)
         if resume and self.path.exists() and not self.overwrite:
             if self._owns_file:
                 self._epoch_offset = self._recorded_epochs()
             self._writer = RunWriter.resume(self.path, layout, from_epoch=epoch + self._epoch_offset)
             capture.epoch += self._epoch_offset
-            if self._writer.last_capture_epoch != capture.epoch:
-                self._write("the first capture", functools.partial(self._writer.write_capture, capture))
+            new_capture = self._writer.last_capture_epoch != capture.epoch
         else:
             self._writer = RunWriter.create(
                 self.path,
@@ -365,6 +363,10 @@ class ICSCallback(keras.callbacks.Callback):
                 self._metadata(layout_size=len(layout.layers)),
                 overwrite=self.overwrite,
             )
+            new_capture = True
+        # The writer's thread starts with the writer: a file refused above leaves no thread behind.
+        self._queue = WriteQueue(self.path.name)
+        if new_capture:
             self._write("the first capture", functools.partial(self._writer.write_capture, capture))
         self._owns_file = True
         if layout.batch_layers:
@@ -567,21 +569,15 @@ class ICSCallback(keras.callbacks.Callback):
         self._report_write_failure()
         if self._write_failed:
             return
-        if self._queue is None:
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 - never stop the user's training
-                self._write_failure(what, exc)
-            return
+        assert self._queue is not None  # made with the writer in _start, dropped with it at the end
         self._queue.submit(what, fn)
 
     def _report_write_failure(self) -> None:
-        """Warn about a write the writer's thread found failed (once)."""
+        """Warn, once, about a write the writer's thread found failed; nothing more is written."""
         failure = self._queue.failure if self._queue is not None else None
-        if failure is not None and not self._write_failed:
-            self._write_failure(*failure)
-
-    def _write_failure(self, what: str, exc: BaseException) -> None:
+        if failure is None or self._write_failed:
+            return
+        what, exc = failure
         self._write_failed = True
         self._capture_ok = False
         self._warn(
