@@ -51,7 +51,6 @@ def all_layer_stats(
     for tensor, plan in zip(tensors, plans):
         tensor = ops.stop_gradient(tensor)  # statistics, never differentiated
         full = ops.reshape(ops.cast(tensor, "float32"), (-1,))
-        cut = plan.n_values < int(np.prod(plan.shape))
         units = budgeted(tensor, plan)
         flat = ops.reshape(units, (-1,))
         mean_u = ops.mean(units, axis=0)
@@ -61,8 +60,8 @@ def all_layer_stats(
         high.append(ops.max(flat))
         # The range stays exact over every value when the budget cut some; NaN/Inf anywhere
         # poisons the sum, and the masked program takes the capture over.
-        exact_low.append(ops.min(full) if cut else low[-1])
-        exact_high.append(ops.max(full) if cut else high[-1])
+        exact_low.append(ops.min(full) if plan.budget_cut else low[-1])
+        exact_high.append(ops.max(full) if plan.budget_cut else high[-1])
         sums.append(ops.sum(full))
         zeros.append(ops.sum(ops.cast(ops.equal(flat, 0.0), "int32")))
         flats.append(flat)

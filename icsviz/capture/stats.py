@@ -66,6 +66,11 @@ class TracedLayer:
     quantile_index: np.ndarray | None = None  # flat positions of the quantile sample
     unit_rows: np.ndarray | None = None  # rows sampled for tracked-unit quantiles
 
+    @property
+    def budget_cut(self) -> bool:
+        """Whether the value budget left values out (the range is then taken over all of them)."""
+        return self.n_values < int(np.prod(self.shape))
+
     def spec(self) -> LayerSpec:
         sample = self.n_values if self.quantile_index is None else len(self.quantile_index)
         return LayerSpec(
@@ -227,13 +232,12 @@ def interpolated_quantiles(sorted_values: Any, n_finite: Any, q: np.ndarray) -> 
 def layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool) -> dict[str, Any]:
     full = ops.reshape(ops.cast(tensor, "float32"), (-1,))
     units = budgeted(tensor, plan)
-    cut = plan.n_values < int(np.prod(plan.shape))
     all_finite = ops.isfinite(ops.sum(full))  # NaN/Inf anywhere poisons the sum
     stats = reduce_values(
         units, ops.reshape(units, (-1,)), plan, options, masked=masked, all_finite=all_finite
     )
     low, high, n_finite = stats.pop("low"), stats.pop("high"), stats.pop("n_finite")
-    if cut:
+    if plan.budget_cut:
         # The budget cut the values: range and non-finite count stay exact over every value.
         if masked:
             finite = ops.isfinite(full)
