@@ -50,6 +50,11 @@ def _spec(datasets: dict[str, pd.DataFrame], **props: Any) -> Spec:
     return {**props, "datasets": datasets, "$schema": SCHEMA}
 
 
+def _view(name: str, frame: pd.DataFrame, **props: Any) -> Spec:
+    """A top-level spec of one view drawing one frame, the dataset `name`."""
+    return _spec({name: frame}, data={"name": name}, **props)
+
+
 def _run_color(runs: Sequence[str]) -> dict[str, Any]:
     """One colour per run, the same in every chart (runs in the order they are chosen)."""
     scale = {"domain": list(runs), "range": RUN_COLORS[: max(1, len(runs))]}
@@ -101,9 +106,9 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
 
 def role_drift_chart(df: pd.DataFrame, runs: Sequence[str]) -> Spec:
     """Drift score of the input of each nonlinearity (model order), runs side by side, log scale."""
-    return _spec(
-        {"scores": df},
-        data={"name": "scores"},
+    return _view(
+        "scores",
+        df,
         mark={"type": "circle", "size": 110, "opacity": 0.9},  # dots: bars have no baseline on a log scale
         encoding={
             "x": _n("role", sort={"field": "order"}, title="nonlinearity", axis={"labelAngle": 0}),
@@ -124,9 +129,9 @@ def role_drift_chart(df: pd.DataFrame, runs: Sequence[str]) -> Spec:
 
 def histogram_chart(df: pd.DataFrame, runs: Sequence[str], x_domain: Sequence[float]) -> Spec:
     """One histogram per run at the chosen capture, overlaid on shared axes."""
-    return _spec(
-        {"histogram": df},
-        data={"name": "histogram"},
+    return _view(
+        "histogram",
+        df,
         mark={"type": "area", "interpolate": "step", "fillOpacity": 0.25, "line": True},
         encoding={
             "x": _q("x", title="activation", scale={"domain": list(x_domain), "nice": False}),
@@ -145,9 +150,9 @@ def histogram_chart(df: pd.DataFrame, runs: Sequence[str], x_domain: Sequence[fl
 
 def ridgeline_chart(df: pd.DataFrame, title: str, x_domain: Sequence[float], step: int = 26) -> Spec:
     """Joy plot: one density per capture, stacked from the start (top) to the end."""
-    return _spec(
-        {"densities": df},
-        data={"name": "densities"},
+    return _view(
+        "densities",
+        df,
         mark={
             "type": "area",
             "interpolate": "monotone",
@@ -186,9 +191,9 @@ def heatmap_chart(
     color_scale: dict[str, Any] = {"scheme": "inferno"}
     if color_domain:
         color_scale["domain"] = list(color_domain)
-    return _spec(
-        {"heatmap": df},
-        data={"name": "heatmap"},
+    return _view(
+        "heatmap",
+        df,
         mark={"type": "rect"},
         encoding={
             "x": _q("t0", title="epoch"),
@@ -269,9 +274,9 @@ def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = No
         scale: dict[str, Any] = {"scheme": "redblue", "domain": [-bound, bound], "reverse": True}
     else:
         scale = {"scheme": "viridis", **({"domain": [0, limit]} if limit else {})}
-    return _spec(
-        {"units": df},
-        data={"name": "units"},
+    return _view(
+        "units",
+        df,
         mark={"type": "rect"},
         encoding={
             "x": _q("t0", title="epoch (time →)", scale={"nice": False}),
@@ -287,9 +292,9 @@ def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = No
 
 def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) -> Spec:
     """Layers (y, model order) by captures (x), colour = drift."""
-    return _spec(
-        {"drift": df},
-        data={"name": "drift"},
+    return _view(
+        "drift",
+        df,
         mark={"type": "rect"},
         encoding={
             "x": _q("epoch", title="epoch", bin={"maxbins": 60}),
@@ -316,9 +321,9 @@ def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) ->
 
 
 def drift_lines(df: pd.DataFrame, runs: Sequence[str], field: str, title: str) -> Spec:
-    return _spec(
-        {"drift": df},
-        data={"name": "drift"},
+    return _view(
+        "drift",
+        df,
         mark={"type": "line"},
         encoding={
             "x": _q("epoch", title="epoch"),
@@ -338,9 +343,9 @@ def _layer_color() -> dict[str, Any]:
 
 def gradient_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
     """One line per layer (model order), log scale."""
-    return _spec(
-        {"gradients": df[df[field] > 0]},  # zeros have no place on a log axis
-        data={"name": "gradients"},
+    return _view(
+        "gradients",
+        df[df[field] > 0],  # zeros have no place on a log axis
         mark={"type": "line"},
         encoding={
             "x": _q("epoch", title="epoch"),
@@ -354,9 +359,9 @@ def gradient_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
 
 
 def ics_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
-    return _spec(
-        {"shift": df},
-        data={"name": "shift"},
+    return _view(
+        "shift",
+        df,
         mark={"type": "line"},
         encoding={
             "x": _q("epoch", title="epoch"),
