@@ -1,4 +1,4 @@
-"""Analysis of recorded runs (pure numpy / scipy; nothing here imports Keras).
+"""Analysis of recorded runs (pure numpy; nothing here imports Keras).
 
 `drift` measures how far distributions move; `roles` says which tensors of two
 runs play the same role (the input of the k-th nonlinearity), so that every
