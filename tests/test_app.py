@@ -491,6 +491,23 @@ def test_a_new_folder_opens_at_once_and_its_table_fills_in(shipped, tmp_path) ->
     assert list(table.columns[:4]) == ["file", "run", "model", "dataset"]
 
 
+def test_the_background_reading_starts_once_the_page_is_drawn(shipped, tmp_path, monkeypatch) -> None:
+    from icsviz.dashboard import entry
+    from icsviz.store.catalog import FolderCatalog
+
+    order: list[str] = []
+    draw, start = entry.main_area, FolderCatalog._start
+    monkeypatch.setattr(entry, "main_area", lambda *a, **k: (order.append("page"), draw(*a, **k))[1])
+    monkeypatch.setattr(
+        FolderCatalog, "_start", lambda self, todo: (order.append("reader"), start(self, todo))[1]
+    )
+    folder = sweep_folder(tmp_path, copies=2)
+    at = app_for(folder).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert order == ["page", "reader"]  # the reader does not compete with the first page for the CPU
+    assert catalog(folder).wait(120) and not any(e.pending for e in catalog(folder).entries(background=False))
+
+
 def test_new_runs_open_on_their_telling_layer_unless_one_was_chosen_by_hand(shipped, tmp_path) -> None:
     folder = sweep_folder(tmp_path, copies=2)
     scan_runs(folder)

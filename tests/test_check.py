@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from conftest import damage_chunk, tiny_capture, tiny_layout
 from corruption_worker import corrupt, start_worker
 from icsviz import DamagedRunError, RunFileError, open_run, repair_run
+from icsviz.store import check
 from icsviz.store.check import check_run, guarded_check
 from icsviz.store.writer import RunWriter
 
@@ -108,6 +110,49 @@ def test_the_guard_reports_a_file_that_takes_too_long_and_keeps_working(tmp_path
     slow = guarded_check(path, timeout=0.0)  # as if HDF5 hung: the worker is killed
     assert slow.hang and not slow.openable and "did not finish" in slow.error
     assert guarded_check(path).ok  # a fresh worker takes over
+
+
+def test_the_guard_serves_callers_on_two_threads_with_two_workers(tmp_path) -> None:
+    path = make_run(tmp_path / "r.h5")
+    check.stop_workers()
+    first, second = check._take(), check._take()  # two callers at once: two processes
+    assert first.process.pid != second.process.pid and check._LIVE == check.POOL_SIZE == 2
+    waiting = threading.Thread(target=lambda: got.append(check.guarded("check", path)))
+    got: list = []
+    waiting.start()
+    waiting.join(0.5)
+    assert waiting.is_alive() and not got  # a third caller waits for a worker to be given back
+    check._give_back(first, alive=True)
+    waiting.join(30)
+    assert got and got[0][0].ok and got[0][1] == ""
+    check._give_back(second, alive=False)  # a killed worker makes room for a new one
+    assert check._LIVE == 1 and first.process.poll() is None and second.process.poll() is not None
+    check.stop_workers()
+    assert check._LIVE == 0 and first.process.poll() is not None
+
+
+def test_workers_started_ahead_of_time_serve_the_first_files(tmp_path) -> None:
+    path = make_run(tmp_path / "r.h5")
+    check.stop_workers()
+    check.start_workers()
+    started = {w.process.pid for w in check._IDLE}
+    assert len(started) == check.POOL_SIZE and check._LIVE == check.POOL_SIZE
+    check.start_workers()  # idempotent: the app calls it on every run of its script
+    assert {w.process.pid for w in check._IDLE} == started
+    assert guarded_check(path).ok
+    assert {w.process.pid for w in check._IDLE} == started  # no new process was needed
+
+
+def test_the_catalogue_reads_two_files_at_once_in_two_workers(tmp_path) -> None:
+    from icsviz.store.catalog import FolderCatalog
+
+    for name in ("a", "b"):
+        make_run(tmp_path / f"{name}.h5")
+    check.stop_workers()
+    runs = FolderCatalog(tmp_path)
+    runs.read_now(["a.h5", "b.h5"])
+    assert check._LIVE == 2 and len(check._IDLE) == 2  # one each, both given back
+    assert [e.readable and not e.pending for e in runs.entries(background=False)] == [True, True]
 
 
 @pytest.mark.parametrize("source", ["closed", "killed"])

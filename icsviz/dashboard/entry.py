@@ -49,16 +49,16 @@ def default_selection(entries: Sequence[RunEntry]) -> list[str]:
 
 
 def _first_entries(runs: FolderCatalog) -> list[RunEntry]:
-    """The folder's runs. One seen for the first time opens on its first runs, read now, one
-    by one until there is a pair to show; the others are read in the background after."""
+    """The folder's runs. One seen for the first time opens on its first runs, read now, two
+    at once until there is a pair to show; the others are read in the background once the
+    page is drawn (`run_app`)."""
     entries = runs.entries(background=False)
     pending = [e.file for e in entries if e.pending][:FIRST_READ]
-    for name in pending:
-        if len(default_selection(entries)) >= 2:
-            break
-        runs.read_now([name])
+    while pending and len(default_selection(entries)) < 2:
+        runs.read_now(pending[:2])
+        pending = pending[2:]
         entries = runs.entries(background=False)
-    return runs.entries() if any(e.pending for e in entries) else entries  # start the reader
+    return entries
 
 
 def matches(entry: RunEntry, query: str) -> bool:
@@ -183,7 +183,7 @@ def sweep_table(folder: str, query: str, listed: list[RunEntry]) -> None:
     def table() -> None:
         # While files are read the table is a fragment that refreshes on its own and lists the
         # folder again; otherwise it is a plain part of the page and this run's listing holds.
-        entries = catalog(folder).entries() if reading else listed
+        entries = catalog(folder).entries(background=False) if reading else listed
         shown = [e for e in entries if matches(e, query)]
         pending = sum(e.pending for e in entries)
         count = f"{len(shown)} of {len(entries)}" if len(shown) != len(entries) else f"{len(entries)}"
@@ -224,6 +224,17 @@ def run_app() -> None:
     if not entries:
         _empty_folder(folder)
         return
+    try:
+        _page(folder, query, entries)
+    finally:
+        if any(e.pending for e in entries):
+            # The files not read yet are read on a thread once the page is drawn (the thread
+            # would compete with it for the CPU); the sweep table refreshes as they come in.
+            runs.entries()
+
+
+def _page(folder: str, query: str, entries: list[RunEntry]) -> None:
+    """The page of a folder with runs: the sweep table, the sidebar's choices, the views."""
     sweep_table(folder, query, entries)
 
     kept = set(st.session_state.get("runs") or [])  # a chosen run never disappears from the list

@@ -25,6 +25,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
@@ -33,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ICSVizError, RunFileError
-from .check import RunCheck, check_run, failure_message, guarded
+from .check import POOL_SIZE, RunCheck, check_run, failure_message, guarded
 from .reader import Run, open_run
 
 __all__ = [
@@ -400,9 +401,10 @@ class FolderCatalog:
         """Read these files now if they are pending (the runs a page is about to show).
 
         Only the named files are looked at (a `stat` each, the listing's rules), not
-        the whole folder.
+        the whole folder. Several are read at once, one worker process each (up to
+        `check.POOL_SIZE`): a new folder's first pair costs one file's time.
         """
-        read = False
+        todo: list[tuple[Path, os.stat_result]] = []
         for name in dict.fromkeys(names):
             path = self.root / name
             try:
@@ -414,9 +416,13 @@ class FolderCatalog:
             with self._lock:
                 known = self._current(name, stat) is not None
             if not known:
-                self._read(path, stat)
-                read = True
-        if read:
+                todo.append((path, stat))
+        if len(todo) > 1:
+            with ThreadPoolExecutor(min(len(todo), POOL_SIZE), thread_name_prefix="icsviz-read") as pool:
+                list(pool.map(lambda item: self._read(*item), todo))
+        elif todo:
+            self._read(*todo[0])
+        if todo:
             self.save()  # also when no background reader follows (a folder of only these runs)
 
     @property

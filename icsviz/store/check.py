@@ -121,30 +121,31 @@ class _Walker:
     def fail(self, part: str, exc: DamagedRunError, rows: tuple[int, ...] = ()) -> None:
         self.damage.append(Damage(part, exc.reason, rows))
 
-    def attributes(self, part: str) -> bool:
+    def attributes(self, part: str, obj: h5py.HLObject) -> bool:
         try:
             with reading(self.path, part):
-                obj = self.file[part] if part != "/" else self.file
-                for key in obj.attrs:
-                    obj.attrs[key]  # noqa: B018 - reading is the check
+                for _ in obj.attrs.values():  # reading is the check
+                    pass
             return True
         except DamagedRunError as exc:
             self.fail(part, exc)
             return False
 
-    def dataset(self, part: str) -> None:
+    def dataset(self, part: str, ds: h5py.Dataset) -> None:
+        # Objects are handed down the walk: looking each one up again by its full path
+        # was a third of the time.
+        if not self.attributes(part, ds):
+            return
         try:
             with reading(self.path, part):
-                ds = self.file[part]
-                for key in ds.attrs:
-                    ds.attrs[key]  # noqa: B018
                 rows = self.rows if is_per_capture(part, ds.maxshape) else (ds.shape[0] if ds.shape else None)
+                whole = rows is None or rows == ds.shape[0]
         except DamagedRunError as exc:
             self.fail(part, exc)
             return
         try:
             with reading(self.path, part):
-                ds[()] if rows is None else ds[:rows]  # noqa: B018
+                ds[()] if whole else ds[:rows]  # noqa: B018 - h5py's fast path reads a whole dataset
             return
         except DamagedRunError as exc:
             if not ds.chunks or rows is None or is_per_batch(part, ds.maxshape):
@@ -163,18 +164,25 @@ class _Walker:
             bad = list(range(rows))
         self.fail(part, first, tuple(bad))
 
-    def group(self, part: str) -> None:
-        if not self.attributes(part):
+    def group(self, part: str, group: h5py.Group) -> None:
+        if not self.attributes(part, group):
             return
         try:
             with reading(self.path, part):
-                children = [(name, isinstance(obj, h5py.Group)) for name, obj in self.file[part].items()]
+                children = list(group.items())
         except DamagedRunError as exc:
             self.fail(part, exc)
             return
-        for name, is_group in children:
-            child = f"{part.rstrip('/')}/{name}"
-            self.group(child) if is_group else self.dataset(child)
+        for name, child in children:
+            path = f"{part.rstrip('/')}/{name}"
+            if child is None:  # h5py lists a link it cannot follow as None: look it up for the error
+                try:
+                    with reading(self.path, path):
+                        child = group[name]
+                except DamagedRunError as exc:
+                    self.fail(path, exc)
+                    continue
+            self.group(path, child) if isinstance(child, h5py.Group) else self.dataset(path, child)
 
 
 def check_run(path: str | os.PathLike[str]) -> RunCheck:
@@ -197,7 +205,7 @@ def check_run(path: str | os.PathLike[str]) -> RunCheck:
         short = truncation(path)
         if short:
             walker.damage.append(Damage("(end of file)", short.split(" is ", 1)[-1]))
-        walker.group("/")
+        walker.group("/", file)
         return _verdict(path, file, walker)
 
 
@@ -295,6 +303,7 @@ class _Worker:
             stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
+        self.answered = False  # until its first answer, a request also waits for its start
 
     def ask(self, path: Path, timeout: float, task: str = "check") -> Any:
         """The worker's answer for `path`, or None when it hung or died."""
@@ -330,6 +339,7 @@ def _task(name: str) -> Any:
 
 def _serve() -> None:
     """The worker's loop: "<task> <hex path>" in, a base64 pickle of the task's answer out."""
+    _task("summary")  # its imports now: a worker started ahead of time pays them before any request
     for line in sys.stdin.buffer:
         task, _, hex_path = line.decode().strip().rpartition(" ")
         path = Path(os.fsdecode(bytes.fromhex(hex_path)))
@@ -341,32 +351,97 @@ def _serve() -> None:
         sys.stdout.buffer.flush()
 
 
-_WORKER: _Worker | None = None
-_WORKER_LOCK = threading.Lock()  # the app serves several sessions on threads
+POOL_SIZE = 2  # worker processes at most: a new folder's first pair is read at once, one file each
+_IDLE: list[_Worker] = []
+_LIVE = 0  # workers started and not killed, idle or busy
+_POOL = threading.Condition()  # the app serves several sessions on threads
+
+
+def _take() -> _Worker:
+    """An idle worker, a new one while fewer than POOL_SIZE live, else the next one given back."""
+    global _LIVE
+    with _POOL:
+        while True:
+            while _IDLE:
+                worker = _IDLE.pop()  # the most recently used: warm, its files in the OS cache
+                if worker.process.poll() is None:
+                    return worker
+                _LIVE -= 1
+            if _LIVE < POOL_SIZE:
+                _LIVE += 1
+                break
+            _POOL.wait()
+    try:
+        return _Worker()
+    except BaseException:
+        with _POOL:
+            _LIVE -= 1
+            _POOL.notify()
+        raise
+
+
+def start_workers(count: int = POOL_SIZE) -> None:
+    """Start worker processes, without waiting for them, until `count` live.
+
+    The app calls it before it loads its page, so that the first files it reads
+    do not wait for a worker's imports (about half a second each).
+    """
+    global _LIVE
+    with _POOL:
+        missing = max(0, min(count, POOL_SIZE) - _LIVE)
+        _LIVE += missing
+    started: list[_Worker] = []
+    try:
+        for _ in range(missing):
+            started.append(_Worker())
+    finally:
+        with _POOL:
+            _LIVE -= missing - len(started)
+            _IDLE.extend(started)
+            _POOL.notify_all()
+
+
+def stop_workers() -> None:
+    """End the idle worker processes (a busy one is not touched: it goes back to the pool)."""
+    global _LIVE
+    with _POOL:
+        idle, _IDLE[:] = list(_IDLE), []
+        _LIVE -= len(idle)
+    for worker in idle:
+        worker.kill()
+
+
+def _give_back(worker: _Worker, alive: bool) -> None:
+    global _LIVE
+    if not alive:
+        worker.kill()
+    with _POOL:
+        if alive:
+            _IDLE.append(worker)
+        else:
+            _LIVE -= 1
+        _POOL.notify()
 
 
 def guarded(task: str, path: Path, timeout: float = CHECK_TIMEOUT_S) -> tuple[Any, str]:
-    """(answer, "") from the worker process, or (None, "hang" / "crash") when it failed on `path`.
+    """(answer, "") from a worker process, or (None, "hang" / "crash") when it failed on `path`.
 
     The worker is killed after `timeout` seconds, so that a file that hangs the
-    HDF5 library or crashes it cannot take the caller down with it.
+    HDF5 library or crashes it cannot take the caller down with it. Callers on
+    several threads are served by up to POOL_SIZE workers at once.
     """
-    global _WORKER
-    with _WORKER_LOCK:
-        fresh = _WORKER is None or _WORKER.process.poll() is not None
-        if fresh:
-            _WORKER = _Worker()
-        worker = _WORKER
-        try:
-            # A fresh worker also pays its start (imports, about a second).
-            result = worker.ask(path, timeout + (5.0 if fresh else 0.0), task)
-        except (OSError, ValueError, pickle.UnpicklingError):
-            result = None
-        if result is not None:
-            return result, ""
-        hung = worker.process.poll() is None
-        worker.kill()
-        _WORKER = None
+    worker = _take()
+    try:
+        # A fresh worker also pays its start (imports, about half a second).
+        result = worker.ask(path, timeout + (0.0 if worker.answered else 5.0), task)
+    except (OSError, ValueError, pickle.UnpicklingError):
+        result = None
+    if result is not None:
+        worker.answered = True
+        _give_back(worker, alive=True)
+        return result, ""
+    hung = worker.process.poll() is None
+    _give_back(worker, alive=False)
     return None, "hang" if hung else "crash"
 
 

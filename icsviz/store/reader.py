@@ -251,11 +251,12 @@ class Run:
     def _groups(self, root: str) -> list[tuple[str, Any]]:
         """(id, attributes) of the groups under `root` but those in `skip`, in index order."""
         with reading(self.path, "/" + root):
-            ids = [gid for gid in self._file[root] if f"/{root}/{gid}" not in self._skip]
+            parent = self._file[root]
+            ids = [gid for gid in parent if f"/{root}/{gid}" not in self._skip]
         found = []
         for gid in ids:
             with reading(self.path, f"/{root}/{gid}"):
-                attrs = {k: decode_text(v) for k, v in self._file[f"{root}/{gid}"].attrs.items()}
+                attrs = {k: decode_text(v) for k, v in parent[gid].attrs.items()}
                 found.append((int(attrs["index"]), gid, attrs))
         return [(gid, attrs) for _, gid, attrs in sorted(found, key=lambda item: item[0])]
 
