@@ -157,3 +157,67 @@ def test_files_read_for_the_page_are_kept_on_disk_too(tmp_path, layout) -> None:
     assert not any(e.pending for e in runs.entries(background=False))
     _new_process()
     assert not any(e.pending for e in catalog_module.catalog(folder).entries(background=False))
+
+
+def _tiny_run(path: Path, layout, captures: int = 2, close: bool = True) -> RunWriter:
+    w = RunWriter.create(path, layout, {"run_name": path.stem, "model_name": "net"})
+    for step in range(captures):
+        w.write_capture(tiny_capture(layout, step))
+    if close:
+        w.close()
+    return w
+
+
+def test_runs_opened_from_the_catalogue_take_their_index_from_the_cache(
+    tmp_path, layout, monkeypatch
+) -> None:
+    from icsviz.store import reader
+
+    path = tmp_path / "r.h5"
+    _tiny_run(path, layout)
+    entry = catalog_module.summary_of(path)
+    with open_run(path) as run:
+        expected = (run.layer_names, run.variable_names, run.ics_layer_names)
+    reader._INDEXES.clear()
+
+    def no_attributes(self, root):  # what reading the index from the file would do
+        raise AssertionError(f"read /{root} from the file")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reader.Run, "_groups", no_attributes)
+        with entry.open() as run:  # a new process's first open: the index comes from the cache
+            assert (run.layer_names, run.variable_names, run.ics_layer_names) == expected
+            assert run.layer(run.layer_names[0]).n_units == layout.layers[0].n_units
+
+    # The file changes: the cached index (an older version) is not used, the file is read.
+    reader._INDEXES.clear()
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as a rewrite would
+    with monkeypatch.context() as patch:
+        patch.setattr(reader.Run, "_groups", no_attributes)
+        with pytest.raises(AssertionError, match="from the file"):
+            catalog_module.RunEntry(path=path, name="r", readable=True).open()
+    with catalog_module.RunEntry(path=path, name="r", readable=True).open() as run:
+        assert run.num_captures == 2 and run.layer_names == expected[0]
+
+
+def test_a_damaged_index_cache_is_ignored_and_a_training_run_leaves_none(tmp_path, layout) -> None:
+    from icsviz.store import reader
+
+    path = tmp_path / "r.h5"
+    _tiny_run(path, layout)
+    catalog_module.summary_of(path)
+    index = catalog_module._index_file(path)
+    assert index is not None and index.exists()
+    index.write_text("{not json")
+    reader._INDEXES.clear()
+    with catalog_module.summary_of(path).open() as run:  # read from the file, and cached again
+        assert run.num_captures == 2
+    assert index.read_text().startswith("{")  # rewritten
+    live = tmp_path / "live.h5"
+    writer = _tiny_run(live, layout, close=False)
+    try:
+        assert catalog_module.summary_of(live).status == "training"
+        assert not catalog_module._index_file(live).exists()
+    finally:
+        writer.close()

@@ -16,6 +16,7 @@ a name typed into the app can never reach another file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -35,7 +36,7 @@ import numpy as np
 
 from ..errors import ICSVizError, RunFileError
 from .check import POOL_SIZE, RunCheck, check_run, failure_message, guarded
-from .reader import Run, open_run
+from .reader import Run, index_record, open_run, seed_index
 
 __all__ = [
     "RunEntry",
@@ -111,7 +112,8 @@ class RunEntry:
         return time.strftime("%Y-%m-%d", time.localtime(self.mtime_ns / 1e9)) if self.mtime_ns else ""
 
     def open(self) -> Run:
-        """The run, without the parts found damaged."""
+        """The run, without the parts found damaged (its index from the cache when it has it)."""
+        seed_index(self.path, self.skip, lambda: _read_index_file(self.path))
         return open_run(self.path, skip=self.skip)
 
 
@@ -165,6 +167,8 @@ def summary_of(path: Path) -> RunEntry:
             epochs, best, final = _accuracies(run)
             score, scores = _drift(run)
             status = run.status if "/status" not in {d.part for d in report.damage} else "interrupted"
+            if status != "training":  # a growing file would leave a new version at every capture
+                _write_index_file(run)
             return RunEntry(
                 name=run.name,
                 readable=True,
@@ -239,6 +243,42 @@ def _cache_file(root: Path) -> Path | None:
         return None
     digest = hashlib.sha256(os.fsencode(root)).hexdigest()[:20]
     return where / f"catalog-{digest}.json"
+
+
+def _index_file(path: Path) -> Path | None:
+    """Where a run file's index of groups is kept: one file per run path, its latest version
+    (`reader.index_record`). The app opens runs by the catalogue's entries: reading the index
+    from every group's attributes was a third of choosing two runs never shown."""
+    where = cache_dir()
+    if where is None:
+        return None
+    digest = hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:20]
+    return where / "indexes" / f"{digest}.json"
+
+
+def _write_index_file(run: Run) -> None:
+    """Best effort (a cache): a folder we cannot write to only costs the next open its time."""
+    record, target = index_record(run), _index_file(run.path)
+    if record is None or target is None:
+        return
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", encoding="utf-8", dir=target.parent, prefix=".index-", delete=False
+        ) as out:
+            json.dump(record, out)
+        os.replace(out.name, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(out.name)
+
+
+def _read_index_file(path: Path) -> Any:
+    target = _index_file(path)
+    try:
+        return json.loads(target.read_text(encoding="utf-8")) if target is not None else None
+    except (OSError, ValueError):
+        return None  # absent or damaged: the file is read
 
 
 def _version() -> str:

@@ -10,11 +10,12 @@ ever returned.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,65 @@ _ACTIVATIONS_LOCK = threading.Lock()  # the app reads from several sessions' thr
 _UNVERSIONED = itertools.count()  # a file whose version cannot be read shares nothing
 
 
+def _file_version(path: Path, skip: frozenset[str]) -> tuple[Any, ...]:
+    """What identifies a file's content: (path, inode, size, mtime, parts skipped)."""
+    try:
+        stat = path.stat()
+        return (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, skip)
+    except OSError:
+        return ("unversioned", next(_UNVERSIONED))
+
+
+def _version_json(version: tuple[Any, ...]) -> list[Any]:
+    return [*version[:4], sorted(version[4])]
+
+
+def index_record(run: Run) -> dict[str, Any] | None:
+    """The run's index of groups (what opening it reads from every group's attributes) as
+    JSON data with the file version it describes, for a cache on disk (`store/catalog.py`)."""
+    if run._version[0] == "unversioned":
+        return None
+    return {
+        "version": _version_json(run._version),
+        "layers": [dataclasses.asdict(info) for info in run._layers],
+        "variables": run._variables,
+        "ics": run._ics,
+        "batches": run._batch_ids,
+    }
+
+
+def seed_index(path: str | os.PathLike[str], skip: Iterable[str], read_record: Callable[[], Any]) -> bool:
+    """Let the next `open_run(path, skip=skip)` take its index from `read_record()` (an
+    `index_record`) instead of every group's attributes, if the record describes the file as
+    it is now. True when the index is known (already, or from the record)."""
+    version = _file_version(Path(path), frozenset(skip))
+    if version[0] == "unversioned":
+        return False
+    if version in _INDEXES:
+        return True
+    record = read_record()
+    if not isinstance(record, dict) or record.get("version") != _version_json(version):
+        return False  # another version of the file, or no record: the file is read
+    layers = [
+        LayerInfo(
+            name=str(item["name"]),
+            id=str(item["id"]),
+            class_name=str(item["class_name"]),
+            kind=str(item["kind"]),
+            output_shape=tuple(int(d) for d in item["output_shape"]),
+            n_units=int(item["n_units"]),
+            n_values=int(item["n_values"]),
+            inputs=tuple(str(name) for name in item.get("inputs", ())),
+        )
+        for item in record["layers"]
+    ]
+    groups = [{str(k): str(v) for k, v in record[part].items()} for part in ("variables", "ics", "batches")]
+    if len(_INDEXES) >= _MAX_INDEXES:
+        _INDEXES.clear()
+    _INDEXES[version] = (layers, *groups)
+    return True
+
+
 class Run:
     """A recorded run. Use as a context manager or call `close()`."""
 
@@ -220,12 +280,7 @@ class Run:
             )
 
     def _file_version(self) -> tuple[Any, ...]:
-        """What identifies this file's content: (path, inode, size, mtime, parts skipped)."""
-        try:
-            stat = self.path.stat()
-            return (str(self.path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, self._skip)
-        except OSError:
-            return ("unversioned", next(_UNVERSIONED))
+        return _file_version(self.path, self._skip)
 
     def _read_index(self) -> tuple[list[LayerInfo], dict[str, str], dict[str, str], dict[str, str]]:
         """The layers and the groups of variables, gradient shift and batch rows.
