@@ -339,7 +339,9 @@ def _task(name: str) -> Any:
 
 def _serve() -> None:
     """The worker's loop: "<task> <hex path>" in, a base64 pickle of the task's answer out."""
-    _task("summary")  # its imports now: a worker started ahead of time pays them before any request
+    # The summary's imports now: a worker started ahead of time pays them before any request.
+    _task("summary")
+    from .. import analysis  # noqa: F401 - the summary's drift scores
     for line in sys.stdin.buffer:
         task, _, hex_path = line.decode().strip().rpartition(" ")
         path = Path(os.fsdecode(bytes.fromhex(hex_path)))
