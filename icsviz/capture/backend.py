@@ -24,6 +24,7 @@ __all__ = [
     "histogram",
     "isolated_rng",
     "to_numpy",
+    "gather",
 ]
 
 LossFn = Callable[[list[Any]], tuple[Any, Any]]
@@ -40,6 +41,20 @@ def wide_float() -> str:
 
         return "float64" if jax.config.jax_enable_x64 else "float32"
     return "float64"
+
+
+def gather(values: Any, indices: Any, axis: int = 0) -> Any:
+    """`values` at `indices` along `axis`, for indices known to be in range (never negative).
+
+    keras.ops.take also maps negative indices: seven more TensorFlow ops per call, and on a
+    constant index array (the capture's samples) a constant-folding pass over it when the
+    function first runs.
+    """
+    if name() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.gather(values, indices, axis=axis)
+    return keras.ops.take(values, indices, axis=axis)
 
 
 def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -104,7 +104,7 @@ def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any) -> Any:
         x = ops.moveaxis(x, axis, -1)  # units last, so that flat position = row * units + unit
     flat = ops.reshape(x, (-1,))
     size = ops.shape(flat)[0]
-    return ops.take(flat, _positions(plan, size, size // plan.spec.n_units))
+    return backend.gather(flat, _positions(plan, size, size // plan.spec.n_units))
 
 
 def _row_stats(values: Any, q: np.ndarray) -> tuple[Any, Any, Any]:

@@ -65,10 +65,10 @@ def all_layer_stats(
         sums.append(ops.sum(full))
         zeros.append(ops.sum(ops.cast(ops.equal(flat, 0.0), "int32")))
         flats.append(flat)
-        sample = flat if plan.quantile_index is None else ops.take(flat, plan.quantile_index)
+        sample = flat if plan.quantile_index is None else backend.gather(flat, plan.quantile_index)
         samples.append(ops.expand_dims(sample, 0))
-        picked = ops.transpose(ops.take(units, np.asarray(plan.tracked_units, "int32"), axis=1))
-        tracked.append(picked if plan.unit_rows is None else ops.take(picked, plan.unit_rows, axis=1))
+        picked = ops.transpose(backend.gather(units, np.asarray(plan.tracked_units, "int32"), axis=1))
+        tracked.append(picked if plan.unit_rows is None else backend.gather(picked, plan.unit_rows, axis=1))
 
     all_finite = ops.isfinite(ops.stack(sums))
     # Histogram grids for all layers at once (a non-finite range gets a placeholder: that
@@ -91,7 +91,7 @@ def all_layer_stats(
     n_units = np.asarray([p.n_units for p in plans], "float32")
     means, variances = ops.concatenate(unit_mean), ops.concatenate(unit_var)
     mean = ops.segment_sum(means, unit_layer, num_segments=len(plans)) / n_units
-    spread = variances + ops.square(means - ops.take(mean, unit_layer))
+    spread = variances + ops.square(means - backend.gather(mean, unit_layer))
     std = ops.sqrt(ops.segment_sum(spread, unit_layer, num_segments=len(plans)) / n_units)
     moments = ops.stack(
         [ops.cast(v, wide) for v in (mean, std, ops.stack(exact_low), ops.stack(exact_high))], axis=1

@@ -162,7 +162,7 @@ def budgeted(tensor: Any, plan: TracedLayer) -> Any:
     if plan.unit_axis != len(plan.shape) - 1:
         x = ops.moveaxis(x, plan.unit_axis, -1)
     units = ops.reshape(x, (-1, plan.n_units))
-    return units if plan.row_index is None else ops.take(units, plan.row_index, axis=0)
+    return units if plan.row_index is None else backend.gather(units, plan.row_index)
 
 
 def dyadic_bin_width(low: float, high: float, bins: int) -> tuple[float, float]:
@@ -210,10 +210,10 @@ def _take_last(values: Any, index: Any) -> Any:
     """values[..., index[...]] along the last axis for 1-D or 2-D values, as one flat gather
     (keras.ops.take_along_axis builds ~40 ops per call on TensorFlow: slow to trace)."""
     if len(values.shape) == 1:
-        return ops.take(values, index)
+        return backend.gather(values, index)
     rows, width = values.shape[0], values.shape[1]
     offsets = ops.expand_dims(ops.arange(rows, dtype="int32") * width, -1)
-    return ops.take(ops.reshape(values, (-1,)), index + offsets)
+    return backend.gather(ops.reshape(values, (-1,)), index + offsets)
 
 
 def interpolated_quantiles(sorted_values: Any, n_finite: Any, q: np.ndarray) -> Any:
@@ -337,7 +337,7 @@ def reduce_values(
 
     # Quantiles from a fixed sample of positions (all values when the layer is small).
     q = np.asarray(QUANTILES, dtype="float32")
-    sample = flat if plan.quantile_index is None else ops.take(flat, plan.quantile_index)
+    sample = flat if plan.quantile_index is None else backend.gather(flat, plan.quantile_index)
     if masked:
         sample_finite = ops.isfinite(sample)
         sample = ops.where(sample_finite, sample, float("inf"))
@@ -346,9 +346,9 @@ def reduce_values(
         n_sample = ops.convert_to_tensor(int(sample.shape[0]), "int32")
     quantiles = interpolated_quantiles(ops.sort(sample), n_sample, q)
 
-    tracked = ops.transpose(ops.take(units, np.asarray(plan.tracked_units, "int32"), axis=1))
+    tracked = ops.transpose(backend.gather(units, np.asarray(plan.tracked_units, "int32"), axis=1))
     if plan.unit_rows is not None:
-        tracked = ops.take(tracked, plan.unit_rows, axis=1)
+        tracked = backend.gather(tracked, plan.unit_rows, axis=1)
     tracked_finite = ops.isfinite(tracked)
     tracked = ops.where(tracked_finite, tracked, float("inf"))
     n_tracked = ops.sum(ops.cast(tracked_finite, "int32"), axis=1)

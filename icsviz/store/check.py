@@ -342,6 +342,7 @@ def _serve() -> None:
     # The summary's imports now: a worker started ahead of time pays them before any request.
     _task("summary")
     from .. import analysis  # noqa: F401 - the summary's drift scores
+
     for line in sys.stdin.buffer:
         task, _, hex_path = line.decode().strip().rpartition(" ")
         path = Path(os.fsdecode(bytes.fromhex(hex_path)))
