@@ -256,21 +256,31 @@ def _index_file(path: Path) -> Path | None:
     return where / "indexes" / f"{digest}.json"
 
 
-def _write_index_file(run: Run) -> None:
-    """Best effort (a cache): a folder we cannot write to only costs the next open its time."""
-    record, target = index_record(run), _index_file(run.path)
-    if record is None or target is None:
-        return
+def _write_json(target: Path, payload: Any) -> bool:
+    """Write `payload` to `target` atomically (a reader sees the old file or the new one);
+    False when the folder cannot be written to (the caches here stay in memory then)."""
+    temporary = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=target.parent, prefix=".index-", delete=False
+            "w", encoding="utf-8", dir=target.parent, prefix=f".{target.stem}-", delete=False
         ) as out:
-            json.dump(record, out)
-        os.replace(out.name, target)
+            temporary = out.name
+            json.dump(payload, out)
+        os.replace(temporary, target)
+        return True
     except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(out.name)
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        return False
+
+
+def _write_index_file(run: Run) -> None:
+    """Best effort (a cache): a folder we cannot write to only costs the next open its time."""
+    record, target = index_record(run), _index_file(run.path)
+    if record is not None and target is not None:
+        _write_json(target, record)
 
 
 def _read_index_file(path: Path) -> Any:
@@ -378,14 +388,7 @@ class FolderCatalog:
                 "entries": [_to_json(e) for e in self._known.values() if not e.pending],
             }
             self._dirty = False
-        try:
-            self._file.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(
-                "w", encoding="utf-8", dir=self._file.parent, prefix=".catalog-", delete=False
-            ) as out:
-                json.dump(payload, out)
-            os.replace(out.name, self._file)
-        except OSError:
+        if not _write_json(self._file, payload):
             with self._lock:
                 self._dirty = True  # try again next time
 

@@ -219,24 +219,33 @@ def seed_index(path: str | os.PathLike[str], skip: Iterable[str], read_record: C
     record = read_record()
     if not isinstance(record, dict) or record.get("version") != _version_json(version):
         return False  # another version of the file, or no record: the file is read
-    layers = [
-        LayerInfo(
-            name=str(item["name"]),
-            id=str(item["id"]),
-            class_name=str(item["class_name"]),
-            kind=str(item["kind"]),
-            output_shape=tuple(int(d) for d in item["output_shape"]),
-            n_units=int(item["n_units"]),
-            n_values=int(item["n_values"]),
-            inputs=tuple(str(name) for name in item.get("inputs", ())),
-        )
-        for item in record["layers"]
-    ]
-    groups = [{str(k): str(v) for k, v in record[part].items()} for part in ("variables", "ics", "batches")]
+    try:
+        layers = [
+            LayerInfo(
+                name=str(item["name"]),
+                id=str(item["id"]),
+                class_name=str(item["class_name"]),
+                kind=str(item["kind"]),
+                output_shape=tuple(int(d) for d in item["output_shape"]),
+                n_units=int(item["n_units"]),
+                n_values=int(item["n_values"]),
+                inputs=tuple(str(name) for name in item.get("inputs", ())),
+            )
+            for item in record["layers"]
+        ]
+        groups = [
+            {str(k): str(v) for k, v in record[part].items()} for part in ("variables", "ics", "batches")
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False  # a record of another shape (edited, or from another icsviz): the file is read
+    _keep_index(version, (layers, *groups))
+    return True
+
+
+def _keep_index(version: tuple[Any, ...], found: tuple[Any, ...]) -> None:
     if len(_INDEXES) >= _MAX_INDEXES:
         _INDEXES.clear()
-    _INDEXES[version] = (layers, *groups)
-    return True
+    _INDEXES[version] = found
 
 
 class Run:
@@ -254,7 +263,7 @@ class Run:
         try:
             with reading(self.path, "the file's attributes"):
                 self._check_schema()
-            self._version = self._file_version()
+            self._version = _file_version(self.path, self._skip)
             self._layers, self._variables, self._ics, self._batch_ids = self._read_index()
             self._by_name = {info.name: info for info in self._layers}
             self._by_name.update({info.id: info for info in self._layers})
@@ -279,9 +288,6 @@ class Run:
                 "Upgrade icsviz to read it."
             )
 
-    def _file_version(self) -> tuple[Any, ...]:
-        return _file_version(self.path, self._skip)
-
     def _read_index(self) -> tuple[list[LayerInfo], dict[str, str], dict[str, str], dict[str, str]]:
         """The layers and the groups of variables, gradient shift and batch rows.
 
@@ -297,9 +303,7 @@ class Run:
                 self._read_groups("ics"),
                 self._read_batch_groups(),
             )
-            if len(_INDEXES) >= _MAX_INDEXES:
-                _INDEXES.clear()
-            _INDEXES[self._version] = found
+            _keep_index(self._version, found)
         layers, variables, ics, batches = found
         return list(layers), dict(variables), dict(ics), dict(batches)
 
