@@ -56,3 +56,66 @@ def test_jax_backend_records_activations_gradients_and_shift(tmp_path) -> None:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and "JAX OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def _rewrite_options():
+    from tensorflow.core.protobuf import config_pb2
+    from tensorflow.python.eager import context
+
+    config = config_pb2.ConfigProto()
+    config.ParseFromString(context.context().function_call_options.config_proto_serialized)
+    return config.graph_options.rewrite_options
+
+
+def test_the_capture_function_runs_lightly_optimized_and_leaves_the_threads_options() -> None:
+    tf = pytest.importorskip("tensorflow")
+    from icsviz.capture import backend
+
+    if backend.name() != "tensorflow":
+        pytest.skip("TensorFlow's graph optimization only")
+    seen = []
+
+    def double(x):
+        seen.append(_rewrite_options().disable_meta_optimizer)  # while TensorFlow traces it
+        return x * 2.0
+
+    before = _rewrite_options().SerializeToString()
+    compiled = backend.compile_function(double)
+    assert float(compiled(tf.constant(1.5))) == 3.0
+    assert seen == [not tf.config.list_logical_devices("GPU")]  # no rewriting on a CPU-only machine
+    assert _rewrite_options().SerializeToString() == before  # the user's own functions: untouched
+
+    def broken(x):
+        raise ValueError("tracing failed")
+
+    with pytest.raises(ValueError, match="tracing failed"):
+        backend.compile_function(broken)(tf.constant(1.0))
+    assert _rewrite_options().SerializeToString() == before
+
+
+@pytest.mark.parametrize("path", ["tensorflow", "generic"])
+def test_histograms_count_each_row_on_its_own_grid_like_numpy(monkeypatch, path) -> None:
+    import keras
+    import numpy as np
+
+    from icsviz.capture import backend
+
+    if path == "generic":  # the index arithmetic JAX and torch use, run here on TensorFlow tensors
+        monkeypatch.setattr(backend, "name", lambda: "generic")
+    rng = np.random.default_rng(0)
+    values = np.stack([rng.normal(size=500), np.round(rng.uniform(-4, 4, 500) * 4) / 4])  # row 1: on edges
+    values = values.astype("float32")
+    low, width = np.array([-4.0, -4.0]), np.array([0.25, 0.125])
+    counts = keras.ops.convert_to_numpy(
+        backend.histograms(
+            keras.ops.convert_to_tensor(values),
+            keras.ops.convert_to_tensor(low, "float64"),
+            keras.ops.convert_to_tensor(width, "float64"),
+            64,
+        )
+    )
+    for row, first, step, got in zip(values, low, width, counts):
+        expected, _ = np.histogram(row, bins=first + step * np.arange(65))
+        np.testing.assert_array_equal(got, expected)
+    single = backend.histogram(keras.ops.convert_to_tensor(values[1]), low[1], width[1], 64)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(single), counts[1])

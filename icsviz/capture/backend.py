@@ -9,6 +9,8 @@ one small implementation per backend.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,6 +24,7 @@ __all__ = [
     "value_and_grad",
     "snapshot",
     "histogram",
+    "histograms",
     "isolated_rng",
     "to_numpy",
     "gather",
@@ -65,12 +68,55 @@ def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         # autograph=False: the capture has no Python control flow on tensors, and converting
         # a deep model's statistics code took most of the tracing time.
-        return tf.function(fn, reduce_retracing=True, autograph=False)
+        return _lightly_optimized(tf.function(fn, reduce_retracing=True, autograph=False))
     if backend == "jax":
         import jax
 
         return jax.jit(fn)
     return fn  # torch and numpy run eagerly
+
+
+def _lightly_optimized(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    """`compiled` (a tf.function) called with a lighter graph optimization than TensorFlow's default.
+
+    Grappler rewrites a function's graph when it first runs. For the capture of a deep model
+    (MobileNetV2: ~14,000 ops) that took 8 s of the first capture (two passes over the graph,
+    the memory optimizer alone 1.9 s), and it did not make later captures faster: measured on
+    CPU, the steady capture took the same time with no rewriting at all. So on a CPU-only
+    TensorFlow the capture runs without it; with a GPU (where the layout rewrite matters for
+    convolutions) it keeps one pass and drops the memory optimizer. The options travel with
+    each call of this function only (TensorFlow's per-thread call options): the user's own
+    training function is optimized as before.
+    """
+    try:
+        import tensorflow as tf
+        from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
+        from tensorflow.python.eager import context
+    except ImportError:  # a TensorFlow without these internals: its default optimization
+        return compiled
+    rewriter = rewriter_config_pb2.RewriterConfig
+    on_cpu_only = not tf.config.list_logical_devices("GPU")
+
+    @functools.wraps(compiled)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        eager = context.context()
+        options = eager.function_call_options
+        saved = copy.copy(options)
+        config = config_pb2.ConfigProto()
+        config.ParseFromString(options.config_proto_serialized)
+        rewrite = config.graph_options.rewrite_options
+        if on_cpu_only:
+            rewrite.disable_meta_optimizer = True
+        else:
+            rewrite.meta_optimizer_iterations = rewriter.ONE
+            rewrite.memory_optimization = rewriter.NO_MEM_OPT
+        options.config_proto_serialized = config
+        try:
+            return compiled(*args, **kwargs)
+        finally:
+            eager.function_call_options = saved
+
+    return call
 
 
 def value_and_grad(loss_fn: LossFn, params: Sequence[Any]) -> tuple[Any, Any, list[Any]]:
@@ -156,22 +202,35 @@ def isolated_rng(seed: int) -> Iterator[None]:
 
 
 def histogram(values: Any, low: Any, width: Any, bins: int) -> Any:
-    """Counts of `values` (1-D, finite) in `bins` bins of `width` from `low`.
+    """Counts of `values` (1-D, finite) in `bins` bins of `width` from `low` (see `histograms`)."""
+    first, step = keras.ops.reshape(low, (1,)), keras.ops.reshape(width, (1,))
+    return histograms(keras.ops.expand_dims(values, 0), first, step, bins)[0]
 
-    Values outside the range fall into the first or last bin; callers choose
-    the range so that none do.
+
+def histograms(values: Any, low: Any, width: Any, bins: int) -> Any:
+    """(k, bins) int32 counts: row i of `values` (k, n; finite) in `bins` bins of `width[i]`
+    from `low[i]`.
+
+    Bin i holds low + i * width <= value < low + (i + 1) * width. Values outside the range
+    fall into the first or last bin; callers choose the range so that none do.
     """
+    ops = keras.ops
+    k = int(values.shape[0])
     if name() == "tensorflow":
         import tensorflow as tf
 
-        high = low + width * bins
-        counts = tf.histogram_fixed_width(values, tf.stack([low, high]), nbins=bins)
-        return tf.cast(counts, "int32")
-    ops = keras.ops
-    index = ops.floor((values - low) / width)
-    index = ops.cast(ops.clip(index, 0, bins - 1), "int32")
+        # One kernel per row, six times faster on a CPU than the index arithmetic below.
+        low32, width32 = tf.cast(low, "float32"), tf.cast(width, "float32")
+        ranges = tf.stack([low32, low32 + width32 * bins], axis=1)
+        return tf.stack(
+            [tf.cast(tf.histogram_fixed_width(values[i], ranges[i], nbins=bins), "int32") for i in range(k)]
+        )
+    position = (ops.cast(values, low.dtype) - ops.expand_dims(low, 1)) / ops.expand_dims(width, 1)
+    index = ops.cast(ops.clip(ops.floor(position), 0, bins - 1), "int32")
+    index = index + ops.expand_dims(ops.arange(k, dtype="int32") * bins, 1)
     ones = ops.ones_like(index)
-    return ops.segment_sum(ones, index, num_segments=bins)
+    counts = ops.segment_sum(ops.reshape(ones, (-1,)), ops.reshape(index, (-1,)), num_segments=k * bins)
+    return ops.reshape(counts, (k, bins))
 
 
 def to_numpy(tree: Any) -> Any:
