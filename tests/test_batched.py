@@ -31,6 +31,10 @@ def _tensors() -> list[tuple[str, object, np.ndarray]]:
         ("wide", _Layer(), rng.standard_t(3, (16, 40, 64)).astype("float32")),  # > the quantile sample
         ("first", _ChannelsFirst(), rng.uniform(-1, 1, (16, 5, 4, 4)).astype("float32")),
         ("one", _Layer(), np.full((16, 1), 2.5, "float32")),  # one unit, constant
+        # Tensors of the shapes above: reduced stacked with them (see batched.groups)
+        ("conv2", _Layer(), rng.normal(-2.0, 0.5, (16, 6, 6, 8)).astype("float32")),
+        ("wide2", _Layer(), rng.uniform(0, 8, (16, 40, 64)).astype("float32")),
+        ("dense2", _Layer(), np.round(rng.normal(0, 4, (16, 10))).astype("float32")),  # values on bin edges
     ]
 
 
@@ -70,9 +74,19 @@ def test_all_layers_at_once_equal_one_layer_at_a_time(options) -> None:
         np.testing.assert_allclose(got["moments"], alone["moments"], rtol=1e-5, atol=1e-6, err_msg=name)
         assert got["zero_frac"] == pytest.approx(float(alone["zero_frac"]))
         assert int(got["nonfinite"]) == 0 and bool(got["all_finite"]) and bool(alone["all_finite"])
+    assert sorted(map(len, batched.groups(plans))) == [1, 1, 2, 2, 2]  # the groups were exercised
     conv = together[0]
     assert 0.3 < conv["zero_frac"] < 0.5  # the ReLU's zeros are counted
     assert conv["moments"][2] == 0.0  # and its minimum is exactly zero
+
+
+def test_tensors_are_grouped_by_the_shape_of_their_budgeted_values() -> None:
+    options = CaptureOptions(max_values=1024)
+    shapes = [(8, 4, 4, 16), (8, 16), (8, 8, 8, 16), (8, 4, 4, 16), (4, 8, 8, 16), (64, 16), (8, 16)]
+    plans = [plan_tensor(f"t{i}", _Layer(), "output", s, i, options) for i, s in enumerate(shapes)]
+    # (8, 4, 4, 16) holds 2048 values: cut to 64 rows of 16; so are (8, 8, 8, 16) and (4, 8, 8, 16).
+    # (64, 16) holds 1024 values, 64 rows, none cut: its own group.
+    assert batched.groups(plans) == [[0, 2, 3, 4], [1, 6], [5]]
 
 
 def test_a_layer_with_nan_is_flagged_and_the_others_still_measured() -> None:

@@ -1,18 +1,21 @@
 """The statistics of every captured tensor at once: a capture's cost, independent of depth.
 
 `layer_stats` (stats.py) reduces one tensor in some eighty small operations. A
-deep model's capture ran them for each of its 150 tensors, and on a CPU the
-cost of launching that many small kernels outweighed the arithmetic (the
-statistics of MobileNetV2's capture took six training steps). Here each
-tensor costs a dozen operations that read its values (sums, range, histogram,
-sample gathers); everything else runs once for all tensors together: the
-histogram grids, the layer moments, one sort for every layer's quantile
-sample and one for every tracked unit's.
+deep model's capture ran them for each of its 150 tensors: on a CPU the cost of
+launching that many small kernels outweighed the arithmetic, and tracing and
+optimizing that graph took most of the first capture. Here each tensor costs
+only what must read all of its values (its sum, and its range when the value
+budget leaves values out) and the gather of its budgeted rows. Tensors whose
+budgeted values have the same shape form a group (MobileNetV2's 151 tensors
+make 20 groups) and are reduced as one stacked array: moments, range, zeros,
+histograms, samples. One sort then orders every layer's quantile sample, one
+every tracked unit's rows.
 
 The results are the same quantities as `layer_stats` computes, for finite
 values: a capture with NaN or Inf anywhere is computed again by the masked,
-per-tensor program (see `CaptureProgram.run`). `split` cuts the batched
-arrays into one `LayerCapture`'s worth per tensor, on the host.
+per-tensor program (see `CaptureProgram.run`). The arrays come out group by
+group; `split` cuts them into one `LayerCapture`'s worth per tensor, in the
+plans' order, on the host.
 """
 
 from __future__ import annotations
@@ -25,12 +28,23 @@ import numpy as np
 
 from ..store.schema import QUANTILES
 from . import backend
-from .stats import CaptureOptions, TracedLayer, budgeted, dyadic_grid, interpolated_quantiles
+from .stats import CaptureOptions, TracedLayer, dyadic_grid, interpolated_quantiles
 
-__all__ = ["all_layer_stats", "split"]
+__all__ = ["all_layer_stats", "split", "groups"]
 
 ops = keras.ops
 _INF = float("inf")
+
+
+def groups(plans: Sequence[TracedLayer]) -> list[list[int]]:
+    """Indices of `plans` grouped by the shape of their budgeted values (rows, units) and
+    whether the budget cut values, in order of first appearance: each group is reduced as one
+    stacked array."""
+    by_key: dict[tuple[int, int, bool], list[int]] = {}
+    for index, plan in enumerate(plans):
+        key = (plan.n_values // plan.n_units, plan.n_units, plan.budget_cut)
+        by_key.setdefault(key, []).append(index)
+    return list(by_key.values())
 
 
 def _padded(rows: Any, width: int) -> Any:
@@ -39,108 +53,158 @@ def _padded(rows: Any, width: int) -> Any:
     return rows if missing == 0 else ops.pad(rows, [[0, 0], [0, missing]], constant_values=_INF)
 
 
+def _member_gather(values: Any, indices: Sequence[np.ndarray], stride: int) -> Any:
+    """values.reshape(-1)[m * stride + indices[m]] for each member m, as one (k, n) gather."""
+    offsets = [index.astype("int64") + m * stride for m, index in enumerate(indices)]
+    flat_index = np.stack(offsets)
+    dtype = "int32" if flat_index.max(initial=0) < 2**31 else "int64"
+    return backend.gather(ops.reshape(values, (-1,)), flat_index.astype(dtype))
+
+
+class _Group:
+    """One group's stacked budgeted values and what is computed from them on the way."""
+
+    def __init__(self, members: list[int], plans: Sequence[TracedLayer], units: list[Any]) -> None:
+        self.members = members
+        self.plans = [plans[i] for i in members]
+        first = self.plans[0]
+        self.rows, self.n_units = first.n_values // first.n_units, first.n_units
+        stacked = [units[i] for i in members]
+        self.values = ops.stack(stacked) if len(stacked) > 1 else ops.expand_dims(stacked[0], 0)
+        self.flat = ops.reshape(self.values, (len(members), self.rows * self.n_units))
+
+    def quantile_sample(self) -> Any:
+        """(k, n): each member's quantile sample (all its values when the layer is small)."""
+        if self.plans[0].quantile_index is None:
+            return self.flat
+        index = [p.quantile_index for p in self.plans]
+        return _member_gather(self.flat, index, self.rows * self.n_units)
+
+    def tracked_rows(self) -> Any:
+        """(k * tracked units, n): each tracked unit's sampled rows, member by member."""
+        tracked = np.asarray(self.plans[0].tracked_units, "int32")
+        picked = ops.transpose(backend.gather(self.values, tracked, axis=2), (0, 2, 1))  # k, t, rows
+        if self.plans[0].unit_rows is None:
+            return ops.reshape(picked, (-1, self.rows))
+        # member m's tracked unit u, sampled row r: at (m, u, unit_rows[r]) of `picked`
+        steps = np.arange(len(tracked))[:, None] * self.rows
+        index = [p.unit_rows[None, :] + steps for p in self.plans if p.unit_rows is not None]
+        gathered = _member_gather(picked, index, len(tracked) * self.rows)
+        return ops.reshape(gathered, (-1, index[0].shape[1]))
+
+
 def all_layer_stats(
     tensors: Sequence[Any], plans: Sequence[TracedLayer], options: CaptureOptions
 ) -> dict[str, Any]:
-    """The statistics of `tensors` (one per plan), batched across layers. See `split`."""
+    """The statistics of `tensors` (one per plan), group by group (see `groups`, `split`)."""
     bins = options.hist_bins
     q = np.asarray(QUANTILES, "float32")
     wide = backend.wide_float()
-    flats, low, high, exact_low, exact_high, sums, zeros = [], [], [], [], [], [], []
-    unit_mean, unit_var, samples, tracked = [], [], [], []
-    for tensor, plan in zip(tensors, plans):
-        tensor = ops.stop_gradient(tensor)  # statistics, never differentiated
-        full = ops.reshape(ops.cast(tensor, "float32"), (-1,))
-        units = budgeted(tensor, plan)
-        flat = ops.reshape(units, (-1,))
-        mean_u = ops.mean(units, axis=0)
-        unit_mean.append(mean_u)
-        unit_var.append(ops.mean(ops.square(units - mean_u), axis=0))
-        low.append(ops.min(flat))
-        high.append(ops.max(flat))
-        # The range stays exact over every value when the budget cut some; NaN/Inf anywhere
-        # poisons the sum, and the masked program takes the capture over.
-        exact_low.append(ops.min(full) if plan.budget_cut else low[-1])
-        exact_high.append(ops.max(full) if plan.budget_cut else high[-1])
-        sums.append(ops.sum(full))
-        zeros.append(ops.sum(ops.cast(ops.equal(flat, 0.0), "int32")))
-        flats.append(flat)
-        sample = flat if plan.quantile_index is None else backend.gather(flat, plan.quantile_index)
-        samples.append(ops.expand_dims(sample, 0))
-        picked = ops.transpose(backend.gather(units, np.asarray(plan.tracked_units, "int32"), axis=1))
-        tracked.append(picked if plan.unit_rows is None else backend.gather(picked, plan.unit_rows, axis=1))
+    units, sums, exact_low, exact_high = [], [], {}, {}
+    for index, (tensor, plan) in enumerate(zip(tensors, plans)):
+        every = _all_rows(ops.stop_gradient(tensor), plan)  # statistics, never differentiated
+        # NaN/Inf anywhere poisons the sum, and the masked program takes the capture over.
+        sums.append(ops.sum(every))
+        if plan.row_index is None:
+            units.append(every)
+        else:  # the range stays exact over every value when the budget cut some
+            exact_low[index], exact_high[index] = ops.min(every), ops.max(every)
+            units.append(backend.gather(every, plan.row_index))
 
-    all_finite = ops.isfinite(ops.stack(sums))
+    parts: dict[str, list[Any]] = {key: [] for key in ("low", "high", "zeros", "mean", "std", "unit_mean")}
+    parts.update(unit_var=[], exact_low=[], exact_high=[], samples=[], tracked=[])
+    stacked = [_Group(members, plans, units) for members in groups(plans)]
+    for group in stacked:
+        mean_u = ops.mean(group.values, axis=1)  # (k, units)
+        var_u = ops.mean(ops.square(group.values - ops.expand_dims(mean_u, 1)), axis=1)
+        low, high = ops.min(group.flat, axis=1), ops.max(group.flat, axis=1)
+        # Layer moments from the per-unit ones: every unit of a layer counts the same rows.
+        mean = ops.mean(mean_u, axis=1)
+        parts["mean"].append(mean)
+        parts["std"].append(ops.sqrt(ops.mean(var_u + ops.square(mean_u - ops.expand_dims(mean, 1)), axis=1)))
+        parts["low"].append(low)
+        parts["high"].append(high)
+        parts["zeros"].append(ops.sum(ops.cast(ops.equal(group.flat, 0.0), "int32"), axis=1))
+        parts["unit_mean"].append(ops.reshape(mean_u, (-1,)))
+        parts["unit_var"].append(ops.reshape(var_u, (-1,)))
+        cut = group.members[0] in exact_low
+        parts["exact_low"].append(ops.stack([exact_low[i] for i in group.members]) if cut else low)
+        parts["exact_high"].append(ops.stack([exact_high[i] for i in group.members]) if cut else high)
+        parts["samples"].append(group.quantile_sample())
+        parts["tracked"].append(group.tracked_rows())
+
+    order = [i for group in stacked for i in group.members]
+    all_finite = ops.isfinite(ops.stack([sums[i] for i in order]))
     # Histogram grids for all layers at once (a non-finite range gets a placeholder: that
     # capture is computed again, masked).
-    low, high = ops.stack(low), ops.stack(high)
+    low, high = ops.concatenate(parts["low"]), ops.concatenate(parts["high"])
     sane = ops.logical_and(ops.isfinite(low), ops.isfinite(high))
     first, width = dyadic_grid(ops.where(sane, low, 0.0), ops.where(sane, high, 1.0), bins)
-    firsts = ops.unstack(ops.cast(first, "float32"))
-    widths = ops.unstack(ops.cast(width, "float32"))
+    bounds = np.cumsum([0, *(len(g.members) for g in stacked)])
 
     def count() -> Any:
-        return ops.stack([backend.histogram(v, f, w, bins) for v, f, w in zip(flats, firsts, widths)])
+        return ops.concatenate(
+            [
+                backend.histograms(g.flat, first[a:b], width[a:b], bins)
+                for g, a, b in zip(stacked, bounds[:-1], bounds[1:])
+            ]
+        )
 
-    # Skipped when NaN/Inf are present (TensorFlow's histogram refuses NaN; the result is
-    # discarded anyway).
+    # Skipped when NaN/Inf are present (the bin of a NaN is undefined; the result is discarded).
     counts = ops.cond(ops.all(all_finite), count, lambda: ops.zeros((len(plans), bins), "int32"))
 
-    # Layer moments from the per-unit ones: every unit of a layer counts the same rows.
-    unit_layer = np.repeat(np.arange(len(plans), dtype="int32"), [p.n_units for p in plans])
-    n_units = np.asarray([p.n_units for p in plans], "float32")
-    means, variances = ops.concatenate(unit_mean), ops.concatenate(unit_var)
-    mean = ops.segment_sum(means, unit_layer, num_segments=len(plans)) / n_units
-    spread = variances + ops.square(means - backend.gather(mean, unit_layer))
-    std = ops.sqrt(ops.segment_sum(spread, unit_layer, num_segments=len(plans)) / n_units)
-    moments = ops.stack(
-        [ops.cast(v, wide) for v in (mean, std, ops.stack(exact_low), ops.stack(exact_high))], axis=1
-    )
-
     # One sort for every layer's quantile sample, one for every tracked unit's rows.
-    width_q = max(int(s.shape[-1]) for s in samples)
-    ordered = ops.sort(ops.concatenate([_padded(s, width_q) for s in samples], axis=0), axis=-1)
-    n_sample = np.asarray([int(s.shape[-1]) for s in samples], "int32")
-    width_u = max(int(t.shape[-1]) for t in tracked)
-    ordered_u = ops.sort(ops.concatenate([_padded(t, width_u) for t in tracked], axis=0), axis=-1)
-    n_rows = np.concatenate([np.full(int(t.shape[0]), int(t.shape[-1]), "int32") for t in tracked])
+    width_q = max(int(s.shape[-1]) for s in parts["samples"])
+    ordered = ops.sort(ops.concatenate([_padded(s, width_q) for s in parts["samples"]], axis=0), axis=-1)
+    n_sample = np.concatenate([np.full(int(s.shape[0]), int(s.shape[-1]), "int32") for s in parts["samples"]])
+    width_u = max(int(t.shape[-1]) for t in parts["tracked"])
+    ordered_u = ops.sort(ops.concatenate([_padded(t, width_u) for t in parts["tracked"]], axis=0), axis=-1)
+    n_rows = np.concatenate([np.full(int(t.shape[0]), int(t.shape[-1]), "int32") for t in parts["tracked"]])
 
-    n_values = np.asarray([p.n_values for p in plans], "float32")
+    n_values = np.asarray([plans[i].n_values for i in order], "float32")
+    moments = [ops.concatenate(parts[key]) for key in ("mean", "std", "exact_low", "exact_high")]
     return {
         "hist_counts": counts,
         "hist_first": first,
         "hist_width": width,
         "quantiles": interpolated_quantiles(ordered, n_sample, q),
-        "moments": moments,
-        "zero_frac": ops.cast(ops.stack(zeros), "float32") / n_values,
-        "unit_mean": means,
-        "unit_std": ops.sqrt(variances),
+        "moments": ops.stack([ops.cast(v, wide) for v in moments], axis=1),
+        "zero_frac": ops.cast(ops.concatenate(parts["zeros"]), "float32") / n_values,
+        "unit_mean": ops.concatenate(parts["unit_mean"]),
+        "unit_std": ops.sqrt(ops.concatenate(parts["unit_var"])),
         "unit_quantiles": interpolated_quantiles(ordered_u, n_rows, q),
         "all_finite": all_finite,
     }
 
 
+def _all_rows(tensor: Any, plan: TracedLayer) -> Any:
+    """Every value of the tensor as (rows, units) float32, units last."""
+    x = ops.cast(tensor, "float32")
+    if plan.unit_axis != len(plan.shape) - 1:
+        x = ops.moveaxis(x, plan.unit_axis, -1)
+    return ops.reshape(x, (-1, plan.n_units))
+
+
 def split(batched: dict[str, np.ndarray], plans: Sequence[TracedLayer], bins: int) -> list[dict[str, Any]]:
     """`all_layer_stats`'s host arrays as one dict per layer (`LayerCapture`'s fields and
     `all_finite`), in the order of `plans`."""
-    units = np.cumsum([0, *(p.n_units for p in plans)])
-    tracked = np.cumsum([0, *(len(p.tracked_units) for p in plans)])
+    order = [i for members in groups(plans) for i in members]
+    units = np.cumsum([0, *(plans[i].n_units for i in order)])
+    tracked = np.cumsum([0, *(len(plans[i].tracked_units) for i in order)])
     steps = np.arange(bins + 1, dtype="float64")
-    out = []
-    for i in range(len(plans)):
-        first, width = batched["hist_first"][i], batched["hist_width"][i]
-        out.append(
-            {
-                "hist_counts": batched["hist_counts"][i],
-                "hist_edges": (first + width * steps.astype(first.dtype)),
-                "quantiles": batched["quantiles"][i],
-                "moments": batched["moments"][i],
-                "zero_frac": batched["zero_frac"][i],
-                "nonfinite": np.int32(0),
-                "unit_mean": batched["unit_mean"][units[i] : units[i + 1]],
-                "unit_std": batched["unit_std"][units[i] : units[i + 1]],
-                "unit_quantiles": batched["unit_quantiles"][tracked[i] : tracked[i + 1]],
-                "all_finite": batched["all_finite"][i],
-            }
-        )
+    out: list[dict[str, Any]] = [{} for _ in plans]
+    for row, i in enumerate(order):
+        first, width = batched["hist_first"][row], batched["hist_width"][row]
+        out[i] = {
+            "hist_counts": batched["hist_counts"][row],
+            "hist_edges": (first + width * steps.astype(first.dtype)),
+            "quantiles": batched["quantiles"][row],
+            "moments": batched["moments"][row],
+            "zero_frac": batched["zero_frac"][row],
+            "nonfinite": np.int32(0),
+            "unit_mean": batched["unit_mean"][units[row] : units[row + 1]],
+            "unit_std": batched["unit_std"][units[row] : units[row + 1]],
+            "unit_quantiles": batched["unit_quantiles"][tracked[row] : tracked[row + 1]],
+            "all_finite": batched["all_finite"][row],
+        }
     return out

@@ -30,7 +30,7 @@ from . import backend
 from .batched import all_layer_stats, split
 from .intercept import Recorder, intercept, warn_once
 from .layers import SelectedLayer, captured_inputs, iter_layers
-from .stats import CaptureOptions, TracedLayer, l2, layer_stats, plan_tensor
+from .stats import CaptureOptions, TracedLayer, l2, l2_norms, layer_stats, plan_tensor
 
 __all__ = ["CaptureProgram"]
 
@@ -65,7 +65,8 @@ class CaptureProgram:
         self.ics_layers, self._ics_groups = self._ics_plan()
         self.traced: list[TracedLayer] | None = None
         self.skipped: dict[str, str] = {}  # layer name -> why it is not recorded
-        self._previous: list[Any] | None = None
+        self._previous: list[Any] | None = None  # the weights at the last capture
+        self._previous_norm: np.ndarray | None = None  # and their norms
         self._function = backend.compile_function(self._program)
         self._masked_function: Any = None  # compiled when a capture first sees NaN/Inf
         self._batched = True  # all layers' statistics in one batch (see batched.py)
@@ -182,14 +183,10 @@ class CaptureProgram:
         out: dict[str, Any] = {
             "loss": loss,
             **self._layer_stats(by_name, masked),
-            "grad_norm": ops.stack([l2(g) for g in grads]) if grads else ops.zeros((0,)),
-            "weight_norm": ops.stack([l2(w) for w in weights]) if weights else ops.zeros((0,)),
-            "update_norm": (
-                ops.stack([l2(w - ops.cast(p, "float32")) for w, p in zip(weights, previous)])
-                if weights
-                else ops.zeros((0,))
-            ),
-            "previous_norm": (ops.stack([l2(p) for p in previous]) if weights else ops.zeros((0,))),
+            "grad_norm": l2_norms(grads),
+            "weight_norm": l2_norms(weights),
+            # The previous weights' norm is the last capture's weight norm (kept on the host).
+            "update_norm": l2_norms([w - ops.cast(p, "float32") for w, p in zip(weights, previous)]),
         }
         if self._ics_groups:
             out["ics_diff"], out["ics_cos"] = self._gradient_shift(
@@ -281,11 +278,11 @@ class CaptureProgram:
             with backend.isolated_rng(self.options.seed):
                 result = self._host(self._masked_function(*args))
         self._previous = backend.snapshot(self.trainable)
+        previous_norm = result["weight_norm"] if self._previous_norm is None else self._previous_norm
+        self._previous_norm = result["weight_norm"]
         with np.errstate(divide="ignore", invalid="ignore"):
             # undefined (NaN), not infinite, for a variable that was all zeros (a fresh bias)
-            update = np.where(
-                result["previous_norm"] > 0, result["update_norm"] / result["previous_norm"], np.nan
-            )
+            update = np.where(previous_norm > 0, result["update_norm"] / previous_norm, np.nan)
         nan = np.full(len(self.trainable), np.nan)
         grad_norm = result["grad_norm"] if self.with_gradients else nan
         weight_norm = result["weight_norm"]
