@@ -102,7 +102,7 @@ def all_layer_stats(
     wide = backend.wide_float()
     units, sums, exact_low, exact_high = [], [], {}, {}
     for index, (tensor, plan) in enumerate(zip(tensors, plans)):
-        every = _all_rows(ops.stop_gradient(tensor), plan)  # statistics, never differentiated
+        every = _all_rows(backend.detached(tensor), plan)  # statistics, never differentiated
         # NaN/Inf anywhere poisons the sum, and the masked program takes the capture over.
         sums.append(ops.sum(every))
         if plan.row_index is None:

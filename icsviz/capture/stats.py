@@ -385,4 +385,4 @@ def l2_norms(tensors: Sequence[Any]) -> Any:
     """
     if not tensors:
         return ops.zeros((0,))
-    return ops.sqrt(ops.stack([ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors]))
+    return ops.sqrt(backend.sums_of_squares(tensors))
