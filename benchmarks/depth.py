@@ -10,7 +10,8 @@ For each model, in one process (medians of --repeats, interleaved):
   pays (the statistics, and what the write slows that step);
 - first capture: what the callback's first hook costs (tracing the capture function,
   creating the file, the step-0 capture): everything a run with the callback pays beyond
-  the same run without it, apart from the later captures;
+  the same run without it, apart from the later captures; beside it, what Keras's own first
+  training step took (tracing, and on JAX compiling, the train function);
 - peak host memory a capture allocates (tracemalloc: the numpy results and the write);
 - TensorBoard(histogram_freq=1): the time its epoch-end hook takes (weight histograms
   written every epoch) beside ICSCallback's epoch-end hook, on the same short epoch.
@@ -68,7 +69,9 @@ def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
 def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     model, x, y = make(name)
     batch_x, batch_y = x[:probe], y[:probe]
-    model.train_on_batch(batch_x, batch_y)  # trace the train function
+    start = time.perf_counter()
+    model.train_on_batch(batch_x, batch_y)  # trace (and on JAX compile) the train function
+    keras_first = time.perf_counter() - start
 
     ics = TimedCallback(ICSCallback(folder / f"{name}.h5", probe=(batch_x, batch_y), overwrite=True))
     board = TimedCallback(keras.callbacks.TensorBoard(str(folder / f"tb-{name}"), histogram_freq=1))
@@ -124,7 +127,7 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
         f"{name:11s} {layers:3d} tensors, {len(program.trainable):3d} variables | step {step * 1e3:6.1f} ms | "
         f"capture {(stats + write) * 1e3:6.1f} ms = stats {stats * 1e3:6.1f} + write {write * 1e3:5.1f} "
         f"-> x{(stats + write) / step:4.2f} steps; on the training thread (write beside the next step) "
-        f"{threaded * 1e3:6.1f} ms -> x{threaded / step:4.2f} | first capture {first:5.1f} s | "
+        f"{threaded * 1e3:6.1f} ms -> x{threaded / step:4.2f} | first capture {first:5.1f} s (Keras's own first step {keras_first:4.1f} s) | "
         f"peak host memory {max(peaks) / 2**20:5.1f} MiB | epoch-end hook: ICSCallback {ics_epoch_end:5.2f} s, "
         f"TensorBoard(histogram_freq=1) {tb_epoch_end:5.2f} s",
         flush=True,
