@@ -89,11 +89,12 @@ def test_tensors_are_grouped_by_the_shape_of_their_budgeted_values() -> None:
     assert batched.groups(plans) == [[0, 2, 3, 4], [1, 6], [5]]
 
 
-def test_a_layer_with_nan_is_flagged_and_the_others_still_measured() -> None:
-    options = CaptureOptions()
+@pytest.mark.parametrize("max_values", [None, 16], ids=["whole", "budget-cut"])
+def test_a_layer_with_nan_is_flagged_and_the_others_still_measured(max_values) -> None:
+    options = CaptureOptions(max_values=max_values)  # 16: two of the eight rows kept
     good = np.linspace(-1, 1, 64, dtype="float32").reshape(8, 8)
     bad = good.copy()
-    bad[3, 4] = np.nan
+    bad[5, 4] = np.nan
     plans = [plan_tensor(n, _Layer(), "output", (8, 8), i, options) for i, n in enumerate(("good", "bad"))]
     out = split(
         keras.tree.map_structure(
@@ -106,7 +107,10 @@ def test_a_layer_with_nan_is_flagged_and_the_others_still_measured() -> None:
         options.hist_bins,
     )
     assert bool(out[0]["all_finite"]) and not bool(out[1]["all_finite"])
-    np.testing.assert_allclose(out[0]["quantiles"][6], np.median(good), rtol=1e-6)  # the 50 % level
+    if max_values is None:
+        np.testing.assert_allclose(out[0]["quantiles"][6], np.median(good), rtol=1e-6)  # the 50 % level
+    else:  # the NaN's row is left out of the sample, yet the capture is flagged (every value checked)
+        assert plans[1].budget_cut and 5 not in set(plans[1].row_index)
 
 
 def test_a_capture_with_nan_is_measured_again_masked() -> None:

@@ -88,7 +88,7 @@ class _Group:
             return ops.reshape(picked, (-1, self.rows))
         # member m's tracked unit u, sampled row r: at (m, u, unit_rows[r]) of `picked`
         steps = np.arange(len(tracked))[:, None] * self.rows
-        index = [p.unit_rows[None, :] + steps for p in self.plans if p.unit_rows is not None]
+        index = [p.unit_rows[None, :] + steps for p in self.plans]  # a group's members all sample rows
         gathered = _member_gather(picked, index, len(tracked) * self.rows)
         return ops.reshape(gathered, (-1, index[0].shape[1]))
 
@@ -100,19 +100,20 @@ def all_layer_stats(
     bins = options.hist_bins
     q = np.asarray(QUANTILES, "float32")
     wide = backend.wide_float()
-    units, sums, exact_low, exact_high = [], [], {}, {}
+    # NaN/Inf anywhere poisons a tensor's sum, and the masked program takes the capture over.
+    # A tensor the budget cut is summed, and its range taken (exact over every value), on its
+    # own; the others are whole in their group's stacked values.
+    units, sums, exact_low, exact_high = [], {}, {}, {}
     for index, (tensor, plan) in enumerate(zip(tensors, plans)):
         every = _all_rows(backend.detached(tensor), plan)  # statistics, never differentiated
-        # NaN/Inf anywhere poisons the sum, and the masked program takes the capture over.
-        sums.append(ops.sum(every))
         if plan.row_index is None:
             units.append(every)
-        else:  # the range stays exact over every value when the budget cut some
-            exact_low[index], exact_high[index] = ops.min(every), ops.max(every)
+        else:
+            sums[index], exact_low[index], exact_high[index] = ops.sum(every), ops.min(every), ops.max(every)
             units.append(backend.gather(every, plan.row_index))
 
-    parts: dict[str, list[Any]] = {key: [] for key in ("low", "high", "zeros", "mean", "std", "unit_mean")}
-    parts.update(unit_var=[], exact_low=[], exact_high=[], samples=[], tracked=[])
+    keys = ("low", "high", "zeros", "mean", "std", "unit_mean", "unit_var", "exact_low", "exact_high", "sums")
+    parts: dict[str, list[Any]] = {key: [] for key in (*keys, "samples", "tracked")}
     stacked = [_Group(members, plans, units) for members in groups(plans)]
     for group in stacked:
         mean_u = ops.mean(group.values, axis=1)  # (k, units)
@@ -127,14 +128,19 @@ def all_layer_stats(
         parts["zeros"].append(ops.sum(ops.cast(ops.equal(group.flat, 0.0), "int32"), axis=1))
         parts["unit_mean"].append(ops.reshape(mean_u, (-1,)))
         parts["unit_var"].append(ops.reshape(var_u, (-1,)))
-        cut = group.members[0] in exact_low
-        parts["exact_low"].append(ops.stack([exact_low[i] for i in group.members]) if cut else low)
-        parts["exact_high"].append(ops.stack([exact_high[i] for i in group.members]) if cut else high)
+        if group.members[0] in sums:  # the budget cut these tensors' values
+            parts["sums"].append(ops.stack([sums[i] for i in group.members]))
+            parts["exact_low"].append(ops.stack([exact_low[i] for i in group.members]))
+            parts["exact_high"].append(ops.stack([exact_high[i] for i in group.members]))
+        else:
+            parts["sums"].append(ops.sum(group.flat, axis=1))
+            parts["exact_low"].append(low)
+            parts["exact_high"].append(high)
         parts["samples"].append(group.quantile_sample())
         parts["tracked"].append(group.tracked_rows())
 
     order = [i for group in stacked for i in group.members]
-    all_finite = ops.isfinite(ops.stack([sums[i] for i in order]))
+    all_finite = ops.isfinite(ops.concatenate(parts["sums"]))
     # Histogram grids for all layers at once (a non-finite range gets a placeholder: that
     # capture is computed again, masked).
     low, high = ops.concatenate(parts["low"]), ops.concatenate(parts["high"])
