@@ -201,12 +201,31 @@ def test_argument_errors_are_raised_early() -> None:
         ICSCallback("r.h5", probe=x, every_n_steps=0)
     with pytest.raises(ValueError, match="histogram_bins"):
         ICSCallback("r.h5", probe=x, histogram_bins=1)
+    with pytest.raises(ValueError, match="Received: quantile_sample=8"):
+        ICSCallback("r.h5", probe=x, quantile_sample=8)
     with pytest.raises(ValueError, match="probe=None"):
         ICSCallback("r.h5", probe=None)
     with pytest.raises(ValueError, match="0 samples"):
         ICSCallback("r.h5", probe=x[:0])
     with pytest.raises(ValueError, match="JSON"):
         ICSCallback("r.h5", probe=x, metadata={"f": object()})
+
+
+def test_the_quantile_sample_size_is_the_users_choice_and_recorded(tmp_path) -> None:
+    import h5py
+
+    fit(sequential(), tmp_path / "whole.h5", epochs=1)
+    fit(sequential(), tmp_path / "small.h5", epochs=1, quantile_sample=16)
+    sizes = {}
+    for name in ("whole", "small"):
+        with open_run(tmp_path / f"{name}.h5") as run:
+            lid = run.layer("d1").id
+            acts = run.activations("d1")
+        with h5py.File(tmp_path / f"{name}.h5", "r") as f:
+            sizes[name] = int(f["layers"][lid].attrs["quantile_sample"])
+        assert (np.diff(acts.quantiles, axis=1) >= 0).all()  # ordered levels, inside the range
+        assert (acts.quantiles[:, 0] >= acts.min).all() and (acts.quantiles[:, -1] <= acts.max).all()
+    assert sizes == {"whole": 32 * 8, "small": 16}  # a 32-sample probe of 8 units: used whole by default
 
 
 def test_existing_file_is_refused_before_training_and_overwritten_on_request(tmp_path) -> None:

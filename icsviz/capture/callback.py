@@ -147,6 +147,12 @@ class ICSCallback(keras.callbacks.Callback):
             al. (2018), which costs one extra backward pass per layer.
         histogram_bins: Bins of each activation histogram.
         tracked_units: How many units per layer get their own quantiles.
+        quantile_sample: The layer quantiles of a probe capture come from a fixed
+            sample of this many values per layer (a tracked unit's from a quarter
+            as many rows); a layer with fewer values is used whole. Larger is more
+            exact and slower: the rank error at the median is 0.78 % for 4096,
+            0.39 % for 16384, and sorting the samples is much of a deep model's
+            capture (docs/statistics.md).
         training_mode: Run the probe in training mode (True: BatchNormalization
             uses batch statistics, dropout uses fixed masks, as the network sees
             its inputs while it trains) or inference mode (False).
@@ -181,6 +187,7 @@ class ICSCallback(keras.callbacks.Callback):
         gradient_shift: bool = False,
         histogram_bins: int = 64,
         tracked_units: int = 3,
+        quantile_sample: int = 4096,
         training_mode: bool = True,
         run_name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -208,6 +215,11 @@ class ICSCallback(keras.callbacks.Callback):
         if not isinstance(tracked_units, int) or tracked_units < 0:
             raise ValueError(
                 f"tracked_units must be a non-negative integer. Received: tracked_units={tracked_units!r}"
+            )
+        if isinstance(quantile_sample, bool) or not isinstance(quantile_sample, int) or quantile_sample < 16:
+            raise ValueError(
+                "quantile_sample must be an integer of at least 16 (values per layer the quantiles come "
+                f"from; 4096 by default). Received: quantile_sample={quantile_sample!r}"
             )
         if metadata is not None:
             try:
@@ -240,6 +252,8 @@ class ICSCallback(keras.callbacks.Callback):
         self.options = CaptureOptions(
             hist_bins=histogram_bins,
             tracked_units=tracked_units,
+            quantile_sample=quantile_sample,
+            unit_quantile_sample=max(16, quantile_sample // 4),
             training=training_mode,
             gradient_shift=gradient_shift,
             seed=seed,
