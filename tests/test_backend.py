@@ -144,3 +144,23 @@ def test_sums_of_squares_reduce_each_tensor_whatever_its_rank(monkeypatch, path)
     expected = [float(np.sum(np.square(np.asarray(a, "float64")))) for a in arrays]
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_the_capture_function_still_runs_when_tensorflows_call_options_cannot_be_set(monkeypatch) -> None:
+    tf = pytest.importorskip("tensorflow")
+    from tensorflow.core.protobuf import config_pb2
+
+    from icsviz.capture import backend
+
+    if backend.name() != "tensorflow":
+        pytest.skip("TensorFlow's graph optimization only")
+
+    def unknown(*args, **kwargs):
+        raise AttributeError("this TensorFlow has no such config")
+
+    before = _rewrite_options().SerializeToString()
+    compiled = backend.compile_function(lambda x: x + 1.0)
+    monkeypatch.setattr(config_pb2, "ConfigProto", unknown)
+    assert float(compiled(tf.constant(1.0))) == 2.0  # TensorFlow's default optimization instead
+    monkeypatch.undo()
+    assert _rewrite_options().SerializeToString() == before

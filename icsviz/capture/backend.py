@@ -102,17 +102,21 @@ def _lightly_optimized(compiled: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(compiled)
     def call(*args: Any, **kwargs: Any) -> Any:
         eager = context.context()
-        options = eager.function_call_options
-        saved = copy.copy(options)
-        config = config_pb2.ConfigProto()
-        config.ParseFromString(options.config_proto_serialized)
-        rewrite = config.graph_options.rewrite_options
-        if on_cpu_only:
-            rewrite.disable_meta_optimizer = True
-        else:
-            rewrite.meta_optimizer_iterations = rewriter.ONE
-            rewrite.memory_optimization = rewriter.NO_MEM_OPT
-        options.config_proto_serialized = config
+        saved = copy.copy(eager.function_call_options)
+        try:
+            options = eager.function_call_options
+            config = config_pb2.ConfigProto()
+            config.ParseFromString(options.config_proto_serialized)
+            rewrite = config.graph_options.rewrite_options
+            if on_cpu_only:
+                rewrite.disable_meta_optimizer = True
+            else:
+                rewrite.meta_optimizer_iterations = rewriter.ONE
+                rewrite.memory_optimization = rewriter.NO_MEM_OPT
+            options.config_proto_serialized = config
+        except Exception:  # noqa: BLE001 - internals of another TensorFlow: its default optimization
+            eager.function_call_options = saved
+            return compiled(*args, **kwargs)
         try:
             return compiled(*args, **kwargs)
         finally:
