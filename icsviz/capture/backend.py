@@ -116,7 +116,6 @@ def _lightly_optimized(compiled: Callable[..., Any]) -> Callable[..., Any]:
             options.config_proto_serialized = config
         except Exception:  # noqa: BLE001 - internals of another TensorFlow: its default optimization
             eager.function_call_options = saved
-            return compiled(*args, **kwargs)
         try:
             return compiled(*args, **kwargs)
         finally:

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..store.schema import QUANTILES
 from . import backend
-from .stats import CaptureOptions, TracedLayer, dyadic_grid, interpolated_quantiles
+from .stats import CaptureOptions, TracedLayer, all_rows, dyadic_grid, interpolated_quantiles
 
 __all__ = ["all_layer_stats", "split", "groups"]
 
@@ -105,7 +105,7 @@ def all_layer_stats(
     # own; the others are whole in their group's stacked values.
     units, sums, exact_low, exact_high = [], {}, {}, {}
     for index, (tensor, plan) in enumerate(zip(tensors, plans)):
-        every = _all_rows(backend.detached(tensor), plan)  # statistics, never differentiated
+        every = all_rows(backend.detached(tensor), plan)  # statistics, never differentiated
         if plan.row_index is None:
             units.append(every)
         else:
@@ -181,14 +181,6 @@ def all_layer_stats(
         "unit_quantiles": interpolated_quantiles(ordered_u, n_rows, q),
         "all_finite": all_finite,
     }
-
-
-def _all_rows(tensor: Any, plan: TracedLayer) -> Any:
-    """Every value of the tensor as (rows, units) float32, units last."""
-    x = ops.cast(tensor, "float32")
-    if plan.unit_axis != len(plan.shape) - 1:
-        x = ops.moveaxis(x, plan.unit_axis, -1)
-    return ops.reshape(x, (-1, plan.n_units))
 
 
 def split(batched: dict[str, np.ndarray], plans: Sequence[TracedLayer], bins: int) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ __all__ = [
     "CaptureOptions",
     "TracedLayer",
     "plan_tensor",
+    "all_rows",
     "budgeted",
     "unit_axis",
     "dyadic_bin_width",
@@ -157,13 +158,19 @@ def plan_tensor(
     )
 
 
-def budgeted(tensor: Any, plan: TracedLayer) -> Any:
-    """The tensor's budgeted values as (rows, units) float32, units last: every row, or the
-    plan's fixed sample of rows (a row: one probe sample at one position)."""
+def all_rows(tensor: Any, plan: TracedLayer) -> Any:
+    """Every value of the tensor as (rows, units) float32, units last (a row: one probe sample
+    at one position)."""
     x = ops.cast(tensor, "float32")
     if plan.unit_axis != len(plan.shape) - 1:
         x = ops.moveaxis(x, plan.unit_axis, -1)
-    units = ops.reshape(x, (-1, plan.n_units))
+    return ops.reshape(x, (-1, plan.n_units))
+
+
+def budgeted(tensor: Any, plan: TracedLayer) -> Any:
+    """The tensor's budgeted values as (rows, units) float32, units last: every row, or the
+    plan's fixed sample of rows."""
+    units = all_rows(tensor, plan)
     return units if plan.row_index is None else backend.gather(units, plan.row_index)
 
 
