@@ -76,8 +76,11 @@ def main() -> None:
         for name in args.models:
             measure(name, x, y, args.epochs, args.probe, Path(tmp))
     # The checksums every dataset carries: their share of writing a capture.
-    from reliability import ROOT, checksum_cost
-
+    try:
+        from reliability import ROOT, checksum_cost  # borrows the tests' tiny capture (needs pytest)
+    except ImportError as exc:
+        print(f"checksum cost not measured: {exc}")
+        return
     checksum_cost(ROOT / "runs" / "cifar10-bn.h5")
 
 

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The benchmarks on a GPU machine, in one run (JAX backend unless KERAS_BACKEND says otherwise).
+#
+# Usage: bash benchmarks/gpu_suite.sh OUT_DIR [CIFAR_DIR]
+#   OUT_DIR    where the logs and the two run files of the reference pair go
+#   CIFAR_DIR  a cifar-10-batches-py folder (default: ../shared/data/cifar-10-batches-py-subset)
+#   QUICK=1    tiny sizes, to check the script itself on a CPU in a minute
+#
+# Each part has its own time limit, so one that runs long cannot eat the others' time.
+# README's GPU table comes from these logs.
+set -uo pipefail
+out=$(realpath -m "${1:?usage: gpu_suite.sh OUT_DIR [CIFAR_DIR]}")
+data=$(realpath -m "${2:-../shared/data/cifar-10-batches-py-subset}")
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 KERAS_BACKEND=${KERAS_BACKEND:-jax} TF_CPP_MIN_LOG_LEVEL=3
+root=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$out/runs"
+
+if [ "${QUICK:-0}" = 1 ]; then
+  depth=(--models baseline lstm --repeats 2); per_step=(--models baseline --images 512 --rounds 1)
+  overhead=(--images 1024 --epochs 2); epochs=2
+else
+  depth=(--models baseline bn lstm mobilenetv2 resnet50 --repeats 5)
+  per_step=(--models baseline bn mobilenetv2 --images 4096 --rounds 3)
+  overhead=(--images 50000 --epochs 2); epochs=5
+fi
+
+part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/NAME.log
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit} s): $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
+}
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  "$py" -c "import keras, platform; print('python', platform.python_version(), '| keras', keras.__version__, keras.backend.backend())"
+  if [ "$KERAS_BACKEND" = jax ]; then "$py" -c "import jax; print('jax', jax.__version__, jax.devices())"; fi
+} 2>&1 | tee "$out/device.log"
+
+cd "$root/benchmarks"
+part depth 200 "$py" depth.py "${depth[@]}"
+part per_step 100 "$py" per_step.py "${per_step[@]}"
+part overhead 70 "$py" overhead.py "${overhead[@]}"
+# The reference pair on real CIFAR-10 images, per-step rows every 10 steps and the gradient shift.
+part experiment 100 "$py" -m icsviz.cli experiment --data-dir "$data" --epochs "$epochs" \
+  --batch-stats 10 --gradient-shift --out-dir "$out/runs" --overwrite
