@@ -337,6 +337,72 @@ def test_per_step_mode_on_torch(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "BATCH STATS OK" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+)
+def test_jax_steps_return_the_vector_or_fall_back_to_a_host_callback(tmp_path: Path) -> None:
+    # Keras's own step returns the vector (no host callback inside the step); a step that
+    # drops it, and steps_per_execution > 1, go through jax.debug.callback: same rows, every step.
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        import keras, numpy as np
+        from test_batch_stats import BATCH, _data, _fit, _model, _probe
+        from icsviz import CaptureWarning, ICSCallback, open_run
+        import icsviz.capture.batch_stats as bs
+        received = []
+        original_receive = bs.StepStatistics._receive
+        bs.StepStatistics._receive = lambda self, v: (received.append(1), original_receive(self, v))
+        folder = {str(tmp_path)!r}
+
+        def record(name, **compile_args):
+            callback = ICSCallback(f"{{folder}}/{{name}}.h5", probe=_probe(), batch_stats=True, flush_every=4)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _, loss = _fit([callback], **compile_args)
+            assert not [w for w in caught if issubclass(w.category, CaptureWarning)], caught
+            with open_run(f"{{folder}}/{{name}}.h5") as run:
+                return loss, list(run.batch_steps), run.batch_activations("bn"), run.batch_activations("conv")
+
+        _, plain = _fit([])
+        loss, steps, bn, conv = record("outputs")
+        assert received == [] and steps == list(range(12)), (len(received), steps)
+        np.testing.assert_allclose(loss, plain, rtol=1e-6)
+
+        loss2, steps2, bn2, conv2 = record("callback", steps_per_execution=3)
+        assert len(received) == 12 and steps2 == list(range(12)), (len(received), steps2)
+        _, plain3 = _fit([], steps_per_execution=3)
+        np.testing.assert_allclose(loss2, plain3, rtol=1e-6)
+        for a, b in ((bn, bn2), (conv, conv2)):  # the same batches, the same weights: the same rows
+            np.testing.assert_array_equal(a.counts, b.counts)
+            np.testing.assert_allclose(a.quantiles, b.quantiles, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6, atol=1e-7)
+
+        class Dropping(keras.Sequential):  # Keras's step, but it drops extra non-trainable state
+            def train_step(self, state, data):
+                logs, new = super().train_step(state, data)
+                return logs, (new[0], new[1][: len(state[1])], *new[2:])
+
+        bs._keras_own_jax_step = lambda model: True  # as if Keras's own step had changed
+        received.clear()
+        model = Dropping(_model().layers)
+        model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+        history = model.fit(*_data(), epochs=2, batch_size=BATCH, verbose=0, shuffle=False,
+                            callbacks=[ICSCallback(f"{{folder}}/dropping.h5", probe=_probe(), batch_stats=True)])
+        np.testing.assert_allclose(history.history["loss"], plain, rtol=1e-6)
+        assert len(received) == 12
+        with open_run(f"{{folder}}/dropping.h5") as run:
+            assert list(run.batch_steps) == list(range(12))
+            np.testing.assert_array_equal(run.batch_activations("bn").counts, bn.counts)
+        print("JAX CHANNELS OK")
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "JAX CHANNELS OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_a_fit_that_raises_leaves_no_hooks_behind(tmp_path: Path) -> None:
     class Boom(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
