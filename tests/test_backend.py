@@ -49,6 +49,14 @@ def test_jax_backend_records_activations_gradients_and_shift(tmp_path) -> None:
         nan_run = icsviz.open_run({str(path)!r} + ".nan.h5")
         acts = nan_run.activations("h:preact")
         assert acts.nonfinite[0] == 16 and acts.counts[0].sum() == 32 * 16 - 16
+        # Snapshots (the weights at the last capture) are copies: they survive the donation
+        # of the variables' buffers to the next training steps.
+        from icsviz.capture import backend
+        before = [np.array(v.value) for v in model.trainable_variables]
+        snapshot = backend.snapshot(model.trainable_variables)
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0)
+        assert all(np.array_equal(np.asarray(s), b) for s, b in zip(snapshot, before))
+        assert not np.array_equal(np.asarray(model.trainable_variables[0].value), before[0])
         print("JAX OK")
     """)
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
