@@ -4,7 +4,8 @@
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [CIFAR_DIR]
 #   OUT_DIR    where the logs and the two run files of the reference pair go
 #   CIFAR_DIR  a cifar-10-batches-py folder (default: ../shared/data/cifar-10-batches-py-subset)
-#   QUICK=1    tiny sizes, to check the script itself on a CPU in a minute
+#   QUICK=1    tiny sizes, to check the script itself on a CPU
+#   PARTS="depth per_step"  only these parts (default: depth per_step overhead experiment)
 #
 # Each part has its own time limit, so one that runs long cannot eat the others' time.
 # README's GPU table comes from these logs.
@@ -18,16 +19,18 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out/runs"
 
 if [ "${QUICK:-0}" = 1 ]; then
-  depth=(--models baseline lstm --repeats 2); per_step=(--models baseline --images 512 --rounds 1)
-  overhead=(--images 1024 --epochs 2); epochs=2
+  depth=(--models baseline lstm --repeats 2); per_step=(--models baseline --images 256 --rounds 1 --epochs 1)
+  overhead=(--models baseline --images 256 --epochs 1 --side-by-side 1); epochs=2
 else
-  depth=(--models baseline bn lstm mobilenetv2 resnet50 --repeats 5)
-  per_step=(--models baseline bn mobilenetv2 --images 4096 --rounds 3)
-  overhead=(--images 50000 --epochs 2); epochs=5
+  depth=(--models baseline bn lstm mobilenetv2 resnet50 --repeats 3)
+  per_step=(--models baseline bn mobilenetv2 --images 4096 --rounds 2 --epochs 2)
+  overhead=(--images 20000 --epochs 2 --side-by-side 2); epochs=5
 fi
+parts=" ${PARTS:-depth per_step overhead experiment} "
 
 part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/NAME.log
   local name=$1 limit=$2; shift 2
+  [[ $parts == *" $name "* ]] || return 0
   echo "== $name (limit ${limit} s): $*"
   local start=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
@@ -41,9 +44,9 @@ part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/N
 } 2>&1 | tee "$out/device.log"
 
 cd "$root/benchmarks"
-part depth 200 "$py" depth.py "${depth[@]}"
-part per_step 100 "$py" per_step.py "${per_step[@]}"
-part overhead 70 "$py" overhead.py "${overhead[@]}"
+part depth 160 "$py" depth.py "${depth[@]}"
+part per_step 120 "$py" per_step.py "${per_step[@]}"
+part overhead 90 "$py" overhead.py "${overhead[@]}"
 # The reference pair on real CIFAR-10 images, per-step rows every 10 steps and the gradient shift.
 part experiment 100 "$py" -m icsviz.cli experiment --data-dir "$data" --epochs "$epochs" \
   --batch-stats 10 --gradient-shift --out-dir "$out/runs" --overwrite

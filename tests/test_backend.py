@@ -49,6 +49,27 @@ def test_jax_backend_records_activations_gradients_and_shift(tmp_path) -> None:
         nan_run = icsviz.open_run({str(path)!r} + ".nan.h5")
         acts = nan_run.activations("h:preact")
         assert acts.nonfinite[0] == 16 and acts.counts[0].sum() == 32 * 16 - 16
+        # Captures at epoch ends only: no batch hooks, so Keras's JAX loop does not wait for
+        # each step's logs; the captures still know their steps (the optimizer's count).
+        from keras.src.callbacks.callback_list import CallbackList
+        epochs_only = icsviz.ICSCallback({str(path)!r} + ".epochs.h5", probe=(x[:32], y[:32]))
+        assert CallbackList([epochs_only], model=model)._async_train
+        assert not CallbackList([cb], model=model)._async_train  # every_n_steps needs them
+        start = int(model.optimizer.iterations)
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[epochs_only])
+        epochs_run = icsviz.open_run({str(path)!r} + ".epochs.h5")
+        assert list(epochs_run.steps) == [start, start + 8, start + 16], (start, list(epochs_run.steps))
+        # Dynamic loss scaling does not count the steps it skips: the steps are counted anyway.
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        scaled = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="relu", name="h"),
+                                   keras.layers.Dense(3, activation="softmax", name="out", dtype="float32")])
+        scaled.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+        big = x * 3e3  # overflows float16 gradients at the first loss scale: skipped steps
+        scaled_cb = icsviz.ICSCallback({str(path)!r} + ".scaled.h5", probe=(big[:32], y[:32]))
+        scaled.fit(big, y, epochs=2, batch_size=16, verbose=0, callbacks=[scaled_cb])
+        keras.mixed_precision.set_global_policy("float32")
+        assert int(scaled.optimizer.iterations) < 16  # some steps were skipped...
+        assert list(icsviz.open_run({str(path)!r} + ".scaled.h5").steps) == [0, 8, 16]  # ...and counted
         # Snapshots (the weights at the last capture) are copies: they survive the donation
         # of the variables' buffers to the next training steps.
         from icsviz.capture import backend

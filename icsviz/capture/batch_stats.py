@@ -413,7 +413,7 @@ class StepStatistics:
         taken, self._pending = self._pending[:count], self._pending[count:]
         if not taken:
             return np.zeros((0, sum(p.size for p in self.plans)), "float32")
-        return np.stack([np.asarray(keras.ops.convert_to_numpy(v), "float32") for v in taken])
+        return np.stack([np.asarray(v, "float32") for v in backend.to_numpy(taken)])
 
     @property
     def pending(self) -> int:

@@ -271,6 +271,16 @@ class ICSCallback(keras.callbacks.Callback):
         self._steps: StepStatistics | None = None
         self._step_tags: list[tuple[int, float, float]] = []  # (step, epoch, time) awaiting their vectors
         self._tagged_through = 0
+        # Keras's JAX and torch loops dispatch the next step without waiting for this one's
+        # logs unless a callback has batch hooks: with nothing to do per step (captures at
+        # epoch ends only), show Keras the default hooks and count steps at the epoch's end.
+        self._counts_batches = bool(every_n_steps or self.batch_stats) or backend.name() not in (
+            "jax",
+            "torch",
+        )
+        if not self._counts_batches:
+            self.on_train_batch_begin = super().on_train_batch_begin  # type: ignore[method-assign]
+            self.on_train_batch_end = super().on_train_batch_end  # type: ignore[method-assign]
 
     # ---------------------------------------------------------------- helpers
     def _warn(self, what: str, exc: BaseException) -> None:
@@ -304,6 +314,17 @@ class ICSCallback(keras.callbacks.Callback):
             return int(_scalar(optimizer.iterations))
         except Exception:  # noqa: BLE001
             return self._global_step
+
+    def _steps_so_far(self) -> int:
+        """Training steps taken, read at an epoch's end (when the batch hooks are not counting).
+
+        The optimizer's iteration count, except under dynamic loss scaling, which does not count
+        the steps it skips (non-finite gradients): there the epoch's planned steps.
+        """
+        optimizer = getattr(self.model, "optimizer", None)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and self._steps_per_epoch:
+            return self._epoch_start_step + int(self._steps_per_epoch)
+        return self._iterations()
 
     # ---------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -614,6 +635,8 @@ class ICSCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._active or self._writer is None:
             return
+        if not self._counts_batches:
+            self._global_step = self._steps_so_far()
         logs = dict(logs or {})
         if self._capture_ok:
             self._safely(
