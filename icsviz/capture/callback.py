@@ -272,15 +272,14 @@ class ICSCallback(keras.callbacks.Callback):
         self._step_tags: list[tuple[int, float, float]] = []  # (step, epoch, time) awaiting their vectors
         self._tagged_through = 0
         # Keras's JAX and torch loops dispatch the next step without waiting for this one's
-        # logs unless a callback has batch hooks: with nothing to do per step (captures at
-        # epoch ends only), show Keras the default hooks and count steps at the epoch's end.
-        self._counts_batches = bool(every_n_steps or self.batch_stats) or backend.name() not in (
-            "jax",
-            "torch",
-        )
+        # logs unless a callback has a batch-end hook. Where nothing must happen right after a
+        # step (no step captures), show Keras the default hook: the per-step rows are tagged
+        # at the next step's beginning, steps counted at the epoch's end.
+        self._counts_batches = bool(every_n_steps) or backend.name() not in ("jax", "torch")
         if not self._counts_batches:
-            self.on_train_batch_begin = super().on_train_batch_begin  # type: ignore[method-assign]
             self.on_train_batch_end = super().on_train_batch_end  # type: ignore[method-assign]
+            if not self.batch_stats:
+                self.on_train_batch_begin = super().on_train_batch_begin  # type: ignore[method-assign]
 
     # ---------------------------------------------------------------- helpers
     def _warn(self, what: str, exc: BaseException) -> None:
@@ -554,6 +553,9 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_start_step = self._global_step
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self._steps is not None and self._active and not self._counts_batches:
+            self._global_step = self._epoch_start_step + batch  # the steps before this one
+            self._tag_and_flush_steps()
         if self._steps is not None:
             self._steps.expected = True  # this step belongs to our fit (see StepStatistics)
 
@@ -561,10 +563,7 @@ class ICSCallback(keras.callbacks.Callback):
         if not self._active:
             return
         self._global_step = self._epoch_start_step + batch + 1
-        if self._steps is not None:
-            self._safely_steps("per-step statistics", self._tag_steps)
-            if self._steps is not None and len(self._step_tags) >= self.flush_every:
-                self._safely_steps("writing per-step statistics", self._flush_steps)
+        self._tag_and_flush_steps()
         last_of_epoch = self._steps_per_epoch is not None and batch + 1 >= self._steps_per_epoch
         if (
             self.every_n_steps
@@ -576,6 +575,12 @@ class ICSCallback(keras.callbacks.Callback):
             steps = self._steps_per_epoch or float("nan")
             epoch = self._current_epoch + (batch + 1) / steps if steps == steps else self._current_epoch
             self._safely("a step capture", lambda: self._capture(epoch, "step"))
+
+    def _tag_and_flush_steps(self) -> None:
+        if self._steps is not None:
+            self._safely_steps("per-step statistics", self._tag_steps)
+            if self._steps is not None and len(self._step_tags) >= self.flush_every:
+                self._safely_steps("writing per-step statistics", self._flush_steps)
 
     @property
     def _current_epoch(self) -> float:
@@ -637,6 +642,8 @@ class ICSCallback(keras.callbacks.Callback):
             return
         if not self._counts_batches:
             self._global_step = self._steps_so_far()
+            if self._steps is not None:
+                self._safely_steps("per-step statistics", self._tag_steps)
         logs = dict(logs or {})
         if self._capture_ok:
             self._safely(
