@@ -23,7 +23,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   overhead=(--models baseline --images 256 --epochs 1 --side-by-side 1); epochs=2
 else
   depth=(--models baseline bn lstm mobilenetv2 resnet50 --repeats 3)
-  per_step=(--models baseline bn mobilenetv2 --images 4096 --rounds 2 --epochs 2)
+  per_step=(--models baseline bn mobilenetv2 --images 4096 --rounds 1 --epochs 3)
   overhead=(--images 20000 --epochs 2 --side-by-side 2); epochs=5
 fi
 parts=" ${PARTS:-depth per_step overhead experiment} "
