@@ -34,7 +34,7 @@ from icsviz import ICSCallback
 from icsviz.models import build_model
 from icsviz.train import RECIPES, _optimizer
 
-EPOCH_HOOKS = ("on_train_begin", "on_epoch_begin", "on_epoch_end", "on_train_end")
+EPOCH_HOOKS = ("on_epoch_begin", "on_epoch_end")  # inside the epoch timer (training begin/end are not)
 
 
 def measure(name: str, x, y, rounds: int, epochs: int, folder: Path) -> None:
