@@ -142,3 +142,33 @@ def test_repair_makes_a_crashed_swmr_file_plain_readable(tmp_path, layout) -> No
     with open_run(path) as run:
         assert run.status == "interrupted"
         np.testing.assert_array_equal(run.steps, np.arange(5))
+
+
+def test_files_are_written_in_the_hdf5_1_10_format_whatever_the_library(tmp_path, layout) -> None:
+    # HDF5's "latest" is the writing library's newest format: files written by HDF5 2.0
+    # (h5py 3.16) that way were unreadable with h5py 3.15 and older. The bounds pin 1.10.
+    v110 = (h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
+    path = tmp_path / "r.h5"
+    writer = RunWriter.create(path, layout, {"model_name": "x"})
+    assert writer._file.id.get_access_plist().get_libver_bounds() == v110
+    writer.write_capture(tiny_capture(layout, 0))
+    writer.close("interrupted", compact=False)
+    resumed = RunWriter.resume(path, layout, from_epoch=0)
+    assert resumed._file.id.get_access_plist().get_libver_bounds() == v110
+    resumed.close("complete")  # compaction rewrites the file through the same bounds
+    with open_run(path) as run:
+        assert list(run.steps) == [0]
+
+
+def test_a_format_too_new_for_this_library_says_how_to_read_it(tmp_path) -> None:
+    from icsviz import DamagedRunError
+    from icsviz.store.files import reading
+
+    path = tmp_path / "new.h5"
+    with pytest.raises(DamagedRunError) as caught:
+        with reading(path, "/captures/step"):
+            raise KeyError("Unable to synchronously open object (bad version number for layout message)")
+    message = str(caught.value)
+    assert "bad version number for layout message" in message
+    assert "pip install -U h5py" in message and h5py.version.hdf5_version in message
+    assert f"icsviz check {path}" in message  # it may still be damage

@@ -50,9 +50,14 @@ def reading(path: Path | str, dataset: str) -> Iterator[None]:
     except _HDF5_FAILURES as exc:
         short = _safe_truncation(Path(path))
         reason = "the file is " + short.split(" is ", 1)[-1] if short else _reason(exc)
+        verdict = "the file is damaged: "
+        if "bad version number" in reason:  # damage, or a format newer than this library reads
+            verdict = (
+                f"if it was written with a newer HDF5 than this h5py's {h5py.version.hdf5_version}, "
+                "upgrade h5py here (pip install -U h5py); otherwise the file is damaged: "
+            )
         raise DamagedRunError(
-            f"{path}: cannot read {dataset or 'the file'} ({reason}); the file is damaged: "
-            + damage_hint(path),
+            f"{path}: cannot read {dataset or 'the file'} ({reason}); {verdict}" + damage_hint(path),
             path=str(path),
             dataset=dataset,
             reason=reason,

@@ -143,11 +143,17 @@ def _extendable(
 _COMPACT_LINKS = (65535, 65534)
 
 
+# The file format of HDF5 1.10, the oldest that has SWMR, and no newer: HDF5's "latest"
+# means the writing library's newest, and a file written by HDF5 2.0 (h5py 3.16) that way
+# could not be read by HDF5 1.14 (h5py 3.15 and older): "bad version number for layout message".
+FORMAT = ("v110", "v110")
+
+
 def _new_file(path: Path) -> h5py.File:
-    """A fresh file (libver latest); the root's 6 links are compact by default."""
+    """A fresh file in the 1.10 format; the root's 6 links are compact by default."""
     fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
     return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl))
 
 
@@ -248,14 +254,14 @@ class RunWriter:
         path = Path(path)
         lock = WriterLock(path).acquire()  # the flags below mean "killed" only if nobody holds it
         try:
-            file = h5py.File(path, "a", libver="latest")
+            file = h5py.File(path, "a", libver=FORMAT)
         except OSError as exc:
             if not _left_open_by_dead_writer(exc):
                 lock.release()
                 raise RunFileError(f"cannot reopen {path} to resume the run: {exc}") from exc
             try:
                 _rewrite(path, status="interrupted")  # a killed writer left the SWMR flags set
-                file = h5py.File(path, "a", libver="latest")
+                file = h5py.File(path, "a", libver=FORMAT)
             except BaseException:
                 lock.release()
                 raise
