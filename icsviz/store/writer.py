@@ -146,7 +146,7 @@ _COMPACT_LINKS = (65535, 65534)
 # The file format of HDF5 1.10, the oldest that has SWMR, and no newer: HDF5's "latest"
 # means the writing library's newest, and a file written by HDF5 2.0 (h5py 3.16) that way
 # could not be read by HDF5 1.14 (h5py 3.15 and older): "bad version number for layout message".
-FORMAT = ("v110", "v110")
+_FORMAT = ("v110", "v110")
 
 
 def _new_file(path: Path) -> h5py.File:
@@ -254,14 +254,14 @@ class RunWriter:
         path = Path(path)
         lock = WriterLock(path).acquire()  # the flags below mean "killed" only if nobody holds it
         try:
-            file = h5py.File(path, "a", libver=FORMAT)
+            file = h5py.File(path, "a", libver=_FORMAT)
         except OSError as exc:
             if not _left_open_by_dead_writer(exc):
                 lock.release()
                 raise RunFileError(f"cannot reopen {path} to resume the run: {exc}") from exc
             try:
                 _rewrite(path, status="interrupted")  # a killed writer left the SWMR flags set
-                file = h5py.File(path, "a", libver=FORMAT)
+                file = h5py.File(path, "a", libver=_FORMAT)
             except BaseException:
                 lock.release()
                 raise
