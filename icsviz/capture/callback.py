@@ -132,9 +132,13 @@ class ICSCallback(keras.callbacks.Callback):
             normalization, activation and merge layers), or a list of names,
             glob patterns ("block1/*"), layer classes or predicates.
         every_n_steps: Also capture every N training steps (None: epochs only).
+            On JAX and torch this gives the callback a batch-end hook, so Keras
+            waits for each step's logs before dispatching the next step (without
+            it, ICSCallback leaves Keras's loop running ahead).
         batch_stats: Per-step mode: also measure every training batch inside the
             training step itself (no second pass; about 1.05x the plain step on
-            the reference CNN): exact mean/std/min/max, and quantiles, histogram
+            the reference CNN on a CPU, 1.1x to 1.3x on an H100 with JAX, whose
+            steps are 2 ms): exact mean/std/min/max, and quantiles, histogram
             and zero fraction from a fixed sample of 4096 values per layer, one
             row per step under /batches. Probe captures go on as configured.
             An integer N keeps the row of every N-th step only (True is 1): each
