@@ -51,10 +51,10 @@ def reading(path: Path | str, dataset: str) -> Iterator[None]:
         short = _safe_truncation(Path(path))
         reason = "the file is " + short.split(" is ", 1)[-1] if short else _reason(exc)
         verdict = "the file is damaged: "
-        if "bad version number" in reason:  # damage, or a format newer than this library reads
+        if "does not know a format version" in reason:
             verdict = (
-                f"if it was written with a newer HDF5 than this h5py's {h5py.version.hdf5_version}, "
-                "upgrade h5py here (pip install -U h5py); otherwise the file is damaged: "
+                "if it was written with a newer HDF5, upgrade h5py here (pip install -U h5py); "
+                "otherwise the file is damaged: "
             )
         raise DamagedRunError(
             f"{path}: cannot read {dataset or 'the file'} ({reason}); {verdict}" + damage_hint(path),
@@ -75,6 +75,8 @@ def _reason(exc: BaseException) -> str:
     text = str(exc).strip("'\" ")
     if "checksum" in text.lower() or "filter returned failure" in text:
         return "its checksum does not match: the bytes changed after they were written"
+    if "bad version number" in text:  # a part in a format newer than this library's, or damage
+        return f"HDF5 {h5py.version.hdf5_version} does not know a format version in it: {text.split('(', 1)[-1].rstrip(')')}"
     if "object header" in text or "synchronously open object" in text:
         return f"its HDF5 structure is broken: {text.split('(', 1)[-1].rstrip(')')}"
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
