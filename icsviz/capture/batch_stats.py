@@ -359,6 +359,7 @@ class StepStatistics:
             object.__setattr__(model, "train_step", self._tf_train_step(original))
         model.make_train_function(force=True)
         compiled = [model.train_function]  # replaced once if the outputs channel fails to trace
+        traced = [False]  # the step traced once with the outputs channel
 
         def train_function(*args: Any, **kwargs: Any) -> Any:
             if not self.expected:
@@ -368,7 +369,7 @@ class StepStatistics:
                 self._pending.clear()
                 return model.train_function(*args, **kwargs)
             self.expected = False
-            if not self._vector_in_outputs:
+            if not self._vector_in_outputs or traced[0]:
                 result = compiled[0](*args, **kwargs)
             else:
                 # JAX's train function takes (state, iterator) and draws the batch before the
@@ -377,6 +378,7 @@ class StepStatistics:
                 drawn = _Remembering(batches)
                 try:
                     result = compiled[0](state, drawn, *rest, **kwargs)
+                    traced[0] = True  # the outputs channel works: later steps need no replay
                 except _ChannelError:
                     # Raised while tracing, before the step ran: nothing was donated or changed.
                     # This Keras's step is not the one the outputs channel expects: use the callback.
