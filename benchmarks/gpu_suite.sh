@@ -7,7 +7,9 @@
 #   QUICK=1    tiny sizes, to check the script itself on a CPU
 #   PARTS="depth per_step"  only these parts (default: depth per_step overhead experiment)
 #
-# Each part has its own time limit, so one that runs long cannot eat the others' time.
+# Each part has its own time limit, so one that runs long cannot eat the others' time; all four
+# fit in 560 s (one call of a 15-minute GPU lease). On an H100 (2026-11-26) depth.py needed
+# about 150-200 s for its five models and per_step.py over 120 s with MobileNetV2 (XLA compiles).
 # README's GPU table comes from these logs.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_suite.sh OUT_DIR [CIFAR_DIR]}")
@@ -44,8 +46,8 @@ part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/N
 } 2>&1 | tee "$out/device.log"
 
 cd "$root/benchmarks"
-part depth 160 "$py" depth.py "${depth[@]}"
-part per_step 120 "$py" per_step.py "${per_step[@]}"
+part depth 220 "$py" depth.py "${depth[@]}"
+part per_step 150 "$py" per_step.py "${per_step[@]}"
 part overhead 90 "$py" overhead.py "${overhead[@]}"
 # The reference pair on real CIFAR-10 images, per-step rows every 10 steps and the gradient shift.
 part experiment 100 "$py" -m icsviz.cli experiment --data-dir "$data" --epochs "$epochs" \
