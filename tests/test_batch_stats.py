@@ -381,6 +381,22 @@ def test_jax_steps_return_the_vector_or_fall_back_to_a_host_callback(tmp_path: P
             np.testing.assert_allclose(a.quantiles, b.quantiles, rtol=1e-6, atol=1e-7)
             np.testing.assert_allclose(a.mean, b.mean, rtol=1e-6, atol=1e-7)
 
+        # Mixed precision (Keras's step with a LossScaleOptimizer): still the outputs channel.
+        received.clear()
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        mixed_plain = _model(mixed=True)
+        mixed_plain.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+        expected = mixed_plain.fit(*_data(), epochs=2, batch_size=BATCH, verbose=0, shuffle=False)
+        mixed = _model(mixed=True)
+        mixed.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy")
+        history = mixed.fit(*_data(), epochs=2, batch_size=BATCH, verbose=0, shuffle=False,
+                            callbacks=[ICSCallback(f"{{folder}}/mixed.h5", probe=_probe(), batch_stats=True)])
+        keras.mixed_precision.set_global_policy("float32")
+        np.testing.assert_allclose(history.history["loss"], expected.history["loss"], rtol=1e-6)
+        assert received == []
+        with open_run(f"{{folder}}/mixed.h5") as run:
+            assert list(run.batch_steps) == list(range(12)) and list(run.steps) == [0, 6, 12]
+
         class Dropping(keras.Sequential):  # Keras's step, but it drops extra non-trainable state
             def train_step(self, state, data):
                 logs, new = super().train_step(state, data)
