@@ -358,10 +358,11 @@ class StepStatistics:
         else:
             object.__setattr__(model, "train_step", self._tf_train_step(original))
         model.make_train_function(force=True)
-        compiled = [model.train_function]  # replaced once if the outputs channel fails to trace
-        traced = [False]  # the step traced once with the outputs channel
+        compiled = model.train_function  # replaced once if the outputs channel fails to trace
+        traced = False  # the step traced once with the outputs channel
 
         def train_function(*args: Any, **kwargs: Any) -> Any:
+            nonlocal compiled, traced
             if not self.expected:
                 # No ICSCallback announced this step: the fit that installed the hooks
                 # ended without on_train_end (an exception). Give the model its own step back.
@@ -369,24 +370,24 @@ class StepStatistics:
                 self._pending.clear()
                 return model.train_function(*args, **kwargs)
             self.expected = False
-            if not self._vector_in_outputs or traced[0]:
-                result = compiled[0](*args, **kwargs)
+            if not self._vector_in_outputs or traced:
+                result = compiled(*args, **kwargs)
             else:
                 # JAX's train function takes (state, iterator) and draws the batch before the
                 # step is traced: remember what it drew, to give it again if the trace fails.
                 state, batches, *rest = args
                 drawn = _Remembering(batches)
                 try:
-                    result = compiled[0](state, drawn, *rest, **kwargs)
-                    traced[0] = True  # the outputs channel works: later steps need no replay
+                    result = compiled(state, drawn, *rest, **kwargs)
+                    traced = True  # the outputs channel works: later steps need no replay
                 except _ChannelError:
                     # Raised while tracing, before the step ran: nothing was donated or changed.
                     # This Keras's step is not the one the outputs channel expects: use the callback.
                     self._vector_in_outputs = False
                     model.make_train_function(force=True)
-                    compiled[0] = model.train_function
+                    compiled = model.train_function
                     model.train_function = train_function
-                    result = compiled[0](state, itertools.chain(drawn.drawn, batches), *rest, **kwargs)
+                    result = compiled(state, itertools.chain(drawn.drawn, batches), *rest, **kwargs)
             logs = result[0] if backend.name() == "jax" else result
             if isinstance(logs, dict) and _LOG_KEY in logs:
                 logs = dict(logs)
