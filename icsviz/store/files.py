@@ -51,7 +51,7 @@ def reading(path: Path | str, dataset: str) -> Iterator[None]:
         short = _safe_truncation(Path(path))
         reason = "the file is " + short.split(" is ", 1)[-1] if short else _reason(exc)
         verdict = "the file is damaged: "
-        if "does not know a format version" in reason:
+        if not short and _unknown_version(exc):
             verdict = (
                 "if it was written with a newer HDF5, upgrade h5py here (pip install -U h5py); "
                 "otherwise the file is damaged: "
@@ -71,11 +71,16 @@ def _safe_truncation(path: Path) -> str:
         return ""
 
 
+def _unknown_version(exc: BaseException) -> bool:
+    """HDF5 met a format version it does not know: a part newer than this library, or damage."""
+    return "bad version number" in str(exc)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip("'\" ")
     if "checksum" in text.lower() or "filter returned failure" in text:
         return "its checksum does not match: the bytes changed after they were written"
-    if "bad version number" in text:  # a part in a format newer than this library's, or damage
+    if _unknown_version(exc):
         return f"HDF5 {h5py.version.hdf5_version} does not know a format version in it: {text.split('(', 1)[-1].rstrip(')')}"
     if "object header" in text or "synchronously open object" in text:
         return f"its HDF5 structure is broken: {text.split('(', 1)[-1].rstrip(')')}"

@@ -153,7 +153,7 @@ def _new_file(path: Path) -> h5py.File:
     """A fresh file in the 1.10 format; the root's 6 links are compact by default."""
     fcpl = h5py.h5p.create(h5py.h5p.FILE_CREATE)
     fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)
+    fapl.set_libver_bounds(h5py.h5f.LIBVER_V110, h5py.h5f.LIBVER_V110)  # _FORMAT, low-level
     return h5py.File(h5py.h5f.create(os.fsencode(path), h5py.h5f.ACC_TRUNC, fcpl=fcpl, fapl=fapl))
 
 
