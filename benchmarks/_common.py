@@ -11,6 +11,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 
+from icsviz.models import build_model
+from icsviz.train import RECIPES, Recipe, _optimizer
+
+
+def reference_model(name: str) -> tuple[keras.Model, Recipe]:
+    """The reference CNN `name` ("baseline" or "bn") compiled with its recipe, seeded."""
+    keras.utils.set_random_seed(0)
+    model = build_model(name, (32, 32, 3), 10)
+    recipe = RECIPES[name]
+    model.compile(_optimizer(recipe), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model, recipe
+
 
 def cifar_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)

@@ -33,17 +33,12 @@ from pathlib import Path
 
 import keras
 
-from _common import EpochTimer, TimedCallback, cifar_like
+from _common import EpochTimer, TimedCallback, cifar_like, reference_model
 from icsviz import ICSCallback
-from icsviz.models import build_model
-from icsviz.train import RECIPES, _optimizer
 
 
 def measure(name: str, x, y, epochs: int, probe: int, folder: Path) -> None:
-    keras.utils.set_random_seed(0)
-    model = build_model(name, (32, 32, 3), 10)
-    recipe = RECIPES[name]
-    model.compile(_optimizer(recipe), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model, recipe = reference_model(name)
     timed = TimedCallback(ICSCallback(folder / f"{name}.h5", probe=(x[:probe], y[:probe]), overwrite=True))
     timer = EpochTimer()
     model.fit(
@@ -71,10 +66,7 @@ def side_by_side(name: str, x, y, rounds: int, epochs: int, probe: int, folder: 
     logs in both (a timer with batch hooks would make both wait for every step). Each fit's
     first epoch (tracing, the first capture) is not counted; the later ones are.
     """
-    keras.utils.set_random_seed(0)
-    model = build_model(name, (32, 32, 3), 10)
-    recipe = RECIPES[name]
-    model.compile(_optimizer(recipe), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model, recipe = reference_model(name)
     fit = {"batch_size": recipe.batch_size, "epochs": epochs + 1, "verbose": 0}
     plain_t, with_t = [], []
     for _ in range(rounds):

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import keras
 
-from _common import EpochTimer, TimedCallback, cifar_like
+from _common import EpochTimer, TimedCallback, cifar_like, reference_model
 from icsviz import ICSCallback
-from icsviz.models import build_model
-from icsviz.train import RECIPES, _optimizer
+from icsviz.train import RECIPES
 
 EPOCH_HOOKS = ("on_epoch_begin", "on_epoch_end")  # inside the epoch timer (training begin/end are not)
 
@@ -44,9 +43,7 @@ def measure(name: str, x, y, rounds: int, epochs: int, folder: Path) -> None:
         recipe = RECIPES["bn"]
         model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
     else:
-        model = build_model(name, (32, 32, 3), 10)
-        recipe = RECIPES[name]
-        model.compile(_optimizer(recipe), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        model, recipe = reference_model(name)
     ratios, plain_steps, with_steps = [], [], []
     steps = -(-len(x) // recipe.batch_size)
     for _ in range(rounds):
