@@ -4,10 +4,11 @@ Usage: python benchmarks/depth.py [--models baseline bn mobilenetv2 resnet50 lst
 
 For each model, in one process (medians of --repeats, interleaved):
 - train step: `train_on_batch` on a batch of the probe's size;
-- capture: one steady-state probe capture (statistics + write), split into the compiled
-  statistics and the HDF5 write, and its ratio to the step; then as the callback takes it,
-  the write on the writer's thread beside the next training step: what the training thread
-  pays (the statistics, and what the write slows that step);
+- capture: one steady-state probe capture, split into the compiled statistics, the host's
+  quantiles (sorting the samples) and the HDF5 write, and its ratio to the step; then as the
+  callback takes it, the quantiles and the write on the writer's thread beside the next
+  training step: what the training thread pays (the statistics, and what the writer's work
+  slows that step);
 - first capture: what the callback's first hook costs (tracing the capture function,
   creating the file, the step-0 capture): everything a run with the callback pays beyond
   the same run without it, apart from the later captures; beside it, what Keras's own first
@@ -22,7 +23,6 @@ CNN; first capture <= 10 s on MobileNetV2, <= 2 s on the reference CNN.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import statistics
 import tempfile
@@ -96,17 +96,23 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     from icsviz.store.writer import RunWriter
 
     writer = RunWriter.create(folder / f"{name}-w.h5", program.layout, {"model_name": name}, overwrite=True)
-    stats_t, write_t, steps_t, peaks = [], [], [], []
+    # Peak host memory of one capture, on its own: tracemalloc slows every Python allocation
+    # (it made the timed host work below 3 to 5 times slower when it ran with it).
+    tracemalloc.start()
+    writer.write_capture(program.run(xt, yt, 0.01, step=1, epoch=1.0, time=0.0, kind="epoch"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    stats_t, host_t, write_t, steps_t = [], [], [], []
     for _ in range(repeats):  # interleaved: machine load hits all alike
-        tracemalloc.start()
         start = time.perf_counter()
-        capture = program.run(xt, yt, 0.01, step=1, epoch=1.0, time=0.0, kind="epoch")
+        finish = program.measure(xt, yt, 0.01, step=1, epoch=1.0, time=0.0, kind="epoch")
+        measured = time.perf_counter()
+        capture = finish()
         middle = time.perf_counter()
         writer.write_capture(capture)
         end = time.perf_counter()
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-        stats_t.append(middle - start)
+        stats_t.append(measured - start)
+        host_t.append(middle - measured)
         write_t.append(end - middle)
         start = time.perf_counter()
         model.train_on_batch(batch_x, batch_y)
@@ -118,8 +124,8 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     queued_t, beside_t = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        capture = program.run(xt, yt, 0.01, step=1, epoch=1.0, time=0.0, kind="epoch")
-        queue.submit("a capture", functools.partial(writer.write_capture, capture))
+        finish = program.measure(xt, yt, 0.01, step=1, epoch=1.0, time=0.0, kind="epoch")
+        queue.submit("a capture", lambda finish=finish: writer.write_capture(finish()))
         middle = time.perf_counter()
         model.train_on_batch(batch_x, batch_y)
         end = time.perf_counter()
@@ -129,14 +135,15 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     queue.close()
     writer.close(compact=False)
     step = statistics.median(steps_t)
-    stats, write = statistics.median(stats_t), statistics.median(write_t)
+    stats, host, write = (statistics.median(t) for t in (stats_t, host_t, write_t))
     threaded = statistics.median(queued_t) + max(0.0, statistics.median(beside_t) - step)
     print(
         f"{name:11s} {layers:3d} tensors, {len(program.trainable):3d} variables | step {step * 1e3:6.1f} ms | "
-        f"capture {(stats + write) * 1e3:6.1f} ms = stats {stats * 1e3:6.1f} + write {write * 1e3:5.1f} "
-        f"-> x{(stats + write) / step:4.2f} steps; on the training thread (write beside the next step) "
+        f"capture {(stats + host + write) * 1e3:6.1f} ms = stats {stats * 1e3:6.1f} + quantiles {host * 1e3:4.1f} "
+        f"+ write {write * 1e3:5.1f} -> x{(stats + host + write) / step:4.2f} steps; on the training thread "
+        f"(quantiles and write beside the next step) "
         f"{threaded * 1e3:6.1f} ms -> x{threaded / step:4.2f} | first capture {first:5.1f} s (Keras's own first step {keras_first:4.1f} s) | "
-        f"peak host memory {max(peaks) / 2**20:5.1f} MiB | epoch-end hook: ICSCallback {ics_epoch_end:5.2f} s, "
+        f"peak host memory {peak / 2**20:5.1f} MiB | epoch-end hook: ICSCallback {ics_epoch_end:5.2f} s, "
         f"TensorBoard(histogram_freq=1) {tensorboard}",
         flush=True,
     )

@@ -282,7 +282,7 @@ def test_a_failure_inside_capture_warns_and_training_goes_on(tmp_path, monkeypat
     from icsviz.capture.program import CaptureProgram
 
     calls = {"n": 0}
-    original = CaptureProgram.run
+    original = CaptureProgram.measure
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
@@ -290,7 +290,7 @@ def test_a_failure_inside_capture_warns_and_training_goes_on(tmp_path, monkeypat
             raise RuntimeError("simulated capture bug")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(CaptureProgram, "run", flaky)
+    monkeypatch.setattr(CaptureProgram, "measure", flaky)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         history, _ = fit(sequential(), tmp_path / "flaky.h5", epochs=3)
@@ -526,3 +526,24 @@ def test_a_crash_in_training_leaves_every_capture_taken_before_it(tmp_path) -> N
     gc.collect()  # the callback's finalizer: the queued captures are written, the file closed
     with open_run(path) as run:
         assert list(run.epochs) == [0.0, 1.0, 2.0] and run.status == "interrupted"
+
+
+def test_the_quantiles_of_later_captures_are_computed_on_the_writers_thread(tmp_path, monkeypatch) -> None:
+    from icsviz.capture import program
+
+    threads: list[str] = []
+    original = program.split
+
+    def recording_split(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(program, "split", recording_split)
+    fit(sequential(), tmp_path / "threads.h5", epochs=3)
+    # The first capture is taken whole before the file exists; each epoch's on the writer's thread.
+    assert threads[0] == threading.main_thread().name
+    assert len(threads) == 4 and all(name.startswith("icsviz-writer") for name in threads[1:])
+    with open_run(tmp_path / "threads.h5") as run:
+        quantiles = run.activations(run.layer_names[0]).quantiles
+        assert quantiles.shape[0] == 4 and np.all(np.isfinite(quantiles))
+        assert np.all(np.diff(quantiles, axis=1) >= 0)  # sorted levels give ordered quantiles

@@ -592,7 +592,7 @@ class ICSCallback(keras.callbacks.Callback):
 
     def _capture(self, epoch: float, kind: str) -> None:
         assert self._program is not None and self._writer is not None
-        capture = self._program.run(
+        finish = self._program.measure(
             self._x,
             self._y,
             self._learning_rate(),
@@ -601,7 +601,9 @@ class ICSCallback(keras.callbacks.Callback):
             time=time.perf_counter() - self._train_start,
             kind=kind,
         )
-        self._write("a capture", functools.partial(self._writer.write_capture, capture))
+        writer = self._writer
+        # The capture's last host work (its quantiles) runs on the writer's thread, with the write.
+        self._write("a capture", lambda: writer.write_capture(finish()))
 
     def _write(self, what: str, fn: Callable[[], None]) -> None:
         """Write to the run file, on the writer's thread; on the first failure (a full disk, a lost

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -246,17 +246,24 @@ class CaptureProgram:
         return ops.stack(diffs), ops.stack(coss)
 
     # ---------------------------------------------------------------- running
-    def _host(self, output: dict[str, Any]) -> dict[str, Any]:
-        """The function's output on the host, its layer statistics as one dict per layer."""
-        result = backend.to_numpy(output)
+    @staticmethod
+    def _all_finite(result: dict[str, Any]) -> bool:
         if "batched" in result:
-            assert self.traced is not None
-            result["layers"] = split(result.pop("batched"), self.traced, self.options.hist_bins)
-        return result
+            return bool(np.all(result["batched"]["all_finite"]))
+        return all(bool(stats["all_finite"]) for stats in result["layers"])
 
     def run(
         self, x: Any, y: Any, learning_rate: float, *, step: int, epoch: float, time: float, kind: str
     ) -> Capture:
+        """Take one capture: `measure` and its host part at once."""
+        return self.measure(x, y, learning_rate, step=step, epoch=epoch, time=time, kind=kind)()
+
+    def measure(
+        self, x: Any, y: Any, learning_rate: float, *, step: int, epoch: float, time: float, kind: str
+    ) -> Callable[[], Capture]:
+        """Run the capture function and bring its results to the host; return what finishes the
+        capture there (sorting the quantile samples, `batched.split`). The callback calls that
+        on its writer's thread, so the training thread pays only the compiled function."""
         trainable = backend.read_values(self.trainable)
         non_trainable = [
             pinned if is_seed else v.value
@@ -269,14 +276,14 @@ class CaptureProgram:
         lr = ops.convert_to_tensor(learning_rate, "float32")
         args = (trainable, non_trainable, previous, x, y, lr)
         with backend.isolated_rng(self.options.seed):
-            result = self._host(self._function(*args))
-        if not all(bool(stats.pop("all_finite")) for stats in result["layers"]):
+            result = backend.to_numpy(self._function(*args))
+        if not self._all_finite(result):
             # A diverging run: recompute with NaN/Inf masked out (a second, lazily
             # compiled function, so the common case pays nothing for it).
             if self._masked_function is None:
                 self._masked_function = backend.compile_function(self._masked_program)
             with backend.isolated_rng(self.options.seed):
-                result = self._host(self._masked_function(*args))
+                result = backend.to_numpy(self._masked_function(*args))
         self._previous = backend.snapshot(self.trainable)
         previous_norm = result["weight_norm"] if self._previous_norm is None else self._previous_norm
         self._previous_norm = result["weight_norm"]
@@ -285,18 +292,27 @@ class CaptureProgram:
             update = np.where(previous_norm > 0, result["update_norm"] / previous_norm, np.nan)
         nan = np.full(len(self.trainable), np.nan)
         grad_norm = result["grad_norm"] if self.with_gradients else nan
-        weight_norm = result["weight_norm"]
-        update_ratio = nan if first else update
-        layers = [LayerCapture(**stats) for stats in result["layers"]]
-        return Capture(
+        capture = Capture(
             step=step,
             epoch=epoch,
             time=time,
             kind=kind,
-            layers=layers,
+            layers=[],
             grad_norm=np.asarray(grad_norm, dtype=float),
-            weight_norm=np.asarray(weight_norm, dtype=float),
-            update_ratio=np.asarray(update_ratio, dtype=float),
+            weight_norm=np.asarray(result["weight_norm"], dtype=float),
+            update_ratio=np.asarray(nan if first else update, dtype=float),
             ics_grad_diff=np.asarray(result.get("ics_diff", np.zeros(0)), dtype=float),
             ics_grad_cos=np.asarray(result.get("ics_cos", np.zeros(0)), dtype=float),
         )
+        assert self.traced is not None
+        plans, bins = list(self.traced), self.options.hist_bins
+        batched, layers = result.get("batched"), result.get("layers")
+
+        def finish() -> Capture:
+            stats = split(batched, plans, bins) if batched is not None else layers
+            capture.layers = [
+                LayerCapture(**{k: v for k, v in one.items() if k != "all_finite"}) for one in stats
+            ]
+            return capture
+
+        return finish

@@ -28,6 +28,7 @@ __all__ = [
     "dyadic_bin_width",
     "dyadic_grid",
     "interpolated_quantiles",
+    "interpolated_quantiles_np",
     "layer_stats",
     "l2",
     "l2_norms",
@@ -236,6 +237,23 @@ def interpolated_quantiles(sorted_values: Any, n_finite: Any, q: np.ndarray) -> 
     hi_vals = _take_last(sorted_values, ops.cast(upper, "int32"))
     out = lo_vals + (hi_vals - lo_vals) * frac
     return ops.where(ops.expand_dims(n, -1) > 0, out, float("nan"))
+
+
+def interpolated_quantiles_np(sorted_values: np.ndarray, n_finite: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """`interpolated_quantiles` on the host, in the same float32 steps (the same numbers): rows of
+    `sorted_values` (k, n) with `n_finite` (k,) values each."""
+    f32 = np.float32
+    top = np.maximum(np.asarray(n_finite, f32) - f32(1), f32(0))[:, None]
+    pos = top * q.astype(f32)
+    lower = np.floor(pos)
+    frac = pos - lower
+    upper = np.minimum(lower + f32(1), top)
+    rows = np.arange(len(sorted_values))[:, None]
+    lo_vals = sorted_values[rows, lower.astype(np.int64)]
+    hi_vals = sorted_values[rows, upper.astype(np.int64)]
+    with np.errstate(invalid="ignore"):  # a row with no values reads +inf padding: NaN below
+        out = lo_vals + (hi_vals - lo_vals) * frac
+    return np.where(np.asarray(n_finite)[:, None] > 0, out, np.float32(np.nan)).astype(f32)
 
 
 def layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool) -> dict[str, Any]:
