@@ -16,6 +16,14 @@ epochs,
 
     ratio = epoch time with / epoch time without
 
+On a machine whose speed swings between epochs (this project's shared 2-core one: single
+epochs from 0.83 to 1.96), `--paired N` (TensorFlow) measures instead, inside one fit, the
+training step with the statistics against Keras's own step for the same model, alternating
+the two compiled train functions step by step for N pairs (the order switched every pair),
+and adds the callback's per-batch hooks as timed in that fit's first epoch:
+
+    ratio = (median step with statistics + hooks per step) / median plain step
+
 Target (issue 8): at most 1.10 on the reference CNN (both models), 1.25 on MobileNetV2
 (`--models mobilenetv2`).
 """
@@ -25,25 +33,30 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from _common import EpochTimer, TimedCallback, cifar_like, reference_model
 from icsviz import ICSCallback
-from icsviz.train import RECIPES
+from icsviz.train import RECIPES, Recipe
 
 EPOCH_HOOKS = ("on_epoch_begin", "on_epoch_end")  # inside the epoch timer (training begin/end are not)
 
 
-def measure(name: str, x, y, rounds: int, epochs: int, folder: Path) -> None:
+def make(name: str) -> tuple[keras.Model, Recipe]:
     keras.utils.set_random_seed(0)
     if name == "mobilenetv2":  # 151 captured tensors; SGD, batch 32
         model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
-        recipe = RECIPES["bn"]
         model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    else:
-        model, recipe = reference_model(name)
+        return model, RECIPES["bn"]
+    return reference_model(name)
+
+
+def measure(name: str, x, y, rounds: int, epochs: int, folder: Path) -> None:
+    model, recipe = make(name)
     ratios, plain_steps, with_steps = [], [], []
     steps = -(-len(x) // recipe.batch_size)
     for _ in range(rounds):
@@ -70,12 +83,63 @@ def measure(name: str, x, y, rounds: int, epochs: int, folder: Path) -> None:
     )
 
 
+def measure_paired(name: str, x, y, pairs: int, folder: Path) -> None:
+    import tensorflow as tf
+
+    model, recipe = make(name)
+    batch = recipe.batch_size
+    ics = ICSCallback(
+        folder / f"{name}-paired.h5", probe=(x[:256], y[:256]), batch_stats=True, overwrite=True
+    )
+    timed = TimedCallback(ics)
+    times: dict[str, list[float]] = {"plain": [], "stats": []}
+
+    class Pairs(keras.callbacks.Callback):
+        """At the last step of the fit: both train functions, alternately, on fresh batches."""
+
+        def on_train_batch_end(self, step, logs=None):
+            if step != steps_in_fit - 1:
+                return
+            statistics_ = ics._steps
+            functions = {"plain": statistics_._saved["train_function"], "stats": self.model.train_function}
+            batches = iter(
+                tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
+            )
+            for index in range(pairs + 2):  # the first two pairs trace and warm up
+                order = ("plain", "stats") if index % 2 == 0 else ("stats", "plain")
+                for kind in order:
+                    statistics_.expected = True  # as ICSCallback's batch hook says before its steps
+                    start = time.perf_counter()
+                    keras.ops.convert_to_numpy(functions[kind](batches)["loss"])
+                    if index >= 2:
+                        times[kind].append(time.perf_counter() - start)
+                statistics_.drain()  # the vectors are not written: only the step is timed
+            statistics_.expected = True  # the fit's own bookkeeping goes on as before
+
+    steps_in_fit = len(x) // batch
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timed, Pairs()])
+    batch_hooks = ("on_train_batch_begin", "on_train_batch_end")
+    hooks = sum(timed.hook_seconds[(hook, 0)] for hook in batch_hooks) / steps_in_fit
+    plain, stats = statistics.median(times["plain"]), statistics.median(times["stats"])
+    pair_ratios = [b / a for a, b in zip(times["plain"], times["stats"])]
+    print(
+        f"{name:11s} batch {batch}, {pairs} pairs: step {plain * 1e3:.1f} ms plain, {stats * 1e3:.1f} ms with the "
+        f"statistics (pairs' ratios: median {statistics.median(pair_ratios):.3f}, quartiles "
+        f"{np.quantile(pair_ratios, 0.25):.3f} / {np.quantile(pair_ratios, 0.75):.3f}), ICSCallback's batch hooks "
+        f"{hooks * 1e3:.2f} ms per step -> ratio {(stats + hooks) / plain:.3f}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per fit (after one untimed)")
     parser.add_argument("--models", nargs="+", default=["baseline", "bn"])
+    parser.add_argument(
+        "--paired", type=int, metavar="N", help="N alternating step pairs in one fit (TensorFlow)"
+    )
     args = parser.parse_args()
     x, y = cifar_like(args.images)
     print(
@@ -83,7 +147,10 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
-            measure(name, x, y, args.rounds, args.epochs, Path(folder))
+            if args.paired:
+                measure_paired(name, x, y, args.paired, Path(folder))
+            else:
+                measure(name, x, y, args.rounds, args.epochs, Path(folder))
 
 
 if __name__ == "__main__":
