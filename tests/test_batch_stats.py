@@ -448,3 +448,40 @@ def test_a_fit_that_raises_leaves_no_hooks_behind(tmp_path: Path) -> None:
     )
     with open_run(tmp_path / "again.h5") as run:
         assert len(run.batch_steps) == 6
+
+
+def test_numpy_sort_inside_the_step_gives_the_devices_numbers() -> None:
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the numpy sort inside the step is TensorFlow's (on a CPU)")
+    import tensorflow as tf
+
+    from icsviz.capture import backend
+    from icsviz.capture.batch_stats import BatchPlan, batch_vector
+    from icsviz.store.schema import QUANTILES, BatchLayerSpec
+
+    rng = np.random.default_rng(5)
+    plans, samples = [], []
+    for index, units in enumerate((4, 6)):
+        spec = BatchLayerSpec(
+            name=f"t{index}",
+            index=index,
+            n_units=units,
+            tracked_units=(0, units - 1),
+            sample=256,
+            unit_sample=64,
+        )
+        plans.append(BatchPlan.create(spec, 16, len(QUANTILES), seed=0))
+        values = rng.standard_t(3, 256 + 2 * 64).astype("float32")
+        values[[3, 200]] = [np.nan, np.inf]  # non-finite values go last in either sort
+        values[:40] = 0.0  # ties
+        samples.append(tf.constant(values))
+    q = np.asarray(QUANTILES, "float32")
+    on_device = tf.function(lambda *s: batch_vector(s, plans, q, host_sort=False), autograph=False)
+    on_host = tf.function(lambda *s: batch_vector(s, plans, q, host_sort=True), autograph=False)
+    np.testing.assert_array_equal(on_host(*samples).numpy(), on_device(*samples).numpy())
+
+    model = _model()
+    model.compile("sgd", "mse", jit_compile=False)
+    assert backend.host_sort_in_step(model) == (not tf.config.list_logical_devices("GPU"))
+    model.compile("sgd", "mse", jit_compile=True)
+    assert not backend.host_sort_in_step(model)  # XLA cannot call Python: the device sorts

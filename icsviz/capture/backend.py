@@ -62,6 +62,37 @@ def gather(values: Any, indices: Any, axis: int = 0) -> Any:
     return keras.ops.take(values, indices, axis=axis)
 
 
+def host_sort_in_step(model: keras.Model) -> bool:
+    """Whether the per-step mode sorts its samples with numpy inside the training step.
+
+    TensorFlow's CPU sort is a top-k over every value: 7 ms per step for the BN CNN's 18
+    samples of 4,096 values and 54 tracked units' rows, against 0.7 ms in numpy, in a step of
+    70 to 100 ms. With TensorFlow on a CPU only, and a step that XLA does not compile (it
+    cannot call Python), the step calls numpy for the sort; otherwise the device sorts.
+    """
+    if name() != "tensorflow" or getattr(model, "jit_compile", False):
+        return False
+    import tensorflow as tf
+
+    return not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU")
+
+
+def sort_rows(values: Any, on_host: bool = False) -> Any:
+    """`values` (k, n) sorted along the last axis; by numpy, called from the TensorFlow graph,
+    where `on_host` (see `host_sort_in_step`)."""
+    if not on_host:
+        return keras.ops.sort(values, axis=-1)
+    import tensorflow as tf
+
+    ordered = tf.numpy_function(_numpy_sort_rows, [values], values.dtype, stateful=False)
+    ordered.set_shape(values.shape)
+    return ordered
+
+
+def _numpy_sort_rows(values: np.ndarray) -> np.ndarray:
+    return np.sort(values, axis=-1)
+
+
 def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Compile `fn` into one graph, so statistics are computed on the device."""
     backend = name()

@@ -115,16 +115,19 @@ def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any) -> Any:
     return backend.gather(flat, _positions(plan, size, size // plan.spec.n_units))
 
 
-def _row_stats(values: Any, q: np.ndarray) -> tuple[Any, Any, Any]:
+def _row_stats(values: Any, q: np.ndarray, host_sort: bool) -> tuple[Any, Any, Any]:
     """Sorted rows (non-finite moved to the end as +inf), finite counts, quantiles per row."""
     finite = ops.isfinite(values)
     n_finite = ops.sum(ops.cast(finite, "int32"), axis=-1)
-    ordered = ops.sort(ops.where(finite, values, float("inf")), axis=-1)
+    ordered = backend.sort_rows(ops.where(finite, values, float("inf")), on_host=host_sort)
     return ordered, n_finite, interpolated_quantiles(ordered, n_finite, q)
 
 
-def batch_vector(samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarray) -> Any:
-    """The statistics of all layers' samples as one float32 vector, computed batched.
+def batch_vector(
+    samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarray, host_sort: bool = False
+) -> Any:
+    """The statistics of all layers' samples as one float32 vector, computed batched (the
+    samples sorted by numpy where `host_sort`: see `backend.host_sort_in_step`).
 
     Layout (`unpack` reads it): counts (L*B), histogram first edge and width
     (L*2), quantiles (L*Q), mean/std/min/max (L*4), zero fraction (L),
@@ -132,7 +135,7 @@ def batch_vector(samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarr
     """
     bins = plans[0].bins
     main = ops.stack([s[: plan.spec.sample] for s, plan in zip(samples, plans)])  # (L, S)
-    ordered, n_finite, quantiles = _row_stats(main, q)
+    ordered, n_finite, quantiles = _row_stats(main, q, host_sort)
     count = ops.maximum(ops.cast(n_finite, "float32"), 1.0)
     finite = ordered < float("inf")
     zeroed = ops.where(finite, ordered, 0.0)
@@ -181,7 +184,7 @@ def batch_vector(samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarr
         if plan.spec.tracked_units
     ]
     if units:
-        _, _, unit_quantiles = _row_stats(ops.concatenate(units, axis=0), q)
+        _, _, unit_quantiles = _row_stats(ops.concatenate(units, axis=0), q, host_sort)
         parts.append(ops.reshape(unit_quantiles, (-1,)))
     return ops.concatenate(parts)
 
@@ -255,6 +258,7 @@ class StepStatistics:
         self._saved: dict[str, Any] = {}
         self._vector_in_outputs = False  # JAX: the vector leaves the step as an output (not a callback)
         self.expected = False  # set by the callback before each step of its own fit
+        self._host_sort = backend.host_sort_in_step(model)
 
     # ------------------------------------------------------------- tracing
     def _vector(self, recorder: Recorder) -> Any:
@@ -279,7 +283,7 @@ class StepStatistics:
                     "its per-step rows are NaN.",
                 )
                 samples.append(_missing(plan))
-        return batch_vector(samples, self.plans, self._q)
+        return batch_vector(samples, self.plans, self._q, self._host_sort)
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[Recorder]:
