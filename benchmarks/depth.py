@@ -9,10 +9,12 @@ For each model, in one process (medians of --repeats, interleaved):
   callback takes it, the quantiles and the write on the writer's thread beside the next
   training step: what the training thread pays (the statistics, and what the writer's work
   slows that step);
-- first capture: what the callback's first hook costs (tracing the capture function,
-  creating the file, the step-0 capture): everything a run with the callback pays beyond
-  the same run without it, apart from the later captures; beside it, what Keras's own first
-  training step took (tracing, and on JAX compiling, the train function);
+- first capture: a one-step `fit` of a fresh model with the callback, less the same fit
+  without it, less one steady capture (the epoch end's): everything a run with the callback
+  pays beyond the same run without it, apart from the later captures (tracing and compiling
+  the capture function, creating and closing the file, the step-0 capture; on JAX the
+  compiling runs beside Keras's own, so the first hook's time is shown beside it); and
+  what Keras's own first training step took (tracing, and on JAX compiling, the train function);
 - peak host memory a capture allocates (tracemalloc: the numpy results and the write);
 - TensorBoard(histogram_freq=1): the time its epoch-end hook takes (weight histograms
   written every epoch) beside ICSCallback's epoch-end hook, on the same short epoch.
@@ -33,7 +35,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from _common import TimedCallback, cifar_like
+from _common import TimedCallback, cifar_like, wait_for_device
 from icsviz import ICSCallback
 from icsviz.capture.write_queue import WriteQueue
 from icsviz.models import build_model
@@ -69,6 +71,24 @@ def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
     return model, x, y
 
 
+def first_fit(name: str, probe: int, folder: Path) -> tuple[float, float]:
+    """Seconds of a one-step `fit` of a fresh model without and with ICSCallback (its first
+    capture, the step, the epoch end's capture, closing the file): on JAX the first capture
+    compiles beside Keras's own step, so its hook alone does not show what it costs."""
+    seconds = []
+    for with_callback in (False, True):
+        model, x, y = make(name)
+        batch = (x[:probe], y[:probe])
+        callbacks = (
+            [ICSCallback(folder / f"{name}-first.h5", probe=batch, overwrite=True)] if with_callback else []
+        )
+        start = time.perf_counter()
+        model.fit(*batch, batch_size=probe, epochs=1, verbose=0, callbacks=callbacks)
+        wait_for_device(model)
+        seconds.append(time.perf_counter() - start)
+    return seconds[0], seconds[1]
+
+
 def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     model, x, y = make(name)
     batch_x, batch_y = x[:probe], y[:probe]
@@ -76,13 +96,14 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     model.train_on_batch(batch_x, batch_y)  # trace (and on JAX compile) the train function
     keras_first = time.perf_counter() - start
 
+    plain_fit, fit_with = first_fit(name, probe, folder)
     ics = TimedCallback(ICSCallback(folder / f"{name}.h5", probe=(batch_x, batch_y), overwrite=True))
     callbacks = [ics]
     if HAS_TENSORFLOW:  # Keras's TensorBoard callback writes through tf.summary
         board = TimedCallback(keras.callbacks.TensorBoard(str(folder / f"tb-{name}"), histogram_freq=1))
         callbacks.append(board)
     model.fit(x[:probe], y[:probe], batch_size=probe, epochs=2, verbose=0, callbacks=callbacks)
-    first = ics.hook_seconds[("on_epoch_begin", 0)]
+    first_hook = ics.hook_seconds[("on_epoch_begin", 0)]
     ics_epoch_end = ics.hook_seconds[("on_epoch_end", 1)]
     tensorboard = (
         f"{board.hook_seconds[('on_epoch_end', 1)]:5.2f} s" if HAS_TENSORFLOW else "not run (no tensorflow)"
@@ -135,6 +156,11 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     queue.close()
     writer.close(compact=False)
     step = statistics.median(steps_t)
+    # From outside: what the one-step fit with the callback took beyond the same fit without it,
+    # less its one steady capture (the epoch end's) as the training thread pays it.
+    first = (
+        fit_with - plain_fit - (statistics.median(queued_t) + max(0.0, statistics.median(beside_t) - step))
+    )
     stats, host, write = (statistics.median(t) for t in (stats_t, host_t, write_t))
     threaded = statistics.median(queued_t) + max(0.0, statistics.median(beside_t) - step)
     print(
@@ -142,7 +168,8 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
         f"capture {(stats + host + write) * 1e3:6.1f} ms = stats {stats * 1e3:6.1f} + quantiles {host * 1e3:4.1f} "
         f"+ write {write * 1e3:5.1f} -> x{(stats + host + write) / step:4.2f} steps; on the training thread "
         f"(quantiles and write beside the next step) "
-        f"{threaded * 1e3:6.1f} ms -> x{threaded / step:4.2f} | first capture {first:5.1f} s (Keras's own first step {keras_first:4.1f} s) | "
+        f"{threaded * 1e3:6.1f} ms -> x{threaded / step:4.2f} | first capture {first:5.1f} s (its hook {first_hook:4.1f} s; "
+        f"Keras's own first step {keras_first:4.1f} s) | "
         f"peak host memory {peak / 2**20:5.1f} MiB | epoch-end hook: ICSCallback {ics_epoch_end:5.2f} s, "
         f"TensorBoard(histogram_freq=1) {tensorboard}",
         flush=True,

@@ -87,6 +87,80 @@ def test_jax_backend_records_activations_gradients_and_shift(tmp_path) -> None:
     assert proc.returncode == 0 and "JAX OK" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+)
+def test_jax_first_capture_compiles_beside_training_and_measures_the_starting_weights(tmp_path) -> None:
+    script = textwrap.dedent(f"""
+        import threading, warnings
+        import numpy as np, keras
+        import icsviz
+        from icsviz.capture import program
+        warnings.simplefilter("error")
+        threads = []
+        compile_on = program.CaptureProgram.measure_in_background
+
+        def data():
+            rng = np.random.default_rng(0)
+            return rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 3, 64)
+
+        def fit(path, background, fail=False):
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="h"),
+                                      keras.layers.Dense(3, activation="softmax", name="out")])
+            model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+            program.CaptureProgram.measure_in_background = compile_on if background else program.CaptureProgram.measure
+            original = program.CaptureProgram._execute
+
+            def execute(self, args):
+                threads.append(threading.current_thread().name)
+                if fail and len(threads) == 1:
+                    raise RuntimeError("simulated compile failure")
+                return original(self, args)
+
+            program.CaptureProgram._execute = execute
+            x, y = data()
+            try:
+                history = model.fit(x, y, epochs=2, batch_size=16, verbose=0,
+                                    callbacks=[icsviz.ICSCallback(path, probe=(x[:32], y[:32]))])
+            finally:
+                program.CaptureProgram._execute = original
+            return history.history["loss"]
+
+        loss_sync = fit({str(tmp_path / "sync.h5")!r}, background=False)
+        assert all(name == threading.main_thread().name for name in threads), threads
+        threads.clear()
+        loss_bg = fit({str(tmp_path / "bg.h5")!r}, background=True)
+        assert threads[0] == "icsviz-compile" and set(threads[1:]) == {{threading.main_thread().name}}, threads
+        np.testing.assert_allclose(loss_bg, loss_sync, rtol=1e-6)  # training untouched
+        sync, bg = icsviz.open_run({str(tmp_path / "sync.h5")!r}), icsviz.open_run({str(tmp_path / "bg.h5")!r})
+        assert list(bg.steps) == list(sync.steps) == [0, 4, 8]
+        for name in ("h:preact", "h", "out"):
+            a, b = sync.activations(name), bg.activations(name)
+            np.testing.assert_array_equal(b.counts, a.counts)
+            np.testing.assert_allclose(b.quantiles, a.quantiles, rtol=1e-6, atol=1e-7)
+        # the step-0 capture measured the weights before the first update, though it ran later
+        np.testing.assert_allclose(bg.gradients(bg.variable_names[0]).grad_norm,
+                                   sync.gradients(sync.variable_names[0]).grad_norm, rtol=1e-5)
+        assert np.isnan(bg.gradients(bg.variable_names[0]).update_ratio[0])
+        # A failure on the compiling thread: a warning, training goes on, the file stays readable.
+        threads.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss_failed = fit({str(tmp_path / "failed.h5")!r}, background=True, fail=True)
+        ours = [str(w.message) for w in caught if issubclass(w.category, icsviz.CaptureWarning)]
+        assert ours and all("simulated compile failure" in m for m in ours), ours
+        assert len(loss_failed) == 2
+        assert icsviz.open_run({str(tmp_path / "failed.h5")!r}).num_captures == 0
+        print("BACKGROUND OK")
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "BACKGROUND OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def _rewrite_options():
     from tensorflow.core.protobuf import config_pb2
     from tensorflow.python.eager import context

@@ -378,22 +378,25 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_start_step = self._global_step
         resume = epoch > 0 or self._owns_file
         kind = "epoch" if resume else "start"
-        capture = self._program.run(
+        appending = resume and self.path.exists() and not self.overwrite
+        if appending and self._owns_file:
+            self._epoch_offset = self._recorded_epochs()
+        capture_epoch = float(epoch + (self._epoch_offset if appending else 0))
+        # On JAX the capture compiles on a thread of its own while training starts; its
+        # tracing (here) gives the layout the file is made with.
+        finish = self._program.measure_in_background(
             self._x,
             self._y,
             self._learning_rate(),
             step=self._global_step,
-            epoch=float(epoch),
+            epoch=capture_epoch,
             time=0.0,
             kind=kind,
         )
         layout = self._with_batch_layers(self._program.layout)
-        if resume and self.path.exists() and not self.overwrite:
-            if self._owns_file:
-                self._epoch_offset = self._recorded_epochs()
+        if appending:
             self._writer = RunWriter.resume(self.path, layout, from_epoch=epoch + self._epoch_offset)
-            capture.epoch += self._epoch_offset
-            new_capture = self._writer.last_capture_epoch != capture.epoch
+            new_capture = self._writer.last_capture_epoch != capture_epoch
         else:
             self._writer = RunWriter.create(
                 self.path,
@@ -405,7 +408,8 @@ class ICSCallback(keras.callbacks.Callback):
         # The writer's thread starts with the writer: a file refused above leaves no thread behind.
         self._queue = WriteQueue(self.path.name)
         if new_capture:
-            self._write("the first capture", functools.partial(self._writer.write_capture, capture))
+            writer = self._writer
+            self._write("the first capture", lambda: writer.write_capture(finish()))
         self._owns_file = True
         if layout.batch_layers:
             self._safely_steps("starting the per-step statistics", lambda: self._install_steps(layout))
