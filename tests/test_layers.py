@@ -90,3 +90,37 @@ def test_fused_activation_gets_a_preactivation_capture() -> None:
     assert not select_layers(plain)[0].capture_preactivation
     act = keras.Model(inputs, keras.layers.Activation("relu", name="a")(inputs))
     assert not select_layers(act)[0].capture_preactivation
+
+
+def test_interception_records_its_own_thread_only_and_one_at_a_time() -> None:
+    import threading
+
+    import numpy as np
+
+    from icsviz.capture.intercept import Recorder, intercept
+
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="relu", name="d")(inputs))
+    selection = select_layers(model, None)
+    x = np.ones((2, 4), "float32")
+    mine, other = Recorder(), Recorder()
+    entered, events = threading.Event(), []
+
+    def elsewhere() -> None:
+        model(x)  # a call from another thread while ours intercepts: passes through, unrecorded
+        entered.set()
+        with intercept(selection, other):  # waits until ours is done
+            events.append("other intercepts")
+            model(x)
+
+    with intercept(selection, mine):
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        assert entered.wait(30)
+        model(x)
+        events.append("mine done")
+    thread.join(30)
+    assert [r.name for r in mine.records] == ["d:preact", "d"]
+    assert events == ["mine done", "other intercepts"]
+    assert [r.name for r in other.records] == ["d:preact", "d"]
+    assert "call" not in model.get_layer("d").__dict__  # restored after both

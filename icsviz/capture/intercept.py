@@ -14,6 +14,7 @@ with one `CaptureWarning` naming it; every other layer is still recorded.
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,9 @@ from .layers import SelectedLayer
 __all__ = ["Record", "Recorder", "intercept", "is_float_tensor", "warn_once"]
 
 _warned: set[str] = set()
+# One interception at a time in the process: the JAX first capture may trace (its masked
+# program) on its own thread while the training thread traces the per-step mode's step.
+_one_at_a_time = threading.RLock()
 
 
 def warn_once(key: str, message: str) -> None:
@@ -93,7 +97,18 @@ def _settable(obj: Any, attr: str) -> bool:
 
 @contextlib.contextmanager
 def intercept(selection: Sequence[SelectedLayer], recorder: Recorder) -> Iterator[None]:
-    """Wrap the selected layers' `call` (and fused activations) for the duration."""
+    """Wrap the selected layers' `call` (and fused activations) for the duration.
+
+    Only calls on this thread are recorded: another thread that calls the model meanwhile
+    (Keras tracing its own step while a capture compiles beside it) passes straight through.
+    """
+    with _one_at_a_time:
+        with _intercepting(selection, recorder, threading.get_ident()):
+            yield
+
+
+@contextlib.contextmanager
+def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner: int) -> Iterator[None]:
     restore: list[tuple[Any, str, bool, Any]] = []
 
     def patch(obj: Any, attr: str, new: Any) -> bool:
@@ -121,7 +136,8 @@ def intercept(selection: Sequence[SelectedLayer], recorder: Recorder) -> Iterato
             **kwargs: Any,
         ) -> Any:
             out = _orig(*args, **kwargs)
-            _record(recorder, _sel, out, _kind)
+            if threading.get_ident() == owner:
+                _record(recorder, _sel, out, _kind)
             return out
 
         if not patch(layer, "call", call):
@@ -135,7 +151,8 @@ def intercept(selection: Sequence[SelectedLayer], recorder: Recorder) -> Iterato
             original_activation = layer.activation
 
             def activation(x: Any, _orig: Any = original_activation, _sel: SelectedLayer = selected) -> Any:
-                _record(recorder, _sel, x, "preactivation", tag=":preact")
+                if threading.get_ident() == owner:
+                    _record(recorder, _sel, x, "preactivation", tag=":preact")
                 return _orig(x)
 
             if not patch(layer, "activation", activation):

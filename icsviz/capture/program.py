@@ -337,9 +337,8 @@ class CaptureProgram:
 
     def _execute(self, args: tuple[Any, ...]) -> dict[str, Any]:
         """The capture function's results on the host (computed again masked after NaN/Inf)."""
-        function = self._function if self._compiled is None else self._compiled
         with backend.isolated_rng(self.options.seed):
-            result = backend.to_numpy(function(*args))
+            result = backend.to_numpy(self._call(args))
         if not self._all_finite(result):
             # A diverging run: recompute with NaN/Inf masked out (a second, lazily
             # compiled function, so the common case pays nothing for it).
@@ -348,6 +347,14 @@ class CaptureProgram:
             with backend.isolated_rng(self.options.seed):
                 result = backend.to_numpy(self._masked_function(*args))
         return result
+
+    def _call(self, args: tuple[Any, ...]) -> Any:
+        if self._compiled is not None:
+            try:
+                return self._compiled(*args)
+            except (TypeError, ValueError):  # arguments it was not compiled for: JAX's own jit
+                self._compiled = None
+        return self._function(*args)
 
     def _complete(
         self, result: dict[str, Any], first: bool, *, step: int, epoch: float, time: float, kind: str
