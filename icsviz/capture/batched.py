@@ -42,7 +42,7 @@ def groups(plans: Sequence[TracedLayer]) -> list[list[int]]:
     stacked array."""
     by_key: dict[tuple[int, int, bool], list[int]] = {}
     for index, plan in enumerate(plans):
-        key = (plan.n_values // plan.n_units, plan.n_units, plan.budget_cut)
+        key = (plan.rows, plan.n_units, plan.budget_cut)
         by_key.setdefault(key, []).append(index)
     return list(by_key.values())
 
@@ -68,7 +68,7 @@ class _Group:
         self.members = members
         self.plans = [plans[i] for i in members]
         first = self.plans[0]
-        self.rows, self.n_units = first.n_values // first.n_units, first.n_units
+        self.rows, self.n_units = first.rows, first.n_units
         stacked = [units[i] for i in members]
         self.values = ops.stack(stacked) if len(stacked) > 1 else ops.expand_dims(stacked[0], 0)
         self.flat = ops.reshape(self.values, (len(members), self.rows * self.n_units))
@@ -180,13 +180,6 @@ def all_layer_stats(
     }
 
 
-def _sample_sizes(plan: TracedLayer) -> tuple[int, int]:
-    """(values in the layer's quantile sample, rows in each tracked unit's sample)."""
-    values = plan.n_values if plan.quantile_index is None else len(plan.quantile_index)
-    rows = plan.n_values // plan.n_units if plan.unit_rows is None else len(plan.unit_rows)
-    return values, rows
-
-
 def host_quantiles(samples: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     """(k, Q) quantiles of each row's first `sizes[i]` values (the rest is +inf padding).
 
@@ -205,9 +198,10 @@ def split(batched: dict[str, np.ndarray], plans: Sequence[TracedLayer], bins: in
     order = [i for members in groups(plans) for i in members]
     units = np.cumsum([0, *(plans[i].n_units for i in order)])
     tracked = np.cumsum([0, *(len(plans[i].tracked_units) for i in order)])
-    sizes = [_sample_sizes(plans[i]) for i in order]
-    quantiles = host_quantiles(batched["samples"], np.asarray([v for v, _ in sizes]))
-    unit_sizes = np.repeat([r for _, r in sizes], [len(plans[i].tracked_units) for i in order])
+    quantiles = host_quantiles(batched["samples"], np.asarray([plans[i].quantile_sample_size for i in order]))
+    unit_sizes = np.repeat(
+        [plans[i].unit_sample_rows for i in order], [len(plans[i].tracked_units) for i in order]
+    )
     unit_quantiles = host_quantiles(batched["unit_samples"], unit_sizes)
     steps = np.arange(bins + 1, dtype="float64")
     out: list[dict[str, Any]] = [{} for _ in plans]

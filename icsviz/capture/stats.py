@@ -71,12 +71,26 @@ class TracedLayer:
     unit_rows: np.ndarray | None = None  # rows sampled for tracked-unit quantiles
 
     @property
+    def rows(self) -> int:
+        """Budgeted rows (one probe sample at one position, all units)."""
+        return self.n_values // self.n_units
+
+    @property
+    def quantile_sample_size(self) -> int:
+        """Values the layer's quantiles come from."""
+        return self.n_values if self.quantile_index is None else len(self.quantile_index)
+
+    @property
+    def unit_sample_rows(self) -> int:
+        """Rows each tracked unit's quantiles come from."""
+        return self.rows if self.unit_rows is None else len(self.unit_rows)
+
+    @property
     def budget_cut(self) -> bool:
         """Whether the value budget left values out (the range is then taken over all of them)."""
         return self.n_values < int(np.prod(self.shape))
 
     def spec(self) -> LayerSpec:
-        sample = self.n_values if self.quantile_index is None else len(self.quantile_index)
         return LayerSpec(
             name=self.name,
             class_name=self.class_name,
@@ -86,7 +100,7 @@ class TracedLayer:
             tracked_units=self.tracked_units,
             n_values=self.n_values,
             samples=self.samples,
-            quantile_sample=sample,
+            quantile_sample=self.quantile_sample_size,
             value_sample="rows" if self.row_index is not None else "all",
         )
 
@@ -307,7 +321,7 @@ def reduce_values(
     caller assembles with the exact range.
     """
     bins = options.hist_bins
-    rows = plan.n_values // plan.n_units
+    rows = plan.rows
     if masked:
         finite_units = ops.isfinite(units)
         finite = ops.reshape(finite_units, (-1,))
