@@ -8,11 +8,12 @@
 #   PARTS="depth per_step"  only these parts (default: depth per_step overhead experiment)
 #
 # Each part has its own time limit, so one that runs long cannot eat the others' time; all four
-# fit in 560 s (one call of a 15-minute GPU lease). On an H100 (2026-11-26) depth.py needed
+# fit in 570 s (one call of a 15-minute GPU lease). On an H100 (2026-11-26) depth.py needed
 # about 150-200 s for its five models and per_step.py over 120 s with MobileNetV2 (XLA compiles);
 # depth.py has since added two one-step fits of fresh models per model (the first capture counted
-# from outside: Keras compiles its step twice more), so it has the largest share now and
-# per_step.py measures the two reference CNNs.
+# from outside: Keras compiles its step twice more), so it has the largest share now (ResNet50
+# before MobileNetV2, whose compiles are the longest) and per_step.py measures the two
+# reference CNNs, with the breakdown of what its machinery costs without the statistics.
 # README's GPU table comes from these logs.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_suite.sh OUT_DIR [CIFAR_DIR]}")
@@ -24,11 +25,11 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out/runs"
 
 if [ "${QUICK:-0}" = 1 ]; then
-  depth=(--models baseline lstm --repeats 2); per_step=(--models baseline --images 256 --rounds 1 --epochs 1)
+  depth=(--models baseline lstm --repeats 2); per_step=(--models baseline --images 256 --rounds 1 --epochs 1 --breakdown)
   overhead=(--models baseline --images 256 --epochs 1 --side-by-side 1); epochs=2
 else
-  depth=(--models baseline bn lstm mobilenetv2 resnet50 --repeats 3)
-  per_step=(--models baseline bn --images 4096 --rounds 1 --epochs 3)
+  depth=(--models baseline bn lstm resnet50 mobilenetv2 --repeats 3)
+  per_step=(--models baseline bn --images 8192 --rounds 2 --epochs 2 --breakdown)
   overhead=(--images 20000 --epochs 2 --side-by-side 2); epochs=5
 fi
 parts=" ${PARTS:-depth per_step overhead experiment} "
@@ -49,9 +50,9 @@ part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/N
 } 2>&1 | tee "$out/device.log"
 
 cd "$root/benchmarks"
-part depth 290 "$py" depth.py "${depth[@]}"
-part per_step 110 "$py" per_step.py "${per_step[@]}"
+part depth 300 "$py" depth.py "${depth[@]}"
+part per_step 130 "$py" per_step.py "${per_step[@]}"
 part overhead 70 "$py" overhead.py "${overhead[@]}"
 # The reference pair on real CIFAR-10 images, per-step rows every 10 steps and the gradient shift.
-part experiment 90 "$py" -m icsviz.cli experiment --data-dir "$data" --epochs "$epochs" \
+part experiment 70 "$py" -m icsviz.cli experiment --data-dir "$data" --epochs "$epochs" \
   --batch-stats 10 --gradient-shift --out-dir "$out/runs" --overwrite

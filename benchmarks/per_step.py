@@ -24,6 +24,10 @@ and adds the callback's per-batch hooks as timed in that fit's first epoch:
 
     ratio = (median step with statistics + hooks per step) / median plain step
 
+`--breakdown` adds a third fit per round in which the statistics kernels are left out (each
+layer's sample mean stands in for its statistics, in a vector of the same size): what the
+interception, the sampling gather, the step's extra output, the hooks and the writes cost alone.
+
 Target (issue 8): at most 1.10 on the reference CNN (both models), 1.25 on MobileNetV2
 (`--models mobilenetv2`).
 """
@@ -35,12 +39,14 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import keras
 import numpy as np
 
 from _common import EpochTimer, TimedCallback, cifar_like, reference_model
 from icsviz import ICSCallback
+from icsviz.capture import batch_stats
 from icsviz.train import RECIPES, Recipe
 
 EPOCH_HOOKS = ("on_epoch_begin", "on_epoch_end")  # inside the epoch timer (training begin/end are not)
@@ -55,9 +61,18 @@ def make(name: str) -> tuple[keras.Model, Recipe]:
     return reference_model(name)
 
 
-def measure(name: str, x, y, rounds: int, epochs: int, folder: Path) -> None:
+def gather_only_vector(samples, plans, q, host_sort=False):
+    """`--breakdown`'s stand-in for `batch_stats.batch_vector`: each layer's sample mean in a
+    vector of the real size (so the writes are the same), no sorts, histograms or moments."""
+    ops = keras.ops
+    means = ops.stack([ops.mean(s) for s in samples])
+    return ops.concatenate([means, ops.zeros((sum(p.size for p in plans) - len(plans),))])
+
+
+def measure(name: str, x, y, rounds: int, epochs: int, folder: Path, breakdown: bool = False) -> None:
     model, recipe = make(name)
     ratios, plain_steps, with_steps = [], [], []
+    gather_ratios: list[float] = []
     steps = -(-len(x) // recipe.batch_size)
     for _ in range(rounds):
         # One fit per mode, as a user trains: its first epoch traces (and the per-step mode
@@ -75,12 +90,31 @@ def measure(name: str, x, y, rounds: int, epochs: int, folder: Path) -> None:
             ratios.append(with_time / plain.times[epoch])
             plain_steps.append(plain.times[epoch] / steps)
             with_steps.append(with_time / steps)
+        if breakdown:  # the same per-step machinery with the statistics kernels left out
+            gathered = TimedCallback(
+                ICSCallback(
+                    folder / f"{name}-g.h5", probe=(x[:256], y[:256]), batch_stats=True, overwrite=True
+                )
+            )
+            only = EpochTimer()
+            with mock.patch.object(batch_stats, "batch_vector", gather_only_vector):
+                model.fit(x, y, callbacks=[only.begin, gathered, only.end], **fit)
+            for epoch in range(1, epochs + 1):
+                hooks = sum(gathered.hook_seconds[(hook, epoch)] for hook in EPOCH_HOOKS)
+                gather_ratios.append((only.times[epoch] - hooks) / plain.times[epoch])
     print(
         f"{name:11s} batch {recipe.batch_size}: step {statistics.median(plain_steps) * 1e3:.1f} ms plain, "
         f"{statistics.median(with_steps) * 1e3:.1f} ms with batch_stats -> ratio "
         f"{statistics.median(ratios):.3f} (epochs: {', '.join(f'{r:.3f}' for r in ratios)})",
         flush=True,
     )
+    if breakdown:
+        print(
+            f"{name:11s} the same without the statistics kernels (interception, samples, step output, "
+            f"hooks and writes only) -> ratio {statistics.median(gather_ratios):.3f} "
+            f"(epochs: {', '.join(f'{r:.3f}' for r in gather_ratios)})",
+            flush=True,
+        )
 
 
 def measure_paired(name: str, x, y, pairs: int, folder: Path) -> None:
@@ -140,6 +174,11 @@ def main() -> None:
     parser.add_argument(
         "--paired", type=int, metavar="N", help="N alternating step pairs in one fit (TensorFlow)"
     )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="a third fit per round with the statistics kernels left out (what the machinery costs)",
+    )
     args = parser.parse_args()
     x, y = cifar_like(args.images)
     print(
@@ -150,7 +189,7 @@ def main() -> None:
             if args.paired:
                 measure_paired(name, x, y, args.paired, Path(folder))
             else:
-                measure(name, x, y, args.rounds, args.epochs, Path(folder))
+                measure(name, x, y, args.rounds, args.epochs, Path(folder), args.breakdown)
 
 
 if __name__ == "__main__":
