@@ -172,3 +172,71 @@ def test_a_format_too_new_for_this_library_says_how_to_read_it(tmp_path) -> None
     assert "bad version number for layout message" in message
     assert "pip install -U h5py" in message and h5py.version.hdf5_version in message
     assert f"icsviz check {path}" in message  # it may still be damage
+
+
+def _batch_layout():
+    import dataclasses
+
+    from icsviz.store.schema import BatchLayerSpec
+
+    layout = tiny_layout()
+    specs = (BatchLayerSpec("dense", 0, 4, (0, 3), 64, 16), BatchLayerSpec("block/relu", 1, 4, (1,), 64, 16))
+    return dataclasses.replace(layout, batch_layers=specs)
+
+
+def _batch_rows(layout, steps: list[int]):
+    from icsviz.store.writer import BatchRows
+
+    s, b, q = len(steps), layout.hist_bins, len(layout.quantiles)
+    value = np.asarray(steps, "f8")
+    layers = [
+        {
+            "hist_counts": np.tile(np.arange(b, dtype="i4"), (s, 1)) + value[:, None].astype("i4"),
+            "hist_range": np.stack([value, value + 1], axis=1),
+            "quantiles": np.linspace(0, 1, q)[None, :] + value[:, None],
+            "moments": np.stack([value, value + 1, -value, value + 2], axis=1),
+            "zero_frac": value / 100,
+            "nonfinite": np.asarray(steps, "i4") % 2,
+            "unit_quantiles": np.zeros((s, len(spec.tracked_units), q)) + value[:, None, None],
+        }
+        for spec in layout.batch_layers
+    ]
+    return BatchRows(step=np.asarray(steps, "i8"), epoch=value / 10, time=value, layers=layers)
+
+
+def test_per_step_rows_grow_by_chunks_and_only_committed_rows_are_read(tmp_path) -> None:
+    layout = _batch_layout()
+    path = tmp_path / "steps.h5"
+    with RunWriter.create(path, layout, {}) as w:
+        w.write_batches(_batch_rows(layout, [0, 1, 2]))
+        w.write_batches(_batch_rows(layout, [3, 4]))
+        with h5py.File(path, "r", swmr=True) as f:  # mid-run: data rows a chunk ahead of the marker
+            assert f["batches/step"].shape[0] == 5
+            assert f["batches/layers/000_dense/quantiles"].shape[0] > 5
+        with open_run(path) as run:
+            np.testing.assert_array_equal(run.batch_steps, [0, 1, 2, 3, 4])
+            acts = run.batch_activations("dense")
+            np.testing.assert_allclose(acts.mean, [0, 1, 2, 3, 4])
+            np.testing.assert_array_equal(acts.counts[4], np.arange(layout.hist_bins) + 4)
+            assert acts.unit_quantiles.shape == (5, 2, len(layout.quantiles))
+    with h5py.File(path, "r") as f:  # compacted at close: exactly the committed rows
+        assert f["batches/layers/000_dense/quantiles"].shape[0] == 5
+
+
+def test_per_step_rows_written_without_their_marker_are_replaced(tmp_path) -> None:
+    layout = _batch_layout()
+    path = tmp_path / "steps.h5"
+    with RunWriter.create(path, layout, {}) as w:
+        w.write_batches(_batch_rows(layout, [0, 1]))
+    with h5py.File(path, "a") as f:  # a writer killed between the data rows and the marker
+        ds = f["batches/layers/000_dense/moments"]
+        ds.resize(4, axis=0)
+        ds[2:4] = 99.0
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.batch_steps, [0, 1])
+        np.testing.assert_allclose(run.batch_activations("dense").mean, [0, 1])
+    with RunWriter.resume(path, layout, from_epoch=1) as w:  # both rows are of epoch 0
+        w.write_batches(_batch_rows(layout, [10, 11, 12]))
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.batch_steps, [0, 1, 10, 11, 12])
+        np.testing.assert_allclose(run.batch_activations("dense").mean, [0, 1, 10, 11, 12])

@@ -402,10 +402,12 @@ class RunWriter:
         for spec, stats in zip(self.layout.batch_layers, rows.layers):
             g = f"batches/layers/{self._layer_ids[spec.index]}/"
             writes += [(g + name, stats[name]) for name in BATCH_DATASETS]
-        for name, value in writes:
-            _append_rows(self._ds(name), start, np.asarray(value))
+        for name, value in writes:  # these grow a chunk at a time: rows past the marker are not committed
+            self._rows(name).write_rows(start, value)
         self._file.flush()
-        _append_rows(self._ds("batches/step"), start, np.asarray(rows.step))  # the commit marker, last
+        _append_rows(
+            self._ds("batches/step"), start, np.asarray(rows.step)
+        )  # the commit marker, last, exact length
         self._file.flush()
         assert self.num_batch_rows == start + n
 
@@ -473,7 +475,7 @@ class RunWriter:
 
 
 class _RowWriter:
-    """Appends rows to one per-capture dataset through h5py's low-level API.
+    """Appends rows to one per-capture or per-step dataset through h5py's low-level API.
 
     A capture of a deep model writes a few thousand small rows; the high-level
     `ds[row] = value` (selection parsing, a resize per row) cost ~0.2 ms each. Here
@@ -493,13 +495,26 @@ class _RowWriter:
         self.offset_tail = (0,) * len(self.row_shape)
 
     def write(self, row: int, value: Any) -> None:
-        if row >= self.capacity:
-            self.capacity = (row // self.grow + 1) * self.grow
-            self.ds.id.set_extent((self.capacity, *self.row_shape))
-            self.file_space = self.ds.id.get_space()
+        self._reserve(row + 1)
         data = np.ascontiguousarray(np.asarray(value, dtype=self.dtype).reshape((1, *self.row_shape)))
         self.file_space.select_hyperslab((row, *self.offset_tail), (1, *self.row_shape))
         self.ds.id.write(self.memory, self.file_space, data)
+
+    def write_rows(self, start: int, values: Any) -> None:
+        """Rows `start`, `start + 1`, ... from the first axis of `values`, in one write."""
+        data = np.ascontiguousarray(np.asarray(values, dtype=self.dtype).reshape((-1, *self.row_shape)))
+        n = len(data)
+        if not n:
+            return
+        self._reserve(start + n)
+        self.file_space.select_hyperslab((start, *self.offset_tail), (n, *self.row_shape))
+        self.ds.id.write(h5py.h5s.create_simple(data.shape), self.file_space, data)
+
+    def _reserve(self, rows: int) -> None:
+        if rows > self.capacity:
+            self.capacity = ((rows - 1) // self.grow + 1) * self.grow
+            self.ds.id.set_extent((self.capacity, *self.row_shape))
+            self.file_space = self.ds.id.get_space()
 
 
 def _append_rows(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
