@@ -52,7 +52,16 @@ from .intercept import Recorder, intercept, warn_once
 from .layers import SelectedLayer
 from .stats import dyadic_grid, interpolated_quantiles, unit_axis
 
-__all__ = ["SAMPLE", "UNIT_SAMPLE", "BatchPlan", "StepStatistics", "batch_vector", "tensor_sample", "unpack"]
+__all__ = [
+    "SAMPLE",
+    "UNIT_SAMPLE",
+    "BatchPlan",
+    "StepStatistics",
+    "batch_vector",
+    "tensor_sample",
+    "to_host",
+    "unpack",
+]
 
 ops = keras.ops
 
@@ -414,17 +423,27 @@ class StepStatistics:
         model.train_function = self._saved["train_function"]
         self._installed = False
 
-    def drain(self, limit: int | None = None) -> np.ndarray:
-        """(S, total) the first `limit` (default: all) vectors received, in step order."""
+    def take(self, limit: int | None = None) -> list[Any]:
+        """The first `limit` (default: all) vectors received, in step order, still on the device."""
         count = len(self._pending) if limit is None else min(limit, len(self._pending))
         taken, self._pending = self._pending[:count], self._pending[count:]
-        if not taken:
-            return np.zeros((0, sum(p.size for p in self.plans)), "float32")
-        return np.stack([np.asarray(v, "float32") for v in backend.to_numpy(taken)])
+        return taken
+
+    def drain(self, limit: int | None = None) -> np.ndarray:
+        """(S, total) the first `limit` (default: all) vectors received, in step order."""
+        return to_host(self.take(limit), self.plans)
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+
+def to_host(vectors: Sequence[Any], plans: Sequence[BatchPlan]) -> np.ndarray:
+    """(S, total) float32 on the host from S step vectors on the device (one copy for all;
+    it waits for the last step that made one, so the callback runs it on the writer's thread)."""
+    if not vectors:
+        return np.zeros((0, sum(p.size for p in plans)), "float32")
+    return np.stack([np.asarray(v, "float32") for v in backend.to_numpy(list(vectors))])
 
 
 class _Remembering:

@@ -20,7 +20,7 @@ from ..errors import CaptureWarning, IncompatibleRunError, RunExistsError, RunIn
 from ..store.schema import BatchLayerSpec, RunLayout
 from ..store.writer import BatchRows, RunWriter
 from . import backend
-from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, unpack, unsupported_reason
+from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, to_host, unpack, unsupported_reason
 from .layers import LayerFilter, select_layers
 from .program import CaptureProgram
 from .stats import CaptureOptions
@@ -273,6 +273,7 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_offset = 0
         self._finalizer: Any = None
         self._steps: StepStatistics | None = None
+        self._steps_failure: BaseException | None = None  # found on the writer's thread
         self._step_tags: list[tuple[int, float, float]] = []  # (step, epoch, time) awaiting their vectors
         self._tagged_through = 0
         # Keras's JAX and torch loops dispatch the next step without waiting for this one's
@@ -494,20 +495,36 @@ class ICSCallback(keras.callbacks.Callback):
         n = min(len(self._step_tags), steps.pending)
         if n == 0:
             return
-        vectors = steps.drain(n)
+        vectors = steps.take(n)
         tags, self._step_tags = self._step_tags[:n], self._step_tags[n:]
         # batch_stats=N: every step computes its row (one step program), every N-th is kept.
         keep = [i for i, tag in enumerate(tags) if tag[0] % self.batch_stats_every == 0]
         if not keep:
             return
-        vectors, tags = vectors[keep], [tags[i] for i in keep]
-        rows = BatchRows(
-            step=np.asarray([t[0] for t in tags], "i8"),
-            epoch=np.asarray([t[1] for t in tags], "f8"),
-            time=np.asarray([t[2] for t in tags], "f8"),
-            layers=unpack(vectors, steps.plans),
-        )
-        self._write("training-batch statistics", lambda: writer.write_batches(rows))
+        vectors, tags = [vectors[i] for i in keep], [tags[i] for i in keep]
+        plans = steps.plans
+
+        def write() -> None:
+            # On the writer's thread: the copy to the host waits for the last of these steps,
+            # which the training thread has only just dispatched (JAX, torch).
+            try:
+                rows = BatchRows(
+                    step=np.asarray([t[0] for t in tags], "i8"),
+                    epoch=np.asarray([t[1] for t in tags], "f8"),
+                    time=np.asarray([t[2] for t in tags], "f8"),
+                    layers=unpack(to_host(vectors, plans), plans),
+                )
+            except Exception as exc:  # noqa: BLE001 - the per-step mode's own failure, not the file's
+                self._steps_failure = exc  # reported on the training thread, which turns the mode off
+                return
+            writer.write_batches(rows)
+
+        self._write("training-batch statistics", write)
+
+    def _report_steps_failure(self) -> None:
+        failure, self._steps_failure = self._steps_failure, None
+        if failure is not None:
+            self._safely_steps("per-step statistics", functools.partial(_reraise, failure))
 
     def _recorded_epochs(self) -> int:
         from ..store.reader import open_run  # the reader needs no Keras; imported lazily
@@ -585,6 +602,7 @@ class ICSCallback(keras.callbacks.Callback):
             self._safely("a step capture", lambda: self._capture(epoch, "step"))
 
     def _tag_and_flush_steps(self) -> None:
+        self._report_steps_failure()
         if self._steps is not None:
             self._safely_steps("per-step statistics", self._tag_steps)
             if self._steps is not None and len(self._step_tags) >= self.flush_every:
@@ -675,6 +693,9 @@ class ICSCallback(keras.callbacks.Callback):
             self._safely_steps("writing per-step statistics", self._flush_steps)
             self._stop_steps()
         self.flush()
+        if self._steps_failure is not None:  # found by the last writes: warn (the mode is off already)
+            failure, self._steps_failure = self._steps_failure, None
+            self._warn("per-step statistics (the last steps' rows are not written)", failure)
         if self._writer is not None:
             try:
                 if self._write_failed:  # already reported: leave the committed captures as they are
@@ -693,3 +714,7 @@ class ICSCallback(keras.callbacks.Callback):
 
     _epoch_index = 0
     _global_step = 0
+
+
+def _reraise(exc: BaseException) -> None:
+    raise exc
