@@ -138,6 +138,30 @@ def test_step_rows_reach_the_host_on_the_writers_thread(tmp_path: Path, monkeypa
         np.testing.assert_array_equal(run.batch_steps, np.arange(12))
 
 
+def test_by_default_step_rows_are_written_by_the_clock(tmp_path: Path, monkeypatch) -> None:
+    from icsviz.capture import callback
+
+    sizes: list[int] = []
+    original = callback.to_host
+    monkeypatch.setattr(
+        callback, "to_host", lambda vectors, plans: (sizes.append(len(vectors)), original(vectors, plans))[1]
+    )
+    monkeypatch.setattr(callback, "_FLUSH_SECONDS", 0.0)  # a step that lasts 2 s: each step written
+    _fit([ICSCallback(tmp_path / "slow.h5", probe=_probe(), batch_stats=True)], lr=0.0)
+    assert sizes == [1] * 12
+    sizes.clear()
+    monkeypatch.setattr(callback, "_FLUSH_SECONDS", 1e9)  # fast steps: written at the step cap
+    monkeypatch.setattr(callback, "_FLUSH_MAX_STEPS", 5)
+    _fit([ICSCallback(tmp_path / "fast.h5", probe=_probe(), batch_stats=True)], lr=0.0)
+    assert sizes == [5, 1, 5, 1]  # epochs of 6 steps: the rest at each epoch's end
+    with open_run(tmp_path / "fast.h5") as fast, open_run(tmp_path / "slow.h5") as slow:
+        np.testing.assert_array_equal(fast.batch_steps, np.arange(12))
+        np.testing.assert_array_equal(
+            fast.batch_activations("bn").counts, slow.batch_activations("bn").counts
+        )
+        assert fast.attrs["config"]["flush_every"] is None and fast.attrs["config"]["flush_seconds"] == 1e9
+
+
 def test_a_failure_reading_step_rows_turns_the_mode_off_and_captures_go_on(
     tmp_path: Path, monkeypatch
 ) -> None:

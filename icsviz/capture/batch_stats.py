@@ -6,7 +6,7 @@ while Keras traces the model's own training step, and a few statistics of each
 captured tensor are computed right there, on the device, from the tensors the
 step computes anyway (no second pass). They leave the compiled step as one
 small float32 vector per step, which the callback keeps on the device and
-writes every `flush_every` steps.
+writes every 2 seconds (or every `flush_every` steps).
 
 Per tensor and step:
 - exact over the whole batch: mean, std, min, max;

@@ -29,6 +29,8 @@ from .write_queue import WriteQueue
 __all__ = ["ICSCallback"]
 
 _MAX_PROBE = 4096
+_FLUSH_SECONDS = 2.0  # per-step rows, flush_every=None: written this often...
+_FLUSH_MAX_STEPS = 1000  # ...or after this many steps (their vectors wait on the device)
 
 
 def _close_when_written(queue: WriteQueue, writer: RunWriter) -> None:
@@ -145,8 +147,10 @@ class ICSCallback(keras.callbacks.Callback):
             row is still one batch's statistics, and the file grows N times
             slower on long runs (the in-step cost is the same).
         flush_every: In per-step mode, write the steps' rows every this many
-            steps (they wait on the device until then; a kill loses at most
-            these).
+            steps. None (the default): every 2 seconds of training (at most
+            1000 steps apart), so that the writes take the same small share of
+            the time whether a step lasts 2 ms or 2 s. The rows wait on the
+            device until written; a kill loses at most these.
         gradient_shift: Also record the gradient-shift measure of Santurkar et
             al. (2018), which costs one extra backward pass per layer.
         histogram_bins: Bins of each activation histogram.
@@ -187,7 +191,7 @@ class ICSCallback(keras.callbacks.Callback):
         layers: Sequence[LayerFilter] | None = None,
         every_n_steps: int | None = None,
         batch_stats: bool | int = False,
-        flush_every: int = 100,
+        flush_every: int | None = None,
         gradient_shift: bool = False,
         histogram_bins: int = 64,
         tracked_units: int = 3,
@@ -210,8 +214,10 @@ class ICSCallback(keras.callbacks.Callback):
                 "batch_stats must be True, False or a positive integer N (keep every N-th step). "
                 f"Received: batch_stats={batch_stats!r}"
             )
-        if not isinstance(flush_every, int) or flush_every < 1:
-            raise ValueError(f"flush_every must be a positive integer. Received: flush_every={flush_every!r}")
+        if flush_every is not None and (not isinstance(flush_every, int) or flush_every < 1):
+            raise ValueError(
+                f"flush_every must be a positive integer or None. Received: flush_every={flush_every!r}"
+            )
         if not isinstance(histogram_bins, int) or not 2 <= histogram_bins <= 4096:
             raise ValueError(
                 f"histogram_bins must be an integer from 2 to 4096. Received: histogram_bins={histogram_bins!r}"
@@ -273,6 +279,7 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_offset = 0
         self._finalizer: Any = None
         self._steps: StepStatistics | None = None
+        self._last_step_flush = 0.0
         self._steps_failure: BaseException | None = None  # found on the writer's thread
         self._step_tags: list[tuple[int, float, float]] = []  # (step, epoch, time) awaiting their vectors
         self._tagged_through = 0
@@ -453,6 +460,7 @@ class ICSCallback(keras.callbacks.Callback):
         self._steps.install()
         self._step_tags = []
         self._tagged_through = self._global_step
+        self._last_step_flush = time.perf_counter()
 
     def _safely_steps(self, what: str, fn: Callable[[], None]) -> None:
         """A failure in the per-step mode turns it off; probe captures go on."""
@@ -495,6 +503,7 @@ class ICSCallback(keras.callbacks.Callback):
         n = min(len(self._step_tags), steps.pending)
         if n == 0:
             return
+        self._last_step_flush = time.perf_counter()
         vectors = steps.take(n)
         tags, self._step_tags = self._step_tags[:n], self._step_tags[n:]
         # batch_stats=N: every step computes its row (one step program), every N-th is kept.
@@ -545,6 +554,7 @@ class ICSCallback(keras.callbacks.Callback):
             "batch_stats": self.batch_stats,
             "batch_stats_every": self.batch_stats_every or None,
             "flush_every": self.flush_every if self.batch_stats else None,
+            "flush_seconds": _FLUSH_SECONDS if self.batch_stats and self.flush_every is None else None,
             "probe_size": self._probe_size,
             "probe_has_labels": self._probe_y is not None,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
@@ -605,8 +615,17 @@ class ICSCallback(keras.callbacks.Callback):
         self._report_steps_failure()
         if self._steps is not None:
             self._safely_steps("per-step statistics", self._tag_steps)
-            if self._steps is not None and len(self._step_tags) >= self.flush_every:
+            if self._steps is not None and self._flush_due():
                 self._safely_steps("writing per-step statistics", self._flush_steps)
+
+    def _flush_due(self) -> bool:
+        waiting = len(self._step_tags)
+        if self.flush_every is not None:
+            return waiting >= self.flush_every
+        # A write of the rows costs about the same for 1 step or 1000 (a few ms per layer on the
+        # writer's thread, which shares the GIL with the training loop): write by the clock.
+        elapsed = time.perf_counter() - self._last_step_flush
+        return waiting >= _FLUSH_MAX_STEPS or (waiting > 0 and elapsed >= _FLUSH_SECONDS)
 
     @property
     def _current_epoch(self) -> float:
