@@ -10,6 +10,8 @@
 # Each part has its own time limit, so one that runs long cannot eat the others' time; all four
 # fit in 570 s (one call of a 15-minute GPU lease). On an H100 (2026-11-26) depth.py needed
 # about 150-200 s for its five models and per_step.py over 120 s with MobileNetV2 (XLA compiles);
+# on 2026-11-26 (fifth session) depth.py took 194 s, per_step.py 138 s for 32768 images (1,024
+# steps of 2 ms an epoch: shorter epochs swung 0.85-1.57);
 # depth.py has since added two one-step fits of fresh models per model (the first capture counted
 # from outside: Keras compiles its step twice more), so it has the largest share now (ResNet50
 # before MobileNetV2, whose compiles are the longest) and per_step.py measures the two
@@ -29,7 +31,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   overhead=(--models baseline --images 256 --epochs 1 --side-by-side 1); epochs=2
 else
   depth=(--models baseline bn lstm resnet50 mobilenetv2 --repeats 3)
-  per_step=(--models baseline bn --images 8192 --rounds 2 --epochs 2 --breakdown)
+  per_step=(--models baseline bn --images 32768 --rounds 2 --epochs 2 --breakdown)
   overhead=(--images 20000 --epochs 2 --side-by-side 2); epochs=5
 fi
 parts=" ${PARTS:-depth per_step overhead experiment} "
@@ -50,8 +52,8 @@ part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/N
 } 2>&1 | tee "$out/device.log"
 
 cd "$root/benchmarks"
-part depth 300 "$py" depth.py "${depth[@]}"
-part per_step 130 "$py" per_step.py "${per_step[@]}"
+part depth 250 "$py" depth.py "${depth[@]}"
+part per_step 180 "$py" per_step.py "${per_step[@]}"
 part overhead 70 "$py" overhead.py "${overhead[@]}"
 # The reference pair on real CIFAR-10 images, per-step rows every 10 steps and the gradient shift.
 part experiment 70 "$py" -m icsviz.cli experiment --data-dir "$data" --epochs "$epochs" \
