@@ -8,14 +8,11 @@
 #   PARTS="depth per_step"  only these parts (default: depth per_step overhead experiment)
 #
 # Each part has its own time limit, so one that runs long cannot eat the others' time; all four
-# fit in 570 s (one call of a 15-minute GPU lease). On an H100 (2026-11-26) depth.py needed
-# about 150-200 s for its five models and per_step.py over 120 s with MobileNetV2 (XLA compiles);
-# on 2026-11-26 (fifth session) depth.py took 194 s, per_step.py 138 s for 32768 images (1,024
-# steps of 2 ms an epoch: shorter epochs swung 0.85-1.57);
-# depth.py has since added two one-step fits of fresh models per model (the first capture counted
-# from outside: Keras compiles its step twice more), so it has the largest share now (ResNet50
-# before MobileNetV2, whose compiles are the longest) and per_step.py measures the two
-# reference CNNs, with the breakdown of what its machinery costs without the statistics.
+# fit in 570 s (one call of a 15-minute GPU lease). On an H100 (2026-11-26, fifth session)
+# depth.py took 194 s (two one-step fits of fresh models per model for the first capture counted
+# from outside; ResNet50 before MobileNetV2, whose compiles are the longest), per_step.py 138 s
+# for the two reference CNNs with --breakdown on 32768 images (epochs of 1,024 steps of 2 ms:
+# shorter ones swung from 0.85 to 1.57), overhead.py 63 s, the reference pair 61 s.
 # README's GPU table comes from these logs.
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_suite.sh OUT_DIR [CIFAR_DIR]}")
