@@ -240,3 +240,46 @@ def test_per_step_rows_written_without_their_marker_are_replaced(tmp_path) -> No
     with open_run(path) as run:
         np.testing.assert_array_equal(run.batch_steps, [0, 1, 10, 11, 12])
         np.testing.assert_allclose(run.batch_activations("dense").mean, [0, 1, 10, 11, 12])
+
+
+def test_compaction_keeps_every_committed_value_and_attribute(tmp_path) -> None:
+    from icsviz.store.writer import _rewrite
+
+    layout = _batch_layout()
+    raw = tmp_path / "raw.h5"
+    w = RunWriter.create(raw, layout, {"run_name": "keep", "config": {"lr": 0.1}})
+    for step in range(3):
+        w.write_capture(tiny_capture(layout, step))
+    w.write_batches(_batch_rows(layout, [0, 1, 2, 3]))
+    w.write_epoch(0, {"loss": 1.5})
+    w.close(compact=False)
+    with h5py.File(raw, "a") as f:  # text stored variable-length, as h5py writes a str by default
+        f["layers"].attrs["note"] = "ünïcode text"
+    compact = _rewrite(raw, status="complete", out=tmp_path / "compact.h5")
+    with h5py.File(raw, "r") as before, h5py.File(compact, "r") as after:
+        committed = {"captures": before["captures/step"].shape[0], "batches": before["batches/step"].shape[0]}
+        seen = []
+
+        def same(name: str, old) -> None:
+            new = after[name]
+            for key, value in old.attrs.items():
+                if key == "note":  # now fixed-length UTF-8 text, as icsviz writes text elsewhere
+                    assert new.attrs.get_id(key).dtype.kind == "S" and new.attrs[key].decode() == value
+                else:
+                    assert new.attrs.get_id(key).dtype == old.attrs.get_id(key).dtype, (name, key)
+                    np.testing.assert_array_equal(new.attrs[key], value)
+            assert sorted(new.attrs) == sorted(old.attrs), name
+            if not isinstance(old, h5py.Dataset):
+                return
+            seen.append(name)
+            assert new.dtype == old.dtype and new.maxshape == old.maxshape, name
+            rows = old.shape[0] if old.shape else None
+            if old.maxshape and old.maxshape[0] is None and not name.startswith("history"):
+                rows = committed["batches" if name.startswith("batches") else "captures"]
+                assert (new.compression, new.shuffle, new.fletcher32) == ("gzip", True, True), name
+            np.testing.assert_array_equal(new[()], old[()] if rows is None else old[:rows], err_msg=name)
+
+        before.visititems(same)
+        assert "layers/000_dense/quantiles" in seen and "batches/layers/000_dense/moments" in seen
+    with open_run(compact) as run:
+        assert run.name == "keep" and run.num_captures == 3 and list(run.batch_steps) == [0, 1, 2, 3]
