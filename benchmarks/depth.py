@@ -5,7 +5,8 @@ Usage: python benchmarks/depth.py [--models baseline bn mobilenetv2 resnet50 lst
 For each model, in one process (medians of --repeats, interleaved):
 - train step: `train_on_batch` on a batch of the probe's size;
 - capture: one steady-state probe capture, split into the compiled statistics, the host's
-  quantiles (sorting the samples) and the HDF5 write, and its ratio to the step; then as the
+  quantiles (sorting the samples) and the HDF5 write (also per capture when 8 go together, as
+  frequent step captures do), and its ratio to the step; then as the
   callback takes it, the quantiles and the write on the writer's thread beside the next
   training step: what the training thread pays (the statistics, and what the writer's work
   slows that step);
@@ -138,6 +139,12 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
         start = time.perf_counter()
         model.train_on_batch(batch_x, batch_y)
         steps_t.append(time.perf_counter() - start)
+    # Frequent step captures go to the file together (ICSCallback: those within 2 s, up to 16).
+    together_t = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        writer.write_captures([capture] * 8)
+        together_t.append((time.perf_counter() - start) / 8)
     # As ICSCallback takes it: the write handed to the writer's thread, overlapping the next
     # training step. The training thread pays the statistics, and whatever the write slows
     # the step that runs beside it.
@@ -166,7 +173,8 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     print(
         f"{name:11s} {layers:3d} tensors, {len(program.trainable):3d} variables | step {step * 1e3:6.1f} ms | "
         f"capture {(stats + host + write) * 1e3:6.1f} ms = stats {stats * 1e3:6.1f} + quantiles {host * 1e3:4.1f} "
-        f"+ write {write * 1e3:5.1f} -> x{(stats + host + write) / step:4.2f} steps; on the training thread "
+        f"+ write {write * 1e3:5.1f} (8 together: {statistics.median(together_t) * 1e3:5.1f} each) "
+        f"-> x{(stats + host + write) / step:4.2f} steps; on the training thread "
         f"(quantiles and write beside the next step) "
         f"{threaded * 1e3:6.1f} ms -> x{threaded / step:4.2f} | first capture {first:5.1f} s (its hook {first_hook:4.1f} s; "
         f"Keras's own first step {keras_first:4.1f} s) | "

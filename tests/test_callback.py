@@ -490,14 +490,14 @@ def test_captures_are_written_on_the_writer_thread_and_all_are_in_the_file(tmp_p
     from icsviz.store.writer import RunWriter
 
     threads: list[str] = []
-    original = RunWriter.write_capture
+    original = RunWriter.write_captures
 
-    def slow_write(self, capture):
+    def slow_write(self, captures):
         threads.append(threading.current_thread().name)
         time.sleep(0.05)  # a slow disk: training does not wait for it
-        original(self, capture)
+        original(self, captures)
 
-    monkeypatch.setattr(RunWriter, "write_capture", slow_write)
+    monkeypatch.setattr(RunWriter, "write_captures", slow_write)
     path = tmp_path / "threaded.h5"
     x, y = data()
     model = compiled(sequential())
@@ -526,6 +526,64 @@ def test_a_crash_in_training_leaves_every_capture_taken_before_it(tmp_path) -> N
     gc.collect()  # the callback's finalizer: the queued captures are written, the file closed
     with open_run(path) as run:
         assert list(run.epochs) == [0.0, 1.0, 2.0] and run.status == "interrupted"
+
+
+def test_frequent_step_captures_are_written_together_with_the_same_values(tmp_path, monkeypatch) -> None:
+    from icsviz.capture import callback
+    from icsviz.store.writer import RunWriter
+
+    sizes: list[int] = []
+    original = RunWriter.write_captures
+
+    def recording(self, captures):
+        sizes.append(len(captures))
+        original(self, captures)
+
+    monkeypatch.setattr(RunWriter, "write_captures", recording)
+    monkeypatch.setattr(callback, "_FLUSH_SECONDS", 0.0)  # each capture written on its own
+    fit(sequential(), tmp_path / "alone.h5", epochs=2, every_n_steps=1)
+    assert sizes == [1] * 13  # step 0, 5 step captures and the epoch's, twice (6 steps an epoch)
+    sizes.clear()
+    monkeypatch.setattr(callback, "_FLUSH_SECONDS", 1e9)  # steps far faster than the clock
+    monkeypatch.setattr(callback, "_CAPTURES_PER_WRITE", 4)
+    fit(sequential(), tmp_path / "together.h5", epochs=2, every_n_steps=1)
+    # Four step captures at a time; the epoch capture takes the rest with it.
+    assert sizes == [1, 4, 2, 4, 2]
+    with open_run(tmp_path / "alone.h5") as alone, open_run(tmp_path / "together.h5") as together:
+        np.testing.assert_array_equal(together.steps, alone.steps)
+        assert together.capture_kinds == alone.capture_kinds and together.capture_kinds.count("step") == 10
+        np.testing.assert_array_equal(together.epochs, alone.epochs)
+        for name in alone.layer_names:
+            a, b = alone.activations(name), together.activations(name)
+            np.testing.assert_array_equal(b.counts, a.counts)
+            np.testing.assert_array_equal(b.quantiles, a.quantiles)
+            np.testing.assert_array_equal(b.unit_quantiles, a.unit_quantiles)
+        np.testing.assert_array_equal(together.gradients("d1").grad_norm, alone.gradients("d1").grad_norm)
+
+
+def test_a_crash_leaves_the_step_captures_still_waiting_to_be_written(tmp_path, monkeypatch) -> None:
+    import gc
+
+    from icsviz.capture import callback
+
+    monkeypatch.setattr(callback, "_FLUSH_SECONDS", 1e9)  # every step capture waits for the epoch's
+    path = tmp_path / "crashed.h5"
+    x, y = data()
+    model = compiled(sequential())
+
+    class Crash(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 3:  # after ICSCallback took the capture of step 4
+                raise RuntimeError("the user's training crashed")
+
+    ics = ICSCallback(path, probe=(x[:32], y[:32]), every_n_steps=1)
+    with pytest.raises(RuntimeError, match="crashed"):
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[ics, Crash()])
+    del ics
+    gc.collect()  # the finalizer writes the waiting captures, then closes the file
+    with open_run(path) as run:
+        assert list(run.steps) == [0, 1, 2, 3, 4] and run.status == "interrupted"
+        assert np.isfinite(run.activations("d1").mean).all()
 
 
 def test_the_quantiles_of_captures_are_computed_on_the_writers_thread(tmp_path, monkeypatch) -> None:

@@ -283,3 +283,29 @@ def test_compaction_keeps_every_committed_value_and_attribute(tmp_path) -> None:
         assert "layers/000_dense/quantiles" in seen and "batches/layers/000_dense/moments" in seen
     with open_run(compact) as run:
         assert run.name == "keep" and run.num_captures == 3 and list(run.batch_steps) == [0, 1, 2, 3]
+
+
+def test_captures_written_together_equal_those_written_one_by_one(tmp_path, layout) -> None:
+    captures = [tiny_capture(layout, step, value=0.5) for step in range(7)]
+    with RunWriter.create(tmp_path / "one.h5", layout, {}) as w:
+        for capture in captures:
+            w.write_capture(capture)
+    with RunWriter.create(tmp_path / "together.h5", layout, {}) as w:
+        w.write_captures(captures[:1])
+        w.write_captures(captures[1:5])
+        assert w.num_captures == 5  # the marker grew by exactly the captures written
+        w.write_captures([])
+        w.write_captures(captures[5:])
+    with h5py.File(tmp_path / "one.h5", "r") as one, h5py.File(tmp_path / "together.h5", "r") as together:
+        compared = []
+
+        def same(name: str, obj) -> None:
+            if isinstance(obj, h5py.Dataset) and name != "status":
+                np.testing.assert_array_equal(together[name][()], obj[()], err_msg=name)
+                compared.append(name)
+
+        one.visititems(same)
+        assert "layers/000_dense/hist_counts" in compared and "ics/000_dense/grad_cos" in compared
+    with open_run(tmp_path / "together.h5") as run:
+        np.testing.assert_array_equal(run.steps, np.arange(7))
+        np.testing.assert_allclose(run.activations("dense").mean, 0.5 * np.arange(7))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -31,10 +32,17 @@ __all__ = ["ICSCallback"]
 _MAX_PROBE = 4096
 _FLUSH_SECONDS = 2.0  # per-step rows, flush_every=None: written this often...
 _FLUSH_MAX_STEPS = 1000  # ...or after this many steps (their vectors wait on the device)
+_CAPTURES_PER_WRITE = 16  # step captures within _FLUSH_SECONDS of the last write: written together
 
 
-def _close_when_written(queue: WriteQueue, writer: RunWriter) -> None:
-    """Write what is queued, then close the file as interrupted (the finalizer's job)."""
+def _close_when_written(queue: WriteQueue, writer: RunWriter, waiting: list[Callable[[], Any]]) -> None:
+    """Write what is queued and the step captures still waiting, then close the file as
+    interrupted (the finalizer's job)."""
+    if waiting:
+        finishes = list(waiting)
+        waiting.clear()
+        with contextlib.suppress(RuntimeError):  # the writer's thread has stopped already
+            queue.submit("the last step captures", lambda: writer.write_captures([f() for f in finishes]))
     queue.close()
     writer.close("interrupted")
 
@@ -134,7 +142,9 @@ class ICSCallback(keras.callbacks.Callback):
             normalization, activation and merge layers), or a list of names,
             glob patterns ("block1/*"), layer classes or predicates.
         every_n_steps: Also capture every N training steps (None: epochs only).
-            On JAX and torch this gives the callback a batch-end hook, so Keras
+            Step captures less than 2 s after the last write are written
+            together (up to 16, or at the epoch's capture or `flush()`): one
+            write for all of them. On JAX and torch this gives the callback a batch-end hook, so Keras
             waits for each step's logs before dispatching the next step (without
             it, ICSCallback leaves Keras's loop running ahead).
         batch_stats: Per-step mode: also measure every training batch inside the
@@ -279,6 +289,8 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_offset = 0
         self._finalizer: Any = None
         self._steps: StepStatistics | None = None
+        self._waiting_captures: list[Callable[[], Any]] = []  # step captures not yet handed to the writer
+        self._last_capture_write = 0.0
         self._last_step_flush = 0.0
         self._steps_failure: BaseException | None = None  # found on the writer's thread
         self._step_tags: list[tuple[int, float, float]] = []  # (step, epoch, time) awaiting their vectors
@@ -415,15 +427,19 @@ class ICSCallback(keras.callbacks.Callback):
             new_capture = True
         # The writer's thread starts with the writer: a file refused above leaves no thread behind.
         self._queue = WriteQueue(self.path.name)
+        self._waiting_captures = []  # this fit's (the finalizer below holds the list)
         if new_capture:
             writer = self._writer
             self._write("the first capture", lambda: writer.write_capture(finish()))
+        self._last_capture_write = time.perf_counter()
         self._owns_file = True
         if layout.batch_layers:
             self._safely_steps("starting the per-step statistics", lambda: self._install_steps(layout))
         # Close the file cleanly if the interpreter exits without on_train_end (a crash in the
         # user's training): the captures queued before it are written first.
-        self._finalizer = weakref.finalize(self, _close_when_written, self._queue, self._writer)
+        self._finalizer = weakref.finalize(
+            self, _close_when_written, self._queue, self._writer, self._waiting_captures
+        )
 
     # ------------------------------------------------------------ per-step mode
     def _with_batch_layers(self, layout: RunLayout) -> RunLayout:
@@ -642,9 +658,26 @@ class ICSCallback(keras.callbacks.Callback):
             time=time.perf_counter() - self._train_start,
             kind=kind,
         )
+        self._waiting_captures.append(finish)
+        if (
+            kind == "step"
+            and len(self._waiting_captures) < _CAPTURES_PER_WRITE
+            and time.perf_counter() - self._last_capture_write < _FLUSH_SECONDS
+        ):
+            return  # frequent step captures: written together, one write per dataset for all
+        self._write_waiting_captures()
+
+    def _write_waiting_captures(self) -> None:
+        """Hand the captures taken since the last write to the writer's thread, as one write."""
+        if not self._waiting_captures or self._writer is None:
+            return
+        finishes = list(self._waiting_captures)
+        self._waiting_captures.clear()
+        self._last_capture_write = time.perf_counter()
         writer = self._writer
-        # The capture's last host work (its quantiles) runs on the writer's thread, with the write.
-        self._write("a capture", lambda: writer.write_capture(finish()))
+        # The captures' last host work (their quantiles) runs on the writer's thread, with the write.
+        what = "a capture" if len(finishes) == 1 else f"{len(finishes)} captures"
+        self._write(what, lambda: writer.write_captures([finish() for finish in finishes]))
 
     def _write(self, what: str, fn: Callable[[], None]) -> None:
         """Write to the run file, on the writer's thread; on the first failure (a full disk, a lost
@@ -680,6 +713,7 @@ class ICSCallback(keras.callbacks.Callback):
         callback flushes by itself at the end of training. Call this to read the
         file from the same process mid-training and find every capture taken so far.
         """
+        self._write_waiting_captures()
         if self._queue is not None:
             self._queue.drain()
         self._report_write_failure()
