@@ -144,9 +144,10 @@ class ICSCallback(keras.callbacks.Callback):
         every_n_steps: Also capture every N training steps (None: epochs only).
             Step captures less than 2 s after the last write are written
             together (up to 16, or at the epoch's capture or `flush()`): one
-            write for all of them. On JAX and torch this gives the callback a batch-end hook, so Keras
-            waits for each step's logs before dispatching the next step (without
-            it, ICSCallback leaves Keras's loop running ahead).
+            write for all of them. On JAX and torch this gives the callback a
+            batch-end hook, so Keras waits for each step's logs before
+            dispatching the next step (without it, ICSCallback leaves Keras's
+            loop running ahead).
         batch_stats: Per-step mode: also measure every training batch inside the
             training step itself (no second pass; about 1.05x the plain step on
             the reference CNN on a CPU, 1.1x to 1.3x on an H100 with JAX, whose
