@@ -147,7 +147,7 @@ def measure_paired(name: str, x, y, pairs: int, folder: Path) -> None:
                     keras.ops.convert_to_numpy(functions[kind](batches)["loss"])
                     if index >= 2:
                         times[kind].append(time.perf_counter() - start)
-                statistics_.drain()  # the vectors are not written: only the step is timed
+                statistics_.take()  # the vectors are not written: only the step is timed
             statistics_.expected = True  # the fit's own bookkeeping goes on as before
 
     steps_in_fit = len(x) // batch

@@ -250,8 +250,9 @@ class StepStatistics:
     """Instruments a model's training step for one `fit`; collects one vector per step.
 
     `install()` after Keras made its train function (on_train_begin or later,
-    before the first step), `drain()` to take the vectors received so far as
-    (steps, matrix), `uninstall()` at the end of training.
+    before the first step), `take()` to take the vectors received so far (still on
+    the device; `to_host` makes them a (steps, total) matrix), `uninstall()` at the
+    end of training.
     """
 
     def __init__(
@@ -428,10 +429,6 @@ class StepStatistics:
         count = len(self._pending) if limit is None else min(limit, len(self._pending))
         taken, self._pending = self._pending[:count], self._pending[count:]
         return taken
-
-    def drain(self, limit: int | None = None) -> np.ndarray:
-        """(S, total) the first `limit` (default: all) vectors received, in step order."""
-        return to_host(self.take(limit), self.plans)
 
     @property
     def pending(self) -> int:

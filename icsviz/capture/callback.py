@@ -30,7 +30,7 @@ from .write_queue import WriteQueue
 __all__ = ["ICSCallback"]
 
 _MAX_PROBE = 4096
-_FLUSH_SECONDS = 2.0  # per-step rows, flush_every=None: written this often...
+_FLUSH_SECONDS = 2.0  # per-step rows (flush_every=None) and step captures: written this often...
 _FLUSH_MAX_STEPS = 1000  # ...or after this many steps (their vectors wait on the device)
 _CAPTURES_PER_WRITE = 16  # step captures within _FLUSH_SECONDS of the last write: written together
 
@@ -484,10 +484,13 @@ class ICSCallback(keras.callbacks.Callback):
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - never stop the user's training
-            self._warn(
-                f"{what} (per-step statistics are off for the rest of this run; probe captures go on)", exc
-            )
-            self._stop_steps()
+            self._steps_failed(what, exc)
+
+    def _steps_failed(self, what: str, exc: BaseException) -> None:
+        self._warn(
+            f"{what} (per-step statistics are off for the rest of this run; probe captures go on)", exc
+        )
+        self._stop_steps()
 
     def _stop_steps(self) -> None:
         steps, self._steps = self._steps, None
@@ -550,7 +553,7 @@ class ICSCallback(keras.callbacks.Callback):
     def _report_steps_failure(self) -> None:
         failure, self._steps_failure = self._steps_failure, None
         if failure is not None:
-            self._safely_steps("per-step statistics", functools.partial(_reraise, failure))
+            self._steps_failed("per-step statistics", failure)
 
     def _recorded_epochs(self) -> int:
         from ..store.reader import open_run  # the reader needs no Keras; imported lazily
@@ -639,10 +642,7 @@ class ICSCallback(keras.callbacks.Callback):
         waiting = len(self._step_tags)
         if self.flush_every is not None:
             return waiting >= self.flush_every
-        # A write of the rows costs about the same for 1 step or 1000 (a few ms per layer on the
-        # writer's thread, which shares the GIL with the training loop): write by the clock.
-        elapsed = time.perf_counter() - self._last_step_flush
-        return waiting >= _FLUSH_MAX_STEPS or (waiting > 0 and elapsed >= _FLUSH_SECONDS)
+        return _due_by_clock(waiting, _FLUSH_MAX_STEPS, self._last_step_flush)
 
     @property
     def _current_epoch(self) -> float:
@@ -660,10 +660,8 @@ class ICSCallback(keras.callbacks.Callback):
             kind=kind,
         )
         self._waiting_captures.append(finish)
-        if (
-            kind == "step"
-            and len(self._waiting_captures) < _CAPTURES_PER_WRITE
-            and time.perf_counter() - self._last_capture_write < _FLUSH_SECONDS
+        if kind == "step" and not _due_by_clock(
+            len(self._waiting_captures), _CAPTURES_PER_WRITE, self._last_capture_write
         ):
             return  # frequent step captures: written together, one write per dataset for all
         self._write_waiting_captures()
@@ -770,5 +768,9 @@ class ICSCallback(keras.callbacks.Callback):
     _global_step = 0
 
 
-def _reraise(exc: BaseException) -> None:
-    raise exc
+def _due_by_clock(waiting: int, most: int, last_write: float) -> bool:
+    """Whether `waiting` rows or captures go to the file now: `most` of them wait, or
+    _FLUSH_SECONDS passed since the last write. A write costs about the same for one as for
+    a thousand (a few ms per layer on the writer's thread, which shares the GIL with the
+    training loop), so they are written by the clock."""
+    return waiting >= most or (waiting > 0 and time.perf_counter() - last_write >= _FLUSH_SECONDS)

@@ -359,9 +359,8 @@ class RunWriter:
             for column in zip(*columns):
                 self._rows(column[0][0]).write_rows(t, np.stack([np.asarray(value) for _, value in column]))
         f.flush()
-        marker = self._ds("captures/step")  # the commit marker, last, exact length
-        marker.resize(t + len(captures), axis=0)
-        marker[t:] = np.asarray([capture.step for capture in captures], marker.dtype)
+        # The commit marker, last, exact length.
+        _append_rows(self._ds("captures/step"), t, np.asarray([capture.step for capture in captures]))
         f.flush()
 
     def _capture_rows(self, capture: Capture) -> list[tuple[str, Any]]:
@@ -424,9 +423,8 @@ class RunWriter:
         for name, value in writes:  # these grow a chunk at a time: rows past the marker are not committed
             self._rows(name).write_rows(start, value)
         self._file.flush()
-        _append_rows(
-            self._ds("batches/step"), start, np.asarray(rows.step)
-        )  # the commit marker, last, exact length
+        # The commit marker, last, exact length.
+        _append_rows(self._ds("batches/step"), start, np.asarray(rows.step))
         self._file.flush()
         assert self.num_batch_rows == start + n
 
