@@ -259,3 +259,47 @@ def test_gradient_shift_matches_a_hand_computed_step() -> None:
     assert result.ics_grad_diff[2] == pytest.approx(np.linalg.norm(g - g2), rel=1e-3)
     assert result.ics_grad_cos[2] == pytest.approx(g @ g2 / np.linalg.norm(g) / np.linalg.norm(g2), rel=1e-4)
     assert result.ics_grad_diff[2] > 1e-4  # a real shift at this learning rate
+
+
+def test_a_monotone_maps_range_is_taken_from_its_input_and_stays_exact(monkeypatch) -> None:
+    """ReLU-like outputs of captured tensors take their range from the input's (no pass over
+    their own values): the same min and max as every value gives, with values outside the
+    budgeted rows."""
+    inputs = keras.Input((6, 6, 3))
+    conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    relu = keras.layers.Activation("relu", name="relu")(conv)
+    six = keras.layers.ReLU(0.5, name="six")(conv)  # clips at 0.5: the max is the clip
+    leaky = keras.layers.LeakyReLU(0.1, name="leaky")(conv)
+    fused = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="fused")(leaky)
+    tanh = keras.layers.Activation("tanh", name="tanh")(conv)  # approximated: measured itself
+    outputs = keras.layers.Concatenate()([relu, six, fused, tanh])
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(16, 6, 6, 3)).astype("float32")
+    program, result = capture(model, x, options=CaptureOptions(max_values=64))
+    derived = {t.name: t.range_from for t in program.traced if t.range_from is not None}
+    assert derived == {"relu": "conv", "six": "conv", "leaky": "conv", "fused": "fused:preact"}
+    names = [t.name for t in program.traced]
+    probe = keras.Model(inputs, [conv, relu, six, leaky, fused, tanh])(x)
+    pre = keras.Model(inputs, model.get_layer("fused").input)(x)
+    weights = model.get_layer("fused").get_weights()
+    fused_pre = keras.ops.convert_to_numpy(keras.ops.conv(pre, weights[0], padding="same")) + weights[1]
+    values = dict(
+        zip(["conv", "relu", "six", "leaky", "fused", "tanh"], map(keras.ops.convert_to_numpy, probe))
+    )
+    values["fused:preact"] = fused_pre
+    outside = 0
+    for name, plan, stats in zip(names, program.traced, result.layers):
+        assert plan.budget_cut
+        every = values[name].reshape(-1, 4)
+        np.testing.assert_allclose(stats.moments[2:], [every.min(), every.max()], rtol=1e-6, atol=1e-6)
+        if name in derived:
+            outside += every[plan.row_index].max() < every.max()
+    assert outside >= 1  # some derived range was set by values the budget left out
+    # Bit for bit the range a pass over each tensor's own values gives.
+    from icsviz.capture import batched
+
+    monkeypatch.setattr(batched, "_derived_ranges", lambda plans, dtypes: {})
+    _, own = capture(model, x, options=CaptureOptions(max_values=64))
+    for mapped, measured in zip(result.layers, own.layers):
+        np.testing.assert_array_equal(mapped.moments, measured.moments)

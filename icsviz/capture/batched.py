@@ -61,6 +61,30 @@ def _member_gather(values: Any, indices: Sequence[np.ndarray], stride: int) -> A
     return backend.gather(ops.reshape(values, (-1,)), flat_index.astype(dtype))
 
 
+_EXACT_IN_FLOAT32 = ("float16", "bfloat16", "float32")
+
+
+def _derived_ranges(plans: Sequence[TracedLayer], dtypes: Sequence[str]) -> dict[int, int]:
+    """{index: source index}, in order, of the budget-cut tensors whose exact range is a
+    monotone map of an earlier budget-cut tensor's (monotone.py): no pass over their values
+    for it. Only where float32 holds the source's values exactly (the map is applied to them
+    in the source's own dtype)."""
+    position = {plan.name: i for i, plan in enumerate(plans)}
+    derived: dict[int, int] = {}
+    for index, plan in enumerate(plans):
+        source = position.get(plan.range_from) if plan.range_from is not None else None
+        if (
+            source is not None
+            and source < index
+            and plan.range_map is not None
+            and plan.row_index is not None
+            and plans[source].row_index is not None
+            and dtypes[source] in _EXACT_IN_FLOAT32
+        ):
+            derived[index] = source
+    return derived
+
+
 class _Group:
     """One group's stacked budgeted values and what is computed from them on the way."""
 
@@ -103,13 +127,23 @@ def all_layer_stats(
     # A tensor the budget cut is summed, and its range taken (exact over every value), on its
     # own; the others are whole in their group's stacked values.
     units, sums, exact_low, exact_high = [], {}, {}, {}
+    derived = _derived_ranges(plans, [keras.backend.standardize_dtype(t.dtype) for t in tensors])
     for index, (tensor, plan) in enumerate(zip(tensors, plans)):
         every = all_rows(backend.detached(tensor), plan)  # statistics, never differentiated
         if plan.row_index is None:
             units.append(every)
         else:
-            sums[index], exact_low[index], exact_high[index] = ops.sum(every), ops.min(every), ops.max(every)
+            if index not in derived:
+                sums[index], exact_low[index] = ops.sum(every), ops.min(every)
+                exact_high[index] = ops.max(every)
             units.append(backend.gather(every, plan.row_index))
+    for index, source in derived.items():  # sources come first: a map's input is made before it
+        ends = ops.cast(ops.stack([exact_low[source], exact_high[source]]), tensors[source].dtype)
+        mapped = ops.cast(plans[index].range_map(ends), "float32")  # type: ignore[misc]
+        exact_low[index], exact_high[index] = mapped[0], mapped[1]
+        # Finite where the source is (these maps take finite values to finite values); a source
+        # with NaN/Inf sends the whole capture to the masked program anyway.
+        sums[index] = sums[source]
 
     keys = ("low", "high", "zeros", "mean", "std", "unit_mean", "unit_var", "exact_low", "exact_high", "sums")
     parts: dict[str, list[Any]] = {key: [] for key in (*keys, "samples", "tracked")}

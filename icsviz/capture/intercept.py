@@ -24,6 +24,7 @@ import keras
 
 from ..errors import CaptureWarning
 from .layers import SelectedLayer
+from .monotone import RangeMap, activation_map, layer_map
 
 __all__ = ["Record", "Recorder", "intercept", "is_float_tensor", "warn_once"]
 
@@ -43,12 +44,15 @@ def warn_once(key: str, message: str) -> None:
 
 @dataclass
 class Record:
-    """One captured tensor: which layer made it, a suffix for its role, its kind."""
+    """One captured tensor: which layer made it, a suffix for its role, its kind; and, for an
+    exact monotone map of another record's tensor (monotone.py), that record and the map."""
 
     layer: SelectedLayer
     tensor: Any
     suffix: str
     kind: str
+    range_source: int | None = None  # index in Recorder.records
+    range_map: RangeMap | None = None
 
     @property
     def name(self) -> str:
@@ -61,8 +65,19 @@ class Recorder:
 
     records: list[Record] = field(default_factory=list)
     calls: dict[int, int] = field(default_factory=dict)
+    positions: dict[int, int] = field(default_factory=dict)  # id(tensor) -> its record's index
 
-    def add(self, selected: SelectedLayer, outputs: Any, kind: str, tag: str = "") -> None:
+    def add(
+        self,
+        selected: SelectedLayer,
+        outputs: Any,
+        kind: str,
+        tag: str = "",
+        source: Any = None,
+        range_map: RangeMap | None = None,
+    ) -> None:
+        """Record `outputs`; `source`: the input that `range_map` maps elementwise onto a
+        single output, noted when that input is itself recorded."""
         # A shared layer called n times yields "name", "name#2", ...; the
         # pre-activation of call n is recorded before its output, with the same suffix.
         count = self.calls.get(id(selected.layer), 0)
@@ -74,7 +89,11 @@ class Recorder:
             if not is_float_tensor(tensor):
                 continue
             index = f"[{i}]" if len(flat) > 1 else ""
-            self.records.append(Record(selected, tensor, f"{tag}{index}{call_suffix}", kind))
+            record = Record(selected, tensor, f"{tag}{index}{call_suffix}", kind)
+            if range_map is not None and len(flat) == 1 and id(source) in self.positions:
+                record.range_source, record.range_map = self.positions[id(source)], range_map
+            self.positions.setdefault(id(tensor), len(self.records))
+            self.records.append(record)
 
 
 def is_float_tensor(x: Any) -> bool:
@@ -123,21 +142,35 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
         restore.append((obj, attr, had, old))
         return True
 
+    # A fused activation's (input, output) in the call under way, by layer: the layer's output
+    # is that output exactly when `call` returns it unchanged.
+    fused: dict[int, tuple[Any, Any]] = {}
+
     for selected in selection:
         layer = selected.layer
         original_call = layer.call
         kind = selected.kind if not selected.capture_preactivation else "activation"
+        own_map = layer_map(layer, original_call)
+        fused_map = activation_map(layer.activation) if selected.capture_preactivation else None
 
         def call(
             *args: Any,
             _orig: Any = original_call,
             _sel: SelectedLayer = selected,
             _kind: str = kind,
+            _own_map: RangeMap | None = own_map,
+            _fused_map: RangeMap | None = fused_map,
             **kwargs: Any,
         ) -> Any:
             out = _orig(*args, **kwargs)
             if threading.get_ident() == owner:
-                _record(recorder, _sel, out, _kind)
+                pre, post = fused.pop(id(_sel.layer), (None, None))
+                if _own_map is not None and args:
+                    _record(recorder, _sel, out, _kind, source=args[0], range_map=_own_map)
+                elif _fused_map is not None and post is out:
+                    _record(recorder, _sel, out, _kind, source=pre, range_map=_fused_map)
+                else:
+                    _record(recorder, _sel, out, _kind)
             return out
 
         if not patch(layer, "call", call):
@@ -151,9 +184,12 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
             original_activation = layer.activation
 
             def activation(x: Any, _orig: Any = original_activation, _sel: SelectedLayer = selected) -> Any:
-                if threading.get_ident() == owner:
-                    _record(recorder, _sel, x, "preactivation", tag=":preact")
-                return _orig(x)
+                if threading.get_ident() != owner:
+                    return _orig(x)
+                _record(recorder, _sel, x, "preactivation", tag=":preact")
+                out = _orig(x)
+                fused[id(_sel.layer)] = (x, out)
+                return out
 
             if not patch(layer, "activation", activation):
                 warn_once(
@@ -171,10 +207,18 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
                 object.__delattr__(obj, attr)
 
 
-def _record(recorder: Recorder, selected: SelectedLayer, outputs: Any, kind: str, tag: str = "") -> None:
+def _record(
+    recorder: Recorder,
+    selected: SelectedLayer,
+    outputs: Any,
+    kind: str,
+    tag: str = "",
+    source: Any = None,
+    range_map: RangeMap | None = None,
+) -> None:
     # Our bookkeeping must never break the user's forward pass.
     try:
-        recorder.add(selected, outputs, kind, tag)
+        recorder.add(selected, outputs, kind, tag, source, range_map)
     except Exception as exc:  # noqa: BLE001
         warn_once(
             f"record:{selected.name}",

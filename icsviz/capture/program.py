@@ -95,6 +95,7 @@ class CaptureProgram:
         """Plan every recorded tensor; one that cannot be measured is skipped with a warning."""
         plans: list[TracedLayer] = []
         seen: set[str] = set()
+        planned: dict[str, int] = {}  # name -> the index of the record planned under it
         for index, record in enumerate(recorder.records):
             if record.name in seen:
                 continue  # the same name twice (a layer called again in one pass): keep the first
@@ -111,6 +112,12 @@ class CaptureProgram:
             except Exception as exc:  # noqa: BLE001 - one layer never costs the run
                 self._skip(record.name, type(record.layer.layer).__name__, exc)
                 continue
+            source = record.range_source
+            if source is not None and record.range_map is not None:
+                origin = recorder.records[source]
+                if planned.get(origin.name) == source and tuple(origin.tensor.shape) == plan.shape:
+                    plan.range_from, plan.range_map = origin.name, record.range_map
+            planned[record.name] = index
             plans.append(plan)
         return plans
 

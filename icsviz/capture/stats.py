@@ -8,7 +8,7 @@ cross to the host. docs/statistics.md defines each quantity.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +69,10 @@ class TracedLayer:
     row_index: np.ndarray | None = None  # the (sample, position) rows kept by the value budget
     quantile_index: np.ndarray | None = None  # flat positions of the quantile sample
     unit_rows: np.ndarray | None = None  # rows sampled for tracked-unit quantiles
+    # An exact monotone map of the tensor `range_from` names (monotone.py): its range over every
+    # value is that map of the source's, with no pass over this tensor's values.
+    range_from: str | None = None
+    range_map: Callable[[Any], Any] | None = None
 
     @property
     def rows(self) -> int:
