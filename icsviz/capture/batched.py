@@ -198,7 +198,8 @@ def all_layer_stats(
     width_u = max(int(t.shape[-1]) for t in parts["tracked"])
     unit_samples = ops.concatenate([_padded(t, width_u) for t in parts["tracked"]], axis=0)
 
-    n_values = np.asarray([plans[i].n_values for i in order], "float32")
+    # a tensor, not a numpy array: torch tensors divided by numpy arrays go through numpy
+    n_values = ops.convert_to_tensor(np.asarray([plans[i].n_values for i in order], "float32"))
     moments = [ops.concatenate(parts[key]) for key in ("mean", "std", "exact_low", "exact_high")]
     return {
         "hist_counts": counts,
