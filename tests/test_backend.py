@@ -267,3 +267,34 @@ def test_the_capture_function_still_runs_when_tensorflows_call_options_cannot_be
     assert float(compiled(tf.constant(1.0))) == 2.0  # TensorFlow's default optimization instead
     monkeypatch.undo()
     assert _rewrite_options().SerializeToString() == before
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+)
+def test_jax_on_a_cpu_compiles_the_capture_at_llvm_level_1_with_the_same_statistics() -> None:
+    script = textwrap.dedent("""
+        import numpy as np, keras, jax
+        from icsviz.capture import backend
+        assert jax.default_backend() == "cpu"
+
+        def stats(x):
+            return {"mean": jax.numpy.mean(x, 0), "max": jax.numpy.max(x), "hist": jax.numpy.sort(x[:, 0])}
+
+        asked = []
+        jit = jax.jit
+        jax.jit = lambda fn, **kwargs: asked.append(kwargs) or jit(fn, **kwargs)
+        compiled = backend.compile_function(stats)
+        jax.jit = jit
+        assert asked == [{"compiler_options": {"xla_backend_optimization_level": 1}}]
+        x = np.random.default_rng(0).normal(size=(512, 8)).astype("float32")
+        light, default = compiled(x), jax.jit(stats)(x)
+        for key in light:
+            np.testing.assert_array_equal(np.asarray(light[key]), np.asarray(default[key]))
+        print("JAX OK")
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "JAX OK" in proc.stdout, proc.stderr[-3000:]
