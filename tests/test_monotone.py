@@ -54,3 +54,25 @@ def test_a_relu_made_non_monotone_after_construction_or_subclassed_does_not() ->
 
     mine = Mine()
     assert layer_map(mine, mine.call) is None
+
+
+def test_an_activation_whose_name_cannot_be_read_is_still_recorded() -> None:
+    from icsviz.capture.intercept import Recorder, intercept
+    from icsviz.capture.layers import select_layers
+
+    class Odd:
+        def __call__(self, x):
+            return x
+
+        def __getattr__(self, name):
+            raise RuntimeError(f"no {name} here")
+
+    inputs = keras.Input((4,))
+    model = keras.Model(
+        inputs, keras.layers.Activation(Odd(), name="odd")(keras.layers.Dense(4, name="d")(inputs))
+    )
+    recorder = Recorder()
+    with intercept(select_layers(model), recorder):  # no shortcut for it, and no error
+        model(np.ones((2, 4), "float32"))
+    assert [r.name for r in recorder.records] == ["d", "odd"]
+    assert recorder.records[1].range_map is None

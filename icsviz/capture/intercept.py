@@ -29,6 +29,7 @@ from .monotone import RangeMap, activation_map, layer_map
 __all__ = ["Record", "Recorder", "intercept", "is_float_tensor", "warn_once"]
 
 _warned: set[str] = set()
+Mapped = tuple[Any, RangeMap] | None  # (input, exact monotone map): see monotone.py
 # One interception at a time in the process: the JAX first capture may trace (its masked
 # program) on its own thread while the training thread traces the per-step mode's step.
 _one_at_a_time = threading.RLock()
@@ -68,16 +69,10 @@ class Recorder:
     positions: dict[int, int] = field(default_factory=dict)  # id(tensor) -> its record's index
 
     def add(
-        self,
-        selected: SelectedLayer,
-        outputs: Any,
-        kind: str,
-        tag: str = "",
-        source: Any = None,
-        range_map: RangeMap | None = None,
+        self, selected: SelectedLayer, outputs: Any, kind: str, tag: str = "", mapped_from: Mapped = None
     ) -> None:
-        """Record `outputs`; `source`: the input that `range_map` maps elementwise onto a
-        single output, noted when that input is itself recorded."""
+        """Record `outputs`; `mapped_from`: (input, map) when a single output is that map of
+        the input elementwise, noted when the input is itself recorded."""
         # A shared layer called n times yields "name", "name#2", ...; the
         # pre-activation of call n is recorded before its output, with the same suffix.
         count = self.calls.get(id(selected.layer), 0)
@@ -90,8 +85,9 @@ class Recorder:
                 continue
             index = f"[{i}]" if len(flat) > 1 else ""
             record = Record(selected, tensor, f"{tag}{index}{call_suffix}", kind)
-            if range_map is not None and len(flat) == 1 and id(source) in self.positions:
-                record.range_source, record.range_map = self.positions[id(source)], range_map
+            if mapped_from is not None and len(flat) == 1 and id(mapped_from[0]) in self.positions:
+                record.range_source = self.positions[id(mapped_from[0])]
+                record.range_map = mapped_from[1]
             self.positions.setdefault(id(tensor), len(self.records))
             self.records.append(record)
 
@@ -150,8 +146,7 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
         layer = selected.layer
         original_call = layer.call
         kind = selected.kind if not selected.capture_preactivation else "activation"
-        own_map = layer_map(layer, original_call)
-        fused_map = activation_map(layer.activation) if selected.capture_preactivation else None
+        own_map, fused_map = _range_maps(selected, original_call)
 
         def call(
             *args: Any,
@@ -165,12 +160,12 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
             out = _orig(*args, **kwargs)
             if threading.get_ident() == owner:
                 pre, post = fused.pop(id(_sel.layer), (None, None))
+                mapped: Mapped = None
                 if _own_map is not None and args:
-                    _record(recorder, _sel, out, _kind, source=args[0], range_map=_own_map)
+                    mapped = (args[0], _own_map)
                 elif _fused_map is not None and post is out:
-                    _record(recorder, _sel, out, _kind, source=pre, range_map=_fused_map)
-                else:
-                    _record(recorder, _sel, out, _kind)
+                    mapped = (pre, _fused_map)
+                _record(recorder, _sel, out, _kind, mapped_from=mapped)
             return out
 
         if not patch(layer, "call", call):
@@ -207,18 +202,28 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
                 object.__delattr__(obj, attr)
 
 
+def _range_maps(selected: SelectedLayer, call: Any) -> tuple[RangeMap | None, RangeMap | None]:
+    """The exact monotone map the layer's `call` is, and the one its fused activation is (if
+    any): None where unknown, and never an error (odd attributes only cost the shortcut)."""
+    try:
+        own = layer_map(selected.layer, call)
+        fused = activation_map(selected.layer.activation) if selected.capture_preactivation else None
+    except Exception:  # noqa: BLE001 - the range is then measured over the values themselves
+        return None, None
+    return own, fused
+
+
 def _record(
     recorder: Recorder,
     selected: SelectedLayer,
     outputs: Any,
     kind: str,
     tag: str = "",
-    source: Any = None,
-    range_map: RangeMap | None = None,
+    mapped_from: Mapped = None,
 ) -> None:
     # Our bookkeeping must never break the user's forward pass.
     try:
-        recorder.add(selected, outputs, kind, tag, source, range_map)
+        recorder.add(selected, outputs, kind, tag, mapped_from)
     except Exception as exc:  # noqa: BLE001
         warn_once(
             f"record:{selected.name}",
