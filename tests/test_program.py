@@ -303,3 +303,30 @@ def test_a_monotone_maps_range_is_taken_from_its_input_and_stays_exact(monkeypat
     _, own = capture(model, x, options=CaptureOptions(max_values=64))
     for mapped, measured in zip(result.layers, own.layers):
         np.testing.assert_array_equal(mapped.moments, measured.moments)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mapped_ranges_are_exact_under_mixed_precision(policy, monkeypatch) -> None:
+    """The map is applied in the tensors' own dtype: the same bits as a pass over the values."""
+    from icsviz.capture import batched
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        inputs = keras.Input((6, 6, 3))
+        conv = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+        leaky = keras.layers.LeakyReLU(0.1, name="leaky")(conv)
+        fused = keras.layers.Conv2D(4, 3, padding="same", activation="leaky_relu", name="fused")(leaky)
+        model = keras.Model(inputs, fused)
+        x = np.random.default_rng(5).normal(size=(16, 6, 6, 3)).astype("float32") * 30
+        options = CaptureOptions(max_values=64)
+        program, mapped = capture(model, x, options=options)
+        assert {t.name: t.range_from for t in program.traced if t.range_from} == {
+            "leaky": "conv",
+            "fused": "fused:preact",
+        }
+        monkeypatch.setattr(batched, "_derived_ranges", lambda plans, dtypes: {})
+        _, measured = capture(model, x, options=options)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    for one, other in zip(mapped.layers, measured.layers):
+        np.testing.assert_array_equal(one.moments, other.moments)
