@@ -507,23 +507,34 @@ def test_captures_are_written_on_the_writer_thread_and_all_are_in_the_file(tmp_p
         assert run.num_captures == len(threads) == 4 and run.status == "complete"
 
 
-def test_a_crash_in_training_leaves_every_capture_taken_before_it(tmp_path) -> None:
+def crash_fit(path, hook: str, at: int, epochs: int, **options) -> None:
+    """A fit whose user callback raises in `hook` (after ICSCallback's) when its index is `at`;
+    then the ICSCallback is dropped, so its finalizer writes what waits and closes the file."""
     import gc
 
-    path = tmp_path / "crashed.h5"
     x, y = data()
-    model = compiled(sequential())
 
-    class Crash(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 1:  # after ICSCallback queued the capture of epoch 2
-                raise RuntimeError("the user's training crashed")
+    def crash(index, logs=None):
+        if index == at:
+            raise RuntimeError("the user's training crashed")
 
-    ics = ICSCallback(path, probe=(x[:32], y[:32]))
+    ics = ICSCallback(path, probe=(x[:32], y[:32]), **options)
     with pytest.raises(RuntimeError, match="crashed"):
-        model.fit(x, y, epochs=5, batch_size=16, verbose=0, callbacks=[ics, Crash()])
+        sequential().fit(
+            x,
+            y,
+            epochs=epochs,
+            batch_size=16,
+            verbose=0,
+            callbacks=[ics, keras.callbacks.LambdaCallback(**{hook: crash})],
+        )
     del ics
-    gc.collect()  # the callback's finalizer: the queued captures are written, the file closed
+    gc.collect()
+
+
+def test_a_crash_in_training_leaves_every_capture_taken_before_it(tmp_path) -> None:
+    path = tmp_path / "crashed.h5"
+    crash_fit(path, "on_epoch_end", 1, epochs=5)  # after ICSCallback queued the capture of epoch 2
     with open_run(path) as run:
         assert list(run.epochs) == [0.0, 1.0, 2.0] and run.status == "interrupted"
 
@@ -562,25 +573,11 @@ def test_frequent_step_captures_are_written_together_with_the_same_values(tmp_pa
 
 
 def test_a_crash_leaves_the_step_captures_still_waiting_to_be_written(tmp_path, monkeypatch) -> None:
-    import gc
-
     from icsviz.capture import callback
 
     monkeypatch.setattr(callback, "_FLUSH_SECONDS", 1e9)  # every step capture waits for the epoch's
     path = tmp_path / "crashed.h5"
-    x, y = data()
-    model = compiled(sequential())
-
-    class Crash(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 3:  # after ICSCallback took the capture of step 4
-                raise RuntimeError("the user's training crashed")
-
-    ics = ICSCallback(path, probe=(x[:32], y[:32]), every_n_steps=1)
-    with pytest.raises(RuntimeError, match="crashed"):
-        model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[ics, Crash()])
-    del ics
-    gc.collect()  # the finalizer writes the waiting captures, then closes the file
+    crash_fit(path, "on_train_batch_end", 3, epochs=2, every_n_steps=1)  # after the capture of step 4
     with open_run(path) as run:
         assert list(run.steps) == [0, 1, 2, 3, 4] and run.status == "interrupted"
         assert np.isfinite(run.activations("d1").mean).all()
