@@ -35,14 +35,20 @@ _FLUSH_MAX_STEPS = 1000  # ...or after this many steps (their vectors wait on th
 _CAPTURES_PER_WRITE = 16  # step captures within _FLUSH_SECONDS of the last write: written together
 
 
+def _write_of(waiting: list[Callable[[], Any]], writer: RunWriter) -> Callable[[], None]:
+    """One write of the captures waiting (their host parts, finished on the writer's thread);
+    `waiting` is emptied."""
+    finishes = list(waiting)
+    waiting.clear()
+    return lambda: writer.write_captures([finish() for finish in finishes])
+
+
 def _close_when_written(queue: WriteQueue, writer: RunWriter, waiting: list[Callable[[], Any]]) -> None:
     """Write what is queued and the step captures still waiting, then close the file as
     interrupted (the finalizer's job)."""
     if waiting:
-        finishes = list(waiting)
-        waiting.clear()
         with contextlib.suppress(RuntimeError):  # the writer's thread has stopped already
-            queue.submit("the last step captures", lambda: writer.write_captures([f() for f in finishes]))
+            queue.submit("the last step captures", _write_of(waiting, writer))
     queue.close()
     writer.close("interrupted")
 
@@ -670,13 +676,11 @@ class ICSCallback(keras.callbacks.Callback):
         """Hand the captures taken since the last write to the writer's thread, as one write."""
         if not self._waiting_captures or self._writer is None:
             return
-        finishes = list(self._waiting_captures)
-        self._waiting_captures.clear()
         self._last_capture_write = time.perf_counter()
-        writer = self._writer
         # The captures' last host work (their quantiles) runs on the writer's thread, with the write.
-        what = "a capture" if len(finishes) == 1 else f"{len(finishes)} captures"
-        self._write(what, lambda: writer.write_captures([finish() for finish in finishes]))
+        count = len(self._waiting_captures)
+        what = "a capture" if count == 1 else f"{count} captures"
+        self._write(what, _write_of(self._waiting_captures, self._writer))
 
     def _write(self, what: str, fn: Callable[[], None]) -> None:
         """Write to the run file, on the writer's thread; on the first failure (a full disk, a lost
