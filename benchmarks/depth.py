@@ -35,9 +35,11 @@ from pathlib import Path
 
 import keras
 import numpy as np
+from compile_options import OPTION_SETS
 
 from _common import TimedCallback, cifar_like, wait_for_device
 from icsviz import ICSCallback
+from icsviz.capture import backend
 from icsviz.capture.write_queue import WriteQueue
 from icsviz.models import build_model
 
@@ -161,6 +163,13 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
         queued_t.append(middle - start)
         beside_t.append(end - middle)
     queue.close()
+    # The same without the write: what a capture alone does to the step after it.
+    alone_t = []
+    for _ in range(repeats):
+        program.measure(xt, yt, 0.01, step=1, epoch=1.0, time=0.0, kind="epoch")()
+        start = time.perf_counter()
+        model.train_on_batch(batch_x, batch_y)
+        alone_t.append(time.perf_counter() - start)
     writer.close(compact=False)
     step = statistics.median(steps_t)
     # From outside: what the one-step fit with the callback took beyond the same fit without it,
@@ -176,7 +185,9 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
         f"+ write {write * 1e3:5.1f} (8 together: {statistics.median(together_t) * 1e3:5.1f} each) "
         f"-> x{(stats + host + write) / step:4.2f} steps; on the training thread "
         f"(quantiles and write beside the next step) "
-        f"{threaded * 1e3:6.1f} ms -> x{threaded / step:4.2f} | first capture {first:5.1f} s (its hook {first_hook:4.1f} s; "
+        f"{threaded * 1e3:6.1f} ms -> x{threaded / step:4.2f} (the capture {statistics.median(queued_t) * 1e3:5.1f} ms, "
+        f"the next step {statistics.median(beside_t) * 1e3:5.1f} ms beside the write, "
+        f"{statistics.median(alone_t) * 1e3:5.1f} ms without one) | first capture {first:5.1f} s (its hook {first_hook:4.1f} s; "
         f"Keras's own first step {keras_first:4.1f} s) | "
         f"peak host memory {peak / 2**20:5.1f} MiB | epoch-end hook: ICSCallback {ics_epoch_end:5.2f} s, "
         f"TensorBoard(histogram_freq=1) {tensorboard}",
@@ -189,7 +200,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["baseline", "bn", "lstm", "mobilenetv2", "resnet50"])
     parser.add_argument("--probe", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--gpu-options",
+        choices=sorted(OPTION_SETS),
+        help="JAX on a GPU: compile the capture with this set of XLA options (compile_options.py)",
+    )
     args = parser.parse_args()
+    if args.gpu_options:
+        backend._GPU_COMPILER_OPTIONS = dict(OPTION_SETS[args.gpu_options])
+        print(f"capture compiled on a GPU with {args.gpu_options}: {backend._GPU_COMPILER_OPTIONS}")
     print(
         f"icsviz capture cost vs depth: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})"
     )

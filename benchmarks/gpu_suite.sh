@@ -6,7 +6,9 @@
 #   CIFAR_DIR  a cifar-10-batches-py folder (default: ../shared/data/cifar-10-batches-py-subset)
 #   QUICK=1    tiny sizes, to check the script itself on a CPU
 #   PARTS="depth per_step"  only these parts (default: depth per_step overhead experiment;
-#              range_maps, the capture with and without the ReLU range maps, only when named)
+#              range_maps, the capture with and without the ReLU range maps, compile_options,
+#              XLA options for compiling the capture, and depth_options, depth.py with the
+#              capture compiled with the set GPU_OPTIONS names, only when named)
 #
 # Each part has its own time limit, so one that runs long cannot eat the others' time; all four
 # fit in 570 s (one call of a 15-minute GPU lease). On an H100 (2026-11-26, fifth session)
@@ -27,12 +29,14 @@ mkdir -p "$out/runs"
 if [ "${QUICK:-0}" = 1 ]; then
   depth=(--models baseline lstm --repeats 2); per_step=(--models baseline --images 256 --rounds 1 --epochs 1 --breakdown)
   overhead=(--models baseline --images 256 --epochs 1 --side-by-side 1); epochs=2
-  range_maps=(--models baseline --rounds 3)
+  range_maps=(--models baseline --rounds 3); compile_options=(--models baseline --runs 3)
+  depth_options=(--models baseline --repeats 2)
 else
   depth=(--models baseline bn lstm resnet50 mobilenetv2 --repeats 3)
   per_step=(--models baseline bn --images 32768 --rounds 2 --epochs 2 --breakdown)
   overhead=(--images 20000 --epochs 2 --side-by-side 2); epochs=5
-  range_maps=(--models baseline bn mobilenetv2 --rounds 25)
+  range_maps=(--models baseline bn mobilenetv2 --rounds 25); compile_options=(--models bn mobilenetv2 --runs 10)
+  depth_options=(--models bn mobilenetv2 --repeats 3)
 fi
 parts=" ${PARTS:-depth per_step overhead experiment} "
 
@@ -56,6 +60,8 @@ part depth 250 "$py" depth.py "${depth[@]}"
 part per_step 180 "$py" per_step.py "${per_step[@]}"
 part overhead 70 "$py" overhead.py "${overhead[@]}"
 part range_maps 120 "$py" range_maps.py "${range_maps[@]}"
+part compile_options 170 "$py" compile_options.py "${compile_options[@]}"
+part depth_options 150 "$py" depth.py "${depth_options[@]}" --gpu-options "${GPU_OPTIONS:-default}"
 # The reference pair on real CIFAR-10 images, per-step rows every 10 steps and the gradient shift.
 part experiment 70 "$py" -m icsviz.cli experiment --data-dir "$data" --epochs "$epochs" \
   --batch-stats 10 --gradient-shift --out-dir "$out/runs" --overwrite

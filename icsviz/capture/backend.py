@@ -126,14 +126,16 @@ def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
 # the compiled capture ran as fast (`python benchmarks/first_capture.py` on JAX). Activation
 # statistics are bit for bit the same; gradient norms can differ in the last bits (2.4e-7 on the
 # BN CNN), as between any two compilations of a backward pass. GPUs keep XLA's default (unmeasured).
-_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+_CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
+_GPU_COMPILER_OPTIONS: dict[str, Any] = {}
 
 
 def _jax_jit(jax: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
-    if jax.default_backend() != "cpu":
+    options = _CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else _GPU_COMPILER_OPTIONS
+    if not options:
         return jax.jit(fn)
     try:
-        return jax.jit(fn, compiler_options=_CPU_COMPILER_OPTIONS)
+        return jax.jit(fn, compiler_options=options)
     except TypeError:  # a JAX without per-function compiler options
         return jax.jit(fn)
 
