@@ -222,6 +222,59 @@ def test_update_ratio_measures_weight_change() -> None:
     assert np.isnan(result.grad_norm).all()  # no labels, no gradients
 
 
+_UPDATE_RATIO_SCRIPT = """
+import numpy as np, keras
+from icsviz.capture.layers import select_layers
+from icsviz.capture.program import CaptureProgram
+from icsviz.capture.stats import CaptureOptions
+keras.utils.set_random_seed(0)
+model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
+                          keras.layers.BatchNormalization(), keras.layers.Dense(3, activation="softmax")])
+model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 3, 64)
+program = CaptureProgram(model, select_layers(model), CaptureOptions(), with_gradients=True)
+xt, yt = keras.ops.convert_to_tensor(x[:32]), keras.ops.convert_to_tensor(y[:32])
+
+def weights():
+    return [np.asarray(keras.ops.convert_to_numpy(v.value), "float64") for v in model.trainable_variables]
+
+program.run(xt, yt, 0.5, step=0, epoch=0.0, time=0.0, kind="start")
+for epoch in (1, 2):
+    before = weights()
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0)  # on JAX the steps donate the old buffers
+    after = weights()
+    capture = program.run(xt, yt, 0.5, step=4 * epoch, epoch=float(epoch), time=0.0, kind="epoch")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        expected = [np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(after, before)]
+    np.testing.assert_allclose(capture.update_ratio, np.where(np.isinf(expected), np.nan, expected), rtol=1e-5)
+    # kernels and gamma; the biases and beta start at zero: undefined until they moved
+    assert np.isfinite(capture.update_ratio).sum() == (3 if epoch == 1 else 6), capture.update_ratio
+print("UPDATE RATIOS OK")
+"""
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_update_ratios_after_training_steps_equal_numpys(backend: str) -> None:
+    """The weights a capture measured stay, copied by the capture itself, for the next one's
+    update ratios: through training steps that update the variables in place (TensorFlow,
+    torch) or donate their buffers (JAX)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(root)}
+    proc = subprocess.run(
+        [sys.executable, "-c", _UPDATE_RATIO_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "UPDATE RATIOS OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_gradient_shift_matches_a_hand_computed_step() -> None:
     model = small_classifier()
     rng = np.random.default_rng(5)

@@ -272,6 +272,16 @@ def snapshot(variables: Sequence[Any]) -> list[Any]:
     return [np.array(v.value, copy=True) for v in variables]
 
 
+def copies(values: Sequence[Any]) -> list[Any]:
+    """Copies of tensors, inside the compiled capture function: the weights it measured, for
+    the next capture's update ratios, made on the device in the same call (no dispatch of
+    its own, and on TensorFlow not one eager op per variable)."""
+    if name() == "torch":
+        return [value.detach().clone() for value in values]
+    # jnp.copy is a real copy in a jit (not the input forwarded): the train step donates them.
+    return [keras.ops.copy(value) for value in values]
+
+
 @functools.cache
 def _jax_copies() -> Callable[[list[Any]], list[Any]]:
     import jax

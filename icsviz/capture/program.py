@@ -198,6 +198,8 @@ class CaptureProgram:
             "weight_norm": l2_norms(weights),
             # The previous weights' norm is the last capture's weight norm (kept on the host).
             "update_norm": l2_norms([w - ops.cast(p, "float32") for w, p in zip(weights, previous)]),
+            # The weights measured here, copied in the same call: the next capture's `previous`.
+            "snapshot": backend.copies(trainable),
         }
         if self._ics_groups:
             out["ics_diff"], out["ics_cos"] = self._gradient_shift(
@@ -277,8 +279,7 @@ class CaptureProgram:
         on its writer's thread, so the training thread pays only the compiled function."""
         self._wait_for_first()
         args, first = self._arguments(x, y, learning_rate)
-        result = self._execute(args)
-        self._previous = backend.snapshot(self.trainable)
+        result, self._previous = self._execute(args)
         return self._complete(result, first, step=step, epoch=epoch, time=time, kind=kind)
 
     def measure_in_background(
@@ -302,7 +303,7 @@ class CaptureProgram:
 
         def compile_and_run() -> Callable[[], Capture]:
             self._compiled = lowered.compile()
-            result = self._execute(args)
+            result, _ = self._execute(args)  # `previous` is args[0] already
             return self._complete(result, first, step=step, epoch=epoch, time=time, kind=kind)
 
         future: concurrent.futures.Future[Callable[[], Capture]] = concurrent.futures.Future()
@@ -342,18 +343,23 @@ class CaptureProgram:
         lr = ops.convert_to_tensor(learning_rate, "float32")
         return (trainable, non_trainable, previous, x, y, lr), first
 
-    def _execute(self, args: tuple[Any, ...]) -> dict[str, Any]:
-        """The capture function's results on the host (computed again masked after NaN/Inf)."""
+    def _execute(self, args: tuple[Any, ...]) -> tuple[dict[str, Any], list[Any]]:
+        """The capture function's results on the host (computed again masked after NaN/Inf),
+        and its copy of the weights it measured, left on the device."""
         with backend.isolated_rng(self.options.seed):
-            result = backend.to_numpy(self._call(args))
+            result = self._call(args)
+        snapshot = result.pop("snapshot")
+        result = backend.to_numpy(result)
         if not self._all_finite(result):
             # A diverging run: recompute with NaN/Inf masked out (a second, lazily
             # compiled function, so the common case pays nothing for it).
             if self._masked_function is None:
                 self._masked_function = backend.compile_function(self._masked_program)
             with backend.isolated_rng(self.options.seed):
-                result = backend.to_numpy(self._masked_function(*args))
-        return result
+                result = self._masked_function(*args)
+            result.pop("snapshot")
+            result = backend.to_numpy(result)
+        return result, snapshot
 
     def _call(self, args: tuple[Any, ...]) -> Any:
         if self._compiled is not None:
