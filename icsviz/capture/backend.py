@@ -125,8 +125,12 @@ def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
 # CNN's capture took 1.0 s less (2.7 -> 1.7 s; BN CNN 2.5 -> 2.2 s, MobileNetV2 9.8 -> 9.3 s) and
 # the compiled capture ran as fast (`python benchmarks/first_capture.py` on JAX). Activation
 # statistics are bit for bit the same; gradient norms can differ in the last bits (2.4e-7 on the
-# BN CNN), as between any two compilations of a backward pass. GPUs keep XLA's default (unmeasured).
+# BN CNN), as between any two compilations of a backward pass.
 _CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
+# GPUs keep XLA's default. On an H100 (`benchmarks/compile_options.py`) level 1 compiled no faster
+# (BN CNN 5.9 s against 5.6 s); autotuning off halved the compile (MobileNetV2 31.7 -> 13.8 s) but
+# made every capture 2.4-10x slower (8.3 -> 20.1 ms; BN 2.3 -> 24.5 ms), and a run pays the first
+# capture once, the steady one every epoch. `benchmarks/depth.py --gpu-options` sets this.
 _GPU_COMPILER_OPTIONS: dict[str, Any] = {}
 
 
