@@ -584,3 +584,30 @@ def test_a_sweep_opens_on_one_baseline_and_one_bn_run(shipped, tmp_path) -> None
     scan_runs(folder)
     at = app_for(folder).run()
     assert at.sidebar.multiselect(key="runs").value == ["sweep0-cifar10-baseline.h5", "sweep0-cifar10-bn.h5"]
+
+
+def test_a_run_without_accuracy_shows_its_own_metric_and_says_why(tmp_path) -> None:
+    import keras
+
+    from icsviz import ICSCallback
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="relu", name="h"), keras.layers.Dense(1)]
+    )
+    model.compile(keras.optimizers.SGD(0.05), "mse", metrics=["mae"])  # a regression: no accuracy
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    callback = ICSCallback(tmp_path / "regression.h5", probe=(x[:16], y[:16]))
+    history = model.fit(x, y, epochs=2, batch_size=16, verbose=0, validation_split=0.25, callbacks=[callback])
+    at = app_for(tmp_path).run()
+    assert not at.exception, [e.value for e in at.exception]
+    curves = [spec for spec in _specs(at) if "hconcat" in spec]
+    assert len(curves) == 1 and [panel["title"] for panel in curves[0]["hconcat"]] == ["MAE", "Loss"]
+    frame = pd.concat(frames_with(at, "run", "metric", "split", "value"))  # one per panel
+    assert set(frame["metric"]) == {"mae", "loss"}  # not the learning rate or the epoch time
+    val_mae = frame[(frame["metric"] == "mae") & (frame["split"] == "validation")].sort_values("epoch")
+    np.testing.assert_allclose(val_mae["value"], history.history["val_mae"], rtol=1e-6)
+    assert any("No selected run recorded accuracy" in c.value for c in at.caption)
+    assert any(c.value.startswith("MAE and loss per epoch") for c in at.caption)

@@ -116,3 +116,15 @@ def test_a_misspelt_field_is_caught() -> None:
     spec["mark"]["type"] = "aera"
     with pytest.raises(ValidationError):
         check(spec)
+
+
+def test_curves_leave_out_a_metric_no_run_recorded() -> None:
+    frame = pd.DataFrame(
+        {"run": "a", "epoch": [1, 2], "metric": "loss", "split": "training", "value": [1.0, 0.5]}
+    )
+    spec = charts.curves_chart(frame, ("a",), 1.0)
+    assert [panel["title"] for panel in spec["hconcat"]] == ["Loss"]
+    assert set(spec["datasets"]) == {"loss", "capture"}
+    both = pd.concat([frame, frame.assign(metric="accuracy"), frame.assign(metric="auc")])
+    assert charts.curve_metrics(both) == ["accuracy", "loss"]  # accuracy first, whatever else there is
+    assert charts.curve_metrics(both[both.metric != "accuracy"]) == ["auc", "loss"]

@@ -18,6 +18,8 @@ import pandas as pd
 __all__ = [
     "Spec",
     "curves_chart",
+    "curve_metrics",
+    "metric_title",
     "role_drift_chart",
     "histogram_chart",
     "ridgeline_chart",
@@ -71,12 +73,13 @@ def _rule_frame(epoch: float) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- charts
 def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | None = None) -> Spec:
-    """Accuracy and loss, training (dashed) and validation (solid), one panel each."""
+    """Accuracy and loss, training (dashed) and validation (solid), one panel each; a metric
+    no run recorded (a model compiled without accuracy) gets no panel, not an empty one."""
     datasets: dict[str, pd.DataFrame] = {}
     if current_epoch is not None:
         datasets["capture"] = _rule_frame(current_epoch)
     panels = []
-    for metric in ("accuracy", "loss"):
+    for metric in curve_metrics(df):
         datasets[metric] = df[df["metric"] == metric]
         line = {
             "data": {"name": metric},
@@ -94,7 +97,7 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
             },
         }
         layers = [line, _epoch_rule("capture")] if current_epoch is not None else [line]
-        panels.append({"layer": layers, "height": 230, "title": metric.capitalize()})
+        panels.append({"layer": layers, "height": 230, "title": metric_title(metric)})
     # The legend below the panels: on the right it was cut off in a narrow page.
     return _spec(
         datasets,
@@ -102,6 +105,22 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
         resolve={"scale": {"color": "shared", "strokeDash": "shared"}},
         config={"legend": {"orient": "bottom", "direction": "horizontal", "labelLimit": 320}},
     )
+
+
+def curve_metrics(df: pd.DataFrame) -> list[str]:
+    """The panels of the training curves: accuracy (or, for a model compiled without it, the
+    first metric it recorded, such as a regression's mae), then the loss; only those with rows."""
+    present = list(dict.fromkeys(df["metric"]))
+    others = [metric for metric in present if metric != "loss"]
+    first = "accuracy" if "accuracy" in others else (others[0] if others else None)
+    return [metric for metric in (first, "loss") if metric in present]
+
+
+def metric_title(metric: str) -> str:
+    """ "Accuracy", "Loss"; Keras's short metric names as the abbreviations they are ("MAE")."""
+    if metric != "loss" and metric.isalpha() and len(metric) <= 4:
+        return metric.upper()
+    return metric[:1].upper() + metric[1:]
 
 
 def role_drift_chart(df: pd.DataFrame, runs: Sequence[str]) -> Spec:

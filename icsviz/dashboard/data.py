@@ -200,13 +200,19 @@ def layer_union(runs: Runs) -> list[str]:
     return names
 
 
+# Recorded beside the model's metrics, not metrics of the model themselves.
+_NOT_CURVES = frozenset({"learning_rate", "lr", "epoch_time"})
+
+
 def curves_frame(runs: Runs) -> pd.DataFrame:
-    """Accuracy and loss per epoch, training and validation, for every run."""
+    """Every metric the model recorded per epoch (loss, accuracy, mae, ...), training and
+    validation, for every run."""
     rows = []
     for label, run in runs.items():
         history = run.history
         epochs = run.history_epochs + 1
-        for metric in ("accuracy", "loss"):
+        metrics = [key for key in history if not key.startswith("val_") and key not in _NOT_CURVES]
+        for metric in metrics:
             for split, key in (("training", metric), ("validation", f"val_{metric}")):
                 if key in history:
                     rows.append(

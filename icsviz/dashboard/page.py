@@ -316,14 +316,22 @@ def runs_table(entries: Sequence[RunEntry], *, key: str = "sweep") -> None:
 def training_curves(keys: tuple[Key, ...], labels: tuple[str, ...], epoch: float | None) -> None:
     overview = _overview(keys, labels)
     st.subheader("Training curves")
+    curves = overview["curves"]
+    shown = charts.curve_metrics(curves)
+    named = " and ".join(charts.metric_title(m) if m != "loss" else m for m in shown) or "accuracy and loss"
     st.caption(
-        "Accuracy and loss per epoch for every selected run: training (dashed) and validation "
-        "(solid). The dotted rule marks the capture chosen below."
+        f"{named[:1].upper() + named[1:]} per epoch for every selected run: training (dashed) and "
+        "validation (solid). The dotted rule marks the capture chosen below."
+        + (
+            ""
+            if "accuracy" in shown or curves.empty
+            else " No selected run recorded accuracy (compile with `metrics=['accuracy']` to see it)."
+        )
     )
-    if overview["curves"].empty:
+    if curves.empty:
         st.info("No epoch has finished yet.")
         return
-    draw(charts.curves_chart, overview["curves"], labels, epoch)
+    draw(charts.curves_chart, curves, labels, epoch)
 
 
 @guarded
