@@ -117,7 +117,8 @@ def curve_metrics(df: pd.DataFrame) -> list[str]:
 
 
 def metric_title(metric: str) -> str:
-    """ "Accuracy", "Loss"; Keras's short metric names as the abbreviations they are ("MAE")."""
+    """A panel's title: "Accuracy", "Loss", and Keras's short metric names as the
+    abbreviations they are ("MAE")."""
     if metric != "loss" and metric.isalpha() and len(metric) <= 4:
         return metric.upper()
     return metric[:1].upper() + metric[1:]
