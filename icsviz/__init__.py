@@ -21,6 +21,7 @@ from .errors import (
     RunInUseError,
     SchemaVersionError,
 )
+from .extras import missing_extra
 from .store.check import RunCheck, check_run
 from .store.reader import ActivationStats, GradientStats, ICSStats, LayerInfo, Run, open_run
 from .store.schema import SCHEMA_VERSION
@@ -60,7 +61,13 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Importing Keras takes seconds; the app and the plots never need it.
     if name == "ICSCallback":
-        from .capture.callback import ICSCallback
+        try:
+            from .capture.callback import ICSCallback
+        except ModuleNotFoundError as exc:
+            clear = missing_extra(exc)
+            if clear is None:
+                raise
+            raise clear from None
 
         return ICSCallback
     raise AttributeError(f"module 'icsviz' has no attribute {name!r}")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import ICSVizError
+from .extras import missing_extra, require
 
 
 class RunFolderError(ICSVizError, NotADirectoryError):
@@ -295,6 +296,7 @@ def _app(args: argparse.Namespace) -> int:
     folder = Path(args.runs)
     if not folder.is_dir():
         raise RunFolderError(f"{folder} is not a folder; pass --runs DIR with your run files")
+    require("streamlit")  # checked here: the server is another process
     command = [
         sys.executable,
         "-m",
@@ -346,6 +348,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _train_one(args, model, Path(args.out_dir) / f"{args.dataset}-{model}.h5")
     except ICSVizError as exc:
         print(f"icsviz: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        clear = missing_extra(exc)
+        if clear is None:
+            raise
+        print(f"icsviz: error: {clear}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("icsviz: interrupted", file=sys.stderr)

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 
 from conftest import tiny_capture
@@ -100,3 +103,45 @@ def test_batch_stats_takes_an_optional_step_interval() -> None:
     assert parse(["train", "--model", "bn", "--batch-stats", "10"]).batch_stats == 10
     assert parse(["train", "--model", "bn"]).batch_stats == 0
     assert parse(["experiment", "--batch-stats", "5"]).batch_stats == 5
+
+
+_WITHOUT = """
+import sys
+
+class Missing:  # as if the extra were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Missing())
+"""
+
+
+def _without(blocked: set[str], code: str) -> subprocess.CompletedProcess[str]:
+    script = _WITHOUT.format(blocked=blocked) + code
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_extra_names_what_to_install(tmp_path, layout) -> None:
+    path = tmp_path / "run.h5"
+    with RunWriter.create(path, layout, {}) as writer:
+        writer.write_capture(tiny_capture(layout, 0))
+    for blocked, command, extra in (
+        ("streamlit", ["app", "--runs", str(tmp_path), "--headless"], "app"),
+        ("matplotlib", ["plot", str(path), "--out", str(tmp_path / "figures")], "plots"),
+    ):
+        proc = _without({blocked}, f"from icsviz.cli import main\nsys.exit(main({command!r}))")
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert f"needs {blocked}, which is not installed here: pip install 'icsviz[{extra}]'" in proc.stderr
+    # The library: reading works without Keras; the callback says which extra records a run.
+    proc = _without(
+        {"keras", "tensorflow"},
+        "import icsviz\n"
+        f"assert icsviz.open_run({str(path)!r}).num_captures == 1\n"
+        "try:\n    icsviz.ICSCallback\n"
+        "except ModuleNotFoundError as exc:\n    print(exc.name, exc)\n",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("keras ") and "pip install 'icsviz[train]'" in proc.stdout
