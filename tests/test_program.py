@@ -254,11 +254,31 @@ print("UPDATE RATIOS OK")
 """
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
-def test_update_ratios_after_training_steps_equal_numpys(backend: str) -> None:
-    """The weights a capture measured stay, copied by the capture itself, for the next one's
-    update ratios: through training steps that update the variables in place (TensorFlow,
-    torch) or donate their buffers (JAX)."""
+_FROZEN_SCRIPT = """
+import os, tempfile, warnings
+import numpy as np, keras, icsviz
+warnings.simplefilter("error", icsviz.CaptureWarning)
+keras.utils.set_random_seed(0)
+base = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="h")])
+base.trainable = False
+model = keras.Sequential([base, keras.layers.Dense(3, activation="softmax", name="out")])
+model.layers[-1].trainable = False
+model.compile("sgd", "sparse_categorical_crossentropy")
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 3, 64)
+path = os.path.join(tempfile.mkdtemp(), "frozen.h5")
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "The model does not have any trainable weights")
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[icsviz.ICSCallback(path, probe=(x[:16], y[:16]))])
+with icsviz.open_run(path) as run:
+    assert run.num_captures == 3 and run.variable_names == [], (run.num_captures, run.variable_names)
+    h = keras.ops.convert_to_numpy(base(x[:16]))
+    np.testing.assert_allclose(run.activations("sequential/h").mean[-1], h.mean(), rtol=1e-5)
+print("FROZEN OK")
+"""
+
+
+def _on_backend(backend: str, script: str, marker: str) -> None:
     import importlib.util
     import os
     import subprocess
@@ -270,9 +290,24 @@ def test_update_ratios_after_training_steps_equal_numpys(backend: str) -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(root)}
     proc = subprocess.run(
-        [sys.executable, "-c", _UPDATE_RATIO_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0 and "UPDATE RATIOS OK" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_update_ratios_after_training_steps_equal_numpys(backend: str) -> None:
+    """The weights a capture measured stay, copied by the capture itself, for the next one's
+    update ratios: through training steps that update the variables in place (TensorFlow,
+    torch) or donate their buffers (JAX)."""
+    _on_backend(backend, _UPDATE_RATIO_SCRIPT, "UPDATE RATIOS OK")
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_a_model_without_trainable_variables_is_captured(backend: str) -> None:
+    """A frozen model (feature extraction, evaluation) is recorded; torch's autograd refused
+    the empty list of variables and the run got no capture."""
+    _on_backend(backend, _FROZEN_SCRIPT, "FROZEN OK")
 
 
 def test_gradient_shift_matches_a_hand_computed_step() -> None:

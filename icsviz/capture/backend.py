@@ -215,6 +215,9 @@ def value_and_grad(loss_fn: LossFn, params: Sequence[Any]) -> tuple[Any, Any, li
     if backend == "torch":
         import torch
 
+        if not params:  # a frozen model: autograd refuses an empty list of inputs
+            loss, aux = loss_fn(params)
+            return loss.detach(), aux, []
         params = [p.detach().requires_grad_(True) for p in params]
         with torch.enable_grad():
             loss, aux = loss_fn(params)
