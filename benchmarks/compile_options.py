@@ -111,7 +111,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as folder:
         for model in args.models:
-            first_values = None
+            reference: tuple[str, Path] | None = None  # the first set that compiled
             for name in sets:
                 values = Path(folder) / f"{model}-{name}.npz"
                 command = [sys.executable, __file__, "--probe", str(args.probe), "--runs", str(args.runs)]
@@ -124,11 +124,11 @@ def main() -> None:
                     )
                     continue
                 row = json.loads(done.stdout.strip().splitlines()[-1])
-                first_values = first_values or values
+                reference = reference or (name, values)
                 print(
                     f"{model:11s} {name:18s} compile {row['compiling']:5.1f} s (tracing and lowering "
                     f"{row['lowering']:4.1f} s) | compiled capture {row['capture_ms']:6.1f} ms (median of {args.runs}) | "
-                    f"largest relative difference from {sets[0]}: {difference(first_values, values):.1e}",
+                    f"largest relative difference from {reference[0]}: {difference(reference[1], values):.1e}",
                     flush=True,
                 )
 
