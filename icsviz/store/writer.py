@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import DamagedRunError, IncompatibleRunError, RunExistsError, RunFileError
 from .files import hdf5_library, open_for_reading
 from .lock import WriterLock
+from .rows import RowBatch, RowWriter, append_rows, flush
 from .schema import (
     CAPTURE_KINDS,
     SCHEMA_VERSION,
@@ -104,6 +105,18 @@ class BatchRows:
     def __len__(self) -> int:
         return len(self.step)
 
+
+LAYER_DATASETS: tuple[str, ...] = (
+    "hist_counts",
+    "hist_edges",
+    "quantiles",
+    "moments",
+    "zero_frac",
+    "nonfinite",
+    "unit_mean",
+    "unit_std",
+    "unit_quantiles",
+)
 
 BATCH_DATASETS: tuple[str, ...] = (
     "hist_counts",
@@ -201,7 +214,9 @@ class RunWriter:
         # Datasets stay open while the writer is: reopening them per row costs time, and a
         # dataset closed after a failed write leaves HDF5 a half-closed id that crashes it at exit.
         self._datasets: dict[str, h5py.Dataset] = {}
-        self._row_writers: dict[str, _RowWriter] = {}
+        self._row_writers: dict[str, RowWriter] = {}
+        self._capture_batch: RowBatch | None = None  # every per-capture dataset, in _capture_names order
+        self._steps_batch: RowBatch | None = None  # every per-step dataset but the marker
         self._detached = False  # after a failed write, HDF5 writes to /dev/null (see _detach)
         self.layout = layout
         self.path = Path(file.filename)
@@ -287,10 +302,10 @@ class RunWriter:
             dataset = self._datasets[name] = self._file[name]
         return dataset
 
-    def _rows(self, name: str) -> _RowWriter:
+    def _rows(self, name: str) -> RowWriter:
         writer = self._row_writers.get(name)
         if writer is None:
-            writer = self._row_writers[name] = _RowWriter(self._ds(name))
+            writer = self._row_writers[name] = RowWriter(self._ds(name))
         return writer
 
     @property
@@ -349,55 +364,55 @@ class RunWriter:
             self._write_captures(captures)
 
     def _write_captures(self, captures: Sequence[Capture]) -> None:
-        f = self._file
         t = self.num_captures
-        columns = [self._capture_rows(capture) for capture in captures]
+        if self._capture_batch is None:
+            self._capture_batch = RowBatch([self._rows(name) for name in self._capture_names()])
+        columns = [self._capture_values(capture) for capture in captures]
         if len(columns) == 1:
-            for name, value in columns[0]:
-                self._rows(name).write(t, value)
+            self._capture_batch.write(t, columns[0])
         else:
-            for column in zip(*columns):
-                self._rows(column[0][0]).write_rows(t, np.stack([np.asarray(value) for _, value in column]))
-        f.flush()
+            self._capture_batch.write(t, [np.stack(column) for column in zip(*columns)], rows=len(columns))
+        flush(self._file)
         # The commit marker, last, exact length.
-        _append_rows(self._ds("captures/step"), t, np.asarray([capture.step for capture in captures]))
-        f.flush()
+        append_rows(self._ds("captures/step"), t, np.asarray([capture.step for capture in captures]))
+        flush(self._file)
 
-    def _capture_rows(self, capture: Capture) -> list[tuple[str, Any]]:
-        """(dataset, row) of every per-capture dataset, in one fixed order."""
+    def _capture_names(self) -> list[str]:
+        """Every per-capture dataset but the marker, in `_capture_values`' order."""
+        names = ["captures/epoch", "captures/time", "captures/kind"]
+        for lid in self._layer_ids:
+            names += [f"layers/{lid}/{name}" for name in LAYER_DATASETS]
+        for vid in self._variable_ids:
+            names += [f"variables/{vid}/{name}" for name in ("grad_norm", "weight_norm", "update_ratio")]
+        for iid in self._ics_ids:
+            names += [f"ics/{iid}/grad_diff", f"ics/{iid}/grad_cos"]
+        return names
+
+    def _capture_values(self, capture: Capture) -> list[Any]:
+        """The row of every dataset in `_capture_names`, in its order."""
         if len(capture.layers) != len(self._layer_ids):
             raise ValueError(f"capture has {len(capture.layers)} layers, the layout {len(self._layer_ids)}")
-        rows: list[tuple[str, Any]] = [
-            ("captures/epoch", capture.epoch),
-            ("captures/time", capture.time),
-            ("captures/kind", CAPTURE_KINDS[capture.kind]),
-        ]
-        for lid, stats in zip(self._layer_ids, capture.layers):
-            g = f"layers/{lid}/"
-            rows += [
-                (g + "hist_counts", stats.hist_counts),
-                (g + "hist_edges", stats.hist_edges),
-                (g + "quantiles", stats.quantiles),
-                (g + "moments", stats.moments),
-                (g + "zero_frac", stats.zero_frac),
-                (g + "nonfinite", stats.nonfinite),
-                (g + "unit_mean", stats.unit_mean),
-                (g + "unit_std", stats.unit_std),
-                (g + "unit_quantiles", stats.unit_quantiles),
+        values: list[Any] = [capture.epoch, capture.time, CAPTURE_KINDS[capture.kind]]
+        for stats in capture.layers:
+            values += [
+                stats.hist_counts,
+                stats.hist_edges,
+                stats.quantiles,
+                stats.moments,
+                stats.zero_frac,
+                stats.nonfinite,
+                stats.unit_mean,
+                stats.unit_std,
+                stats.unit_quantiles,
             ]
-        for i, vid in enumerate(self._variable_ids):
-            g = f"variables/{vid}/"
-            rows += [
-                (g + "grad_norm", capture.grad_norm[i]),
-                (g + "weight_norm", capture.weight_norm[i]),
-                (g + "update_ratio", capture.update_ratio[i]),
+        for i in range(len(self._variable_ids)):
+            values += [capture.grad_norm[i], capture.weight_norm[i], capture.update_ratio[i]]
+        for i in range(len(self._ics_ids)):
+            values += [
+                capture.ics_grad_diff[i] if len(capture.ics_grad_diff) else np.nan,
+                capture.ics_grad_cos[i] if len(capture.ics_grad_cos) else np.nan,
             ]
-        for i, iid in enumerate(self._ics_ids):
-            g = f"ics/{iid}/"
-            diff = capture.ics_grad_diff[i] if len(capture.ics_grad_diff) else np.nan
-            cos = capture.ics_grad_cos[i] if len(capture.ics_grad_cos) else np.nan
-            rows += [(g + "grad_diff", diff), (g + "grad_cos", cos)]
-        return rows
+        return values
 
     @property
     def num_batch_rows(self) -> int:
@@ -416,16 +431,20 @@ class RunWriter:
                 f"{len(rows.layers)} batch layers, the layout has {len(self.layout.batch_layers)}"
             )
         start, n = self.num_batch_rows, len(rows)
-        writes: list[tuple[str, Any]] = [("batches/epoch", rows.epoch), ("batches/time", rows.time)]
-        for spec, stats in zip(self.layout.batch_layers, rows.layers):
-            g = f"batches/layers/{self._layer_ids[spec.index]}/"
-            writes += [(g + name, stats[name]) for name in BATCH_DATASETS]
-        for name, value in writes:  # these grow a chunk at a time: rows past the marker are not committed
-            self._rows(name).write_rows(start, value)
-        self._file.flush()
+        if self._steps_batch is None:
+            names = ["batches/epoch", "batches/time"]
+            for spec in self.layout.batch_layers:
+                names += [f"batches/layers/{self._layer_ids[spec.index]}/{name}" for name in BATCH_DATASETS]
+            self._steps_batch = RowBatch([self._rows(name) for name in names])
+        values: list[Any] = [rows.epoch, rows.time]
+        for stats in rows.layers:
+            values += [stats[name] for name in BATCH_DATASETS]
+        # These grow a chunk at a time: rows past the marker are not committed.
+        self._steps_batch.write(start, values, rows=n)
+        flush(self._file)
         # The commit marker, last, exact length.
-        _append_rows(self._ds("batches/step"), start, np.asarray(rows.step))
-        self._file.flush()
+        append_rows(self._ds("batches/step"), start, np.asarray(rows.step))
+        flush(self._file)
         assert self.num_batch_rows == start + n
 
     def write_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
@@ -491,60 +510,8 @@ class RunWriter:
         self.close("complete" if exc_type is None else "interrupted")
 
 
-class _RowWriter:
-    """Appends rows to one per-capture or per-step dataset through h5py's low-level API.
-
-    A capture of a deep model writes a few thousand small rows; the high-level
-    `ds[row] = value` (selection parsing, a resize per row) cost ~0.2 ms each. Here
-    the dataset grows a chunk's worth of rows at a time and each row is one
-    hyperslab write. Rows past the commit marker (the length of /captures/step)
-    are not committed: readers ignore them, resuming and compacting cut them off.
-    """
-
-    def __init__(self, ds: h5py.Dataset) -> None:
-        self.ds = ds
-        self.row_shape = tuple(ds.shape[1:])
-        self.dtype = ds.dtype
-        self.capacity = int(ds.shape[0])
-        self.grow = max(1, int(ds.chunks[0]) if ds.chunks else 64)
-        self.memory = h5py.h5s.create_simple((1, *self.row_shape))
-        self.file_space = ds.id.get_space()
-        self.offset_tail = (0,) * len(self.row_shape)
-
-    def write(self, row: int, value: Any) -> None:
-        self._reserve(row + 1)
-        data = np.ascontiguousarray(np.asarray(value, dtype=self.dtype).reshape((1, *self.row_shape)))
-        self.file_space.select_hyperslab((row, *self.offset_tail), (1, *self.row_shape))
-        self.ds.id.write(self.memory, self.file_space, data)
-
-    def write_rows(self, start: int, values: Any) -> None:
-        """Rows `start`, `start + 1`, ... from the first axis of `values`, in one write."""
-        data = np.ascontiguousarray(np.asarray(values, dtype=self.dtype).reshape((-1, *self.row_shape)))
-        n = len(data)
-        if not n:
-            return
-        self._reserve(start + n)
-        self.file_space.select_hyperslab((start, *self.offset_tail), (n, *self.row_shape))
-        self.ds.id.write(h5py.h5s.create_simple(data.shape), self.file_space, data)
-
-    def _reserve(self, rows: int) -> None:
-        if rows > self.capacity:
-            self.capacity = ((rows - 1) // self.grow + 1) * self.grow
-            self.ds.id.set_extent((self.capacity, *self.row_shape))
-            self.file_space = self.ds.id.get_space()
-
-
-def _append_rows(ds: h5py.Dataset, start: int, values: np.ndarray) -> None:
-    end = start + len(values)
-    if ds.shape[0] < end:
-        ds.resize(end, axis=0)
-    ds[start:end] = values
-
-
 def _append_row(ds: h5py.Dataset, row: int, value: Any) -> None:
-    if ds.shape[0] <= row:
-        ds.resize(row + 1, axis=0)
-    ds[row] = value
+    append_rows(ds, row, np.asarray([value]))
 
 
 def _set_attrs(obj: h5py.Group | h5py.Dataset, **values: Any) -> None:
