@@ -15,7 +15,7 @@ import ctypes
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,17 +106,8 @@ class BatchRows:
         return len(self.step)
 
 
-LAYER_DATASETS: tuple[str, ...] = (
-    "hist_counts",
-    "hist_edges",
-    "quantiles",
-    "moments",
-    "zero_frac",
-    "nonfinite",
-    "unit_mean",
-    "unit_std",
-    "unit_quantiles",
-)
+# A layer's per-capture datasets: named as LayerCapture's fields, written in their order.
+LAYER_DATASETS: tuple[str, ...] = tuple(f.name for f in fields(LayerCapture))
 
 BATCH_DATASETS: tuple[str, ...] = (
     "hist_counts",
@@ -394,17 +385,7 @@ class RunWriter:
             raise ValueError(f"capture has {len(capture.layers)} layers, the layout {len(self._layer_ids)}")
         values: list[Any] = [capture.epoch, capture.time, CAPTURE_KINDS[capture.kind]]
         for stats in capture.layers:
-            values += [
-                stats.hist_counts,
-                stats.hist_edges,
-                stats.quantiles,
-                stats.moments,
-                stats.zero_frac,
-                stats.nonfinite,
-                stats.unit_mean,
-                stats.unit_std,
-                stats.unit_quantiles,
-            ]
+            values += [getattr(stats, name) for name in LAYER_DATASETS]
         for i in range(len(self._variable_ids)):
             values += [capture.grad_norm[i], capture.weight_norm[i], capture.update_ratio[i]]
         for i in range(len(self._ics_ids)):
