@@ -211,6 +211,31 @@ def test_argument_errors_are_raised_early() -> None:
         ICSCallback("r.h5", probe=x, metadata={"f": object()})
 
 
+def test_layer_filters_are_checked_early_and_recorded_as_given() -> None:
+    x, y = data()
+    with pytest.raises(ValueError, match="Received: 3"):
+        ICSCallback("r.h5", probe=x, layers=["d1", 3])
+    assert ICSCallback("r.h5", probe=x, layers="d*").layers == ["d*"]  # not ["d", "*"]
+    predicate = ICSCallback("r.h5", probe=x, layers=lambda layer: True).layers
+    assert isinstance(predicate, list) and len(predicate) == 1 and callable(predicate[0])
+
+
+def test_a_filter_that_matches_no_layer_records_the_weights_with_one_warning(tmp_path) -> None:
+    path = tmp_path / "none.h5"
+    model = sequential()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, path, epochs=2, layers=["nope"])
+    ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+    assert len(ours) == 1 and "'nope'" in ours[0] and "d1" in ours[0], ours
+    with open_run(path) as run:
+        assert run.layer_names == [] and run.num_captures == 3 and run.status == "complete"
+        grads = run.gradients("d1")
+        assert np.isfinite(grads.grad_norm).all() and (grads.grad_norm > 0).all()
+        kernel = model.get_layer("d1").kernel.numpy()
+        np.testing.assert_allclose(grads.weight_norm[-1, 0], np.linalg.norm(kernel), rtol=1e-5)
+
+
 def test_the_quantile_sample_size_is_the_users_choice_and_recorded(tmp_path) -> None:
     import h5py
 

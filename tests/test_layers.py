@@ -4,7 +4,7 @@ import keras
 import pytest
 
 from icsviz import CaptureWarning
-from icsviz.capture.layers import classify, iter_layers, select_layers
+from icsviz.capture.layers import classify, iter_layers, layer_filters, select_layers
 from icsviz.models import build_model
 
 
@@ -70,6 +70,18 @@ def test_filters_by_name_glob_class_and_predicate() -> None:
     assert [s.name for s in select_layers(model, [lambda layer: layer.name == "flatten"])] == ["flatten"]
     nested = nested_model()
     assert [s.name for s in select_layers(nested, ["block/*"])] == ["block/d"]
+
+
+def test_one_filter_on_its_own_is_a_list_of_one() -> None:
+    model = build_model("bn", (32, 32, 3), 10)
+    for single in ("conv*_bn", keras.layers.BatchNormalization, lambda layer: layer.name.endswith("_bn")):
+        assert [s.name for s in select_layers(model, single)] == [
+            s.name for s in select_layers(model, [single])
+        ]
+    assert len(select_layers(model, keras.layers.BatchNormalization)) == 6
+    assert layer_filters("fc1") == ["fc1"] and layer_filters(None) is None
+    with pytest.raises(ValueError, match="Received: 3"):
+        layer_filters(["fc1", 3])
 
 
 def test_unmatched_filter_entries_warn_with_the_layer_list() -> None:

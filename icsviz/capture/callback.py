@@ -22,7 +22,7 @@ from ..store.schema import BatchLayerSpec, RunLayout
 from ..store.writer import BatchRows, RunWriter
 from . import backend
 from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, to_host, unpack, unsupported_reason
-from .layers import LayerFilter, select_layers
+from .layers import LayerFilter, layer_filters, select_layers
 from .program import CaptureProgram
 from .stats import CaptureOptions
 from .write_queue import WriteQueue
@@ -146,7 +146,8 @@ class ICSCallback(keras.callbacks.Callback):
         layers: Which layers to capture: None for the default (outputs of Dense
             and Conv layers, their pre-activations when the activation is fused,
             normalization, activation and merge layers), or a list of names,
-            glob patterns ("block1/*"), layer classes or predicates.
+            glob patterns ("block1/*"), layer classes or predicates (one of
+            them on its own is a list of one).
         every_n_steps: Also capture every N training steps (None: epochs only).
             Step captures less than 2 s after the last write are written
             together (up to 16, or at the epoch's capture or `flush()`): one
@@ -205,7 +206,7 @@ class ICSCallback(keras.callbacks.Callback):
         path: str | os.PathLike[str],
         probe: Any,
         *,
-        layers: Sequence[LayerFilter] | None = None,
+        layers: LayerFilter | Sequence[LayerFilter] | None = None,
         every_n_steps: int | None = None,
         batch_stats: bool | int = False,
         flush_every: int | None = None,
@@ -268,7 +269,7 @@ class ICSCallback(keras.callbacks.Callback):
             )
             x, y = _take(x, _MAX_PROBE), (None if y is None else _take(y, _MAX_PROBE))
         self.path = Path(path)
-        self.layers = layers
+        self.layers = layer_filters(layers)
         self.every_n_steps = every_n_steps
         self.batch_stats = bool(batch_stats)
         self.batch_stats_every = int(batch_stats) if batch_stats else 0

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CaptureWarning
 
-__all__ = ["LayerFilter", "SelectedLayer", "iter_layers", "classify", "select_layers"]
+__all__ = ["LayerFilter", "SelectedLayer", "iter_layers", "classify", "layer_filters", "select_layers"]
 
 # A filter entry: a name or glob pattern ("conv*", "block1/*"), a layer class,
 # or a predicate on the layer.
@@ -167,15 +167,26 @@ def _matches(entry: LayerFilter, name: str, layer: Any) -> bool:
         return fnmatch.fnmatchcase(name, entry) or fnmatch.fnmatchcase(short, entry)
     if isinstance(entry, type):
         return isinstance(layer, entry)
-    if callable(entry):
-        return bool(entry(layer))
-    raise ValueError(
-        "Each layer filter entry must be a name, a glob pattern, a layer class or a "
-        f"callable. Received: {entry!r}"
-    )
+    return bool(entry(layer))
 
 
-def select_layers(model: Any, layers: Sequence[LayerFilter] | None = None) -> list[SelectedLayer]:
+def layer_filters(layers: LayerFilter | Sequence[LayerFilter] | None) -> list[LayerFilter] | None:
+    """`layers` as a list of filters (one filter on its own is a list of one), each checked."""
+    if layers is None:
+        return None
+    entries = [layers] if isinstance(layers, (str, type)) or callable(layers) else list(layers)
+    for entry in entries:
+        if not (isinstance(entry, (str, type)) or callable(entry)):
+            raise ValueError(
+                "Each layer filter entry must be a name, a glob pattern, a layer class or a "
+                f"callable. Received: {entry!r}"
+            )
+    return entries  # type: ignore[return-value]
+
+
+def select_layers(
+    model: Any, layers: LayerFilter | Sequence[LayerFilter] | None = None
+) -> list[SelectedLayer]:
     """The layers to capture: the default selection, or those matching `layers`.
 
     With an explicit filter every matching layer is captured whatever its kind
@@ -191,8 +202,7 @@ def select_layers(model: Any, layers: Sequence[LayerFilter] | None = None) -> li
                 selected.append(SelectedLayer(name, layer, kind, _fuses(layer, kind)))
         return selected
 
-    entries: Iterable[LayerFilter] = [layers] if isinstance(layers, (str, type)) else layers
-    entries = list(entries)
+    entries = layer_filters(layers) or []
     used = [False] * len(entries)
     for name, layer in all_layers:
         hit = False

@@ -211,6 +211,8 @@ class CaptureProgram:
         """{"batched": ...} for all layers at once, or {"layers": [...]} one by one: masked
         (NaN/Inf present), or when the batched statistics cannot be built for this model."""
         assert self.traced is not None
+        if not self.traced:  # a filter that matched no layer: the variables' statistics only
+            return {"layers": []}
         if not masked and self._batched:
             try:
                 tensors = [by_name[plan.name] for plan in self.traced]
