@@ -463,7 +463,7 @@ def plot_runs(
     progress: bool = True,
 ) -> tuple[list[Path], list[str]]:
     """Write every figure for `runs` into `out_dir`. Returns (files written, notes on skipped figures)."""
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     if layers is None:
         first = next(iter(runs.values()))

@@ -273,7 +273,7 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
 
 
 def write_report(runs: Runs, out: str | os.PathLike[str], title: str = "icsviz report") -> Path:
-    path = Path(out)
+    path = Path(out).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(build_report(runs, title), encoding="utf-8")
     return path

@@ -236,6 +236,20 @@ def test_a_filter_that_matches_no_layer_records_the_weights_with_one_warning(tmp
         np.testing.assert_allclose(grads.weight_norm[-1, 0], np.linalg.norm(kernel), rtol=1e-5)
 
 
+def test_a_path_under_home_written_with_a_tilde_is_expanded(tmp_path, monkeypatch) -> None:
+    from icsviz import check_run
+    from icsviz.store.catalog import scan_runs
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    fit(sequential(), "~/runs/a.h5", epochs=1)
+    assert (tmp_path / "home" / "runs" / "a.h5").is_file() and not (tmp_path / "~").exists()
+    with open_run("~/runs/a.h5") as run:
+        assert run.num_captures == 2
+    assert check_run("~/runs/a.h5").ok
+    assert [entry.path.name for entry in scan_runs("~/runs")] == ["a.h5"]
+
+
 def test_the_quantile_sample_size_is_the_users_choice_and_recorded(tmp_path) -> None:
     import h5py
 

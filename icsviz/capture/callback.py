@@ -268,7 +268,7 @@ class ICSCallback(keras.callbacks.Callback):
                 stacklevel=2,
             )
             x, y = _take(x, _MAX_PROBE), (None if y is None else _take(y, _MAX_PROBE))
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self.layers = layer_filters(layers)
         self.every_n_steps = every_n_steps
         self.batch_stats = bool(batch_stats)

@@ -119,7 +119,7 @@ class RunEntry:
 
 def resolve_run(folder: str | os.PathLike[str], name: str) -> Path:
     """The path of run file `name` inside `folder`, refusing anything outside it."""
-    root = Path(folder).resolve()
+    root = Path(folder).expanduser().resolve()
     candidate = (root / name).resolve()
     if candidate.parent != root or candidate.suffix != ".h5" or not candidate.is_file():
         raise RunFileError(f"{name!r} is not a run file in {root}")
@@ -526,7 +526,7 @@ _CATALOGS_LOCK = threading.Lock()
 
 def catalog(folder: str | os.PathLike[str]) -> FolderCatalog:
     """The catalogue of `folder`, one per folder and process."""
-    root = Path(folder).resolve()
+    root = Path(folder).expanduser().resolve()
     with _CATALOGS_LOCK:
         found = _CATALOGS.get(root)
         if found is None:
@@ -536,7 +536,7 @@ def catalog(folder: str | os.PathLike[str]) -> FolderCatalog:
 
 def scan_runs(folder: str | os.PathLike[str]) -> list[RunEntry]:
     """Every `*.h5` file directly in `folder`, sorted by name, each summarized (read now if needed)."""
-    if not Path(folder).is_dir():
+    if not Path(folder).expanduser().is_dir():
         return []
     return catalog(folder).entries(wait=True)
 

@@ -191,7 +191,7 @@ def check_run(path: str | os.PathLike[str]) -> RunCheck:
     Runs in this process: a damaged file can in rare cases hang or crash the
     HDF5 library, so use `guarded_check` where that must not matter.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         file, _ = open_for_reading(path)
     except RunFileError as exc:
@@ -464,7 +464,7 @@ def guarded_check(path: str | os.PathLike[str], timeout: float = CHECK_TIMEOUT_S
     A file that hangs the HDF5 library or crashes it is reported as unreadable
     instead of taking the caller down with it.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     result, failure = guarded("check", path, timeout)
     if result is not None:
         return dataclasses.replace(result, path=path)  # as the caller spelled it

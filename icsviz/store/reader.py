@@ -211,7 +211,7 @@ def seed_index(path: str | os.PathLike[str], skip: Iterable[str], read_record: C
     """Let the next `open_run(path, skip=skip)` take its index from `read_record()` (an
     `index_record`) instead of every group's attributes, if the record describes the file as
     it is now. True when the index is known (already, or from the record)."""
-    version = _file_version(Path(path), frozenset(skip))
+    version = _file_version(Path(path).expanduser(), frozenset(skip))
     if version[0] == "unversioned":
         return False
     if version in _INDEXES:
@@ -252,7 +252,7 @@ class Run:
     """A recorded run. Use as a context manager or call `close()`."""
 
     def __init__(self, path: str | os.PathLike[str], *, skip: Iterable[str] = ()) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self._skip = frozenset(skip)
         self._file, self.swmr = open_for_reading(self.path)
         # Parts found damaged while opening: HDF5 path -> what went wrong. The

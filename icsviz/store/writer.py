@@ -696,7 +696,7 @@ def repair_run(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
     """
     from .check import check_run  # check reads through the reader side only
 
-    path = Path(path)
+    path = Path(path).expanduser()
     lock = WriterLock(path).acquire()  # never under a live writer
     try:
         report = check_run(path)
@@ -704,7 +704,11 @@ def repair_run(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
             raise DamagedRunError(f"{path} cannot be repaired: {report.error}", path=str(path))
         if report.ok and out is None:
             return _rewrite(path, status="interrupted")
-        target = Path(out) if out is not None else path.with_name(f"{path.stem}.repaired{path.suffix}")
+        target = (
+            Path(out).expanduser()
+            if out is not None
+            else path.with_name(f"{path.stem}.repaired{path.suffix}")
+        )
         if target.resolve() == path.resolve() and not report.ok:
             raise ValueError(
                 f"repair writes the saved captures to a new file; pass an `out` other than {path}"
