@@ -304,6 +304,36 @@ def test_second_fit_with_the_same_callback_continues_the_run(tmp_path) -> None:
         np.testing.assert_array_equal(run.steps, [0, 6, 12, 18])
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_the_same_callback_again_continues_its_run_and_counts_epochs_once(tmp_path, overwrite) -> None:
+    """overwrite=True replaces a file found before the first fit, never the callback's own run;
+    an initial_epoch is counted from the run's start, fit() again from 0 continues it."""
+    path = tmp_path / "again.h5"
+    path.write_bytes(b"an older file")
+    x, y = data()
+    model = sequential()
+    cb = ICSCallback(path, probe=(x[:16], y[:16]), overwrite=True)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    cb.overwrite = overwrite  # either way: the run is the callback's own now
+    model.fit(x, y, epochs=4, initial_epoch=2, batch_size=16, verbose=0, callbacks=[cb])
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.history_epochs, [0, 1, 2, 3, 4])
+        np.testing.assert_allclose(run.epochs, [0, 1, 2, 3, 4, 5])
+        np.testing.assert_array_equal(run.steps, [0, 6, 12, 18, 24, 30])
+
+
+def test_the_same_callback_on_another_model_is_refused_and_its_run_kept(tmp_path) -> None:
+    path = tmp_path / "one.h5"
+    x, y = data()
+    cb = ICSCallback(path, probe=(x[:16], y[:16]), overwrite=True)
+    sequential().fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    with pytest.raises(IncompatibleRunError, match=r"ICSCallback of its own, with another path"):
+        residual().fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[cb])
+    with open_run(path) as run:
+        assert run.attrs["model_name"] == "seq" and run.num_captures == 2 and run.status == "complete"
+
+
 def test_diverging_run_counts_nonfinite_values_and_keeps_training(tmp_path) -> None:
     path = tmp_path / "nan.h5"
     model = sequential()

@@ -186,7 +186,10 @@ class ICSCallback(keras.callbacks.Callback):
         metadata: Extra JSON-serializable facts stored with the run, e.g.
             {"dataset": "cifar10"}.
         overwrite: Replace an existing file (or an incompatible one when
-            resuming) instead of raising `RunExistsError`.
+            resuming) instead of raising `RunExistsError`: a file found at
+            the first fit. Later fits with the same callback continue its own
+            run (from epoch 0 they append after it; `initial_epoch=k` resumes
+            at epoch k of it). One callback records one model.
         seed: Seed of the fixed sampling used for quantiles.
 
     Example:
@@ -406,9 +409,11 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_start_step = self._global_step
         resume = epoch > 0 or self._owns_file
         kind = "epoch" if resume else "start"
-        appending = resume and self.path.exists() and not self.overwrite
+        # `overwrite` replaces a file found before this callback's first fit, never its own run.
+        appending = resume and self.path.exists() and (self._owns_file or not self.overwrite)
         if appending and self._owns_file:
-            self._epoch_offset = self._recorded_epochs()
+            # fit() again from epoch 0 continues the run; an initial_epoch counts from its start.
+            self._epoch_offset = self._recorded_epochs() if epoch == 0 else 0
         capture_epoch = float(epoch + (self._epoch_offset if appending else 0))
         # On JAX the capture compiles on a thread of its own while training starts; its
         # tracing (here) gives the layout the file is made with.
@@ -423,7 +428,7 @@ class ICSCallback(keras.callbacks.Callback):
         )
         layout = self._with_batch_layers(self._program.layout)
         if appending:
-            self._writer = RunWriter.resume(self.path, layout, from_epoch=epoch + self._epoch_offset)
+            self._writer = self._resume(layout, from_epoch=epoch + self._epoch_offset)
             new_capture = self._writer.last_capture_epoch != capture_epoch
         else:
             self._writer = RunWriter.create(
@@ -448,6 +453,18 @@ class ICSCallback(keras.callbacks.Callback):
         self._finalizer = weakref.finalize(
             self, _close_when_written, self._queue, self._writer, self._waiting_captures
         )
+
+    def _resume(self, layout: RunLayout, from_epoch: int) -> RunWriter:
+        try:
+            return RunWriter.resume(self.path, layout, from_epoch=from_epoch)
+        except IncompatibleRunError as exc:
+            if not self._owns_file:
+                raise
+            raise IncompatibleRunError(
+                f"this ICSCallback recorded another model or layer set into {self.path} in an earlier "
+                f"fit, and one callback records one run ({exc}). Give model {self.model.name!r} an "
+                "ICSCallback of its own, with another path."
+            ) from exc
 
     # ------------------------------------------------------------ per-step mode
     def _with_batch_layers(self, layout: RunLayout) -> RunLayout:
