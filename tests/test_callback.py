@@ -382,6 +382,32 @@ def _run_script(script: str, timeout: float = 300) -> subprocess.CompletedProces
     )
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's retracing warning")
+def test_a_sweep_of_models_in_one_process_logs_no_retracing_warning(tmp_path) -> None:
+    """Each capture program traces once; TensorFlow counted those traces across programs and
+    warned about "excessive retracing" of icsviz's function from the sixth model on."""
+    proc = _run_script(
+        f"""
+        import numpy as np, keras
+        from icsviz import ICSCallback
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(64, 12)).astype("float32"); y = rng.integers(0, 3, 64)
+        for i in range(8):
+            model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(8 + i, activation="relu"),
+                                      keras.layers.Dense(3, activation="softmax")])
+            model.compile("sgd", "sparse_categorical_crossentropy")
+            callback = ICSCallback({str(tmp_path)!r} + f"/sweep{{i}}.h5", probe=(x, y))
+            model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "retracing" not in proc.stderr, proc.stderr[-2000:]
+    for i in range(8):
+        with open_run(tmp_path / f"sweep{i}.h5") as run:
+            assert run.num_captures == 3
+            assert run.activations(run.layer_names[0]).unit_mean.shape == (3, 8 + i)
+
+
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path) -> None:
     path = tmp_path / "mirrored.h5"
     proc = _run_script(f"""

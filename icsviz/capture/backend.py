@@ -113,7 +113,13 @@ def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         # autograph=False: the capture has no Python control flow on tensors, and converting
         # a deep model's statistics code took most of the tracing time.
-        return _lightly_optimized(tf.function(fn, reduce_retracing=True, autograph=False))
+        compiled = tf.function(fn, reduce_retracing=True, autograph=False)
+        # Each capture program traces its function once (one probe shape). TensorFlow counts
+        # traces per Python function across all programs, so a sweep of several models in one
+        # process logged a warning about "excessive retracing" of icsviz's code, for nothing.
+        with contextlib.suppress(AttributeError):
+            compiled._omit_frequent_tracing_warning = True
+        return _lightly_optimized(compiled)
     if backend == "jax":
         import jax
 
