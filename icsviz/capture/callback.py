@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
 import warnings
 import weakref
@@ -23,6 +24,7 @@ from ..store.writer import BatchRows, RunWriter
 from . import backend
 from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, to_host, unpack, unsupported_reason
 from .layers import LayerFilter, layer_filters, select_layers
+from .probe import mismatch, num_samples, split_probe, take
 from .program import CaptureProgram
 from .stats import CaptureOptions
 from .write_queue import WriteQueue
@@ -53,39 +55,7 @@ def _close_when_written(queue: WriteQueue, writer: RunWriter, waiting: list[Call
     writer.close("interrupted")
 
 
-def _first_batch(probe: Any) -> Any:
-    """One batch from a tf.data.Dataset, a PyDataset or any iterable of batches."""
-    if hasattr(probe, "__getitem__") and hasattr(probe, "num_batches"):  # keras PyDataset
-        return probe[0]
-    return next(iter(probe))
-
-
-def _split_probe(probe: Any) -> tuple[Any, Any]:
-    """(x, y) from an array, an (x, y[, w]) tuple or a dataset; y may be None."""
-    if probe is None:
-        raise ValueError("ICSCallback needs a probe batch, e.g. probe=x_val[:512]. Received: probe=None")
-    if not isinstance(probe, (tuple, list, dict, np.ndarray)) and not hasattr(probe, "shape"):
-        try:
-            probe = _first_batch(probe)
-        except (TypeError, StopIteration) as exc:
-            raise ValueError(
-                "probe must be an array, an (x, y) tuple or a dataset yielding batches. "
-                f"Received: probe of type {type(probe).__name__}"
-            ) from exc
-    if isinstance(probe, (tuple, list)) and len(probe) in (2, 3) and not isinstance(probe, np.ndarray):
-        return probe[0], probe[1]
-    if isinstance(probe, (tuple, list)) and len(probe) == 1:
-        return probe[0], None
-    return probe, None
-
-
-def _num_samples(x: Any) -> int:
-    first = keras.tree.flatten(x)[0]
-    return int(first.shape[0])
-
-
-def _take(x: Any, n: int) -> Any:
-    return keras.tree.map_structure(lambda a: a[:n], x)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _as_float(value: Any) -> float | None:
@@ -259,8 +229,8 @@ class ICSCallback(keras.callbacks.Callback):
                 raise ValueError(
                     f"metadata must be JSON-serializable. Received: metadata={metadata!r}"
                 ) from exc
-        x, y = _split_probe(probe)
-        n = _num_samples(x)
+        x, y = split_probe(probe)
+        n = num_samples(x)
         if n == 0:
             raise ValueError("probe is empty; pass a batch such as x_val[:512]. Received: 0 samples")
         if n > _MAX_PROBE:
@@ -270,7 +240,7 @@ class ICSCallback(keras.callbacks.Callback):
                 CaptureWarning,
                 stacklevel=2,
             )
-            x, y = _take(x, _MAX_PROBE), (None if y is None else _take(y, _MAX_PROBE))
+            x, y = take(x, _MAX_PROBE), (None if y is None else take(y, _MAX_PROBE))
         self.path = Path(path).expanduser()
         self.layers = layer_filters(layers)
         self.every_n_steps = every_n_steps
@@ -318,8 +288,9 @@ class ICSCallback(keras.callbacks.Callback):
 
     # ---------------------------------------------------------------- helpers
     def _warn(self, what: str, exc: BaseException) -> None:
+        detail = _ANSI.sub("", str(exc))  # Keras's messages carry terminal bold codes
         warnings.warn(
-            f"icsviz: {what} failed ({type(exc).__name__}: {exc}); training goes on.",
+            f"icsviz: {what} failed ({type(exc).__name__}: {detail}); training goes on.",
             CaptureWarning,
             stacklevel=3,
         )
@@ -388,7 +359,13 @@ class ICSCallback(keras.callbacks.Callback):
             # A subclassed model Keras has not built yet: build it on one probe sample in
             # inference mode (what its first training step would do), so that the capture
             # sees its variables and its trace never runs inside Keras's build.
-            model(_take(self._probe_x, 1), training=False)
+            model(take(self._probe_x, 1), training=False)
+        problem = mismatch(model, self._probe_x)
+        if problem is not None:
+            raise ValueError(
+                f"the probe does not fit the model: {problem}. Pass a batch of the data the model "
+                "trains on, e.g. probe=(x_val[:512], y_val[:512])"
+            )
         program = self._program
         reusable = (
             program is not None

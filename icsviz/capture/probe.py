@@ -1,0 +1,73 @@
+"""The probe batch: taking it from what the user passed, and checking it fits the model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+__all__ = ["split_probe", "num_samples", "take", "mismatch"]
+
+
+def _first_batch(probe: Any) -> Any:
+    """One batch from a tf.data.Dataset, a PyDataset or any iterable of batches."""
+    if hasattr(probe, "__getitem__") and hasattr(probe, "num_batches"):  # keras PyDataset
+        return probe[0]
+    return next(iter(probe))
+
+
+def split_probe(probe: Any) -> tuple[Any, Any]:
+    """(x, y) from an array, an (x, y[, w]) tuple or a dataset; y may be None."""
+    if probe is None:
+        raise ValueError("ICSCallback needs a probe batch, e.g. probe=x_val[:512]. Received: probe=None")
+    if not isinstance(probe, (tuple, list, dict, np.ndarray)) and not hasattr(probe, "shape"):
+        try:
+            probe = _first_batch(probe)
+        except (TypeError, StopIteration) as exc:
+            raise ValueError(
+                "probe must be an array, an (x, y) tuple or a dataset yielding batches. "
+                f"Received: probe of type {type(probe).__name__}"
+            ) from exc
+    if isinstance(probe, (tuple, list)) and len(probe) in (2, 3) and not isinstance(probe, np.ndarray):
+        return probe[0], probe[1]
+    if isinstance(probe, (tuple, list)) and len(probe) == 1:
+        return probe[0], None
+    return probe, None
+
+
+def num_samples(x: Any) -> int:
+    first = keras.tree.flatten(x)[0]
+    return int(first.shape[0])
+
+
+def take(x: Any, n: int) -> Any:
+    return keras.tree.map_structure(lambda a: a[:n], x)
+
+
+def mismatch(model: Any, x: Any) -> str | None:
+    """Why the probe's inputs `x` cannot go into `model`, in words, or None when they fit (or
+    when the model's inputs are several or not declared: Keras's own error then says it).
+
+    Keras's own error for a probe of the wrong shape is a long traceback text about the
+    layer it reached; this names the model and both shapes.
+    """
+    try:
+        inputs = list(model.inputs)
+    except (AttributeError, TypeError, ValueError):  # a subclassed model: no symbolic inputs
+        return None
+    if len(inputs) != 1 or not hasattr(x, "shape"):
+        return None  # several inputs (matched by name or position): Keras's own error names them
+    expected, shape = tuple(inputs[0].shape), tuple(x.shape)
+    if not _fits(expected, shape):
+        return f"model {model.name!r} takes shape {expected}, the probe's x has shape {shape}"
+    return None
+
+
+def _fits(expected: tuple[int | None, ...], shape: tuple[int, ...]) -> bool:
+    # Keras adds or drops a trailing axis of length 1 itself (Functional._adjust_input_rank).
+    if len(shape) == len(expected) + 1 and shape[-1] == 1:
+        shape = shape[:-1]
+    elif len(expected) == len(shape) + 1 and expected[-1] == 1:
+        expected = expected[:-1]
+    return len(expected) == len(shape) and all(e is None or e == s for e, s in zip(expected[1:], shape[1:]))

@@ -1,0 +1,82 @@
+"""Taking the probe batch and checking that it fits the model (capture/probe.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from icsviz import CaptureWarning, ICSCallback
+from icsviz.capture.probe import mismatch, split_probe
+
+
+def dense(input_shape: tuple[int | None, ...]) -> keras.Model:
+    # a Dense on every step of a sequence of any length, or on the flattened sample
+    flat = [] if None in input_shape else [keras.layers.Flatten()]
+    return keras.Sequential([keras.Input(input_shape), *flat, keras.layers.Dense(3)], name="net")
+
+
+class Subclassed(keras.Model):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.out(x)
+
+
+def test_a_probe_that_fits_is_accepted_as_keras_accepts_it() -> None:
+    rng = np.random.default_rng(0)
+    cases = [
+        ((12,), (5, 12)),
+        ((None, 8), (5, 7, 8)),  # any sequence length
+        ((28, 28), (5, 28, 28, 1)),  # Keras drops a trailing axis of 1 itself
+        ((28, 28, 1), (5, 28, 28)),  # and adds one
+    ]
+    for input_shape, probe_shape in cases:
+        model = dense(input_shape)
+        x = rng.normal(size=probe_shape).astype("float32")
+        assert mismatch(model, x) is None, (input_shape, probe_shape)
+        out = model(x)  # Keras takes it: the check never refuses what works
+        assert out.shape[0] == 5 and out.shape[-1] == 3
+
+
+def test_a_probe_of_the_wrong_shape_is_named_with_both_shapes() -> None:
+    model = dense((12,))
+    x = np.zeros((5, 10), "float32")
+    assert mismatch(model, x) == "model 'net' takes shape (None, 12), the probe's x has shape (5, 10)"
+    with pytest.raises(ValueError):
+        model(x)  # what the check spares the user: Keras's long error from inside the layer
+    assert mismatch(dense((4, 4)), np.zeros((5, 4, 4, 3))) is not None
+
+
+def test_models_whose_inputs_are_not_one_declared_shape_are_left_to_keras() -> None:
+    assert mismatch(Subclassed(), np.zeros((5, 10))) is None
+    a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")
+    two = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
+    assert mismatch(two, {"a": np.zeros((5, 3)), "b": np.zeros((5, 2))}) is None
+
+
+def test_split_probe() -> None:
+    x, y = np.zeros((4, 2)), np.ones(4)
+    assert split_probe((x, y))[1] is y and split_probe(x)[1] is None and split_probe([x])[0] is x
+    with pytest.raises(ValueError, match="probe=None"):
+        split_probe(None)
+
+
+def test_a_probe_that_does_not_fit_is_one_plain_warning_and_training_goes_on(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 12)).astype("float32"), rng.integers(0, 3, 64)
+    model = dense((12,))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = ICSCallback(tmp_path / "r.h5", probe=(x[:16, :10], y[:16]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(x, y, epochs=2, verbose=0, callbacks=[callback])
+    ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+    assert len(history.history["loss"]) == 2
+    assert len(ours) == 1, ours
+    assert "takes shape (None, 12), the probe's x has shape (16, 10)" in ours[0]
+    assert "\x1b" not in ours[0]
