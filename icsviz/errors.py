@@ -57,7 +57,14 @@ class RunExistsError(ICSVizError, FileExistsError):
 
 
 class IncompatibleRunError(ICSVizError, ValueError):
-    """A resumed run does not match the run already stored in the file."""
+    """A resumed run does not match the run already stored in the file.
+
+    `difference` says what differs, in words ("" when not known).
+    """
+
+    def __init__(self, message: str, difference: str = "") -> None:
+        super().__init__(message)
+        self.difference = difference
 
 
 class MissingDataError(ICSVizError, KeyError):

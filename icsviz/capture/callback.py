@@ -439,8 +439,9 @@ class ICSCallback(keras.callbacks.Callback):
                 raise
             raise IncompatibleRunError(
                 f"this ICSCallback recorded another model or layer set into {self.path} in an earlier "
-                f"fit, and one callback records one run ({exc}). Give model {self.model.name!r} an "
-                "ICSCallback of its own, with another path."
+                f"fit ({exc.difference}), and one callback records one run. Give model "
+                f"{self.model.name!r} an ICSCallback of its own, with another path.",
+                exc.difference,
             ) from exc
 
     # ------------------------------------------------------------ per-step mode

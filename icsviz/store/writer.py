@@ -277,7 +277,8 @@ class RunWriter:
             if difference is not None:
                 raise IncompatibleRunError(
                     f"{path} holds a run of another model or layer set ({difference}). "
-                    "Pass overwrite=True (--overwrite on the command line) to replace it, or write to another path."
+                    "Pass overwrite=True (--overwrite on the command line) to replace it, or write to another path.",
+                    difference,
                 )
             _truncate(file, from_epoch)
         except BaseException:
