@@ -211,6 +211,17 @@ def test_argument_errors_are_raised_early() -> None:
         ICSCallback("r.h5", probe=x, metadata={"f": object()})
 
 
+def test_a_folder_as_path_is_refused_and_a_name_the_app_would_not_list_warned(tmp_path) -> None:
+    x, _ = data()
+    with pytest.raises(ValueError, match=r"is a folder: pass a file inside it, e\.g\. path='.*run\.h5'"):
+        ICSCallback(tmp_path, probe=x)
+    with pytest.warns(CaptureWarning, match=r"'run\.hdf5' does not end in \.h5.*'run\.hdf5\.h5'"):
+        ICSCallback(tmp_path / "run.hdf5", probe=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ICSCallback(tmp_path / "run.h5", probe=x)  # no warning
+
+
 def test_layer_filters_are_checked_early_and_recorded_as_given() -> None:
     x, y = data()
     with pytest.raises(ValueError, match="Received: 3"):

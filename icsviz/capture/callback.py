@@ -242,6 +242,18 @@ class ICSCallback(keras.callbacks.Callback):
             )
             x, y = take(x, _MAX_PROBE), (None if y is None else take(y, _MAX_PROBE))
         self.path = Path(path).expanduser()
+        if self.path.is_dir():
+            raise ValueError(
+                f"path must be a file, and {self.path} is a folder: pass a file inside it, e.g. "
+                f"path={str(self.path / 'run.h5')!r}"
+            )
+        if self.path.suffix != ".h5":
+            warnings.warn(
+                f"icsviz: {self.path.name!r} does not end in .h5; the explorer (icsviz app) lists the "
+                f".h5 files of a folder, so name it {self.path.name + '.h5'!r} to see it there.",
+                CaptureWarning,
+                stacklevel=2,
+            )
         self.layers = layer_filters(layers)
         self.every_n_steps = every_n_steps
         self.batch_stats = bool(batch_stats)
