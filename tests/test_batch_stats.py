@@ -410,6 +410,40 @@ def test_per_step_mode_on_torch(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None,
+    reason="torch is not installed (pip install torch==2.13.0, a CPU build); README gives a local run",
+)
+def test_torch_compile_turns_the_per_step_mode_off_with_one_warning(tmp_path: Path) -> None:
+    path = tmp_path / "compiled.h5"
+    script = textwrap.dedent(f"""
+        import sys, warnings
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        import numpy as np
+        from test_batch_stats import _fit, _probe
+        from icsviz import CaptureWarning, ICSCallback, open_run
+        _, plain = _fit([], jit_compile=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, loss = _fit([ICSCallback({str(path)!r}, probe=_probe(), batch_stats=True)], jit_compile=True)
+        ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+        np.testing.assert_allclose(loss, plain, rtol=1e-6)
+        run = open_run({str(path)!r})
+        print("WARNINGS", len(ours), "|", ours[0] if ours else "")
+        print("BATCHES", run.has_batch_stats, "CAPTURES", run.num_captures)
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "WARNINGS 1 | icsviz: batch_stats=True is off for this run: torch.compile" in proc.stdout, (
+        proc.stdout
+    )
+    assert "jit_compile=False" in proc.stdout
+    assert "BATCHES False CAPTURES 3" in proc.stdout, proc.stdout
+
+
+@pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
 )
 def test_jax_steps_return_the_vector_or_fall_back_to_a_host_callback(tmp_path: Path) -> None:
