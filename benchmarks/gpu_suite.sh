@@ -8,7 +8,8 @@
 #   PARTS="depth per_step"  only these parts (default: depth per_step overhead experiment;
 #              range_maps, the capture with and without the ReLU range maps, compile_options,
 #              XLA options for compiling the capture, and depth_options, depth.py with the
-#              capture compiled with the set GPU_OPTIONS names, only when named)
+#              capture compiled with the set GPU_OPTIONS names, and write, write_speed.py: the
+#              write and what it costs a Python-bound step beside it, only when named)
 #
 # Each part has its own time limit, so one that runs long cannot eat the others' time (one call
 # of a 15-minute GPU lease runs at most 600 s). On an H100 (2026-11-26, fifth session)
@@ -34,13 +35,13 @@ if [ "${QUICK:-0}" = 1 ]; then
   depth=(--models baseline lstm --repeats 2); per_step=(--models baseline --images 256 --rounds 1 --epochs 1 --breakdown)
   overhead=(--models baseline --images 256 --epochs 1 --side-by-side 1); epochs=2
   range_maps=(--models baseline --rounds 3); compile_options=(--models baseline --runs 3)
-  depth_options=(--models baseline --repeats 2)
+  depth_options=(--models baseline --repeats 2); write=(--models bn --captures 20)
 else
   depth=(--models baseline bn lstm resnet50 mobilenetv2 --repeats 3)
   per_step=(--models baseline bn --images 32768 --rounds 2 --epochs 2 --breakdown)
   overhead=(--images 20000 --epochs 2 --side-by-side 2); epochs=5
   range_maps=(--models baseline bn mobilenetv2 --rounds 25); compile_options=(--models bn mobilenetv2 --runs 10)
-  depth_options=(--models bn mobilenetv2 --repeats 3)
+  depth_options=(--models bn mobilenetv2 --repeats 3); write=(--models bn mobilenetv2 --captures 50)
 fi
 parts=" ${PARTS:-depth per_step overhead experiment} "
 
@@ -66,6 +67,7 @@ part overhead 70 "$py" overhead.py "${overhead[@]}"
 part range_maps 120 "$py" range_maps.py "${range_maps[@]}"
 part compile_options 170 "$py" compile_options.py "${compile_options[@]}"
 part depth_options 150 "$py" depth.py "${depth_options[@]}" --gpu-options "${GPU_OPTIONS:-default}"
+part write 150 "$py" write_speed.py "${write[@]}"
 # The reference pair on real CIFAR-10 images, per-step rows every 10 steps and the gradient shift.
 part experiment 70 "$py" -m icsviz.cli experiment --data-dir "$data" --epochs "$epochs" \
   --batch-stats 10 --gradient-shift --out-dir "$out/runs" --overwrite
