@@ -38,6 +38,26 @@ def _dataset(value: str) -> str:
     return key
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more (received {value})")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"must be a number above 0 (received {value})")
+    return number
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dataset",
@@ -46,21 +66,21 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
         help="cifar10, fashion_mnist, mnist or synthetic (default: cifar10)",
     )
     p.add_argument("--data-dir", help="local copy: a cifar-10-batches-py folder or tarball, or an idx folder")
-    p.add_argument("--epochs", type=int, help="epochs (default: the recipe's, 50)")
-    p.add_argument("--batch-size", type=int, help="batch size (default: the recipe's)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs (default: the recipe's, 50)")
+    p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the recipe's)")
     p.add_argument(
-        "--lr", type=float, dest="learning_rate", help="initial learning rate (default: the recipe's)"
+        "--lr", type=_positive_float, dest="learning_rate", help="initial learning rate (default: the recipe's)"
     )
     p.add_argument("--no-augment", action="store_true", help="train without shifts and flips")
     p.add_argument(
-        "--probe-size", type=int, default=512, help="samples of the test set measured at each capture"
+        "--probe-size", type=_positive_int, default=512, help="samples of the test set measured at each capture"
     )
-    p.add_argument("--every-n-steps", type=int, help="also capture every N training steps")
+    p.add_argument("--every-n-steps", type=_positive_int, help="also capture every N training steps")
     p.add_argument("--gradient-shift", action="store_true", help="record the Santurkar et al. gradient shift")
     p.add_argument(
         "--batch-stats",
         nargs="?",
-        type=int,
+        type=_positive_int,
         const=1,
         default=0,
         metavar="N",

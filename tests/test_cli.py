@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import tiny_capture
 from icsviz import open_run
@@ -103,6 +104,28 @@ def test_batch_stats_takes_an_optional_step_interval() -> None:
     assert parse(["train", "--model", "bn", "--batch-stats", "10"]).batch_stats == 10
     assert parse(["train", "--model", "bn"]).batch_stats == 0
     assert parse(["experiment", "--batch-stats", "5"]).batch_stats == 5
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--epochs", "0", "must be 1 or more (received 0)"),
+        ("--batch-size", "0", "must be 1 or more (received 0)"),  # was a ZeroDivisionError traceback
+        ("--probe-size", "0", "must be 1 or more (received 0)"),
+        ("--every-n-steps", "-3", "must be 1 or more (received -3)"),
+        ("--batch-stats", "0", "must be 1 or more (received 0)"),
+        ("--lr", "-1", "must be a number above 0 (received -1)"),
+        ("--lr", "nan", "must be a number above 0 (received nan)"),
+        ("--epochs", "two", "'two' is not a whole number"),
+    ],
+)
+def test_training_numbers_out_of_range_are_usage_errors(option, value, message, capsys) -> None:
+    for command in (["train", "--model", "bn"], ["experiment"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*command, "--dataset", "synthetic", option, value])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {option}: {message}" in err and "Traceback" not in err
 
 
 _WITHOUT = """
