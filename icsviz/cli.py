@@ -69,11 +69,17 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive_int, help="epochs (default: the recipe's, 50)")
     p.add_argument("--batch-size", type=_positive_int, help="batch size (default: the recipe's)")
     p.add_argument(
-        "--lr", type=_positive_float, dest="learning_rate", help="initial learning rate (default: the recipe's)"
+        "--lr",
+        type=_positive_float,
+        dest="learning_rate",
+        help="initial learning rate (default: the recipe's)",
     )
     p.add_argument("--no-augment", action="store_true", help="train without shifts and flips")
     p.add_argument(
-        "--probe-size", type=_positive_int, default=512, help="samples of the test set measured at each capture"
+        "--probe-size",
+        type=_positive_int,
+        default=512,
+        help="samples of the test set measured at each capture",
     )
     p.add_argument("--every-n-steps", type=_positive_int, help="also capture every N training steps")
     p.add_argument("--gradient-shift", action="store_true", help="record the Santurkar et al. gradient shift")
@@ -254,7 +260,7 @@ def _check(paths: Sequence[str], timeout: float) -> int:
 
 def _repair(paths: Sequence[str], out: str | None) -> int:
     from .store.check import guarded_check
-    from .store.writer import repair_run
+    from .store.writer import closed_status, repair_run
 
     if out is not None and len(paths) != 1:
         raise UsageError(f"--out takes one run, got {len(paths)}")
@@ -263,6 +269,10 @@ def _repair(paths: Sequence[str], out: str | None) -> int:
         if not report.openable:
             print(f"icsviz: cannot repair {path}: {report.error}", file=sys.stderr)
             return 2
+        status = closed_status(path) if report.ok and out is None else None
+        if status is not None:
+            print(f"icsviz: {path} needs no repair ({status}, closed by its writer, every checksum matches)")
+            continue
         written = repair_run(path, out)
         kept = report.captures - len(report.drop_captures)
         note = "" if report.ok else f" ({kept} of {report.captures} captures; see `icsviz check {path}`)"

@@ -144,6 +144,26 @@ def test_repair_makes_a_crashed_swmr_file_plain_readable(tmp_path, layout) -> No
         np.testing.assert_array_equal(run.steps, np.arange(5))
 
 
+def test_repairing_a_run_its_writer_closed_changes_nothing(tmp_path, layout, capsys) -> None:
+    """`icsviz repair` on a healthy finished run used to rewrite it marked "interrupted"."""
+    from icsviz.cli import main
+
+    path = tmp_path / "done.h5"
+    with RunWriter.create(path, layout, {}) as w:
+        for step in range(3):
+            w.write_capture(tiny_capture(layout, step))
+    before = path.read_bytes()
+    assert repair_run(path) == path and path.read_bytes() == before
+    assert main(["repair", str(path)]) == 0
+    assert (
+        "needs no repair (complete, closed by its writer, every checksum matches)" in capsys.readouterr().out
+    )
+    assert path.read_bytes() == before
+    copy = repair_run(path, tmp_path / "copy.h5")  # a copy keeps the status too
+    with open_run(copy) as run:
+        assert run.status == "complete" and run.num_captures == 3
+
+
 def test_files_are_written_in_the_hdf5_1_10_format_whatever_the_library(tmp_path, layout) -> None:
     # HDF5's "latest" is the writing library's newest format: files written by HDF5 2.0
     # (h5py 3.16) that way were unreadable with h5py 3.15 and older. The bounds pin 1.10.

@@ -34,6 +34,7 @@ from .schema import (
     LayerSpec,
     RunLayout,
     VariableSpec,
+    decode_status,
     encode_text,
     is_per_batch,
     is_per_capture,
@@ -42,7 +43,7 @@ from .schema import (
 if TYPE_CHECKING:
     from .check import RunCheck
 
-__all__ = ["RunWriter", "LayerCapture", "Capture", "layout_from_file", "repair_run"]
+__all__ = ["RunWriter", "LayerCapture", "Capture", "layout_from_file", "repair_run", "closed_status"]
 
 # Compressed chunks that are rewritten on every append do not fit their old
 # space, and HDF5 never reuses the space they leave: a compressed file grows by
@@ -703,8 +704,10 @@ def repair_run(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
         report = check_run(path)
         if not report.openable:
             raise DamagedRunError(f"{path} cannot be repaired: {report.error}", path=str(path))
+        closed = closed_status(path) if report.ok else None
         if report.ok and out is None:
-            return _rewrite(path, status="interrupted")
+            # A run closed cleanly needs nothing; one a killed writer left is marked interrupted.
+            return path if closed is not None else _rewrite(path, status="interrupted")
         target = (
             Path(out).expanduser()
             if out is not None
@@ -714,9 +717,18 @@ def repair_run(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
             raise ValueError(
                 f"repair writes the saved captures to a new file; pass an `out` other than {path}"
             )
-        return _rewrite(path, status="interrupted", out=target, plan=report)
+        return _rewrite(path, status=closed or "interrupted", out=target, plan=report)
     finally:
         lock.release()
+
+
+def closed_status(path: str | os.PathLike[str]) -> str | None:
+    """The status of a run file its writer closed ("complete" or "interrupted"), or None for one a
+    killed writer left open (HDF5's SWMR flags still set, or /status still "training")."""
+    file, swmr = open_for_reading(Path(path).expanduser())
+    with file:
+        status = decode_status(file["status"][()])
+    return None if swmr or status == "training" else status
 
 
 def _rewrite(path: Path, *, status: str, out: Path | None = None, plan: RunCheck | None = None) -> Path:
