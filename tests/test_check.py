@@ -104,6 +104,17 @@ def test_a_destroyed_header_cannot_be_repaired_and_says_so(tmp_path) -> None:
         repair_run(path)
 
 
+def test_another_programs_hdf5_file_is_named_as_such_not_as_damaged(tmp_path) -> None:
+    path = tmp_path / "weights.h5"
+    with h5py.File(path, "w") as f:
+        f["kernel"] = np.arange(6.0)
+    for report in (check_run(path), guarded_check(path)):
+        assert not report.openable
+        assert report.error == f"{path} is HDF5 but not an icsviz run (no schema_version)"
+    with pytest.raises(RunFileError, match="not an icsviz run"):
+        open_run(path)
+
+
 def test_the_guard_reports_a_file_that_takes_too_long_and_keeps_working(tmp_path) -> None:
     path = make_run(tmp_path / "r.h5")
     assert guarded_check(path).ok
