@@ -73,6 +73,17 @@ def test_unknown_names_list_what_exists(run_path) -> None:
         assert run.activations("000_dense").name == "dense"  # ids work too
 
 
+def test_a_closed_run_and_a_name_that_is_not_a_string_say_so(run_path) -> None:
+    with open_run(run_path) as run:
+        with pytest.raises(TypeError, match="layers are named by strings, e.g. 'dense'.*Received: 3"):
+            run.activations(3)
+        first = run.activations("dense")
+    assert first.counts.shape[0] == 4  # what was read inside stays readable
+    for read in (lambda: run.tracked_units("dense"), lambda: run.attrs, lambda: run.refresh()):
+        with pytest.raises(ValueError, match="this Run is closed; read it inside `with open_run"):
+            read()  # h5py's own error for a closed file read as "the file is damaged"
+
+
 def test_live_reader_follows_a_growing_file(tmp_path, layout) -> None:
     """A reader in another process sees captures appear while the writer runs."""
     import subprocess

@@ -341,9 +341,20 @@ class Run:
         """Original name -> group id, in index order."""
         return {str(attrs["name"]): gid for gid, attrs in self._groups(root)}
 
+    def _open_file(self) -> h5py.File:
+        """The HDF5 file, or a ValueError saying the run was closed (h5py's own error for a
+        closed file reads like damage)."""
+        if not self._file:
+            raise ValueError(
+                f"{self.path.name}: this Run is closed; read it inside `with open_run(...) as run:`, "
+                "or open it again with open_run"
+            )
+        return self._file
+
     def _dataset(self, name: str) -> h5py.Dataset:
+        file = self._open_file()
         with reading(self.path, "/" + name):
-            ds = self._file[name]
+            ds = file[name]
             if not isinstance(ds, h5py.Dataset):
                 raise TypeError(f"/{name} is a {type(ds).__name__}, not a dataset")
             if self.swmr:
@@ -357,8 +368,9 @@ class Run:
             return ds[()] if rows is None else ds[:rows]
 
     def _attribute(self, name: str, attribute: str) -> Any:
+        file = self._open_file()
         with reading(self.path, f"/{name} (attribute {attribute!r})"):
-            return decode_text(self._file[name].attrs[attribute])
+            return decode_text(file[name].attrs[attribute])
 
     def _rows(self, name: str) -> np.ndarray:
         """The committed rows of a per-capture dataset."""
@@ -389,8 +401,9 @@ class Run:
     def attrs(self) -> dict[str, Any]:
         """The run's metadata (JSON-encoded values decoded)."""
         out: dict[str, Any] = {}
+        file = self._open_file()
         with reading(self.path, "the file's attributes"):
-            items = list(self._file.attrs.items())
+            items = list(file.attrs.items())
         for key, value in items:
             if key == "layout":
                 continue
@@ -458,6 +471,11 @@ class Run:
         return [info.name for info in self._layers]
 
     def layer(self, name: str) -> LayerInfo:
+        if not isinstance(name, str):
+            raise TypeError(
+                f"layers are named by strings, e.g. {self.layer_names[0] if self._layers else 'conv1'!r} "
+                f"(run.layer_names lists them). Received: {name!r}"
+            )
         try:
             return self._by_name[name]
         except KeyError:
