@@ -21,6 +21,10 @@ class UsageError(ICSVizError, ValueError):
     """Command-line options that do not fit together (labels, formats)."""
 
 
+class OutputError(ICSVizError, OSError):
+    """The figures or the report cannot be written where --out says."""
+
+
 __all__ = ["main"]
 
 
@@ -292,29 +296,45 @@ def _open_labelled(paths: Sequence[str], labels: Sequence[str] | None) -> dict:
 
 
 def _figures(args: argparse.Namespace) -> int:
+    out = Path(args.out).expanduser()
+    if args.command == "plot" and out.exists() and not out.is_dir():
+        raise UsageError(f"--out takes a folder for the figures, and {out} is a file")
+    if args.command == "report" and out.is_dir():
+        raise UsageError(
+            f"--out takes the report's file name, and {out} is a folder: e.g. --out {out / 'report.html'}"
+        )
     runs = _open_labelled(args.runs, args.labels)
     try:
-        if args.command == "plot":
-            from .plots import plot_runs
-
-            formats = [f.lower().lstrip(".") for f in args.formats]
-            bad = [f for f in formats if f not in ("png", "pdf", "svg")]
-            if bad:
-                raise UsageError(f"--formats takes png, pdf or svg, not {bad}")
-            written, notes = plot_runs(
-                runs, args.out, layers=args.layers, formats=formats, progress=not args.quiet
-            )
-            for note in notes:
-                print(f"icsviz: {note}", file=sys.stderr)
-            print(f"icsviz: wrote {len(written)} files to {args.out}")
-        else:
-            from .report import write_report
-
-            path = write_report(runs, args.out, title=args.title)
-            print(f"icsviz: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        return _write_figures(args, runs)
+    except ICSVizError:
+        raise  # a damaged run and the like: already one line naming the file
+    except OSError as exc:  # a read-only folder, a full disk: one line, not a traceback
+        raise OutputError(f"cannot write to {out}: {exc.strerror or exc}") from exc
     finally:
         for run in runs.values():
             run.close()
+
+
+def _write_figures(args: argparse.Namespace, runs: dict) -> int:
+    """Write the figures or the report; `runs` are open."""
+    if args.command == "plot":
+        from .plots import plot_runs
+
+        formats = [f.lower().lstrip(".") for f in args.formats]
+        bad = [f for f in formats if f not in ("png", "pdf", "svg")]
+        if bad:
+            raise UsageError(f"--formats takes png, pdf or svg, not {bad}")
+        written, notes = plot_runs(
+            runs, args.out, layers=args.layers, formats=formats, progress=not args.quiet
+        )
+        for note in notes:
+            print(f"icsviz: {note}", file=sys.stderr)
+        print(f"icsviz: wrote {len(written)} files to {args.out}")
+    else:
+        from .report import write_report
+
+        path = write_report(runs, args.out, title=args.title)
+        print(f"icsviz: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

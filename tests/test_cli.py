@@ -128,6 +128,31 @@ def test_training_numbers_out_of_range_are_usage_errors(option, value, message, 
         assert f"argument {option}: {message}" in err and "Traceback" not in err
 
 
+def test_figures_to_an_impossible_place_are_one_line_errors(tmp_path, layout, capsys) -> None:
+    run = tmp_path / "r.h5"
+    with RunWriter.create(run, layout, {}) as w:
+        for step in range(2):
+            w.write_capture(tiny_capture(layout, step))
+    a_file = tmp_path / "taken"
+    a_file.write_text("x")
+    cases = [
+        (
+            ["plot", str(run), "--out", str(a_file)],
+            f"--out takes a folder for the figures, and {a_file} is a file",
+        ),
+        (
+            ["report", str(run), "--out", str(tmp_path)],
+            f"--out takes the report's file name, and {tmp_path} is a folder",
+        ),
+        (["report", str(run), "--out", str(a_file / "r.html")], f"cannot write to {a_file / 'r.html'}: "),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"icsviz: error: {message}" in err and "Traceback" not in err, err
+    assert a_file.read_text() == "x"
+
+
 _WITHOUT = """
 import sys
 
