@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 
-from icsviz import CaptureWarning, ICSCallback, IncompatibleRunError, RunExistsError, open_run
+from icsviz import CaptureWarning, ICSCallback, IncompatibleRunError, RunExistsError, RunInUseError, open_run
 
 HERE = Path(__file__).parent
 
@@ -332,6 +332,55 @@ def test_the_same_callback_again_continues_its_run_and_counts_epochs_once(tmp_pa
         np.testing.assert_array_equal(run.history_epochs, [0, 1, 2, 3, 4])
         np.testing.assert_allclose(run.epochs, [0, 1, 2, 3, 4, 5])
         np.testing.assert_array_equal(run.steps, [0, 6, 12, 18, 24, 30])
+
+
+def test_fit_again_after_an_interrupted_fit_continues_the_run(tmp_path) -> None:
+    """Ctrl-C in a notebook: Keras skips on_train_end, so the file was still open, and the next
+    fit with the same callback found its own run "in use by another training process"."""
+    path = tmp_path / "notebook.h5"
+    x, y = data()
+    model = sequential()
+    cb = ICSCallback(path, probe=(x[:16], y[:16]), every_n_steps=2)
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[cb, CtrlC()])
+    with open_run(path) as run:
+        assert run.status == "training"  # open until the callback closes it
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    with open_run(path) as run:
+        assert run.status == "complete"
+        np.testing.assert_array_equal(run.history_epochs, [0, 1])
+        assert run.steps[0] == 0 and run.steps[-1] == 4 + 12 and np.all(np.diff(run.steps) > 0)
+        assert np.isfinite(run.activations("d1").mean).all()
+
+
+def test_close_finishes_an_interrupted_fit_and_another_callback_is_told_why_the_file_is_busy(
+    tmp_path,
+) -> None:
+    path = tmp_path / "notebook.h5"
+    x, y = data()
+    cb = ICSCallback(path, probe=(x[:16], y[:16]), every_n_steps=2)
+
+    class CtrlC(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sequential().fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[cb, CtrlC()])
+    again = ICSCallback(path, probe=(x[:16], y[:16]), overwrite=True)
+    with pytest.raises(RunInUseError, match=r"open for writing in this process .*Ctrl-C.*call its close\(\)"):
+        sequential().fit(x, y, epochs=1, verbose=0, callbacks=[again])
+    cb.close()
+    cb.close()  # nothing open: nothing happens
+    with open_run(path) as run:
+        assert run.status == "interrupted"
+        np.testing.assert_array_equal(run.steps, [0, 2, 4])  # the waiting step captures are written
 
 
 def test_the_same_callback_on_another_model_is_refused_and_its_run_kept(tmp_path) -> None:

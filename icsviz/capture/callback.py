@@ -345,6 +345,7 @@ class ICSCallback(keras.callbacks.Callback):
 
     # ---------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        self.close()  # a fit that ended in an exception left the file open
         self._train_start = time.perf_counter()
         self._started = False
         self._capture_ok = True
@@ -354,6 +355,28 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_start_step = 0
         self._epoch_start_time = self._train_start
         self._active = _is_chief()
+
+    def close(self) -> None:
+        """Close the run file of a fit that ended in an exception (Ctrl-C in a notebook).
+
+        Keras skips `on_train_end` then, so the file stays open (and locked) until the next
+        `fit` with this callback, which closes it and continues the run, or until the process
+        ends. Call this in between to finish the file now: every capture taken is written (the
+        step captures still waiting included) and the run is marked interrupted. Nothing
+        happens when no file is open.
+        """
+        if self._writer is None:
+            return
+        if self._steps is not None:
+            self._safely_steps("writing per-step statistics", self._flush_steps)
+            self._stop_steps()
+        try:
+            if self._finalizer is not None and self._finalizer.alive:
+                self._finalizer()  # writes what waits and closes the file (_close_when_written)
+        except Exception as exc:  # noqa: BLE001 - never stop the user's training
+            self._warn("closing the run file of the interrupted fit", exc)
+        self._writer = None
+        self._queue = None
 
     def _start(self, epoch: int) -> None:
         """Trace the capture program, open the file and take the first capture."""

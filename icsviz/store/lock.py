@@ -47,6 +47,13 @@ class WriterLock:
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
                 os.close(fd)
+                if holder == str(os.getpid()):
+                    raise RunInUseError(
+                        f"{self.path} is open for writing in this process (pid {holder}) by an earlier "
+                        "writer: an ICSCallback whose fit is still running, or ended in an exception "
+                        "(Ctrl-C) without closing the file. Fit again with that callback to continue its "
+                        "run, call its close(), or give this run another path"
+                    ) from None
                 raise RunInUseError(
                     f"{self.path} is being written by another training process (pid {holder}); "
                     "two runs cannot share one file: give this run another path, or wait until "
