@@ -343,7 +343,7 @@ def _app(args: argparse.Namespace) -> int:
 
     from .dashboard import streamlit_app_path
 
-    folder = Path(args.runs)
+    folder = Path(args.runs).expanduser()
     if not folder.is_dir():
         raise RunFolderError(f"{folder} is not a folder; pass --runs DIR with your run files")
     require("streamlit")  # checked here: the server is another process
