@@ -334,6 +334,14 @@ def test_the_same_callback_again_continues_its_run_and_counts_epochs_once(tmp_pa
         np.testing.assert_array_equal(run.steps, [0, 6, 12, 18, 24, 30])
 
 
+class CtrlC(keras.callbacks.Callback):
+    """A user's Ctrl-C during the fourth training step."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 3:
+            raise KeyboardInterrupt
+
+
 def test_fit_again_after_an_interrupted_fit_continues_the_run(tmp_path) -> None:
     """Ctrl-C in a notebook: Keras skips on_train_end, so the file was still open, and the next
     fit with the same callback found its own run "in use by another training process"."""
@@ -341,11 +349,6 @@ def test_fit_again_after_an_interrupted_fit_continues_the_run(tmp_path) -> None:
     x, y = data()
     model = sequential()
     cb = ICSCallback(path, probe=(x[:16], y[:16]), every_n_steps=2)
-
-    class CtrlC(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 3:
-                raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[cb, CtrlC()])
@@ -365,11 +368,6 @@ def test_close_finishes_an_interrupted_fit_and_another_callback_is_told_why_the_
     path = tmp_path / "notebook.h5"
     x, y = data()
     cb = ICSCallback(path, probe=(x[:16], y[:16]), every_n_steps=2)
-
-    class CtrlC(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 3:
-                raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         sequential().fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[cb, CtrlC()])
