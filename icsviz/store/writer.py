@@ -684,7 +684,8 @@ def repair_run(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
 
     A file left by a killed writer (HDF5's "open for writing" flags set, so
     plain ``h5py.File(path)`` refuses it) but otherwise intact is rewritten in
-    place, marked "interrupted". A damaged file is copied to `out` (default:
+    place, marked "interrupted"; an intact run its writer closed is left as it
+    is (its path is returned). A damaged file is copied to `out` (default:
     ``NAME.repaired.h5`` beside it; the original is left as it is) without
     the parts that fail their checksums: a damaged layer, variable or
     gradient-shift group is left out whole, damaged rows of the capture index
