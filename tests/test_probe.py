@@ -64,6 +64,31 @@ def test_split_probe() -> None:
     assert split_probe((x, y))[1] is y and split_probe(x)[1] is None and split_probe([x])[0] is x
     with pytest.raises(ValueError, match="probe=None"):
         split_probe(None)
+    labels = split_probe((x, [0, 2, 1, 1]))[1]  # labels as a plain list, as fit takes them
+    assert isinstance(labels, np.ndarray) and labels.tolist() == [0, 2, 1, 1]
+    two_inputs = split_probe(([x, x], y))[0]  # a list of arrays stays a list: several inputs
+    assert isinstance(two_inputs, list) and len(two_inputs) == 2
+
+
+def test_labels_given_as_a_list_give_the_gradient_statistics(tmp_path) -> None:
+    from icsviz import open_run
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 12)).astype("float32"), rng.integers(0, 3, 64)
+    model = dense((12,))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureWarning)  # it used to fail: y read as 16 scalars
+        model.fit(
+            x,
+            y,
+            epochs=1,
+            verbose=0,
+            callbacks=[ICSCallback(tmp_path / "r.h5", probe=(x[:16], list(y[:16])))],
+        )
+    with open_run(tmp_path / "r.h5") as run:
+        grads = run.gradients(run.variable_names[0])
+        assert np.isfinite(grads.grad_norm).all() and (grads.grad_norm > 0).all()
 
 
 def test_a_probe_that_does_not_fit_is_one_plain_warning_and_training_goes_on(tmp_path) -> None:

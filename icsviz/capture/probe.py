@@ -30,10 +30,22 @@ def split_probe(probe: Any) -> tuple[Any, Any]:
                 f"Received: probe of type {type(probe).__name__}"
             ) from exc
     if isinstance(probe, (tuple, list)) and len(probe) in (2, 3) and not isinstance(probe, np.ndarray):
-        return probe[0], probe[1]
+        return _scalars_as_array(probe[0]), _scalars_as_array(probe[1])
     if isinstance(probe, (tuple, list)) and len(probe) == 1:
-        return probe[0], None
+        return _scalars_as_array(probe[0]), None
     return probe, None
+
+
+def _scalars_as_array(part: Any) -> Any:
+    """A plain list of numbers (labels as `list(y)`) as one array, as `fit` takes it; Keras
+    would read the list as a structure of separate scalars."""
+    if (
+        isinstance(part, (list, tuple))
+        and part
+        and all(isinstance(v, (int, float, np.generic)) for v in part)
+    ):
+        return np.asarray(part)
+    return part
 
 
 def num_samples(x: Any) -> int:
