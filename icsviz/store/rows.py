@@ -100,9 +100,6 @@ class RowWriter:
         self.file_space.select_hyperslab((start, *self.offset_tail), (rows, *self.row_shape))
         return self.file_space
 
-    def write(self, row: int, value: Any) -> None:
-        self.write_rows(row, value, 1)
-
     def write_rows(self, start: int, values: Any, rows: int | None = None) -> None:
         """Rows `start`, `start + 1`, ... from the first axis of `values`, in one write."""
         data = self.rows_of(values, -1 if rows is None else rows)

@@ -206,7 +206,6 @@ class RunWriter:
         # Datasets stay open while the writer is: reopening them per row costs time, and a
         # dataset closed after a failed write leaves HDF5 a half-closed id that crashes it at exit.
         self._datasets: dict[str, h5py.Dataset] = {}
-        self._row_writers: dict[str, RowWriter] = {}
         self._capture_batch: RowBatch | None = None  # every per-capture dataset, in _capture_names order
         self._steps_batch: RowBatch | None = None  # every per-step dataset but the marker
         self._detached = False  # after a failed write, HDF5 writes to /dev/null (see _detach)
@@ -295,11 +294,8 @@ class RunWriter:
             dataset = self._datasets[name] = self._file[name]
         return dataset
 
-    def _rows(self, name: str) -> RowWriter:
-        writer = self._row_writers.get(name)
-        if writer is None:
-            writer = self._row_writers[name] = RowWriter(self._ds(name))
-        return writer
+    def _batch(self, names: Sequence[str]) -> RowBatch:
+        return RowBatch([RowWriter(self._ds(name)) for name in names])
 
     @property
     def num_captures(self) -> int:
@@ -359,7 +355,7 @@ class RunWriter:
     def _write_captures(self, captures: Sequence[Capture]) -> None:
         t = self.num_captures
         if self._capture_batch is None:
-            self._capture_batch = RowBatch([self._rows(name) for name in self._capture_names()])
+            self._capture_batch = self._batch(self._capture_names())
         columns = [self._capture_values(capture) for capture in captures]
         if len(columns) == 1:
             self._capture_batch.write(t, columns[0])
@@ -418,7 +414,7 @@ class RunWriter:
             names = ["batches/epoch", "batches/time"]
             for spec in self.layout.batch_layers:
                 names += [f"batches/layers/{self._layer_ids[spec.index]}/{name}" for name in BATCH_DATASETS]
-            self._steps_batch = RowBatch([self._rows(name) for name in names])
+            self._steps_batch = self._batch(names)
         values: list[Any] = [rows.epoch, rows.time]
         for stats in rows.layers:
             values += [stats[name] for name in BATCH_DATASETS]
@@ -474,7 +470,7 @@ class RunWriter:
             try:
                 self._set_status(status)
             finally:
-                self._row_writers.clear()
+                self._capture_batch = self._steps_batch = None
                 self._datasets.clear()
                 self._file.close()
             if compact and not self._detached:  # detached: the disk holds what it held
