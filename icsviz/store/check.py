@@ -197,10 +197,6 @@ def check_run(path: str | os.PathLike[str]) -> RunCheck:
     except RunFileError as exc:
         return RunCheck(path, openable=False, error=str(exc))
     with file:
-        if _foreign(file):
-            return RunCheck(
-                path, openable=False, error=f"{path} is HDF5 but not an icsviz run (no schema_version)"
-            )
         try:
             with reading(path, "/captures/step"):
                 walker = _Walker(path, file)
@@ -211,15 +207,6 @@ def check_run(path: str | os.PathLike[str]) -> RunCheck:
             walker.damage.append(Damage("(end of file)", short.split(" is ", 1)[-1]))
         walker.group("/", file)
         return _verdict(path, file, walker)
-
-
-def _foreign(file: h5py.File) -> bool:
-    """Another program's HDF5 file: neither the version attribute nor the capture index is there
-    (a damaged icsviz file still shows one of them, or fails to say)."""
-    try:
-        return "schema_version" not in file.attrs and "captures" not in file
-    except Exception:  # noqa: BLE001 - unreadable attributes or links: damage, not another program's file
-        return False
 
 
 def _verdict(path: Path, file: h5py.File, walker: _Walker) -> RunCheck:

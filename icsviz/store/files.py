@@ -27,7 +27,15 @@ import h5py
 
 from ..errors import DamagedRunError, RunFileError
 
-__all__ = ["open_for_reading", "reading", "damage_hint", "truncation", "hdf5_library", "SWMR_READ_ATTEMPTS"]
+__all__ = [
+    "open_for_reading",
+    "not_a_run",
+    "reading",
+    "damage_hint",
+    "truncation",
+    "hdf5_library",
+    "SWMR_READ_ATTEMPTS",
+]
 
 # Enough for a reader that races the writer (a mismatch there clears on the
 # next try), few enough that a damaged block fails in milliseconds.
@@ -190,6 +198,11 @@ def open_for_reading(path: Path) -> tuple[h5py.File, bool]:
         raise RunFileError(f"{path} is empty (0 bytes): the run never wrote its header")
     if not h5py.is_hdf5(path):
         raise RunFileError(f"{path} is not an HDF5 file ({size} bytes without an HDF5 signature)")
+    file, swmr = _open_hdf5(path)
+    return _a_run(path, file), swmr
+
+
+def _open_hdf5(path: Path) -> tuple[h5py.File, bool]:
     short = truncation(path)
     if short:
         # A disk that filled up mid-run leaves the committed captures intact in
@@ -206,6 +219,24 @@ def open_for_reading(path: Path) -> tuple[h5py.File, bool]:
         return _open_swmr(path), True
     except _HDF5_FAILURES:
         raise _unopenable(path, plain_error) from plain_error
+
+
+def not_a_run(path: Path) -> RunFileError:
+    return RunFileError(f"{path} is HDF5 but not an icsviz run (no schema_version)")
+
+
+def _a_run(path: Path, file: h5py.File) -> h5py.File:
+    """`file`, unless it is another program's HDF5 file (then closed, and a RunFileError): neither
+    the version attribute nor the capture index is there. A damaged icsviz file still shows one
+    of them, or fails to say, and is left to the reader and the check to locate."""
+    try:
+        foreign = "schema_version" not in file.attrs and "captures" not in file
+    except Exception:  # noqa: BLE001 - unreadable attributes or links: damage, not another program's file
+        foreign = False
+    if foreign:
+        file.close()
+        raise not_a_run(path)
+    return file
 
 
 def _unopenable(path: Path, exc: BaseException) -> RunFileError:

@@ -23,8 +23,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ..errors import DamagedRunError, MissingDataError, RunFileError, SchemaVersionError
-from .files import open_for_reading, reading
+from ..errors import DamagedRunError, MissingDataError, SchemaVersionError
+from .files import not_a_run, open_for_reading, reading
 from .schema import CAPTURE_KINDS, SCHEMA_VERSION, decode_status, decode_text, safe_id
 
 __all__ = ["open_run", "Run", "ActivationStats", "GradientStats", "ICSStats", "LayerInfo"]
@@ -278,7 +278,7 @@ class Run:
     def _check_schema(self) -> None:
         attrs = self._file.attrs
         if "schema_version" not in attrs:
-            raise RunFileError(f"{self.path} is HDF5 but not an icsviz run (no schema_version)")
+            raise not_a_run(self.path)
         version = int(attrs["schema_version"])
         if version > SCHEMA_VERSION:
             writer = decode_text(attrs.get("icsviz_version", "a newer icsviz"))
