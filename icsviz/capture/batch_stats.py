@@ -8,12 +8,10 @@ step computes anyway (no second pass). They leave the compiled step as one
 small float32 vector per step, which the callback keeps on the device and
 writes every 2 seconds (or every `flush_every` steps).
 
-Per tensor and step:
-- exact over the whole batch: mean, std, min, max;
-- from a fixed stratified random sample of `SAMPLE` value positions: the
-  quantiles, a histogram on the dyadic grid of the exact range, the zero
-  fraction and the NaN/Inf count;
-- for the tracked units: quantiles from `UNIT_SAMPLE` of the unit's values.
+Per tensor and step, from a fixed stratified random sample of `SAMPLE` value
+positions: the quantiles, mean, std, min and max (the sample's), a histogram on
+the dyadic grid of the sample's range, the zero fraction and the NaN/Inf count;
+and for each tracked unit, quantiles from `UNIT_SAMPLE` of the unit's values.
 docs/statistics.md gives the sampling error.
 
 The model's weights, optimizer and losses are untouched: the step is the

@@ -573,10 +573,11 @@ class Run:
     def batch_activations(self, name: str) -> ActivationStats:
         """Statistics of one layer on the training batch of every step (per-step mode).
 
-        Histogram, quantiles and zero fraction come from a fixed random sample of
-        the batch's values (`sample` per step, see docs/statistics.md); mean,
-        std, min and max are exact over the whole batch. `counts` sum to the
-        sample's finite values; `nonfinite` counts NaN/Inf in the sample.
+        Every statistic comes from a fixed random sample of the batch's values
+        (`sample` per step, see docs/statistics.md): histogram, quantiles, mean,
+        std, min, max (the sample's extremes, not the batch's) and zero fraction.
+        `counts` sum to the sample's finite values; `nonfinite` counts NaN/Inf
+        in the sample.
         Per-unit means and stds are not recorded per step (empty (S, 0)).
         """
         if name not in self._batch_ids:
