@@ -18,9 +18,14 @@ For each model, in one process (medians of --repeats, interleaved):
   what Keras's own first training step took (tracing, and on JAX compiling, the train function);
 - peak host memory a capture allocates (tracemalloc: the numpy results and the write);
 - TensorBoard(histogram_freq=1): the time its epoch-end hook takes (weight histograms
-  written every epoch) beside ICSCallback's epoch-end hook, on the same short epoch.
+  written every epoch) beside ICSCallback's epoch-end hook, on the same short epoch;
+- per-step mode (`batch_stats=True`, batch 32): the training step with the statistics in it
+  against Keras's own, as `per_step.py` measures it (TensorFlow: the two train functions
+  alternated inside one fit, `--paired`; JAX and torch: epoch times with / without).
+At the end a table with one row per model, in Markdown (README's table is one).
 Targets (issue 8): capture <= 1.5 steps on MobileNetV2 / ResNet50, <= 1.2 on the reference
-CNN; first capture <= 10 s on MobileNetV2, <= 2 s on the reference CNN.
+CNN; first capture <= 10 s on MobileNetV2, <= 2 s on the reference CNN; per-step mode <= 1.10
+on the reference CNN, <= 1.25 on MobileNetV2.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import per_step
 from compile_options import OPTION_SETS
 
 from _common import TimedCallback, cifar_like, wait_for_device
@@ -92,7 +98,8 @@ def first_fit(name: str, probe: int, folder: Path) -> tuple[float, float]:
     return seconds[0], seconds[1]
 
 
-def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
+def measure(name: str, probe: int, repeats: int, folder: Path) -> dict[str, float | int | str]:
+    """The figures for one model (printed on one line, returned for the table)."""
     model, x, y = make(name)
     batch_x, batch_y = x[:probe], y[:probe]
     start = time.perf_counter()
@@ -126,6 +133,7 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
     writer.write_capture(program.run(xt, yt, 0.01, step=1, epoch=1.0, time=0.0, kind="epoch"))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+    model.train_on_batch(batch_x, batch_y)  # after fit, train_on_batch traces its function again
     stats_t, host_t, write_t, steps_t = [], [], [], []
     for _ in range(repeats):  # interleaved: machine load hits all alike
         start = time.perf_counter()
@@ -193,6 +201,60 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> None:
         f"TensorBoard(histogram_freq=1) {tensorboard}",
         flush=True,
     )
+    return {
+        "tensors": layers,
+        "step": step,
+        "capture": threaded / step,
+        "stats": stats,
+        "write": write,
+        "first": first,
+        "peak": peak,
+        "ics_epoch_end": ics_epoch_end,
+        "tensorboard": board.hook_seconds[("on_epoch_end", 1)] if HAS_TENSORFLOW else float("nan"),
+    }
+
+
+def per_step_ratio(name: str, pairs: int, images: int, folder: Path) -> float:
+    """The per-step mode's cost for `name`, as per_step.py measures it on this backend."""
+    x, y = per_step.data_for(name, images)
+    if keras.backend.backend() == "tensorflow":
+        return per_step.measure_paired(name, x, y, pairs, folder)
+    return per_step.measure(name, x, y, rounds=1, epochs=1, folder=folder)
+
+
+# Issue 8's goals: capture in training steps, first capture in seconds, per-step mode's ratio.
+TARGETS = {
+    "baseline": (1.2, 2.0, 1.10),
+    "bn": (1.2, 2.0, 1.10),
+    "mobilenetv2": (1.5, 10.0, 1.25),
+    "resnet50": (1.5, None, None),
+}
+
+
+def table(rows: dict[str, dict[str, float | int | str]]) -> str:
+    """One Markdown row per model; a goal issue 8 sets is shown beside the figure."""
+
+    def cell(value: float, unit: str, goal: float | None, digits: int) -> str:
+        if value != value:  # NaN: not measured
+            return "-"
+        text = f"{value:.{digits}f}{unit}"
+        return f"{text} (≤ {goal:.{digits}f}{unit})" if goal is not None else text
+
+    lines = [
+        "| model | captured tensors | training step (batch 64) | one capture, in training steps "
+        "| first capture | per-step mode (batch 32), time with / without | epoch-end hook: ICSCallback "
+        "/ TensorBoard(histogram_freq=1) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in rows.items():
+        capture_goal, first_goal, per_step_goal = TARGETS.get(name, (None, None, None))
+        board = "-" if row["tensorboard"] != row["tensorboard"] else f"{row['tensorboard']:.2f} s"
+        lines.append(
+            f"| {name} | {row['tensors']} | {row['step'] * 1e3:.1f} ms "
+            f"| {cell(row['capture'], '', capture_goal, 2)} | {cell(row['first'], ' s', first_goal, 1)} "
+            f"| {cell(row['per_step'], '', per_step_goal, 3)} | {row['ics_epoch_end']:.2f} s / {board} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -200,6 +262,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["baseline", "bn", "lstm", "mobilenetv2", "resnet50"])
     parser.add_argument("--probe", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--per-step-pairs",
+        type=int,
+        default=20,
+        help="TensorFlow: alternated step pairs (0: skip the per-step mode)",
+    )
+    parser.add_argument(
+        "--per-step-images", type=int, default=1024, help="JAX and torch: images per timed epoch"
+    )
     parser.add_argument(
         "--gpu-options",
         choices=sorted(OPTION_SETS),
@@ -212,9 +283,17 @@ def main() -> None:
     print(
         f"icsviz capture cost vs depth: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})"
     )
+    rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
-            measure(name, args.probe, args.repeats, Path(folder))
+            rows[name] = measure(name, args.probe, args.repeats, Path(folder))
+            rows[name]["per_step"] = (
+                per_step_ratio(name, args.per_step_pairs, args.per_step_images, Path(folder))
+                if args.per_step_pairs
+                else float("nan")
+            )
+    print(f"\nkeras {keras.__version__} ({keras.backend.backend()}), probe {args.probe}:")
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -53,15 +53,28 @@ EPOCH_HOOKS = ("on_epoch_begin", "on_epoch_end")  # inside the epoch timer (trai
 
 
 def make(name: str) -> tuple[keras.Model, Recipe]:
-    keras.utils.set_random_seed(0)
-    if name == "mobilenetv2":  # 151 captured tensors; SGD, batch 32
-        model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
-        model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", metrics=["accuracy"])
-        return model, RECIPES["bn"]
-    return reference_model(name)
+    """The reference CNN with its recipe, or one of depth.py's models with the BN recipe's
+    batch (32) and SGD."""
+    if name in ("baseline", "bn"):
+        return reference_model(name)
+    from depth import make as make_deep
+
+    model, _, _ = make_deep(name)
+    return model, RECIPES["bn"]
 
 
-def gather_only_vector(samples, plans, q, host_sort=False):
+def data_for(name: str, images: int) -> tuple[np.ndarray, np.ndarray]:
+    """`images` inputs of the shape `name` takes (CIFAR-shaped, or depth.py's sequences)."""
+    if name != "lstm":
+        return cifar_like(images)
+    from depth import make as make_deep
+
+    _, x, y = make_deep(name)
+    repeats = -(-images // len(x))
+    return np.concatenate([x] * repeats)[:images], np.concatenate([y] * repeats)[:images]
+
+
+def gather_only_vector(samples, plans, q, on_host=False):
     """`--breakdown`'s stand-in for `batch_stats.batch_vector`: each layer's sample mean in a
     vector of the real size (so the writes are the same), no sorts, histograms or moments."""
     ops = keras.ops
@@ -69,7 +82,8 @@ def gather_only_vector(samples, plans, q, host_sort=False):
     return ops.concatenate([means, ops.zeros((sum(p.size for p in plans) - len(plans),))])
 
 
-def measure(name: str, x, y, rounds: int, epochs: int, folder: Path, breakdown: bool = False) -> None:
+def measure(name: str, x, y, rounds: int, epochs: int, folder: Path, breakdown: bool = False) -> float:
+    """Epoch time with the per-step mode / without, median over the timed epochs (printed too)."""
     model, recipe = make(name)
     ratios, plain_steps, with_steps = [], [], []
     gather_ratios: list[float] = []
@@ -115,9 +129,12 @@ def measure(name: str, x, y, rounds: int, epochs: int, folder: Path, breakdown: 
             f"(epochs: {', '.join(f'{r:.3f}' for r in gather_ratios)})",
             flush=True,
         )
+    return statistics.median(ratios)
 
 
-def measure_paired(name: str, x, y, pairs: int, folder: Path) -> None:
+def measure_paired(name: str, x, y, pairs: int, folder: Path) -> float:
+    """(median step with the statistics + the callback's batch hooks) / median plain step,
+    the two train functions alternated inside one fit (TensorFlow; printed too)."""
     import tensorflow as tf
 
     model, recipe = make(name)
@@ -163,6 +180,7 @@ def measure_paired(name: str, x, y, pairs: int, folder: Path) -> None:
         f"{hooks * 1e3:.2f} ms per step -> ratio {(stats + hooks) / plain:.3f}",
         flush=True,
     )
+    return (stats + hooks) / plain
 
 
 def main() -> None:
@@ -180,12 +198,12 @@ def main() -> None:
         help="a third fit per round with the statistics kernels left out (what the machinery costs)",
     )
     args = parser.parse_args()
-    x, y = cifar_like(args.images)
     print(
         f"icsviz per-step mode: {args.images} images, keras {keras.__version__} ({keras.backend.backend()})"
     )
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
+            x, y = data_for(name, args.images)
             if args.paired:
                 measure_paired(name, x, y, args.paired, Path(folder))
             else:

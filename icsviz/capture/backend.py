@@ -62,15 +62,16 @@ def gather(values: Any, indices: Any, axis: int = 0) -> Any:
     return keras.ops.take(values, indices, axis=axis)
 
 
-def host_sort_in_step(model: keras.Model) -> bool:
-    """Whether the per-step mode sorts its samples with numpy inside the training step.
+def host_statistics_in_step(model: keras.Model) -> bool:
+    """Whether the per-step mode computes its statistics with numpy, called once from inside
+    the training step, instead of as kernels of the step.
 
-    The CPU sorts of TensorFlow (a top-k over every value) and XLA are slow for these rows:
-    TensorFlow 7 ms per step for the BN CNN's 18 samples of 4,096 values and 54 tracked
-    units' rows, against 0.7 ms in numpy, in a step of 70 to 100 ms; JAX on a CPU 6 ms a step
-    for a three-layer model's rows whose step takes 0.3 ms. On a CPU only, the step calls
-    numpy for the sort (TensorFlow: unless XLA compiles the step, which cannot call Python);
-    on a GPU or TPU the device sorts.
+    On a CPU the statistics of a few thousand sampled values per layer are some hundred small
+    kernels whose launch costs more than their work, and the CPU sorts are slow for these rows
+    (TensorFlow's is a top-k over every value: 7 ms per step for the BN CNN's samples against
+    0.7 ms in numpy; XLA's took 6 ms of a three-layer model's 8 ms step). On a CPU only, the
+    step calls numpy (TensorFlow: unless XLA compiles the step, which cannot call Python); on
+    a GPU or TPU the device computes them.
     """
     if name() == "jax":
         import jax
@@ -83,26 +84,25 @@ def host_sort_in_step(model: keras.Model) -> bool:
     return not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU")
 
 
-def sort_rows(values: Any, on_host: bool = False) -> Any:
-    """`values` (k, n) sorted along the last axis; by numpy, called from the compiled step,
-    where `on_host` (see `host_sort_in_step`)."""
-    if not on_host:
-        return keras.ops.sort(values, axis=-1)
+def host_call(fn: Callable[..., np.ndarray], arrays: Sequence[Any], shape: tuple[int, ...]) -> Any:
+    """`fn(*arrays)` (numpy in, a float32 array of `shape` out) called from a compiled
+    function (TensorFlow or JAX; see `host_statistics_in_step`)."""
     if name() == "jax":
         import jax
 
+        def on_host(*values: Any) -> np.ndarray:
+            # JAX hands the callback its own arrays: an operation on them would dispatch to the
+            # device from inside the device's callback, which deadlocks. numpy only, then.
+            return fn(*(np.asarray(v) for v in values))
+
         # No gradient flows here (the statistics sit behind stop_gradient), so a callback
         # without a differentiation rule is fine inside value_and_grad.
-        return jax.pure_callback(_numpy_sort_rows, jax.ShapeDtypeStruct(values.shape, values.dtype), values)
+        return jax.pure_callback(on_host, jax.ShapeDtypeStruct(shape, "float32"), *arrays)
     import tensorflow as tf
 
-    ordered = tf.numpy_function(_numpy_sort_rows, [values], values.dtype, stateful=False)
-    ordered.set_shape(values.shape)
-    return ordered
-
-
-def _numpy_sort_rows(values: np.ndarray) -> np.ndarray:
-    return np.sort(values, axis=-1)
+    result = tf.numpy_function(fn, list(arrays), tf.float32, stateful=False)
+    result.set_shape(shape)
+    return result
 
 
 def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:

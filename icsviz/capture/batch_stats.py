@@ -48,7 +48,7 @@ from ..store.schema import BatchLayerSpec
 from . import backend
 from .intercept import Recorder, intercept, warn_once
 from .layers import SelectedLayer
-from .stats import dyadic_grid, interpolated_quantiles, unit_axis
+from .stats import dyadic_grid, dyadic_grid_np, interpolated_quantiles, interpolated_quantiles_np, unit_axis
 
 __all__ = [
     "SAMPLE",
@@ -122,27 +122,48 @@ def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any) -> Any:
     return backend.gather(flat, _positions(plan, size, size // plan.spec.n_units))
 
 
-def _row_stats(values: Any, q: np.ndarray, host_sort: bool) -> tuple[Any, Any, Any]:
+def _row_stats(values: Any, q: np.ndarray) -> tuple[Any, Any, Any]:
     """Sorted rows (non-finite moved to the end as +inf), finite counts, quantiles per row."""
     finite = ops.isfinite(values)
     n_finite = ops.sum(ops.cast(finite, "int32"), axis=-1)
-    ordered = backend.sort_rows(ops.where(finite, values, float("inf")), on_host=host_sort)
+    ordered = ops.sort(ops.where(finite, values, float("inf")), axis=-1)
     return ordered, n_finite, interpolated_quantiles(ordered, n_finite, q)
 
 
+def _stacked(samples: Sequence[Any], plans: Sequence[BatchPlan]) -> tuple[Any, Any | None]:
+    """The layer samples as one (L, SAMPLE) matrix, and the tracked units' as (sum(U), UNIT_SAMPLE)."""
+    main = ops.stack([s[: plan.spec.sample] for s, plan in zip(samples, plans)])
+    units = [
+        ops.reshape(s[plan.spec.sample :], (len(plan.spec.tracked_units), plan.spec.unit_sample))
+        for s, plan in zip(samples, plans)
+        if plan.spec.tracked_units
+    ]
+    return main, ops.concatenate(units, axis=0) if units else None
+
+
+def vector_size(plans: Sequence[BatchPlan]) -> int:
+    return sum(plan.size for plan in plans)
+
+
 def batch_vector(
-    samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarray, host_sort: bool = False
+    samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarray, on_host: bool = False
 ) -> Any:
-    """The statistics of all layers' samples as one float32 vector, computed batched (the
-    samples sorted by numpy where `host_sort`: see `backend.host_sort_in_step`).
+    """The statistics of all layers' samples as one float32 vector, computed batched: on the
+    device, or where `on_host` (a CPU: see `backend.host_statistics_in_step`) by numpy, called
+    once from the compiled step (`host_batch_vector`, the same numbers).
 
     Layout (`unpack` reads it): counts (L*B), histogram first edge and width
     (L*2), quantiles (L*Q), mean/std/min/max (L*4), zero fraction (L),
     NaN/Inf count (L), tracked-unit quantiles (sum(U)*Q).
     """
     bins = plans[0].bins
-    main = ops.stack([s[: plan.spec.sample] for s, plan in zip(samples, plans)])  # (L, S)
-    ordered, n_finite, quantiles = _row_stats(main, q, host_sort)
+    main, units = _stacked(samples, plans)
+    if on_host:
+        arrays = [main] if units is None else [main, units]
+        return backend.host_call(
+            lambda *rows: host_batch_vector(*rows, bins=bins, q=q), arrays, (vector_size(plans),)
+        )
+    ordered, n_finite, quantiles = _row_stats(main, q)
     count = ops.maximum(ops.cast(n_finite, "float32"), 1.0)
     finite = ordered < float("inf")
     zeroed = ops.where(finite, ordered, 0.0)
@@ -185,15 +206,79 @@ def batch_vector(
         zero_frac,
         nonfinite,
     ]
-    units = [
-        ops.reshape(s[plan.spec.sample :], (len(plan.spec.tracked_units), plan.spec.unit_sample))
-        for s, plan in zip(samples, plans)
-        if plan.spec.tracked_units
-    ]
-    if units:
-        _, _, unit_quantiles = _row_stats(ops.concatenate(units, axis=0), q, host_sort)
+    if units is not None:
+        _, _, unit_quantiles = _row_stats(units, q)
         parts.append(ops.reshape(unit_quantiles, (-1,)))
     return ops.concatenate(parts)
+
+
+def host_batch_vector(
+    main: np.ndarray, units: np.ndarray | None = None, *, bins: int, q: np.ndarray
+) -> np.ndarray:
+    """`batch_vector` in numpy, in the same float32 steps: (L, SAMPLE) layer samples and the
+    tracked units' (sum(U), UNIT_SAMPLE) rows in, the step's vector out.
+
+    On a CPU the device path is some hundred small kernels whose launch costs more than their
+    work. Each pass here over the samples is one numpy call, done in place where it can be."""
+    f32 = np.float32
+    q = np.asarray(q, f32)
+    rows = np.arange(len(main))
+    all_finite = bool(np.isfinite(main.sum(dtype=f32)))  # NaN/Inf anywhere poisons the sum
+    if all_finite:  # the common case: no masks
+        ordered = np.sort(main, axis=-1)
+        n_finite = np.full(len(main), main.shape[1])
+        finite = None
+    else:
+        finite = np.isfinite(main)
+        n_finite = finite.sum(axis=-1)
+        ordered = np.sort(np.where(finite, main, f32(np.inf)), axis=-1)
+        finite = ordered < np.inf
+    quantiles = interpolated_quantiles_np(ordered, n_finite, q)
+    count = np.maximum(n_finite.astype(f32), f32(1))
+    zeroed = ordered if finite is None else np.where(finite, ordered, f32(0))
+    mean = zeroed.sum(axis=-1, dtype=f32) / count
+    work = np.subtract(ordered, mean[:, None])
+    with np.errstate(invalid="ignore"):  # inf - mean in the masked-out padding
+        np.square(work, out=work)
+    if finite is not None:
+        work[~finite] = 0
+    std = np.sqrt(work.sum(axis=-1, dtype=f32) / count)
+    low = ordered[:, 0]
+    high = ordered[rows, np.maximum(n_finite - 1, 0)]
+    some = n_finite > 0
+    moments = np.where(some[:, None], np.stack([mean, std, low, high], axis=1), f32(np.nan))
+    zero_frac = np.count_nonzero(ordered == 0, axis=-1).astype(f32) / count
+    nonfinite = (main.shape[1] - n_finite).astype(f32)
+    first, width = dyadic_grid_np(np.where(some, low, 0.0), np.where(some, high, 1.0), bins)
+    first32, width32 = first.astype(f32), width.astype(f32)
+    # The bin of each value as the device computes it: floor((v - first) / width), clipped.
+    with np.errstate(invalid="ignore", over="ignore"):
+        np.subtract(zeroed, first32[:, None], out=work)
+        np.divide(work, width32[:, None], out=work)
+        np.floor(work, out=work)
+    np.clip(work, 0, bins - 1, out=work)
+    index = work.astype(np.int32)
+    index += (rows * bins).astype(np.int32)[:, None]
+    if finite is None:
+        # Sorted rows give non-decreasing bins, and each row's bins lie above the last row's:
+        # the whole index is sorted, so each bin's count is the distance between its bounds.
+        counts = np.diff(np.searchsorted(index.ravel(), np.arange(len(main) * bins + 1, dtype=np.int32)))
+    else:
+        counts = np.bincount(index[finite], minlength=len(main) * bins)
+    parts = [
+        counts.astype(f32),
+        np.stack([first32, width32], axis=1).reshape(-1),
+        quantiles.reshape(-1),
+        moments.astype(f32).reshape(-1),
+        zero_frac,
+        nonfinite,
+    ]
+    if units is not None:
+        unit_finite = np.isfinite(units)
+        unit_n = unit_finite.sum(axis=-1)
+        unit_ordered = np.sort(np.where(unit_finite, units, f32(np.inf)), axis=-1)
+        parts.append(interpolated_quantiles_np(unit_ordered, unit_n, q).reshape(-1))
+    return np.concatenate(parts).astype(f32)
 
 
 def unpack(vectors: np.ndarray, plans: Sequence[BatchPlan]) -> list[dict[str, np.ndarray]]:
@@ -270,7 +355,7 @@ class StepStatistics:
         self._saved: dict[str, Any] = {}
         self._vector_in_outputs = False  # JAX: the vector leaves the step as an output (not a callback)
         self.expected = False  # set by the callback before each step of its own fit
-        self._host_sort = backend.host_sort_in_step(model)
+        self._on_host = backend.host_statistics_in_step(model)
 
     # ------------------------------------------------------------- tracing
     def _vector(self, recorder: Recorder) -> Any:
@@ -295,7 +380,7 @@ class StepStatistics:
                     "its per-step rows are NaN.",
                 )
                 samples.append(_missing(plan))
-        return batch_vector(samples, self.plans, self._q, self._host_sort)
+        return batch_vector(samples, self.plans, self._q, self._on_host)
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[Recorder]:

@@ -229,6 +229,24 @@ def dyadic_grid(low: Any, high: Any, bins: int) -> tuple[Any, Any]:
     return _grid_floor_op(low64, width), width
 
 
+def dyadic_grid_np(low: np.ndarray, high: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """`dyadic_grid` in numpy (float64), for rows of ranges: (first edges, widths)."""
+    low64, high64 = np.asarray(low, np.float64), np.asarray(high, np.float64)
+    span = np.maximum(
+        high64 - low64, np.maximum(np.maximum(np.abs(low64), np.abs(high64)) * 2.0**-24, 2.0**-100)
+    )
+    width = np.power(2.0, np.ceil(np.log2(span / bins)))
+    for _ in range(2):
+        too_many = (np.floor(high64 / width) - _grid_floor_np(low64, width) / width) >= bins
+        width = np.where(too_many, width * 2.0, width)
+    return _grid_floor_np(low64, width), width
+
+
+def _grid_floor_np(value: np.ndarray, width: np.ndarray) -> np.ndarray:
+    first = np.floor(value / width) * width
+    return np.where(first > value, first - width, first)
+
+
 def _grid_floor_op(value: Any, width: Any) -> Any:
     first = ops.floor(value / width) * width
     return ops.where(first > value, first - width, first)
