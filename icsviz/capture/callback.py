@@ -126,9 +126,9 @@ class ICSCallback(keras.callbacks.Callback):
             dispatching the next step (without it, ICSCallback leaves Keras's
             loop running ahead).
         batch_stats: Per-step mode: also measure every training batch inside the
-            training step itself (no second pass; about 1.05x the plain step on
-            the reference CNN on a CPU, 1.1x to 1.3x on an H100 with JAX, whose
-            steps are 2 ms): quantiles, histogram, mean/std/min/max and zero
+            training step itself (no second pass; about 1.1x the plain step on
+            the reference CNN, on a CPU and on an H100 with JAX; README's Speed
+            section has the measurements): quantiles, histogram, mean/std/min/max and zero
             fraction from a fixed sample of 4096 values per layer, one row per
             step under /batches. Probe captures go on as configured.
             An integer N keeps the row of every N-th step only (True is 1): each
