@@ -585,6 +585,8 @@ def _host_and_device_agree(nonfinite: bool) -> None:
             values[[3, 200]] = [np.nan, np.inf]  # non-finite values go last in either sort
         values[:40] = 0.0  # ties
         values[40:48] = 0.5  # on a bin edge
+        if nonfinite and index == 2:
+            values[:256] = np.nan  # a layer whose sample holds no finite value: NaN statistics
         samples.append(keras.ops.convert_to_tensor(values))
     q = np.asarray(QUANTILES, "float32")
     compiled = backend.compile_function
@@ -596,6 +598,9 @@ def _host_and_device_agree(nonfinite: bool) -> None:
     )
     assert host.shape == device.shape and np.isfinite(host).sum() > 100
     assert (unpack(host[None], plans)[0]["nonfinite"] > 0).all() == nonfinite
+    if nonfinite:
+        empty = unpack(host[None], plans)[2]
+        assert np.isnan(empty["moments"]).all() and empty["hist_counts"].sum() == 0
     for from_host, from_device in zip(unpack(host[None], plans), unpack(device[None], plans)):
         for field in ("hist_counts", "hist_range", "zero_frac", "nonfinite"):
             np.testing.assert_array_equal(from_host[field], from_device[field], err_msg=field)

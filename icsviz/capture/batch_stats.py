@@ -56,6 +56,7 @@ __all__ = [
     "BatchPlan",
     "StepStatistics",
     "batch_vector",
+    "host_batch_vector",
     "tensor_sample",
     "to_host",
     "unpack",
@@ -141,10 +142,6 @@ def _stacked(samples: Sequence[Any], plans: Sequence[BatchPlan]) -> tuple[Any, A
     return main, ops.concatenate(units, axis=0) if units else None
 
 
-def vector_size(plans: Sequence[BatchPlan]) -> int:
-    return sum(plan.size for plan in plans)
-
-
 def batch_vector(
     samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarray, on_host: bool = False
 ) -> Any:
@@ -160,9 +157,8 @@ def batch_vector(
     main, units = _stacked(samples, plans)
     if on_host:
         arrays = [main] if units is None else [main, units]
-        return backend.host_call(
-            lambda *rows: host_batch_vector(*rows, bins=bins, q=q), arrays, (vector_size(plans),)
-        )
+        size = sum(plan.size for plan in plans)
+        return backend.host_call(lambda *rows: host_batch_vector(*rows, bins=bins, q=q), arrays, (size,))
     ordered, n_finite, quantiles = _row_stats(main, q)
     count = ops.maximum(ops.cast(n_finite, "float32"), 1.0)
     finite = ordered < float("inf")

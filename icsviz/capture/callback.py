@@ -128,9 +128,9 @@ class ICSCallback(keras.callbacks.Callback):
         batch_stats: Per-step mode: also measure every training batch inside the
             training step itself (no second pass; about 1.1x the plain step on
             the reference CNN, on a CPU and on an H100 with JAX; README's Speed
-            section has the measurements): quantiles, histogram, mean/std/min/max and zero
-            fraction from a fixed sample of 4096 values per layer, one row per
-            step under /batches. Probe captures go on as configured.
+            section has the measurements): quantiles, histogram, mean/std/min/
+            max and zero fraction from a fixed sample of 4096 values per layer,
+            one row per step under /batches. Probe captures go on as configured.
             An integer N keeps the row of every N-th step only (True is 1): each
             row is still one batch's statistics, and the file grows N times
             slower on long runs (the in-step cost is the same).
