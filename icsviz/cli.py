@@ -94,7 +94,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
         const=1,
         default=0,
         metavar="N",
-        help="per-step mode: also measure every training batch inside the training step (about 1.05x); "
+        help="per-step mode: also measure every training batch inside the training step (about 1.1x); "
         "with N, keep every N-th step's row",
     )
     p.add_argument("--seed", type=int, default=0)
