@@ -557,8 +557,9 @@ def test_a_fit_that_raises_leaves_no_hooks_behind(tmp_path: Path) -> None:
 
 
 def host_and_device_statistics_agree() -> None:
-    """The statistics computed by numpy, called from the compiled step, equal the device's:
-    with NaN/Inf in a sample, and all finite (numpy's path without masks)."""
+    """The statistics computed by numpy, called from the compiled step, equal the device's, and
+    so do the device's with numpy's sort: with NaN/Inf in a sample, and all finite (numpy's
+    path without masks)."""
     for nonfinite in (True, False):
         _host_and_device_agree(nonfinite)
 
@@ -590,12 +591,15 @@ def _host_and_device_agree(nonfinite: bool) -> None:
         samples.append(keras.ops.convert_to_tensor(values))
     q = np.asarray(QUANTILES, "float32")
     compiled = backend.compile_function
-    on_device = compiled(lambda *s: batch_vector(s, plans, q, on_host=False))
+    on_device = compiled(lambda *s: batch_vector(s, plans, q))
     on_host = compiled(lambda *s: batch_vector(s, plans, q, on_host=True))
+    sorted_on_host = compiled(lambda *s: batch_vector(s, plans, q, host_sort=True))
     host, device = (
         keras.ops.convert_to_numpy(on_host(*samples)),
         keras.ops.convert_to_numpy(on_device(*samples)),
     )
+    # numpy's sort alone, the rest on the device: the same bits (a sort is exact)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(sorted_on_host(*samples)), device)
     assert host.shape == device.shape and np.isfinite(host).sum() > 100
     assert (unpack(host[None], plans)[0]["nonfinite"] > 0).all() == nonfinite
     if nonfinite:
@@ -628,6 +632,7 @@ def test_numpy_statistics_inside_the_step_give_the_devices_numbers() -> None:
     assert backend.host_statistics_in_step(model) == (not tf.config.list_logical_devices("GPU"))
     model.compile("sgd", "mse", jit_compile=True)
     assert not backend.host_statistics_in_step(model)  # XLA cannot call Python: the device computes them
+    assert not backend.host_sort_in_step(model)  # JAX's choice
 
 
 @pytest.mark.skipif(
@@ -649,7 +654,8 @@ def test_numpy_statistics_inside_a_jax_step_give_the_devices_numbers() -> None:
         assert kinds == [np.ndarray] and np.asarray(doubled).tolist() == [2.0, 2.0, 2.0], kinds
         model = _model()
         model.compile("sgd", "mse")
-        assert backend.host_statistics_in_step(model) == (jax.default_backend() == "cpu")
+        assert not backend.host_statistics_in_step(model)  # XLA fuses them: they stay XLA's
+        assert backend.host_sort_in_step(model) == (jax.default_backend() == "cpu")
         print("STATISTICS AGREE")
     """)
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}

@@ -64,19 +64,15 @@ def gather(values: Any, indices: Any, axis: int = 0) -> Any:
 
 def host_statistics_in_step(model: keras.Model) -> bool:
     """Whether the per-step mode computes its statistics with numpy, called once from inside
-    the training step, instead of as kernels of the step.
+    TensorFlow's training step, instead of as kernels of the step.
 
-    On a CPU the statistics of a few thousand sampled values per layer are some hundred small
-    kernels whose launch costs more than their work, and the CPU sorts are slow for these rows
-    (TensorFlow's is a top-k over every value: 7 ms per step for the BN CNN's samples against
-    0.7 ms in numpy; XLA's took 6 ms of a three-layer model's 8 ms step). On a CPU only, the
-    step calls numpy (TensorFlow: unless XLA compiles the step, which cannot call Python); on
-    a GPU or TPU the device computes them.
+    TensorFlow runs a graph op by op: on a CPU the statistics of a few thousand sampled values
+    per layer are some hundred small kernels whose launch costs more than their work, and its
+    CPU sort is a top-k over every value (7 ms per step for the BN CNN's samples against 0.7 ms
+    in numpy). So on a CPU only, unless XLA compiles the step (which cannot call Python), the
+    step calls numpy for all of them; on a GPU or TPU the device computes them. JAX fuses the
+    kernels and keeps them (see `host_sort_in_step`).
     """
-    if name() == "jax":
-        import jax
-
-        return jax.default_backend() == "cpu"
     if name() != "tensorflow" or getattr(model, "jit_compile", False):
         return False
     import tensorflow as tf
@@ -84,9 +80,32 @@ def host_statistics_in_step(model: keras.Model) -> bool:
     return not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU")
 
 
+def host_sort_in_step(model: keras.Model) -> bool:
+    """Whether the per-step mode's samples are sorted by numpy inside JAX's training step.
+
+    XLA's CPU sort took 6 ms of a three-layer model's 8 ms step. The other statistics stay
+    XLA's, which fuses them: computing them all in numpy, as on TensorFlow, gained nothing
+    measurable (an LSTM's 5.3 ms step 1.19 / 1.28x against 1.12 to 1.25x, the BN CNN 1.055
+    against 1.068 / 1.069: `benchmarks/per_step.py`, JAX on this project's CPU).
+    """
+    if name() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() == "cpu"
+
+
+def sort_rows(values: Any, on_host: bool = False) -> Any:
+    """`values` (k, n) float32 sorted along the last axis; by numpy, called from the compiled
+    step, where `on_host` (see `host_sort_in_step`)."""
+    if not on_host:
+        return keras.ops.sort(values, axis=-1)
+    return host_call(lambda rows: np.sort(rows, axis=-1), [values], tuple(values.shape))
+
+
 def host_call(fn: Callable[..., np.ndarray], arrays: Sequence[Any], shape: tuple[int, ...]) -> Any:
     """`fn(*arrays)` (numpy in, a float32 array of `shape` out) called from a compiled
-    function (TensorFlow or JAX; see `host_statistics_in_step`)."""
+    function (TensorFlow or JAX; see `host_statistics_in_step` and `host_sort_in_step`)."""
     if name() == "jax":
         import jax
 

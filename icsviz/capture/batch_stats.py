@@ -123,11 +123,11 @@ def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any) -> Any:
     return backend.gather(flat, _positions(plan, size, size // plan.spec.n_units))
 
 
-def _row_stats(values: Any, q: np.ndarray) -> tuple[Any, Any, Any]:
+def _row_stats(values: Any, q: np.ndarray, host_sort: bool) -> tuple[Any, Any, Any]:
     """Sorted rows (non-finite moved to the end as +inf), finite counts, quantiles per row."""
     finite = ops.isfinite(values)
     n_finite = ops.sum(ops.cast(finite, "int32"), axis=-1)
-    ordered = ops.sort(ops.where(finite, values, float("inf")), axis=-1)
+    ordered = backend.sort_rows(ops.where(finite, values, float("inf")), on_host=host_sort)
     return ordered, n_finite, interpolated_quantiles(ordered, n_finite, q)
 
 
@@ -143,11 +143,16 @@ def _stacked(samples: Sequence[Any], plans: Sequence[BatchPlan]) -> tuple[Any, A
 
 
 def batch_vector(
-    samples: Sequence[Any], plans: Sequence[BatchPlan], q: np.ndarray, on_host: bool = False
+    samples: Sequence[Any],
+    plans: Sequence[BatchPlan],
+    q: np.ndarray,
+    on_host: bool = False,
+    host_sort: bool = False,
 ) -> Any:
     """The statistics of all layers' samples as one float32 vector, computed batched: on the
-    device, or where `on_host` (a CPU: see `backend.host_statistics_in_step`) by numpy, called
-    once from the compiled step (`host_batch_vector`, the same numbers).
+    device (the samples sorted by numpy where `host_sort`: see `backend.host_sort_in_step`), or
+    where `on_host` (TensorFlow on a CPU: see `backend.host_statistics_in_step`) all by numpy,
+    called once from the compiled step (`host_batch_vector`, the same numbers).
 
     Layout (`unpack` reads it): counts (L*B), histogram first edge and width
     (L*2), quantiles (L*Q), mean/std/min/max (L*4), zero fraction (L),
@@ -159,7 +164,7 @@ def batch_vector(
         arrays = [main] if units is None else [main, units]
         size = sum(plan.size for plan in plans)
         return backend.host_call(lambda *rows: host_batch_vector(*rows, bins=bins, q=q), arrays, (size,))
-    ordered, n_finite, quantiles = _row_stats(main, q)
+    ordered, n_finite, quantiles = _row_stats(main, q, host_sort)
     count = ops.maximum(ops.cast(n_finite, "float32"), 1.0)
     finite = ordered < float("inf")
     zeroed = ops.where(finite, ordered, 0.0)
@@ -203,7 +208,7 @@ def batch_vector(
         nonfinite,
     ]
     if units is not None:
-        _, _, unit_quantiles = _row_stats(units, q)
+        _, _, unit_quantiles = _row_stats(units, q, host_sort)
         parts.append(ops.reshape(unit_quantiles, (-1,)))
     return ops.concatenate(parts)
 
@@ -352,6 +357,7 @@ class StepStatistics:
         self._vector_in_outputs = False  # JAX: the vector leaves the step as an output (not a callback)
         self.expected = False  # set by the callback before each step of its own fit
         self._on_host = backend.host_statistics_in_step(model)
+        self._host_sort = backend.host_sort_in_step(model)
 
     # ------------------------------------------------------------- tracing
     def _vector(self, recorder: Recorder) -> Any:
@@ -376,7 +382,7 @@ class StepStatistics:
                     "its per-step rows are NaN.",
                 )
                 samples.append(_missing(plan))
-        return batch_vector(samples, self.plans, self._q, self._on_host)
+        return batch_vector(samples, self.plans, self._q, self._on_host, self._host_sort)
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[Recorder]:
