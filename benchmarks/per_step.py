@@ -74,7 +74,7 @@ def data_for(name: str, images: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([x] * repeats)[:images], np.concatenate([y] * repeats)[:images]
 
 
-def gather_only_vector(samples, plans, q, on_host=False):
+def gather_only_vector(samples, plans, q, on_host=False, host_sort=False):
     """`--breakdown`'s stand-in for `batch_stats.batch_vector`: each layer's sample mean in a
     vector of the real size (so the writes are the same), no sorts, histograms or moments."""
     ops = keras.ops
