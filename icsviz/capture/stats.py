@@ -7,7 +7,6 @@ cross to the host. docs/statistics.md defines each quantity.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -199,21 +198,11 @@ def dyadic_bin_width(low: float, high: float, bins: int) -> tuple[float, float]:
     The width is the smallest power of two w such that `bins` bins of width w,
     starting at a multiple of w, hold [low, high]. Edges of a coarser grid are
     a subset of a finer one's, so histograms of two captures can be merged onto
-    the coarser grid exactly. This is the host-side twin of `dyadic_grid`.
+    the coarser grid exactly. One range of `dyadic_grid_np`, the host-side twin
+    of `dyadic_grid`.
     """
-    span = max(high - low, max(abs(low), abs(high)) * 2.0**-24, 2.0**-100)
-    width = 2.0 ** math.ceil(math.log2(span / bins))
-    while True:  # at most two doublings (bins >= 2)
-        first = _grid_floor(low, width)
-        if math.floor(high / width) - first / width < bins:
-            return first, width
-        width *= 2
-
-
-def _grid_floor(value: float, width: float) -> float:
-    """The grid line at or below `value` (low / width can underflow to -0.0 for a tiny negative low)."""
-    first = math.floor(value / width) * width
-    return first - width if first > value else first
+    first, width = dyadic_grid_np(np.array([low]), np.array([high]), bins)
+    return float(first[0]), float(width[0])
 
 
 def dyadic_grid(low: Any, high: Any, bins: int) -> tuple[Any, Any]:
@@ -230,7 +219,8 @@ def dyadic_grid(low: Any, high: Any, bins: int) -> tuple[Any, Any]:
 
 
 def dyadic_grid_np(low: np.ndarray, high: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
-    """`dyadic_grid` in numpy (float64), for rows of ranges: (first edges, widths)."""
+    """`dyadic_grid` in numpy (float64), for rows of ranges: (first edges, widths); see
+    `dyadic_bin_width` for the grid."""
     low64, high64 = np.asarray(low, np.float64), np.asarray(high, np.float64)
     span = np.maximum(
         high64 - low64, np.maximum(np.maximum(np.abs(low64), np.abs(high64)) * 2.0**-24, 2.0**-100)
@@ -243,6 +233,7 @@ def dyadic_grid_np(low: np.ndarray, high: np.ndarray, bins: int) -> tuple[np.nda
 
 
 def _grid_floor_np(value: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """The grid line at or below `value` (low / width can underflow to -0.0 for a tiny negative low)."""
     first = np.floor(value / width) * width
     return np.where(first > value, first - width, first)
 
