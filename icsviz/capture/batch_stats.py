@@ -230,9 +230,7 @@ def host_batch_vector(
         n_finite = np.full(len(main), main.shape[1])
         finite = None
     else:
-        finite = np.isfinite(main)
-        n_finite = finite.sum(axis=-1)
-        ordered = np.sort(np.where(finite, main, f32(np.inf)), axis=-1)
+        ordered, n_finite = _sorted_rows_np(main)
         finite = ordered < np.inf
     quantiles = interpolated_quantiles_np(ordered, n_finite, q)
     count = np.maximum(n_finite.astype(f32), f32(1))
@@ -275,11 +273,15 @@ def host_batch_vector(
         nonfinite,
     ]
     if units is not None:
-        unit_finite = np.isfinite(units)
-        unit_n = unit_finite.sum(axis=-1)
-        unit_ordered = np.sort(np.where(unit_finite, units, f32(np.inf)), axis=-1)
-        parts.append(interpolated_quantiles_np(unit_ordered, unit_n, q).reshape(-1))
+        parts.append(interpolated_quantiles_np(*_sorted_rows_np(units), q).reshape(-1))
     return np.concatenate(parts).astype(f32)
+
+
+def _sorted_rows_np(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_row_stats`' first two in numpy: rows sorted with non-finite values last as +inf, and
+    each row's count of finite values."""
+    finite = np.isfinite(values)
+    return np.sort(np.where(finite, values, np.float32(np.inf)), axis=-1), finite.sum(axis=-1)
 
 
 def unpack(vectors: np.ndarray, plans: Sequence[BatchPlan]) -> list[dict[str, np.ndarray]]:
