@@ -6,6 +6,8 @@
 #   CIFAR_DIR  a cifar-10-batches-py folder (default: ../shared/data/cifar-10-batches-py-subset)
 #   QUICK=1    tiny sizes, to check the script itself on a CPU
 #   PARTS="depth per_step"  only these parts (default: depth per_step overhead experiment;
+#              first_run, first_run.py: the first capture from outside in fresh processes, compiled
+#              beside or after Keras's first step;
 #              range_maps, the capture with and without the ReLU range maps, compile_options,
 #              XLA options for compiling the capture, and depth_options, depth.py with the
 #              capture compiled with the set GPU_OPTIONS names, and write, write_speed.py: the
@@ -21,7 +23,11 @@
 # against 25 s): 251 s for four models, 133 s for MobileNetV2 alone, so its limit is now 400 s
 # and the default parts no longer fit one call: name PARTS (depth plus one of the others, or
 # per_step overhead experiment). compile_options.py took 170 s for BN and two MobileNetV2 sets.
-# README's GPU table comes from these logs.
+# README's GPU table comes from these logs. DEPTH_ARGS and PER_STEP_ARGS replace those parts'
+# arguments and DEPTH_LIMIT depth's limit, to fit a call: the tenth session ran
+# PARTS="first_run depth per_step" DEPTH_ARGS="--models baseline bn mobilenetv2 --repeats 3
+# --per-step-pairs 0" DEPTH_LIMIT=230 PER_STEP_ARGS="--models baseline bn --images 32768 --rounds 1
+# --epochs 2".
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_suite.sh OUT_DIR [CIFAR_DIR]}")
 data=$(realpath -m "${2:-../shared/data/cifar-10-batches-py-subset}")
@@ -36,13 +42,17 @@ if [ "${QUICK:-0}" = 1 ]; then
   overhead=(--models baseline --images 256 --epochs 1 --side-by-side 1); epochs=2
   range_maps=(--models baseline --rounds 3); compile_options=(--models baseline --runs 3)
   depth_options=(--models baseline --repeats 2); write=(--models bn --captures 20)
+  first_run=(--models baseline)
 else
   depth=(--models baseline bn lstm resnet50 mobilenetv2 --repeats 3)
   per_step=(--models baseline bn --images 32768 --rounds 2 --epochs 2 --breakdown)
   overhead=(--images 20000 --epochs 2 --side-by-side 2); epochs=5
   range_maps=(--models baseline bn mobilenetv2 --rounds 25); compile_options=(--models bn mobilenetv2 --runs 10)
   depth_options=(--models bn mobilenetv2 --repeats 3); write=(--models bn mobilenetv2 --captures 50)
+  first_run=(--models bn mobilenetv2)
 fi
+if [ -n "${DEPTH_ARGS:-}" ]; then read -ra depth <<< "$DEPTH_ARGS"; fi
+if [ -n "${PER_STEP_ARGS:-}" ]; then read -ra per_step <<< "$PER_STEP_ARGS"; fi
 parts=" ${PARTS:-depth per_step overhead experiment} "
 
 part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/NAME.log
@@ -61,7 +71,8 @@ part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/N
 } 2>&1 | tee "$out/device.log"
 
 cd "$root/benchmarks"
-part depth 400 "$py" depth.py "${depth[@]}"
+part first_run 240 "$py" first_run.py "${first_run[@]}"
+part depth "${DEPTH_LIMIT:-400}" "$py" depth.py "${depth[@]}"
 part per_step 180 "$py" per_step.py "${per_step[@]}"
 part overhead 70 "$py" overhead.py "${overhead[@]}"
 part range_maps 120 "$py" range_maps.py "${range_maps[@]}"

@@ -90,6 +90,99 @@ def test_jax_backend_records_activations_gradients_and_shift(tmp_path) -> None:
 @pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
 )
+def test_jax_first_capture_can_compile_after_kerass_first_step(tmp_path) -> None:
+    """The GPU's order, forced here on a CPU: the capture compiles once Keras's step has run,
+    measures the same, and every path that needs the capture sooner lets it compile."""
+    script = textwrap.dedent(f"""
+        import threading
+        import numpy as np, keras
+        import icsviz
+        from icsviz.capture import backend, program
+        program._FIRST_STEP_WAIT_S = 600.0  # no fallback may hide a path that forgets to release
+        events = []
+        original = program.CaptureProgram._execute
+
+        def execute(self, args):
+            events.append(("capture", threading.current_thread().name))
+            return original(self, args)
+
+        program.CaptureProgram._execute = execute
+        import jax
+        compile_lowered = jax.stages.Lowered.compile
+
+        def compile_logged(self, *args, **kwargs):
+            events.append(("compile", threading.current_thread().name))
+            return compile_lowered(self, *args, **kwargs)
+
+        jax.stages.Lowered.compile = compile_logged
+
+        class Batches(keras.callbacks.Callback):
+            def on_train_batch_begin(self, batch, logs=None):
+                events.append(("batch", batch))
+
+        class StopInFirstStep(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                raise KeyboardInterrupt("stopped by the user")
+
+        def fit(callback, after_step, n=64, extra=()):
+            backend._COMPILE_AFTER_FIRST_STEP = after_step
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu", name="h"),
+                                      keras.layers.Dense(3, activation="softmax", name="out")])
+            model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
+            rng = np.random.default_rng(0)
+            x, y = rng.normal(size=(n, 6)).astype("float32"), rng.integers(0, 3, n)
+            events.clear()
+            # Batches before ICSCallback: a batch's beginning is logged before it releases the compile.
+            history = model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[Batches(), callback, *extra])
+            return history.history["loss"]
+
+        def callback(name):
+            rng = np.random.default_rng(1)
+            probe = rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 3, 32)
+            return icsviz.ICSCallback({str(tmp_path)!r} + "/" + name, probe=probe)
+
+        beside = fit(callback("beside.h5"), after_step=False)
+        after = fit(callback("after.h5"), after_step=True)
+        first = events.index(("compile", "icsviz-compile"))
+        assert ("batch", 1) in events[:first], events  # it waited for the first step to end
+        np.testing.assert_allclose(after, beside, rtol=1e-6)  # training untouched
+        a = icsviz.open_run({str(tmp_path / "beside.h5")!r})
+        b = icsviz.open_run({str(tmp_path / "after.h5")!r})
+        assert list(b.steps) == list(a.steps) == [0, 4, 8]
+        for name in ("h:preact", "h", "out"):  # the step-0 capture measured the starting weights
+            np.testing.assert_array_equal(b.activations(name).counts, a.activations(name).counts)
+        np.testing.assert_allclose(b.gradients(b.variable_names[0]).grad_norm,
+                                   a.gradients(a.variable_names[0]).grad_norm, rtol=1e-5)
+        # One step per epoch: no second batch begins; the epoch end's capture lets it compile.
+        fit(callback("one.h5"), after_step=True, n=16)
+        assert list(icsviz.open_run({str(tmp_path / "one.h5")!r}).steps) == [0, 1, 2]
+        # A fit stopped in its first step: close() writes the first capture without waiting.
+        stopped = callback("stopped.h5")
+        try:
+            fit(stopped, after_step=True, extra=[StopInFirstStep()])
+            raise AssertionError("the fit was not stopped")
+        except KeyboardInterrupt:
+            pass
+        assert ("compile", "icsviz-compile") not in events  # still waiting for the first step
+        closing = threading.Thread(target=stopped.close, daemon=True)
+        closing.start()
+        closing.join(120)
+        assert not closing.is_alive(), "close() waited for a first step that never came"
+        run = icsviz.open_run({str(tmp_path / "stopped.h5")!r})
+        assert list(run.steps) == [0] and run.status == "interrupted", (list(run.steps), run.status)
+        print("AFTER-STEP OK")
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "AFTER-STEP OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+)
 def test_jax_first_capture_compiles_beside_training_and_measures_the_starting_weights(tmp_path) -> None:
     script = textwrap.dedent(f"""
         import threading, warnings

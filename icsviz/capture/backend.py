@@ -159,6 +159,29 @@ _CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
 _GPU_COMPILER_OPTIONS: dict[str, Any] = {}
 
 
+# None: compile the first capture after Keras's first step on an accelerator, beside it on a CPU
+# (`compiles_after_first_step`); True or False forces one way (`benchmarks/first_run.py`).
+_COMPILE_AFTER_FIRST_STEP: bool | None = None
+
+
+def compiles_after_first_step() -> bool:
+    """Whether JAX compiles the first capture once Keras's own training step has compiled,
+    instead of beside it (`CaptureProgram.measure_in_background`).
+
+    On a GPU XLA autotunes each convolution when it compiles, timing candidate kernels on the
+    device, and keeps the results for the process: compiled after Keras's step, the capture
+    finds its convolutions timed already. On a CPU nothing is autotuned and the two compiles
+    share the cores better side by side.
+    """
+    if _COMPILE_AFTER_FIRST_STEP is not None:
+        return _COMPILE_AFTER_FIRST_STEP
+    if name() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() != "cpu"
+
+
 def _jax_jit(jax: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
     options = _CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else _GPU_COMPILER_OPTIONS
     if not options:

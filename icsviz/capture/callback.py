@@ -45,9 +45,15 @@ def _write_of(waiting: list[Callable[[], Any]], writer: RunWriter) -> Callable[[
     return lambda: writer.write_captures([finish() for finish in finishes])
 
 
-def _close_when_written(queue: WriteQueue, writer: RunWriter, waiting: list[Callable[[], Any]]) -> None:
+def _close_when_written(
+    queue: WriteQueue,
+    writer: RunWriter,
+    waiting: list[Callable[[], Any]],
+    release_first_compile: Callable[[], None],
+) -> None:
     """Write what is queued and the step captures still waiting, then close the file as
     interrupted (the finalizer's job)."""
+    release_first_compile()  # a first capture still waiting for Keras's first step is needed now
     if waiting:
         with contextlib.suppress(RuntimeError):  # the writer's thread has stopped already
             queue.submit("the last step captures", _write_of(waiting, writer))
@@ -295,8 +301,10 @@ class ICSCallback(keras.callbacks.Callback):
         self._counts_batches = bool(every_n_steps) or backend.name() not in ("jax", "torch")
         if not self._counts_batches:
             self.on_train_batch_end = super().on_train_batch_end  # type: ignore[method-assign]
-            if not self.batch_stats:
-                self.on_train_batch_begin = super().on_train_batch_begin  # type: ignore[method-assign]
+        # The first capture's compile waits for Keras's first step (JAX on a GPU): the next
+        # batch's beginning says that step has run.
+        self._first_compile_waits = False
+        self._batches_begun = 0
 
     # ---------------------------------------------------------------- helpers
     def _warn(self, what: str, exc: BaseException) -> None:
@@ -456,6 +464,8 @@ class ICSCallback(keras.callbacks.Callback):
         if new_capture:
             writer = self._writer
             self._write("the first capture", lambda: writer.write_capture(finish()))
+        self._first_compile_waits = self._program.waits_for_first_step
+        self._batches_begun = 0
         self._last_capture_write = time.perf_counter()
         self._owns_file = True
         if layout.batch_layers:
@@ -463,7 +473,12 @@ class ICSCallback(keras.callbacks.Callback):
         # Close the file cleanly if the interpreter exits without on_train_end (a crash in the
         # user's training): the captures queued before it are written first.
         self._finalizer = weakref.finalize(
-            self, _close_when_written, self._queue, self._writer, self._waiting_captures
+            self,
+            _close_when_written,
+            self._queue,
+            self._writer,
+            self._waiting_captures,
+            self._program.first_step_done,
         )
 
     def _resume(self, layout: RunLayout, from_epoch: int) -> RunWriter:
@@ -645,6 +660,10 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_start_step = self._global_step
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        if self._first_compile_waits:
+            if self._batches_begun:  # Keras's train function has run once: it is compiled
+                self._release_first_compile()
+            self._batches_begun += 1
         if self._steps is not None and self._active and not self._counts_batches:
             self._global_step = self._epoch_start_step + batch  # the steps before this one
             self._tag_and_flush_steps()
@@ -747,10 +766,18 @@ class ICSCallback(keras.callbacks.Callback):
         callback flushes by itself at the end of training. Call this to read the
         file from the same process mid-training and find every capture taken so far.
         """
+        self._release_first_compile()
         self._write_waiting_captures()
         if self._queue is not None:
             self._queue.drain()
         self._report_write_failure()
+
+    def _release_first_compile(self) -> None:
+        """Let the first capture compile now (it waited for Keras's first step)."""
+        if self._first_compile_waits:
+            self._first_compile_waits = False
+            if self._program is not None:
+                self._program.first_step_done()
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._active or self._writer is None:

@@ -38,6 +38,9 @@ __all__ = ["CaptureProgram"]
 
 ops = keras.ops
 
+# The longest the first capture's compile waits for Keras's own step to compile, where it does.
+_FIRST_STEP_WAIT_S = 60.0
+
 
 class CaptureProgram:
     """Builds and runs the compiled capture function for one model and probe.
@@ -73,6 +76,9 @@ class CaptureProgram:
         self._masked_function: Any = None  # compiled when a capture first sees NaN/Inf
         self._compiled: Any = None  # JAX: the function compiled by `measure_in_background`
         self._first: concurrent.futures.Future[Any] | None = None  # that capture, until waited for
+        # Set once Keras's own training step has compiled: the first capture's compile waits
+        # for it where `backend.compiles_after_first_step` (see `measure_in_background`).
+        self._first_step_done = threading.Event()
         self._batched = True  # all layers' statistics in one batch (see batched.py)
 
     # ---------------------------------------------------------------- planning
@@ -293,8 +299,10 @@ class CaptureProgram:
         for MobileNetV2 on an H100's host), about as long as compiling Keras's own training
         step. Here the function is traced and lowered now, with copies of the weights as they
         are now (the training step donates the live buffers), and compiled and run on a thread
-        of its own while training starts, beside Keras compiling its step. The returned
-        callable waits for it; so does the next `measure`. Other backends measure at once.
+        of its own while training starts, beside Keras compiling its step. On a GPU the
+        compile starts once Keras's step has compiled (`first_step_done`; see
+        `backend.compiles_after_first_step`). The returned callable waits for it; so does the
+        next `measure`. Other backends measure at once.
         """
         if backend.name() != "jax" or self._compiled is not None:
             return self.measure(x, y, learning_rate, step=step, epoch=epoch, time=time, kind=kind)
@@ -302,8 +310,12 @@ class CaptureProgram:
         with backend.isolated_rng(self.options.seed):
             lowered = self._function.lower(*args)  # traces: the layout is known from here on
         self._previous = args[0]  # the weights this capture measures (already a copy)
+        if not backend.compiles_after_first_step():
+            self._first_step_done.set()
 
         def compile_and_run() -> Callable[[], Capture]:
+            # A bound on the wait, so that no path left unreleased can hang a run.
+            self._first_step_done.wait(_FIRST_STEP_WAIT_S)
             self._compiled = lowered.compile()
             result, _ = self._execute(args)  # `previous` is args[0] already
             return self._complete(result, first, step=step, epoch=epoch, time=time, kind=kind)
@@ -320,9 +332,20 @@ class CaptureProgram:
         self._first = future
         return lambda: future.result()()
 
+    @property
+    def waits_for_first_step(self) -> bool:
+        """Whether the first capture's compile waits for `first_step_done`."""
+        return self._first is not None and not self._first_step_done.is_set()
+
+    def first_step_done(self) -> None:
+        """Keras's own training step has run once (so it is compiled), or the capture is
+        needed now: the first capture's compile may start."""
+        self._first_step_done.set()
+
     def _wait_for_first(self) -> None:
         """Wait for a first capture still compiling or running on its own thread (its failure
         is raised here too)."""
+        self._first_step_done.set()  # needed now: compile without waiting any longer
         first, self._first = self._first, None
         if first is not None:
             first.result()
