@@ -151,3 +151,52 @@ def test_h5py_on_another_thread_meanwhile_is_safe(tmp_path) -> None:
             (np.arange(300) % 200).reshape((300,) + (1,) * len(shape)), (300, *shape)
         ).astype(dtype)
         np.testing.assert_array_equal(written[name], expected)
+
+
+def test_datasets_of_one_row_shape_share_a_selection_and_grow_together(tmp_path) -> None:
+    """One file space serves the datasets of one row shape and extent; a row past a dataset's
+    own extent would be dropped without an error, so every row of every dataset is read back."""
+    path = tmp_path / "shared.h5"
+    rng = np.random.default_rng(5)
+    with h5py.File(path, "w", libver="v110") as file:
+        names = []
+        for i in range(5):  # one row shape, one chunking: one group
+            names.append(f"same{i}")
+            file.create_dataset(names[-1], shape=(0, 8), maxshape=(None, 8), chunks=(4, 8), dtype="f4")
+        # The same row shape with more rows allocated (rows a killed writer left): its own group.
+        names.append("longer")
+        file.create_dataset("longer", shape=(9, 8), maxshape=(None, 8), chunks=(4, 8), dtype="f4")
+        names.append("ints")  # another dtype: another buffer
+        file.create_dataset("ints", shape=(0, 8), maxshape=(None, 8), chunks=(4, 8), dtype="i4")
+        names.append("scalar")
+        file.create_dataset("scalar", shape=(0,), maxshape=(None,), chunks=(4,), dtype="f8")
+        batch = RowBatch([RowWriter(file[name]) for name in names])
+        expected: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        start = 0
+        for n in (1, 3, 1, 7, 2, 1, 9):
+            values = []
+            for name in names:
+                shape = (n,) if name == "scalar" else (n, 8)
+                value = rng.integers(-50, 50, size=shape) if name == "ints" else rng.normal(size=shape)
+                values.append(value if n > 1 else value[0])  # a single row comes without its axis
+                expected[name].append(value.reshape(shape))
+            batch.write(start, values, rows=n)
+            start += n
+        flush(file)
+    with h5py.File(path, "r") as file:
+        for name in names:
+            want = np.concatenate(expected[name]).astype(file[name].dtype)
+            np.testing.assert_array_equal(file[name][:start], want, err_msg=name)
+            assert file[name].shape[0] >= start
+
+
+def test_a_value_of_the_wrong_size_is_refused(tmp_path) -> None:
+    """Sizes are checked one by one: two wrong sizes that add up to the right total too."""
+    with h5py.File(tmp_path / "sizes.h5", "w") as file:
+        for name in ("a", "b"):
+            file.create_dataset(name, shape=(0, 4), maxshape=(None, 4), chunks=(8, 4), dtype="f4")
+        batch = RowBatch([RowWriter(file["a"]), RowWriter(file["b"])])
+        with pytest.raises(ValueError, match="reshape"):
+            batch.write(0, [np.ones(3, "f4"), np.ones(5, "f4")])
+        batch.write(0, [np.ones(4, "f4"), np.full(4, 2.0, "f4")])
+        np.testing.assert_array_equal(file["b"][0], np.full(4, 2.0, "f4"))
