@@ -14,8 +14,11 @@ For each model, in one process (medians of --repeats, interleaved):
   without it, less one steady capture (the epoch end's): everything a run with the callback
   pays beyond the same run without it, apart from the later captures (tracing and compiling
   the capture function, creating and closing the file, the step-0 capture; on JAX the
-  compiling runs beside Keras's own, so the first hook's time is shown beside it); and
-  what Keras's own first training step took (tracing, and on JAX compiling, the train function);
+  compiling runs beside Keras's own, or after it on a GPU, so the first hook's time is shown
+  beside it); and what Keras's own first training step took (tracing, and on JAX compiling, the
+  train function). This process has compiled the model's step before, so on a GPU XLA's
+  autotuning results are there already: `first_run.py` measures a user's first run, in fresh
+  processes;
 - peak host memory a capture allocates (tracemalloc: the numpy results and the write);
 - TensorBoard(histogram_freq=1): the time its epoch-end hook takes (weight histograms
   written every epoch) beside ICSCallback's epoch-end hook, on the same short epoch;
