@@ -20,6 +20,8 @@ plans' order, on the host.
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -227,17 +229,53 @@ def host_quantiles(samples: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     return interpolated_quantiles_np(ordered, sizes, np.asarray(QUANTILES, "float32"))
 
 
+@dataclasses.dataclass(frozen=True)
+class _SplitLayout:
+    """Where each layer's rows lie in `all_layer_stats`' arrays: fixed for a set of plans."""
+
+    order: list[int]  # plan indices in the arrays' row order
+    units: np.ndarray  # cumulative units: row r's unit_mean is units[r]:units[r + 1]
+    tracked: np.ndarray  # the same for the tracked units' rows
+    sample_sizes: np.ndarray  # values each row's quantiles come from
+    unit_sizes: np.ndarray  # rows each tracked unit's quantiles come from
+
+
+_LAYOUTS: dict[tuple[int, ...], tuple[Sequence[TracedLayer], _SplitLayout]] = {}
+_MAX_LAYOUTS = 16
+_LAYOUTS_LOCK = threading.Lock()  # writers' threads of several callbacks may split at once
+
+
+def _split_layout(plans: Sequence[TracedLayer]) -> _SplitLayout:
+    """The layout of `plans`, computed once: `split` runs for every capture, on the writer's
+    thread, whose Python work the training thread waits for (the GIL)."""
+    key = tuple(map(id, plans))
+    cached = _LAYOUTS.get(key)
+    if cached is not None:
+        return cached[1]
+    order = [i for members in groups(plans) for i in members]
+    layout = _SplitLayout(
+        order=order,
+        units=np.cumsum([0, *(plans[i].n_units for i in order)]),
+        tracked=np.cumsum([0, *(len(plans[i].tracked_units) for i in order)]),
+        sample_sizes=np.asarray([plans[i].quantile_sample_size for i in order]),
+        unit_sizes=np.repeat(
+            [plans[i].unit_sample_rows for i in order], [len(plans[i].tracked_units) for i in order]
+        ),
+    )
+    with _LAYOUTS_LOCK:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.pop(next(iter(_LAYOUTS)))
+        _LAYOUTS[key] = (list(plans), layout)  # the plans are kept: their ids stay theirs
+    return layout
+
+
 def split(batched: dict[str, np.ndarray], plans: Sequence[TracedLayer], bins: int) -> list[dict[str, Any]]:
     """`all_layer_stats`'s host arrays as one dict per layer (`LayerCapture`'s fields and
     `all_finite`), in the order of `plans`; the quantiles computed here (`host_quantiles`)."""
-    order = [i for members in groups(plans) for i in members]
-    units = np.cumsum([0, *(plans[i].n_units for i in order)])
-    tracked = np.cumsum([0, *(len(plans[i].tracked_units) for i in order)])
-    quantiles = host_quantiles(batched["samples"], np.asarray([plans[i].quantile_sample_size for i in order]))
-    unit_sizes = np.repeat(
-        [plans[i].unit_sample_rows for i in order], [len(plans[i].tracked_units) for i in order]
-    )
-    unit_quantiles = host_quantiles(batched["unit_samples"], unit_sizes)
+    layout = _split_layout(plans)
+    order, units, tracked = layout.order, layout.units, layout.tracked
+    quantiles = host_quantiles(batched["samples"], layout.sample_sizes)
+    unit_quantiles = host_quantiles(batched["unit_samples"], layout.unit_sizes)
     steps = np.arange(bins + 1, dtype="float64")
     out: list[dict[str, Any]] = [{} for _ in plans]
     for row, i in enumerate(order):
