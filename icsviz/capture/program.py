@@ -72,7 +72,12 @@ class CaptureProgram:
         self.ics_layers, self._ics_groups = self._ics_plan()
         self.traced: list[TracedLayer] | None = None
         self.skipped: dict[str, str] = {}  # layer name -> why it is not recorded
-        self._previous: list[Any] | None = None  # the weights at the last capture
+        # The weights at the last capture, as one flat float32 vector: the capture function's
+        # arguments and results are one array each instead of one per variable (MobileNetV2:
+        # 158), and each array costs JAX about 13 us to hand over on a CPU.
+        self._previous: Any = None
+        sizes = [int(np.prod(v.shape, dtype=np.int64)) for v in self.trainable]
+        self._flat_slices = list(zip(np.cumsum([0, *sizes[:-1]]).tolist(), np.cumsum(sizes).tolist()))
         self._previous_norm: np.ndarray | None = None  # and their norms
         self._function = backend.compile_function(self._program)
         self._masked_function: Any = None  # compiled when a capture first sees NaN/Inf
@@ -171,6 +176,15 @@ class CaptureProgram:
         tensors = [r.tensor for r in recorder.records] if recorder is not None else []
         return loss, tensors
 
+    @staticmethod
+    def _flat(weights: list[Any]) -> Any:
+        """`weights` (float32) as one new flat vector (a copy: the train step donates them)."""
+        if not weights:
+            return ops.zeros((0,), "float32")
+        flat = ops.concatenate([ops.reshape(w, (-1,)) for w in weights])
+        # One variable: the concatenation is the input itself, which JAX would hand back.
+        return backend.copies([flat])[0] if len(weights) == 1 else flat
+
     def _masked_program(self, *args: Any) -> dict[str, Any]:
         return self._program(*args, masked=True)
 
@@ -178,7 +192,7 @@ class CaptureProgram:
         self,
         trainable: list[Any],
         non_trainable: list[Any],
-        previous: list[Any],
+        previous: Any,
         x: Any,
         y: Any,
         learning_rate: Any,
@@ -205,9 +219,11 @@ class CaptureProgram:
             "grad_norm": l2_norms(grads),
             "weight_norm": l2_norms(weights),
             # The previous weights' norm is the last capture's weight norm (kept on the host).
-            "update_norm": l2_norms([w - ops.cast(p, "float32") for w, p in zip(weights, previous)]),
+            "update_norm": l2_norms(
+                [w - ops.reshape(previous[a:b], w.shape) for w, (a, b) in zip(weights, self._flat_slices)]
+            ),
             # The weights measured here, copied in the same call: the next capture's `previous`.
-            "snapshot": backend.copies(trainable),
+            "snapshot": self._flat(weights),
         }
         if self._ics_groups:
             out["ics_diff"], out["ics_cos"] = self._gradient_shift(
@@ -311,7 +327,6 @@ class CaptureProgram:
         args, first = self._arguments(x, y, learning_rate, copies=True)
         with backend.isolated_rng(self.options.seed):
             lowered = self._function.lower(*args)  # traces: the layout is known from here on
-        self._previous = args[0]  # the weights this capture measures (already a copy)
         if not backend.compiles_after_first_step():
             self._first_step_done.set()
 
@@ -319,7 +334,7 @@ class CaptureProgram:
             # A bound on the wait, so that no path left unreleased can hang a run.
             self._first_step_done.wait(_FIRST_STEP_WAIT_S)
             self._compiled = lowered.compile()
-            result, _ = self._execute(args)  # `previous` is args[0] already
+            result, self._previous = self._execute(args)
             return self._complete(result, first, step=step, epoch=epoch, time=time, kind=kind)
 
         future: concurrent.futures.Future[Callable[[], Capture]] = concurrent.futures.Future()
@@ -364,13 +379,15 @@ class CaptureProgram:
             pinned if is_seed else v for v, pinned, is_seed in zip(live, self._pinned, self._is_seed)
         ]
         first = self._previous is None
-        # Snapshots on every call (not the live variables on the first): one input
-        # signature, so the function is traced once.
-        previous = (trainable if copies else backend.snapshot(self.trainable)) if first else self._previous
+        # The first capture has no previous weights (its update ratios are NaN): zeros of the
+        # same shape keep one input signature, so the function is traced once.
+        total = self._flat_slices[-1][1] if self._flat_slices else 0
+        # (From numpy: JAX moves it to the device without compiling a fill.)
+        previous = ops.convert_to_tensor(np.zeros(total, "float32")) if first else self._previous
         lr = ops.convert_to_tensor(learning_rate, "float32")
         return (trainable, non_trainable, previous, x, y, lr), first
 
-    def _execute(self, args: tuple[Any, ...]) -> tuple[dict[str, Any], list[Any]]:
+    def _execute(self, args: tuple[Any, ...]) -> tuple[dict[str, Any], Any]:
         """The capture function's results on the host (computed again masked after NaN/Inf),
         and its copy of the weights it measured, left on the device."""
         with backend.isolated_rng(self.options.seed):
