@@ -23,9 +23,11 @@
 # against 25 s): 251 s for four models, 133 s for MobileNetV2 alone, so its limit is now 400 s
 # and the default parts no longer fit one call: name PARTS (depth plus one of the others, or
 # per_step overhead experiment). compile_options.py took 170 s for BN and two MobileNetV2 sets.
-# README's GPU table comes from these logs. DEPTH_ARGS and PER_STEP_ARGS replace those parts'
-# arguments and DEPTH_LIMIT depth's limit, to fit a call: the tenth session ran
-# PARTS="first_run depth per_step" DEPTH_ARGS="--models baseline bn mobilenetv2 --repeats 3
+# README's GPU table comes from these logs. DEPTH_ARGS, PER_STEP_ARGS and FIRST_RUN_ARGS replace
+# those parts' arguments, DEPTH_LIMIT and FIRST_RUN_LIMIT their limits, to fit a call
+# (MobileNetV2's three fresh processes in first_run.py took over 330 s on an H100: give it a call
+# of its own, e.g. FIRST_RUN_ARGS="--models mobilenetv2" FIRST_RUN_LIMIT=560). The tenth session
+# ran PARTS="first_run depth per_step" DEPTH_ARGS="--models baseline bn mobilenetv2 --repeats 3
 # --per-step-pairs 0" DEPTH_LIMIT=230 PER_STEP_ARGS="--models baseline bn --images 32768 --rounds 1
 # --epochs 2".
 set -uo pipefail
@@ -53,6 +55,7 @@ else
 fi
 if [ -n "${DEPTH_ARGS:-}" ]; then read -ra depth <<< "$DEPTH_ARGS"; fi
 if [ -n "${PER_STEP_ARGS:-}" ]; then read -ra per_step <<< "$PER_STEP_ARGS"; fi
+if [ -n "${FIRST_RUN_ARGS:-}" ]; then read -ra first_run <<< "$FIRST_RUN_ARGS"; fi
 parts=" ${PARTS:-depth per_step overhead experiment} "
 
 part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/NAME.log
@@ -71,7 +74,7 @@ part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/N
 } 2>&1 | tee "$out/device.log"
 
 cd "$root/benchmarks"
-part first_run 240 "$py" first_run.py "${first_run[@]}"
+part first_run "${FIRST_RUN_LIMIT:-240}" "$py" first_run.py "${first_run[@]}"
 part depth "${DEPTH_LIMIT:-400}" "$py" depth.py "${depth[@]}"
 part per_step 180 "$py" per_step.py "${per_step[@]}"
 part overhead 70 "$py" overhead.py "${overhead[@]}"
