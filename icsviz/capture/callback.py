@@ -301,9 +301,8 @@ class ICSCallback(keras.callbacks.Callback):
         self._counts_batches = bool(every_n_steps) or backend.name() not in ("jax", "torch")
         if not self._counts_batches:
             self.on_train_batch_end = super().on_train_batch_end  # type: ignore[method-assign]
-        # The first capture's compile waits for Keras's first step (JAX on a GPU): the next
-        # batch's beginning says that step has run.
-        self._first_compile_waits = False
+        # The first capture's compile may wait for Keras's first step (JAX on a GPU, see
+        # `CaptureProgram.waits_for_first_step`): the next batch's beginning says it has run.
         self._batches_begun = 0
 
     # ---------------------------------------------------------------- helpers
@@ -464,7 +463,6 @@ class ICSCallback(keras.callbacks.Callback):
         if new_capture:
             writer = self._writer
             self._write("the first capture", lambda: writer.write_capture(finish()))
-        self._first_compile_waits = self._program.waits_for_first_step
         self._batches_begun = 0
         self._last_capture_write = time.perf_counter()
         self._owns_file = True
@@ -660,9 +658,10 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_start_step = self._global_step
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        if self._first_compile_waits:
+        program = self._program
+        if program is not None and program.waits_for_first_step:
             if self._batches_begun:  # Keras's train function has run once: it is compiled
-                self._release_first_compile()
+                program.first_step_done()
             self._batches_begun += 1
         if self._steps is not None and self._active and not self._counts_batches:
             self._global_step = self._epoch_start_step + batch  # the steps before this one
@@ -766,18 +765,12 @@ class ICSCallback(keras.callbacks.Callback):
         callback flushes by itself at the end of training. Call this to read the
         file from the same process mid-training and find every capture taken so far.
         """
-        self._release_first_compile()
+        if self._program is not None:
+            self._program.first_step_done()  # a first capture still waiting is needed now
         self._write_waiting_captures()
         if self._queue is not None:
             self._queue.drain()
         self._report_write_failure()
-
-    def _release_first_compile(self) -> None:
-        """Let the first capture compile now (it waited for Keras's first step)."""
-        if self._first_compile_waits:
-            self._first_compile_waits = False
-            if self._program is not None:
-                self._program.first_step_done()
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._active or self._writer is None:
