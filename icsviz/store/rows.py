@@ -137,15 +137,14 @@ class RowBatch:
         by_dtype: dict[np.dtype[Any], list[int]] = {}
         for i, w in enumerate(self.writers):
             by_dtype.setdefault(w.dtype, []).append(i)
-        self._dtype_groups = [
-            (
-                dtype,
-                members,
-                np.array(members),
-                np.array([int(np.prod(self.writers[i].row_shape, dtype=np.int64)) for i in members]),
+        self._dtype_groups = []
+        for dtype, members in by_dtype.items():
+            row_sizes = np.array([int(np.prod(self.writers[i].row_shape, dtype=np.int64)) for i in members])
+            # Byte offset of each dataset's first row in the group's buffer, for one row per dataset.
+            row_starts = (np.cumsum(row_sizes) - row_sizes) * dtype.itemsize
+            self._dtype_groups.append(
+                (dtype, members, np.array(members), row_sizes, row_starts.astype(np.uintp))
             )
-            for dtype, members in by_dtype.items()
-        ]
 
     def write(self, start: int, values: Sequence[Any], rows: int = 1) -> None:
         """Rows `start .. start + rows` of every dataset: `values[i]` holds the i-th one's."""
@@ -181,14 +180,13 @@ class RowBatch:
         them (the buffers are returned: they must live until the write). None when a value has
         the wrong size: the per-dataset path then raises the error that names it."""
         buffers = []
-        for dtype, members, indices, row_sizes in self._dtype_groups:
+        for dtype, members, indices, row_sizes, row_starts in self._dtype_groups:
             chosen = [values[i] for i in members]
             sizes = np.fromiter(map(np.size, chosen), dtype=np.int64, count=len(chosen))
             if not np.array_equal(sizes, row_sizes * rows):
                 return None
             buffer = np.concatenate(chosen, axis=None, dtype=dtype, casting="unsafe")
-            offsets = np.concatenate(([0], np.cumsum(sizes[:-1]))) * dtype.itemsize
-            self._buffers[indices] = buffer.ctypes.data + offsets.astype(np.uintp)
+            self._buffers[indices] = buffer.ctypes.data + row_starts * np.uintp(rows)
             buffers.append(buffer)
         return buffers
 
