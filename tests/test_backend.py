@@ -317,31 +317,6 @@ def test_histograms_count_each_row_on_its_own_grid_like_numpy(monkeypatch, path)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(single), counts[1])
 
 
-@pytest.mark.parametrize("path", ["native", "generic"])
-def test_sums_of_squares_reduce_each_tensor_whatever_its_rank(monkeypatch, path) -> None:
-    import keras
-    import numpy as np
-
-    from icsviz.capture import backend
-
-    if path == "generic":
-        monkeypatch.setattr(backend, "name", lambda: "generic")
-    rng = np.random.default_rng(1)
-    arrays = [
-        np.float32(-3.0),  # a scalar variable
-        rng.normal(size=7).astype("float32"),
-        rng.normal(size=(3, 3, 4, 5)).astype("float32"),
-        rng.normal(size=(6, 2)).astype("float16"),  # a mixed-precision value: summed in float32
-        rng.normal(size=9).astype("float32"),  # a second tensor of a rank seen before
-    ]
-    got = keras.ops.convert_to_numpy(
-        backend.sums_of_squares([keras.ops.convert_to_tensor(a) for a in arrays])
-    )
-    expected = [float(np.sum(np.square(np.asarray(a, "float64")))) for a in arrays]
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, expected, rtol=1e-5)
-
-
 def test_the_capture_function_still_runs_when_tensorflows_call_options_cannot_be_set(monkeypatch) -> None:
     tf = pytest.importorskip("tensorflow")
     from tensorflow.core.protobuf import config_pb2

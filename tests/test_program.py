@@ -250,13 +250,14 @@ for epoch in (1, 2):
     np.testing.assert_allclose(capture.update_ratio, np.where(np.isinf(expected), np.nan, expected), rtol=1e-5)
     # kernels and gamma; the biases and beta start at zero: undefined until they moved
     assert np.isfinite(capture.update_ratio).sum() == (3 if epoch == 1 else 6), capture.update_ratio
-# One trainable variable, 1-D: the capture's flat copy of the weights is that variable itself
-# reshaped to what it is, and must still be a copy (JAX hands an input returned as is back).
-model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, trainable=False),
+# One trainable variable, 1-D and a whole number of flat.py's blocks (no padding): the capture's
+# flat copy of the weights is that variable itself, and must still be a copy (JAX hands an
+# input returned as is back).
+model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(1024, trainable=False),
                           keras.layers.LayerNormalization(center=False),
                           keras.layers.Dense(3, activation="softmax", trainable=False)])
 model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy")
-assert [tuple(v.shape) for v in model.trainable_variables] == [(8,)]
+assert [tuple(v.shape) for v in model.trainable_variables] == [(1024,)]
 program = CaptureProgram(model, select_layers(model), CaptureOptions(), with_gradients=True)
 program.run(xt, yt, 0.5, step=0, epoch=0.0, time=0.0, kind="start")
 for epoch in (1, 2):

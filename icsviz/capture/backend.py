@@ -29,7 +29,6 @@ __all__ = [
     "to_numpy",
     "gather",
     "detached",
-    "sums_of_squares",
 ]
 
 LossFn = Callable[[list[Any]], tuple[Any, Any]]
@@ -281,29 +280,6 @@ def detached(tensor: Any) -> Any:
     capture's statistics are computed outside the gradient already, and one StopGradient per
     tensor was one more op to trace."""
     return tensor.detach() if name() == "torch" else tensor
-
-
-def sums_of_squares(tensors: Sequence[Any]) -> Any:
-    """(n,) float32: the sum of the squares of each tensor's values, each its own full reduction.
-
-    On TensorFlow two ops per tensor, the reduction axes shared among tensors of one rank:
-    a deep model's weights, gradients and updates (MobileNetV2: 474 tensors) were 1,600 ops to
-    trace through keras.ops.
-    """
-    ops = keras.ops
-    if name() == "tensorflow":
-        import tensorflow as tf
-
-        axes: dict[int, Any] = {}
-        sums = []
-        for tensor in tensors:
-            x = tf.cast(tensor, "float32")
-            rank = x.shape.rank
-            if rank not in axes:
-                axes[rank] = tf.constant(list(range(rank)), "int32")
-            sums.append(tf.reduce_sum(tf.square(x), axis=axes[rank]))
-        return tf.stack(sums)
-    return ops.stack([ops.sum(ops.square(ops.cast(t, "float32"))) for t in tensors])
 
 
 def read_values(variables: Sequence[Any]) -> list[Any]:

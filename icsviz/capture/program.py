@@ -30,9 +30,10 @@ from ..store.schema import RunLayout, VariableSpec
 from ..store.writer import Capture, LayerCapture
 from . import backend
 from .batched import all_layer_stats, split
+from .flat import FlatLayout, l2_norms
 from .intercept import Recorder, intercept, warn_once
 from .layers import SelectedLayer, captured_inputs, iter_layers
-from .stats import CaptureOptions, TracedLayer, l2, l2_norms, layer_stats, plan_tensor
+from .stats import CaptureOptions, TracedLayer, l2, layer_stats, plan_tensor
 
 __all__ = ["CaptureProgram"]
 
@@ -74,10 +75,10 @@ class CaptureProgram:
         self.skipped: dict[str, str] = {}  # layer name -> why it is not recorded
         # The weights at the last capture, as one flat float32 vector: the capture function's
         # arguments and results are one array each instead of one per variable (MobileNetV2:
-        # 158), and each array costs JAX about 13 us to hand over on a CPU.
+        # 158), and each array costs JAX about 13 us to hand over on a CPU. The gradients and
+        # weights are packed the same way, so that their norms are a few kernels (flat.py).
         self._previous: Any = None
-        sizes = [int(np.prod(v.shape, dtype=np.int64)) for v in self.trainable]
-        self._flat_slices = list(zip(np.cumsum([0, *sizes[:-1]]).tolist(), np.cumsum(sizes).tolist()))
+        self._flat = FlatLayout.of([v.shape for v in self.trainable])
         self._previous_norm: np.ndarray | None = None  # and their norms
         self._function = backend.compile_function(self._program)
         self._masked_function: Any = None  # compiled when a capture first sees NaN/Inf
@@ -176,15 +177,6 @@ class CaptureProgram:
         tensors = [r.tensor for r in recorder.records] if recorder is not None else []
         return loss, tensors
 
-    @staticmethod
-    def _flat(weights: list[Any]) -> Any:
-        """`weights` (float32) as one new flat vector (a copy: the train step donates them)."""
-        if not weights:
-            return ops.zeros((0,), "float32")
-        flat = ops.concatenate([ops.reshape(w, (-1,)) for w in weights])
-        # One variable: the concatenation is the input itself, which JAX would hand back.
-        return backend.copies([flat])[0] if len(weights) == 1 else flat
-
     def _masked_program(self, *args: Any) -> dict[str, Any]:
         return self._program(*args, masked=True)
 
@@ -212,18 +204,17 @@ class CaptureProgram:
         if self.traced is None:
             self.traced = self._plan(recorder)
         by_name = dict(zip(names, activations))
-        weights = [ops.cast(w, "float32") for w in trainable]
+        # A new vector (a copy: the training step donates the variables' buffers).
+        weights = self._flat.pack(trainable)
         out: dict[str, Any] = {
             "loss": loss,
             **self._layer_stats(by_name, masked),
             "grad_norm": l2_norms(grads),
-            "weight_norm": l2_norms(weights),
+            "weight_norm": self._flat.norms(weights),
             # The previous weights' norm is the last capture's weight norm (kept on the host).
-            "update_norm": l2_norms(
-                [w - ops.reshape(previous[a:b], w.shape) for w, (a, b) in zip(weights, self._flat_slices)]
-            ),
+            "update_norm": self._flat.norms(weights - previous),
             # The weights measured here, copied in the same call: the next capture's `previous`.
-            "snapshot": self._flat(weights),
+            "snapshot": weights,
         }
         if self._ics_groups:
             out["ics_diff"], out["ics_cos"] = self._gradient_shift(
@@ -381,9 +372,8 @@ class CaptureProgram:
         first = self._previous is None
         # The first capture has no previous weights (its update ratios are NaN): zeros of the
         # same shape keep one input signature, so the function is traced once.
-        total = self._flat_slices[-1][1] if self._flat_slices else 0
         # (From numpy: JAX moves it to the device without compiling a fill.)
-        previous = ops.convert_to_tensor(np.zeros(total, "float32")) if first else self._previous
+        previous = ops.convert_to_tensor(np.zeros(self._flat.size, "float32")) if first else self._previous
         lr = ops.convert_to_tensor(learning_rate, "float32")
         return (trainable, non_trainable, previous, x, y, lr), first
 

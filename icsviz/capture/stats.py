@@ -7,7 +7,7 @@ cross to the host. docs/statistics.md defines each quantity.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,6 @@ __all__ = [
     "interpolated_quantiles_np",
     "layer_stats",
     "l2",
-    "l2_norms",
 ]
 
 ops = keras.ops
@@ -427,14 +426,3 @@ def reduce_values(
 
 def l2(x: Any) -> Any:
     return ops.sqrt(ops.sum(ops.square(ops.cast(x, "float32"))))
-
-
-def l2_norms(tensors: Sequence[Any]) -> Any:
-    """The L2 norm of each tensor as one vector (empty for none): one square root for all.
-
-    Each tensor keeps its own full reduction: a segment sum over all of them concatenated
-    would be fewer ops but accumulates in order, 1e-3 off on a million-value kernel.
-    """
-    if not tensors:
-        return ops.zeros((0,))
-    return ops.sqrt(backend.sums_of_squares(tensors))
