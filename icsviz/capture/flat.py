@@ -7,7 +7,7 @@ variables) about 900 more kernels for XLA to compile. Here the tensors are laid 
 each padded with zeros to a whole number of blocks, so that one reduction sums every block
 and one segment sum adds up each tensor's blocks: a handful of kernels, whatever the depth
 (the weights and the updates; the gradients go through `l2_norms`). Compiling MobileNetV2's
-capture with JAX on a CPU went from 9.9-10.3 s to 7.0-8.0 s.
+capture with JAX on a CPU went from about 10 s to about 8 s.
 
 Summing blocks first keeps the accuracy of a per-tensor reduction: a segment sum over every
 value would accumulate a million-value kernel in order (1e-3 off); here each tensor's sum
@@ -86,9 +86,9 @@ def l2_norms(tensors: Sequence[Any]) -> Any:
 
     Tensors of rank 1 or less (biases, normalization scales: most of a deep model's variables)
     are packed and measured together. The others each keep a reduction of their own: packing
-    a kernel's gradient copied it into the flat layout, and where the backward pass leaves it
-    transposed that copy cost more than the reduction (13 ms of the BN CNN's 210 ms capture
-    with JAX on a CPU, for one 2304 x 512 kernel).
+    a kernel's gradient copies it into the flat layout, while a reduction reads it in whatever
+    layout the backward pass left it: packing every gradient made the BN CNN's capture 12-16 ms
+    slower (of 210 ms, JAX on a CPU), this way it is not.
     """
     if not tensors:
         return ops.zeros((0,), "float32")
