@@ -75,8 +75,9 @@ class CaptureProgram:
         self.skipped: dict[str, str] = {}  # layer name -> why it is not recorded
         # The weights at the last capture, as one flat float32 vector: the capture function's
         # arguments and results are one array each instead of one per variable (MobileNetV2:
-        # 158), and each array costs JAX about 13 us to hand over on a CPU. The gradients and
-        # weights are packed the same way, so that their norms are a few kernels (flat.py).
+        # 158), and each array costs JAX about 13 us to hand over on a CPU. Each variable is
+        # padded to whole blocks, so that the weights' and updates' norms are a few kernels
+        # (flat.py).
         self._previous: Any = None
         self._flat = FlatLayout.of([v.shape for v in self.trainable])
         self._previous_norm: np.ndarray | None = None  # and their norms
