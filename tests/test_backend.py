@@ -366,3 +366,52 @@ def test_jax_on_a_cpu_compiles_the_capture_at_llvm_level_1_with_the_same_statist
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and "JAX OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_jax_traces_the_statistics_without_nested_functions_and_the_same_values() -> None:
+    """`inlined_calls`: jnp's own compiled functions (take, clip, ...) are traced into the
+    statistics, not nested in them (each nested one was traced and lowered on its own)."""
+    script = textwrap.dedent("""
+        import numpy as np, keras, jax
+        from icsviz.capture import backend
+        from icsviz.capture.batched import all_layer_stats
+        from icsviz.capture.layers import select_layers
+        from icsviz.capture.program import CaptureProgram
+        from icsviz.capture.stats import CaptureOptions
+        from icsviz.models import build_model
+
+        keras.utils.set_random_seed(0)
+        model = build_model("bn", (32, 32, 3), 10)
+        model.compile("sgd", "sparse_categorical_crossentropy")
+        program = CaptureProgram(model, select_layers(model), CaptureOptions(), with_gradients=True)
+        x = np.random.default_rng(0).normal(size=(16, 32, 32, 3)).astype("float32")
+        y = np.arange(16) % 10
+        program.run(x, y, 0.01, step=0, epoch=0.0, time=0.0, kind="start")  # plans the layers
+        shapes = [plan.shape for plan in program.traced]
+        rng = np.random.default_rng(1)
+        tensors = [rng.normal(size=shape).astype("float32") for shape in shapes]
+
+        def statistics(inline):
+            def fn(ts):
+                if inline:
+                    with backend.inlined_calls():
+                        return all_layer_stats(ts, program.traced, program.options)
+                return all_layer_stats(ts, program.traced, program.options)
+            return fn
+
+        def nested(jaxpr):
+            return sum(eqn.primitive.name in ("pjit", "jit") for eqn in jaxpr.jaxpr.eqns)
+
+        assert nested(jax.make_jaxpr(statistics(False))(tensors)) > 0  # what inlining removes
+        assert nested(jax.make_jaxpr(statistics(True))(tensors)) == 0
+        inlined, plain = jax.jit(statistics(True))(tensors), jax.jit(statistics(False))(tensors)
+        for key in plain:
+            np.testing.assert_array_equal(np.asarray(inlined[key]), np.asarray(plain[key]))
+        print("INLINED OK")
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "INLINED OK" in proc.stdout, proc.stderr[-3000:]

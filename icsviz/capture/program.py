@@ -205,11 +205,13 @@ class CaptureProgram:
         if self.traced is None:
             self.traced = self._plan(recorder)
         by_name = dict(zip(names, activations))
+        with backend.inlined_calls():
+            statistics = self._layer_stats(by_name, masked)
         # A new vector (a copy: the training step donates the variables' buffers).
         weights = self._flat.pack(trainable)
         out: dict[str, Any] = {
             "loss": loss,
-            **self._layer_stats(by_name, masked),
+            **statistics,
             "grad_norm": l2_norms(grads),
             "weight_norm": self._flat.norms(weights),
             # The previous weights' norm is the last capture's weight norm (kept on the host).
