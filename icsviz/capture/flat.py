@@ -32,7 +32,7 @@ ops = keras.ops
 BLOCK = 1024  # values per block: small enough that tiny tensors (biases) waste little padding
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # holds an array: compared by identity
 class FlatLayout:
     """Where each of a fixed list of tensors lies in the flat vector (`slices`), and which
     tensor each block of `BLOCK` values belongs to (`owners`). Padding is zeros."""
