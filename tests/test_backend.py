@@ -15,6 +15,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_on_jax(script: str, marker: str) -> None:
+    """Run `script` with Keras on JAX (KERAS_BACKEND must be set before Keras is imported)."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
 )
@@ -80,11 +89,7 @@ def test_jax_backend_records_activations_gradients_and_shift(tmp_path) -> None:
         assert not np.array_equal(np.asarray(model.trainable_variables[0].value), before[0])
         print("JAX OK")
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "JAX OK" in proc.stdout, proc.stderr[-3000:]
+    _run_on_jax(script, "JAX OK")
 
 
 @pytest.mark.skipif(
@@ -173,11 +178,7 @@ def test_jax_first_capture_can_compile_after_kerass_first_step(tmp_path) -> None
         assert list(run.steps) == [0] and run.status == "interrupted", (list(run.steps), run.status)
         print("AFTER-STEP OK")
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "AFTER-STEP OK" in proc.stdout, proc.stderr[-3000:]
+    _run_on_jax(script, "AFTER-STEP OK")
 
 
 @pytest.mark.skipif(
@@ -247,11 +248,7 @@ def test_jax_first_capture_compiles_beside_training_and_measures_the_starting_we
         assert icsviz.open_run({str(tmp_path / "failed.h5")!r}).num_captures == 0
         print("BACKGROUND OK")
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "BACKGROUND OK" in proc.stdout, proc.stderr[-3000:]
+    _run_on_jax(script, "BACKGROUND OK")
 
 
 def _rewrite_options():
@@ -361,11 +358,7 @@ def test_jax_on_a_cpu_compiles_the_capture_at_llvm_level_1_with_the_same_statist
             np.testing.assert_array_equal(np.asarray(light[key]), np.asarray(default[key]))
         print("JAX OK")
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "JAX OK" in proc.stdout, proc.stderr[-3000:]
+    _run_on_jax(script, "JAX OK")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
@@ -410,8 +403,4 @@ def test_jax_traces_the_statistics_without_nested_functions_and_the_same_values(
             np.testing.assert_array_equal(np.asarray(inlined[key]), np.asarray(plain[key]))
         print("INLINED OK")
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "INLINED OK" in proc.stdout, proc.stderr[-3000:]
+    _run_on_jax(script, "INLINED OK")
