@@ -24,6 +24,11 @@ def reference_model(name: str) -> tuple[keras.Model, Recipe]:
     return model, recipe
 
 
+def keras_label() -> str:
+    """ "keras 3.15.1 (jax)": the version and backend each benchmark's header names."""
+    return f"keras {keras.__version__} ({keras.backend.backend()})"
+
+
 def cifar_like(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     return rng.random((n, 32, 32, 3), dtype=np.float32), rng.integers(0, 10, n)

@@ -16,7 +16,7 @@ import time
 
 import keras
 
-from _common import cifar_like
+from _common import cifar_like, keras_label
 from icsviz.capture.layers import select_layers
 from icsviz.capture.program import CaptureProgram
 from icsviz.capture.stats import CaptureOptions
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["baseline", "bn"])
     args = parser.parse_args()
     x, y = cifar_like(args.probe)
-    print(f"icsviz capture cost: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})")
+    print(f"icsviz capture cost: probe {args.probe}, {keras_label()}")
     for name in args.models:
         measure(name, x, y, args.repeats)
 

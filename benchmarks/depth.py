@@ -46,7 +46,7 @@ import numpy as np
 import per_step
 from compile_options import OPTION_SETS
 
-from _common import TimedCallback, cifar_like, wait_for_device
+from _common import TimedCallback, cifar_like, keras_label, wait_for_device
 from icsviz import ICSCallback
 from icsviz.capture import backend
 from icsviz.capture.write_queue import WriteQueue
@@ -283,9 +283,7 @@ def main() -> None:
     if args.gpu_options:
         backend._GPU_COMPILER_OPTIONS = dict(OPTION_SETS[args.gpu_options])
         print(f"capture compiled on a GPU with {args.gpu_options}: {backend._GPU_COMPILER_OPTIONS}")
-    print(
-        f"icsviz capture cost vs depth: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})"
-    )
+    print(f"icsviz capture cost vs depth: probe {args.probe}, {keras_label()}")
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
@@ -295,7 +293,7 @@ def main() -> None:
                 if args.per_step_pairs
                 else float("nan")
             )
-    print(f"\nkeras {keras.__version__} ({keras.backend.backend()}), probe {args.probe}:")
+    print(f"\n{keras_label()}, probe {args.probe}:")
     print(table(rows))
 
 

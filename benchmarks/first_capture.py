@@ -7,7 +7,8 @@ For each model (as in depth.py), in one process: Keras's own first training step
 on JAX, compiling the train function), then the capture program's tracing (TensorFlow: the
 graph and its op count; JAX: tracing and lowering, and the kernels XLA made of it), its
 first run (TensorFlow: the function's instantiation, which is where Grappler would rewrite
-it; JAX: XLA's compilation, then the run), and the median of later runs. The file is not created here (`depth.py` counts it).
+it; JAX: XLA's compilation, then the run), and the median of later runs. The file is not
+created here (`depth.py` counts it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 import keras
 from depth import make
 
+from _common import keras_label
 from icsviz.capture import backend
 from icsviz.capture.layers import select_layers
 from icsviz.capture.program import CaptureProgram
@@ -77,7 +79,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["baseline", "bn", "mobilenetv2"])
     parser.add_argument("--probe", type=int, default=64)
     args = parser.parse_args()
-    print(f"icsviz first capture: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})")
+    print(f"icsviz first capture: probe {args.probe}, {keras_label()}")
     for name in args.models:
         measure(name, args.probe)
 

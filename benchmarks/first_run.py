@@ -79,13 +79,9 @@ def main() -> None:
         name, order, probe, folder = args.child
         child(name, order, int(probe), folder)
         return
-    import keras
+    from _common import keras_label
 
-    print(
-        f"first run from outside, fresh processes: probe {args.probe}, keras {keras.__version__} "
-        f"({keras.backend.backend()})",
-        flush=True,
-    )
+    print(f"first run from outside, fresh processes: probe {args.probe}, {keras_label()}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             times: dict[str, list[float]] = {order: [] for order in ("none", *args.orders)}

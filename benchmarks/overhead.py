@@ -31,9 +31,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import keras
-
-from _common import EpochTimer, TimedCallback, cifar_like, reference_model
+from _common import EpochTimer, TimedCallback, cifar_like, keras_label, reference_model
 from icsviz import ICSCallback
 
 
@@ -101,8 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     x, y = cifar_like(args.images)
     print(
-        f"icsviz overhead: {args.images} CIFAR-shaped images per epoch, probe {args.probe}, "
-        f"keras {keras.__version__} ({keras.backend.backend()})",
+        f"icsviz overhead: {args.images} CIFAR-shaped images per epoch, probe {args.probe}, {keras_label()}",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,7 +44,7 @@ from unittest import mock
 import keras
 import numpy as np
 
-from _common import EpochTimer, TimedCallback, cifar_like, reference_model
+from _common import EpochTimer, TimedCallback, cifar_like, keras_label, reference_model
 from icsviz import ICSCallback
 from icsviz.capture import batch_stats
 from icsviz.train import RECIPES, Recipe
@@ -198,9 +198,7 @@ def main() -> None:
         help="a third fit per round with the statistics kernels left out (what the machinery costs)",
     )
     args = parser.parse_args()
-    print(
-        f"icsviz per-step mode: {args.images} images, keras {keras.__version__} ({keras.backend.backend()})"
-    )
+    print(f"icsviz per-step mode: {args.images} images, {keras_label()}")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             x, y = data_for(name, args.images)

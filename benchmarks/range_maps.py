@@ -17,6 +17,7 @@ import time
 import keras
 from depth import make
 
+from _common import keras_label
 from icsviz.capture import batched
 from icsviz.capture.layers import select_layers
 from icsviz.capture.program import CaptureProgram
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--probe", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=25)
     args = parser.parse_args()
-    print(f"icsviz range maps: probe {args.probe}, keras {keras.__version__} ({keras.backend.backend()})")
+    print(f"icsviz range maps: probe {args.probe}, {keras_label()}")
     for name in args.models:
         measure(name, args.probe, args.rounds)
 

@@ -30,6 +30,7 @@ import keras
 import numpy as np
 from depth import make
 
+from _common import keras_label
 from icsviz.capture.layers import select_layers
 from icsviz.capture.program import CaptureProgram
 from icsviz.capture.stats import CaptureOptions
@@ -126,7 +127,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["bn", "mobilenetv2"])
     parser.add_argument("--captures", type=int, default=100)
     args = parser.parse_args()
-    print(f"icsviz capture writes: keras {keras.__version__} ({keras.backend.backend()})")
+    print(f"icsviz capture writes: {keras_label()}")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             measure(name, args.captures, Path(folder))
