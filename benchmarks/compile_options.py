@@ -23,12 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# Named sets of XLA debug options (jax.jit's compiler_options). `level1` is what icsviz uses on
-# a CPU; the GPU ones trade autotuning (convolution algorithms timed at compile time, Triton
-# GEMM variants) for a shorter compile.
+# Named sets of XLA debug options (jax.jit's compiler_options). `icsviz_cpu` is what icsviz uses
+# on a CPU (LLVM level 1, XLA's older emitters for fused kernels); the GPU ones trade autotuning
+# (convolution algorithms timed at compile time, Triton GEMM variants) for a shorter compile.
 OPTION_SETS: dict[str, dict[str, object]] = {
     "default": {},
     "level1": {"xla_backend_optimization_level": 1},
+    "no_fusion_emitters": {"xla_cpu_use_fusion_emitters": False},
+    "icsviz_cpu": {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": False},
     "autotune0": {"xla_gpu_autotune_level": 0},
     "autotune0_notriton": {"xla_gpu_autotune_level": 0, "xla_gpu_enable_triton_gemm": False},
     "notriton": {"xla_gpu_enable_triton_gemm": False},
@@ -105,7 +107,9 @@ def main() -> None:
     import jax
 
     gpu = jax.default_backend() != "cpu"
-    sets = args.sets or (["default", "autotune0", "level1", "fast"] if gpu else ["default", "level1"])
+    sets = args.sets or (
+        ["default", "autotune0", "level1", "fast"] if gpu else ["default", "level1", "icsviz_cpu"]
+    )
     print(
         f"capture compile options, JAX {jax.__version__} on {jax.devices()[0].device_kind}, probe {args.probe}"
     )

@@ -48,11 +48,11 @@ def test_compile_options_compiles_the_capture_and_compares_its_values() -> None:
         "--runs",
         "1",
         "--sets",
-        "level1",
+        "icsviz_cpu",
         "default",
         backend="jax",
     )
     lines = [line for line in out.splitlines() if line.startswith("baseline")]
     assert len(lines) == 2, out
-    differences = [float(re.search(r"from level1: ([\d.e+-]+)", line).group(1)) for line in lines]
+    differences = [float(re.search(r"from icsviz_cpu: ([\d.e+-]+)", line).group(1)) for line in lines]
     assert differences[0] == 0.0 and differences[1] < 1e-5, lines

@@ -151,7 +151,18 @@ def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
 # the compiled capture ran as fast (`python benchmarks/first_capture.py` on JAX). Activation
 # statistics are bit for bit the same; gradient norms can differ in the last bits (2.4e-7 on the
 # BN CNN), as between any two compilations of a backward pass.
-_CPU_COMPILER_OPTIONS: dict[str, Any] = {"xla_backend_optimization_level": 1}
+#
+# And with XLA's older emitters for fused kernels (`xla_cpu_use_fusion_emitters` off), which
+# generate code for the same fusions faster than its newer MLIR ones. Compiling the capture, one process each (`compile_options.py`, level 1
+# alone -> both): reference CNN 1.7 -> 0.9 s, BN CNN 2.0 -> 1.2 s, MobileNetV2 7.4 -> 5.8 s (its
+# CPU time 13.6 -> 10 s on two cores); the compiled captures ran as fast, alternated in one
+# process (ratios 0.98-1.02), with the same histogram counts and other results within float32
+# rounding (1.6e-7 of their magnitude).
+# A JAX that no longer knows an option compiles without it (`_known_options`).
+_CPU_COMPILER_OPTIONS: dict[str, Any] = {
+    "xla_backend_optimization_level": 1,
+    "xla_cpu_use_fusion_emitters": False,
+}
 # GPUs keep XLA's default. On an H100 (`benchmarks/compile_options.py`) level 1 compiled no faster
 # (BN CNN 5.9 s against 5.6 s); autotuning off halved the compile (MobileNetV2 31.7 -> 13.8 s) but
 # made every capture 2.4-10x slower (8.3 -> 20.1 ms; BN 2.3 -> 24.5 ms), and a run pays the first
@@ -183,13 +194,42 @@ def compiles_after_first_step() -> bool:
 
 
 def _jax_jit(jax: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = _CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else _GPU_COMPILER_OPTIONS
+    cpu = jax.default_backend() == "cpu"
+    options = _known_options(jax, _CPU_COMPILER_OPTIONS if cpu else _GPU_COMPILER_OPTIONS)
     if not options:
         return jax.jit(fn)
     try:
         return jax.jit(fn, compiler_options=options)
     except TypeError:  # a JAX without per-function compiler options
         return jax.jit(fn)
+
+
+_KNOWN_OPTIONS: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
+
+
+def _known_options(jax: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` less those this JAX's XLA does not know (it rejects an unknown option when it
+    compiles; these are XLA debug options, which come and go between releases). Tried once per
+    process on a function of one scalar (milliseconds): all together, then one by one."""
+    key = tuple(sorted(options.items()))
+    known = _KNOWN_OPTIONS.get(key)
+    if known is None:
+        if _compiles_with(jax, options):
+            known = dict(options)
+        else:
+            known = {
+                option: value for option, value in options.items() if _compiles_with(jax, {option: value})
+            }
+        _KNOWN_OPTIONS[key] = known
+    return known
+
+
+def _compiles_with(jax: Any, options: dict[str, Any]) -> bool:
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+    except Exception:  # noqa: BLE001 - an unknown option (or a JAX without per-function options)
+        return False
+    return True
 
 
 def _lightly_optimized(compiled: Callable[..., Any]) -> Callable[..., Any]:
