@@ -91,7 +91,7 @@ def test_tensors_are_grouped_by_the_shape_of_their_budgeted_values() -> None:
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("max_values", [None, 16], ids=["whole", "budget-cut"])
-def test_a_layer_with_nan_is_flagged_and_the_others_still_measured(max_values, value) -> None:
+def test_a_layer_with_nan_or_inf_is_flagged_and_the_others_still_measured(max_values, value) -> None:
     options = CaptureOptions(max_values=max_values)  # 16: two of the eight rows kept
     good = np.linspace(-1, 1, 64, dtype="float32").reshape(8, 8)
     bad = good.copy()

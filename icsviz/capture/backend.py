@@ -153,12 +153,12 @@ def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:
 # BN CNN), as between any two compilations of a backward pass.
 #
 # And with XLA's older emitters for fused kernels (`xla_cpu_use_fusion_emitters` off), which
-# generate code for the same fusions faster than its newer MLIR ones. Compiling the capture, one process each (`compile_options.py`, level 1
-# alone -> both): reference CNN 1.7 -> 0.9 s, BN CNN 2.0 -> 1.2 s, MobileNetV2 7.4 -> 5.8 s (its
-# CPU time 13.6 -> 10 s on two cores); the compiled captures ran as fast, alternated in one
-# process (ratios 0.98-1.02), with the same histogram counts and other results within float32
-# rounding (1.6e-7 of their magnitude).
-# A JAX that no longer knows an option compiles without it (`_known_options`).
+# generate code for the same fusions faster than its newer MLIR ones. Compiling the capture, one
+# process each (`compile_options.py`, level 1 alone -> both): reference CNN 1.7 -> 0.9 s, BN CNN
+# 2.0 -> 1.2 s, MobileNetV2 7.4 -> 5.8 s (its CPU time 13.6 -> 10 s on two cores); the compiled
+# captures ran as fast, alternated in one process (ratios 0.98-1.02), with the same histogram
+# counts and other results within float32 rounding (1.6e-7 of their magnitude). A JAX that no
+# longer knows an option compiles without it (`_known_options`).
 _CPU_COMPILER_OPTIONS: dict[str, Any] = {
     "xla_backend_optimization_level": 1,
     "xla_cpu_use_fusion_emitters": False,
