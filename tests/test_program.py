@@ -57,6 +57,29 @@ def test_dyadic_grid_covers_range_with_power_of_two_width(low, span, bins) -> No
     assert width <= 4 * max(span / bins, max(abs(low), abs(high)) * 2.0**-24, 2.0**-100)
 
 
+def test_the_device_grid_is_numpys_in_float64_constant_layers_included() -> None:
+    """`dyadic_grid` (keras.ops, in the capture) against `dyadic_grid_np`: the same first edges
+    and widths, bit for bit, in float64. A constant layer's grid is narrower than float32 can
+    resolve around its value (Keras 3.15's torch floor, ceil and maximum of float64 were float32:
+    every edge came out 2.5)."""
+    from icsviz.capture import backend
+    from icsviz.capture.stats import dyadic_grid, dyadic_grid_np
+
+    low = np.asarray([2.5, 0.0, -1.0, 1e-30, -3e5, 7.0, 1000.0], "float32")
+    high = np.asarray([2.5, 0.0, 3.0, 2e-30, 4e5, 7.0 + 2**-20, 1000.5], "float32")
+    first, width = dyadic_grid(keras.ops.convert_to_tensor(low), keras.ops.convert_to_tensor(high), 64)
+    first, width = keras.ops.convert_to_numpy(first), keras.ops.convert_to_numpy(width)
+    expected_first, expected_width = dyadic_grid_np(low, high, 64)
+    assert first.dtype == np.dtype(backend.wide_float()) == width.dtype
+    if first.dtype == np.float64:
+        np.testing.assert_array_equal(first, expected_first)
+        np.testing.assert_array_equal(width, expected_width)
+        edges = first[0] + width[0] * np.arange(65)
+        assert np.all(np.diff(edges) > 0)  # 65 distinct edges around a constant 2.5
+    else:  # JAX without x64: the grid in float32, as documented
+        np.testing.assert_allclose(width, expected_width, rtol=0)
+
+
 def test_statistics_match_numpy() -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(3.0, 2.0, size=(256, 6)).astype("float32")

@@ -28,6 +28,8 @@ __all__ = [
     "isolated_rng",
     "inlined_calls",
     "to_numpy",
+    "floor",
+    "ceil",
     "gather",
     "detached",
 ]
@@ -46,6 +48,26 @@ def wide_float() -> str:
 
         return "float64" if jax.config.jax_enable_x64 else "float32"
     return "float64"
+
+
+def floor(x: Any) -> Any:
+    """`keras.ops.floor` in `x`'s own float dtype: Keras 3.15's torch backend computes floor and
+    ceil of a float64 tensor in float32 (its dtype promotion does not know torch's dtypes), which
+    collapsed the histogram grid of a constant layer to one edge (`stats.dyadic_grid`)."""
+    if name() == "torch":
+        import torch
+
+        return torch.floor(x)
+    return keras.ops.floor(x)
+
+
+def ceil(x: Any) -> Any:
+    """`keras.ops.ceil` in `x`'s own float dtype (see `floor`)."""
+    if name() == "torch":
+        import torch
+
+        return torch.ceil(x)
+    return keras.ops.ceil(x)
 
 
 def gather(values: Any, indices: Any, axis: int = 0) -> Any:

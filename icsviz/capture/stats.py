@@ -206,15 +206,20 @@ def dyadic_bin_width(low: float, high: float, bins: int) -> tuple[float, float]:
 
 def dyadic_grid(low: Any, high: Any, bins: int) -> tuple[Any, Any]:
     low64, high64 = ops.cast(low, backend.wide_float()), ops.cast(high, backend.wide_float())
-    span = ops.maximum(
-        high64 - low64,
-        ops.maximum(ops.maximum(ops.abs(low64), ops.abs(high64)) * 2.0**-24, 2.0**-100),
+    # maxima as `where` and floor/ceil from `backend`: on torch Keras's own computed them in float32
+    magnitude = _larger(
+        _larger(ops.abs(low64), ops.abs(high64)) * 2.0**-24, ops.zeros_like(low64) + 2.0**-100
     )
-    width = ops.power(2.0, ops.ceil(ops.log2(span / bins)))
+    span = _larger(high64 - low64, magnitude)
+    width = ops.power(2.0, backend.ceil(ops.log2(span / bins)))
     for _ in range(2):  # a range straddling grid lines can need two doublings when bins == 2
-        too_many = (ops.floor(high64 / width) - _grid_floor_op(low64, width) / width) >= bins
+        too_many = (backend.floor(high64 / width) - _grid_floor_op(low64, width) / width) >= bins
         width = ops.where(too_many, width * 2.0, width)
     return _grid_floor_op(low64, width), width
+
+
+def _larger(a: Any, b: Any) -> Any:
+    return ops.where(a >= b, a, b)
 
 
 def dyadic_grid_np(low: np.ndarray, high: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +243,7 @@ def _grid_floor_np(value: np.ndarray, width: np.ndarray) -> np.ndarray:
 
 
 def _grid_floor_op(value: Any, width: Any) -> Any:
-    first = ops.floor(value / width) * width
+    first = backend.floor(value / width) * width
     return ops.where(first > value, first - width, first)
 
 
