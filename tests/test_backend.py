@@ -372,6 +372,9 @@ def test_jax_compiles_without_the_options_its_xla_does_not_know() -> None:
         wanted = {"xla_backend_optimization_level": 1, "xla_no_such_option_in_any_release": True}
         assert backend._known_options(jax, wanted) == {"xla_backend_optimization_level": 1}
         assert backend._known_options(jax, {"xla_no_such_option_in_any_release": 1}) == {}
+        compiles = []
+        backend._compiles_with = lambda jax, options: compiles.append(options) or True
+        assert backend._known_options(jax, {}) == {} and compiles == []  # a GPU's: nothing compiled
         backend._CPU_COMPILER_OPTIONS = wanted
         compiled = backend.compile_function(lambda x: x * 2.0)
         assert float(compiled(np.float32(3.0))) == 6.0

@@ -233,6 +233,8 @@ def _known_options(jax: Any, options: dict[str, Any]) -> dict[str, Any]:
     """`options` less those this JAX's XLA does not know (it rejects an unknown option when it
     compiles; these are XLA debug options, which come and go between releases). Tried once per
     process on a function of one scalar (milliseconds): all together, then one by one."""
+    if not options:  # nothing to try (XLA's defaults: a GPU)
+        return {}
     key = tuple(sorted(options.items()))
     known = _KNOWN_OPTIONS.get(key)
     if known is None:
