@@ -126,7 +126,7 @@ def test_sequential_schedule_history_and_gradients(tmp_path) -> None:
         acts = run.activations("r1")
         assert (acts.counts.sum(1) == 32 * 8).all()
         assert (acts.min >= 0).all() and (acts.zero_frac > 0).all()  # ReLU outputs
-        assert run.attrs["model_name"] == "seq" and run.attrs["backend"] == "tensorflow"
+        assert run.attrs["model_name"] == "seq" and run.attrs["backend"] == keras.backend.backend()
 
 
 def test_functional_residual_block(tmp_path) -> None:
@@ -392,6 +392,10 @@ def test_the_same_callback_on_another_model_is_refused_and_its_run_kept(tmp_path
         assert run.attrs["model_name"] == "seq" and run.num_captures == 2 and run.status == "complete"
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="at lr 1e12 JAX's and torch's softmax crossentropy saturate to a finite loss instead of NaN",
+)
 def test_diverging_run_counts_nonfinite_values_and_keeps_training(tmp_path) -> None:
     path = tmp_path / "nan.h5"
     model = sequential()
@@ -408,12 +412,11 @@ def test_diverging_run_counts_nonfinite_values_and_keeps_training(tmp_path) -> N
 def test_a_failure_inside_capture_warns_and_training_goes_on(tmp_path, monkeypatch) -> None:
     from icsviz.capture.program import CaptureProgram
 
-    calls = {"n": 0}
     original = CaptureProgram.measure
 
     def flaky(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
+        # The first epoch's capture fails (on JAX the start's goes through measure_in_background).
+        if kwargs["kind"] == "epoch":
             raise RuntimeError("simulated capture bug")
         return original(self, *args, **kwargs)
 

@@ -87,6 +87,9 @@ class _Ragged(keras.layers.Layer):
         return (None,)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="the unmeasurable layer is a tf.boolean_mask"
+)
 def test_a_layer_that_cannot_be_intercepted_or_measured_costs_only_itself(tmp_path: Path) -> None:
     keras.utils.set_random_seed(0)
 
