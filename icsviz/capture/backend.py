@@ -217,13 +217,9 @@ def compiles_after_first_step() -> bool:
 
 def _jax_jit(jax: Any, fn: Callable[..., Any]) -> Callable[..., Any]:
     cpu = jax.default_backend() == "cpu"
+    # Empty where this JAX has no per-function compiler options: `_known_options` tried them.
     options = _known_options(jax, _CPU_COMPILER_OPTIONS if cpu else _GPU_COMPILER_OPTIONS)
-    if not options:
-        return jax.jit(fn)
-    try:
-        return jax.jit(fn, compiler_options=options)
-    except TypeError:  # a JAX without per-function compiler options
-        return jax.jit(fn)
+    return jax.jit(fn, compiler_options=options) if options else jax.jit(fn)
 
 
 _KNOWN_OPTIONS: dict[tuple[tuple[str, Any], ...], dict[str, Any]] = {}
