@@ -15,6 +15,12 @@ from icsviz.capture.layers import select_layers
 from icsviz.capture.program import CaptureProgram
 from icsviz.capture.stats import CaptureOptions, dyadic_bin_width
 
+# Tests whose expected values come from TensorFlow's own gradient tape.
+TAPE_REFERENCE = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="the reference gradients come from a tf.GradientTape over the model",
+)
+
 
 def identity_model(units: int) -> keras.Model:
     """A linear Activation: its output is exactly its input, NaN and Inf included."""
@@ -191,10 +197,7 @@ def small_classifier() -> keras.Model:
     return model
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="the reference gradients come from a tf.GradientTape over the model",
-)
+@TAPE_REFERENCE
 def test_gradient_norms_match_gradient_tape_and_model_is_untouched() -> None:
     model = small_classifier()
     rng = np.random.default_rng(4)
@@ -355,10 +358,7 @@ def test_a_model_without_trainable_variables_is_captured(backend: str) -> None:
     _on_backend(backend, _FROZEN_SCRIPT, "FROZEN OK")
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow",
-    reason="the reference gradients come from a tf.GradientTape over the model",
-)
+@TAPE_REFERENCE
 def test_gradient_shift_matches_a_hand_computed_step() -> None:
     model = small_classifier()
     rng = np.random.default_rng(5)
