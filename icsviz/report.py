@@ -70,6 +70,9 @@ def drift_reading(runs: Runs) -> list[str]:
     sentences = []
     first = labels[0]
     for other in labels[1:]:
+        if not analysis.same_depth({first: runs[first], other: runs[other]}):
+            sentences.append(_unpaired_reading(first, runs[first], other, runs[other]))
+            continue
         pairs = dict(analysis.pair_layers({first: runs[first], other: runs[other]}, by="role"))
         comparison = analysis.compare_runs(runs[first], runs[other])
         ranked = [
@@ -101,6 +104,19 @@ def drift_reading(runs: Runs) -> list[str]:
             f"{int(np.sum(ratios > 1))} of {len(ratios)} drifted more in {html.escape(first)}."
         )
     return sentences
+
+
+def _unpaired_reading(first: str, a: Run, other: str, b: Run) -> str:
+    """The drift reading of two runs of different depths: no layer of one is the other's
+    counterpart, so each run's median drift score."""
+    counts = [len(analysis.nonlinearity_inputs(run)) for run in (a, b)]
+    medians = [analysis.run_drift_score(run) for run in (a, b)]
+    return (
+        f"{html.escape(first)} and {html.escape(other)} have {counts[0]} and {counts[1]} nonlinearities, "
+        "so no layer of one is paired with a layer of the other; the median "
+        f"<a href='#drift-score'>drift score</a> of the inputs of their nonlinearities is {medians[0]:.3g} "
+        f"for {html.escape(first)} and {medians[1]:.3g} for {html.escape(other)}."
+    )
 
 
 def _figure_html(fig: plt.Figure, caption: str) -> str:

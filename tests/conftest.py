@@ -132,3 +132,29 @@ def diverging_run(path: Path, *, bad_from: int = 3, captures: int = 6, epochs: i
         for epoch in range(epochs):
             w.write_epoch(epoch, {"loss": float("nan") if epoch >= 1 else 1.0, "val_accuracy": 0.5})
     return path
+
+
+@pytest.fixture(scope="module")
+def different_depths(tmp_path_factory):
+    """Two trained runs of different depths, {"deep": run, "shallow": run}: MLPs with two ReLU
+    layers and with one (fused activations, so each also records its pre-activations)."""
+    import keras
+
+    from icsviz import ICSCallback
+
+    folder = tmp_path_factory.mktemp("depths")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(128, 6)).astype("float32"), rng.integers(0, 3, 128)
+    for name, widths in (("deep", (16, 16)), ("shallow", (16,))):
+        keras.utils.set_random_seed(0)
+        layers = [keras.layers.Dense(w, activation="relu", name=f"hidden{i}") for i, w in enumerate(widths)]
+        model = keras.Sequential(
+            [keras.Input((6,)), *layers, keras.layers.Dense(3, activation="softmax", name="out")]
+        )
+        model.compile(keras.optimizers.SGD(0.5), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        callback = ICSCallback(folder / f"{name}.h5", probe=(x[:64], y[:64]))
+        model.fit(x, y, validation_split=0.25, epochs=3, verbose=0, callbacks=[callback])
+    runs = {name: open_run(folder / f"{name}.h5") for name in ("deep", "shallow")}
+    yield runs
+    for run in runs.values():
+        run.close()

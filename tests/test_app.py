@@ -93,7 +93,7 @@ def test_default_view_shows_the_shipped_pair(shipped) -> None:
     a, b, ratio = comparison[telling]
     headline = " ".join(shown(m.value) for m in at.markdown)
     assert f"The {telling} drifted {ratio:.1f}x further" in headline
-    assert f"{a:.2f} for cifar10-baseline's" in headline and f"{b:.2f} for cifar10-bn's" in headline
+    assert f"{a:.3g} for cifar10-baseline's" in headline and f"{b:.3g} for cifar10-bn's" in headline
     assert "best validation accuracy" in headline
     # Beside it, the drift score of every nonlinearity's input, runs side by side in model order.
     bars = frames_with(at, "run", "role", "layer", "order", "score")[0]
@@ -109,6 +109,26 @@ def test_default_view_shows_the_shipped_pair(shipped) -> None:
         "fc1_relu",
         "logits_softmax",
     ]
+
+
+def test_runs_of_different_depths_are_compared_without_pairing_their_layers(
+    different_depths, tmp_path
+) -> None:
+    for label, run in different_depths.items():
+        shutil.copy(run.path, tmp_path / f"{label}.h5")
+    at = app_for(tmp_path).run()
+    assert not at.exception, [e.value for e in at.exception]
+    medians = {label: analysis.run_drift_score(run) for label, run in different_depths.items()}
+    headline = " ".join(shown(m.value) for m in at.markdown)
+    assert "deep and shallow have 3 and 2 nonlinearities, so no layer of one is paired" in headline
+    assert f"{medians['deep']:.3g} for deep and {medians['shallow']:.3g} for shallow" in headline
+    # No role in the layer list: the layers by their own names only.
+    options = at.sidebar.selectbox(key="layer").options
+    assert not any(option.startswith("input of") for option in options)
+    dots = frames_with(at, "run", "role", "layer", "order", "score")[0]
+    assert sorted(dots[dots["run"] == "deep"]["role"]) == ["1", "2", "3"]
+    specs = [el.proto.spec for el in at.get("vega_lite_chart")]
+    assert any("not paired: the runs differ in depth" in spec for spec in specs)
 
 
 def test_a_role_shows_each_run_its_own_tensor(shipped) -> None:

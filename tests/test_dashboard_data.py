@@ -92,3 +92,36 @@ def test_histogram_leaves_exact_zeros_out_and_reports_them() -> None:
     assert mass.sum() == pytest.approx(1.0)
     # With the zeros in, the bin at 0 alone would hold more than half of everything.
     assert mass[0] < 0.5 < dead
+
+
+def test_runs_of_different_depths_are_not_paired_by_role(different_depths) -> None:
+    from icsviz import analysis
+
+    runs = different_depths
+    assert [len(analysis.nonlinearity_inputs(run)) for run in runs.values()] == [3, 2]
+    # The k-th nonlinearity of one is no counterpart of the other's: no role pairs, and the
+    # headline compares each run's median drift score (the sweep table's) instead of layers.
+    assert data.role_pairs(runs) == []
+    scores = data.drift_scores(runs)
+    sentence, telling = data.headline(runs, scores)
+    medians = {label: analysis.run_drift_score(run) for label, run in runs.items()}
+    assert telling is None
+    assert sentence.startswith("deep and shallow have 3 and 2 nonlinearities, so no layer of one is paired")
+    assert f"{medians['deep']:.3g} for deep and {medians['shallow']:.3g} for shallow" in sentence
+    best = {label: np.nanmax(run.history["val_accuracy"]) for label, run in runs.items()}
+    assert f"best validation accuracy: deep {best['deep']:.1%}, shallow {best['shallow']:.1%}." in sentence
+    # The chart puts each run's own k-th nonlinearity input at k, named in the tooltip.
+    frame = data.role_drift_frame(runs, [], scores)
+    shallow = frame[frame["run"] == "shallow"].sort_values("order")
+    assert list(shallow["role"]) == ["1", "2"] and list(shallow["layer"]) == ["hidden0:preact", "out:preact"]
+    assert shallow["score"].iloc[0] == pytest.approx(scores["shallow"]["hidden0:preact"])
+    assert list(frame[frame["run"] == "deep"]["role"]) == ["1", "2", "3"]
+
+
+def test_runs_of_the_same_depth_pair_by_role(different_depths, tmp_path) -> None:
+    runs = different_depths
+    twin = {"deep": runs["deep"], "again": runs["deep"]}
+    pairs = data.role_pairs(twin)
+    assert [role for role, _ in pairs] == ["input of hidden0", "input of hidden1", "input of out"]
+    sentence, telling = data.headline(twin, data.drift_scores(twin))
+    assert telling in dict(pairs) and sentence.startswith(f"The {telling} drifted 1.0x further")

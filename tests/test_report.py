@@ -48,6 +48,17 @@ def test_drift_reading_names_layers_and_ratios(shipped) -> None:
     assert f"{base_score:.2f}" in fc1[0] and f"{bn_score:.2f}" in fc1[0]
 
 
+def test_drift_reading_does_not_pair_runs_of_different_depths(different_depths) -> None:
+    from icsviz.analysis import run_drift_score
+
+    runs = different_depths
+    (sentence,) = drift_reading(runs)
+    deep, shallow = (run_drift_score(runs[label]) for label in ("deep", "shallow"))
+    assert sentence.startswith("deep and shallow have 3 and 2 nonlinearities, so no layer of one is paired")
+    assert f"is {deep:.3g} for deep and {shallow:.3g} for shallow." in sentence
+    assert "further from its start" not in sentence
+
+
 def test_report_is_self_contained_and_escapes_names(shipped, tmp_path) -> None:
     html_text = build_report({"<b>base</b>": shipped["baseline"], "bn": shipped["bn"]}, title="x <script>")
     assert "<script>" not in html_text and "&lt;b&gt;base&lt;/b&gt;" in html_text

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..store.reader import Run
 
-__all__ = ["Role", "nonlinearity_inputs", "pair_layers"]
+__all__ = ["Role", "nonlinearity_inputs", "pair_layers", "same_depth"]
 
 
 @dataclass(frozen=True)
@@ -40,22 +40,33 @@ def nonlinearity_inputs(run: Run) -> list[Role]:
     infos = run.layers
     names = {info.name for info in infos}
     roles: list[Role] = []
+    preactivations: set[str] = set()  # recorded pre-activations, each a role already
     for i, info in enumerate(infos):
         if info.kind == "preactivation":
             roles.append(Role(len(roles) + 1, info.name.split(":preact")[0], info.name))
+            preactivations.add(info.name)
         elif info.kind == "activation":
             feeding = [name for name in info.inputs if name in names]
             source = feeding[0] if feeding else (infos[i - 1].name if i > 0 else None)
-            if source is not None:
+            # A layer with a fused activation (Dense(activation="relu")) is recorded twice, as
+            # its pre-activation and its output: that nonlinearity has its role already.
+            if source is not None and source not in preactivations:
                 roles.append(Role(len(roles) + 1, info.name, source))
     return roles
+
+
+def same_depth(runs: Mapping[str, Run]) -> bool:
+    """Whether every run has as many nonlinearities, as a model and its BatchNormalization twin
+    have. Only then does pairing by role compare like with like: the second nonlinearity of an
+    LSTM model is no counterpart of a CNN's second."""
+    return len({len(nonlinearity_inputs(run)) for run in runs.values()}) <= 1
 
 
 def pair_layers(runs: Mapping[str, Run], by: str = "role") -> list[tuple[str, dict[str, str]]]:
     """Tensors to compare across runs: [(label, {run label: layer name})], in model order.
 
     `by="role"` pairs the inputs of the k-th nonlinearity of every run (runs with a
-    different number of nonlinearities pair up to the shortest); `by="name"` pairs
+    different number of nonlinearities pair up to the shortest: see `same_depth`); `by="name"` pairs
     layers of equal name present in every run.
     """
     if by == "name":

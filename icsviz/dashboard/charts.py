@@ -124,14 +124,19 @@ def metric_title(metric: str) -> str:
     return metric[:1].upper() + metric[1:]
 
 
-def role_drift_chart(df: pd.DataFrame, runs: Sequence[str]) -> Spec:
-    """Drift score of the input of each nonlinearity (model order), runs side by side, log scale."""
+def role_drift_chart(df: pd.DataFrame, runs: Sequence[str], paired: bool = True) -> Spec:
+    """Drift score of the input of each nonlinearity (model order), runs side by side, log scale.
+    `paired`: the runs' nonlinearities are paired by role (named by the first run's); else the
+    k-th of each run stands at k, and the tooltip names its tensor."""
+    x_title = (
+        "nonlinearity" if paired else "k-th nonlinearity of each run (not paired: the runs differ in depth)"
+    )
     return _view(
         "scores",
         df,
         mark={"type": "circle", "size": 110, "opacity": 0.9},  # dots: bars have no baseline on a log scale
         encoding={
-            "x": _n("role", sort={"field": "order"}, title="nonlinearity", axis={"labelAngle": 0}),
+            "x": _n("role", sort={"field": "order"}, title=x_title, axis={"labelAngle": 0}),
             "xOffset": _n("run", sort=list(runs)),
             "y": _q(
                 "score",

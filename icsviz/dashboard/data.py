@@ -90,13 +90,30 @@ class RoleNamed:
 
 
 def role_pairs(runs: Runs) -> list[tuple[str, dict[str, str]]]:
-    """The inputs of the nonlinearities every run has, paired by role (none for one run)."""
-    if len(runs) < 2:
+    """The inputs of the nonlinearities of the runs, paired by role: only for runs with as many
+    nonlinearities each, as a model and its BatchNormalization twin have. The third
+    nonlinearity of an LSTM model is no counterpart of a CNN's third, so runs of different
+    depths are not paired (none either for one run)."""
+    if len(runs) < 2 or not _same_depth(runs):
         return []
     try:
         return analysis.pair_layers(runs, by="role")
     except ICSVizError:
         return []
+
+
+def _nonlinearity_inputs(run: Run) -> list[analysis.Role]:
+    try:
+        return analysis.nonlinearity_inputs(run)
+    except ICSVizError:
+        return []
+
+
+def _same_depth(runs: Runs) -> bool:
+    try:
+        return analysis.same_depth(runs)
+    except ICSVizError:
+        return False
 
 
 def drift_scores(runs: Runs) -> dict[str, dict[str, float]]:
@@ -114,24 +131,22 @@ def drift_scores(runs: Runs) -> dict[str, dict[str, float]]:
 def role_drift_frame(
     runs: Runs, pairs: list[tuple[str, dict[str, str]]], scores_of: dict[str, dict[str, float]] | None = None
 ) -> pd.DataFrame:
-    """The drift score of each run's input of each nonlinearity (the headline's dots)."""
+    """The drift score of each run's input of each nonlinearity (the headline's dots): by role
+    where `pairs` pairs them, else each run's own in model order, "1" for its first."""
     scores_of = drift_scores(runs) if scores_of is None else scores_of
     rows = []
-    for label in runs:
+    for label, run in runs.items():
         scores = scores_of.get(label)
         if scores is None:
             continue
-        for order, (role, names) in enumerate(pairs):
-            layer = names.get(label)
+        if pairs:
+            tensors = [(role.replace("input of ", ""), names.get(label)) for role, names in pairs]
+        else:
+            tensors = [(str(role.index), role.layer) for role in _nonlinearity_inputs(run)]
+        for order, (role, layer) in enumerate(tensors):
             if layer is not None and np.isfinite(scores.get(layer, np.nan)):
                 rows.append(
-                    {
-                        "run": label,
-                        "role": role.replace("input of ", ""),
-                        "layer": layer,
-                        "order": order,
-                        "score": scores[layer],
-                    }
+                    {"run": label, "role": role, "layer": layer, "order": order, "score": scores[layer]}
                 )
     return pd.DataFrame(rows, columns=["run", "role", "layer", "order", "score"])
 
@@ -147,12 +162,15 @@ def headline(runs: Runs, scores_of: dict[str, dict[str, float]] | None = None) -
     if len(labels) < 2:
         return "", None
     first, other = labels[0], labels[1]
-    scores_of = drift_scores({first: runs[first], other: runs[other]}) if scores_of is None else scores_of
-    try:
-        pairs = dict(analysis.pair_layers({first: runs[first], other: runs[other]}))
-    except ICSVizError:
-        return "", None
+    two = {first: runs[first], other: runs[other]}
+    scores_of = drift_scores(two) if scores_of is None else scores_of
     if first not in scores_of or other not in scores_of:
+        return "", None
+    if not _same_depth(two):
+        return _unpaired_headline(two, scores_of), None
+    try:
+        pairs = dict(analysis.pair_layers(two))
+    except ICSVizError:
         return "", None
     comparison = analysis.compare_scores(
         scores_of[first],
@@ -167,19 +185,38 @@ def headline(runs: Runs, scores_of: dict[str, dict[str, float]] | None = None) -
     more, less, factor = (first, other, ratio) if ratio >= 1 else (other, first, 1 / ratio)
     sentence = (
         f"The {role} drifted {factor:.1f}x further from where it started in {more} than in {less} "
-        f"(drift score {a:.2f} for {first}'s {names[first]}, {b:.2f} for {other}'s {names[other]})"
+        f"(drift score {a:.3g} for {first}'s {names[first]}, {b:.3g} for {other}'s {names[other]})"
     )
+    return sentence + _accuracy_clause(two) + ".", role
+
+
+def _unpaired_headline(runs: Runs, scores_of: Mapping[str, Mapping[str, float]]) -> str:
+    """The headline for two runs of different depths: each run's median drift score (the
+    sweep table's), since no layer of one is the counterpart of a layer of the other."""
+    (first, a), (other, b) = runs.items()
+    median = {label: analysis.run_drift_score(run, scores=scores_of[label]) for label, run in runs.items()}
+    if not all(np.isfinite(v) for v in median.values()):
+        return ""
+    counts = [len(_nonlinearity_inputs(run)) for run in (a, b)]
+    sentence = (
+        f"{first} and {other} have {counts[0]} and {counts[1]} nonlinearities, so no layer of one is "
+        f"paired with a layer of the other; the median drift score of the inputs of their "
+        f"nonlinearities is {median[first]:.3g} for {first} and {median[other]:.3g} for {other}"
+    )
+    return sentence + _accuracy_clause(runs) + "."
+
+
+def _accuracy_clause(runs: Runs) -> str:
+    """The headline's "; best validation accuracy: a 57.7%, b 74.5%" (empty unless every run has it)."""
     accuracy = []
-    for label in (first, other):
+    for label, run in runs.items():
         try:
-            values = runs[label].history.get("val_accuracy")
+            values = run.history.get("val_accuracy")
         except ICSVizError:
             values = None
         if values is not None and np.isfinite(values).any():
             accuracy.append(f"{label} {np.nanmax(values):.1%}")
-    if len(accuracy) == 2:
-        sentence += f"; best validation accuracy: {accuracy[0]}, {accuracy[1]}"
-    return sentence + ".", role
+    return f"; best validation accuracy: {', '.join(accuracy)}" if len(accuracy) == len(runs) else ""
 
 
 def _frame(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:

@@ -152,7 +152,7 @@ def main_area(
     if sentence:
         st.markdown(f"**{page.plain(sentence)}**")
         if not overview["role_drift"].empty:
-            page.draw(charts.role_drift_chart, overview["role_drift"], labels)
+            page.draw(charts.role_drift_chart, overview["role_drift"], labels, bool(overview["roles"]))
     epoch = _capture_control(overview["epochs"])
     page.training_curves(keys, labels, epoch)
     # Only the open tab runs (a new layer redraws one tab, not four); opening another reruns.

@@ -106,8 +106,9 @@ def _input_drift(keys: Sequence[Key], labels: Sequence[str]) -> dict[str, dict[s
 def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
     def build(runs: dict) -> dict[str, Any]:
         roles = data.role_pairs(runs)
-        scores = _input_drift(keys, labels) if roles else {}
-        if roles and len(scores) < len(labels):
+        compared = len(labels) > 1  # the headline and its chart compare runs, paired or not
+        scores = _input_drift(keys, labels) if compared else {}
+        if compared and len(scores) < len(labels):
             scores = data.drift_scores(runs)
         return {
             "layers": data.layer_union(runs),
