@@ -360,6 +360,36 @@ def test_a_diverged_run_says_where_it_diverged_and_the_page_keeps_working(shippe
         "is NaN/Inf from epoch 2; its charts end there."
     ]
     assert frames_with(at, "run", "metric", "split", "value")  # the curves are still drawn
+    at = open_tab(at, "Gradients")
+    assert not at.exception, [e.value for e in at.exception]
+    gradient_titles = [
+        t for el in at.get("vega_lite_chart") for t in re.findall(r'"title": "([^"]+)"', el.proto.spec)
+    ]
+    assert "nan: gradient norm" in gradient_titles and "cifar10-baseline: update ratio" in gradient_titles
+
+
+def test_a_run_of_one_capture_draws_its_gradient_norms_and_says_it_has_no_update_yet(tmp_path) -> None:
+    from conftest import tiny_capture, tiny_layout
+    from icsviz.store.writer import RunWriter
+
+    layout = tiny_layout()
+    capture = tiny_capture(layout, 4, kind="start")
+    capture.update_ratio[:] = np.nan  # no capture before it: no update to measure
+    with RunWriter.create(tmp_path / "one.h5", layout, {"run_name": "one"}) as writer:
+        writer.write_capture(capture)
+        writer.write_epoch(0, {"loss": 1.0})
+    at = open_tab(app_for(tmp_path).run(), "Gradients")
+    assert not at.exception, [e.value for e in at.exception]
+    (norms,) = frames_with(at, "layer", "epoch", "grad_norm")
+    # Per layer, its variables together: each variable's norm is 0.5 * step 4.
+    per_layer = {v.layer: 0 for v in layout.variables}
+    for v in layout.variables:
+        per_layer[v.layer] += 1
+    expected = {layer: 2.0 * np.sqrt(count) for layer, count in per_layer.items()}
+    assert dict(zip(norms["layer"], norms["grad_norm"])) == pytest.approx(expected)
+    assert [shown(c.value) for c in at.caption if "nothing to draw" in c.value] == [
+        "one: no finite, positive update ratio recorded, nothing to draw."
+    ]
 
 
 def test_per_step_runs_show_the_bands_of_every_training_batch(tmp_path) -> None:

@@ -128,3 +128,26 @@ def test_curves_leave_out_a_metric_no_run_recorded() -> None:
     both = pd.concat([frame, frame.assign(metric="accuracy"), frame.assign(metric="auc")])
     assert charts.curve_metrics(both) == ["accuracy", "loss"]  # accuracy first, whatever else there is
     assert charts.curve_metrics(both[both.metric != "accuracy"]) == ["auc", "loss"]
+
+
+def test_few_captures_or_epochs_get_dots_many_get_lines_only() -> None:
+    one = pd.DataFrame(
+        {"run": "a", "layer": ["d", "e"], "order": [0, 1], "epoch": 0.0, "grad_norm": [2.0, 3.0]}
+    )
+    spec = charts.gradient_chart(one, "grad_norm", "a")
+    check(spec)
+    assert spec["mark"] == {"type": "line", "point": {"size": 20}}  # a line through one capture draws nothing
+    assert spec["encoding"]["x"]["axis"] == {"format": "~g"}  # "0", not "0.000000"
+    many = pd.DataFrame({"run": "a", "layer": "d", "order": 0, "epoch": np.arange(10.0), "grad_norm": 1.0})
+    assert charts.gradient_chart(many, "grad_norm", "a")["mark"] == {"type": "line"}
+    # Training curves: whole epochs on the axis, and dashes (not dots) in the legend once the
+    # runs have more than a few epochs.
+    curves = pd.DataFrame(
+        {"run": "a", "epoch": np.arange(1, 11), "metric": "loss", "split": "training", "value": 1.0}
+    )
+    (panel,) = charts.curves_chart(curves, ("a",))["hconcat"]
+    line = panel["layer"][0]
+    assert line["mark"] == {"type": "line"}
+    assert line["encoding"]["x"]["axis"] == {"tickMinStep": 1, "format": "d"}
+    (panel,) = charts.curves_chart(curves.head(1), ("a",))["hconcat"]
+    assert panel["layer"][0]["mark"]["point"] == {"size": 12}

@@ -63,6 +63,10 @@ def _run_color(runs: Sequence[str]) -> dict[str, Any]:
     return _n("run", title="run", scale=scale)
 
 
+# Epochs with no more digits than they have ("2", "2.5"): a single capture's axis read 0.000000.
+_EPOCH_AXIS = {"format": "~g"}
+
+
 def _epoch_rule(name: str) -> Spec:
     return {"data": {"name": name}, "mark": _RULE, "encoding": {"x": _q("epoch")}}
 
@@ -79,13 +83,17 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
     if current_epoch is not None:
         datasets["capture"] = _rule_frame(current_epoch)
     panels = []
+    few = df["epoch"].nunique() <= 3
     for metric in curve_metrics(df):
         datasets[metric] = df[df["metric"] == metric]
         line = {
             "data": {"name": metric},
-            "mark": {"type": "line", "point": {"size": 12}},
+            # Dots only where there are few epochs (a line through one draws nothing): with
+            # them the legend shows dots too, not the dashes that tell training from validation.
+            "mark": {"type": "line", "point": {"size": 12}} if few else {"type": "line"},
             "encoding": {
-                "x": _q("epoch", title="epoch"),
+                # Whole epochs: no tick at 1.2 on a run of four.
+                "x": _q("epoch", title="epoch", axis={"tickMinStep": 1, "format": "d"}),
                 "y": _q("value", title=metric, scale={"zero": False}),
                 "color": _run_color(runs),
                 "strokeDash": _n(
@@ -351,7 +359,7 @@ def drift_lines(df: pd.DataFrame, runs: Sequence[str], field: str, title: str) -
         df,
         mark={"type": "line"},
         encoding={
-            "x": _q("epoch", title="epoch"),
+            "x": _q("epoch", title="epoch", axis=_EPOCH_AXIS),
             "y": _q(field, title="shift (step-0 std)"),
             "color": _run_color(runs),
             "tooltip": [_n("run"), _n("layer"), _q("epoch", format=".2f"), _q(field, format=".3f")],
@@ -367,13 +375,16 @@ def _layer_color() -> dict[str, Any]:
 
 
 def gradient_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
-    """One line per layer (model order), log scale."""
+    """One line per layer (model order), log scale; with a dot per capture when there are
+    few (a line through one capture draws nothing)."""
+    shown = df[df[field] > 0]  # zeros have no place on a log axis
+    few = shown["epoch"].nunique() <= 3
     return _view(
         "gradients",
-        df[df[field] > 0],  # zeros have no place on a log axis
-        mark={"type": "line"},
+        shown,
+        mark={"type": "line", "point": {"size": 20}} if few else {"type": "line"},
         encoding={
-            "x": _q("epoch", title="epoch"),
+            "x": _q("epoch", title="epoch", axis=_EPOCH_AXIS),
             "y": _q(field, title=field.replace("_", " "), scale={"type": "log"}),
             "color": _layer_color(),
             "tooltip": [_n("layer"), _q("epoch", format=".2f"), _q(field, format=".3g")],
@@ -389,7 +400,7 @@ def ics_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
         df,
         mark={"type": "line"},
         encoding={
-            "x": _q("epoch", title="epoch"),
+            "x": _q("epoch", title="epoch", axis=_EPOCH_AXIS),
             "y": _q(field, title=field.replace("_", " ")),
             "color": _layer_color(),
             "strokeDash": _n("run"),

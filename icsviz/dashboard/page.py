@@ -489,9 +489,13 @@ def gradients(keys: tuple[Key, ...], labels: tuple[str, ...]) -> None:
     for col, label in zip(cols, labels):
         with col:
             part = grads[grads["run"] == label]
-            if not part.empty:
-                draw(charts.gradient_chart, part, "grad_norm", f"{label}: gradient norm")
-                draw(charts.gradient_chart, part, "update_ratio", f"{label}: update ratio")
+            if part.empty:
+                continue
+            for field, what in (("grad_norm", "gradient norm"), ("update_ratio", "update ratio")):
+                if (part[field] > 0).any():  # what a log axis can show
+                    draw(charts.gradient_chart, part, field, f"{label}: {what}")
+                else:  # a run that diverged at once, or has one capture (no update yet)
+                    st.caption(f"{plain(label)}: no finite, positive {what} recorded, nothing to draw.")
     if not ics.empty:
         st.subheader("Gradient shift (Santurkar et al. 2018)")
         st.caption(
