@@ -123,8 +123,10 @@ def test_runs_of_different_depths_are_compared_without_pairing_their_layers(
     assert "deep and shallow have 3 and 2 nonlinearities, so no layer of one is paired" in headline
     assert f"{medians['deep']:.3g} for deep and {medians['shallow']:.3g} for shallow" in headline
     # No role in the layer list: the layers by their own names only.
-    options = at.sidebar.selectbox(key="layer").options
-    assert not any(option.startswith("input of") for option in options)
+    layer = at.sidebar.selectbox(key="layer")
+    assert not any(option.startswith("input of") for option in layer.options)
+    deep = analysis.input_drift(different_depths["deep"])
+    assert layer.value == max(deep, key=deep.__getitem__)  # the first run's most drifted input
     dots = frames_with(at, "run", "role", "layer", "order", "score")[0]
     assert sorted(dots[dots["run"] == "deep"]["role"]) == ["1", "2", "3"]
     specs = [el.proto.spec for el in at.get("vega_lite_chart")]
@@ -454,8 +456,10 @@ def test_side_by_side_panels_share_their_scales_and_show_time(shipped) -> None:
     assert "epoch (time →)" in str(_find(units[0], "title"))
     # The drift heatmap on a symlog scale: the logits no longer flatten every other layer.
     open_tab(at, "Drift summary")
-    drift = [s for s in _specs(at) if "shift (step-0 std)" in str(_find(s, "title")) and _find(s, "bin")]
+    drift = [s for s in _specs(at) if "shift (step-0 std)" in str(_find(s, "title")) and "rect" in str(s)]
     assert drift and all("symlog" in _find(s, "type") for s in drift)
+    # 51 captures: each its own column, from it to the next one (no gaps, no bins).
+    assert all(_find(s, "x2") == [{"field": "t1"}] and not _find(s, "bin") for s in drift)
 
 
 def test_every_chart_the_app_draws_is_valid_vega_lite(shipped) -> None:

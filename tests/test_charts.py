@@ -151,3 +151,17 @@ def test_few_captures_or_epochs_get_dots_many_get_lines_only() -> None:
     assert line["encoding"]["x"]["axis"] == {"tickMinStep": 1, "format": "d"}
     (panel,) = charts.curves_chart(curves.head(1), ("a",))["hconcat"]
     assert panel["layer"][0]["mark"]["point"] == {"size": 12}
+
+
+def test_a_drift_heatmap_spans_each_capture_to_the_next_and_bins_thousands() -> None:
+    few = pd.DataFrame(
+        {"layer": "d", "order": 0, "epoch": [0.0, 0.25, 1.0], "t0": [0.0, 0.25, 1.0], "t1": [0.25, 1.0, 1.75]}
+    ).assign(from_start=[0.0, 0.5, 1.0])
+    spec = charts.drift_heatmap(few, "a", "from_start", 1.0)
+    check(spec)
+    assert spec["encoding"]["x"]["field"] == "t0" and spec["encoding"]["x2"] == {"field": "t1"}
+    epochs = np.arange(500) / 10
+    many = pd.DataFrame({"layer": "d", "order": 0, "epoch": epochs, "t0": epochs, "t1": epochs + 0.1})
+    spec = charts.drift_heatmap(many.assign(from_start=1.0), "a", "from_start", 1.0)
+    check(spec)
+    assert spec["encoding"]["x"]["bin"] == {"maxbins": 60} and "x2" not in spec["encoding"]

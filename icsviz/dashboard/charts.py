@@ -323,14 +323,23 @@ def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = No
     )
 
 
+# Up to this many captures a drift heatmap gives each its own column, from it to the next;
+# beyond, captures are binned (the largest drift of each bin shown): thousands of step captures.
+_HEATMAP_COLUMNS = 60
+
+
 def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) -> Spec:
     """Layers (y, model order) by captures (x), colour = drift."""
+    if df["epoch"].nunique() <= _HEATMAP_COLUMNS:  # a few captures: no gaps between them
+        x = {"x": _q("t0", title="epoch", scale={"nice": False}, axis=_EPOCH_AXIS), "x2": {"field": "t1"}}
+    else:
+        x = {"x": _q("epoch", title="epoch", bin={"maxbins": _HEATMAP_COLUMNS}, axis=_EPOCH_AXIS)}
     return _view(
         "drift",
         df,
         mark={"type": "rect"},
         encoding={
-            "x": _q("epoch", title="epoch", bin={"maxbins": 60}),
+            **x,
             "y": _n(
                 "layer", sort={"field": "order"}, title=None, axis={"labelOverlap": False, "labelLimit": 220}
             ),

@@ -156,7 +156,8 @@ def headline(runs: Runs, scores_of: dict[str, dict[str, float]] | None = None) -
 
     For two or more runs: the largest drift ratio between the first two runs over the inputs
     of the nonlinearities, with both runs' tensors and scores, and their best validation
-    accuracy. Returns ("", None) when there is nothing to compare.
+    accuracy; for runs of different depths, each one's median drift score, and the first
+    run's most drifted input as the layer. Returns ("", None) when there is nothing to compare.
     """
     labels = list(runs)
     if len(labels) < 2:
@@ -167,7 +168,9 @@ def headline(runs: Runs, scores_of: dict[str, dict[str, float]] | None = None) -
     if first not in scores_of or other not in scores_of:
         return "", None
     if not _same_depth(two):
-        return _unpaired_headline(two, scores_of), None
+        # Opens on the first run's input that drifted most (the other run may lack it).
+        finite = {layer: v for layer, v in scores_of[first].items() if np.isfinite(v)}
+        return _unpaired_headline(two, scores_of), max(finite, key=finite.__getitem__, default=None)
     try:
         pairs = dict(analysis.pair_layers(two))
     except ICSVizError:
@@ -434,6 +437,7 @@ def drift_frame(runs: Runs) -> pd.DataFrame:
             continue
         for order, name in enumerate(run.layer_names):
             acts = run.activations(name)
+            edges = time_edges(acts.epochs)  # each capture spans until the next (heatmaps)
             rows.append(
                 pd.DataFrame(
                     {
@@ -441,13 +445,17 @@ def drift_frame(runs: Runs) -> pd.DataFrame:
                         "layer": name,
                         "order": order,
                         "epoch": acts.epochs,
+                        "t0": edges[:-1],
+                        "t1": edges[1:],
                         "from_start": drift_curve(acts, "w1", "start"),
                         "from_previous": drift_curve(acts, "w1", "previous"),
                         "mean_shift": drift_curve(acts, "mean_shift", "start"),
                     }
                 )
             )
-    return _frame(rows, ["run", "layer", "order", "epoch", "from_start", "from_previous", "mean_shift"])
+    return _frame(
+        rows, ["run", "layer", "order", "epoch", "t0", "t1", "from_start", "from_previous", "mean_shift"]
+    )
 
 
 def gradient_frame(runs: Runs) -> pd.DataFrame:
