@@ -296,12 +296,16 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
     """The drift score (time-averaged drift) of comparable tensors, runs side by side.
 
     By role (default): the input of each nonlinearity, whatever its name in each run
-    (baseline `fc1`, BN `fc1_bn`); `by="name"`: layers of equal name.
+    (baseline `fc1`, BN `fc1_bn`), for runs with as many nonlinearities each; runs of different
+    depths get each one's own inputs side by side, first to last. `by="name"`: layers of equal
+    name.
     """
     summaries = {
         label: {d.layer: d.score for d in analysis.run_drift(run, metric)} for label, run in runs.items()
     }
-    pairs = analysis.pair_layers(runs, by=by)
+    # Runs of different depths: each run's own k-th input at k, not paired (see same_depth).
+    unpaired = by == "role" and not analysis.same_depth(runs)
+    pairs = _own_inputs(runs) if unpaired else analysis.pair_layers(runs, by=by)
     if not pairs:
         raise MissingDataError(
             "the runs share no nonlinearity to compare"
@@ -313,7 +317,7 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
     width = 0.8 / len(runs)
     x = np.arange(len(pairs))
     for i, (label, scores) in enumerate(summaries.items()):
-        values = [scores.get(names[label], np.nan) for _, names in pairs]
+        values = [scores.get(names.get(label, ""), np.nan) for _, names in pairs]
         ax.bar(x + i * width - 0.4 + width / 2, values, width, color=_color(i), label=label)
     ticks = (
         [
@@ -335,10 +339,22 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
             else "How far each layer drifted, averaged over training"
         ),
     )
-    if by == "role":
+    if unpaired:
+        ax.set_xlabel("k-th nonlinearity of each run (its input; not paired: the runs differ in depth)")
+    elif by == "role":
         ax.set_xlabel("nonlinearity (its input in each run)")
     ax.legend(frameon=False)
     return fig
+
+
+def _own_inputs(runs: Runs) -> list[tuple[str, dict[str, str]]]:
+    """[("1", {run: its first nonlinearity's input}), ...]: each run's own, up to the deepest."""
+    own = {label: analysis.nonlinearity_inputs(run) for label, run in runs.items()}
+    depth = max((len(roles) for roles in own.values()), default=0)
+    return [
+        (str(k + 1), {label: roles[k].layer for label, roles in own.items() if k < len(roles)})
+        for k in range(depth)
+    ]
 
 
 # ---------------------------------------------------------------- gradients

@@ -195,3 +195,35 @@ def test_gradient_figure_shares_its_scales_and_names_every_layer() -> None:
         assert set(base.trainable_layers) <= named
         assert any(ax.get_ylabel() == "layer depth" for ax in fig.axes)  # one colour bar, not a legend
         assert all(ax.get_legend() is None for ax in fig.axes)
+
+
+def test_drift_comparison_pairs_twins_by_role_and_shows_runs_of_different_depths_side_by_side(
+    shipped, different_depths
+) -> None:
+    from icsviz.analysis import input_drift
+    from icsviz.plots import figure_drift_comparison
+
+    def bars(fig) -> dict[str, list[float]]:
+        ax = fig.axes[0]
+        return {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers}
+
+    twins = figure_drift_comparison(shipped)
+    ax = twins.axes[0]
+    assert ax.get_xlabel() == "nonlinearity (its input in each run)"
+    assert "fc1_relu\nfc1 / fc1_bn" in [t.get_text() for t in ax.get_xticklabels()]
+    depths = figure_drift_comparison(different_depths)
+    ax = depths.axes[0]
+    assert ax.get_xlabel().startswith("k-th nonlinearity of each run")
+    # Each run's own k-th input, named under k (the same name once).
+    assert [t.get_text() for t in ax.get_xticklabels()] == [
+        "1\nhidden0:preact",
+        "2\nhidden1:preact / out:preact",
+        "3\nout:preact",
+    ]
+    heights = bars(depths)
+    deep, shallow = (input_drift(different_depths[label]) for label in ("deep", "shallow"))
+    np.testing.assert_allclose(
+        heights["deep"], [deep[n] for n in ("hidden0:preact", "hidden1:preact", "out:preact")]
+    )
+    np.testing.assert_allclose(heights["shallow"][:2], [shallow["hidden0:preact"], shallow["out:preact"]])
+    assert np.isnan(heights["shallow"][2])  # the shallow run has no third nonlinearity
