@@ -20,9 +20,11 @@ On a machine whose speed swings between epochs (this project's shared 2-core one
 epochs from 0.83 to 1.96), `--paired N` (TensorFlow) measures instead, inside one fit, the
 training step with the statistics against Keras's own step for the same model, alternating
 the two compiled train functions step by step for N pairs (the order switched every pair),
-and adds the callback's per-batch hooks as timed in that fit's first epoch:
+and adds the callback's per-batch hooks as timed in that fit's first epoch, and what the
+writer's thread does with each step's row before writing it (on a CPU, numpy's statistics of
+the step's samples; 100 steps at a time, timed after the fit), as if it held up training:
 
-    ratio = (median step with statistics + hooks per step) / median plain step
+    ratio = (median step with statistics + hooks + rows per step) / median plain step
 
 `--breakdown` adds a third fit per round in which the statistics kernels are left out (each
 layer's sample mean stands in for its statistics, in a vector of the same size): what the
@@ -151,7 +153,7 @@ def measure_paired(name: str, x, y, pairs: int, folder: Path) -> float:
         def on_train_batch_end(self, step, logs=None):
             if step != steps_in_fit - 1:
                 return
-            statistics_ = ics._steps
+            statistics_ = self.statistics = ics._steps
             functions = {"plain": statistics_._saved["train_function"], "stats": self.model.train_function}
             batches = iter(
                 tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
@@ -164,23 +166,37 @@ def measure_paired(name: str, x, y, pairs: int, folder: Path) -> float:
                     keras.ops.convert_to_numpy(functions[kind](batches)["loss"])
                     if index >= 2:
                         times[kind].append(time.perf_counter() - start)
-                statistics_.take()  # the vectors are not written: only the step is timed
+                taken.extend(statistics_.take())  # not written: the steps are timed alone
             statistics_.expected = True  # the fit's own bookkeeping goes on as before
 
     steps_in_fit = len(x) // batch
-    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timed, Pairs()])
+    taken: list = []
+    alternating = Pairs()
+    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timed, alternating])
     batch_hooks = ("on_train_batch_begin", "on_train_batch_end")
     hooks = sum(timed.hook_seconds[(hook, 0)] for hook in batch_hooks) / steps_in_fit
+    # What the writer's thread does with each step's row before writing it: on a CPU, numpy's
+    # statistics of the samples the step handed out (`StepStatistics.rows`). Counted as if it
+    # held up the training thread, as it may on two cores.
+    rows = alternating.statistics
+    from icsviz.capture.callback import _FLUSH_MAX_BYTES
+
+    per_flush = min(100, max(1, _FLUSH_MAX_BYTES // rows.row_bytes))  # as ICSCallback writes them
+    start = time.perf_counter()
+    for first in range(0, len(taken), per_flush):
+        rows.rows(taken[first : first + per_flush])
+    host = (time.perf_counter() - start) / max(1, len(taken))
     plain, stats = statistics.median(times["plain"]), statistics.median(times["stats"])
     pair_ratios = [b / a for a, b in zip(times["plain"], times["stats"])]
     print(
         f"{name:11s} batch {batch}, {pairs} pairs: step {plain * 1e3:.1f} ms plain, {stats * 1e3:.1f} ms with the "
         f"statistics (pairs' ratios: median {statistics.median(pair_ratios):.3f}, quartiles "
         f"{np.quantile(pair_ratios, 0.25):.3f} / {np.quantile(pair_ratios, 0.75):.3f}), ICSCallback's batch hooks "
-        f"{hooks * 1e3:.2f} ms per step -> ratio {(stats + hooks) / plain:.3f}",
+        f"{hooks * 1e3:.2f} ms and the rows on the writer's thread {host * 1e3:.2f} ms per step "
+        f"-> ratio {(stats + hooks + host) / plain:.3f}",
         flush=True,
     )
-    return (stats + hooks) / plain
+    return (stats + hooks + host) / plain
 
 
 def main() -> None:

@@ -122,16 +122,16 @@ def test_every_nth_step_keeps_the_rows_of_those_steps(tmp_path: Path) -> None:
 
 
 def test_step_rows_reach_the_host_on_the_writers_thread(tmp_path: Path, monkeypatch) -> None:
-    from icsviz.capture import callback
+    from icsviz.capture.batch_stats import StepStatistics
 
     threads: list[str] = []
-    original = callback.to_host
+    original = StepStatistics.rows
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(callback, "to_host", recording)
+    monkeypatch.setattr(StepStatistics, "rows", recording)
     _fit([ICSCallback(tmp_path / "t.h5", probe=_probe(), batch_stats=True, flush_every=4)], lr=0.0)
     # Two epochs of 6 steps, flushed after 4 steps and at each epoch's end (steps 0-3, 4-5, 6-9,
     # 10-11): the copies, which wait for the device, leave the training thread.
@@ -142,11 +142,12 @@ def test_step_rows_reach_the_host_on_the_writers_thread(tmp_path: Path, monkeypa
 
 def test_by_default_step_rows_are_written_by_the_clock(tmp_path: Path, monkeypatch) -> None:
     from icsviz.capture import callback
+    from icsviz.capture.batch_stats import StepStatistics
 
     sizes: list[int] = []
-    original = callback.to_host
+    original = StepStatistics.rows
     monkeypatch.setattr(
-        callback, "to_host", lambda vectors, plans: (sizes.append(len(vectors)), original(vectors, plans))[1]
+        StepStatistics, "rows", lambda self, taken: (sizes.append(len(taken)), original(self, taken))[1]
     )
     monkeypatch.setattr(callback, "_FLUSH_SECONDS", 0.0)  # a step that lasts 2 s: each step written
     _fit([ICSCallback(tmp_path / "slow.h5", probe=_probe(), batch_stats=True)], lr=0.0)
@@ -562,17 +563,69 @@ def test_a_fit_that_raises_leaves_no_hooks_behind(tmp_path: Path) -> None:
         assert len(run.batch_steps) == 6
 
 
+def test_rows_waiting_to_be_written_are_bounded_in_bytes(tmp_path: Path, monkeypatch) -> None:
+    from icsviz.capture import callback
+    from icsviz.capture.batch_stats import StepStatistics
+
+    sizes: list[int] = []
+    original = StepStatistics.rows
+    monkeypatch.setattr(
+        StepStatistics, "rows", lambda self, taken: (sizes.append(len(taken)), original(self, taken))[1]
+    )
+    monkeypatch.setattr(callback, "_FLUSH_SECONDS", 1e9)  # fast steps, by the clock: the step cap
+    monkeypatch.setattr(StepStatistics, "row_bytes", property(lambda self: 1000))
+    monkeypatch.setattr(callback, "_FLUSH_MAX_BYTES", 3500)  # three rows' worth
+    _fit([ICSCallback(tmp_path / "a.h5", probe=_probe(), batch_stats=True)], lr=0.0)
+    assert sizes == [3, 3, 3, 3]  # epochs of 6 steps
+    sizes.clear()
+    _fit([ICSCallback(tmp_path / "b.h5", probe=_probe(), batch_stats=True, flush_every=5)], lr=0.0)
+    assert sizes == [3, 3, 3, 3]  # the bound holds whatever the schedule
+    with open_run(tmp_path / "b.h5") as run:
+        np.testing.assert_array_equal(run.batch_steps, np.arange(12))
+
+
+def test_numpy_gives_each_step_of_a_batch_the_numbers_of_its_own_call() -> None:
+    """`host_vectors` reduces several steps' samples per numpy call: each step's vector is
+    the one it gets alone, bit for bit, across chunks, with NaN/Inf in one step only."""
+    from icsviz.capture.batch_stats import BatchPlan, host_batch_vector, host_vectors, raw_size, unpack
+    from icsviz.store.schema import QUANTILES, BatchLayerSpec
+
+    rng = np.random.default_rng(3)
+    plans = [
+        BatchPlan.create(
+            BatchLayerSpec(name=f"l{i}", index=i, n_units=8, tracked_units=units, sample=128, unit_sample=32),
+            16,
+            len(QUANTILES),
+            seed=0,
+        )
+        for i, units in enumerate([(0, 7), (), (3,)])
+    ]
+    q = np.asarray(QUANTILES, "float32")
+    steps = 37  # more than two chunks of steps
+    raw = rng.standard_t(3, (steps, raw_size(plans))).astype("float32")
+    raw[:, :50] = 0.0  # ties and zeros
+    raw[5, [10, 200]] = [np.nan, -np.inf]  # one step's samples with NaN/Inf: the masked path
+    together = host_vectors(raw, plans, q)
+    for step in range(steps):
+        main = raw[step, : 3 * 128].reshape(3, 128)
+        units = raw[step, 3 * 128 :].reshape(3, 32)
+        np.testing.assert_array_equal(together[step], host_batch_vector(main, units, bins=16, q=q))
+    counted = unpack(together, plans)  # NaN/Inf left out of the statistics, and counted
+    assert [int(layer["nonfinite"][5]) for layer in counted] == [1, 1, 0]
+    assert all(int(layer["nonfinite"].sum()) == int(layer["nonfinite"][5]) for layer in counted)
+
+
 def host_and_device_statistics_agree() -> None:
-    """The statistics computed by numpy, called from the compiled step, equal the device's, and
-    so do the device's with numpy's sort: with NaN/Inf in a sample, and all finite (numpy's
-    path without masks)."""
+    """The statistics computed by numpy from the samples the compiled step hands out equal the
+    device's, and on JAX so do the device's with numpy's sort: with NaN/Inf in a sample, and
+    all finite (numpy's path without masks)."""
     for nonfinite in (True, False):
         _host_and_device_agree(nonfinite)
 
 
 def _host_and_device_agree(nonfinite: bool) -> None:
     from icsviz.capture import backend
-    from icsviz.capture.batch_stats import BatchPlan, batch_vector, unpack
+    from icsviz.capture.batch_stats import BatchPlan, batch_vector, host_vectors, raw_size, unpack
     from icsviz.store.schema import QUANTILES, BatchLayerSpec
 
     rng = np.random.default_rng(5)
@@ -598,14 +651,14 @@ def _host_and_device_agree(nonfinite: bool) -> None:
     q = np.asarray(QUANTILES, "float32")
     compiled = backend.compile_function
     on_device = compiled(lambda *s: batch_vector(s, plans, q))
-    on_host = compiled(lambda *s: batch_vector(s, plans, q, on_host=True))
-    sorted_on_host = compiled(lambda *s: batch_vector(s, plans, q, host_sort=True))
-    host, device = (
-        keras.ops.convert_to_numpy(on_host(*samples)),
-        keras.ops.convert_to_numpy(on_device(*samples)),
-    )
-    # numpy's sort alone, the rest on the device: the same bits (a sort is exact)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(sorted_on_host(*samples)), device)
+    on_host = compiled(lambda *s: batch_vector(s, plans, q, on_host=True))  # the samples, flat
+    raw = keras.ops.convert_to_numpy(on_host(*samples))
+    assert raw.shape == (raw_size(plans),)
+    host, device = host_vectors(raw[None], plans, q)[0], keras.ops.convert_to_numpy(on_device(*samples))
+    if keras.backend.backend() == "jax":  # numpy's sort alone, the rest on the device (JAX on a
+        # CPU: see backend.host_sort_in_step): the same bits (a sort is exact)
+        sorted_on_host = compiled(lambda *s: batch_vector(s, plans, q, host_sort=True))
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(sorted_on_host(*samples)), device)
     assert host.shape == device.shape and np.isfinite(host).sum() > 100
     assert (unpack(host[None], plans)[0]["nonfinite"] > 0).all() == nonfinite
     if nonfinite:

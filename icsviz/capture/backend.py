@@ -85,15 +85,17 @@ def gather(values: Any, indices: Any, axis: int = 0) -> Any:
 
 
 def host_statistics_in_step(model: keras.Model) -> bool:
-    """Whether the per-step mode computes its statistics with numpy, called once from inside
-    TensorFlow's training step, instead of as kernels of the step.
+    """Whether the per-step mode's training step hands out its samples, whose statistics numpy
+    computes on the callback's writer thread, instead of computing them as kernels of the step.
 
     TensorFlow runs a graph op by op: on a CPU the statistics of a few thousand sampled values
     per layer are some hundred small kernels whose launch costs more than their work, and its
     CPU sort is a top-k over every value (7 ms per step for the BN CNN's samples against 0.7 ms
-    in numpy). So on a CPU only, unless XLA compiles the step (which cannot call Python), the
-    step calls numpy for all of them; on a GPU or TPU the device computes them. JAX fuses the
-    kernels and keeps them (see `host_sort_in_step`).
+    in numpy). Numpy called from inside the step (`tf.numpy_function`, as until the thirteenth
+    session) took 1.3 ms of CPU a step for the reference CNN's samples, against 0.4 ms on the
+    writer's thread, a few steps at a time. So on a CPU, unless XLA compiles the step (not
+    measured that way), the step hands out its samples; on a GPU or TPU the device computes
+    the statistics. JAX fuses the kernels and keeps them (see `host_sort_in_step`).
     """
     if name() != "tensorflow" or getattr(model, "jit_compile", False):
         return False
@@ -126,24 +128,18 @@ def sort_rows(values: Any, on_host: bool = False) -> Any:
 
 
 def host_call(fn: Callable[..., np.ndarray], arrays: Sequence[Any], shape: tuple[int, ...]) -> Any:
-    """`fn(*arrays)` (numpy in, a float32 array of `shape` out) called from a compiled
-    function (TensorFlow or JAX; see `host_statistics_in_step` and `host_sort_in_step`)."""
-    if name() == "jax":
-        import jax
+    """`fn(*arrays)` (numpy in, a float32 array of `shape` out) called from a compiled JAX
+    function (see `host_sort_in_step`)."""
+    import jax
 
-        def on_host(*values: Any) -> np.ndarray:
-            # JAX hands the callback its own arrays: an operation on them would dispatch to the
-            # device from inside the device's callback, which deadlocks. numpy only, then.
-            return fn(*(np.asarray(v) for v in values))
+    def on_host(*values: Any) -> np.ndarray:
+        # JAX hands the callback its own arrays: an operation on them would dispatch to the
+        # device from inside the device's callback, which deadlocks. numpy only, then.
+        return fn(*(np.asarray(v) for v in values))
 
-        # No gradient flows here (the statistics sit behind stop_gradient), so a callback
-        # without a differentiation rule is fine inside value_and_grad.
-        return jax.pure_callback(on_host, jax.ShapeDtypeStruct(shape, "float32"), *arrays)
-    import tensorflow as tf
-
-    result = tf.numpy_function(fn, list(arrays), tf.float32, stateful=False)
-    result.set_shape(shape)
-    return result
+    # No gradient flows here (the statistics sit behind stop_gradient), so a callback without a
+    # differentiation rule is fine inside value_and_grad.
+    return jax.pure_callback(on_host, jax.ShapeDtypeStruct(shape, "float32"), *arrays)
 
 
 def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -6,7 +6,10 @@ while Keras traces the model's own training step, and a few statistics of each
 captured tensor are computed right there, on the device, from the tensors the
 step computes anyway (no second pass). They leave the compiled step as one
 small float32 vector per step, which the callback keeps on the device and
-writes every 2 seconds (or every `flush_every` steps).
+writes every 2 seconds (or every `flush_every` steps). With TensorFlow on a
+CPU the step hands out the samples themselves instead, and numpy computes
+the same statistics from them on the callback's writer thread
+(`backend.host_statistics_in_step`, `host_vectors`).
 
 Per tensor and step, from a fixed stratified random sample of `SAMPLE` value
 positions: the quantiles, mean, std, min and max (the sample's), a histogram on
@@ -57,6 +60,8 @@ __all__ = [
     "StepStatistics",
     "batch_vector",
     "host_batch_vector",
+    "host_vectors",
+    "raw_size",
     "tensor_sample",
     "to_host",
     "unpack",
@@ -149,10 +154,12 @@ def batch_vector(
     on_host: bool = False,
     host_sort: bool = False,
 ) -> Any:
-    """The statistics of all layers' samples as one float32 vector, computed batched: on the
-    device (the samples sorted by numpy where `host_sort`: see `backend.host_sort_in_step`), or
-    where `on_host` (TensorFlow on a CPU: see `backend.host_statistics_in_step`) all by numpy,
-    called once from the compiled step (`host_batch_vector`, the same numbers).
+    """The step's row: the statistics of all layers' samples as one float32 vector, computed
+    batched on the device (the samples sorted by numpy where `host_sort`: see
+    `backend.host_sort_in_step`). Where `on_host` (TensorFlow on a CPU: see
+    `backend.host_statistics_in_step`) the row is the samples themselves (`raw_size` values),
+    and `host_vectors` computes the same statistics from them with numpy, later, off the
+    training thread.
 
     Layout (`unpack` reads it): counts (L*B), histogram first edge and width
     (L*2), quantiles (L*Q), mean/std/min/max (L*4), zero fraction (L),
@@ -160,10 +167,9 @@ def batch_vector(
     """
     bins = plans[0].bins
     main, units = _stacked(samples, plans)
-    if on_host:
-        arrays = [main] if units is None else [main, units]
-        size = sum(plan.size for plan in plans)
-        return backend.host_call(lambda *rows: host_batch_vector(*rows, bins=bins, q=q), arrays, (size,))
+    if on_host:  # layer samples first, then the tracked units' (`host_vectors` splits them)
+        flat = [ops.reshape(main, (-1,))] + ([] if units is None else [ops.reshape(units, (-1,))])
+        return ops.concatenate(flat) if len(flat) > 1 else flat[0]
     ordered, n_finite, quantiles = _row_stats(main, q, host_sort)
     count = ops.maximum(ops.cast(n_finite, "float32"), 1.0)
     finite = ordered < float("inf")
@@ -213,11 +219,56 @@ def batch_vector(
     return ops.concatenate(parts)
 
 
+def raw_size(plans: Sequence[BatchPlan]) -> int:
+    """Values in a step's row of samples (`batch_vector` with `on_host`)."""
+    return sum(plan.spec.sample + len(plan.spec.tracked_units) * plan.spec.unit_sample for plan in plans)
+
+
+# Layer samples that go through numpy together, a few steps' worth: more per call and they
+# outgrow the CPU's cache (the reference CNN's 12 layers: 0.44 ms a step in tens of steps,
+# 0.70 ms in 90; MobileNetV2's 151 layers one step at a time).
+_HOST_ROWS = 256
+
+
+def host_vectors(raw: Sequence[np.ndarray], plans: Sequence[BatchPlan], q: np.ndarray) -> np.ndarray:
+    """(S, total) step vectors in `batch_vector`'s layout from S rows of `raw_size` samples.
+
+    The statistics are `host_batch_vector`'s, row for row the same numbers as one call per
+    step; a few steps go in each call, their rows laid end to end.
+    """
+    steps, n_layers = len(raw), len(plans)
+    sample, unit_sample = plans[0].spec.sample, plans[0].spec.unit_sample
+    n_units = sum(len(plan.spec.tracked_units) for plan in plans)
+    bins, nq = plans[0].bins, len(q)
+    cut = n_layers * sample  # the layers' samples, then the tracked units'
+    # One step's share of each part of `host_batch_vector`'s output, in its order.
+    widths = [n_layers * w for w in (bins, 2, nq, 4, 1, 1)] + [n_units * nq]
+    out = np.empty((steps, sum(widths)), "float32")
+    per_call = max(1, _HOST_ROWS // n_layers)
+    for start in range(0, steps, per_call):
+        n = min(per_call, steps - start)
+        chunk = slice(start, start + n)
+        rows = raw[chunk]
+        flat = host_batch_vector(  # each part copied once, into the rows numpy reduces
+            np.stack([row[:cut] for row in rows]).reshape(n * n_layers, sample),
+            np.stack([row[cut:] for row in rows]).reshape(n * n_units, unit_sample) if n_units else None,
+            bins=bins,
+            q=q,
+        )
+        # Each part holds the chunk's rows step by step: the steps' shares side by side.
+        bounds = np.cumsum([0, *(n * w for w in widths)])
+        out[chunk] = np.concatenate(
+            [flat[a:b].reshape(n, w) for a, b, w in zip(bounds[:-1], bounds[1:], widths)], axis=1
+        )
+    return out
+
+
 def host_batch_vector(
     main: np.ndarray, units: np.ndarray | None = None, *, bins: int, q: np.ndarray
 ) -> np.ndarray:
     """`batch_vector` in numpy, in the same float32 steps: (L, SAMPLE) layer samples and the
-    tracked units' (sum(U), UNIT_SAMPLE) rows in, the step's vector out.
+    tracked units' (sum(U), UNIT_SAMPLE) rows in, the step's vector out (any number of rows:
+    `host_vectors` passes several steps' at once).
 
     On a CPU the device path is some hundred small kernels whose launch costs more than their
     work. Each pass here over the samples is one numpy call, done in place where it can be."""
@@ -273,7 +324,11 @@ def host_batch_vector(
         nonfinite,
     ]
     if units is not None:
-        parts.append(interpolated_quantiles_np(*_sorted_rows_np(units), q).reshape(-1))
+        if np.isfinite(units.sum(dtype=f32)):  # no masks, as for the layers' samples
+            ordered_units, n_units = np.sort(units, axis=-1), np.full(len(units), units.shape[1])
+        else:
+            ordered_units, n_units = _sorted_rows_np(units)
+        parts.append(interpolated_quantiles_np(ordered_units, n_units, q).reshape(-1))
     return np.concatenate(parts).astype(f32)
 
 
@@ -515,6 +570,21 @@ class StepStatistics:
         model.train_function = self._saved["train_function"]
         self._installed = False
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one step's row while it waits to be written."""
+        return 4 * (raw_size(self.plans) if self._on_host else sum(plan.size for plan in self.plans))
+
+    def rows(self, taken: Sequence[Any]) -> np.ndarray:
+        """(S, total) step vectors on the host from rows `take` gave: brought over and, where
+        the step hands out its samples (`backend.host_statistics_in_step`), reduced by numpy
+        here. The callback calls this on its writer's thread."""
+        if not self._on_host:
+            return to_host(taken, sum(plan.size for plan in self.plans))
+        # TensorFlow's CPU tensors as numpy arrays without a copy (Keras's convert_to_numpy
+        # copies: MobileNetV2's samples are 4 MB a step).
+        return host_vectors([np.asarray(row) for row in taken], self.plans, self._q)
+
     def take(self, limit: int | None = None) -> list[Any]:
         """The first `limit` (default: all) vectors received, in step order, still on the device."""
         count = len(self._pending) if limit is None else min(limit, len(self._pending))
@@ -526,11 +596,11 @@ class StepStatistics:
         return len(self._pending)
 
 
-def to_host(vectors: Sequence[Any], plans: Sequence[BatchPlan]) -> np.ndarray:
-    """(S, total) float32 on the host from S step vectors on the device (one copy for all;
-    it waits for the last step that made one, so the callback runs it on the writer's thread)."""
+def to_host(vectors: Sequence[Any], width: int) -> np.ndarray:
+    """(S, width) float32 on the host from S step rows on the device (one copy for all; it
+    waits for the last step that made one, so the callback runs it on the writer's thread)."""
     if not vectors:
-        return np.zeros((0, sum(p.size for p in plans)), "float32")
+        return np.zeros((0, width), "float32")
     return np.stack([np.asarray(v, "float32") for v in backend.to_numpy(list(vectors))])
 
 

@@ -22,7 +22,7 @@ from ..errors import CaptureWarning, IncompatibleRunError, RunExistsError, RunIn
 from ..store.schema import BatchLayerSpec, RunLayout
 from ..store.writer import BatchRows, RunWriter
 from . import backend
-from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, to_host, unpack, unsupported_reason
+from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, unpack, unsupported_reason
 from .layers import LayerFilter, layer_filters, select_layers
 from .probe import mismatch, num_samples, split_probe, take
 from .program import CaptureProgram
@@ -33,7 +33,8 @@ __all__ = ["ICSCallback"]
 
 _MAX_PROBE = 4096
 _FLUSH_SECONDS = 2.0  # per-step rows (flush_every=None) and step captures: written this often...
-_FLUSH_MAX_STEPS = 1000  # ...or after this many steps (their vectors wait on the device)
+_FLUSH_MAX_STEPS = 1000  # ...or after this many steps (their vectors wait on the device)...
+_FLUSH_MAX_BYTES = 32 * 2**20  # ...or once their rows hold this much (TensorFlow on a CPU: samples)
 _CAPTURES_PER_WRITE = 16  # step captures within _FLUSH_SECONDS of the last write: written together
 
 
@@ -143,8 +144,11 @@ class ICSCallback(keras.callbacks.Callback):
         flush_every: In per-step mode, write the steps' rows every this many
             steps. None (the default): every 2 seconds of training (at most
             1000 steps apart), so that the writes take the same small share of
-            the time whether a step lasts 2 ms or 2 s. The rows wait on the
-            device until written; a kill loses at most these.
+            the time whether a step lasts 2 ms or 2 s. Either way sooner once
+            the rows waiting hold 32 MiB (with TensorFlow on a CPU a row is the
+            step's samples, 0.3 MiB for the reference CNN, reduced by numpy on
+            the writer's thread). The rows wait on the device until written; a
+            kill loses at most these.
         gradient_shift: Also record the gradient-shift measure of Santurkar et
             al. (2018), which costs one extra backward pass per layer.
         histogram_bins: Bins of each activation histogram.
@@ -591,7 +595,7 @@ class ICSCallback(keras.callbacks.Callback):
                     step=np.asarray([t[0] for t in tags], "i8"),
                     epoch=np.asarray([t[1] for t in tags], "f8"),
                     time=np.asarray([t[2] for t in tags], "f8"),
-                    layers=unpack(to_host(vectors, plans), plans),
+                    layers=unpack(steps.rows(vectors), plans),
                 )
             except Exception as exc:  # noqa: BLE001 - the per-step mode's own failure, not the file's
                 self._steps_failure = exc  # reported on the training thread, which turns the mode off
@@ -695,9 +699,12 @@ class ICSCallback(keras.callbacks.Callback):
 
     def _flush_due(self) -> bool:
         waiting = len(self._step_tags)
+        assert self._steps is not None
+        # Rows wait in memory until written: a bound on their bytes whatever the schedule.
+        by_bytes = max(1, _FLUSH_MAX_BYTES // self._steps.row_bytes)
         if self.flush_every is not None:
-            return waiting >= self.flush_every
-        return _due_by_clock(waiting, _FLUSH_MAX_STEPS, self._last_step_flush)
+            return waiting >= min(self.flush_every, by_bytes)
+        return _due_by_clock(waiting, min(_FLUSH_MAX_STEPS, by_bytes), self._last_step_flush)
 
     @property
     def _current_epoch(self) -> float:
