@@ -93,9 +93,9 @@ def host_statistics_in_step(model: keras.Model) -> bool:
     CPU sort is a top-k over every value (7 ms per step for the BN CNN's samples against 0.7 ms
     in numpy). Numpy called from inside the step (`tf.numpy_function`, as until the thirteenth
     session) took 1.3 ms of CPU a step for the reference CNN's samples, against 0.4 ms on the
-    writer's thread, a few steps at a time. So on a CPU, unless XLA compiles the step (not
-    measured that way), the step hands out its samples; on a GPU or TPU the device computes
-    the statistics. JAX fuses the kernels and keeps them (see `host_sort_in_step`).
+    writer's thread, a few steps at a time. So on a CPU the step hands out its samples, unless
+    XLA compiles it: there, as on a GPU or TPU, the device computes the statistics. JAX fuses
+    the kernels and keeps them (see `host_sort_in_step`).
     """
     if name() != "tensorflow" or getattr(model, "jit_compile", False):
         return False
