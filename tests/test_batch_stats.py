@@ -694,6 +694,16 @@ def test_numpy_statistics_inside_the_step_give_the_devices_numbers() -> None:
     assert not backend.host_sort_in_step(model)  # JAX's choice
 
 
+def test_torch_on_a_cpu_hands_out_the_samples() -> None:
+    if keras.backend.backend() != "torch":
+        pytest.skip("torch's choice: run with KERAS_BACKEND=torch")
+    import torch
+
+    from icsviz.capture import backend
+
+    assert backend.host_statistics_in_step(_model()) == (not torch.cuda.is_available())
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
 )

@@ -6,8 +6,8 @@ while Keras traces the model's own training step, and a few statistics of each
 captured tensor are computed right there, on the device, from the tensors the
 step computes anyway (no second pass). They leave the compiled step as one
 small float32 vector per step, which the callback keeps on the device and
-writes every 2 seconds (or every `flush_every` steps). With TensorFlow on a
-CPU the step hands out the samples themselves instead, and numpy computes
+writes every 2 seconds (or every `flush_every` steps). With TensorFlow or
+torch on a CPU the step hands out the samples themselves instead, and numpy computes
 the same statistics from them on the callback's writer thread
 (`backend.host_statistics_in_step`, `host_vectors`).
 
@@ -157,7 +157,7 @@ def batch_vector(
     """The step's row: the statistics of all layers' samples as one float32 vector, computed
     batched on the device (the samples sorted by numpy where `host_sort`: see
     `backend.host_sort_in_step`). Where `on_host` (TensorFlow on a CPU: see
-    `backend.host_statistics_in_step`) the row is the samples themselves (`raw_size` values),
+    `backend.host_statistics_in_step`; torch too) the row is the samples themselves (`raw_size` values),
     and `host_vectors` computes the same statistics from them with numpy, later, off the
     training thread.
 

@@ -145,8 +145,8 @@ class ICSCallback(keras.callbacks.Callback):
             steps. None (the default): every 2 seconds of training (at most
             1000 steps apart), so that the writes take the same small share of
             the time whether a step lasts 2 ms or 2 s. Either way sooner once
-            the rows waiting hold 32 MiB (with TensorFlow on a CPU a row is the
-            step's samples, 0.3 MiB for the reference CNN, reduced by numpy on
+            the rows waiting hold 32 MiB (with TensorFlow or torch on a CPU a row
+            is the step's samples, 0.3 MiB for the reference CNN, reduced by numpy on
             the writer's thread). The rows wait on the device until written; a
             kill loses at most these.
         gradient_shift: Also record the gradient-shift measure of Santurkar et
