@@ -305,7 +305,7 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
     }
     # Runs of different depths: each run's own k-th input at k, not paired (see same_depth).
     unpaired = by == "role" and not analysis.same_depth(runs)
-    pairs = _own_inputs(runs) if unpaired else analysis.pair_layers(runs, by=by)
+    pairs = analysis.inputs_by_position(runs) if unpaired else analysis.pair_layers(runs, by=by)
     if not pairs:
         raise MissingDataError(
             "the runs share no nonlinearity to compare"
@@ -345,16 +345,6 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
         ax.set_xlabel("nonlinearity (its input in each run)")
     ax.legend(frameon=False)
     return fig
-
-
-def _own_inputs(runs: Runs) -> list[tuple[str, dict[str, str]]]:
-    """[("1", {run: its first nonlinearity's input}), ...]: each run's own, up to the deepest."""
-    own = {label: analysis.nonlinearity_inputs(run) for label, run in runs.items()}
-    depth = max((len(roles) for roles in own.values()), default=0)
-    return [
-        (str(k + 1), {label: roles[k].layer for label, roles in own.items() if k < len(roles)})
-        for k in range(depth)
-    ]
 
 
 # ---------------------------------------------------------------- gradients

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..store.reader import Run
 
-__all__ = ["Role", "nonlinearity_inputs", "pair_layers", "same_depth"]
+__all__ = ["Role", "inputs_by_position", "nonlinearity_inputs", "pair_layers", "same_depth"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,18 @@ def same_depth(runs: Mapping[str, Run]) -> bool:
     have. Only then does pairing by role compare like with like: the second nonlinearity of an
     LSTM model is no counterpart of a CNN's second."""
     return len({len(nonlinearity_inputs(run)) for run in runs.values()}) <= 1
+
+
+def inputs_by_position(runs: Mapping[str, Run]) -> list[tuple[str, dict[str, str]]]:
+    """Each run's own nonlinearity inputs, not paired: [("1", {run label: its first input}),
+    ("2", ...), ...] up to the deepest run (a run without a k-th is absent from k's dict). For
+    runs of different depths, where `pair_layers` would pair unrelated tensors."""
+    own = {label: nonlinearity_inputs(run) for label, run in runs.items()}
+    depth = max((len(roles) for roles in own.values()), default=0)
+    return [
+        (str(k + 1), {label: roles[k].layer for label, roles in own.items() if k < len(roles)})
+        for k in range(depth)
+    ]
 
 
 def pair_layers(runs: Mapping[str, Run], by: str = "role") -> list[tuple[str, dict[str, str]]]:

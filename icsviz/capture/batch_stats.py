@@ -572,17 +572,21 @@ class StepStatistics:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one step's row while it waits to be written."""
-        return 4 * (raw_size(self.plans) if self._on_host else sum(plan.size for plan in self.plans))
+        """Bytes of one step's row (float32) while it waits to be written."""
+        return 4 * (raw_size(self.plans) if self._on_host else self._vector_size)
+
+    @property
+    def _vector_size(self) -> int:
+        return sum(plan.size for plan in self.plans)
 
     def rows(self, taken: Sequence[Any]) -> np.ndarray:
         """(S, total) step vectors on the host from rows `take` gave: brought over and, where
         the step hands out its samples (`backend.host_statistics_in_step`), reduced by numpy
         here. The callback calls this on its writer's thread."""
         if not self._on_host:
-            return to_host(taken, sum(plan.size for plan in self.plans))
-        # TensorFlow's CPU tensors as numpy arrays without a copy (Keras's convert_to_numpy
-        # copies: MobileNetV2's samples are 4 MB a step).
+            return to_host(taken, self._vector_size)
+        # CPU tensors (TensorFlow's, torch's) as numpy arrays without a copy (Keras's
+        # convert_to_numpy copies: MobileNetV2's samples are 4 MB a step).
         return host_vectors([np.asarray(row) for row in taken], self.plans, self._q)
 
     def take(self, limit: int | None = None) -> list[Any]:

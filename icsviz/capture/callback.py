@@ -34,7 +34,7 @@ __all__ = ["ICSCallback"]
 _MAX_PROBE = 4096
 _FLUSH_SECONDS = 2.0  # per-step rows (flush_every=None) and step captures: written this often...
 _FLUSH_MAX_STEPS = 1000  # ...or after this many steps (their vectors wait on the device)...
-_FLUSH_MAX_BYTES = 32 * 2**20  # ...or once their rows hold this much (TensorFlow on a CPU: samples)
+_FLUSH_MAX_BYTES = 32 * 2**20  # ...or once their rows hold this much (on a CPU: the samples)
 _CAPTURES_PER_WRITE = 16  # step captures within _FLUSH_SECONDS of the last write: written together
 
 

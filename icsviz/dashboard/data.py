@@ -134,19 +134,27 @@ def role_drift_frame(
     """The drift score of each run's input of each nonlinearity (the headline's dots): by role
     where `pairs` pairs them, else each run's own in model order, "1" for its first."""
     scores_of = drift_scores(runs) if scores_of is None else scores_of
+    if not pairs:  # the runs with scores read their roles already (`input_drift`)
+        try:
+            pairs = analysis.inputs_by_position({k: run for k, run in runs.items() if k in scores_of})
+        except ICSVizError:
+            pairs = []
     rows = []
-    for label, run in runs.items():
+    for label in runs:
         scores = scores_of.get(label)
         if scores is None:
             continue
-        if pairs:
-            tensors = [(role.replace("input of ", ""), names.get(label)) for role, names in pairs]
-        else:
-            tensors = [(str(role.index), role.layer) for role in _nonlinearity_inputs(run)]
-        for order, (role, layer) in enumerate(tensors):
+        for order, (role, names) in enumerate(pairs):
+            layer = names.get(label)
             if layer is not None and np.isfinite(scores.get(layer, np.nan)):
                 rows.append(
-                    {"run": label, "role": role, "layer": layer, "order": order, "score": scores[layer]}
+                    {
+                        "run": label,
+                        "role": role.replace("input of ", ""),
+                        "layer": layer,
+                        "order": order,
+                        "score": scores[layer],
+                    }
                 )
     return pd.DataFrame(rows, columns=["run", "role", "layer", "order", "score"])
 
