@@ -22,7 +22,8 @@ training step with the statistics against Keras's own step for the same model, a
 the two compiled train functions step by step for N pairs (the order switched every pair),
 and adds the callback's per-batch hooks as timed in that fit's first epoch, and what the
 writer's thread does with each step's row before writing it (on a CPU, numpy's statistics of
-the step's samples; 100 steps at a time, timed after the fit), as if it held up training:
+the step's samples, in ICSCallback's batches of at most 100 steps and 32 MiB, timed after the
+fit), as if it held up training:
 
     ratio = (median step with statistics + hooks + rows per step) / median plain step
 
@@ -49,6 +50,7 @@ import numpy as np
 from _common import EpochTimer, TimedCallback, cifar_like, keras_label, reference_model
 from icsviz import ICSCallback
 from icsviz.capture import batch_stats
+from icsviz.capture.callback import _FLUSH_MAX_BYTES
 from icsviz.train import RECIPES, Recipe
 
 EPOCH_HOOKS = ("on_epoch_begin", "on_epoch_end")  # inside the epoch timer (training begin/end are not)
@@ -179,8 +181,6 @@ def measure_paired(name: str, x, y, pairs: int, folder: Path) -> float:
     # statistics of the samples the step handed out (`StepStatistics.rows`). Counted as if it
     # held up the training thread, as it may on two cores.
     rows = alternating.statistics
-    from icsviz.capture.callback import _FLUSH_MAX_BYTES
-
     per_flush = min(100, max(1, _FLUSH_MAX_BYTES // rows.row_bytes))  # as ICSCallback writes them
     start = time.perf_counter()
     for first in range(0, len(taken), per_flush):
