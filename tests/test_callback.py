@@ -362,23 +362,73 @@ def test_fit_again_after_an_interrupted_fit_continues_the_run(tmp_path) -> None:
         assert np.isfinite(run.activations("d1").mean).all()
 
 
-def test_close_finishes_an_interrupted_fit_and_another_callback_is_told_why_the_file_is_busy(
-    tmp_path,
-) -> None:
+def test_close_finishes_an_interrupted_fit(tmp_path) -> None:
     path = tmp_path / "notebook.h5"
     x, y = data()
     cb = ICSCallback(path, probe=(x[:16], y[:16]), every_n_steps=2)
 
     with pytest.raises(KeyboardInterrupt):
         sequential().fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[cb, CtrlC()])
-    again = ICSCallback(path, probe=(x[:16], y[:16]), overwrite=True)
-    with pytest.raises(RunInUseError, match=r"open for writing in this process .*Ctrl-C.*call its close\(\)"):
-        sequential().fit(x, y, epochs=1, verbose=0, callbacks=[again])
     cb.close()
     cb.close()  # nothing open: nothing happens
     with open_run(path) as run:
         assert run.status == "interrupted"
         np.testing.assert_array_equal(run.steps, [0, 2, 4])  # the waiting step captures are written
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_new_callback_closes_the_file_an_interrupted_fit_left_open(tmp_path, overwrite) -> None:
+    """The notebook cell ran again after Ctrl-C: its new callback cannot reach the old one, which
+    still held the file. The old run is finished as close() would, then the usual rules apply."""
+    path = tmp_path / "notebook.h5"
+    x, y = data()
+    old = ICSCallback(path, probe=(x[:16], y[:16]), every_n_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        sequential().fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[old, CtrlC()])
+
+    again = ICSCallback(path, probe=(x[:16], y[:16]), overwrite=overwrite)
+    with pytest.warns(CaptureWarning, match=r"still open for writing by an earlier ICSCallback .*Ctrl-C"):
+        if overwrite:
+            sequential().fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[again])
+        else:
+            with pytest.raises(RunExistsError):
+                sequential().fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[again])
+    with open_run(path) as run:
+        if overwrite:
+            assert run.status == "complete"
+            np.testing.assert_array_equal(run.steps, [0, 6])
+        else:
+            assert run.status == "interrupted"
+            np.testing.assert_array_equal(run.steps, [0, 2, 4])
+    old.close()  # already closed: nothing happens
+
+
+def test_a_fit_still_running_on_another_thread_keeps_its_file(tmp_path) -> None:
+    path = tmp_path / "busy.h5"
+    x, y = data()
+    running, release = threading.Event(), threading.Event()
+
+    class Hold(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                running.set()
+                release.wait(60)
+
+    first = ICSCallback(path, probe=(x[:16], y[:16]))
+    worker = threading.Thread(
+        target=lambda: sequential().fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[first, Hold()])
+    )
+    worker.start()
+    try:
+        assert running.wait(120)
+        second = ICSCallback(path, probe=(x[:16], y[:16]), overwrite=True)
+        with pytest.raises(RunInUseError, match=r"open for writing in this process .*still running"):
+            sequential().fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[second])
+    finally:
+        release.set()
+        worker.join(120)
+    with open_run(path) as run:
+        assert run.status == "complete" and run.num_captures == 2
 
 
 def test_the_same_callback_on_another_model_is_refused_and_its_run_kept(tmp_path) -> None:

@@ -8,6 +8,8 @@ import functools
 import json
 import os
 import re
+import sys
+import threading
 import time
 import warnings
 import weakref
@@ -37,6 +39,12 @@ _FLUSH_MAX_STEPS = 1000  # ...or after this many steps (their vectors wait on th
 _FLUSH_MAX_BYTES = 32 * 2**20  # ...or once their rows hold this much (on a CPU: the samples)
 _CAPTURES_PER_WRITE = 16  # step captures within _FLUSH_SECONDS of the last write: written together
 
+# The run files this process's callbacks hold open (resolved path -> the callback and the thread
+# of its fit). A fit that ends in an exception leaves its file open, and in a notebook the
+# callback holding it is often out of reach (the cell that made it ran again): the next
+# callback on that path closes it (`ICSCallback._close_abandoned_run`).
+_OPEN_RUNS: dict[Path, tuple[weakref.ref[ICSCallback], threading.Thread]] = {}
+
 
 def _write_of(waiting: list[Callable[[], Any]], writer: RunWriter) -> Callable[[], None]:
     """One write of the captures waiting (their host parts, finished on the writer's thread);
@@ -60,6 +68,20 @@ def _close_when_written(
             queue.submit("the last step captures", _write_of(waiting, writer))
     queue.close()
     writer.close("interrupted")
+
+
+def _fit_on_this_stack(callback: ICSCallback) -> bool:
+    """Whether a `fit` with `callback` is among this thread's calls (Keras's CallbackList
+    holding it is a local there)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        for value in frame.f_locals.values():
+            if isinstance(value, keras.callbacks.CallbackList) and any(
+                c is callback for c in value.callbacks
+            ):
+                return True
+        frame = frame.f_back
+    return False
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -357,6 +379,7 @@ class ICSCallback(keras.callbacks.Callback):
     # ---------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         self.close()  # a fit that ended in an exception left the file open
+        self._close_abandoned_run()
         self._train_start = time.perf_counter()
         self._started = False
         self._capture_ok = True
@@ -388,6 +411,42 @@ class ICSCallback(keras.callbacks.Callback):
             self._warn("closing the run file of the interrupted fit", exc)
         self._writer = None
         self._queue = None
+        self._forget_open_run()
+
+    def _close_abandoned_run(self) -> None:
+        """Close this path's file if another callback left it open in a fit that has ended.
+
+        That fit is over if it ran on a thread that has ended, or on this thread and is not
+        among the calls this fit was started from. A fit still running keeps its file, and
+        opening the file refuses this run (RunInUseError).
+        """
+        entry = _OPEN_RUNS.get(self.path.resolve())
+        if entry is None:
+            return
+        earlier, thread = entry[0](), entry[1]
+        if earlier is None:  # collected: its finalizer closed the file
+            del _OPEN_RUNS[self.path.resolve()]
+            return
+        if earlier is self:
+            return
+        if thread is not threading.current_thread() and thread.is_alive():
+            return
+        if thread is threading.current_thread() and _fit_on_this_stack(earlier):
+            return  # a fit started from inside the earlier one's hooks: that one still runs
+        earlier.close()
+        warnings.warn(
+            f"icsviz: {self.path} was still open for writing by an earlier ICSCallback whose fit ended "
+            "in an exception (Ctrl-C); it is closed now, with every capture it took written and the "
+            "run marked interrupted.",
+            CaptureWarning,
+            stacklevel=3,
+        )
+
+    def _forget_open_run(self) -> None:
+        key = self.path.resolve()
+        entry = _OPEN_RUNS.get(key)
+        if entry is not None and entry[0]() in (self, None):
+            del _OPEN_RUNS[key]
 
     def _start(self, epoch: int) -> None:
         """Trace the capture program, open the file and take the first capture."""
@@ -470,6 +529,7 @@ class ICSCallback(keras.callbacks.Callback):
         self._batches_begun = 0
         self._last_capture_write = time.perf_counter()
         self._owns_file = True
+        _OPEN_RUNS[self.path.resolve()] = (weakref.ref(self), threading.current_thread())
         if layout.batch_layers:
             self._safely_steps("starting the per-step statistics", lambda: self._install_steps(layout))
         # Close the file cleanly if the interpreter exits without on_train_end (a crash in the
@@ -825,6 +885,7 @@ class ICSCallback(keras.callbacks.Callback):
             self._queue.close()
         self._writer = None
         self._queue = None
+        self._forget_open_run()
 
     _epoch_index = 0
     _global_step = 0
