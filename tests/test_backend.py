@@ -426,3 +426,57 @@ def test_jax_traces_the_statistics_without_nested_functions_and_the_same_values(
         print("INLINED OK")
     """)
     _run_on_jax(script, "INLINED OK")
+
+
+def test_a_ctrl_c_during_a_step_with_host_callbacks_is_raised_after_it() -> None:
+    import signal
+    import threading
+
+    from icsviz.capture.backend import interrupts_held
+
+    def ctrl_c() -> None:
+        os.kill(os.getpid(), signal.SIGINT)  # Python handles it at its next line
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts_held():
+            ctrl_c()
+            reached.append("the rest of the step")
+    assert reached == ["the rest of the step"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C goes through at once
+        with interrupts_held():
+            ctrl_c()
+            ctrl_c()
+            reached.append("not reached")
+    assert reached == ["the rest of the step"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    with interrupts_held():  # no Ctrl-C: nothing raised
+        reached.append("quiet")
+
+    # A handler of the user's stays in place and does its own job.
+    pressed = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(1))
+    try:
+        with interrupts_held():
+            ctrl_c()
+        assert pressed == [1]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    # Off the main thread (which Python never interrupts) the handler cannot be set: nothing changes.
+    failures: list[BaseException] = []
+
+    def elsewhere() -> None:
+        try:
+            with interrupts_held():
+                reached.append("thread")
+        except BaseException as exc:  # noqa: BLE001
+            failures.append(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert not failures and reached[-2:] == ["quiet", "thread"]

@@ -535,6 +535,56 @@ def test_jax_steps_return_the_vector_or_fall_back_to_a_host_callback(tmp_path: P
     assert proc.returncode == 0 and "JAX CHANNELS OK" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+)
+def test_ctrl_c_during_jaxs_host_callbacks_is_a_keyboard_interrupt(tmp_path: Path) -> None:
+    # On a CPU JAX's step calls numpy to sort the samples (and the fallback channel calls back
+    # with the vector). A Ctrl-C that Python handled there came out of the step as XLA's
+    # "INTERNAL: CpuCallback error" (a ValueError). Here the SIGINT arrives inside the callback.
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})
+        import keras, numpy as np
+        from test_batch_stats import _fit, _probe
+        from icsviz import ICSCallback, open_run
+        import icsviz.capture.backend as backend
+        import icsviz.capture.batch_stats as bs
+
+        calls = []
+        def interrupting(where, original):
+            def called(*args):
+                calls.append(where)
+                if len(calls) == 8:
+                    os.kill(os.getpid(), signal.SIGINT)  # handled at the next line of Python
+                return original(*args)
+            return called
+
+        backend._sort_last_axis = interrupting("sort", backend._sort_last_axis)
+        bs.StepStatistics._receive = interrupting("receive", bs.StepStatistics._receive)
+        for name, args in (("sort", {{}}), ("receive", {{"steps_per_execution": 2}})):
+            calls.clear()
+            path = {str(tmp_path)!r} + f"/{{name}}.h5"
+            try:
+                _fit([ICSCallback(path, probe=_probe(), batch_stats=True)], **args)
+                raise SystemExit(f"{{name}}: no interrupt")
+            except KeyboardInterrupt:
+                pass
+            assert name in calls and 8 <= len(calls) <= 12, calls  # stopped after the step of the 8th call
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            # Ctrl-C again at once: the first one kept nothing behind.
+            _fit([ICSCallback(path, probe=_probe(), batch_stats=True, overwrite=True)], epochs=1)
+            with open_run(path) as run:
+                assert run.status == "complete" and len(run.batch_steps) == 6, run.batch_steps
+        print("INTERRUPTS OK")
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "INTERRUPTS OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_a_fit_that_raises_leaves_no_hooks_behind(tmp_path: Path) -> None:
     class Boom(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "ceil",
     "gather",
     "detached",
+    "interrupts_held",
 ]
 
 LossFn = Callable[[list[Any]], tuple[Any, Any]]
@@ -129,7 +132,45 @@ def sort_rows(values: Any, on_host: bool = False) -> Any:
     step, where `on_host` (see `host_sort_in_step`)."""
     if not on_host:
         return keras.ops.sort(values, axis=-1)
-    return host_call(lambda rows: np.sort(rows, axis=-1), [values], tuple(values.shape))
+    return host_call(_sort_last_axis, [values], tuple(values.shape))
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold a Ctrl-C while a compiled step with icsviz's host callbacks runs; raise it after.
+
+    Python runs its SIGINT handler at the first Python code after the signal. Inside JAX's
+    step that is a host callback (the per-step mode's sort on a CPU), and XLA turned the
+    KeyboardInterrupt raised there into its own "INTERNAL: CpuCallback error", a ValueError
+    naming icsviz, so the user's `except KeyboardInterrupt` missed it. Here the first Ctrl-C is
+    kept until the step has returned, then raised as a KeyboardInterrupt; a second one goes
+    through at once. Only on the main thread (the only one Python interrupts) and with
+    Python's own handler in place: a handler of the user's is left to do its job.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    pressed: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if pressed:
+            signal.default_int_handler(signum, frame)
+        pressed.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+def _sort_last_axis(rows: np.ndarray) -> np.ndarray:
+    return np.sort(rows, axis=-1)
 
 
 def host_call(fn: Callable[..., np.ndarray], arrays: Sequence[Any], shape: tuple[int, ...]) -> Any:

@@ -530,24 +530,26 @@ class StepStatistics:
                 self._pending.clear()
                 return model.train_function(*args, **kwargs)
             self.expected = False
-            if not self._vector_in_outputs or traced:
-                result = compiled(*args, **kwargs)
-            else:
-                # JAX's train function takes (state, iterator) and draws the batch before the
-                # step is traced: remember what it drew, to give it again if the trace fails.
-                state, batches, *rest = args
-                drawn = _Remembering(batches)
-                try:
-                    result = compiled(state, drawn, *rest, **kwargs)
-                    traced = True  # the outputs channel works: later steps need no replay
-                except _ChannelError:
-                    # Raised while tracing, before the step ran: nothing was donated or changed.
-                    # This Keras's step is not the one the outputs channel expects: use the callback.
-                    self._vector_in_outputs = False
-                    model.make_train_function(force=True)
-                    compiled = model.train_function
-                    model.train_function = train_function
-                    result = compiled(state, itertools.chain(drawn.drawn, batches), *rest, **kwargs)
+            held = backend.interrupts_held() if self._callbacks_in_step else contextlib.nullcontext()
+            with held:
+                if not self._vector_in_outputs or traced:
+                    result = compiled(*args, **kwargs)
+                else:
+                    # JAX's train function takes (state, iterator) and draws the batch before the
+                    # step is traced: remember what it drew, to give it again if the trace fails.
+                    state, batches, *rest = args
+                    drawn = _Remembering(batches)
+                    try:
+                        result = compiled(state, drawn, *rest, **kwargs)
+                        traced = True  # the outputs channel works: later steps need no replay
+                    except _ChannelError:
+                        # Raised while tracing, before the step ran: nothing was donated or changed.
+                        # This Keras's step is not the one the outputs channel expects: use the callback.
+                        self._vector_in_outputs = False
+                        model.make_train_function(force=True)
+                        compiled = model.train_function
+                        model.train_function = train_function
+                        result = compiled(state, itertools.chain(drawn.drawn, batches), *rest, **kwargs)
             logs = result[0] if backend.name() == "jax" else result
             if isinstance(logs, dict) and _LOG_KEY in logs:
                 logs = dict(logs)
@@ -569,6 +571,11 @@ class StepStatistics:
             object.__setattr__(model, "train_step", self._saved["train_step"])
         model.train_function = self._saved["train_function"]
         self._installed = False
+
+    @property
+    def _callbacks_in_step(self) -> bool:
+        """Whether JAX's step calls back into Python (the host sort, or the vector's callback)."""
+        return backend.name() == "jax" and (self._host_sort or not self._vector_in_outputs)
 
     @property
     def row_bytes(self) -> int:
