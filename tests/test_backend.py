@@ -480,3 +480,27 @@ def test_a_ctrl_c_during_a_step_with_host_callbacks_is_raised_after_it() -> None
     thread.start()
     thread.join()
     assert not failures and reached[-2:] == ["quiet", "thread"]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+)
+def test_keras_masks_leave_the_padding_out_on_jax() -> None:
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests" / "test_masks.py"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]

@@ -51,6 +51,7 @@ from ..store.schema import BatchLayerSpec
 from . import backend
 from .intercept import Recorder, intercept, warn_once
 from .layers import SelectedLayer
+from .masks import has_keras_mask, output_name
 from .stats import dyadic_grid, dyadic_grid_np, interpolated_quantiles, interpolated_quantiles_np, unit_axis
 
 __all__ = [
@@ -439,6 +440,15 @@ class StepStatistics:
                     "its per-step rows are NaN.",
                 )
                 samples.append(_missing(plan))
+        # A fused layer's pre-activation has the positions, and the padding, of its output.
+        padded = [p.spec.name for p in self.plans if has_keras_mask(produced.get(output_name(p.spec.name)))]
+        if padded:
+            warn_once(
+                "batch-mask:" + ",".join(padded),
+                f"the per-step rows of {', '.join(map(repr, padded))} count their padded positions "
+                "too (these outputs carry a Keras mask, which changes from batch to batch); the "
+                "probe captures leave the padding out.",
+            )
         return batch_vector(samples, self.plans, self._q, self._on_host, self._host_sort)
 
     @contextlib.contextmanager

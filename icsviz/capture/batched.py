@@ -30,7 +30,7 @@ import numpy as np
 
 from ..store.schema import QUANTILES
 from . import backend
-from .stats import CaptureOptions, TracedLayer, all_rows, dyadic_grid, interpolated_quantiles_np
+from .stats import CaptureOptions, TracedLayer, dyadic_grid, interpolated_quantiles_np, measured_rows
 
 __all__ = ["all_layer_stats", "split", "groups", "host_quantiles"]
 
@@ -82,9 +82,15 @@ def _derived_ranges(plans: Sequence[TracedLayer], dtypes: Sequence[str]) -> dict
             and plan.row_index is not None
             and plans[source].row_index is not None
             and dtypes[source] in _EXACT_IN_FLOAT32
+            and _same_rows(plan.valid_rows, plans[source].valid_rows)
         ):
             derived[index] = source
     return derived
+
+
+def _same_rows(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two plans measure the same rows (a range maps onto the rows it was taken over)."""
+    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
 
 
 class _Group:
@@ -131,7 +137,7 @@ def all_layer_stats(
     units, sums, exact_low, exact_high = [], {}, {}, {}
     derived = _derived_ranges(plans, [keras.backend.standardize_dtype(t.dtype) for t in tensors])
     for index, (tensor, plan) in enumerate(zip(tensors, plans)):
-        every = all_rows(backend.detached(tensor), plan)  # statistics, never differentiated
+        every = measured_rows(backend.detached(tensor), plan)  # statistics, never differentiated
         if plan.row_index is None:
             units.append(every)
         else:

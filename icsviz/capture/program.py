@@ -33,7 +33,8 @@ from .batched import all_layer_stats, split
 from .flat import FlatLayout, l2_norms
 from .intercept import Recorder, intercept, warn_once
 from .layers import SelectedLayer, captured_inputs, iter_layers
-from .stats import CaptureOptions, TracedLayer, l2, layer_stats, plan_tensor
+from .masks import probe_masks
+from .stats import CaptureOptions, MaskMismatch, TracedLayer, l2, layer_stats, plan_tensor
 
 __all__ = ["CaptureProgram"]
 
@@ -73,6 +74,7 @@ class CaptureProgram:
         self.ics_layers, self._ics_groups = self._ics_plan()
         self.traced: list[TracedLayer] | None = None
         self.skipped: dict[str, str] = {}  # layer name -> why it is not recorded
+        self._masks: dict[str, np.ndarray] | None = None  # the probe's Keras masks (masks.py)
         # The weights at the last capture, as one flat float32 vector: the capture function's
         # arguments and results are one array each instead of one per variable (MobileNetV2:
         # 158), and each array costs JAX about 13 us to hand over on a CPU. Each variable is
@@ -116,14 +118,7 @@ class CaptureProgram:
                 continue  # the same name twice (a layer called again in one pass): keep the first
             seen.add(record.name)
             try:
-                plan = plan_tensor(
-                    record.name,
-                    record.layer.layer,
-                    record.kind,
-                    tuple(record.tensor.shape),
-                    index,
-                    self.options,
-                )
+                plan = self._plan_one(record, index)
             except Exception as exc:  # noqa: BLE001 - one layer never costs the run
                 self._skip(record.name, type(record.layer.layer).__name__, exc)
                 continue
@@ -135,6 +130,18 @@ class CaptureProgram:
             planned[record.name] = index
             plans.append(plan)
         return plans
+
+    def _plan_one(self, record: Any, index: int) -> TracedLayer:
+        args = (record.name, record.layer.layer, record.kind, tuple(record.tensor.shape), index, self.options)
+        mask = (self._masks or {}).get(record.name)
+        try:
+            return plan_tensor(*args, mask=mask)
+        except MaskMismatch as exc:
+            warn_once(
+                f"mask:{record.name}",
+                f"layer {record.name!r} is recorded over every position, padding included: {exc}.",
+            )
+            return plan_tensor(*args)
 
     def _skip(self, name: str, class_name: str, exc: BaseException) -> None:
         self.skipped[name] = f"{type(exc).__name__}: {exc}"
@@ -366,6 +373,16 @@ class CaptureProgram:
     ) -> tuple[tuple[Any, ...], bool]:
         """The capture function's arguments and whether this is the first capture; `copies`:
         the variables' values copied, for a capture that runs later."""
+        if self._masks is None:  # before the first trace, which plans the tensors with them
+            try:
+                self._masks = probe_masks(self.model, self.selection, x)
+            except Exception as exc:  # noqa: BLE001 - one pass never costs the run
+                self._masks = {}
+                warn_once(
+                    "masks",
+                    f"reading the probe's Keras masks failed ({type(exc).__name__}: {exc}); every "
+                    "position is recorded, padding included.",
+                )
         read = backend.snapshot if copies else backend.read_values
         trainable = read(self.trainable)
         live = read(self.non_trainable)

@@ -19,10 +19,12 @@ from . import backend
 
 __all__ = [
     "CaptureOptions",
+    "MaskMismatch",
     "TracedLayer",
     "plan_tensor",
     "all_rows",
     "budgeted",
+    "measured_rows",
     "unit_axis",
     "dyadic_bin_width",
     "dyadic_grid",
@@ -33,6 +35,10 @@ __all__ = [
 ]
 
 ops = keras.ops
+
+
+class MaskMismatch(ValueError):
+    """A tensor's Keras mask does not say which of its rows are padding."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,9 @@ class TracedLayer:
     # value is that map of the source's, with no pass over this tensor's values.
     range_from: str | None = None
     range_map: Callable[[Any], Any] | None = None
+    # The rows the probe's Keras mask keeps (padding left out; see `plan_tensor`), or None for
+    # every row. `row_index` and `unit_rows` then count among these rows.
+    valid_rows: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -88,9 +97,16 @@ class TracedLayer:
         return self.rows if self.unit_rows is None else len(self.unit_rows)
 
     @property
+    def measured_values(self) -> int:
+        """Values the statistics describe: every value, or those the Keras mask keeps."""
+        if self.valid_rows is None:
+            return int(np.prod(self.shape))
+        return len(self.valid_rows) * self.n_units
+
+    @property
     def budget_cut(self) -> bool:
         """Whether the value budget left values out (the range is then taken over all of them)."""
-        return self.n_values < int(np.prod(self.shape))
+        return self.n_values < self.measured_values
 
     def spec(self) -> LayerSpec:
         return LayerSpec(
@@ -103,8 +119,14 @@ class TracedLayer:
             n_values=self.n_values,
             samples=self.samples,
             quantile_sample=self.quantile_sample_size,
-            value_sample="rows" if self.row_index is not None else "all",
+            value_sample=_value_sample(self.valid_rows is not None, self.row_index is not None),
         )
+
+
+def _value_sample(masked: bool, sampled: bool) -> str:
+    if masked:
+        return "mask, rows" if sampled else "mask"
+    return "rows" if sampled else "all"
 
 
 def unit_axis(layer: Any, rank: int) -> int:
@@ -121,12 +143,20 @@ def unit_axis(layer: Any, rank: int) -> int:
 
 
 def plan_tensor(
-    name: str, layer: Any, kind: str, shape: tuple[int, ...], index: int, options: CaptureOptions
+    name: str,
+    layer: Any,
+    kind: str,
+    shape: tuple[int, ...],
+    index: int,
+    options: CaptureOptions,
+    mask: np.ndarray | None = None,
 ) -> TracedLayer:
     """How one captured tensor is reduced: its unit axis, value budget and samples.
 
-    Raises ValueError for a tensor that cannot be measured (a dimension unknown
-    while tracing); the caller skips that layer with a warning.
+    `mask`: the Keras mask the tensor carries on the probe (`Embedding(mask_zero=True)`,
+    `Masking` and the layers after them), True where a (sample, position) row is data; the
+    padding rows are left out of every statistic. Raises ValueError for a tensor that cannot
+    be measured (a dimension unknown while tracing); the caller skips that layer with a warning.
     """
     if any(d is None for d in shape):
         raise ValueError(f"its output shape {shape} has a dimension that is unknown while tracing")
@@ -139,6 +169,9 @@ def plan_tensor(
     per_sample = int(np.prod(shape[1:])) if rank > 1 else 1
     samples = shape[0] if rank else 1
     rows = samples * per_sample // n_units  # a row: one sample at one position, all units
+    valid_rows = _valid_rows(mask, shape, axis, rows)
+    if valid_rows is not None:
+        rows = len(valid_rows)
     rng = np.random.default_rng([options.seed, index])
     row_index = None
     if options.max_values is not None and rows * n_units > options.max_values:
@@ -172,7 +205,30 @@ def plan_tensor(
         row_index=row_index,
         quantile_index=quantile_index,
         unit_rows=unit_rows,
+        valid_rows=valid_rows,
     )
+
+
+def _valid_rows(mask: np.ndarray | None, shape: tuple[int, ...], axis: int, rows: int) -> np.ndarray | None:
+    """The rows a Keras mask keeps, as indices into every row; None where it keeps them all.
+
+    A mask covers the positions of a tensor whose units are on the last axis (batch, time,
+    units: mask (batch, time)). Raises MaskMismatch for one that does not, or that keeps nothing.
+    """
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if axis != len(shape) - 1 or tuple(mask.shape) != shape[:-1]:
+        raise MaskMismatch(
+            f"its Keras mask has shape {tuple(mask.shape)}, which does not cover the positions of "
+            f"its output {shape}"
+        )
+    kept = np.flatnonzero(mask.reshape(-1).astype(bool))
+    if kept.size == 0:
+        raise MaskMismatch("its Keras mask leaves out every position of the probe (all padding)")
+    if kept.size == rows:
+        return None
+    return kept.astype("int32" if rows < 2**31 else "int64")
 
 
 def all_rows(tensor: Any, plan: TracedLayer) -> Any:
@@ -184,10 +240,17 @@ def all_rows(tensor: Any, plan: TracedLayer) -> Any:
     return ops.reshape(x, (-1, plan.n_units))
 
 
-def budgeted(tensor: Any, plan: TracedLayer) -> Any:
-    """The tensor's budgeted values as (rows, units) float32, units last: every row, or the
-    plan's fixed sample of rows."""
+def measured_rows(tensor: Any, plan: TracedLayer) -> Any:
+    """The rows the statistics describe, as (rows, units) float32: every row, or those the
+    probe's Keras mask keeps."""
     units = all_rows(tensor, plan)
+    return units if plan.valid_rows is None else backend.gather(units, plan.valid_rows)
+
+
+def budgeted(tensor: Any, plan: TracedLayer) -> Any:
+    """The tensor's budgeted values as (rows, units) float32, units last: every measured row,
+    or the plan's fixed sample of them."""
+    units = measured_rows(tensor, plan)
     return units if plan.row_index is None else backend.gather(units, plan.row_index)
 
 
@@ -288,7 +351,10 @@ def interpolated_quantiles_np(sorted_values: np.ndarray, n_finite: np.ndarray, q
 
 
 def layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool) -> dict[str, Any]:
-    full = ops.reshape(ops.cast(tensor, "float32"), (-1,))
+    if plan.valid_rows is None:
+        full = ops.reshape(ops.cast(tensor, "float32"), (-1,))
+    else:  # the values the mask keeps
+        full = ops.reshape(measured_rows(tensor, plan), (-1,))
     units = budgeted(tensor, plan)
     all_finite = ops.isfinite(ops.sum(full))  # NaN/Inf anywhere poisons the sum
     stats = reduce_values(
