@@ -31,7 +31,7 @@ from ..store.writer import Capture, LayerCapture
 from . import backend
 from .batched import all_layer_stats, split
 from .flat import FlatLayout, l2_norms
-from .intercept import Recorder, intercept, warn_once
+from .intercept import Record, Recorder, intercept, warn_once
 from .layers import SelectedLayer, captured_inputs, iter_layers
 from .masks import probe_masks
 from .stats import CaptureOptions, MaskMismatch, TracedLayer, l2, layer_stats, plan_tensor
@@ -131,7 +131,8 @@ class CaptureProgram:
             plans.append(plan)
         return plans
 
-    def _plan_one(self, record: Any, index: int) -> TracedLayer:
+    def _plan_one(self, record: Record, index: int) -> TracedLayer:
+        """Plan one recorded tensor, over its data rows where the probe's Keras mask says which."""
         args = (record.name, record.layer.layer, record.kind, tuple(record.tensor.shape), index, self.options)
         mask = (self._masks or {}).get(record.name)
         try:
@@ -379,7 +380,7 @@ class CaptureProgram:
             except Exception as exc:  # noqa: BLE001 - one pass never costs the run
                 self._masks = {}
                 warn_once(
-                    "masks",
+                    f"masks:{self.model.name}",
                     f"reading the probe's Keras masks failed ({type(exc).__name__}: {exc}); every "
                     "position is recorded, padding included.",
                 )
