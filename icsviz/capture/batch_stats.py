@@ -51,7 +51,7 @@ from ..store.schema import BatchLayerSpec
 from . import backend
 from .intercept import Recorder, intercept, warn_once
 from .layers import SelectedLayer
-from .masks import has_keras_mask, output_name
+from .masks import keras_mask, output_name
 from .stats import dyadic_grid, dyadic_grid_np, interpolated_quantiles, interpolated_quantiles_np, unit_axis
 
 __all__ = [
@@ -114,10 +114,13 @@ def _positions(plan: BatchPlan, size: Any, rows: Any) -> Any:
     return ops.concatenate(parts)
 
 
-def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any) -> Any:
+def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any, mask: Any = None) -> Any:
     """The values of one captured tensor at its planned positions: (SAMPLE + U * UNIT_SAMPLE,).
 
     One gather: everything else is computed from these few values, for all layers at once.
+    `mask`: the tensor's Keras mask on this batch (padding False), (batch, time) for a
+    (batch, time, units) tensor; a sample that falls on padding is replaced by one of the
+    sample's own data values (`_data_only`).
     """
     x = ops.cast(ops.stop_gradient(tensor), "float32")
     rank = len(x.shape)
@@ -126,7 +129,35 @@ def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any) -> Any:
         x = ops.moveaxis(x, axis, -1)  # units last, so that flat position = row * units + unit
     flat = ops.reshape(x, (-1,))
     size = ops.shape(flat)[0]
-    return backend.gather(flat, _positions(plan, size, size // plan.spec.n_units))
+    positions = _positions(plan, size, size // plan.spec.n_units)
+    values = backend.gather(flat, positions)
+    if mask is None:
+        return values
+    data = backend.gather(ops.reshape(ops.cast(mask, "bool"), (-1,)), positions // plan.spec.n_units)
+    bounds = np.cumsum([0, plan.spec.sample] + [plan.spec.unit_sample] * len(plan.spec.tracked_units))
+    return ops.concatenate([_data_only(values[a:b], data[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+def fits_positions(mask: Any, tensor: Any, layer: Any) -> bool:
+    """Whether a Keras mask marks the rows of `tensor` (its units on the last axis, the mask
+    its other axes), as `tensor_sample` needs."""
+    rank = len(tensor.shape)
+    return rank > 1 and unit_axis(layer, rank) == rank - 1 and len(mask.shape) == rank - 1
+
+
+def _data_only(values: Any, data: Any) -> Any:
+    """`values` with each one that fell on padding replaced by one that fell on data.
+
+    The replacements are spread over the data values (the k-th padded sample takes data value
+    number 7919 k modulo their count), so the sample stays a sample of the data positions, with
+    some values counted twice; all NaN when every sample fell on padding.
+    """
+    n = int(values.shape[0])
+    n_data = ops.sum(ops.cast(data, "int32"))
+    order = ops.argsort(ops.cast(ops.logical_not(data), "int32"))  # the data samples first
+    spread = ops.mod(ops.arange(n, dtype="int32") * 7919, ops.maximum(n_data, 1))
+    replaced = ops.where(data, values, ops.take(values, ops.take(order, spread)))
+    return ops.where(n_data > 0, replaced, float("nan"))
 
 
 def _row_stats(values: Any, q: np.ndarray, host_sort: bool) -> tuple[Any, Any, Any]:
@@ -421,6 +452,7 @@ class StepStatistics:
     def _vector(self, recorder: Recorder) -> Any:
         produced = {record.name: record for record in recorder.records}
         samples = []
+        padded: list[str] = []  # layers whose Keras mask does not fit their positions
         for plan in self.plans:
             record = produced.get(plan.spec.name)
             if record is None:
@@ -432,7 +464,12 @@ class StepStatistics:
                 samples.append(_missing(plan))
                 continue
             try:
-                samples.append(tensor_sample(record.tensor, plan, record.layer.layer))
+                # A fused layer's pre-activation has the positions, and the padding, of its output.
+                mask = keras_mask(produced.get(output_name(plan.spec.name)))
+                if mask is not None and not fits_positions(mask, record.tensor, record.layer.layer):
+                    padded.append(plan.spec.name)
+                    mask = None
+                samples.append(tensor_sample(record.tensor, plan, record.layer.layer, mask))
             except Exception as exc:  # noqa: BLE001 - one layer never costs the run
                 warn_once(
                     f"batch-fail:{plan.spec.name}",
@@ -440,14 +477,12 @@ class StepStatistics:
                     "its per-step rows are NaN.",
                 )
                 samples.append(_missing(plan))
-        # A fused layer's pre-activation has the positions, and the padding, of its output.
-        padded = [p.spec.name for p in self.plans if has_keras_mask(produced.get(output_name(p.spec.name)))]
         if padded:
             warn_once(
                 "batch-mask:" + ",".join(padded),
                 f"the per-step rows of {', '.join(map(repr, padded))} count their padded positions "
-                "too (these outputs carry a Keras mask, which changes from batch to batch); the "
-                "probe captures leave the padding out.",
+                "too (their Keras masks do not cover their positions); the probe captures say "
+                "whether they could leave the padding out.",
             )
         return batch_vector(samples, self.plans, self._q, self._on_host, self._host_sort)
 

@@ -7,7 +7,8 @@ sequences writes zeros there, an Embedding repeats the padding index's vector.
 Counted, they pile up as a spike that moves with the padding, not with training.
 The probe is the same at every capture, so its masks are too: they are read once,
 in one pass of the model outside the compiled capture, and each tensor's plan
-keeps only its data rows (`stats.plan_tensor`).
+keeps only its data rows (`stats.plan_tensor`). The per-step mode reads each
+training batch's mask inside the step (`batch_stats.tensor_sample`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from .intercept import Recorder, intercept
 from .layers import SelectedLayer, iter_layers
 
-__all__ = ["makes_masks", "probe_masks", "has_keras_mask", "output_name"]
+__all__ = ["makes_masks", "probe_masks", "keras_mask", "output_name"]
 
 _PREACT = ":preact"
 
@@ -38,9 +39,9 @@ def _mask_of(tensor: Any) -> Any:
     return get_keras_mask(tensor)
 
 
-def has_keras_mask(record: Any) -> bool:
-    """Whether a recorded tensor (an intercept.Record, or None) carries a Keras mask."""
-    return record is not None and _mask_of(record.tensor) is not None
+def keras_mask(record: Any) -> Any:
+    """The Keras mask a recorded tensor (an intercept.Record, or None) carries, or None."""
+    return None if record is None else _mask_of(record.tensor)
 
 
 def makes_masks(model: keras.Model) -> bool:
@@ -70,7 +71,7 @@ def probe_masks(model: keras.Model, selection: Sequence[SelectedLayer], x: Any) 
         model(x, training=False)
     masks: dict[str, np.ndarray] = {}
     for record in recorder.records:
-        mask = _mask_of(record.tensor)
+        mask = keras_mask(record)
         if mask is not None and record.name not in masks:
             masks[record.name] = np.asarray(keras.ops.convert_to_numpy(mask)).astype(bool)
     for record in recorder.records:
