@@ -1,6 +1,7 @@
 """Capture cost against depth: reference CNN, MobileNetV2, ResNet50, an LSTM, and TensorBoard.
 
 Usage: python benchmarks/depth.py [--models baseline bn mobilenetv2 resnet50 lstm] [--probe 64]
+(`--models text`: an LSTM on padded token sequences, Keras masks; not in the default list)
 
 For each model, in one process (medians of --repeats, interleaved):
 - train step: `train_on_batch` on a batch of the probe's size;
@@ -77,6 +78,20 @@ def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
         )
         rng = np.random.default_rng(0)
         x, y = rng.normal(size=(256, 32, 16)).astype("float32"), rng.integers(0, 10, 256)
+    elif name == "text":  # padded token sequences: the Keras mask leaves the padding out
+        model = keras.Sequential(
+            [
+                keras.Input((32,), dtype="int32"),
+                keras.layers.Embedding(1000, 64, mask_zero=True),
+                keras.layers.LSTM(64, return_sequences=True),
+                keras.layers.LSTM(64),
+                keras.layers.Dense(10, activation="softmax"),
+            ]
+        )
+        rng = np.random.default_rng(0)
+        x, y = rng.integers(1, 1000, (256, 32)), rng.integers(0, 10, 256)
+        for row, length in enumerate(rng.integers(4, 33, 256)):
+            x[row, length:] = 0  # about 45 % padding
     else:
         raise SystemExit(f"unknown model {name!r}")
     model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")

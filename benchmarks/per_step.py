@@ -69,7 +69,7 @@ def make(name: str) -> tuple[keras.Model, Recipe]:
 
 def data_for(name: str, images: int) -> tuple[np.ndarray, np.ndarray]:
     """`images` inputs of the shape `name` takes (CIFAR-shaped, or depth.py's sequences)."""
-    if name != "lstm":
+    if name not in ("lstm", "text"):
         return cifar_like(images)
     from depth import make as make_deep
 

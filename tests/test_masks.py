@@ -215,3 +215,22 @@ def test_per_step_rows_sample_the_data_positions_of_each_training_batch(tmp_path
             assert np.abs(ranks - q).max() < 0.04, (name, ranks, q)  # a sample of 4,096, some twice
             assert abs(rows.mean[-1] - data.mean()) < 0.05 * data.std()
             assert rows.max[-1] <= data.max() and rows.min[-1] >= data.min()
+
+
+def test_a_sample_that_fell_on_padding_takes_a_data_value_of_its_own_part() -> None:
+    from icsviz.capture.batch_stats import _data_only
+
+    def run(values: np.ndarray, data: np.ndarray, sizes: list[int]) -> np.ndarray:
+        out = _data_only(keras.ops.convert_to_tensor(values), keras.ops.convert_to_tensor(data), sizes)
+        return keras.ops.convert_to_numpy(out)
+
+    values = np.arange(1, 17, dtype="float32")
+    data = np.array([1, 0, 0, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0], bool)
+    out = run(values, data, [10, 6])  # a layer's sample of 10, a tracked unit's of 6
+    np.testing.assert_array_equal(out[data], values[data])  # data samples stay where they are
+    first, second = slice(0, 10), slice(10, 16)
+    assert set(out[first][~data[first]]) <= set(values[first][data[first]])  # from its own part
+    assert len(set(out[first][~data[first]])) > 1  # spread over its data
+    assert set(out[second]) == {15.0}  # the only data value of the second part
+    out = run(values, np.r_[data[:10], np.zeros(6, bool)], [10, 6])
+    assert np.isnan(out[10:]).all() and not np.isnan(out[:10]).any()  # all padding: no values

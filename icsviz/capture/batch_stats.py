@@ -134,8 +134,8 @@ def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any, mask: Any = None) ->
     if mask is None:
         return values
     data = backend.gather(ops.reshape(ops.cast(mask, "bool"), (-1,)), positions // plan.spec.n_units)
-    bounds = np.cumsum([0, plan.spec.sample] + [plan.spec.unit_sample] * len(plan.spec.tracked_units))
-    return ops.concatenate([_data_only(values[a:b], data[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+    sizes = [plan.spec.sample] + [plan.spec.unit_sample] * len(plan.spec.tracked_units)
+    return _data_only(values, data, sizes)
 
 
 def fits_positions(mask: Any, tensor: Any, layer: Any) -> bool:
@@ -145,17 +145,26 @@ def fits_positions(mask: Any, tensor: Any, layer: Any) -> bool:
     return rank > 1 and unit_axis(layer, rank) == rank - 1 and len(mask.shape) == rank - 1
 
 
-def _data_only(values: Any, data: Any) -> Any:
-    """`values` with each one that fell on padding replaced by one that fell on data.
+def _data_only(values: Any, data: Any, sizes: Sequence[int]) -> Any:
+    """`values` with each one that fell on padding replaced by one that fell on data, within
+    each of the consecutive parts of `sizes` (the layer's sample, each tracked unit's).
 
-    The replacements are spread over the data values (the k-th padded sample takes data value
-    number 7919 k modulo their count), so the sample stays a sample of the data positions, with
-    some values counted twice; all NaN when every sample fell on padding.
+    The replacements are spread over the part's data values (the k-th value of a part takes
+    its data value number 7919 k modulo their count), so each part stays a sample of the data
+    positions, with some values counted twice; a part whose samples all fell on padding is NaN.
+    One set of operations for all parts: a cumulative count and a scatter, no sort.
     """
     n = int(values.shape[0])
-    n_data = ops.sum(ops.cast(data, "int32"))
-    order = ops.argsort(ops.cast(ops.logical_not(data), "int32"))  # the data samples first
-    spread = ops.mod(ops.arange(n, dtype="int32") * 7919, ops.maximum(n_data, 1))
+    starts = ops.convert_to_tensor(np.repeat(np.cumsum([0, *sizes[:-1]]), sizes).astype("int32"))
+    ends = ops.convert_to_tensor(np.repeat(np.cumsum(sizes), sizes).astype("int32"))  # each value's part
+    counted = ops.concatenate([ops.zeros((1,), "int32"), ops.cumsum(ops.cast(data, "int32"))])
+    before = ops.take(counted, starts)  # data values in the parts before this one
+    n_data = ops.take(counted, ends) - before  # and in this part
+    index = ops.arange(n, dtype="int32")
+    # Data value j of a part goes to the part's slot j (a scatter, not a sort); padding to n.
+    slot = ops.where(data, starts + counted[1:] - before - 1, n)
+    order = ops.scatter(ops.expand_dims(slot, -1), ops.where(data, index, 0), (n + 1,))
+    spread = starts + ops.mod((index - starts) * 7919, ops.maximum(n_data, 1))
     replaced = ops.where(data, values, ops.take(values, ops.take(order, spread)))
     return ops.where(n_data > 0, replaced, float("nan"))
 
