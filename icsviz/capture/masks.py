@@ -2,9 +2,11 @@
 
 `Embedding(mask_zero=True)` and `Masking` attach a mask to their output, and the
 layers after them pass it on (an LSTM's output over every time step, a Dense
-applied per time step). The padded positions hold no data: an LSTM returning
-sequences writes zeros there, an Embedding repeats the padding index's vector.
-Counted, they pile up as a spike that moves with the padding, not with training.
+applied per time step). The padded positions hold no data: an Embedding repeats
+the padding index's vector there, an LSTM returning sequences repeats its last
+output (zeros with `zero_output_for_mask=True`). Counted, they weigh the
+distributions by the padding (a spike, or the last step's values counted again),
+not by training.
 The probe is the same at every capture, so its masks are too: they are read once,
 in one pass of the model outside the compiled capture, and each tensor's plan
 keeps only its data rows (`stats.plan_tensor`). The per-step mode reads each
