@@ -165,3 +165,25 @@ def test_a_drift_heatmap_spans_each_capture_to_the_next_and_bins_thousands() -> 
     spec = charts.drift_heatmap(many.assign(from_start=1.0), "a", "from_start", 1.0)
     check(spec)
     assert spec["encoding"]["x"]["bin"] == {"maxbins": 60} and "x2" not in spec["encoding"]
+
+
+def test_drift_scores_get_ticks_where_they_are_and_one_value_a_domain_around_it() -> None:
+    def y_axis(scores: list[float]) -> dict[str, Any]:
+        frame = pd.DataFrame(
+            {"role": "r", "order": range(len(scores)), "run": "a", "layer": "l", "score": scores}
+        )
+        spec = charts.role_drift_chart(frame, ["a"])
+        check(spec)
+        return spec["encoding"]["y"] if "encoding" in spec else spec["layer"][0]["encoding"]["y"]
+
+    y = y_axis([501.0, 501.0])  # two runs, the same drift: a domain around it, ticks inside
+    low, high = y["scale"]["domain"]
+    assert (
+        low < 501 < high
+        and y["axis"]["values"]
+        and all(low / 3 <= t <= high * 3 for t in y["axis"]["values"])
+    )
+    assert 300.0 in y["axis"]["values"] and 1000.0 in y["axis"]["values"]
+    y = y_axis([0.02, 0.5, 40.0, float("nan")])
+    assert "domain" not in y["scale"] and y["scale"]["type"] == "log"
+    assert {0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0} <= set(y["axis"]["values"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 __all__ = [
@@ -146,18 +147,31 @@ def role_drift_chart(df: pd.DataFrame, runs: Sequence[str], paired: bool = True)
         encoding={
             "x": _n("role", sort={"field": "order"}, title=x_title, axis={"labelAngle": 0}),
             "xOffset": _n("run", sort=list(runs)),
-            "y": _q(
-                "score",
-                title="W1 / step-0 std",
-                scale={"type": "log", "nice": False, "padding": 12},
-                axis={"values": [0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30, 100]},
-            ),
+            "y": _q("score", title="W1 / step-0 std", **_log_score_axis(df["score"])),
             "color": _run_color(runs),
             "tooltip": [_n("run"), _n("role"), _n("layer"), _q("score", format=".3f")],
         },
         height=200,
         title="How far the input of each nonlinearity drifted (drift score, log scale)",
     )
+
+
+def _log_score_axis(scores: pd.Series) -> dict[str, Any]:
+    """A log scale and 1-3-10 ticks that cover the scores (drift of 500 had no tick at all when
+    the ticks stopped at 100), and a domain around them when they are all one value (Vega then
+    drew overlapping labels of nothing)."""
+    values = scores[np.isfinite(scores) & (scores > 0)]
+    scale: dict[str, Any] = {"type": "log", "nice": False, "padding": 12}
+    if values.empty:
+        return {"scale": scale}
+    low, high = float(values.min()), float(values.max())
+    if high / low < 3:  # one value, or nearly: a decade around it
+        low, high = low / 3, high * 3
+        scale["domain"] = [low, high]
+    decades = range(int(np.floor(np.log10(low))), int(np.ceil(np.log10(high))) + 1)
+    ticks = [float(f"{m * 10.0**e:.1g}") for e in decades for m in (1, 3)]  # 0.3, not 0.30000000000000004
+    ticks = [t for t in ticks if low / 3 <= t <= high * 3]
+    return {"scale": scale, "axis": {"values": ticks}}
 
 
 def histogram_chart(df: pd.DataFrame, runs: Sequence[str], x_domain: Sequence[float]) -> Spec:
