@@ -504,3 +504,33 @@ def test_keras_masks_leave_the_padding_out_on_jax() -> None:
         cwd=ROOT,
     )
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+)
+def test_jax_weights_deleted_by_an_interrupted_fit_are_named_as_the_cause(tmp_path) -> None:
+    # Keras's JAX trainer donates the variables to each step: a fit stopped in the middle
+    # leaves them deleted. The next fit's capture says so instead of an XLA buffer error.
+    script = textwrap.dedent(f"""
+        import warnings
+        import numpy as np, keras
+        from icsviz import CaptureWarning, ICSCallback
+        from icsviz.capture.backend import deleted_variables
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
+        model.compile("sgd", "mse")
+        x, y = np.ones((8, 4), "float32"), np.ones((8, 3), "float32")
+        assert deleted_variables(model) == []
+        model.get_layer("d").kernel.value.delete()  # as a donated buffer is
+        assert deleted_variables(model) == ["sequential/d/kernel"], deleted_variables(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                model.fit(x, y, verbose=0, callbacks=[ICSCallback({str(tmp_path / "d.h5")!r}, probe=(x, y))])
+            except RuntimeError as exc:
+                assert "deleted" in str(exc)  # Keras's own error
+        ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+        assert len(ours) == 1 and "weights are deleted" in ours[0] and "Ctrl-C" in ours[0], ours
+        print("DELETED OK")
+    """)
+    _run_on_jax(script, "DELETED OK")

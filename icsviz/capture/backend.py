@@ -35,6 +35,7 @@ __all__ = [
     "gather",
     "detached",
     "interrupts_held",
+    "deleted_variables",
 ]
 
 LossFn = Callable[[list[Any]], tuple[Any, Any]]
@@ -167,6 +168,20 @@ def interrupts_held() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     if pressed:
         raise KeyboardInterrupt
+
+
+def deleted_variables(model: keras.Model) -> list[str]:
+    """Paths of the model's variables whose values JAX has deleted: Keras's JAX trainer donates
+    them to each training step and writes the results back only at the fit's end, so a fit
+    interrupted in the middle (Ctrl-C) leaves them deleted. Empty on other backends."""
+    if name() != "jax":
+        return []
+    deleted = []
+    for variable in model.variables:
+        is_deleted = getattr(getattr(variable, "value", None), "is_deleted", None)
+        if is_deleted is not None and is_deleted():
+            deleted.append(variable.path)
+    return deleted
 
 
 def _sort_last_axis(rows: np.ndarray) -> np.ndarray:

@@ -452,6 +452,14 @@ class ICSCallback(keras.callbacks.Callback):
         """Trace the capture program, open the file and take the first capture."""
         self._started = True
         model = self.model
+        deleted = backend.deleted_variables(model)
+        if deleted:
+            raise RuntimeError(
+                f"the model's weights are deleted ({len(deleted)} variables, e.g. {deleted[0]!r}): Keras's "
+                "JAX trainer hands them to each training step and writes them back at the end of fit, "
+                "so a fit interrupted in the middle (Ctrl-C) leaves them deleted, and Keras cannot "
+                "train this model either. Build the model again, or load saved weights, and fit again"
+            )
         with_gradients = self._probe_y is not None and getattr(model, "optimizer", None) is not None
         if self._probe_y is None:
             warnings.warn(
