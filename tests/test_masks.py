@@ -234,3 +234,24 @@ def test_a_sample_that_fell_on_padding_takes_a_data_value_of_its_own_part() -> N
     assert set(out[second]) == {15.0}  # the only data value of the second part
     out = run(values, np.r_[data[:10], np.zeros(6, bool)], [10, 6])
     assert np.isnan(out[10:]).all() and not np.isnan(out[:10]).any()  # all padding: no values
+
+
+def test_reading_the_masks_changes_nothing_in_the_model() -> None:
+    from icsviz.capture.masks import probe_masks
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6,), dtype="int32", batch_size=4),
+            L.Embedding(20, 3, mask_zero=True),
+            L.LSTM(2, stateful=True, return_sequences=True, name="lstm"),
+            L.Dense(1),
+        ]
+    )
+    x = np.array([[1, 2, 3, 0, 0, 0]] * 4)
+    model(x)  # the stateful LSTM now holds states
+    states = [keras.ops.convert_to_numpy(s).copy() for s in model.get_layer("lstm").states]
+    masks = probe_masks(model, select_layers(model), (x * 3) % 20)
+    np.testing.assert_array_equal(masks["lstm"], np.tile([True] * 3 + [False] * 3, (4, 1)))
+    for before, after in zip(states, model.get_layer("lstm").states):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(after), before)

@@ -64,12 +64,14 @@ def probe_masks(model: keras.Model, selection: Sequence[SelectedLayer], x: Any) 
     """{captured tensor name: its Keras mask on the probe `x`} for the tensors that carry one
     (a fused layer's pre-activation takes its output's); empty when no layer makes masks.
 
-    The pass runs in inference mode, which changes no state (masks do not depend on it).
+    The pass runs in inference mode (masks do not depend on it) and in a stateless scope, so it
+    changes nothing in the model (a stateful RNN's states, a layer's counters).
     """
     if not makes_masks(model):
         return {}
     recorder = Recorder()
-    with intercept(selection, recorder):
+    # In a stateless scope, as the capture runs: a stateful RNN's states stay as they were.
+    with intercept(selection, recorder), keras.StatelessScope():
         model(x, training=False)
     masks: dict[str, np.ndarray] = {}
     for record in recorder.records:
