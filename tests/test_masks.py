@@ -255,3 +255,46 @@ def test_reading_the_masks_changes_nothing_in_the_model() -> None:
     np.testing.assert_array_equal(masks["lstm"], np.tile([True] * 3 + [False] * 3, (4, 1)))
     for before, after in zip(states, model.get_layer("lstm").states):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(after), before)
+
+
+class Shortens(L.Layer):
+    """Drops the last two time steps but passes the whole mask on: it no longer fits."""
+
+    def call(self, inputs, mask=None):
+        return inputs[:, :-2, :] * 2.0
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+
+def test_a_mask_of_other_positions_in_the_per_step_mode_is_said_so_and_training_goes_on(tmp_path) -> None:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((12,), dtype="int32"),
+            L.Embedding(50, 4, mask_zero=True, name="emb"),
+            Shortens(name="short"),
+            DropsTheMask(name="drop"),
+            L.Flatten(),
+            L.Dense(2, activation="softmax", name="out"),
+        ]
+    )
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    x, y = padded_tokens(n=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(
+            x,
+            y,
+            epochs=1,
+            batch_size=16,
+            verbose=0,
+            callbacks=[ICSCallback(tmp_path / "short.h5", probe=(x[:16], y[:16]), batch_stats=True)],
+        )
+    ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+    assert any("'short'" in m and "every position, padding included" in m for m in ours), ours
+    assert any("per-step rows of 'short'" in m and "do not cover their positions" in m for m in ours), ours
+    assert len(history.history["loss"]) == 1
+    with open_run(tmp_path / "short.h5") as run:
+        assert (run.batch_activations("short").counts.sum(1) == 4096).all() and len(run.batch_steps) == 4
+        assert run.activations("emb").counts[-1].sum() == (x[:16] != 0).sum() * 4  # its own mask fits

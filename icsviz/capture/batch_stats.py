@@ -133,7 +133,10 @@ def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any, mask: Any = None) ->
     values = backend.gather(flat, positions)
     if mask is None:
         return values
-    data = backend.gather(ops.reshape(ops.cast(mask, "bool"), (-1,)), positions // plan.spec.n_units)
+    flags = ops.reshape(ops.cast(mask, "bool"), (-1,))
+    # Clipped: a mask whose unknown dimensions turn out not to match must not stop training.
+    rows = ops.minimum(positions // plan.spec.n_units, ops.shape(flags)[0] - 1)
+    data = backend.gather(flags, rows)
     sizes = [plan.spec.sample] + [plan.spec.unit_sample] * len(plan.spec.tracked_units)
     return _data_only(values, data, sizes)
 
@@ -142,7 +145,10 @@ def fits_positions(mask: Any, tensor: Any, layer: Any) -> bool:
     """Whether a Keras mask marks the rows of `tensor` (its units on the last axis, the mask
     its other axes), as `tensor_sample` needs."""
     rank = len(tensor.shape)
-    return rank > 1 and unit_axis(layer, rank) == rank - 1 and len(mask.shape) == rank - 1
+    if rank < 2 or unit_axis(layer, rank) != rank - 1 or len(mask.shape) != rank - 1:
+        return False
+    known = zip(tuple(mask.shape)[1:], tuple(tensor.shape)[1:-1])  # the batch axis may be unknown
+    return all(a is None or b is None or int(a) == int(b) for a, b in known)
 
 
 def _data_only(values: Any, data: Any, sizes: Sequence[int]) -> Any:
