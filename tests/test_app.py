@@ -665,3 +665,23 @@ def test_a_run_without_accuracy_shows_its_own_metric_and_says_why(tmp_path) -> N
     np.testing.assert_allclose(val_mae["value"], history.history["val_mae"], rtol=1e-6)
     assert any("No selected run recorded accuracy" in c.value for c in at.caption)
     assert any(c.value.startswith("MAE and loss per epoch") for c in at.caption)
+
+
+def test_a_layer_whose_padding_was_left_out_says_so(shipped, tmp_path) -> None:
+    from test_masks import padded_tokens, text_model
+
+    from icsviz import ICSCallback
+
+    x, y = padded_tokens(n=64)
+    text_model().fit(
+        x, y, epochs=1, batch_size=32, verbose=0, callbacks=[ICSCallback(tmp_path / "text.h5", probe=(x, y))]
+    )
+    at = app_for(tmp_path).run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.sidebar.selectbox(key="layer").set_value("lstm").run()
+    notes = [c.value for c in at.caption if "Keras mask" in c.value]
+    assert len(notes) == 1 and "text" in shown(notes[0]), notes
+    at.sidebar.selectbox(key="layer").set_value("out").run()  # pooled: no mask, no note
+    assert not [c.value for c in at.caption if "Keras mask" in c.value]
+    shipped_view = app_for(shipped).run()
+    assert not [c.value for c in shipped_view.caption if "Keras mask" in c.value]

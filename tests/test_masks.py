@@ -186,6 +186,10 @@ def test_a_recorded_run_of_a_padded_model(tmp_path, batch_stats) -> None:
         model.fit(x, y, epochs=2, batch_size=32, verbose=0, callbacks=[callback])
     assert [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)] == []
     values = outputs_of(model, x[:64], ["lstm"])["lstm"][x[:64] != 0]
+    for _ in range(2):  # read from the file, then from the index the first reading kept
+        with open_run(path) as run:
+            assert run.layer("lstm").value_sample == "mask" and run.layer("lstm").padding_left_out
+            assert run.layer("out").value_sample == "all" and not run.layer("out").padding_left_out
     with open_run(path) as run:
         acts = run.activations("lstm")
         assert (acts.counts.sum(1) == values.size).all() and run.num_captures == 3

@@ -119,6 +119,10 @@ def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
                 label: list(getattr(entry_for(key), "damaged_layers", ())) for key, label in zip(keys, labels)
             },
             "layers_of": {label: run.layer_names for label, run in runs.items()},
+            "masked_of": {
+                label: [n for n in run.layer_names if run.layer(n).padding_left_out]
+                for label, run in runs.items()
+            },
             "tracked": {
                 label: {n: run.tracked_units(n).tolist() for n in run.layer_names}
                 for label, run in runs.items()
@@ -133,6 +137,8 @@ def _overview(keys: tuple[Key, ...], labels: tuple[str, ...]) -> dict[str, Any]:
         for role, names in overview["roles"]:  # a role stands for each run's own tensor in it
             for label, name in names.items():
                 overview["layers_of"][label] = [*overview["layers_of"][label], role]
+                if name in overview["masked_of"][label]:
+                    overview["masked_of"][label] = [*overview["masked_of"][label], role]
                 overview["tracked"][label][role] = overview["tracked"][label].get(name, [])
         return overview
 
@@ -360,6 +366,14 @@ def distributions(
         "The distribution of this layer's outputs on the fixed probe batch, at the capture chosen "
         "with the slider; runs overlaid on the same axes."
     )
+    masked = [label for label in labels if layer in overview["masked_of"].get(label, ())]
+    if masked:
+        st.caption(
+            "Positions that a Keras mask marks as padding (Embedding(mask_zero=True), Masking) are left "
+            "out: these are the values at the data positions, in every chart of this layer ("
+            + plain(", ".join(masked))
+            + ")."
+        )
     hist = _histogram(keys, labels, layer, epoch, tuple(edges.tolist()))
     draw(charts.histogram_chart, hist, labels, domain)
     if not hist.empty and hist["dead"].max() > 0.001:

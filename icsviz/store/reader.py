@@ -42,6 +42,14 @@ class LayerInfo:
     n_units: int
     n_values: int
     inputs: tuple[str, ...] = ()  # captured tensors that feed this one (empty when unknown)
+    # How the values were chosen: "all", "rows" (a sample of rows), "mask" / "mask, rows" (the
+    # padding a Keras mask marks left out), "first samples"; "" in runs that do not say.
+    value_sample: str = ""
+
+    @property
+    def padding_left_out(self) -> bool:
+        """Whether positions a Keras mask marks as padding were left out of the statistics."""
+        return self.value_sample.startswith("mask")
 
 
 @dataclass(frozen=True)
@@ -230,6 +238,7 @@ def seed_index(path: str | os.PathLike[str], skip: Iterable[str], read_record: C
                 n_units=int(item["n_units"]),
                 n_values=int(item["n_values"]),
                 inputs=tuple(str(name) for name in item.get("inputs", ())),
+                value_sample=str(item.get("value_sample", "")),
             )
             for item in record["layers"]
         ]
@@ -333,6 +342,7 @@ class Run:
                         n_units=int(a["n_units"]),
                         n_values=int(a["n_values"]),
                         inputs=tuple(json.loads(a["inputs"])) if "inputs" in a else (),
+                        value_sample=str(a["value_sample"]) if "value_sample" in a else "",
                     )
                 )
         return infos
