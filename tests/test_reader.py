@@ -153,3 +153,21 @@ def test_another_open_of_the_same_file_version_shares_the_read(run_path, layout)
     with open_run(run_path) as changed:
         after = changed.activations("dense")
         assert after is not before and len(after.counts) == len(before.counts) + 1
+
+
+def test_an_index_record_is_used_only_when_it_holds_every_field(run_path) -> None:
+    from icsviz.store import reader
+
+    with open_run(run_path) as run:
+        record = reader.index_record(run)
+        expected = run.layer(run.layer_names[0])
+    assert record is not None and "value_sample" in record["layers"][0]
+    stale = {
+        **record,
+        "layers": [{k: v for k, v in item.items() if k != "value_sample"} for item in record["layers"]],
+    }
+    reader._INDEXES.clear()
+    assert not reader.seed_index(run_path, (), lambda: stale)  # kept before value_sample: the file is read
+    assert reader.seed_index(run_path, (), lambda: record)
+    with open_run(run_path) as run:
+        assert run.layer(run.layer_names[0]) == expected

@@ -238,7 +238,7 @@ def seed_index(path: str | os.PathLike[str], skip: Iterable[str], read_record: C
                 n_units=int(item["n_units"]),
                 n_values=int(item["n_values"]),
                 inputs=tuple(str(name) for name in item.get("inputs", ())),
-                value_sample=str(item.get("value_sample", "")),
+                value_sample=str(item["value_sample"]),  # a record from before it was kept: stale
             )
             for item in record["layers"]
         ]
