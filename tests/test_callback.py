@@ -403,6 +403,29 @@ def test_a_new_callback_closes_the_file_an_interrupted_fit_left_open(tmp_path, o
     old.close()  # already closed: nothing happens
 
 
+def test_a_run_closed_after_a_change_of_directory_leaves_nothing_to_close_again(
+    tmp_path, monkeypatch
+) -> None:
+    """A relative path resolves anew after `cd`: the run is forgotten under the name it was opened
+    with, so a later callback on it finds nothing left open and says nothing."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    x, y = data()
+    cb = ICSCallback("notebook.h5", probe=(x[:16], y[:16]), every_n_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        sequential().fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[cb, CtrlC()])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cb.close()
+    monkeypatch.chdir(tmp_path)
+    again = ICSCallback("notebook.h5", probe=(x[:16], y[:16]), overwrite=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sequential().fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[again])
+    assert not [w for w in caught if "still open for writing" in str(w.message)]
+    with open_run(tmp_path / "notebook.h5") as run:
+        assert run.status == "complete"
+
+
 def test_a_fit_still_running_on_another_thread_keeps_its_file(tmp_path) -> None:
     path = tmp_path / "busy.h5"
     x, y = data()

@@ -273,7 +273,9 @@ class ICSCallback(keras.callbacks.Callback):
                 stacklevel=2,
             )
             x, y = take(x, _MAX_PROBE), (None if y is None else take(y, _MAX_PROBE))
-        self.path = Path(path).expanduser()
+        # Absolute: the file is reopened (resumed, closed after Ctrl-C, compacted) from wherever
+        # the process stands then, and a notebook may have changed directory since.
+        self.path = Path(path).expanduser().absolute()
         if self.path.is_dir():
             raise ValueError(
                 f"path must be a file, and {self.path} is a folder: pass a file inside it, e.g. "
@@ -420,12 +422,13 @@ class ICSCallback(keras.callbacks.Callback):
         among the calls this fit was started from. A fit still running keeps its file, and
         opening the file refuses this run (RunInUseError).
         """
-        entry = _OPEN_RUNS.get(self.path.resolve())
+        key = self.path.resolve()
+        entry = _OPEN_RUNS.get(key)
         if entry is None:
             return
         earlier, thread = entry[0](), entry[1]
         if earlier is None:  # collected: its finalizer closed the file
-            del _OPEN_RUNS[self.path.resolve()]
+            del _OPEN_RUNS[key]
             return
         if earlier is self:
             return
