@@ -30,7 +30,14 @@ import numpy as np
 
 from ..store.schema import QUANTILES
 from . import backend
-from .stats import CaptureOptions, TracedLayer, dyadic_grid, interpolated_quantiles_np, measured_rows
+from .stats import (
+    CaptureOptions,
+    TracedLayer,
+    budgeted,
+    dyadic_grid,
+    interpolated_quantiles_np,
+    measured_rows,
+)
 
 __all__ = ["all_layer_stats", "split", "groups", "host_quantiles"]
 
@@ -138,13 +145,10 @@ def all_layer_stats(
     derived = _derived_ranges(plans, [keras.backend.standardize_dtype(t.dtype) for t in tensors])
     for index, (tensor, plan) in enumerate(zip(tensors, plans)):
         every = measured_rows(backend.detached(tensor), plan)  # statistics, never differentiated
-        if plan.row_index is None:
-            units.append(every)
-        else:
-            if index not in derived:
-                sums[index], exact_low[index] = ops.sum(every), ops.min(every)
-                exact_high[index] = ops.max(every)
-            units.append(backend.gather(every, plan.row_index))
+        if plan.row_index is not None and index not in derived:
+            sums[index], exact_low[index] = ops.sum(every), ops.min(every)
+            exact_high[index] = ops.max(every)
+        units.append(budgeted(every, plan))
     for index, source in derived.items():  # sources come first: a map's input is made before it
         ends = ops.cast(ops.stack([exact_low[source], exact_high[source]]), tensors[source].dtype)
         mapped = ops.cast(plans[index].range_map(ends), "float32")  # type: ignore[misc]

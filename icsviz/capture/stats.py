@@ -247,11 +247,10 @@ def measured_rows(tensor: Any, plan: TracedLayer) -> Any:
     return units if plan.valid_rows is None else backend.gather(units, plan.valid_rows)
 
 
-def budgeted(tensor: Any, plan: TracedLayer) -> Any:
-    """The tensor's budgeted values as (rows, units) float32, units last: every measured row,
-    or the plan's fixed sample of them."""
-    units = measured_rows(tensor, plan)
-    return units if plan.row_index is None else backend.gather(units, plan.row_index)
+def budgeted(measured: Any, plan: TracedLayer) -> Any:
+    """The budgeted values of a tensor's `measured_rows`, (rows, units): all of them, or the
+    plan's fixed sample of them."""
+    return measured if plan.row_index is None else backend.gather(measured, plan.row_index)
 
 
 def dyadic_bin_width(low: float, high: float, bins: int) -> tuple[float, float]:
@@ -351,11 +350,10 @@ def interpolated_quantiles_np(sorted_values: np.ndarray, n_finite: np.ndarray, q
 
 
 def layer_stats(tensor: Any, plan: TracedLayer, options: CaptureOptions, *, masked: bool) -> dict[str, Any]:
-    if plan.valid_rows is None:
-        full = ops.reshape(ops.cast(tensor, "float32"), (-1,))
-    else:  # the values the mask keeps
-        full = ops.reshape(measured_rows(tensor, plan), (-1,))
-    units = budgeted(tensor, plan)
+    measured = measured_rows(tensor, plan)
+    # Every value, or the ones the mask keeps (gathered once, for the range and the budget both).
+    full = ops.reshape(ops.cast(tensor, "float32") if plan.valid_rows is None else measured, (-1,))
+    units = budgeted(measured, plan)
     all_finite = ops.isfinite(ops.sum(full))  # NaN/Inf anywhere poisons the sum
     stats = reduce_values(
         units, ops.reshape(units, (-1,)), plan, options, masked=masked, all_finite=all_finite
