@@ -26,7 +26,9 @@ from ..errors import CaptureWarning
 from .layers import SelectedLayer
 from .monotone import RangeMap, activation_map, layer_map
 
-__all__ = ["Record", "Recorder", "intercept", "is_float_tensor", "warn_once"]
+__all__ = ["PREACT", "Record", "Recorder", "intercept", "is_float_tensor", "warn_once"]
+
+PREACT = ":preact"  # the suffix of a fused layer's pre-activation: "dense:preact" (before "#2")
 
 _warned: set[str] = set()
 Mapped = tuple[Any, RangeMap] | None  # (input, exact monotone map): see monotone.py
@@ -181,7 +183,7 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
             def activation(x: Any, _orig: Any = original_activation, _sel: SelectedLayer = selected) -> Any:
                 if threading.get_ident() != owner:
                     return _orig(x)
-                _record(recorder, _sel, x, "preactivation", tag=":preact")
+                _record(recorder, _sel, x, "preactivation", tag=PREACT)
                 out = _orig(x)
                 fused[id(_sel.layer)] = (x, out)
                 return out

@@ -21,18 +21,16 @@ from typing import Any
 import keras
 import numpy as np
 
-from .intercept import Recorder, intercept
+from .intercept import PREACT, Recorder, intercept
 from .layers import SelectedLayer, iter_layers
 
 __all__ = ["makes_masks", "probe_masks", "keras_mask", "output_name"]
-
-_PREACT = ":preact"
 
 
 def output_name(name: str) -> str:
     """The captured output a tensor shares its positions with: itself, or for a fused layer's
     pre-activation ("dense:preact#2") the layer's output ("dense#2")."""
-    return name.replace(_PREACT, "", 1)
+    return name.replace(PREACT, "", 1)
 
 
 def _mask_of(tensor: Any) -> Any:
