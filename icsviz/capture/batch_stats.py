@@ -87,6 +87,11 @@ class BatchPlan:
     unit_strata: np.ndarray  # (UNIT_SAMPLE,) the same along a tracked unit's values
 
     @property
+    def sample_parts(self) -> tuple[int, ...]:
+        """Sizes of the parts of this layer's sample, in order: the layer's, each tracked unit's."""
+        return (self.spec.sample, *[self.spec.unit_sample] * len(self.spec.tracked_units))
+
+    @property
     def size(self) -> int:
         """This layer's share of the step vector."""
         u = len(self.spec.tracked_units)
@@ -138,8 +143,7 @@ def tensor_sample(tensor: Any, plan: BatchPlan, layer: Any, mask: Any = None) ->
     # Clipped: a mask whose unknown dimensions turn out not to match must not stop training.
     rows = ops.minimum(positions // plan.spec.n_units, ops.shape(flags)[0] - 1)
     data = backend.gather(flags, rows)
-    sizes = [plan.spec.sample] + [plan.spec.unit_sample] * len(plan.spec.tracked_units)
-    return _data_only(values, data, sizes)
+    return _data_only(values, data, plan.sample_parts)
 
 
 def fits_positions(mask: Any, tensor: Any, layer: Any) -> bool:
@@ -269,7 +273,7 @@ def batch_vector(
 
 def raw_size(plans: Sequence[BatchPlan]) -> int:
     """Values in a step's row of samples (`batch_vector` with `on_host`)."""
-    return sum(plan.spec.sample + len(plan.spec.tracked_units) * plan.spec.unit_sample for plan in plans)
+    return sum(sum(plan.sample_parts) for plan in plans)
 
 
 # Layer samples that go through numpy together, a few steps' worth: more per call and they
