@@ -8,6 +8,7 @@ import warnings
 import keras
 import numpy as np
 import pytest
+from test_program import capture as capture_once
 
 from icsviz import CaptureWarning, ICSCallback, open_run
 from icsviz.capture.layers import select_layers
@@ -56,16 +57,8 @@ def outputs_of(model: keras.Model, x: np.ndarray, names: list[str]) -> dict[str,
 
 
 def capture(model: keras.Model, x: np.ndarray, y: np.ndarray, **options) -> tuple[CaptureProgram, dict]:
-    program = CaptureProgram(model, select_layers(model), CaptureOptions(**options), with_gradients=True)
-    result = program.run(
-        keras.ops.convert_to_tensor(x),
-        keras.ops.convert_to_tensor(y),
-        0.0,
-        step=0,
-        epoch=0.0,
-        time=0.0,
-        kind="start",
-    )
+    """One capture with `CaptureOptions(**options)`: the program and {tensor: (plan, stats)}."""
+    program, result = capture_once(model, x, y, options=CaptureOptions(**options), with_gradients=True)
     return program, {plan.name: (plan, stats) for plan, stats in zip(program.traced, result.layers)}
 
 
