@@ -137,6 +137,8 @@ class ICSCallback(keras.callbacks.Callback):
 
     Args:
         path: The run file to write, e.g. "runs/bn.h5". Parent folders are created.
+            A relative path is taken from the current directory when the callback
+            is made (`callback.path` is absolute), whatever directory later fits run in.
         probe: A fixed batch measured at every capture: an array (or dict of
             arrays for multi-input models), an `(x, y)` tuple, or a dataset from
             which the first batch is taken once. Labels are needed for gradient
