@@ -212,8 +212,18 @@ def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path)
     port = _free_port()
     server = _icsviz_app(folder, port, cwd=tmp_path)
 
-    def chips(page) -> list[str]:
-        return page.evaluate(CHIPS)
+    def wait_for_chips(page, expected: list[str]) -> None:
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        try:
+            page.wait_for_function(
+                f"expected => JSON.stringify(({CHIPS})()) === JSON.stringify(expected)",
+                arg=expected,
+                timeout=60000,
+            )
+        except PlaywrightTimeout:
+            page.screenshot(path=str(tmp_path / "chips.png"))
+            raise AssertionError(f"the sidebar compares {page.evaluate(CHIPS)}, not {expected}") from None
 
     try:
         _wait_for_health(server, port)
@@ -222,7 +232,9 @@ def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path)
             page = browser.new_page(viewport={"width": 1400, "height": 1600})
             page.goto(f"http://127.0.0.1:{port}/", timeout=60000)
             page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
-            assert chips(page) == ["sweep0-cifar10-baseline.h5", "sweep0-cifar10-bn.h5"]
+            # The sidebar's chips are drawn by their own React tree: on a loaded machine they can
+            # come a moment after the first chart (seen once in CI), so wait for them too.
+            wait_for_chips(page, ["sweep0-cifar10-baseline.h5", "sweep0-cifar10-bn.h5"])
             assert "not read yet" not in page.inner_text("body")  # the catalogue came from disk
             table = page.locator("[data-testid='stDataFrame']").first
             table.wait_for(timeout=30000)
@@ -234,11 +246,7 @@ def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path)
                 (4, ["sweep1-cifar10-bn.h5", "sweep2-cifar10-baseline.h5"]),
             ):
                 page.mouse.click(box["x"] + 18, box["y"] + row_height * (row + 1) + row_height / 2)
-                page.wait_for_function(
-                    f"expected => JSON.stringify(({CHIPS})()) === JSON.stringify(expected)",
-                    arg=expected,
-                    timeout=60000,
-                )
+                wait_for_chips(page, expected)
             page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
             time.sleep(2.0)
             page.screenshot(path=str(tmp_path / "sweep.png"), full_page=False)
