@@ -376,6 +376,33 @@ def test_close_finishes_an_interrupted_fit(tmp_path) -> None:
         np.testing.assert_array_equal(run.steps, [0, 2, 4])  # the waiting step captures are written
 
 
+def test_a_run_file_removed_while_open_is_a_warning_at_the_end_and_at_exit(tmp_path) -> None:
+    """The file went away under an open run (a temporary folder cleaned, a user's `rm`): closing
+    it at the end of training, or at the interpreter's exit for a fit that ended in an
+    exception, says so in one warning instead of a traceback."""
+    x, y = data()
+
+    class Remove(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                (tmp_path / "ends.h5").unlink()
+
+    ends = ICSCallback(tmp_path / "ends.h5", probe=(x[:16], y[:16]))
+    with pytest.warns(CaptureWarning, match=r"ends\.h5 was removed or renamed while the run was written"):
+        history = sequential().fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[ends, Remove()])
+    assert len(history.history["loss"]) == 2  # training finished
+
+    crashed = ICSCallback(tmp_path / "crashed.h5", probe=(x[:16], y[:16]), every_n_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        sequential().fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[crashed, CtrlC()])
+    (tmp_path / "crashed.h5").unlink()
+    with pytest.warns(
+        CaptureWarning, match=r"closing the run file .*crashed\.h5 failed .*removed or renamed"
+    ):
+        crashed._finalizer()  # what the interpreter's exit runs for an open run
+    assert not crashed._finalizer.alive
+
+
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_new_callback_closes_the_file_an_interrupted_fit_left_open(tmp_path, overwrite) -> None:
     """The notebook cell ran again after Ctrl-C: its new callback cannot reach the old one, which

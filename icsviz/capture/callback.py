@@ -62,12 +62,20 @@ def _close_when_written(
 ) -> None:
     """Write what is queued and the step captures still waiting, then close the file as
     interrupted (the finalizer's job)."""
-    release_first_compile()  # a first capture still waiting for Keras's first step is needed now
-    if waiting:
-        with contextlib.suppress(RuntimeError):  # the writer's thread has stopped already
-            queue.submit("the last step captures", _write_of(waiting, writer))
-    queue.close()
-    writer.close("interrupted")
+    try:
+        release_first_compile()  # a first capture still waiting for Keras's first step is needed now
+        if waiting:
+            with contextlib.suppress(RuntimeError):  # the writer's thread has stopped already
+                queue.submit("the last step captures", _write_of(waiting, writer))
+        queue.close()
+        writer.close("interrupted")
+    except Exception as exc:  # noqa: BLE001 - also run at the interpreter's exit: a warning, not a traceback
+        detail = _ANSI.sub("", str(exc))
+        warnings.warn(
+            f"icsviz: closing the run file {writer.path} failed ({type(exc).__name__}: {detail}).",
+            CaptureWarning,
+            stacklevel=2,
+        )
 
 
 def _fit_on_this_stack(callback: ICSCallback) -> bool:

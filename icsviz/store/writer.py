@@ -474,6 +474,11 @@ class RunWriter:
                 self._datasets.clear()
                 self._file.close()
             if compact and not self._detached:  # detached: the disk holds what it held
+                if not self.path.exists():
+                    raise RunFileError(
+                        f"{self.path} was removed or renamed while the run was written: nothing to "
+                        "compact (a renamed file keeps its captures, with the status 'training')"
+                    )
                 _rewrite(self.path, status=status)
         finally:
             self._lock.release()
