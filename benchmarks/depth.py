@@ -24,8 +24,8 @@ For each model, in one process (medians of --repeats, interleaved):
 - TensorBoard(histogram_freq=1): the time its epoch-end hook takes (weight histograms
   written every epoch) beside ICSCallback's epoch-end hook, on the same short epoch;
 - per-step mode (`batch_stats=True`, batch 32): the training step with the statistics in it
-  against Keras's own, as `per_step.py` measures it (TensorFlow: the two train functions
-  alternated inside one fit, `--paired`; JAX and torch: epoch times with / without).
+  against Keras's own, as `per_step.py` measures it (TensorFlow and JAX: the two train
+  functions alternated inside one fit, `--paired`; torch: epoch times with / without).
 At the end a table with one row per model, in Markdown (README's table is one).
 Targets (issue 8): capture <= 1.5 steps on MobileNetV2 / ResNet50, <= 1.2 on the reference
 CNN; first capture <= 10 s on MobileNetV2, <= 2 s on the reference CNN; per-step mode <= 1.10
@@ -235,7 +235,7 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> dict[str, floa
 def per_step_ratio(name: str, pairs: int, images: int, folder: Path) -> float:
     """The per-step mode's cost for `name`, as per_step.py measures it on this backend."""
     x, y = per_step.data_for(name, images)
-    if keras.backend.backend() == "tensorflow":
+    if keras.backend.backend() in ("tensorflow", "jax"):
         return per_step.measure_paired(name, x, y, pairs, folder)
     return per_step.measure(name, x, y, rounds=1, epochs=1, folder=folder)
 
@@ -284,7 +284,7 @@ def main() -> None:
         "--per-step-pairs",
         type=int,
         default=20,
-        help="TensorFlow: alternated step pairs (0: skip the per-step mode)",
+        help="alternated step pairs, TensorFlow and JAX (0: skip the per-step mode)",
     )
     parser.add_argument(
         "--per-step-images", type=int, default=1024, help="JAX and torch: images per timed epoch"

@@ -17,7 +17,7 @@ epochs,
     ratio = epoch time with / epoch time without
 
 On a machine whose speed swings between epochs (this project's shared 2-core one: single
-epochs from 0.83 to 1.96), `--paired N` (TensorFlow) measures instead, inside one fit, the
+epochs from 0.83 to 1.96), `--paired N` (TensorFlow and JAX) measures instead, inside one fit, the
 training step with the statistics against Keras's own step for the same model, alternating
 the two compiled train functions step by step for N pairs (the order switched every pair),
 and adds the callback's per-batch hooks as timed in that fit's first epoch, and what the
@@ -78,7 +78,7 @@ def data_for(name: str, images: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([x] * repeats)[:images], np.concatenate([y] * repeats)[:images]
 
 
-def gather_only_vector(samples, plans, q, on_host=False, host_sort=False):
+def gather_only_vector(samples, plans, q, on_host=False):
     """`--breakdown`'s stand-in for `batch_stats.batch_vector`: each layer's sample mean in a
     vector of the real size (so the writes are the same), no sorts, histograms or moments."""
     ops = keras.ops
@@ -138,9 +138,7 @@ def measure(name: str, x, y, rounds: int, epochs: int, folder: Path, breakdown: 
 
 def measure_paired(name: str, x, y, pairs: int, folder: Path) -> float:
     """(median step with the statistics + the callback's batch hooks) / median plain step,
-    the two train functions alternated inside one fit (TensorFlow; printed too)."""
-    import tensorflow as tf
-
+    the two train functions alternated inside one fit (TensorFlow and JAX; printed too)."""
     model, recipe = make(name)
     batch = recipe.batch_size
     ics = ICSCallback(
@@ -157,24 +155,24 @@ def measure_paired(name: str, x, y, pairs: int, folder: Path) -> float:
                 return
             statistics_ = self.statistics = ics._steps
             functions = {"plain": statistics_._saved["train_function"], "stats": self.model.train_function}
-            batches = iter(
-                tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat()
-            )
+            run = _alternate_steps(self.model, functions, x, y, batch)
             for index in range(pairs + 2):  # the first two pairs trace and warm up
                 order = ("plain", "stats") if index % 2 == 0 else ("stats", "plain")
                 for kind in order:
                     statistics_.expected = True  # as ICSCallback's batch hook says before its steps
                     start = time.perf_counter()
-                    keras.ops.convert_to_numpy(functions[kind](batches)["loss"])
+                    run(kind)
                     if index >= 2:
                         times[kind].append(time.perf_counter() - start)
                 taken.extend(statistics_.take())  # not written: the steps are timed alone
+            run(None)  # the model's state as the last step left it
             statistics_.expected = True  # the fit's own bookkeeping goes on as before
 
     steps_in_fit = len(x) // batch
     taken: list = []
     alternating = Pairs()
     model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timed, alternating])
+    model.evaluate(x[:batch], y[:batch], verbose=0)  # the model trains on from the state the pairs left
     batch_hooks = ("on_train_batch_begin", "on_train_batch_end")
     hooks = sum(timed.hook_seconds[(hook, 0)] for hook in batch_hooks) / steps_in_fit
     # What the writer's thread does with each step's row before writing it: on a CPU, numpy's
@@ -199,6 +197,39 @@ def measure_paired(name: str, x, y, pairs: int, folder: Path) -> float:
     return (stats + hooks + host) / plain
 
 
+def _alternate_steps(model: keras.Model, functions: dict, x, y, batch: int):
+    """A function that runs one step of `functions[kind]` on the next batch and waits for it;
+    `kind=None` ends the run (JAX: the state the steps carried goes back to the model)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        batches = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).repeat())
+
+        def run(kind):
+            if kind is not None:
+                keras.ops.convert_to_numpy(functions[kind](batches)["loss"])
+
+        return run
+    if keras.backend.backend() != "jax":
+        raise SystemExit("--paired runs on TensorFlow and JAX")
+    # JAX's train function is pure: it takes the state (trainable, non-trainable, optimizer and
+    # metrics variables) and gives the next, which the next step takes, whichever function it is.
+    names = ("trainable_variables", "non_trainable_variables", "optimizer_variables", "metrics_variables")
+    state = [tuple(list(model._jax_state[n]) for n in names)]  # plain lists: Keras tracks its own
+    starts = range(0, len(x) - batch + 1, batch)
+    batches = ((x[i : i + batch], y[i : i + batch]) for _ in iter(int, 1) for i in starts)
+
+    def run(kind):
+        if kind is None:
+            model._jax_state = dict(zip(names, state[0]))
+            model._jax_state_synced = False  # the epoch's end assigns it to the variables
+            return
+        logs, state[0] = functions[kind](state[0], batches)
+        np.asarray(logs["loss"])  # waits for the step (JAX dispatches asynchronously)
+
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4096)
@@ -206,7 +237,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per fit (after one untimed)")
     parser.add_argument("--models", nargs="+", default=["baseline", "bn"])
     parser.add_argument(
-        "--paired", type=int, metavar="N", help="N alternating step pairs in one fit (TensorFlow)"
+        "--paired", type=int, metavar="N", help="N alternating step pairs in one fit (TensorFlow, JAX)"
     )
     parser.add_argument(
         "--breakdown",

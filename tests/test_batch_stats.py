@@ -539,8 +539,8 @@ def test_jax_steps_return_the_vector_or_fall_back_to_a_host_callback(tmp_path: P
     importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
 )
 def test_ctrl_c_during_jaxs_host_callbacks_is_a_keyboard_interrupt(tmp_path: Path) -> None:
-    # On a CPU JAX's step calls numpy to sort the samples (and the fallback channel calls back
-    # with the vector). A Ctrl-C that Python handled there came out of the step as XLA's
+    # Where JAX's step cannot return the vector (steps_per_execution > 1, a custom step), it
+    # calls back with it. A Ctrl-C that Python handled there came out of the step as XLA's
     # "INTERNAL: CpuCallback error" (a ValueError). Here the SIGINT arrives inside the callback.
     script = textwrap.dedent(f"""
         import os, signal, sys
@@ -548,7 +548,6 @@ def test_ctrl_c_during_jaxs_host_callbacks_is_a_keyboard_interrupt(tmp_path: Pat
         import keras, numpy as np
         from test_batch_stats import _fit, _probe
         from icsviz import ICSCallback, open_run
-        import icsviz.capture.backend as backend
         import icsviz.capture.batch_stats as bs
 
         calls = []
@@ -560,9 +559,8 @@ def test_ctrl_c_during_jaxs_host_callbacks_is_a_keyboard_interrupt(tmp_path: Pat
                 return original(*args)
             return called
 
-        backend._sort_last_axis = interrupting("sort", backend._sort_last_axis)
         bs.StepStatistics._receive = interrupting("receive", bs.StepStatistics._receive)
-        for name, args in (("sort", {{}}), ("receive", {{"steps_per_execution": 2}})):
+        for name, args in (("receive", {{"steps_per_execution": 2}}),):
             calls.clear()
             path = {str(tmp_path)!r} + f"/{{name}}.h5"
             try:
@@ -705,10 +703,6 @@ def _host_and_device_agree(nonfinite: bool) -> None:
     raw = keras.ops.convert_to_numpy(on_host(*samples))
     assert raw.shape == (raw_size(plans),)
     host, device = host_vectors(raw[None], plans, q)[0], keras.ops.convert_to_numpy(on_device(*samples))
-    if keras.backend.backend() == "jax":  # numpy's sort alone, the rest on the device (JAX on a
-        # CPU: see backend.host_sort_in_step): the same bits (a sort is exact)
-        sorted_on_host = compiled(lambda *s: batch_vector(s, plans, q, host_sort=True))
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(sorted_on_host(*samples)), device)
     assert host.shape == device.shape and np.isfinite(host).sum() > 100
     assert (unpack(host[None], plans)[0]["nonfinite"] > 0).all() == nonfinite
     if nonfinite:
@@ -741,7 +735,6 @@ def test_numpy_statistics_inside_the_step_give_the_devices_numbers() -> None:
     assert backend.host_statistics_in_step(model) == (not tf.config.list_logical_devices("GPU"))
     model.compile("sgd", "mse", jit_compile=True)
     assert not backend.host_statistics_in_step(model)  # XLA cannot call Python: the device computes them
-    assert not backend.host_sort_in_step(model)  # JAX's choice
 
 
 def test_torch_on_a_cpu_hands_out_the_samples() -> None:
@@ -757,7 +750,7 @@ def test_torch_on_a_cpu_hands_out_the_samples() -> None:
 @pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
 )
-def test_numpy_statistics_inside_a_jax_step_give_the_devices_numbers() -> None:
+def test_jax_on_a_cpu_hands_out_the_samples_and_numpy_gives_the_devices_numbers() -> None:
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(ROOT / "tests")!r})
@@ -765,16 +758,10 @@ def test_numpy_statistics_inside_a_jax_step_give_the_devices_numbers() -> None:
         from test_batch_stats import _model, host_and_device_statistics_agree
         from icsviz.capture import backend
         host_and_device_statistics_agree()
-        # The callback gets numpy arrays: a JAX operation inside it can deadlock the device.
-        import numpy as np
-        kinds = []
-        probe = lambda a: kinds.append(type(a)) or np.asarray(a, "float32") * 2
-        doubled = jax.jit(lambda a: backend.host_call(probe, [a], (3,)))(jax.numpy.ones(3))
-        assert kinds == [np.ndarray] and np.asarray(doubled).tolist() == [2.0, 2.0, 2.0], kinds
         model = _model()
         model.compile("sgd", "mse")
-        assert not backend.host_statistics_in_step(model)  # XLA fuses them: they stay XLA's
-        assert backend.host_sort_in_step(model) == (jax.default_backend() == "cpu")
+        # On a GPU or TPU XLA computes them in the step.
+        assert backend.host_statistics_in_step(model) == (jax.default_backend() == "cpu")
         print("STATISTICS AGREE")
     """)
     env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}

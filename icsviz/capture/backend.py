@@ -98,42 +98,27 @@ def host_statistics_in_step(model: keras.Model) -> bool:
     in numpy). Numpy called from inside the step (`tf.numpy_function`, as until the thirteenth
     session) took 1.3 ms of CPU a step for the reference CNN's samples, against 0.4 ms on the
     writer's thread, a few steps at a time. So on a CPU the step hands out its samples, unless
-    XLA compiles it: there, as on a GPU or TPU, the device computes the statistics. Torch on a
-    CPU too (its eager kernels: an MLP's per-step epoch 16 -> 13 ms a step, the same counts and
-    quantiles). JAX fuses the kernels and keeps them (see `host_sort_in_step`).
+    XLA compiles TensorFlow's step: there, as on a GPU or TPU, the device computes the
+    statistics. Torch on a CPU too (its eager kernels: an MLP's per-step epoch 16 -> 13 ms a
+    step, the same counts and quantiles). And JAX on a CPU: XLA fuses the statistics, but its
+    CPU sort is slow (6 ms of a three-layer model's 8 ms step), and with the sort alone in numpy
+    (a host callback inside the step, until the fifteenth session) the BN CNN's step cost 1.10
+    Keras's own against 1.02-1.03 with the samples handed out, the LSTM's 1.15-1.21 against
+    1.10 (`per_step.py --paired 60`, the two alternated in one process).
     """
     if name() == "torch":
         import torch
 
         return not torch.cuda.is_available()
+    if name() == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
     if name() != "tensorflow" or getattr(model, "jit_compile", False):
         return False
     import tensorflow as tf
 
     return not tf.config.list_logical_devices("GPU") and not tf.config.list_logical_devices("TPU")
-
-
-def host_sort_in_step(model: keras.Model) -> bool:
-    """Whether the per-step mode's samples are sorted by numpy inside JAX's training step.
-
-    XLA's CPU sort took 6 ms of a three-layer model's 8 ms step. The other statistics stay
-    XLA's, which fuses them: computing them all in numpy, as on TensorFlow, gained nothing
-    measurable (an LSTM's 5.3 ms step 1.19 / 1.28x against 1.12 to 1.25x, the BN CNN 1.055
-    against 1.068 / 1.069: `benchmarks/per_step.py`, JAX on this project's CPU).
-    """
-    if name() != "jax":
-        return False
-    import jax
-
-    return jax.default_backend() == "cpu"
-
-
-def sort_rows(values: Any, on_host: bool = False) -> Any:
-    """`values` (k, n) float32 sorted along the last axis; by numpy, called from the compiled
-    step, where `on_host` (see `host_sort_in_step`)."""
-    if not on_host:
-        return keras.ops.sort(values, axis=-1)
-    return host_call(_sort_last_axis, [values], tuple(values.shape))
 
 
 @contextlib.contextmanager
@@ -182,25 +167,6 @@ def deleted_variables(model: keras.Model) -> list[str]:
         if is_deleted is not None and is_deleted():
             deleted.append(variable.path)
     return deleted
-
-
-def _sort_last_axis(rows: np.ndarray) -> np.ndarray:
-    return np.sort(rows, axis=-1)
-
-
-def host_call(fn: Callable[..., np.ndarray], arrays: Sequence[Any], shape: tuple[int, ...]) -> Any:
-    """`fn(*arrays)` (numpy in, a float32 array of `shape` out) called from a compiled JAX
-    function (see `host_sort_in_step`)."""
-    import jax
-
-    def on_host(*values: Any) -> np.ndarray:
-        # JAX hands the callback its own arrays: an operation on them would dispatch to the
-        # device from inside the device's callback, which deadlocks. numpy only, then.
-        return fn(*(np.asarray(v) for v in values))
-
-    # No gradient flows here (the statistics sit behind stop_gradient), so a callback without a
-    # differentiation rule is fine inside value_and_grad.
-    return jax.pure_callback(on_host, jax.ShapeDtypeStruct(shape, "float32"), *arrays)
 
 
 def compile_function(fn: Callable[..., Any]) -> Callable[..., Any]:

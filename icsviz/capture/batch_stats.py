@@ -6,8 +6,8 @@ while Keras traces the model's own training step, and a few statistics of each
 captured tensor are computed right there, on the device, from the tensors the
 step computes anyway (no second pass). They leave the compiled step as one
 small float32 vector per step, which the callback keeps on the device and
-writes every 2 seconds (or every `flush_every` steps). With TensorFlow or
-torch on a CPU the step hands out the samples themselves instead, and numpy computes
+writes every 2 seconds (or every `flush_every` steps). On a CPU (TensorFlow,
+JAX and torch) the step hands out the samples themselves instead, and numpy computes
 the same statistics from them on the callback's writer thread
 (`backend.host_statistics_in_step`, `host_vectors`).
 
@@ -180,11 +180,11 @@ def _data_only(values: Any, data: Any, sizes: Sequence[int]) -> Any:
     return ops.where(n_data > 0, replaced, float("nan"))
 
 
-def _row_stats(values: Any, q: np.ndarray, host_sort: bool) -> tuple[Any, Any, Any]:
+def _row_stats(values: Any, q: np.ndarray) -> tuple[Any, Any, Any]:
     """Sorted rows (non-finite moved to the end as +inf), finite counts, quantiles per row."""
     finite = ops.isfinite(values)
     n_finite = ops.sum(ops.cast(finite, "int32"), axis=-1)
-    ordered = backend.sort_rows(ops.where(finite, values, float("inf")), on_host=host_sort)
+    ordered = ops.sort(ops.where(finite, values, float("inf")), axis=-1)
     return ordered, n_finite, interpolated_quantiles(ordered, n_finite, q)
 
 
@@ -204,14 +204,11 @@ def batch_vector(
     plans: Sequence[BatchPlan],
     q: np.ndarray,
     on_host: bool = False,
-    host_sort: bool = False,
 ) -> Any:
     """The step's row: the statistics of all layers' samples as one float32 vector, computed
-    batched on the device (the samples sorted by numpy where `host_sort`: see
-    `backend.host_sort_in_step`). Where `on_host` (TensorFlow on a CPU: see
-    `backend.host_statistics_in_step`; torch too) the row is the samples themselves (`raw_size` values),
-    and `host_vectors` computes the same statistics from them with numpy, later, off the
-    training thread.
+    batched on the device. Where `on_host` (on a CPU: see `backend.host_statistics_in_step`)
+    the row is the samples themselves (`raw_size` values), and `host_vectors` computes the
+    same statistics from them with numpy, later, off the training thread.
 
     Layout (`unpack` reads it): counts (L*B), histogram first edge and width
     (L*2), quantiles (L*Q), mean/std/min/max (L*4), zero fraction (L),
@@ -222,7 +219,7 @@ def batch_vector(
     if on_host:  # layer samples first, then the tracked units' (`host_vectors` splits them)
         flat = [ops.reshape(main, (-1,))] + ([] if units is None else [ops.reshape(units, (-1,))])
         return ops.concatenate(flat) if len(flat) > 1 else flat[0]
-    ordered, n_finite, quantiles = _row_stats(main, q, host_sort)
+    ordered, n_finite, quantiles = _row_stats(main, q)
     count = ops.maximum(ops.cast(n_finite, "float32"), 1.0)
     finite = ordered < float("inf")
     zeroed = ops.where(finite, ordered, 0.0)
@@ -266,7 +263,7 @@ def batch_vector(
         nonfinite,
     ]
     if units is not None:
-        _, _, unit_quantiles = _row_stats(units, q, host_sort)
+        _, _, unit_quantiles = _row_stats(units, q)
         parts.append(ops.reshape(unit_quantiles, (-1,)))
     return ops.concatenate(parts)
 
@@ -465,8 +462,8 @@ class StepStatistics:
         self._saved: dict[str, Any] = {}
         self._vector_in_outputs = False  # JAX: the vector leaves the step as an output (not a callback)
         self.expected = False  # set by the callback before each step of its own fit
+        self.failed = False  # set where turning rows into statistics failed: no later row is written
         self._on_host = backend.host_statistics_in_step(model)
-        self._host_sort = backend.host_sort_in_step(model)
 
     # ------------------------------------------------------------- tracing
     def _vector(self, recorder: Recorder) -> Any:
@@ -504,7 +501,7 @@ class StepStatistics:
                 "too (their Keras masks do not cover their positions); the probe captures say "
                 "whether they could leave the padding out.",
             )
-        return batch_vector(samples, self.plans, self._q, self._on_host, self._host_sort)
+        return batch_vector(samples, self.plans, self._q, self._on_host)
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[Recorder]:
@@ -639,8 +636,9 @@ class StepStatistics:
 
     @property
     def _callbacks_in_step(self) -> bool:
-        """Whether JAX's step calls back into Python (the host sort, or the vector's callback)."""
-        return backend.name() == "jax" and (self._host_sort or not self._vector_in_outputs)
+        """Whether JAX's step calls back into Python (the vector's callback, where the step
+        cannot return it)."""
+        return backend.name() == "jax" and not self._vector_in_outputs
 
     @functools.cached_property
     def row_bytes(self) -> int:

@@ -671,6 +671,8 @@ class ICSCallback(keras.callbacks.Callback):
         def write() -> None:
             # On the writer's thread: the copy to the host waits for the last of these steps,
             # which the training thread has only just dispatched (JAX, torch).
+            if steps.failed:  # rows queued before the training thread heard of the failure
+                return
             try:
                 rows = BatchRows(
                     step=np.asarray([t[0] for t in tags], "i8"),
@@ -679,6 +681,7 @@ class ICSCallback(keras.callbacks.Callback):
                     layers=unpack(steps.rows(vectors), plans),
                 )
             except Exception as exc:  # noqa: BLE001 - the per-step mode's own failure, not the file's
+                steps.failed = True  # no row after a gap: the rows stop at the last good one
                 self._steps_failure = exc  # reported on the training thread, which turns the mode off
                 return
             writer.write_batches(rows)
