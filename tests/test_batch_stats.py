@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -176,6 +177,9 @@ def test_a_failure_reading_step_rows_turns_the_mode_off_and_captures_go_on(
     def failing_second(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
+            # Slow to fail, as a lagging writer is: later rows are queued before training hears
+            # of it, and none of them is written (the rows stop at the last good one).
+            time.sleep(1.0)
             raise FloatingPointError("a made-up failure of the rows' conversion")
         return original(*args, **kwargs)
 
