@@ -38,6 +38,7 @@ Target (issue 8): at most 1.10 on the reference CNN (both models), 1.25 on Mobil
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import tempfile
 import time
@@ -217,7 +218,7 @@ def _alternate_steps(model: keras.Model, functions: dict, x, y, batch: int):
     names = ("trainable_variables", "non_trainable_variables", "optimizer_variables", "metrics_variables")
     state = [tuple(list(model._jax_state[n]) for n in names)]  # plain lists: Keras tracks its own
     starts = range(0, len(x) - batch + 1, batch)
-    batches = ((x[i : i + batch], y[i : i + batch]) for _ in iter(int, 1) for i in starts)
+    batches = itertools.cycle([(x[i : i + batch], y[i : i + batch]) for i in starts])
 
     def run(kind):
         if kind is None:

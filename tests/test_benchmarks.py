@@ -56,3 +56,16 @@ def test_compile_options_compiles_the_capture_and_compares_its_values() -> None:
     assert len(lines) == 2, out
     differences = [float(re.search(r"from icsviz_cpu: ([\d.e+-]+)", line).group(1)) for line in lines]
     assert differences[0] == 0.0 and differences[1] < 1e-5, lines
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+def test_per_step_pairs_alternate_the_two_train_functions_and_leave_a_model_that_trains_on(
+    backend: str,
+) -> None:
+    # JAX's pairs carry the training state through both functions and hand it back to the model
+    # (which `per_step.py` evaluates after the fit): a state lost there fails the run.
+    out = _run("per_step.py", "--models", "lstm", "--paired", "3", "--images", "256", backend=backend)
+    line = next(line for line in out.splitlines() if line.startswith("lstm"))
+    plain, stats = (float(v) for v in re.search(r"step ([\d.]+) ms plain, ([\d.]+) ms with", line).groups())
+    ratio = float(re.search(r"-> ratio ([\d.]+)", line).group(1))
+    assert plain > 0 and stats > 0 and 0.2 < ratio < 5, line
