@@ -29,7 +29,9 @@
 # of its own, e.g. FIRST_RUN_ARGS="--models mobilenetv2" FIRST_RUN_LIMIT=560). The tenth session
 # ran PARTS="first_run depth per_step" DEPTH_ARGS="--models baseline bn mobilenetv2 --repeats 3
 # --per-step-pairs 0" DEPTH_LIMIT=230 PER_STEP_ARGS="--models baseline bn --images 32768 --rounds 1
-# --epochs 2".
+# --epochs 2". Not yet run on a GPU: where the per-step statistics are cheaper there, in the step
+# or handed out to numpy, e.g. PARTS=per_step PER_STEP_ARGS="--models baseline bn --images 4096
+# --paired 200 --statistics device", then the same with "--statistics host".
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_suite.sh OUT_DIR [CIFAR_DIR]}")
 data=$(realpath -m "${2:-../shared/data/cifar-10-batches-py-subset}")

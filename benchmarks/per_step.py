@@ -1,6 +1,7 @@
 """Per-step mode (batch_stats=True): training time with it / without, on CIFAR-shaped data.
 
 Usage: python benchmarks/per_step.py [--images 4096] [--rounds 2] [--epochs 2] [--models baseline bn]
+       [--paired N] [--statistics auto|host|device]
 
 The statistics run inside the compiled training step, so they cannot be timed from the
 callback's hooks: the same model is trained without and with
@@ -245,8 +246,20 @@ def main() -> None:
         action="store_true",
         help="a third fit per round with the statistics kernels left out (what the machinery costs)",
     )
+    parser.add_argument(
+        "--statistics",
+        choices=["auto", "host", "device"],
+        default="auto",
+        help="where the step's statistics are computed: icsviz's choice for this device, or forced "
+        "(host: the step hands out its samples and numpy reduces them on the writer's thread; "
+        "device: kernels inside the step). To compare the two where icsviz has not measured them",
+    )
     args = parser.parse_args()
-    print(f"icsviz per-step mode: {args.images} images, {keras_label()}")
+    where = "" if args.statistics == "auto" else f", statistics forced on the {args.statistics}"
+    print(f"icsviz per-step mode: {args.images} images, {keras_label()}{where}")
+    if args.statistics != "auto":
+        forced = args.statistics == "host"
+        mock.patch.object(batch_stats.backend, "host_statistics_in_step", lambda model: forced).start()
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             x, y = data_for(name, args.images)
