@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +22,20 @@ from icsviz.store.writer import Capture, LayerCapture, RunWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar-10-batches-py-subset"
+
+
+def run_script(
+    script: str, backend: str, marker: str | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """`script` in a fresh Python with Keras on `backend` (which must be chosen before Keras is
+    imported) and the project importable. With `marker`: asserts it ran through and printed it."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if marker is not None:
+        assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-3000:]
+    return proc
 
 
 def tiny_layout(units: int = 4, bins: int = 8) -> RunLayout:

@@ -12,16 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run_on_jax(script: str, marker: str) -> None:
-    """Run `script` with Keras on JAX (KERAS_BACKEND must be set before Keras is imported)."""
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-3000:]
 
 
 @pytest.mark.skipif(
@@ -89,7 +82,7 @@ def test_jax_backend_records_activations_gradients_and_shift(tmp_path) -> None:
         assert not np.array_equal(np.asarray(model.trainable_variables[0].value), before[0])
         print("JAX OK")
     """)
-    _run_on_jax(script, "JAX OK")
+    run_script(script, "jax", "JAX OK")
 
 
 @pytest.mark.skipif(
@@ -178,7 +171,7 @@ def test_jax_first_capture_can_compile_after_kerass_first_step(tmp_path) -> None
         assert list(run.steps) == [0] and run.status == "interrupted", (list(run.steps), run.status)
         print("AFTER-STEP OK")
     """)
-    _run_on_jax(script, "AFTER-STEP OK")
+    run_script(script, "jax", "AFTER-STEP OK")
 
 
 @pytest.mark.skipif(
@@ -248,7 +241,7 @@ def test_jax_first_capture_compiles_beside_training_and_measures_the_starting_we
         assert icsviz.open_run({str(tmp_path / "failed.h5")!r}).num_captures == 0
         print("BACKGROUND OK")
     """)
-    _run_on_jax(script, "BACKGROUND OK")
+    run_script(script, "jax", "BACKGROUND OK")
 
 
 def _rewrite_options():
@@ -359,7 +352,7 @@ def test_jax_on_a_cpu_compiles_the_capture_lightly_with_the_same_statistics() ->
             np.testing.assert_array_equal(np.asarray(light[key]), np.asarray(default[key]))
         print("JAX OK")
     """)
-    _run_on_jax(script, "JAX OK")
+    run_script(script, "jax", "JAX OK")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
@@ -380,7 +373,7 @@ def test_jax_compiles_without_the_options_its_xla_does_not_know() -> None:
         assert float(compiled(np.float32(3.0))) == 6.0
         print("JAX OK")
     """)
-    _run_on_jax(script, "JAX OK")
+    run_script(script, "jax", "JAX OK")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
@@ -425,7 +418,7 @@ def test_jax_traces_the_statistics_without_nested_functions_and_the_same_values(
             np.testing.assert_array_equal(np.asarray(inlined[key]), np.asarray(plain[key]))
         print("INLINED OK")
     """)
-    _run_on_jax(script, "INLINED OK")
+    run_script(script, "jax", "INLINED OK")
 
 
 def test_a_ctrl_c_during_a_step_with_host_callbacks_is_raised_after_it() -> None:
@@ -533,4 +526,4 @@ def test_jax_weights_deleted_by_an_interrupted_fit_are_named_as_the_cause(tmp_pa
         assert len(ours) == 1 and "weights are deleted" in ours[0] and "Ctrl-C" in ours[0], ours
         print("DELETED OK")
     """)
-    _run_on_jax(script, "DELETED OK")
+    run_script(script, "jax", "DELETED OK")

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import run_script
 from icsviz import CaptureWarning, ICSCallback, open_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -322,13 +323,7 @@ def test_distribution_strategy_warns_once_and_probe_captures_go_on(tmp_path: Pat
         print("WARNINGS", len(ours), "|", ours[0] if ours else "")
         print("BATCHES", run.has_batch_stats, "CAPTURES", run.num_captures)
     """)
-    proc = subprocess.run(
-        [sys.executable, "-c", script],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_script(script, "tensorflow", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         "WARNINGS 1 | icsviz: batch_stats=True is off for this run: training runs on 2 replicas"
@@ -397,10 +392,7 @@ def _other_backend(backend: str, tmp_path: Path) -> subprocess.CompletedProcess:
         assert abs(acts.mean[0]) < 0.1 and abs(acts.std[0] - 1) < 0.1  # BN output on its own batch
         print("BATCH STATS OK")
     """)
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
+    return run_script(script, backend)
 
 
 @pytest.mark.skipif(
@@ -442,10 +434,7 @@ def test_torch_compile_turns_the_per_step_mode_off_with_one_warning(tmp_path: Pa
         print("WARNINGS", len(ours), "|", ours[0] if ours else "")
         print("BATCHES", run.has_batch_stats, "CAPTURES", run.num_captures)
     """)
-    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_script(script, "torch")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WARNINGS 1 | icsviz: batch_stats=True is off for this run: torch.compile" in proc.stdout, (
         proc.stdout
@@ -532,11 +521,7 @@ def test_jax_steps_return_the_vector_or_fall_back_to_a_host_callback(tmp_path: P
             np.testing.assert_array_equal(run.batch_activations("bn").counts, bn.counts)
         print("JAX CHANNELS OK")
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "JAX CHANNELS OK" in proc.stdout, proc.stderr[-3000:]
+    run_script(script, "jax", "JAX CHANNELS OK")
 
 
 @pytest.mark.skipif(
@@ -580,11 +565,7 @@ def test_ctrl_c_during_jaxs_host_callbacks_is_a_keyboard_interrupt(tmp_path: Pat
                 assert run.status == "complete" and len(run.batch_steps) == 6, run.batch_steps
         print("INTERRUPTS OK")
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0 and "INTERRUPTS OK" in proc.stdout, proc.stderr[-3000:]
+    run_script(script, "jax", "INTERRUPTS OK")
 
 
 def test_a_fit_that_raises_leaves_no_hooks_behind(tmp_path: Path) -> None:
@@ -768,8 +749,4 @@ def test_jax_on_a_cpu_hands_out_the_samples_and_numpy_gives_the_devices_numbers(
         assert backend.host_statistics_in_step(model) == (jax.default_backend() == "cpu")
         print("STATISTICS AGREE")
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and "STATISTICS AGREE" in proc.stdout, proc.stderr[-3000:]
+    run_script(script, "jax", "STATISTICS AGREE", timeout=300)
