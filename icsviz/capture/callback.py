@@ -416,11 +416,9 @@ class ICSCallback(keras.callbacks.Callback):
         if self._steps is not None:
             self._safely_steps("writing per-step statistics", self._flush_steps)
             self._stop_steps()
-        try:
-            if self._finalizer is not None and self._finalizer.alive:
-                self._finalizer()  # writes what waits and closes the file (_close_when_written)
-        except Exception as exc:  # noqa: BLE001 - never stop the user's training
-            self._warn("closing the run file of the interrupted fit", exc)
+        if self._finalizer is not None and self._finalizer.alive:
+            # Writes what waits and closes the file; a failure is its warning (_close_when_written).
+            self._finalizer()
         self._writer = None
         self._queue = None
         self._forget_open_run()
