@@ -7,6 +7,9 @@ caller can catch one type. Each subclass also derives from the closest builtin
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 __all__ = [
     "ICSVizError",
     "RunFileError",
@@ -80,3 +83,25 @@ class DataNotFoundError(ICSVizError, FileNotFoundError):
 
 class CaptureWarning(UserWarning):
     """Something in icsviz's own capture code failed; training goes on."""
+
+
+# Frames that are not the user's: ours, the frameworks that call a callback's hooks, and the
+# standard library's machinery between them (threads, finalizers, context managers).
+_NOT_THE_USERS = frozenset(
+    {"icsviz", "keras", "tensorflow", "jax", "jaxlib", "torch", "optree", "absl", "namex"}
+    | {"threading", "concurrent", "weakref", "atexit", "contextlib", "functools", "warnings"}
+)
+
+
+def warn_capture(message: str) -> None:
+    """Issue a `CaptureWarning` at the user's own line (their `model.fit(...)` or
+    `ICSCallback(...)`), not at the line of icsviz or Keras that happened to notice.
+
+    As pandas' `find_stack_level`: the first frame outside icsviz and the frameworks
+    that call it. A writer thread or an exit-time finalizer has no such frame; the
+    warning then points at its caller.
+    """
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _NOT_THE_USERS:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, CaptureWarning, stacklevel=level if frame is not None else 2)

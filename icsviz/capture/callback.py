@@ -11,7 +11,6 @@ import re
 import sys
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..errors import CaptureWarning, IncompatibleRunError, RunExistsError, RunInUseError
+from ..errors import IncompatibleRunError, RunExistsError, RunInUseError, warn_capture
 from ..store.schema import BatchLayerSpec, RunLayout
 from ..store.writer import BatchRows, RunWriter
 from . import backend
@@ -71,11 +70,7 @@ def _close_when_written(
         writer.close("interrupted")
     except Exception as exc:  # noqa: BLE001 - also run at the interpreter's exit: a warning, not a traceback
         detail = _ANSI.sub("", str(exc))
-        warnings.warn(
-            f"icsviz: closing the run file {writer.path} failed ({type(exc).__name__}: {detail}).",
-            CaptureWarning,
-            stacklevel=2,
-        )
+        warn_capture(f"icsviz: closing the run file {writer.path} failed ({type(exc).__name__}: {detail}).")
 
 
 def _fit_on_this_stack(callback: ICSCallback) -> bool:
@@ -276,11 +271,9 @@ class ICSCallback(keras.callbacks.Callback):
         if n == 0:
             raise ValueError("probe is empty; pass a batch such as x_val[:512]. Received: 0 samples")
         if n > _MAX_PROBE:
-            warnings.warn(
+            warn_capture(
                 f"icsviz: the probe has {n} samples; using the first {_MAX_PROBE} (every "
-                "capture runs the model on the whole probe: 256 to 512 is plenty).",
-                CaptureWarning,
-                stacklevel=2,
+                "capture runs the model on the whole probe: 256 to 512 is plenty)."
             )
             x, y = take(x, _MAX_PROBE), (None if y is None else take(y, _MAX_PROBE))
         # Absolute: the file is reopened (resumed, closed after Ctrl-C, compacted) from wherever
@@ -292,11 +285,9 @@ class ICSCallback(keras.callbacks.Callback):
                 f"path={str(self.path / 'run.h5')!r}"
             )
         if self.path.suffix != ".h5":
-            warnings.warn(
+            warn_capture(
                 f"icsviz: {self.path.name!r} does not end in .h5; the explorer (icsviz app) lists the "
-                f".h5 files of a folder, so name it {self.path.name + '.h5'!r} to see it there.",
-                CaptureWarning,
-                stacklevel=2,
+                f".h5 files of a folder, so name it {self.path.name + '.h5'!r} to see it there."
             )
         self.layers = layer_filters(layers)
         self.every_n_steps = every_n_steps
@@ -346,11 +337,7 @@ class ICSCallback(keras.callbacks.Callback):
     # ---------------------------------------------------------------- helpers
     def _warn(self, what: str, exc: BaseException) -> None:
         detail = _ANSI.sub("", str(exc))  # Keras's messages carry terminal bold codes
-        warnings.warn(
-            f"icsviz: {what} failed ({type(exc).__name__}: {detail}); training goes on.",
-            CaptureWarning,
-            stacklevel=3,
-        )
+        warn_capture(f"icsviz: {what} failed ({type(exc).__name__}: {detail}); training goes on.")
 
     def _safely(self, what: str, fn: Callable[[], None]) -> None:
         try:
@@ -445,12 +432,10 @@ class ICSCallback(keras.callbacks.Callback):
         if thread is threading.current_thread() and _fit_on_this_stack(earlier):
             return  # a fit started from inside the earlier one's hooks: that one still runs
         earlier.close()
-        warnings.warn(
+        warn_capture(
             f"icsviz: {self.path} was still open for writing by an earlier ICSCallback whose fit ended "
             "in an exception (Ctrl-C); it is closed now, with every capture it took written and the "
-            "run marked interrupted.",
-            CaptureWarning,
-            stacklevel=3,
+            "run marked interrupted."
         )
 
     def _forget_open_run(self) -> None:
@@ -473,11 +458,9 @@ class ICSCallback(keras.callbacks.Callback):
             )
         with_gradients = self._probe_y is not None and getattr(model, "optimizer", None) is not None
         if self._probe_y is None:
-            warnings.warn(
+            warn_capture(
                 "icsviz: the probe has no labels, so gradient statistics are skipped; pass "
-                "probe=(x, y) to record them.",
-                CaptureWarning,
-                stacklevel=3,
+                "probe=(x, y) to record them."
             )
         if not getattr(model, "built", True):
             # A subclassed model Keras has not built yet: build it on one probe sample in
@@ -581,11 +564,7 @@ class ICSCallback(keras.callbacks.Callback):
             return layout
         reason = unsupported_reason(self.model)
         if reason is not None:
-            warnings.warn(
-                f"icsviz: batch_stats=True is off for this run: {reason}. Probe captures go on.",
-                CaptureWarning,
-                stacklevel=4,
-            )
+            warn_capture(f"icsviz: batch_stats=True is off for this run: {reason}. Probe captures go on.")
             return layout
         specs = tuple(
             BatchLayerSpec(

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 
-from ..errors import CaptureWarning
+from ..errors import warn_capture
 from .layers import SelectedLayer
 from .monotone import RangeMap, activation_map, layer_map
 
@@ -42,7 +41,7 @@ def warn_once(key: str, message: str) -> None:
     if key in _warned:
         return
     _warned.add(key)
-    warnings.warn(f"icsviz: {message}", CaptureWarning, stacklevel=3)
+    warn_capture(f"icsviz: {message}")
 
 
 @dataclass

@@ -9,12 +9,11 @@ Flatten, Reshape, pooling, Concatenate, preprocessing).
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import CaptureWarning
+from ..errors import warn_capture
 
 __all__ = ["LayerFilter", "SelectedLayer", "iter_layers", "classify", "layer_filters", "select_layers"]
 
@@ -215,12 +214,10 @@ def select_layers(
             selected.append(SelectedLayer(name, layer, kind, _fuses(layer, kind)))
     unmatched = [entry for entry, ok in zip(entries, used) if not ok]
     if unmatched:
-        warnings.warn(
+        warn_capture(
             f"icsviz: the layer filter entries {unmatched!r} match no layer of model "
             f"{getattr(model, 'name', '?')!r}; its layers are: "
-            f"{', '.join(n for n, _ in all_layers)}",
-            CaptureWarning,
-            stacklevel=3,
+            f"{', '.join(n for n, _ in all_layers)}"
         )
     return selected
 
