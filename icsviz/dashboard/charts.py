@@ -151,7 +151,9 @@ def role_drift_chart(df: pd.DataFrame, runs: Sequence[str], paired: bool = True)
             "color": _run_color(runs),
             "tooltip": [_n("run"), _n("role"), _n("layer"), _q("score", format=".3f")],
         },
-        height=200,
+        # Streamlit fits the whole chart, title and axes included, into this height: at 200 the
+        # plot was 80 px and Vega dropped the 0.3 and 3 labels of the log axis.
+        height=300,
         title="How far the input of each nonlinearity drifted (drift score, log scale)",
     )
 
