@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # files only: no display needed, works headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from . import analysis  # noqa: E402
 from .errors import MissingDataError  # noqa: E402
@@ -109,15 +110,25 @@ def _mark_divergence(ax: plt.Axes, run: Run, color: str, *, horizontal: bool = F
 
 # ---------------------------------------------------------------- the seed article's two plots
 def figure_accuracy(runs: Runs) -> Figure:
-    """Validation accuracy per epoch, one line per run."""
+    """Validation accuracy per epoch, one line per run; a run trained without validation data
+    shows its training accuracy instead, dashed as in `figure_loss`."""
     fig, axes = _figure(PANEL_WIDTH, 2.4)
     ax = axes[0, 0]
+    validated = True
     for i, (label, run) in enumerate(runs.items()):
-        acc = run.history.get("val_accuracy")
-        if acc is None:
-            raise MissingDataError(f"{label}: no val_accuracy in its history (train with validation data)")
-        ax.plot(run.history_epochs + 1, acc, color=_color(i), label=label)
-    ax.set(xlabel="epoch", ylabel="validation accuracy", title="Validation accuracy")
+        history, epochs = run.history, run.history_epochs + 1
+        if "val_accuracy" in history:
+            ax.plot(epochs, history["val_accuracy"], color=_color(i), label=label)
+        elif "accuracy" in history:
+            validated = False
+            ax.plot(epochs, history["accuracy"], "--", color=_color(i), label=f"{label} (training)")
+        else:
+            raise MissingDataError(
+                f"{label}: no accuracy in its history (compile the model with metrics=['accuracy'])"
+            )
+    which = "validation accuracy" if validated else "accuracy"
+    ax.set(xlabel="epoch", ylabel=which, title=which[:1].upper() + which[1:])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs: no tick at 1.25 on a short run
     for i, run in enumerate(runs.values()):
         _mark_divergence(ax, run, _color(i))
     ax.legend(frameon=False)
@@ -135,7 +146,11 @@ def figure_loss(runs: Runs) -> Figure:
         ax.plot(epochs, history["loss"], "--", color=_color(i), label=f"{label} (training)")
         if "val_loss" in history:
             ax.plot(epochs, history["val_loss"], "-", color=_color(i), label=f"{label} (validation)")
-    ax.set(xlabel="epoch", ylabel="loss", title="Training and validation loss")
+    validated = any("val_loss" in run.history for run in runs.values())
+    ax.set(
+        xlabel="epoch", ylabel="loss", title="Training and validation loss" if validated else "Training loss"
+    )
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for i, run in enumerate(runs.values()):
         _mark_divergence(ax, run, _color(i))
     ax.legend(frameon=False)

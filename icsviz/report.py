@@ -247,7 +247,10 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
     parts.append("<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in reading) + "</ul>")
 
     figures = [
-        (plots.figure_accuracy, "Validation accuracy per epoch."),
+        (
+            plots.figure_accuracy,
+            "Validation accuracy per epoch (training accuracy, dashed, for a run trained without validation data).",
+        ),
         (plots.figure_loss, "Training (dashed) and validation (solid) loss."),
         (
             plots.figure_ioffe,

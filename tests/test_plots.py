@@ -7,8 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_capture
 from icsviz import MissingDataError, open_run
-from icsviz.plots import figure_gradient_shift, figure_ioffe, hidden_input_layer, plot_runs
+from icsviz.plots import (
+    figure_accuracy,
+    figure_gradient_shift,
+    figure_ioffe,
+    figure_loss,
+    hidden_input_layer,
+    plot_runs,
+)
+from icsviz.store.writer import RunWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_BN = ROOT / "runs" / "cifar10-bn.h5"
@@ -38,6 +47,42 @@ def test_ioffe_figure_draws_the_tracked_unit_percentiles(shipped) -> None:
     unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
     assert list(line.get_ydata()) == pytest.approx(list(acts.unit_quantile(unit, 0.5)))
     assert "unit" in left.get_title()
+
+
+def _run_with_history(path: Path, layout, metrics: dict[str, float]):
+    with RunWriter.create(path, layout, {"run_name": path.stem}) as w:
+        w.write_capture(tiny_capture(layout, 0, kind="start"))
+        for epoch in range(3):
+            w.write_epoch(epoch, {name: value + epoch / 10 for name, value in metrics.items()})
+    return open_run(path)
+
+
+def test_accuracy_figure_shows_training_accuracy_dashed_for_a_run_without_validation(
+    tmp_path, layout, shipped
+) -> None:
+    trained = _run_with_history(tmp_path / "plain.h5", layout, {"accuracy": 0.5, "loss": 1.0})
+    fig = figure_accuracy({"bn": shipped["bn"], "plain": trained})
+    ax = fig.axes[0]
+    validated, plain = ax.get_lines()[:2]
+    assert validated.get_linestyle() == "-" and plain.get_linestyle() == "--"
+    assert list(validated.get_ydata()) == pytest.approx(list(shipped["bn"].history["val_accuracy"]))
+    assert list(plain.get_ydata()) == pytest.approx([0.5, 0.6, 0.7])
+    assert (ax.get_ylabel(), plain.get_label()) == ("accuracy", "plain (training)")
+    alone = figure_accuracy({"plain": trained}).axes[0]
+    assert [t for t in alone.get_xticks() if 1 <= t <= 3] == [1, 2, 3]  # whole epochs, not 1.25
+    assert figure_accuracy({"bn": shipped["bn"]}).axes[0].get_ylabel() == "validation accuracy"
+    assert figure_loss({"plain": trained}).axes[0].get_title() == "Training loss"
+    assert (
+        figure_loss({"bn": shipped["bn"], "plain": trained}).axes[0].get_title()
+        == "Training and validation loss"
+    )
+    regression = _run_with_history(tmp_path / "mae.h5", layout, {"mae": 0.5, "loss": 1.0})
+    with pytest.raises(
+        MissingDataError, match=r"no accuracy in its history \(compile the model with metrics"
+    ):
+        figure_accuracy({"mae": regression})
+    trained.close()
+    regression.close()
 
 
 def test_plot_writes_the_whole_set(shipped, tmp_path) -> None:
