@@ -109,6 +109,13 @@ def _mark_divergence(ax: plt.Axes, run: Run, color: str, *, horizontal: bool = F
 
 
 # ---------------------------------------------------------------- the seed article's two plots
+def _with_history(label: str, run: Run) -> Mapping[str, np.ndarray]:
+    """The run's per-epoch history; a clear error for a run stopped before its first epoch ended."""
+    if not len(run.history_epochs):
+        raise MissingDataError(f"{label}: no epoch has finished yet, so there are no per-epoch metrics")
+    return run.history
+
+
 def figure_accuracy(runs: Runs) -> Figure:
     """Validation accuracy per epoch, one line per run; a run trained without validation data
     shows its training accuracy instead, dashed as in `figure_loss`."""
@@ -116,7 +123,7 @@ def figure_accuracy(runs: Runs) -> Figure:
     ax = axes[0, 0]
     validated = True
     for i, (label, run) in enumerate(runs.items()):
-        history, epochs = run.history, run.history_epochs + 1
+        history, epochs = _with_history(label, run), run.history_epochs + 1
         if "val_accuracy" in history:
             ax.plot(epochs, history["val_accuracy"], color=_color(i), label=label)
         elif "accuracy" in history:
@@ -140,7 +147,7 @@ def figure_loss(runs: Runs) -> Figure:
     fig, axes = _figure(PANEL_WIDTH, 2.4)
     ax = axes[0, 0]
     for i, (label, run) in enumerate(runs.items()):
-        history, epochs = run.history, run.history_epochs + 1
+        history, epochs = _with_history(label, run), run.history_epochs + 1
         if "loss" not in history:
             raise MissingDataError(f"{label}: no loss in its history")
         ax.plot(epochs, history["loss"], "--", color=_color(i), label=f"{label} (training)")
@@ -326,6 +333,11 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
             "the runs share no nonlinearity to compare"
             if by == "role"
             else "the runs share no layer name to compare"
+        )
+    drawn = [summaries[label].get(name, np.nan) for _, names in pairs for label, name in names.items()]
+    if not any(np.isfinite(score) and score > 0 for score in drawn):  # a log axis of nothing fails to draw
+        raise MissingDataError(
+            "no layer has moved from its first capture yet (a drift score needs captures after step 0)"
         )
     fig, axes = _figure(FULL_WIDTH, 2.8)
     ax = axes[0, 0]

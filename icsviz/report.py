@@ -62,11 +62,12 @@ def drift_reading(runs: Runs) -> list[str]:
     if len(labels) < 2:
         scores = analysis.run_drift(runs[labels[0]])
         top = sorted((d for d in scores if np.isfinite(d.score)), key=lambda d: -d.score)[:3]
-        return [
-            f"Layer <b>{html.escape(d.layer)}</b> drifted most: a <a href='#drift-score'>drift score</a> of "
-            f"{d.score:.2f} step-0 standard deviations."
-            for d in top
-        ]
+        if not top:
+            return []
+        named = [f"<b>{html.escape(d.layer)}</b> ({d.score:.2f})" for d in top]
+        listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+        which = "The layer that drifted most" if len(top) == 1 else "The layers that drifted most"
+        return [f"{which}: {listed}, in <a href='#drift-score'>drift score</a> (step-0 standard deviations)."]
     sentences = []
     first = labels[0]
     for other in labels[1:]:
@@ -131,9 +132,25 @@ def _figure_html(fig: plt.Figure, caption: str) -> str:
 
 
 def _fmt(value: object, pattern: str = "{:.4f}") -> str:
+    """A table cell: floats by `pattern`, whole numbers with thousands separators, "–" for none."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):,}"
     return pattern.format(value) if isinstance(value, float) else html.escape(str(value))
+
+
+def _learning_rate(recipe: dict, history: Mapping[str, np.ndarray]) -> str:
+    """The recipe's learning rate (`icsviz train`), else the one the callback logged each epoch:
+    "0.001", or "0.001 → 1e-05" where a schedule changed it."""
+    if recipe.get("learning_rate") is not None:
+        return _fmt(recipe["learning_rate"], "{:g}")
+    logged = np.asarray(history.get("learning_rate", []), dtype=float)
+    logged = logged[np.isfinite(logged)]
+    if not len(logged):
+        return "–"
+    first, last = float(logged[0]), float(logged[-1])
+    return f"{first:g}" if np.isclose(first, last, rtol=1e-6) else f"{first:g} → {last:g}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -180,11 +197,11 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
             [
                 html.escape(label),
                 _fmt(a.get("model_name")),
-                _fmt(cfg.get("parameters"), "{:,}"),
+                _fmt(cfg.get("parameters")),
                 _fmt(a.get("dataset")),
                 _fmt(a.get("train_samples")),
                 _fmt(cfg.get("optimizer")),
-                _fmt(recipe.get("learning_rate"), "{:g}"),
+                _learning_rate(recipe, run.history),
                 _fmt(recipe.get("batch_size")),
                 _fmt(cfg.get("probe_size")),
                 _fmt(a.get("backend")),

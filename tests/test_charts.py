@@ -151,6 +151,17 @@ def test_few_captures_or_epochs_get_dots_many_get_lines_only() -> None:
     assert line["encoding"]["x"]["axis"] == {"tickMinStep": 1, "format": "d"}
     (panel,) = charts.curves_chart(curves.head(1), ("a",))["hconcat"]
     assert panel["layer"][0]["mark"]["point"] == {"size": 12}
+    # Percentile bands of a run's first capture (a live run's first minutes): a bar per band and
+    # a dot for the median, where an area and a line over one epoch drew nothing.
+    first = pd.DataFrame({"run": "a", "epoch": [0.0], "q15": [-1.0], "q85": [1.0], "median": [0.0]})
+    spec = charts.percentile_chart(first, ("a",), [(0.15, 0.85)], "d")
+    check(spec)
+    band, median = spec["layer"]
+    assert band["mark"]["type"] == "rule" and band["encoding"]["y2"] == {"field": "q85"}
+    assert median["mark"]["point"] == {"size": 40} and band["encoding"]["x"]["axis"] == {"format": "~g"}
+    later = pd.concat([first, first.assign(epoch=1.0), first.assign(epoch=2.0), first.assign(epoch=3.0)])
+    band, median = charts.percentile_chart(later, ("a",), [(0.15, 0.85)], "d")["layer"]
+    assert (band["mark"]["type"], median["mark"]) == ("area", {"type": "line"})
 
 
 def test_a_drift_heatmap_spans_each_capture_to_the_next_and_bins_thousands() -> None:

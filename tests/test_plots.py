@@ -4,6 +4,7 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
@@ -49,10 +50,10 @@ def test_ioffe_figure_draws_the_tracked_unit_percentiles(shipped) -> None:
     assert "unit" in left.get_title()
 
 
-def _run_with_history(path: Path, layout, metrics: dict[str, float]):
+def _run_with_history(path: Path, layout, metrics: dict[str, float], epochs: int = 3):
     with RunWriter.create(path, layout, {"run_name": path.stem}) as w:
         w.write_capture(tiny_capture(layout, 0, kind="start"))
-        for epoch in range(3):
+        for epoch in range(epochs):
             w.write_epoch(epoch, {name: value + epoch / 10 for name, value in metrics.items()})
     return open_run(path)
 
@@ -81,8 +82,20 @@ def test_accuracy_figure_shows_training_accuracy_dashed_for_a_run_without_valida
         MissingDataError, match=r"no accuracy in its history \(compile the model with metrics"
     ):
         figure_accuracy({"mae": regression})
+    plt.close("all")
     trained.close()
     regression.close()
+
+
+def test_plot_of_a_run_with_one_capture_draws_what_it_can_and_says_what_it_skipped(tmp_path, layout) -> None:
+    # A fit stopped right after its first capture: nothing has drifted yet.
+    one = _run_with_history(tmp_path / "one.h5", layout, {"accuracy": 0.5, "loss": 1.0})
+    written, notes = plot_runs({"one": one}, tmp_path / "figures", formats=("png",), progress=False)
+    assert {"accuracy.png", "loss.png", "drift_matrix.png"} <= {p.name for p in written}
+    assert any(
+        n.startswith("drift_comparison: skipped, no layer has moved from its first capture") for n in notes
+    )
+    one.close()
 
 
 def test_plot_writes_the_whole_set(shipped, tmp_path) -> None:

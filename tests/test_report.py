@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_capture, tiny_layout
 from icsviz import open_run
 from icsviz.analysis import compare_runs
 from icsviz.report import accuracy_table, build_report, drift_reading
+from icsviz.store.writer import RunWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +48,39 @@ def test_drift_reading_names_layers_and_ratios(shipped) -> None:
     base_score, bn_score, ratio = compare_runs(shipped["baseline"], shipped["bn"])["input of fc1_relu"]
     assert fc1 and "<b>fc1</b>" in fc1[0] and "<b>fc1_bn</b>" in fc1[0] and f"{ratio:.1f}x" in fc1[0]
     assert f"{base_score:.2f}" in fc1[0] and f"{bn_score:.2f}" in fc1[0]
+
+
+def test_drift_reading_of_one_run_names_its_three_most_drifted_layers_in_one_sentence(shipped) -> None:
+    from icsviz.analysis import run_drift
+
+    (sentence,) = drift_reading({"bn": shipped["bn"]})
+    top = sorted((d for d in run_drift(shipped["bn"]) if np.isfinite(d.score)), key=lambda d: -d.score)[:3]
+    listed = f"<b>{top[0].layer}</b> ({top[0].score:.2f}), <b>{top[1].layer}</b> ({top[1].score:.2f}) and "
+    assert sentence.startswith("The layers that drifted most: " + listed)
+    assert (
+        f"<b>{top[2].layer}</b> ({top[2].score:.2f}), in <a href='#drift-score'>drift score</a>" in sentence
+    )
+
+
+def _plain_fit_run(path: Path, rates: list[float]):
+    """A run as a plain `fit` records it: no recipe, the learning rate logged each epoch."""
+    layout = tiny_layout()
+    with RunWriter.create(path, layout, {"run_name": path.stem}) as w:
+        w.write_capture(tiny_capture(layout, 0, kind="start"))
+        for epoch, rate in enumerate(rates):
+            w.write_epoch(epoch, {"loss": 1.0, "learning_rate": rate})
+    return open_run(path)
+
+
+def test_report_tables_give_whole_numbers_separators_and_the_logged_learning_rate(shipped, tmp_path) -> None:
+    parameters = shipped["bn"].config["parameters"]
+    assert f"<td>{parameters:,}</td>" in build_report({"bn": shipped["bn"]}) and parameters >= 1000
+    scheduled = _plain_fit_run(tmp_path / "scheduled.h5", [0.01, 0.005, 0.001])
+    constant = _plain_fit_run(tmp_path / "constant.h5", [0.002, 0.002])
+    html_text = build_report({"scheduled": scheduled, "constant": constant})
+    assert "<td>0.01 → 0.001</td>" in html_text and "<td>0.002</td>" in html_text
+    scheduled.close()
+    constant.close()
 
 
 def test_drift_reading_does_not_pair_runs_of_different_depths(different_depths) -> None:

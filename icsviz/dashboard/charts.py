@@ -213,7 +213,7 @@ def ridgeline_chart(df: pd.DataFrame, title: str, x_domain: Sequence[float], ste
             "x": _q("x", title="activation", scale={"domain": list(x_domain), "nice": False}),
             # A range reaching above the row: each density overlaps the row before it.
             "y": _q("density", axis=None, scale={"range": [step, -step * 2]}),
-            "fill": _q("epoch", title="epoch", scale={"scheme": "viridis"}),
+            "fill": _q("epoch", title="epoch", scale={"scheme": "viridis"}, legend=_EPOCH_AXIS),
             "row": _q(
                 "epoch",
                 title=None,
@@ -273,15 +273,23 @@ def percentile_chart(
     marks the capture on display."""
     datasets = {"bands": df}
     opacity = 0.25 if len(pairs) == 1 else 0.12
+    # A run's first capture (a live run's first minutes): an area over one epoch has no width,
+    # so each band is a bar at it and the median a dot.
+    single = df["epoch"].nunique() <= 1
+    band = (
+        {"type": "rule", "strokeWidth": 10, "opacity": 2 * opacity}
+        if single
+        else {"type": "area", "opacity": opacity}
+    )
     layers = []
     for low, high in pairs:
         lo, hi = f"q{round(low * 100):02d}", f"q{round(high * 100):02d}"
         layers.append(
             {
                 "data": {"name": "bands"},
-                "mark": {"type": "area", "opacity": opacity},
+                "mark": band,
                 "encoding": {
-                    "x": _q("epoch", title="epoch"),
+                    "x": _q("epoch", title="epoch", axis=_EPOCH_AXIS),
                     "y": _q(lo, title="activation"),
                     "y2": {"field": hi},
                     "color": _run_color(runs),
@@ -297,7 +305,9 @@ def percentile_chart(
     layers.append(
         {
             "data": {"name": "bands"},
-            "mark": {"type": "line"},
+            "mark": {"type": "line", "point": {"size": 40}}
+            if df["epoch"].nunique() <= 3
+            else {"type": "line"},
             "encoding": {
                 "x": _q("epoch"),
                 "y": _q("median"),
