@@ -133,7 +133,7 @@ def _figure_html(fig: plt.Figure, caption: str) -> str:
 
 def _fmt(value: object, pattern: str = "{:.4f}") -> str:
     """A table cell: floats by `pattern`, whole numbers with thousands separators, "–" for none."""
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if value is None or value == "" or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return f"{int(value):,}"

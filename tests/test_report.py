@@ -79,6 +79,7 @@ def test_report_tables_give_whole_numbers_separators_and_the_logged_learning_rat
     constant = _plain_fit_run(tmp_path / "constant.h5", [0.002, 0.002])
     html_text = build_report({"scheduled": scheduled, "constant": constant})
     assert "<td>0.01 → 0.001</td>" in html_text and "<td>0.002</td>" in html_text
+    assert "<td></td>" not in html_text  # no dataset recorded: "–", as every other unknown
     scheduled.close()
     constant.close()
 
