@@ -540,29 +540,27 @@ def test_ctrl_c_during_jaxs_host_callbacks_is_a_keyboard_interrupt(tmp_path: Pat
         import icsviz.capture.batch_stats as bs
 
         calls = []
-        def interrupting(where, original):
+        def interrupting(original):
             def called(*args):
-                calls.append(where)
+                calls.append(len(calls) + 1)
                 if len(calls) == 8:
                     os.kill(os.getpid(), signal.SIGINT)  # handled at the next line of Python
                 return original(*args)
             return called
 
-        bs.StepStatistics._receive = interrupting("receive", bs.StepStatistics._receive)
-        for name, args in (("receive", {{"steps_per_execution": 2}}),):
-            calls.clear()
-            path = {str(tmp_path)!r} + f"/{{name}}.h5"
-            try:
-                _fit([ICSCallback(path, probe=_probe(), batch_stats=True)], **args)
-                raise SystemExit(f"{{name}}: no interrupt")
-            except KeyboardInterrupt:
-                pass
-            assert name in calls and 8 <= len(calls) <= 12, calls  # stopped after the step of the 8th call
-            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-            # Ctrl-C again at once: the first one kept nothing behind.
-            _fit([ICSCallback(path, probe=_probe(), batch_stats=True, overwrite=True)], epochs=1)
-            with open_run(path) as run:
-                assert run.status == "complete" and len(run.batch_steps) == 6, run.batch_steps
+        bs.StepStatistics._receive = interrupting(bs.StepStatistics._receive)
+        path = {str(tmp_path / "receive.h5")!r}
+        try:
+            _fit([ICSCallback(path, probe=_probe(), batch_stats=True)], steps_per_execution=2)
+            raise SystemExit("no interrupt")
+        except KeyboardInterrupt:
+            pass
+        assert 8 <= len(calls) <= 12, calls  # stopped after the step of the 8th call
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # Ctrl-C again at once: the first one kept nothing behind.
+        _fit([ICSCallback(path, probe=_probe(), batch_stats=True, overwrite=True)], epochs=1)
+        with open_run(path) as run:
+            assert run.status == "complete" and len(run.batch_steps) == 6, run.batch_steps
         print("INTERRUPTS OK")
     """)
     run_script(script, "jax", "INTERRUPTS OK")
