@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--headless", action="store_true", help="do not open a browser (on a server)")
 
     p = sub.add_parser("plot", help="write publication figures (PNG and PDF) for one or more runs")
-    p.add_argument("runs", nargs="+", help="run files (.h5)")
+    p.add_argument("runs", nargs="+", help=RUNS_HELP)
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--labels", nargs="+", help="one label per run (default: file names)")
     p.add_argument("--layers", nargs="+", help="layers to draw per-layer figures for (default: all)")
@@ -135,23 +135,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("report", help="write a self-contained HTML report for one or more runs")
-    p.add_argument("runs", nargs="+", help="run files (.h5)")
+    p.add_argument("runs", nargs="+", help=RUNS_HELP)
     p.add_argument("--out", default="report.html", help="output file (default: report.html)")
     p.add_argument("--labels", nargs="+", help="one label per run (default: file names)")
     p.add_argument("--title", default="icsviz report")
 
     p = sub.add_parser("info", help="summarize run files")
-    p.add_argument("runs", nargs="+", help="run files (.h5)")
+    p.add_argument("runs", nargs="+", help=RUNS_HELP)
 
     p = sub.add_parser("check", help="read every byte of run files and report what is damaged")
-    p.add_argument("runs", nargs="+", help="run files (.h5)")
+    p.add_argument("runs", nargs="+", help=RUNS_HELP)
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per file before it counts as hung")
 
     p = sub.add_parser(
         "repair",
         help="save the readable captures of a damaged run (or make a killed run plain-h5py readable)",
     )
-    p.add_argument("runs", nargs="+", help="run files (.h5)")
+    p.add_argument("runs", nargs="+", help=RUNS_HELP)
     p.add_argument("--out", help="where to write (one run only; default: NAME.repaired.h5 for a damaged run)")
     return parser
 
@@ -284,6 +284,30 @@ def _repair(paths: Sequence[str], out: str | None) -> int:
     return 0
 
 
+RUNS_HELP = "run files (.h5); a folder stands for the .h5 files in it (those `icsviz app` lists)"
+
+
+def run_paths(arguments: Sequence[str]) -> list[str]:
+    """The run files named on the command line, with each folder replaced by its run files: the
+    `.h5` files directly in it, by name, as the app's catalogue lists them (no links)."""
+    paths: list[str] = []
+    for argument in arguments:
+        folder = Path(argument).expanduser()
+        if not folder.is_dir():
+            paths.append(argument)
+            continue
+        with os.scandir(folder) as items:
+            found = sorted(
+                item.path
+                for item in items
+                if item.name.endswith(".h5") and not item.is_symlink() and item.is_file()
+            )
+        if not found:
+            raise UsageError(f"{argument} is a folder with no run files (.h5) in it")
+        paths.extend(found)
+    return paths
+
+
 def _open_labelled(paths: Sequence[str], labels: Sequence[str] | None) -> dict:
     from .store.reader import open_run
 
@@ -379,6 +403,8 @@ def _app(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in ("plot", "report", "info", "check", "repair"):
+            args.runs = run_paths(args.runs)
         if args.command in ("plot", "report"):
             return _figures(args)
         if args.command == "app":

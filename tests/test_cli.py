@@ -153,6 +153,36 @@ def test_figures_to_an_impossible_place_are_one_line_errors(tmp_path, layout, ca
     assert a_file.read_text() == "x"
 
 
+def test_a_folder_stands_for_its_run_files(tmp_path, layout, capsys) -> None:
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for name in ("b", "a"):
+        with RunWriter.create(folder / f"{name}.h5", layout, {"run_name": f"run-{name}"}) as w:
+            for step in range(2):
+                w.write_capture(tiny_capture(layout, step))
+            w.write_epoch(0, {"loss": 1.0})
+    (folder / "notes.txt").write_text("not a run")
+    (folder / "sub").mkdir()
+    (folder / "link.h5").symlink_to(folder / "a.h5")  # listed once, as the app lists it
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("run-a (complete)") < out.index("run-b (complete)") and out.count("(complete)") == 2
+    assert main(["check", str(folder)]) == 0
+    assert capsys.readouterr().out.count(": ok (") == 2
+    figures = tmp_path / "figures"
+    assert main(["plot", str(folder), "--out", str(figures), "--formats", "png", "--quiet"]) == 0
+    assert (figures / "loss.png").exists()
+    capsys.readouterr()
+    assert (
+        main(["report", str(folder), str(tmp_path / "runs" / "a.h5"), "--out", str(tmp_path / "r.html")]) == 2
+    )
+    assert "run labels must be unique" in capsys.readouterr().err  # a.h5 twice: one label each
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["plot", str(empty)]) == 2
+    assert f"icsviz: error: {empty} is a folder with no run files (.h5) in it" in capsys.readouterr().err
+
+
 _WITHOUT = """
 import sys
 
