@@ -23,6 +23,11 @@ def test_missing_file(tmp_path) -> None:
         open_run(tmp_path / "nope.h5")
 
 
+def test_a_folder_says_to_open_a_file_in_it(tmp_path) -> None:
+    with pytest.raises(RunFileError, match=r"is a folder, not a run file: open one of the \.h5 files in it"):
+        open_run(tmp_path)
+
+
 def test_empty_file(tmp_path) -> None:
     path = tmp_path / "empty.h5"
     path.write_bytes(b"")

@@ -192,7 +192,10 @@ def open_for_reading(path: Path) -> tuple[h5py.File, bool]:
     if not path.exists():
         raise RunFileError(f"{path}: no such run file")
     if path.is_dir():
-        raise RunFileError(f"{path} is a directory, not a run file")
+        raise RunFileError(
+            f"{path} is a folder, not a run file: open one of the .h5 files in it "
+            f"(`icsviz app --runs {path}` lists them all)"
+        )
     size = path.stat().st_size
     if size == 0:
         raise RunFileError(f"{path} is empty (0 bytes): the run never wrote its header")
