@@ -137,7 +137,7 @@ def test_few_captures_or_epochs_get_dots_many_get_lines_only() -> None:
     spec = charts.gradient_chart(one, "grad_norm", "a")
     check(spec)
     assert spec["mark"] == {"type": "line", "point": {"size": 20}}  # a line through one capture draws nothing
-    assert spec["encoding"]["x"]["axis"] == {"format": "~g"}  # "0", not "0.000000"
+    assert spec["encoding"]["x"]["axis"] == {"format": "~g", "tickCount": 10}  # "0", not "0.000000"
     many = pd.DataFrame({"run": "a", "layer": "d", "order": 0, "epoch": np.arange(10.0), "grad_norm": 1.0})
     assert charts.gradient_chart(many, "grad_norm", "a")["mark"] == {"type": "line"}
     # Training curves: whole epochs on the axis, and dashes (not dots) in the legend once the
@@ -151,6 +151,12 @@ def test_few_captures_or_epochs_get_dots_many_get_lines_only() -> None:
     assert line["encoding"]["x"]["axis"] == {"tickMinStep": 1, "format": "d"}
     (panel,) = charts.curves_chart(curves.head(1), ("a",))["hconcat"]
     assert panel["layer"][0]["mark"]["point"] == {"size": 12}
+    # A run fitted without validation data: no "validation" entry in the legend.
+    assert line["encoding"]["strokeDash"]["scale"] == {"domain": ["training"], "range": [[4, 3]]}
+    both = pd.concat([curves, curves.assign(split="validation")])
+    (panel,) = charts.curves_chart(both, ("a",))["hconcat"]
+    scale = panel["layer"][0]["encoding"]["strokeDash"]["scale"]
+    assert scale == {"domain": ["training", "validation"], "range": [[4, 3], [1, 0]]}
     # Percentile bands of a run's first capture (a live run's first minutes): a bar per band and
     # a dot for the median, where an area and a line over one epoch drew nothing.
     first = pd.DataFrame({"run": "a", "epoch": [0.0], "q15": [-1.0], "q85": [1.0], "median": [0.0]})
@@ -158,7 +164,7 @@ def test_few_captures_or_epochs_get_dots_many_get_lines_only() -> None:
     check(spec)
     band, median = spec["layer"]
     assert band["mark"]["type"] == "rule" and band["encoding"]["y2"] == {"field": "q85"}
-    assert median["mark"]["point"] == {"size": 40} and band["encoding"]["x"]["axis"] == {"format": "~g"}
+    assert median["mark"]["point"] == {"size": 40} and band["encoding"]["x"]["axis"]["format"] == "~g"
     later = pd.concat([first, first.assign(epoch=1.0), first.assign(epoch=2.0), first.assign(epoch=3.0)])
     band, median = charts.percentile_chart(later, ("a",), [(0.15, 0.85)], "d")["layer"]
     assert (band["mark"]["type"], median["mark"]) == ("area", {"type": "line"})

@@ -65,7 +65,8 @@ def _run_color(runs: Sequence[str]) -> dict[str, Any]:
 
 
 # Epochs with no more digits than they have ("2", "2.5"): a single capture's axis read 0.000000.
-_EPOCH_AXIS = {"format": "~g"}
+# About ten ticks whatever the width: a run of 3 epochs had 31 labels, one every 0.1.
+_EPOCH_AXIS = {"format": "~g", "tickCount": 10}
 
 
 def _epoch_rule(name: str) -> Spec:
@@ -85,6 +86,9 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
         datasets["capture"] = _rule_frame(current_epoch)
     panels = []
     few = df["epoch"].nunique() <= 3
+    # Only the splits recorded: a run fitted without validation data has no "validation" entry.
+    splits = [split for split in ("training", "validation") if split in set(df["split"])]
+    dashes = {"training": [4, 3], "validation": [1, 0]}
     for metric in curve_metrics(df):
         datasets[metric] = df[df["metric"] == metric]
         line = {
@@ -100,7 +104,7 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
                 "strokeDash": _n(
                     "split",
                     title="data",
-                    scale={"domain": ["training", "validation"], "range": [[4, 3], [1, 0]]},
+                    scale={"domain": splits, "range": [dashes[split] for split in splits]},
                 ),
                 "tooltip": [_n("run"), _n("split"), _q("epoch"), _q("value", format=".4f")],
             },
@@ -213,7 +217,7 @@ def ridgeline_chart(df: pd.DataFrame, title: str, x_domain: Sequence[float], ste
             "x": _q("x", title="activation", scale={"domain": list(x_domain), "nice": False}),
             # A range reaching above the row: each density overlaps the row before it.
             "y": _q("density", axis=None, scale={"range": [step, -step * 2]}),
-            "fill": _q("epoch", title="epoch", scale={"scheme": "viridis"}, legend=_EPOCH_AXIS),
+            "fill": _q("epoch", title="epoch", scale={"scheme": "viridis"}, legend={"format": "~g"}),
             "row": _q(
                 "epoch",
                 title=None,
