@@ -29,6 +29,7 @@ from .store.reader import ActivationStats, Run  # noqa: E402
 __all__ = [
     "STYLE",
     "figure_accuracy",
+    "figure_metric",
     "figure_loss",
     "figure_ioffe",
     "figure_ioffe_steps",
@@ -116,24 +117,41 @@ def _with_history(label: str, run: Run) -> Mapping[str, np.ndarray]:
     return run.history
 
 
+def headline_metric(runs: Runs) -> str | None:
+    """The metric of the first training-curve figure, as the app's first panel: accuracy, or
+    for a model compiled without it (a regression) the first metric it recorded (mae)."""
+    names = [name for run in runs.values() for name in run.metric_names if name != "loss"]
+    return "accuracy" if "accuracy" in names else (names[0] if names else None)
+
+
 def figure_accuracy(runs: Runs) -> Figure:
-    """Validation accuracy per epoch, one line per run; a run trained without validation data
-    shows its training accuracy instead, dashed as in `figure_loss`."""
+    """Validation accuracy per epoch, one line per run (`figure_metric` of "accuracy")."""
+    return figure_metric(runs, "accuracy")
+
+
+def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
+    """A metric's validation curve per epoch, one line per run; a run fitted without validation
+    data shows its training curve instead, dashed as in `figure_loss`. `metric`: accuracy by
+    default, else the first the runs recorded (`headline_metric`)."""
+    metric = metric or headline_metric(runs)
+    if metric is None:
+        raise MissingDataError("no run recorded a metric besides its loss (compile with metrics=[...])")
     fig, axes = _figure(PANEL_WIDTH, 2.4)
     ax = axes[0, 0]
     validated = True
     for i, (label, run) in enumerate(runs.items()):
         history, epochs = _with_history(label, run), run.history_epochs + 1
-        if "val_accuracy" in history:
-            ax.plot(epochs, history["val_accuracy"], color=_color(i), label=label)
-        elif "accuracy" in history:
+        if f"val_{metric}" in history:
+            ax.plot(epochs, history[f"val_{metric}"], color=_color(i), label=label)
+        elif metric in history:
             validated = False
-            ax.plot(epochs, history["accuracy"], "--", color=_color(i), label=f"{label} (training)")
+            ax.plot(epochs, history[metric], "--", color=_color(i), label=f"{label} (training)")
         else:
             raise MissingDataError(
-                f"{label}: no accuracy in its history (compile the model with metrics=['accuracy'])"
+                f"{label}: no {metric} in its history (compile the model with metrics=[{metric!r}])"
             )
-    which = "validation accuracy" if validated else "accuracy"
+    name = metric if len(metric) > 4 or not metric.isalpha() else metric.upper()  # "MAE", as the app
+    which = f"validation {name}" if validated else name
     ax.set(xlabel="epoch", ylabel=which, title=which[:1].upper() + which[1:])
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs: no tick at 1.25 on a short run
     for i, run in enumerate(runs.values()):
@@ -503,8 +521,9 @@ def plot_runs(
         layers = [n for n in first.layer_names if all(n in r.layer_names for r in runs.values())]
         extra = [n for r in runs.values() for n in r.layer_names if n not in layers]
         layers = layers + list(dict.fromkeys(extra))
+    metric = headline_metric(runs)
     plan = [
-        Planned("accuracy", lambda: figure_accuracy(runs)),
+        Planned(metric or "accuracy", lambda: figure_metric(runs, metric)),
         Planned("loss", lambda: figure_loss(runs)),
         Planned("ioffe_fig1", lambda: figure_ioffe(runs)),
         Planned("ioffe_fig1_steps", lambda: figure_ioffe_steps(runs)),

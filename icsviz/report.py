@@ -263,10 +263,11 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
     ] + drift_reading(runs)
     parts.append("<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in reading) + "</ul>")
 
+    metric = plots.headline_metric(runs) or "accuracy"
     figures = [
         (
-            plots.figure_accuracy,
-            "Validation accuracy per epoch (training accuracy, dashed, for a run trained without validation data).",
+            plots.figure_metric,
+            f"Validation {metric} per epoch (training {metric}, dashed, for a run trained without validation data).",
         ),
         (plots.figure_loss, "Training (dashed) and validation (solid) loss."),
         (

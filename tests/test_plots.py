@@ -15,6 +15,7 @@ from icsviz.plots import (
     figure_gradient_shift,
     figure_ioffe,
     figure_loss,
+    figure_metric,
     hidden_input_layer,
     plot_runs,
 )
@@ -82,6 +83,12 @@ def test_accuracy_figure_shows_training_accuracy_dashed_for_a_run_without_valida
         MissingDataError, match=r"no accuracy in its history \(compile the model with metrics"
     ):
         figure_accuracy({"mae": regression})
+    # A regression: its first metric instead, titled as the app titles it, in a file of its name.
+    fig = figure_metric({"mae": regression})
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_ydata()) == pytest.approx([0.5, 0.6, 0.7]) and fig.axes[0].get_title() == "MAE"
+    written, notes = plot_runs({"mae": regression}, tmp_path / "regression", formats=("png",), progress=False)
+    assert "mae.png" in {p.name for p in written} and not any(n.startswith("mae") for n in notes)
     plt.close("all")
     trained.close()
     regression.close()

@@ -22,7 +22,7 @@ from ..histograms import (
     shared_edges,
     time_edges,
 )
-from ..store.reader import ActivationStats, Run
+from ..store.reader import ActivationStats, Run, metric_names
 
 __all__ = [
     "RoleNamed",
@@ -249,9 +249,6 @@ def layer_union(runs: Runs) -> list[str]:
 
 
 # Recorded beside the model's metrics, not metrics of the model themselves.
-_NOT_CURVES = frozenset({"learning_rate", "lr", "epoch_time"})
-
-
 def curves_frame(runs: Runs) -> pd.DataFrame:
     """Every metric the model recorded per epoch (loss, accuracy, mae, ...), training and
     validation, for every run."""
@@ -259,8 +256,7 @@ def curves_frame(runs: Runs) -> pd.DataFrame:
     for label, run in runs.items():
         history = run.history
         epochs = run.history_epochs + 1
-        metrics = [key for key in history if not key.startswith("val_") and key not in _NOT_CURVES]
-        for metric in metrics:
+        for metric in metric_names(history):
             for split, key in (("training", metric), ("validation", f"val_{metric}")):
                 if key in history:
                     rows.append(

@@ -15,7 +15,7 @@ import itertools
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,6 +255,15 @@ def _keep_index(version: tuple[Any, ...], found: tuple[Any, ...]) -> None:
     if len(_INDEXES) >= _MAX_INDEXES:
         _INDEXES.clear()
     _INDEXES[version] = found
+
+
+# History entries the callback adds to Keras's logs (`lr`: Keras 2's name for the rate).
+_CALLBACK_METRICS = frozenset({"learning_rate", "lr", "epoch_time"})
+
+
+def metric_names(history: Mapping[str, Any]) -> list[str]:
+    """`Run.metric_names` of a history already read."""
+    return [name for name in history if not name.startswith("val_") and name not in _CALLBACK_METRICS]
 
 
 class Run:
@@ -718,6 +727,13 @@ class Run:
             names = [n.decode("utf-8") for n in self._read("history/names")]
         values = self._read("history/values", rows)
         return {name: values[:, i].copy() for i, name in enumerate(names) if i < values.shape[1]}
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The model's own per-epoch metrics in `history` ("loss", "accuracy", "mae"), in the
+        order recorded: not their "val_" twins, nor what the callback adds (learning rate,
+        epoch time)."""
+        return metric_names(self.history)
 
     @property
     def history_epochs(self) -> np.ndarray:
