@@ -131,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--labels", nargs="+", help="one label per run (default: file names)")
     p.add_argument("--layers", nargs="+", help="layers to draw per-layer figures for (default: all)")
+    p.add_argument(
+        "--ioffe-layer",
+        help="the layer whose tracked unit the Ioffe & Szegedy figures follow "
+        "(default: the input of the last hidden nonlinearity)",
+    )
     p.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (default: png pdf)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -349,7 +354,12 @@ def _write_figures(args: argparse.Namespace, runs: dict) -> int:
         if bad:
             raise UsageError(f"--formats takes png, pdf or svg, not {bad}")
         written, notes = plot_runs(
-            runs, args.out, layers=args.layers, formats=formats, progress=not args.quiet
+            runs,
+            args.out,
+            layers=args.layers,
+            formats=formats,
+            progress=not args.quiet,
+            ioffe_layer=args.ioffe_layer,
         )
         for note in notes:
             print(f"icsviz: {note}", file=sys.stderr)

@@ -110,6 +110,12 @@ def _mark_divergence(ax: plt.Axes, run: Run, color: str, *, horizontal: bool = F
 
 
 # ---------------------------------------------------------------- the seed article's two plots
+def _whole_epochs(ax: plt.Axes) -> None:
+    """Ticks on whole epochs in steps of 1, 2, 5 or 10 (a 2-epoch run had ticks at 1.25,
+    matplotlib's integer ticks alone put 50 epochs' at 0, 6, 12)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+
+
 def _with_history(label: str, run: Run) -> Mapping[str, np.ndarray]:
     """The run's per-epoch history; a clear error for a run stopped before its first epoch ended."""
     if not len(run.history_epochs):
@@ -153,7 +159,7 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
     name = metric if len(metric) > 4 or not metric.isalpha() else metric.upper()  # "MAE", as the app
     which = f"validation {name}" if validated else name
     ax.set(xlabel="epoch", ylabel=which, title=which[:1].upper() + which[1:])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs: no tick at 1.25 on a short run
+    _whole_epochs(ax)
     for i, run in enumerate(runs.values()):
         _mark_divergence(ax, run, _color(i))
     ax.legend(frameon=False)
@@ -175,7 +181,7 @@ def figure_loss(runs: Runs) -> Figure:
     ax.set(
         xlabel="epoch", ylabel="loss", title="Training and validation loss" if validated else "Training loss"
     )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _whole_epochs(ax)
     for i, run in enumerate(runs.values()):
         _mark_divergence(ax, run, _color(i))
     ax.legend(frameon=False)
@@ -197,7 +203,8 @@ def hidden_input_layer(run: Run) -> str:
     if len(preacts) >= 2:
         return preacts[-2]
     raise MissingDataError(
-        f"{run.path.name}: no hidden activation layer found; choose the layer with --layers"
+        f"{run.path.name}: no hidden nonlinearity found to follow; choose a layer with "
+        "`icsviz plot --ioffe-layer NAME` (or figure_ioffe(runs, layer=NAME))"
     )
 
 
@@ -223,8 +230,16 @@ def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
         acts = run.activations(name)
         _ioffe_panel(ax, label, name, acts, acts.epochs, _color(i))
         ax.set_xlabel("epoch")
-    axes[0, 0].set_ylabel("input to the activation\n(15th, 50th, 85th percentile)")
+        if np.all(np.mod(acts.epochs, 1) == 0):  # epoch captures only: no tick at 0.5
+            _whole_epochs(ax)
+    axes[0, 0].set_ylabel(f"{_ioffe_quantity(layer)}\n(15th, 50th, 85th percentile)")
     return fig
+
+
+def _ioffe_quantity(layer: str | None) -> str:
+    """The y label: what the default layer is (the input of the last hidden nonlinearity);
+    a layer the user chose is whatever it is."""
+    return "input to the activation" if layer is None else "the unit's value"
 
 
 def figure_ioffe_steps(runs: Runs, layer: str | None = None) -> Figure:
@@ -239,7 +254,7 @@ def figure_ioffe_steps(runs: Runs, layer: str | None = None) -> Figure:
         acts = run.batch_activations(name)
         _ioffe_panel(ax, label, name, acts, acts.steps, _color(list(runs).index(label)), linewidth=0.8)
         ax.set_xlabel("training step")
-    axes[0, 0].set_ylabel("input to the activation, each batch\n(15th, 50th, 85th percentile)")
+    axes[0, 0].set_ylabel(f"{_ioffe_quantity(layer)}, each batch\n(15th, 50th, 85th percentile)")
     return fig
 
 
@@ -512,8 +527,13 @@ def plot_runs(
     layers: Sequence[str] | None = None,
     formats: Sequence[str] = ("png", "pdf"),
     progress: bool = True,
+    ioffe_layer: str | None = None,
 ) -> tuple[list[Path], list[str]]:
-    """Write every figure for `runs` into `out_dir`. Returns (files written, notes on skipped figures)."""
+    """Write every figure for `runs` into `out_dir`. Returns (files written, notes on skipped figures).
+
+    `layers`: the per-layer figures (default: every layer). `ioffe_layer`: the layer whose
+    tracked unit Ioffe & Szegedy's Fig. 1 follows (default: `hidden_input_layer` of each run).
+    """
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     if layers is None:
@@ -525,8 +545,8 @@ def plot_runs(
     plan = [
         Planned(metric or "accuracy", lambda: figure_metric(runs, metric)),
         Planned("loss", lambda: figure_loss(runs)),
-        Planned("ioffe_fig1", lambda: figure_ioffe(runs)),
-        Planned("ioffe_fig1_steps", lambda: figure_ioffe_steps(runs)),
+        Planned("ioffe_fig1", lambda: figure_ioffe(runs, ioffe_layer)),
+        Planned("ioffe_fig1_steps", lambda: figure_ioffe_steps(runs, ioffe_layer)),
         Planned("drift_matrix", lambda: figure_drift_matrix(runs)),
         Planned("drift_comparison", lambda: figure_drift_comparison(runs)),
         Planned("gradients", lambda: figure_gradients(runs)),

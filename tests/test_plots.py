@@ -49,6 +49,20 @@ def test_ioffe_figure_draws_the_tracked_unit_percentiles(shipped) -> None:
     unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
     assert list(line.get_ydata()) == pytest.approx(list(acts.unit_quantile(unit, 0.5)))
     assert "unit" in left.get_title()
+    assert left.get_ylabel().startswith("input to the activation\n")
+    assert [t for t in left.get_xticks() if 0 <= t <= 50] == [0, 10, 20, 30, 40, 50]  # whole epochs
+    chosen = figure_ioffe(shipped, layer="conv2").axes[0]
+    assert chosen.get_title().startswith("baseline: conv2, unit") and chosen.get_ylabel().startswith(
+        "the unit's value"
+    )
+
+
+def test_plot_follows_the_chosen_layer_in_the_ioffe_figures(shipped, tmp_path) -> None:
+    written, notes = plot_runs(
+        shipped, tmp_path, layers=[], formats=("png",), progress=False, ioffe_layer="nope"
+    )
+    assert "ioffe_fig1.png" not in {p.name for p in written}
+    assert any(n.startswith("ioffe_fig1: skipped,") and "no captured layer 'nope'" in n for n in notes), notes
 
 
 def _run_with_history(path: Path, layout, metrics: dict[str, float], epochs: int = 3):
