@@ -6,10 +6,10 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from pathlib import Path
 
-from .errors import ICSVizError
+from .errors import ICSVizError, RunFileError
 from .extras import missing_extra, require
 
 
@@ -313,7 +313,11 @@ def run_paths(arguments: Sequence[str]) -> list[str]:
     return paths
 
 
-def _open_labelled(paths: Sequence[str], labels: Sequence[str] | None) -> dict:
+def _open_labelled(
+    paths: Sequence[str], labels: Sequence[str] | None, skippable: Set[str] = frozenset()
+) -> dict:
+    """The runs by label, open. A file in `skippable` (found in a folder, not named) that cannot
+    be read is left out with one line saying why; a named one is an error."""
     from .store.reader import open_run
 
     if labels is not None and len(labels) != len(paths):
@@ -321,7 +325,22 @@ def _open_labelled(paths: Sequence[str], labels: Sequence[str] | None) -> dict:
     names = list(labels) if labels else [Path(p).stem for p in paths]
     if len(set(names)) != len(names):
         raise UsageError(f"run labels must be unique, got {names}; pass --labels")
-    return {name: open_run(path) for name, path in zip(names, paths)}
+    runs = {}
+    try:
+        for name, path in zip(names, paths):
+            try:
+                runs[name] = open_run(path)
+            except RunFileError as exc:
+                if path not in skippable:
+                    raise
+                print(f"icsviz: left out, {exc}", file=sys.stderr)
+    except BaseException:
+        for run in runs.values():
+            run.close()
+        raise
+    if not runs:
+        raise UsageError("no run file could be read (each is left out above)")
+    return runs
 
 
 def _figures(args: argparse.Namespace) -> int:
@@ -332,7 +351,7 @@ def _figures(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--out takes the report's file name, and {out} is a folder: e.g. --out {out / 'report.html'}"
         )
-    runs = _open_labelled(args.runs, args.labels)
+    runs = _open_labelled(args.runs, args.labels, skippable=args.found_in_folders)
     try:
         return _write_figures(args, runs)
     except ICSVizError:
@@ -414,7 +433,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command in ("plot", "report", "info", "check", "repair"):
+            named = set(args.runs)
             args.runs = run_paths(args.runs)
+            args.found_in_folders = set(args.runs) - named
         if args.command in ("plot", "report"):
             return _figures(args)
         if args.command == "app":

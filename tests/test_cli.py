@@ -177,6 +177,15 @@ def test_a_folder_stands_for_its_run_files(tmp_path, layout, capsys) -> None:
         main(["report", str(folder), str(tmp_path / "runs" / "a.h5"), "--out", str(tmp_path / "r.html")]) == 2
     )
     assert "run labels must be unique" in capsys.readouterr().err  # a.h5 twice: one label each
+    # A damaged file found in the folder is left out, with the reason; one named is an error.
+    (folder / "cut.h5").write_bytes((folder / "a.h5").read_bytes()[:3000])
+    figures = tmp_path / "figures2"
+    assert main(["plot", str(folder), "--out", str(figures), "--formats", "png", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"icsviz: left out, {folder / 'cut.h5'}: " in err and "Traceback" not in err, err
+    assert (figures / "loss.png").exists()
+    assert main(["plot", str(folder / "cut.h5"), "--out", str(figures), "--quiet"]) == 2
+    assert "icsviz: error: " in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["plot", str(empty)]) == 2
