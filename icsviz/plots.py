@@ -170,14 +170,15 @@ def figure_loss(runs: Runs) -> Figure:
     """Training (dashed) and validation (solid) loss per epoch for each run."""
     fig, axes = _figure(PANEL_WIDTH, 2.4)
     ax = axes[0, 0]
+    validated = False
     for i, (label, run) in enumerate(runs.items()):
         history, epochs = _with_history(label, run), run.history_epochs + 1
         if "loss" not in history:
             raise MissingDataError(f"{label}: no loss in its history")
         ax.plot(epochs, history["loss"], "--", color=_color(i), label=f"{label} (training)")
         if "val_loss" in history:
+            validated = True
             ax.plot(epochs, history["val_loss"], "-", color=_color(i), label=f"{label} (validation)")
-    validated = any("val_loss" in run.history for run in runs.values())
     ax.set(
         xlabel="epoch", ylabel="loss", title="Training and validation loss" if validated else "Training loss"
     )
