@@ -248,7 +248,6 @@ def layer_union(runs: Runs) -> list[str]:
     return names
 
 
-# Recorded beside the model's metrics, not metrics of the model themselves.
 def curves_frame(runs: Runs) -> pd.DataFrame:
     """Every metric the model recorded per epoch (loss, accuracy, mae, ...), training and
     validation, for every run."""
