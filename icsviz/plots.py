@@ -210,17 +210,29 @@ def hidden_input_layer(run: Run) -> str:
 
 
 def _ioffe_panel(
-    ax: plt.Axes, label: str, name: str, acts: ActivationStats, x: np.ndarray, color: str, **line: float
+    ax: plt.Axes,
+    label: str,
+    name: str,
+    acts: ActivationStats,
+    x: np.ndarray,
+    color: str,
+    narrow: bool = False,
+    **line: float,
 ) -> None:
-    """One run's panel of Ioffe's Fig. 1: a tracked unit's 15/50/85 percentiles over `x`."""
+    """One run's panel of Ioffe's Fig. 1: a tracked unit's 15/50/85 percentiles over `x`;
+    `narrow` (more than two panels side by side): the title on two lines."""
     if not len(acts.tracked_units):
         raise MissingDataError(f"{label}: layer {name!r} tracks no unit (ICSCallback(tracked_units=...))")
     unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
     lo, mid, hi = (acts.unit_quantile(unit, q) for q in (0.15, 0.5, 0.85))
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
+    # One capture (a run stopped early) is a point: a line through it draws nothing.
+    point = {"marker": "o", "markersize": 3} if len(x) < 2 else {}
     for series, style in ((lo, ":"), (mid, "-"), (hi, ":")):
-        ax.plot(x, series, style, color=color, **line)
-    ax.set(title=f"{label}: {name}, unit {unit}")
+        ax.plot(x, series, style, color=color, **point, **line)
+    if len(x) == 1:
+        ax.set_xticks(x)
+    ax.set(title=f"{label}: {name}, unit {unit}" if not narrow else f"{label}\n{name}, unit {unit}")
 
 
 def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
@@ -229,9 +241,9 @@ def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
     for ax, (i, (label, run)) in zip(axes[0], enumerate(runs.items())):
         name = layer or hidden_input_layer(run)
         acts = run.activations(name)
-        _ioffe_panel(ax, label, name, acts, acts.epochs, _color(i))
+        _ioffe_panel(ax, label, name, acts, acts.epochs, _color(i), narrow=len(runs) > 2)
         ax.set_xlabel("epoch")
-        if np.all(np.mod(acts.epochs, 1) == 0):  # epoch captures only: no tick at 0.5
+        if len(acts.epochs) > 1 and np.all(np.mod(acts.epochs, 1) == 0):  # epoch captures: no tick at 0.5
             _whole_epochs(ax)
     axes[0, 0].set_ylabel(f"{_ioffe_quantity(layer)}\n(15th, 50th, 85th percentile)")
     return fig
@@ -253,7 +265,8 @@ def figure_ioffe_steps(runs: Runs, layer: str | None = None) -> Figure:
     for ax, (label, run) in zip(axes[0], have.items()):
         name = layer or hidden_input_layer(run)
         acts = run.batch_activations(name)
-        _ioffe_panel(ax, label, name, acts, acts.steps, _color(list(runs).index(label)), linewidth=0.8)
+        color = _color(list(runs).index(label))
+        _ioffe_panel(ax, label, name, acts, acts.steps, color, narrow=len(have) > 2, linewidth=0.8)
         ax.set_xlabel("training step")
     axes[0, 0].set_ylabel(f"{_ioffe_quantity(layer)}, each batch\n(15th, 50th, 85th percentile)")
     return fig
@@ -382,7 +395,10 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
         ax.bar(x + i * width - 0.4 + width / 2, values, width, color=_color(i), label=label)
     ticks = (
         [
-            role.replace("input of ", "") + "\n" + " / ".join(dict.fromkeys(names.values()))
+            # Up to two names on one line; more (runs of different models) one per line.
+            role.replace("input of ", "")
+            + "\n"
+            + (" / " if len(set(names.values())) <= 2 else "\n").join(dict.fromkeys(names.values()))
             for role, names in pairs
         ]
         if by == "role"

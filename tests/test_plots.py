@@ -57,6 +57,21 @@ def test_ioffe_figure_draws_the_tracked_unit_percentiles(shipped) -> None:
     )
 
 
+def test_ioffe_figure_of_many_runs_and_of_a_single_capture(tiny_runs, tmp_path, layout) -> None:
+    one = _run_with_history(tmp_path / "one.h5", layout, {"loss": 1.0})  # a run stopped early
+    fig = figure_ioffe({**tiny_runs, "one": one}, layer="dense")
+    first, _, single = fig.axes
+    assert first.get_title().startswith("a\ndense, unit ")  # three panels: the title on two lines
+    assert list(single.get_xticks()) == [0.0]  # its one capture, not -0.04 ... 0.04
+    assert all(
+        line.get_marker() == "o" for line in single.get_lines()
+    )  # a line through one point draws nothing
+    assert all(line.get_marker() in ("None", None, "") for line in first.get_lines())
+    assert figure_ioffe(tiny_runs, layer="dense").axes[0].get_title().startswith("a: dense, unit ")
+    plt.close("all")
+    one.close()
+
+
 def test_plot_follows_the_chosen_layer_in_the_ioffe_figures(shipped, tmp_path) -> None:
     written, notes = plot_runs(
         shipped, tmp_path, layers=[], formats=("png",), progress=False, ioffe_layer="nope"
