@@ -30,6 +30,7 @@ __all__ = [
     "STYLE",
     "figure_accuracy",
     "figure_metric",
+    "left_out",
     "figure_loss",
     "figure_ioffe",
     "figure_ioffe_steps",
@@ -109,6 +110,23 @@ def _mark_divergence(ax: plt.Axes, run: Run, color: str, *, horizontal: bool = F
     )
 
 
+# ---------------------------------------------------------------- runs a figure leaves out
+def left_out(fig: Figure) -> list[str]:
+    """Why a figure of several runs left some of them out (a run stopped before its first
+    epoch, one without the layer): one line per run, empty when it drew them all."""
+    return list(getattr(fig, "_icsviz_left_out", []))
+
+
+def _drawn(fig: Figure, left: list[str]) -> Figure:
+    fig._icsviz_left_out = left  # type: ignore[attr-defined]  # read by left_out()
+    return fig
+
+
+def _nothing_drawn(fig: Figure, left: list[str]) -> MissingDataError:
+    plt.close(fig)
+    return MissingDataError("; ".join(left))
+
+
 # ---------------------------------------------------------------- the seed article's two plots
 def _whole_epochs(ax: plt.Axes) -> None:
     """Ticks on whole epochs in steps of 1, 2, 5 or 10 (a 2-epoch run had ticks at 1.25,
@@ -144,18 +162,22 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
         raise MissingDataError("no run recorded a metric besides its loss (compile with metrics=[...])")
     fig, axes = _figure(PANEL_WIDTH, 2.4)
     ax = axes[0, 0]
-    validated = True
+    validated, left = True, []
     for i, (label, run) in enumerate(runs.items()):
-        history, epochs = _with_history(label, run), run.history_epochs + 1
+        try:
+            history, epochs = _with_history(label, run), run.history_epochs + 1
+        except MissingDataError as exc:
+            left.append(str(exc))
+            continue
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"], color=_color(i), label=label)
         elif metric in history:
             validated = False
             ax.plot(epochs, history[metric], "--", color=_color(i), label=f"{label} (training)")
         else:
-            raise MissingDataError(
-                f"{label}: no {metric} in its history (compile the model with metrics=[{metric!r}])"
-            )
+            left.append(f"{label}: no {metric} in its history (compile the model with metrics=[{metric!r}])")
+    if len(left) == len(runs):
+        raise _nothing_drawn(fig, left)
     name = metric if len(metric) > 4 or not metric.isalpha() else metric.upper()  # "MAE", as the app
     which = f"validation {name}" if validated else name
     ax.set(xlabel="epoch", ylabel=which, title=which[:1].upper() + which[1:])
@@ -163,22 +185,29 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
     for i, run in enumerate(runs.values()):
         _mark_divergence(ax, run, _color(i))
     ax.legend(frameon=False)
-    return fig
+    return _drawn(fig, left)
 
 
 def figure_loss(runs: Runs) -> Figure:
     """Training (dashed) and validation (solid) loss per epoch for each run."""
     fig, axes = _figure(PANEL_WIDTH, 2.4)
     ax = axes[0, 0]
-    validated = False
+    validated, left = False, []
     for i, (label, run) in enumerate(runs.items()):
-        history, epochs = _with_history(label, run), run.history_epochs + 1
+        try:
+            history, epochs = _with_history(label, run), run.history_epochs + 1
+        except MissingDataError as exc:
+            left.append(str(exc))
+            continue
         if "loss" not in history:
-            raise MissingDataError(f"{label}: no loss in its history")
+            left.append(f"{label}: no loss in its history")
+            continue
         ax.plot(epochs, history["loss"], "--", color=_color(i), label=f"{label} (training)")
         if "val_loss" in history:
             validated = True
             ax.plot(epochs, history["val_loss"], "-", color=_color(i), label=f"{label} (validation)")
+    if len(left) == len(runs):
+        raise _nothing_drawn(fig, left)
     ax.set(
         xlabel="epoch", ylabel="loss", title="Training and validation loss" if validated else "Training loss"
     )
@@ -186,7 +215,7 @@ def figure_loss(runs: Runs) -> Figure:
     for i, run in enumerate(runs.values()):
         _mark_divergence(ax, run, _color(i))
     ax.legend(frameon=False)
-    return fig
+    return _drawn(fig, left)
 
 
 # ---------------------------------------------------------------- Ioffe & Szegedy Fig. 1
@@ -221,8 +250,6 @@ def _ioffe_panel(
 ) -> None:
     """One run's panel of Ioffe's Fig. 1: a tracked unit's 15/50/85 percentiles over `x`;
     `narrow` (more than two panels side by side): the title on two lines."""
-    if not len(acts.tracked_units):
-        raise MissingDataError(f"{label}: layer {name!r} tracks no unit (ICSCallback(tracked_units=...))")
     unit = int(acts.tracked_units[len(acts.tracked_units) // 2])
     lo, mid, hi = (acts.unit_quantile(unit, q) for q in (0.15, 0.5, 0.85))
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
@@ -235,18 +262,41 @@ def _ioffe_panel(
     ax.set(title=f"{label}: {name}, unit {unit}" if not narrow else f"{label}\n{name}, unit {unit}")
 
 
+def _ioffe_panels(
+    runs: Runs, layer: str | None, read: Callable[[Run, str], ActivationStats]
+) -> tuple[list[tuple[str, str, ActivationStats]], list[str]]:
+    """(label, layer, statistics) of each run Fig. 1 can follow, and why the others are left
+    out; an error when none is left."""
+    panels, left = [], []
+    for label, run in runs.items():
+        try:
+            name = layer or hidden_input_layer(run)
+            acts = read(run, name)
+            if not len(acts.tracked_units):
+                raise MissingDataError(
+                    f"{label}: layer {name!r} tracks no unit (ICSCallback(tracked_units=...))"
+                )
+        except MissingDataError as exc:
+            left.append(str(exc))
+            continue
+        panels.append((label, name, acts))
+    if not panels:
+        raise MissingDataError("; ".join(left))
+    return panels, left
+
+
 def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
     """15/50/85 percentiles of one tracked unit's input over training, runs side by side."""
-    fig, axes = _figure(FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 2.4, ncols=len(runs), sharey=True)
-    for ax, (i, (label, run)) in zip(axes[0], enumerate(runs.items())):
-        name = layer or hidden_input_layer(run)
-        acts = run.activations(name)
-        _ioffe_panel(ax, label, name, acts, acts.epochs, _color(i), narrow=len(runs) > 2)
+    panels, left = _ioffe_panels(runs, layer, lambda run, name: run.activations(name))
+    n = len(panels)
+    fig, axes = _figure(FULL_WIDTH if n > 1 else PANEL_WIDTH, 2.4, ncols=n, sharey=True)
+    for ax, (label, name, acts) in zip(axes[0], panels):
+        _ioffe_panel(ax, label, name, acts, acts.epochs, _color(list(runs).index(label)), narrow=n > 2)
         ax.set_xlabel("epoch")
         if len(acts.epochs) > 1 and np.all(np.mod(acts.epochs, 1) == 0):  # epoch captures: no tick at 0.5
             _whole_epochs(ax)
     axes[0, 0].set_ylabel(f"{_ioffe_quantity(layer)}\n(15th, 50th, 85th percentile)")
-    return fig
+    return _drawn(fig, left)
 
 
 def _ioffe_quantity(layer: str | None) -> str:
@@ -261,15 +311,18 @@ def figure_ioffe_steps(runs: Runs, layer: str | None = None) -> Figure:
     have = {label: run for label, run in runs.items() if run.has_batch_stats}
     if not have:
         raise MissingDataError("no run was recorded with batch_stats=True (per-step statistics)")
-    fig, axes = _figure(FULL_WIDTH if len(have) > 1 else PANEL_WIDTH, 2.4, ncols=len(have), sharey=True)
-    for ax, (label, run) in zip(axes[0], have.items()):
-        name = layer or hidden_input_layer(run)
-        acts = run.batch_activations(name)
+    panels, left = _ioffe_panels(have, layer, lambda run, name: run.batch_activations(name))
+    left = [
+        f"{label}: no per-step statistics (batch_stats=True)" for label in runs if label not in have
+    ] + left
+    n = len(panels)
+    fig, axes = _figure(FULL_WIDTH if n > 1 else PANEL_WIDTH, 2.4, ncols=n, sharey=True)
+    for ax, (label, name, acts) in zip(axes[0], panels):
         color = _color(list(runs).index(label))
-        _ioffe_panel(ax, label, name, acts, acts.steps, color, narrow=len(have) > 2, linewidth=0.8)
+        _ioffe_panel(ax, label, name, acts, acts.steps, color, narrow=n > 2, linewidth=0.8)
         ax.set_xlabel("training step")
     axes[0, 0].set_ylabel(f"{_ioffe_quantity(layer)}, each batch\n(15th, 50th, 85th percentile)")
-    return fig
+    return _drawn(fig, left)
 
 
 # ---------------------------------------------------------------- distributions per layer
@@ -583,6 +636,7 @@ def plot_runs(
             except MissingDataError as exc:
                 notes.append(f"{item.name}: skipped, {exc}")
                 continue
+            notes.extend(f"{item.name}: left out {why}" for why in left_out(fig))
             for fmt in formats:
                 path = out / f"{item.name}.{fmt}"
                 fig.savefig(path)

@@ -287,7 +287,9 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
     with plt.rc_context(plots.STYLE):
         for make, caption in figures:
             try:
-                parts.append(_figure_html(make(runs), caption))
+                fig = make(runs)
+                left = plots.left_out(fig)
+                parts.append(_figure_html(fig, caption + (f" Left out: {'; '.join(left)}." if left else "")))
             except MissingDataError as exc:
                 parts.append(
                     f"<p class='muted'>{html.escape(caption)} Not available: {html.escape(str(exc))}</p>"

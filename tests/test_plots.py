@@ -17,6 +17,7 @@ from icsviz.plots import (
     figure_loss,
     figure_metric,
     hidden_input_layer,
+    left_out,
     plot_runs,
 )
 from icsviz.store.writer import RunWriter
@@ -132,6 +133,26 @@ def test_plot_of_a_run_with_one_capture_draws_what_it_can_and_says_what_it_skipp
         n.startswith("drift_comparison: skipped, no layer has moved from its first capture") for n in notes
     )
     one.close()
+
+
+def test_figures_of_several_runs_leave_out_one_without_the_data_and_say_why(
+    shipped, tmp_path, layout
+) -> None:
+    stopped = _run_with_history(tmp_path / "stopped.h5", layout, {}, epochs=0)  # before its first epoch
+    runs = {"bn": shipped["bn"], "stopped": stopped}
+    fig = figure_accuracy(runs)
+    (line,) = fig.axes[0].get_lines()
+    assert list(line.get_ydata()) == pytest.approx(list(shipped["bn"].history["val_accuracy"]))
+    assert left_out(fig) == ["stopped: no epoch has finished yet, so there are no per-epoch metrics"]
+    ioffe = figure_ioffe(runs)  # the tiny run has no hidden nonlinearity to follow
+    assert [ax.get_title().split(":")[0] for ax in ioffe.axes] == ["bn"]
+    assert left_out(ioffe)[0].startswith("stopped.h5: no hidden nonlinearity found to follow")
+    assert left_out(figure_ioffe(shipped)) == []
+    written, notes = plot_runs(runs, tmp_path / "figures", layers=[], formats=("png",), progress=False)
+    assert "accuracy.png" in {p.name for p in written}
+    assert "accuracy: left out stopped: no epoch has finished yet, so there are no per-epoch metrics" in notes
+    plt.close("all")
+    stopped.close()
 
 
 def test_plot_writes_the_whole_set(shipped, tmp_path) -> None:
