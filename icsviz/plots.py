@@ -238,6 +238,12 @@ def hidden_input_layer(run: Run) -> str:
     )
 
 
+def _panel_title(label: str, what: str, narrow: bool) -> str:
+    """A run's panel title: "label: what"; on two lines where more than two panels share the
+    width (four runs' titles ran into each other)."""
+    return f"{label}\n{what}" if narrow else f"{label}: {what}"
+
+
 def _ioffe_panel(
     ax: plt.Axes,
     label: str,
@@ -259,7 +265,7 @@ def _ioffe_panel(
         ax.plot(x, series, style, color=color, **point, **line)
     if len(x) == 1:
         ax.set_xticks(x)
-    ax.set(title=f"{label}: {name}, unit {unit}" if not narrow else f"{label}\n{name}, unit {unit}")
+    ax.set(title=_panel_title(label, f"{name}, unit {unit}", narrow))
 
 
 def _ioffe_panels(
@@ -364,7 +370,7 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
                 mids, offset, y, color=cmap(k / last), alpha=0.85, linewidth=0.4, edgecolor="white"
             )
             ax.text(grid[-1], offset + 0.05, f"{acts.epochs[t]:.0f}", fontsize=6, ha="right", va="bottom")
-        ax.set(yticks=[], title=f"{label}: {layer}")
+        ax.set(yticks=[], title=_panel_title(label, layer, len(have) > 2))
         ax.grid(False)
         heat = axes[1, col]
         with np.errstate(divide="ignore"):
@@ -407,7 +413,7 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
         )
         ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=6)
         ax.invert_yaxis()
-        ax.set(xlabel="epoch", title=f"{label}: drift from step 0")
+        ax.set(xlabel="epoch", title=_panel_title(label, "drift from step 0", len(runs) > 2))
         ax.grid(False)
     unit = "W1 / step-0 std" if metric == "w1" else metric
     fig.colorbar(image, ax=axes[0, :].tolist(), label=unit, shrink=0.9)
@@ -482,9 +488,11 @@ def _depth_panels(
     runs: Runs,
     layers_of: Callable[[Run], list[str]],
     rows: Sequence[tuple[Callable[[Run, str], np.ndarray], str, bool]],
+    empty_notes: Sequence[str] = (),
 ) -> tuple[Figure, list[bool]]:
     """One column per run (titled with its label), one row per (series of a layer, quantity,
-    log scale) in `rows`.
+    log scale) in `rows`; a panel with nothing to draw says its row's `empty_notes` (or "not
+    recorded").
 
     Rows share their y axis across runs; a layer's colour is its depth (the same
     colour map for every run, one colour bar), and with a dozen layers or fewer
@@ -495,14 +503,16 @@ def _depth_panels(
         2.3 * len(rows),
         ncols=len(runs),
         nrows=len(rows),
-        sharex=True,
+        sharex="col",  # runs of 3 and 50 epochs side by side: each its own epochs
         sharey="row",
     )
+    notes = list(empty_notes) + ["not recorded"] * (len(rows) - len(empty_notes))
     cmap = plt.get_cmap("viridis")
     drawn = [False] * len(rows)
     for col, (label, run) in enumerate(runs.items()):
         layers = layers_of(run)
         named = len(layers) <= 12
+        in_panel = [False] * len(rows)
         for k, layer in enumerate(layers):
             color = cmap(k / max(len(layers) - 1, 1))
             for row, (series_of, _, log) in enumerate(rows):
@@ -511,8 +521,9 @@ def _depth_panels(
                     series = np.where(series > 0, series, np.nan)
                 if not np.isfinite(series).any():
                     continue
-                drawn[row] = True
-                axes[row, col].plot(run.epochs, series, color=color, linewidth=1.0)
+                drawn[row] = in_panel[row] = True
+                point = {"marker": "o", "markersize": 2} if np.isfinite(series).sum() < 2 else {}
+                axes[row, col].plot(run.epochs, series, color=color, linewidth=1.0, **point)
                 if named:
                     last = np.flatnonzero(np.isfinite(series))[-1]
                     axes[row, col].annotate(
@@ -528,8 +539,21 @@ def _depth_panels(
             axes[row, col].set(yscale="log" if log else "linear")
             if col == 0:
                 axes[row, col].set_ylabel(quantity)
+            if not in_panel[row]:  # say so, rather than leave a blank panel to guess at
+                axes[row, col].text(
+                    0.5,
+                    0.5,
+                    notes[row],
+                    transform=axes[row, col].transAxes,
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="0.45",
+                )
         axes[0, col].set_title(label)
         axes[-1, col].set(xlabel="epoch")
+        if len(run.epochs) == 1:  # one capture: its epoch, not -0.05 ... 0.05
+            axes[-1, col].set_xticks(run.epochs)
     mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=cmap)
     bar = fig.colorbar(mappable, ax=axes[:, -1].tolist(), ticks=[0, 1], shrink=0.6, label="layer depth")
     bar.ax.set_yticklabels(["first", "last"])
@@ -545,6 +569,7 @@ def figure_gradients(runs: Runs) -> Figure:
             (lambda run, layer: run.gradients(layer).total_grad_norm, "gradient norm", True),
             (lambda run, layer: run.gradients(layer).total_update_ratio, "update ratio ||ΔW|| / ||W||", True),
         ],
+        empty_notes=["no gradients:\nthe probe had\nno labels", "no update ratio:\nit needs two\ncaptures"],
     )
     if not drawn[0]:
         plt.close(fig)

@@ -112,11 +112,17 @@ def _unpaired_reading(first: str, a: Run, other: str, b: Run) -> str:
     counterpart, so each run's median drift score."""
     counts = [len(analysis.nonlinearity_inputs(run)) for run in (a, b)]
     medians = [analysis.run_drift_score(run) for run in (a, b)]
+    scores = [
+        f"{median:.3g} for {html.escape(label)}"
+        if np.isfinite(median)
+        else f"not known yet for {html.escape(label)} (it has one capture)"
+        for label, median in ((first, medians[0]), (other, medians[1]))
+    ]
     return (
         f"{html.escape(first)} and {html.escape(other)} have {counts[0]} and {counts[1]} nonlinearities, "
         "so no layer of one is paired with a layer of the other; the median "
-        f"<a href='#drift-score'>drift score</a> of the inputs of their nonlinearities is {medians[0]:.3g} "
-        f"for {html.escape(first)} and {medians[1]:.3g} for {html.escape(other)}."
+        f"<a href='#drift-score'>drift score</a> of the inputs of their nonlinearities is {scores[0]} "
+        f"and {scores[1]}."
     )
 
 
@@ -248,7 +254,7 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
                     _fmt(r["best_epoch"]),
                     _fmt(r["final"]),
                     _fmt(r["epochs"]),
-                    _fmt(r["epoch_time"], "{:.1f}"),
+                    _fmt(r["epoch_time"], "{:.3g}"),
                     _fmt(r["epochs_to_first_best"]),
                 ]
                 for r in acc

@@ -12,7 +12,9 @@ from conftest import tiny_capture
 from icsviz import MissingDataError, open_run
 from icsviz.plots import (
     figure_accuracy,
+    figure_drift_matrix,
     figure_gradient_shift,
+    figure_gradients,
     figure_ioffe,
     figure_loss,
     figure_metric,
@@ -69,6 +71,10 @@ def test_ioffe_figure_of_many_runs_and_of_a_single_capture(tiny_runs, tmp_path, 
     )  # a line through one point draws nothing
     assert all(line.get_marker() in ("None", None, "") for line in first.get_lines())
     assert figure_ioffe(tiny_runs, layer="dense").axes[0].get_title().startswith("a: dense, unit ")
+    matrix = figure_drift_matrix({**tiny_runs, "one": one})
+    assert [ax.get_title() for ax in matrix.axes[:3]] == [
+        f"{k}\ndrift from step 0" for k in ("a", "b", "one")
+    ]
     plt.close("all")
     one.close()
 
@@ -153,6 +159,21 @@ def test_figures_of_several_runs_leave_out_one_without_the_data_and_say_why(
     assert "accuracy: left out stopped: no epoch has finished yet, so there are no per-epoch metrics" in notes
     plt.close("all")
     stopped.close()
+
+
+def test_gradients_figure_says_what_a_blank_panel_lacks_and_keeps_each_runs_epochs(
+    shipped, tmp_path, layout
+) -> None:
+    one = _run_with_history(tmp_path / "one.h5", layout, {"loss": 1.0})  # one capture, no gradients yet
+    fig = figure_gradients({"bn": shipped["bn"], "one": one})
+    (bn_grad, one_grad), (bn_update, one_update) = np.array(fig.axes[:4]).reshape(2, 2)
+    assert [t.get_text() for t in one_update.texts] == ["no update ratio:\nit needs two\ncaptures"]
+    assert [t.get_text() for t in one_grad.texts] == ["no gradients:\nthe probe had\nno labels"]
+    assert bn_update.texts and not any("no update" in t.get_text() for t in bn_update.texts)  # line names
+    assert list(one_update.get_xticks()) == [0.0]  # its one capture's epoch, its own x axis
+    assert bn_update.get_xlim()[1] > 45
+    plt.close("all")
+    one.close()
 
 
 def test_plot_writes_the_whole_set(shipped, tmp_path) -> None:

@@ -84,6 +84,13 @@ def test_report_tables_give_whole_numbers_separators_and_the_logged_learning_rat
     constant.close()
 
 
+def test_drift_reading_of_a_run_with_one_capture_says_so_not_nan(shipped, tmp_path) -> None:
+    one = _plain_fit_run(tmp_path / "one.h5", [])  # stopped after its first capture
+    (sentence,) = drift_reading({"baseline": shipped["baseline"], "one": one})
+    assert sentence.endswith("and not known yet for one (it has one capture).") and "nan" not in sentence
+    one.close()
+
+
 def test_drift_reading_does_not_pair_runs_of_different_depths(different_depths) -> None:
     from icsviz.analysis import run_drift_score
 
