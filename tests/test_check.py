@@ -238,3 +238,13 @@ def test_no_text_lives_in_the_unchecksummed_global_heap(tmp_path) -> None:
     assert found == []
     with open_run(path) as run:  # and the text reads back as str
         assert run.attrs["run_name"] == "demo" and run.layer_names == ["dense", "block/relu"]
+
+
+def test_an_unreadable_file_is_reported_without_advice_to_run_check_on_it(tmp_path: Path) -> None:
+    path = make_run(tmp_path / "cut.h5")
+    path.write_bytes(path.read_bytes()[:3000])  # cut short while being copied
+    report = check_run(path)
+    assert not report.openable and "the file is truncated" in report.error
+    assert "icsviz check" not in report.summary() and "icsviz repair" not in report.summary()
+    with pytest.raises(DamagedRunError, match="run `icsviz check "):  # opening it still says what to run
+        open_run(path)

@@ -31,7 +31,7 @@ from typing import Any
 import h5py
 
 from ..errors import DamagedRunError, RunFileError
-from .files import open_for_reading, reading, truncation
+from .files import damage_hint, open_for_reading, reading, truncation
 from .schema import SCHEMA_VERSION, decode_status, decode_text, is_per_batch, is_per_capture
 
 __all__ = ["Damage", "RunCheck", "check_run", "guarded_check", "CHECK_TIMEOUT_S"]
@@ -98,6 +98,11 @@ class RunCheck:
             saved += f", drops history rows {_ranges(self.drop_history)}"
         lines.append(saved + f": `icsviz repair {self.path}`")
         return "\n".join(lines)
+
+
+def _checked(exc: RunFileError, path: Path) -> str:
+    """A reader's message as `check` reports it: without its advice to run `icsviz check`."""
+    return str(exc).replace("the file is damaged: " + damage_hint(path), "the file is damaged")
 
 
 def _ranges(rows: tuple[int, ...]) -> str:
@@ -195,13 +200,15 @@ def check_run(path: str | os.PathLike[str]) -> RunCheck:
     try:
         file, _ = open_for_reading(path)
     except RunFileError as exc:
-        return RunCheck(path, openable=False, error=str(exc))
+        return RunCheck(path, openable=False, error=_checked(exc, path))
     with file:
         try:
             with reading(path, "/captures/step"):
                 walker = _Walker(path, file)
         except RunFileError as exc:
-            return RunCheck(path, openable=False, error=f"{exc}: the capture index is unreadable")
+            return RunCheck(
+                path, openable=False, error=f"{_checked(exc, path)}: the capture index is unreadable"
+            )
         short = truncation(path)
         if short:
             walker.damage.append(Damage("(end of file)", short.split(" is ", 1)[-1]))
