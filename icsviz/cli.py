@@ -213,7 +213,8 @@ def info(path: str) -> str:
             f"  model      {a.get('model_name', '?')}  ({a.get('config', {}).get('parameters', '?')} parameters)",
             f"  dataset    {a.get('dataset', '?') or '?'}  {a.get('data_source', '')}".rstrip(),
             f"  backend    {a.get('backend', '?')}, keras {a.get('keras_version', '?')}, created {a.get('created', '?')}",
-            f"  epochs     {len(run.history_epochs)} recorded, {run.num_captures} captures "
+            f"  epochs     {len(run.history_epochs)} recorded, {run.num_captures} "
+            f"capture{'' if run.num_captures == 1 else 's'} "
             f"(steps 0..{int(run.steps[-1]) if run.num_captures else 0})",
             f"  layers     {len(run.layer_names)}: {', '.join(run.layer_names)}",
         ]

@@ -248,3 +248,9 @@ def test_an_unreadable_file_is_reported_without_advice_to_run_check_on_it(tmp_pa
     assert "icsviz check" not in report.summary() and "icsviz repair" not in report.summary()
     with pytest.raises(DamagedRunError, match="run `icsviz check "):  # opening it still says what to run
         open_run(path)
+
+
+def test_the_verdict_counts_captures_in_words(tmp_path: Path) -> None:
+    one, six = make_run(tmp_path / "one.h5", captures=1), make_run(tmp_path / "six.h5")
+    assert f"{one}: ok (1 capture, " in check_run(one).summary()
+    assert f"{six}: ok (6 captures, " in check_run(six).summary()

@@ -81,7 +81,8 @@ class RunCheck:
         if not self.openable:
             return f"{self.path}: UNREADABLE: {self.error}"
         if self.ok:
-            return f"{self.path}: ok ({self.captures} captures, {len(self.layers)} layers, every checksum matches)"
+            captures = f"{self.captures} capture" + ("" if self.captures == 1 else "s")
+            return f"{self.path}: ok ({captures}, {len(self.layers)} layers, every checksum matches)"
         kept = self.captures - len(self.drop_captures)
         lines = [f"{self.path}: DAMAGED ({len(self.damage)} damaged parts)"]
         lines += [f"  - {d.describe()}" for d in self.damage]
