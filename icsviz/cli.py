@@ -202,7 +202,7 @@ def info(path: str) -> str:
     """A human summary of one run file."""
     import numpy as np
 
-    from .store.reader import open_run
+    from .store.reader import open_run, validation_accuracy
 
     with open_run(path) as run:
         a = run.attrs
@@ -218,7 +218,7 @@ def info(path: str) -> str:
             f"(steps 0..{int(run.steps[-1]) if run.num_captures else 0})",
             f"  layers     {len(run.layer_names)}: {', '.join(run.layer_names)}",
         ]
-        val = history.get("val_accuracy")
+        val = validation_accuracy(history)
         if val is not None and np.isfinite(val).any():
             best = int(np.nanargmax(val))
             lines.append(

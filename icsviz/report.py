@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__, analysis, plots
 from .errors import MissingDataError
-from .store.reader import Run
+from .store.reader import Run, validation_accuracy
 
 __all__ = ["accuracy_table", "drift_reading", "build_report", "write_report"]
 
@@ -34,7 +34,8 @@ def accuracy_table(runs: Runs) -> list[dict[str, object]]:
     target = math.nan
     for i, (label, run) in enumerate(runs.items()):
         history = run.history
-        val = history.get("val_accuracy", np.array([]))
+        val = validation_accuracy(history)
+        val = np.array([]) if val is None else val
         times = history.get("epoch_time", np.array([]))
         ok = np.isfinite(val)
         best_index = int(np.nanargmax(val)) if ok.any() else None
@@ -269,7 +270,7 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
     ] + drift_reading(runs)
     parts.append("<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in reading) + "</ul>")
 
-    metric = plots.headline_metric(runs) or "accuracy"
+    metric = plots.metric_name(plots.headline_metric(runs) or "accuracy")
     figures = [
         (
             plots.figure_metric,

@@ -128,6 +128,13 @@ def test_curves_leave_out_a_metric_no_run_recorded() -> None:
     both = pd.concat([frame, frame.assign(metric="accuracy"), frame.assign(metric="auc")])
     assert charts.curve_metrics(both) == ["accuracy", "loss"]  # accuracy first, whatever else there is
     assert charts.curve_metrics(both[both.metric != "accuracy"]) == ["auc", "loss"]
+    named = pd.concat([frame, frame.assign(metric="auc"), frame.assign(metric="sparse_categorical_accuracy")])
+    assert charts.curve_metrics(named) == ["sparse_categorical_accuracy", "loss"]  # a metric object's name
+    assert [charts.metric_title(m) for m in ("sparse_categorical_accuracy", "mae", "loss")] == [
+        "Accuracy",
+        "MAE",
+        "Loss",
+    ]
 
 
 def test_few_captures_or_epochs_get_dots_many_get_lines_only() -> None:

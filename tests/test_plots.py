@@ -125,6 +125,16 @@ def test_accuracy_figure_shows_training_accuracy_dashed_for_a_run_without_valida
     assert list(line.get_ydata()) == pytest.approx([0.5, 0.6, 0.7]) and fig.axes[0].get_title() == "MAE"
     written, notes = plot_runs({"mae": regression}, tmp_path / "regression", formats=("png",), progress=False)
     assert "mae.png" in {p.name for p in written} and not any(n.startswith("mae") for n in notes)
+    # A metric object's name (metrics=[keras.metrics.SparseCategoricalAccuracy()]) is the accuracy.
+    named = _run_with_history(
+        tmp_path / "named.h5",
+        layout,
+        {"sparse_categorical_accuracy": 0.5, "val_sparse_categorical_accuracy": 0.4},
+    )
+    written, _ = plot_runs({"named": named}, tmp_path / "named", layers=[], formats=("png",), progress=False)
+    assert "accuracy.png" in {p.name for p in written}
+    assert figure_metric({"named": named}).axes[0].get_title() == "Validation accuracy"
+    named.close()
     plt.close("all")
     trained.close()
     regression.close()

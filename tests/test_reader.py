@@ -176,3 +176,19 @@ def test_an_index_record_is_used_only_when_it_holds_every_field(run_path) -> Non
     assert reader.seed_index(run_path, (), lambda: record)
     with open_run(run_path) as run:
         assert run.layer(run.layer_names[0]) == expected
+
+
+def test_the_accuracy_is_found_whatever_keras_named_it() -> None:
+    from icsviz.store.reader import accuracy_of, validation_accuracy
+
+    assert accuracy_of(["loss", "mae"]) is None
+    assert accuracy_of(["loss", "top_k", "sparse_categorical_accuracy"]) == "sparse_categorical_accuracy"
+    assert accuracy_of(["binary_accuracy", "accuracy"]) == "accuracy"  # metrics=["accuracy"] first
+    named = {
+        "loss": np.ones(2),
+        "sparse_categorical_accuracy": np.zeros(2),
+        "val_sparse_categorical_accuracy": np.arange(2.0),
+    }
+    np.testing.assert_array_equal(validation_accuracy(named), [0.0, 1.0])
+    assert validation_accuracy({"val_accuracy": np.ones(1)}) is not None  # only the validation row recorded
+    assert validation_accuracy({"loss": np.ones(1), "accuracy": np.ones(1)}) is None  # no validation data

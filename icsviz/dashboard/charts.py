@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..store.reader import accuracy_of
+
 __all__ = [
     "Spec",
     "curves_chart",
@@ -125,13 +127,15 @@ def curve_metrics(df: pd.DataFrame) -> list[str]:
     first metric it recorded, such as a regression's mae), then the loss; only those with rows."""
     present = list(dict.fromkeys(df["metric"]))
     others = [metric for metric in present if metric != "loss"]
-    first = "accuracy" if "accuracy" in others else (others[0] if others else None)
+    first = accuracy_of(others) or (others[0] if others else None)
     return [metric for metric in (first, "loss") if metric in present]
 
 
 def metric_title(metric: str) -> str:
     """A panel's title: "Accuracy", "Loss", and Keras's short metric names as the
-    abbreviations they are ("MAE")."""
+    abbreviations they are ("MAE"); a metric object's "sparse_categorical_accuracy" is the accuracy."""
+    if metric.endswith("accuracy"):
+        return "Accuracy"
     if metric != "loss" and metric.isalpha() and len(metric) <= 4:
         return metric.upper()
     return metric[:1].upper() + metric[1:]

@@ -22,7 +22,7 @@ from ..histograms import (
     shared_edges,
     time_edges,
 )
-from ..store.reader import ActivationStats, Run, metric_names
+from ..store.reader import ActivationStats, Run, metric_names, validation_accuracy
 
 __all__ = [
     "RoleNamed",
@@ -222,7 +222,7 @@ def _accuracy_clause(runs: Runs) -> str:
     accuracy = []
     for label, run in runs.items():
         try:
-            values = run.history.get("val_accuracy")
+            values = validation_accuracy(run.history)
         except ICSVizError:
             values = None
         if values is not None and np.isfinite(values).any():

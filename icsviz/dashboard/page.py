@@ -331,7 +331,7 @@ def training_curves(keys: tuple[Key, ...], labels: tuple[str, ...], epoch: float
         "validation (solid). The dotted rule marks the capture chosen below."
         + (
             ""
-            if "accuracy" in shown or curves.empty
+            if any(metric.endswith("accuracy") for metric in shown) or curves.empty
             else " No selected run recorded accuracy (compile with `metrics=['accuracy']` to see it)."
         )
     )

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import ICSVizError, RunFileError
 from .check import POOL_SIZE, RunCheck, check_run, failure_message, guarded
-from .reader import Run, index_record, open_run, seed_index
+from .reader import Run, index_record, open_run, seed_index, validation_accuracy
 
 __all__ = [
     "RunEntry",
@@ -134,7 +134,8 @@ def _accuracies(run: Run) -> tuple[int, float, float]:
         epochs = len(run.history_epochs)
     except ICSVizError:
         return 0, math.nan, math.nan
-    val = np.asarray(history.get("val_accuracy", []), float)
+    found = validation_accuracy(history)
+    val = np.asarray([] if found is None else found, float)
     finite = val[np.isfinite(val)]
     return (
         epochs,

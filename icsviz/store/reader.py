@@ -15,7 +15,7 @@ import itertools
 import json
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,6 +264,21 @@ _CALLBACK_METRICS = frozenset({"learning_rate", "lr", "epoch_time"})
 def metric_names(history: Mapping[str, Any]) -> list[str]:
     """`Run.metric_names` of a history already read."""
     return [name for name in history if not name.startswith("val_") and name not in _CALLBACK_METRICS]
+
+
+def accuracy_of(names: Sequence[str]) -> str | None:
+    """Which of these metric names is the accuracy: "accuracy" (`metrics=["accuracy"]`), else
+    the first named "...accuracy" (a metric object's "sparse_categorical_accuracy",
+    "binary_accuracy"); None for a model compiled without one."""
+    if "accuracy" in names:
+        return "accuracy"
+    return next((name for name in names if name.endswith("accuracy")), None)
+
+
+def validation_accuracy(history: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    """The per-epoch validation accuracy of a history already read, whatever Keras named it."""
+    name = accuracy_of([key[len("val_") :] for key in history if key.startswith("val_")])
+    return None if name is None else history[f"val_{name}"]
 
 
 class Run:
