@@ -24,13 +24,12 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from . import analysis  # noqa: E402
 from .errors import MissingDataError  # noqa: E402
 from .histograms import densities, rebin_captures, ridgeline_captures, shared_edges, time_edges  # noqa: E402
-from .store.reader import ActivationStats, Run, accuracy_of  # noqa: E402
+from .store.reader import ActivationStats, Run, first_metric, metric_label  # noqa: E402
 
 __all__ = [
     "STYLE",
     "figure_accuracy",
     "figure_metric",
-    "metric_name",
     "left_out",
     "figure_loss",
     "figure_ioffe",
@@ -145,16 +144,7 @@ def _with_history(label: str, run: Run) -> Mapping[str, np.ndarray]:
 def headline_metric(runs: Runs) -> str | None:
     """The metric of the first training-curve figure, as the app's first panel: accuracy, or
     for a model compiled without it (a regression) the first metric it recorded (mae)."""
-    names = [name for run in runs.values() for name in run.metric_names if name != "loss"]
-    return accuracy_of(names) or (names[0] if names else None)
-
-
-def metric_name(metric: str) -> str:
-    """How figures name a metric: any accuracy (Keras's "sparse_categorical_accuracy") is the
-    accuracy, a short one is an abbreviation ("MAE", as the app says), others as recorded."""
-    if metric.endswith("accuracy"):
-        return "accuracy"
-    return metric.upper() if metric.isalpha() and len(metric) <= 4 else metric
+    return first_metric([name for run in runs.values() for name in run.metric_names])
 
 
 def figure_accuracy(runs: Runs) -> Figure:
@@ -187,7 +177,7 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
             left.append(f"{label}: no {metric} in its history (compile the model with metrics=[{metric!r}])")
     if len(left) == len(runs):
         raise _nothing_drawn(fig, left)
-    name = metric_name(metric)
+    name = metric_label(metric)
     which = f"validation {name}" if validated else name
     ax.set(xlabel="epoch", ylabel=which, title=which[:1].upper() + which[1:])
     _whole_epochs(ax)
@@ -647,7 +637,7 @@ def plot_runs(
         layers = layers + list(dict.fromkeys(extra))
     metric = headline_metric(runs)
     plan = [
-        Planned(metric_name(metric or "accuracy").lower(), lambda: figure_metric(runs, metric)),
+        Planned(metric_label(metric or "accuracy").lower(), lambda: figure_metric(runs, metric)),
         Planned("loss", lambda: figure_loss(runs)),
         Planned("ioffe_fig1", lambda: figure_ioffe(runs, ioffe_layer)),
         Planned("ioffe_fig1_steps", lambda: figure_ioffe_steps(runs, ioffe_layer)),

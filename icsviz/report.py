@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__, analysis, plots
 from .errors import MissingDataError
-from .store.reader import Run, validation_accuracy
+from .store.reader import Run, metric_label, validation_accuracy
 
 __all__ = ["accuracy_table", "drift_reading", "build_report", "write_report"]
 
@@ -270,7 +270,7 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
     ] + drift_reading(runs)
     parts.append("<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in reading) + "</ul>")
 
-    metric = plots.metric_name(plots.headline_metric(runs) or "accuracy")
+    metric = metric_label(plots.headline_metric(runs) or "accuracy")
     figures = [
         (
             plots.figure_metric,

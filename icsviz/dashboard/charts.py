@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..store.reader import accuracy_of
+from ..store.reader import first_metric, metric_label
 
 __all__ = [
     "Spec",
@@ -126,19 +126,15 @@ def curve_metrics(df: pd.DataFrame) -> list[str]:
     """The panels of the training curves: accuracy (or, for a model compiled without it, the
     first metric it recorded, such as a regression's mae), then the loss; only those with rows."""
     present = list(dict.fromkeys(df["metric"]))
-    others = [metric for metric in present if metric != "loss"]
-    first = accuracy_of(others) or (others[0] if others else None)
-    return [metric for metric in (first, "loss") if metric in present]
+    return [metric for metric in (first_metric(present), "loss") if metric in present]
 
 
 def metric_title(metric: str) -> str:
     """A panel's title: "Accuracy", "Loss", and Keras's short metric names as the
-    abbreviations they are ("MAE"); a metric object's "sparse_categorical_accuracy" is the accuracy."""
-    if metric.endswith("accuracy"):
-        return "Accuracy"
-    if metric != "loss" and metric.isalpha() and len(metric) <= 4:
-        return metric.upper()
-    return metric[:1].upper() + metric[1:]
+    abbreviations they are ("MAE"); a metric object's "sparse_categorical_accuracy" is the accuracy
+    (`metric_label`)."""
+    label = metric_label(metric)
+    return label[:1].upper() + label[1:]
 
 
 def role_drift_chart(df: pd.DataFrame, runs: Sequence[str], paired: bool = True) -> Spec:

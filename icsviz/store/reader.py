@@ -275,6 +275,23 @@ def accuracy_of(names: Sequence[str]) -> str | None:
     return next((name for name in names if name.endswith("accuracy")), None)
 
 
+def first_metric(names: Sequence[str]) -> str | None:
+    """The metric shown first, beside the loss (the app's first panel, `icsviz plot`'s first
+    figure): the accuracy, or for a model compiled without it (a regression) the first other
+    metric it recorded (mae)."""
+    others = [name for name in names if name != "loss"]
+    return accuracy_of(others) or (others[0] if others else None)
+
+
+def metric_label(metric: str) -> str:
+    """How the app and the figures name a metric: any accuracy (Keras's
+    "sparse_categorical_accuracy") is the accuracy, a short name the abbreviation it is ("MAE"),
+    others as recorded."""
+    if metric.endswith("accuracy"):
+        return "accuracy"
+    return metric.upper() if metric != "loss" and metric.isalpha() and len(metric) <= 4 else metric
+
+
 def validation_accuracy(history: Mapping[str, np.ndarray]) -> np.ndarray | None:
     """The per-epoch validation accuracy of a history already read, whatever Keras named it."""
     name = accuracy_of([key[len("val_") :] for key in history if key.startswith("val_")])
