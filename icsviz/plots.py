@@ -134,11 +134,16 @@ def _whole_epochs(ax: plt.Axes) -> None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
 
 
-def _with_history(label: str, run: Run) -> Mapping[str, np.ndarray]:
-    """The run's per-epoch history; a clear error for a run stopped before its first epoch ended."""
-    if not len(run.history_epochs):
-        raise MissingDataError(f"{label}: no epoch has finished yet, so there are no per-epoch metrics")
-    return run.history
+def _histories(runs: Runs) -> tuple[list[tuple[int, str, Mapping[str, np.ndarray], np.ndarray]], list[str]]:
+    """(colour index, label, history, epochs counted from 1) of each run that finished an epoch,
+    and why the others are left out (a run stopped before its first epoch ended)."""
+    found, left = [], []
+    for i, (label, run) in enumerate(runs.items()):
+        if not len(run.history_epochs):
+            left.append(f"{label}: no epoch has finished yet, so there are no per-epoch metrics")
+            continue
+        found.append((i, label, run.history, run.history_epochs + 1))
+    return found, left
 
 
 def headline_metric(runs: Runs) -> str | None:
@@ -161,13 +166,9 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
         raise MissingDataError("no run recorded a metric besides its loss (compile with metrics=[...])")
     fig, axes = _figure(PANEL_WIDTH, 2.4)
     ax = axes[0, 0]
-    validated, left = True, []
-    for i, (label, run) in enumerate(runs.items()):
-        try:
-            history, epochs = _with_history(label, run), run.history_epochs + 1
-        except MissingDataError as exc:
-            left.append(str(exc))
-            continue
+    validated = True
+    histories, left = _histories(runs)
+    for i, label, history, epochs in histories:
         if f"val_{metric}" in history:
             ax.plot(epochs, history[f"val_{metric}"], color=_color(i), label=label)
         elif metric in history:
@@ -191,13 +192,9 @@ def figure_loss(runs: Runs) -> Figure:
     """Training (dashed) and validation (solid) loss per epoch for each run."""
     fig, axes = _figure(PANEL_WIDTH, 2.4)
     ax = axes[0, 0]
-    validated, left = False, []
-    for i, (label, run) in enumerate(runs.items()):
-        try:
-            history, epochs = _with_history(label, run), run.history_epochs + 1
-        except MissingDataError as exc:
-            left.append(str(exc))
-            continue
+    validated = False
+    histories, left = _histories(runs)
+    for i, label, history, epochs in histories:
         if "loss" not in history:
             left.append(f"{label}: no loss in its history")
             continue
