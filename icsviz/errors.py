@@ -94,7 +94,7 @@ _NOT_THE_USERS = frozenset(
 
 
 def warn_capture(message: str) -> None:
-    """Issue a `CaptureWarning` at the user's own line (their `model.fit(...)` or
+    """Issue a `CaptureWarning`, "icsviz: " and `message`, at the user's own line (their `model.fit(...)` or
     `ICSCallback(...)`), not at the line of icsviz or Keras that happened to notice.
 
     As pandas' `find_stack_level`: the first frame outside icsviz and the frameworks
@@ -104,4 +104,4 @@ def warn_capture(message: str) -> None:
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _NOT_THE_USERS:
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, CaptureWarning, stacklevel=level if frame is not None else 2)
+    warnings.warn(f"icsviz: {message}", CaptureWarning, stacklevel=level if frame is not None else 2)

@@ -58,14 +58,14 @@ def test_a_warning_with_no_user_frame_points_at_its_caller():
     caught: list[warnings.WarningMessage] = []
 
     def record() -> None:
-        caught.extend(_capture_warnings(lambda: warn_capture("icsviz: from a thread")))
+        caught.extend(_capture_warnings(lambda: warn_capture("from a thread")))
 
     thread = threading.Thread(target=record)
     thread.start()
     thread.join()
     # record() is this test file's, so the warning points there: the nearest frame outside icsviz.
     assert [(w.message.args[0], w.filename) for w in caught] == [("icsviz: from a thread", __file__)]
-    alone = threading.Thread(target=warn_capture, args=("icsviz: alone",))
+    alone = threading.Thread(target=warn_capture, args=("alone",))
     with warnings.catch_warnings(record=True) as raw:
         warnings.simplefilter("always")
         alone.start()

@@ -70,7 +70,7 @@ def _close_when_written(
         writer.close("interrupted")
     except Exception as exc:  # noqa: BLE001 - also run at the interpreter's exit: a warning, not a traceback
         detail = _ANSI.sub("", str(exc))
-        warn_capture(f"icsviz: closing the run file {writer.path} failed ({type(exc).__name__}: {detail}).")
+        warn_capture(f"closing the run file {writer.path} failed ({type(exc).__name__}: {detail}).")
 
 
 def _fit_on_this_stack(callback: ICSCallback) -> bool:
@@ -272,7 +272,7 @@ class ICSCallback(keras.callbacks.Callback):
             raise ValueError("probe is empty; pass a batch such as x_val[:512]. Received: 0 samples")
         if n > _MAX_PROBE:
             warn_capture(
-                f"icsviz: the probe has {n} samples; using the first {_MAX_PROBE} (every "
+                f"the probe has {n} samples; using the first {_MAX_PROBE} (every "
                 "capture runs the model on the whole probe: 256 to 512 is plenty)."
             )
             x, y = take(x, _MAX_PROBE), (None if y is None else take(y, _MAX_PROBE))
@@ -286,7 +286,7 @@ class ICSCallback(keras.callbacks.Callback):
             )
         if self.path.suffix != ".h5":
             warn_capture(
-                f"icsviz: {self.path.name!r} does not end in .h5; the explorer (icsviz app) lists the "
+                f"{self.path.name!r} does not end in .h5; the explorer (icsviz app) lists the "
                 f".h5 files of a folder, so name it {self.path.name + '.h5'!r} to see it there."
             )
         self.layers = layer_filters(layers)
@@ -337,7 +337,7 @@ class ICSCallback(keras.callbacks.Callback):
     # ---------------------------------------------------------------- helpers
     def _warn(self, what: str, exc: BaseException) -> None:
         detail = _ANSI.sub("", str(exc))  # Keras's messages carry terminal bold codes
-        warn_capture(f"icsviz: {what} failed ({type(exc).__name__}: {detail}); training goes on.")
+        warn_capture(f"{what} failed ({type(exc).__name__}: {detail}); training goes on.")
 
     def _safely(self, what: str, fn: Callable[[], None]) -> None:
         try:
@@ -433,7 +433,7 @@ class ICSCallback(keras.callbacks.Callback):
             return  # a fit started from inside the earlier one's hooks: that one still runs
         earlier.close()
         warn_capture(
-            f"icsviz: {self.path} was still open for writing by an earlier ICSCallback whose fit ended "
+            f"{self.path} was still open for writing by an earlier ICSCallback whose fit ended "
             "in an exception (Ctrl-C); it is closed now, with every capture it took written and the "
             "run marked interrupted."
         )
@@ -459,7 +459,7 @@ class ICSCallback(keras.callbacks.Callback):
         with_gradients = self._probe_y is not None and getattr(model, "optimizer", None) is not None
         if self._probe_y is None:
             warn_capture(
-                "icsviz: the probe has no labels, so gradient statistics are skipped; pass "
+                "the probe has no labels, so gradient statistics are skipped; pass "
                 "probe=(x, y) to record them."
             )
         if not getattr(model, "built", True):
@@ -564,7 +564,7 @@ class ICSCallback(keras.callbacks.Callback):
             return layout
         reason = unsupported_reason(self.model)
         if reason is not None:
-            warn_capture(f"icsviz: batch_stats=True is off for this run: {reason}. Probe captures go on.")
+            warn_capture(f"batch_stats=True is off for this run: {reason}. Probe captures go on.")
             return layout
         specs = tuple(
             BatchLayerSpec(

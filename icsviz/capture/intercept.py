@@ -41,7 +41,7 @@ def warn_once(key: str, message: str) -> None:
     if key in _warned:
         return
     _warned.add(key)
-    warn_capture(f"icsviz: {message}")
+    warn_capture(message)
 
 
 @dataclass

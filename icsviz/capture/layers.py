@@ -215,7 +215,7 @@ def select_layers(
     unmatched = [entry for entry, ok in zip(entries, used) if not ok]
     if unmatched:
         warn_capture(
-            f"icsviz: the layer filter entries {unmatched!r} match no layer of model "
+            f"the layer filter entries {unmatched!r} match no layer of model "
             f"{getattr(model, 'name', '?')!r}; its layers are: "
             f"{', '.join(n for n, _ in all_layers)}"
         )
