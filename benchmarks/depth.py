@@ -53,7 +53,10 @@ from icsviz.capture import backend
 from icsviz.capture.write_queue import WriteQueue
 from icsviz.models import build_model
 
-HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+# Keras's TensorBoard callback writes through tf.summary, which needs the tensorboard package
+# (`pip install 'icsviz[bench]'`); without it that column says why it is empty.
+HAS_TENSORBOARD = all(importlib.util.find_spec(name) is not None for name in ("tensorflow", "tensorboard"))
+WHY_NO_TENSORBOARD = "not run (needs tensorflow and tensorboard: pip install 'icsviz[bench]')"
 
 
 def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
@@ -127,14 +130,14 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> dict[str, floa
     plain_fit, fit_with = first_fit(name, probe, folder)
     ics = TimedCallback(ICSCallback(folder / f"{name}.h5", probe=(batch_x, batch_y), overwrite=True))
     callbacks = [ics]
-    if HAS_TENSORFLOW:  # Keras's TensorBoard callback writes through tf.summary
+    if HAS_TENSORBOARD:
         board = TimedCallback(keras.callbacks.TensorBoard(str(folder / f"tb-{name}"), histogram_freq=1))
         callbacks.append(board)
     model.fit(x[:probe], y[:probe], batch_size=probe, epochs=2, verbose=0, callbacks=callbacks)
     first_hook = ics.hook_seconds[("on_epoch_begin", 0)]
     ics_epoch_end = ics.hook_seconds[("on_epoch_end", 1)]
     tensorboard = (
-        f"{board.hook_seconds[('on_epoch_end', 1)]:5.2f} s" if HAS_TENSORFLOW else "not run (no tensorflow)"
+        f"{board.hook_seconds[('on_epoch_end', 1)]:5.2f} s" if HAS_TENSORBOARD else WHY_NO_TENSORBOARD
     )
 
     callback = ics.inner
@@ -228,7 +231,7 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> dict[str, floa
         "first": first,
         "peak": peak,
         "ics_epoch_end": ics_epoch_end,
-        "tensorboard": board.hook_seconds[("on_epoch_end", 1)] if HAS_TENSORFLOW else float("nan"),
+        "tensorboard": board.hook_seconds[("on_epoch_end", 1)] if HAS_TENSORBOARD else float("nan"),
     }
 
 
