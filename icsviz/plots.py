@@ -19,12 +19,19 @@ matplotlib.use("Agg")  # files only: no display needed, works headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator  # noqa: E402
 
 from . import analysis  # noqa: E402
 from .errors import MissingDataError  # noqa: E402
 from .histograms import densities, rebin_captures, ridgeline_captures, shared_edges, time_edges  # noqa: E402
-from .store.reader import ActivationStats, Run, first_metric, metric_label  # noqa: E402
+from .store.reader import (  # noqa: E402
+    ActivationStats,
+    Run,
+    accuracy_of,
+    first_metric,
+    metric_label,
+    metric_names,
+)
 
 __all__ = [
     "STYLE",
@@ -127,6 +134,24 @@ def _nothing_drawn(fig: Figure, left: list[str]) -> MissingDataError:
     return MissingDataError("; ".join(left))
 
 
+class _PlainLogFormatter(LogFormatterSciNotation):
+    """matplotlib's log-axis labels, on the same ticks, as plain numbers (0.006, 0.3, 200)
+    where the whole axis lies from 0.001 to 10^4: within a decade its default labels read
+    6 x 10^-1, 4 x 10^-1, ... Wider or smaller axes keep powers of ten on every tick."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        label = super().__call__(x, pos)
+        low, high = sorted(self.axis.get_view_interval()) if self.axis is not None else (x, x)
+        return f"{x:g}" if label and 1e-3 <= low and high < 1e4 else label
+
+
+def _log_y(ax: plt.Axes) -> None:
+    """A log y axis labelled by `_PlainLogFormatter`."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(_PlainLogFormatter())
+    ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))
+
+
 # ---------------------------------------------------------------- the seed article's two plots
 def _whole_epochs(ax: plt.Axes) -> None:
     """Ticks on whole epochs in steps of 1, 2, 5 or 10 (a 2-epoch run had ticks at 1.25,
@@ -169,11 +194,14 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
     validated = True
     histories, left = _histories(runs)
     for i, label, history, epochs in histories:
-        if f"val_{metric}" in history:
-            ax.plot(epochs, history[f"val_{metric}"], color=_color(i), label=label)
-        elif metric in history:
+        # Each run's own name for it: one run's "accuracy" is another's "cls_accuracy" (a
+        # multi-output model) or "sparse_categorical_accuracy" (a metric object).
+        own = (accuracy_of(metric_names(history)) or metric) if metric_label(metric) == "accuracy" else metric
+        if f"val_{own}" in history:
+            ax.plot(epochs, history[f"val_{own}"], color=_color(i), label=label)
+        elif own in history:
             validated = False
-            ax.plot(epochs, history[metric], "--", color=_color(i), label=f"{label} (training)")
+            ax.plot(epochs, history[own], "--", color=_color(i), label=f"{label} (training)")
         else:
             left.append(f"{label}: no {metric} in its history (compile the model with metrics=[{metric!r}])")
     if len(left) == len(runs):
@@ -323,6 +351,7 @@ def figure_ioffe_steps(runs: Runs, layer: str | None = None) -> Figure:
         color = _color(list(runs).index(label))
         _ioffe_panel(ax, label, name, acts, acts.steps, color, narrow=n > 2, linewidth=0.8)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a short run had ticks at 2.5, 7.5
     axes[0, 0].set_ylabel(f"{_ioffe_quantity(layer)}, each batch\n(15th, 50th, 85th percentile)")
     return _drawn(fig, left)
 
@@ -462,9 +491,9 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
     ax.set_xticks(
         x, ticks, rotation=0 if by == "role" else 45, ha="center" if by == "role" else "right", fontsize=6
     )
+    _log_y(ax)
     ax.set(
         ylabel="drift score (W1 / step-0 std)" if metric == "w1" else f"drift score ({metric})",
-        yscale="log",
         title=(
             "How far the input of each nonlinearity drifted, averaged over training"
             if by == "role"
@@ -532,7 +561,8 @@ def _depth_panels(
                         va="center",
                     )
         for row, (_, quantity, log) in enumerate(rows):
-            axes[row, col].set(yscale="log" if log else "linear")
+            if log:
+                _log_y(axes[row, col])
             if col == 0:
                 axes[row, col].set_ylabel(quantity)
             if not in_panel[row]:  # say so, rather than leave a blank panel to guess at

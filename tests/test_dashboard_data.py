@@ -5,7 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import tiny_capture
+from icsviz import open_run
 from icsviz.dashboard import data
+from icsviz.store.writer import RunWriter
 
 
 def test_curves_frame(tiny_runs) -> None:
@@ -14,6 +17,21 @@ def test_curves_frame(tiny_runs) -> None:
     acc = df[(df.run == "a") & (df.metric == "accuracy") & (df.split == "training")]
     np.testing.assert_allclose(acc["value"], [0.5, 0.6, 0.7])
     np.testing.assert_array_equal(acc["epoch"], [1, 2, 3])
+
+
+def test_curves_frame_puts_every_runs_accuracy_in_one_panel(tiny_runs, tmp_path, layout) -> None:
+    # A multi-output model logs "cls_accuracy": its curve goes beside the others' "accuracy"
+    # (it had a metric of its own, which the app's first panel never showed).
+    path = tmp_path / "heads.h5"
+    with RunWriter.create(path, layout, {"run_name": "heads"}) as w:
+        w.write_capture(tiny_capture(layout, 0, kind="start"))
+        for epoch in range(2):
+            w.write_epoch(epoch, {"cls_accuracy": 0.3 + epoch / 10, "val_cls_accuracy": 0.2, "loss": 1.0})
+    with open_run(path) as heads:
+        df = data.curves_frame({"a": tiny_runs["a"], "heads": heads})
+    assert set(df["metric"]) == {"accuracy", "loss"}
+    own = df[(df.run == "heads") & (df.metric == "accuracy") & (df.split == "training")]
+    np.testing.assert_allclose(own["value"], [0.3, 0.4])
 
 
 def test_nearest_capture_and_histogram_frame(tiny_runs) -> None:

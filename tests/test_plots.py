@@ -134,6 +134,15 @@ def test_accuracy_figure_shows_training_accuracy_dashed_for_a_run_without_valida
     written, _ = plot_runs({"named": named}, tmp_path / "named", layers=[], formats=("png",), progress=False)
     assert "accuracy.png" in {p.name for p in written}
     assert figure_metric({"named": named}).axes[0].get_title() == "Validation accuracy"
+    # Beside a run that logs "accuracy", each run's own accuracy is drawn: a multi-output model's
+    # "cls_accuracy" was left out with "no accuracy in its history".
+    heads = _run_with_history(tmp_path / "heads.h5", layout, {"cls_accuracy": 0.3, "val_cls_accuracy": 0.2})
+    fig = figure_accuracy({"bn": shipped["bn"], "named": named, "heads": heads})
+    assert [line.get_label() for line in fig.axes[0].get_lines()[:3]] == ["bn", "named", "heads"]
+    assert list(fig.axes[0].get_lines()[1].get_ydata()) == pytest.approx([0.4, 0.5, 0.6])
+    assert list(fig.axes[0].get_lines()[2].get_ydata()) == pytest.approx([0.2, 0.3, 0.4])
+    assert left_out(fig) == []
+    heads.close()
     named.close()
     plt.close("all")
     trained.close()
@@ -341,6 +350,26 @@ def test_gradient_figure_shares_its_scales_and_names_every_layer() -> None:
         assert set(base.trainable_layers) <= named
         assert any(ax.get_ylabel() == "layer depth" for ax in fig.axes)  # one colour bar, not a legend
         assert all(ax.get_legend() is None for ax in fig.axes)
+
+
+def test_log_axes_within_a_few_decades_read_as_plain_numbers(tiny_runs) -> None:
+    from icsviz.plots import figure_gradients
+
+    # tiny_runs' gradient norms are 5 to 15 and the update ratios 0.01: matplotlib's defaults
+    # labelled them 6 x 10^0 and 10^-2.
+    fig = figure_gradients(tiny_runs)
+    fig.canvas.draw()
+    labels = {
+        text.get_text()
+        for ax in fig.axes[:2]
+        for text in ax.get_yticklabels(minor=False) + ax.get_yticklabels(minor=True)
+        if text.get_text()
+    }
+    assert "10" in labels and not any("10^" in label for label in labels), labels
+    # The update ratios' axis reaches below 0.001: powers of ten on every tick, not a mix.
+    ratio = {t.get_text() for t in fig.axes[2].get_yticklabels() if t.get_text()}
+    assert fig.axes[2].get_ylim()[0] < 1e-3 and ratio and all("10^" in label for label in ratio), ratio
+    plt.close(fig)
 
 
 def test_drift_comparison_pairs_twins_by_role_and_shows_runs_of_different_depths_side_by_side(

@@ -22,7 +22,7 @@ from ..histograms import (
     shared_edges,
     time_edges,
 )
-from ..store.reader import ActivationStats, Run, metric_names, validation_accuracy
+from ..store.reader import ActivationStats, Run, accuracy_of, metric_names, validation_accuracy
 
 __all__ = [
     "RoleNamed",
@@ -255,7 +255,9 @@ def curves_frame(runs: Runs) -> pd.DataFrame:
     for label, run in runs.items():
         history = run.history
         epochs = run.history_epochs + 1
-        for metric in metric_names(history):
+        names = metric_names(history)
+        accuracy = accuracy_of(names)
+        for metric in names:
             for split, key in (("training", metric), ("validation", f"val_{metric}")):
                 if key in history:
                     rows.append(
@@ -263,7 +265,9 @@ def curves_frame(runs: Runs) -> pd.DataFrame:
                             {
                                 "run": label,
                                 "epoch": epochs,
-                                "metric": metric,
+                                # One panel for every run's accuracy, whatever Keras named it
+                                # ("cls_accuracy" of a multi-output model, a metric object's).
+                                "metric": "accuracy" if metric == accuracy else metric,
                                 "split": split,
                                 "value": history[key],
                             }
