@@ -202,7 +202,7 @@ def info(path: str) -> str:
     """A human summary of one run file."""
     import numpy as np
 
-    from .store.reader import open_run, validation_accuracy
+    from .store.reader import last_finite, open_run, validation_accuracy
 
     with open_run(path) as run:
         a = run.attrs
@@ -223,7 +223,7 @@ def info(path: str) -> str:
             best = int(np.nanargmax(val))
             lines.append(
                 f"  val acc    best {_fmt(float(val[best]))} at epoch {int(run.history_epochs[best]) + 1}, "
-                f"final {_fmt(float(val[-1]))}"
+                f"final {_fmt(last_finite(val))}"
             )
         times = history.get("epoch_time")
         if times is not None and len(times):

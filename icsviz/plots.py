@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -182,6 +183,15 @@ def figure_accuracy(runs: Runs) -> Figure:
     return figure_metric(runs, "accuracy")
 
 
+def _curve(ax: plt.Axes, epochs: np.ndarray, values: np.ndarray, *style: str, **kwargs: Any) -> None:
+    """A per-epoch curve through the epochs that have a value: `fit(validation_freq=k)` leaves
+    the validation metrics NaN in between, and a line through NaNs draws nothing at all."""
+    kept = np.isfinite(values)
+    if not kept.all():  # mark the epochs measured, so that a line does not pass for them
+        kwargs = {"marker": "o", "markersize": 2.5, **kwargs}
+    ax.plot(epochs[kept], values[kept], *style, **kwargs)
+
+
 def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
     """A metric's validation curve per epoch, one line per run; a run fitted without validation
     data shows its training curve instead, dashed as in `figure_loss`. `metric`: accuracy by
@@ -198,10 +208,10 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
         # multi-output model) or "sparse_categorical_accuracy" (a metric object).
         own = (accuracy_of(metric_names(history)) or metric) if metric_label(metric) == "accuracy" else metric
         if f"val_{own}" in history:
-            ax.plot(epochs, history[f"val_{own}"], color=_color(i), label=label)
+            _curve(ax, epochs, history[f"val_{own}"], color=_color(i), label=label)
         elif own in history:
             validated = False
-            ax.plot(epochs, history[own], "--", color=_color(i), label=f"{label} (training)")
+            _curve(ax, epochs, history[own], "--", color=_color(i), label=f"{label} (training)")
         else:
             left.append(f"{label}: no {metric} in its history (compile the model with metrics=[{metric!r}])")
     if len(left) == len(runs):
@@ -226,10 +236,10 @@ def figure_loss(runs: Runs) -> Figure:
         if "loss" not in history:
             left.append(f"{label}: no loss in its history")
             continue
-        ax.plot(epochs, history["loss"], "--", color=_color(i), label=f"{label} (training)")
+        _curve(ax, epochs, history["loss"], "--", color=_color(i), label=f"{label} (training)")
         if "val_loss" in history:
             validated = True
-            ax.plot(epochs, history["val_loss"], "-", color=_color(i), label=f"{label} (validation)")
+            _curve(ax, epochs, history["val_loss"], "-", color=_color(i), label=f"{label} (validation)")
     if len(left) == len(runs):
         raise _nothing_drawn(fig, left)
     ax.set(

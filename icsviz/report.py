@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__, analysis, plots
 from .errors import MissingDataError
-from .store.reader import Run, metric_label, validation_accuracy
+from .store.reader import Run, last_finite, metric_label, validation_accuracy
 
 __all__ = ["accuracy_table", "drift_reading", "build_report", "write_report"]
 
@@ -48,7 +48,7 @@ def accuracy_table(runs: Runs) -> list[dict[str, object]]:
                 "run": label,
                 "best": best,
                 "best_epoch": int(run.history_epochs[best_index]) + 1 if best_index is not None else None,
-                "final": float(val[-1]) if len(val) else math.nan,
+                "final": last_finite(val),
                 "epochs": len(run.history_epochs),
                 "epoch_time": float(np.nanmedian(times)) if len(times) else math.nan,
                 "epochs_to_first_best": int(run.history_epochs[reach[0]]) + 1 if len(reach) else None,

@@ -103,6 +103,11 @@ def test_a_folder_is_read_once_and_its_catalogue_kept_on_disk(tmp_path, layout, 
     again = scan_runs(folder)
     assert [e.path.name for e in again] == ["run0.h5", "run2.h5"]
     assert again[0].final_val_accuracy == 0.9 and again[0].epochs == 3
+    # An epoch without validation (fit(validation_freq=2)): the final accuracy stays the last
+    # validated epoch's, not NaN.
+    with RunWriter.resume(paths[0], layout, from_epoch=3) as w:
+        w.write_epoch(3, {"accuracy": 0.95})
+    assert scan_runs(folder)[0].final_val_accuracy == 0.9
 
 
 def test_a_damaged_catalogue_is_only_a_cache(tmp_path, layout) -> None:

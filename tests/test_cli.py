@@ -25,6 +25,20 @@ def test_info_summarizes_a_run(tmp_path, layout, capsys) -> None:
     assert "6 s, 2.0 s per epoch" in out
 
 
+def test_info_final_accuracy_is_the_last_validated_epochs(tmp_path, layout, capsys) -> None:
+    # fit(validation_freq=2): no validation in the last epoch, which printed "final -".
+    path = tmp_path / "r.h5"
+    with RunWriter.create(path, layout, {"run_name": "sparse"}) as w:
+        w.write_capture(tiny_capture(layout, 0))
+        w.write_epoch(0, {"accuracy": 0.5})
+        w.write_epoch(1, {"accuracy": 0.6, "val_accuracy": 0.7})
+        w.write_epoch(2, {"accuracy": 0.7})
+        w.write_epoch(3, {"accuracy": 0.8, "val_accuracy": 0.65})
+        w.write_epoch(4, {"accuracy": 0.9})
+    assert main(["info", str(path)]) == 0
+    assert "best 0.7000 at epoch 2, final 0.6500" in capsys.readouterr().out
+
+
 def test_errors_name_the_file_and_exit_2(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.h5"
     bad.write_text("not hdf5")

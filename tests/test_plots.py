@@ -143,6 +143,16 @@ def test_accuracy_figure_shows_training_accuracy_dashed_for_a_run_without_valida
     assert list(fig.axes[0].get_lines()[2].get_ydata()) == pytest.approx([0.2, 0.3, 0.4])
     assert left_out(fig) == []
     heads.close()
+    # fit(validation_freq=2): NaN in the epochs between; the curve goes through the measured
+    # epochs, marked (a line through NaNs drew nothing).
+    with RunWriter.create(tmp_path / "sparse.h5", layout, {"run_name": "sparse"}) as w:
+        w.write_capture(tiny_capture(layout, 0, kind="start"))
+        for epoch, metrics in enumerate([{}, {"val_accuracy": 0.4}, {}]):
+            w.write_epoch(epoch, {"accuracy": 0.5, **metrics})
+    with open_run(tmp_path / "sparse.h5") as sparse:
+        (line,) = figure_accuracy({"sparse": sparse}).axes[0].get_lines()
+    assert list(line.get_xdata()) == [2] and list(line.get_ydata()) == pytest.approx([0.4])
+    assert line.get_marker() == "o"
     named.close()
     plt.close("all")
     trained.close()

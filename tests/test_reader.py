@@ -192,3 +192,12 @@ def test_the_accuracy_is_found_whatever_keras_named_it() -> None:
     np.testing.assert_array_equal(validation_accuracy(named), [0.0, 1.0])
     assert validation_accuracy({"val_accuracy": np.ones(1)}) is not None  # only the validation row recorded
     assert validation_accuracy({"loss": np.ones(1), "accuracy": np.ones(1)}) is None  # no validation data
+
+
+def test_last_finite_is_the_last_epoch_with_a_value() -> None:
+    from icsviz.store.reader import last_finite
+
+    assert last_finite(np.array([np.nan, 0.5, np.nan, 0.6, np.nan])) == 0.6  # validation_freq=2
+    assert last_finite(np.array([0.1, 0.2])) == 0.2
+    assert np.isnan(last_finite(np.array([np.nan]))) and np.isnan(last_finite(None))
+    assert np.isnan(last_finite(np.array([])))

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..errors import ICSVizError, RunFileError
 from .check import POOL_SIZE, RunCheck, check_run, failure_message, guarded
-from .reader import Run, index_record, open_run, seed_index, validation_accuracy
+from .reader import Run, index_record, last_finite, open_run, seed_index, validation_accuracy
 
 __all__ = [
     "RunEntry",
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 STALE_AFTER_S = 300  # a "training" file untouched this long was probably killed
-CATALOG_VERSION = 2
+CATALOG_VERSION = 3  # 3: the final accuracy is the last validated epoch's (validation_freq)
 _SAVE_EVERY_S = 2.0  # the background reader saves its progress this often
 
 
@@ -140,7 +140,7 @@ def _accuracies(run: Run) -> tuple[int, float, float]:
     return (
         epochs,
         (float(finite.max()) if len(finite) else math.nan),
-        (float(val[-1]) if len(val) else math.nan),
+        last_finite(val),
     )
 
 

@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import itertools
 import json
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -290,6 +291,14 @@ def metric_label(metric: str) -> str:
     if metric.endswith("accuracy"):
         return "accuracy"
     return metric.upper() if metric != "loss" and metric.isalpha() and len(metric) <= 4 else metric
+
+
+def last_finite(values: np.ndarray | None) -> float:
+    """The last recorded value of a per-epoch series, NaN if none: with
+    `fit(validation_freq=k)` the validation metrics are NaN in the epochs between, so the
+    final epoch's may be missing though the run validated."""
+    finite = np.flatnonzero(np.isfinite(values)) if values is not None else ()
+    return float(values[finite[-1]]) if len(finite) else math.nan
 
 
 def validation_accuracy(history: Mapping[str, np.ndarray]) -> np.ndarray | None:
