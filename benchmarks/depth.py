@@ -1,7 +1,8 @@
 """Capture cost against depth: reference CNN, MobileNetV2, ResNet50, an LSTM, and TensorBoard.
 
 Usage: python benchmarks/depth.py [--models baseline bn mobilenetv2 resnet50 lstm] [--probe 64]
-(`--models text`: an LSTM on padded token sequences, Keras masks; not in the default list)
+(`--models text`: an LSTM on padded token sequences, Keras masks; `--models mlp200`: 200 Dense
+layers of 32 units, depth without width; neither in the default list)
 
 For each model, in one process (medians of --repeats, interleaved):
 - train step: `train_on_batch` on a batch of the probe's size;
@@ -81,6 +82,14 @@ def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
         )
         rng = np.random.default_rng(0)
         x, y = rng.normal(size=(256, 32, 16)).astype("float32"), rng.integers(0, 10, 256)
+    elif name == "mlp200":  # depth without width: 200 small Dense layers, 401 captured tensors
+        inputs = keras.Input((32,))
+        hidden = inputs
+        for _ in range(200):
+            hidden = keras.layers.Dense(32, activation="relu")(hidden)
+        model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax")(hidden))
+        rng = np.random.default_rng(0)
+        x, y = rng.normal(size=(256, 32)).astype("float32"), rng.integers(0, 10, 256)
     elif name == "text":  # padded token sequences: the Keras mask leaves the padding out
         model = keras.Sequential(
             [
