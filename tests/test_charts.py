@@ -211,3 +211,9 @@ def test_drift_scores_get_ticks_where_they_are_and_one_value_a_domain_around_it(
     y = y_axis([0.02, 0.5, 40.0, float("nan")])
     assert "domain" not in y["scale"] and y["scale"]["type"] == "log"
     assert {0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0} <= set(y["axis"]["values"])
+    # A dead layer's input never moves (score 0): the log scale reached 0 and lost every tick.
+    frame = pd.DataFrame(
+        {"role": "r", "order": range(4), "run": "a", "layer": "l", "score": [0.0, 0.02, 0.5, float("nan")]}
+    )
+    drawn = check(charts.role_drift_chart(frame, ["a"]))["scores"]
+    assert list(drawn["score"]) == [0.02, 0.5]

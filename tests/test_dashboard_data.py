@@ -135,6 +135,16 @@ def test_runs_of_different_depths_are_not_paired_by_role(different_depths) -> No
     assert list(shallow["role"]) == ["1", "2"] and list(shallow["layer"]) == ["hidden0:preact", "out:preact"]
     assert shallow["score"].iloc[0] == pytest.approx(scores["shallow"]["hidden0:preact"])
     assert list(frame[frame["run"] == "deep"]["role"]) == ["1", "2", "3"]
+    assert data.off_log_scale(frame) == ""  # every score drawn
+    # A dead layer's input never moves (0) and a constant one has no spread to measure by (NaN):
+    # the log-scale chart leaves both out, and the caption says how many.
+    scores["deep"]["hidden0:preact"], scores["deep"]["hidden1:preact"] = 0.0, float("nan")
+    frame = data.role_drift_frame(runs, [], scores)
+    assert len(frame[frame["run"] == "deep"]) == 3
+    assert data.off_log_scale(frame) == (
+        "Not on the log scale: 1 of deep's 3 inputs never moved (score 0); 1 of them has no score "
+        "(no spread at the first capture to measure by, or a single capture)."
+    )
 
 
 def test_runs_of_the_same_depth_pair_by_role(different_depths, tmp_path) -> None:

@@ -144,6 +144,10 @@ def role_drift_chart(df: pd.DataFrame, runs: Sequence[str], paired: bool = True)
     x_title = (
         "nonlinearity" if paired else "k-th nonlinearity of each run (not paired: the runs differ in depth)"
     )
+    # A score of 0 (an input that never moved, a dead layer) or none has no place on a log
+    # scale: in the data, Vega's domain reached 0 and the axis lost every tick
+    # (`data.off_log_scale` says what was left out).
+    df = df[df["score"] > 0]
     return _view(
         "scores",
         df,
@@ -153,7 +157,7 @@ def role_drift_chart(df: pd.DataFrame, runs: Sequence[str], paired: bool = True)
             "xOffset": _n("run", sort=list(runs)),
             "y": _q("score", title="W1 / step-0 std", **_log_score_axis(df["score"])),
             "color": _run_color(runs),
-            "tooltip": [_n("run"), _n("role"), _n("layer"), _q("score", format=".3f")],
+            "tooltip": [_n("run"), _n("role"), _n("layer"), _q("score", format=".3~g")],
         },
         # Streamlit fits the whole chart, title and axes included, into this height: at 200 the
         # plot was 80 px and Vega dropped the 0.3 and 3 labels of the log axis.

@@ -29,6 +29,7 @@ __all__ = [
     "role_pairs",
     "headline",
     "role_drift_frame",
+    "off_log_scale",
     "drift_scores",
     "layer_union",
     "curves_frame",
@@ -146,7 +147,7 @@ def role_drift_frame(
             continue
         for order, (role, names) in enumerate(pairs):
             layer = names.get(label)
-            if layer is not None and np.isfinite(scores.get(layer, np.nan)):
+            if layer is not None and layer in scores:  # NaN too: `off_log_scale` counts those
                 rows.append(
                     {
                         "run": label,
@@ -157,6 +158,25 @@ def role_drift_frame(
                     }
                 )
     return pd.DataFrame(rows, columns=["run", "role", "layer", "order", "score"])
+
+
+def off_log_scale(frame: pd.DataFrame) -> str:
+    """What `role_drift_frame`'s log-scale chart leaves out, per run: inputs that never moved
+    (score 0: a dead layer, all its values one number all along) and those with no score (no
+    spread at the first capture to measure drift by, or fewer than two captures); "" if none."""
+    parts = []
+    for label, scores in frame.groupby("run", sort=False)["score"]:
+        still, unscored = int((scores <= 0).sum()), int(scores.isna().sum())
+        said = []
+        if still:
+            said.append(f"{still} of {label}'s {len(scores)} inputs never moved (score 0)")
+        if unscored:
+            said.append(
+                f"{unscored} {'of them' if still else f'of its {len(scores)} inputs'} {'has' if unscored == 1 else 'have'} no score "
+                "(no spread at the first capture to measure by, or a single capture)"
+            )
+        parts.extend(said)
+    return "Not on the log scale: " + "; ".join(parts) + "." if parts else ""
 
 
 def headline(runs: Runs, scores_of: dict[str, dict[str, float]] | None = None) -> tuple[str, str | None]:

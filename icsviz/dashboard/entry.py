@@ -17,7 +17,7 @@ from pathlib import Path
 import streamlit as st
 
 from ..store.catalog import FolderCatalog, RunEntry, catalog
-from . import charts, page
+from . import charts, data, page
 
 ICON = Path(__file__).with_name("icon.png")
 SHIPPED_PAIR = ("cifar10_cnn", "cifar10_cnn_bn")
@@ -153,6 +153,9 @@ def main_area(
         st.markdown(f"**{page.plain(sentence)}**")
         if not overview["role_drift"].empty:
             page.draw(charts.role_drift_chart, overview["role_drift"], labels, bool(overview["roles"]))
+            left_out = data.off_log_scale(overview["role_drift"])
+            if left_out:
+                st.caption(page.plain(left_out))
     epoch = _capture_control(overview["epochs"])
     page.training_curves(keys, labels, epoch)
     # Only the open tab runs (a new layer redraws one tab, not four); opening another reruns.
