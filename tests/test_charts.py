@@ -96,6 +96,29 @@ def test_run_colours_follow_the_order_of_the_runs() -> None:
     assert scale == {"domain": ["b", "a"], "range": charts.RUN_COLORS[:2]}
 
 
+def test_tiny_and_huge_values_get_exponent_labels() -> None:
+    # A vanishing layer of a 200-layer MLP: activations of 1e-12, densities of 6e9, which
+    # Vega's default labels wrote as "-0.000000000000..." and "6,000,000,000,00...".
+    frame = pd.DataFrame({"run": "a", "x": [-3e-12, 5e-12], "density": [6e9, 1e9], "epoch": 1.0})
+    spec = charts.histogram_chart(frame, ("a",), (-3e-12, 5e-12))
+    check(spec)
+    assert spec["encoding"]["x"]["axis"]["format"] == ".2~e"
+    assert spec["encoding"]["y"]["axis"]["format"] == ".2~e"
+    bands = pd.DataFrame({"run": "a", "epoch": [0.0, 1.0], "q15": -1e-12, "q85": 1e-12, "median": 0.0})
+    spec = charts.percentile_chart(bands, ("a",), [(0.15, 0.85)], "t")
+    check(spec)
+    assert spec["layer"][0]["encoding"]["y"]["axis"]["format"] == ".2~e"
+    heat = charts.heatmap_chart(
+        pd.DataFrame({"t0": [0.0], "t1": [1.0], "y0": [0.0], "y1": [1e-12], "log_density": [12.0]}),
+        "a",
+        (0.0, 1e-12),
+    )
+    assert heat["encoding"]["y"]["axis"]["format"] == ".2~e"
+    # Ordinary magnitudes keep Vega's own labels.
+    spec = charts.histogram_chart(frame.assign(x=[-0.5, 2.0], density=[0.3, 0.1]), ("a",), (-0.5, 2.0))
+    assert "axis" not in spec["encoding"]["x"] and "axis" not in spec["encoding"]["y"]
+
+
 def test_gradients_leave_zeros_off_the_log_axis() -> None:
     frame = pd.DataFrame(
         {"run": "a", "layer": ["d"] * 3, "order": 0, "epoch": [0.0, 1.0, 2.0], "grad_norm": [0.0, 0.5, 0.25]}

@@ -50,6 +50,18 @@ def _n(field: str, **props: Any) -> dict[str, Any]:
     return {"field": field, "type": "nominal", **props}
 
 
+def _numbers(values: Any) -> dict[str, Any]:
+    """An axis's label format for these values: Vega's default writes a vanishing layer's
+    3e-12 as "-0.000000000000..." and the densities of so narrow a histogram as
+    "6,000,000,000,00...", so magnitudes below 0.001 or from 10^6 up read "3e-12"; others keep
+    Vega's own (0.25, 1,200)."""
+    magnitudes = np.abs(np.asarray(values, float).ravel())
+    magnitudes = magnitudes[np.isfinite(magnitudes) & (magnitudes > 0)]
+    if not len(magnitudes) or 1e-3 <= magnitudes.max() < 1e6:
+        return {}
+    return {"axis": {"format": ".2~e", "labelExpr": "datum.value === 0 ? '0' : datum.label"}}  # not 0e+0
+
+
 def _spec(datasets: dict[str, pd.DataFrame], **props: Any) -> Spec:
     """A top-level spec: its frames by name (Streamlit sends them as Arrow) and the schema."""
     return {**props, "datasets": datasets, "$schema": SCHEMA}
@@ -191,8 +203,10 @@ def histogram_chart(df: pd.DataFrame, runs: Sequence[str], x_domain: Sequence[fl
         df,
         mark={"type": "area", "interpolate": "step", "fillOpacity": 0.25, "line": True},
         encoding={
-            "x": _q("x", title="activation", scale={"domain": list(x_domain), "nice": False}),
-            "y": _q("density", title="density", stack=None),
+            "x": _q(
+                "x", title="activation", scale={"domain": list(x_domain), "nice": False}, **_numbers(x_domain)
+            ),
+            "y": _q("density", title="density", stack=None, **_numbers(df["density"])),
             "color": _run_color(runs),
             "tooltip": [
                 _n("run"),
@@ -218,7 +232,9 @@ def ridgeline_chart(df: pd.DataFrame, title: str, x_domain: Sequence[float], ste
             "strokeWidth": 0.6,
         },
         encoding={
-            "x": _q("x", title="activation", scale={"domain": list(x_domain), "nice": False}),
+            "x": _q(
+                "x", title="activation", scale={"domain": list(x_domain), "nice": False}, **_numbers(x_domain)
+            ),
             # A range reaching above the row: each density overlaps the row before it.
             "y": _q("density", axis=None, scale={"range": [step, -step * 2]}),
             "fill": _q("epoch", title="epoch", scale={"scheme": "viridis"}, legend={"format": "~g"}),
@@ -255,7 +271,12 @@ def heatmap_chart(
         encoding={
             "x": _q("t0", title="epoch"),
             "x2": {"field": "t1"},
-            "y": _q("y0", title="activation", scale={"domain": list(y_domain), "nice": False}),
+            "y": _q(
+                "y0",
+                title="activation",
+                scale={"domain": list(y_domain), "nice": False},
+                **_numbers(y_domain),
+            ),
             "y2": {"field": "y1"},
             "color": _q("log_density", title="log10 density", scale=color_scale),
             "tooltip": [
@@ -290,6 +311,7 @@ def percentile_chart(
         else {"type": "area", "opacity": opacity}
     )
     layers = []
+    values = _numbers(df[[column for column in df.columns if column.startswith("q")] + ["median"]])
     for low, high in pairs:
         lo, hi = f"q{round(low * 100):02d}", f"q{round(high * 100):02d}"
         layers.append(
@@ -298,7 +320,7 @@ def percentile_chart(
                 "mark": band,
                 "encoding": {
                     "x": _q("epoch", title="epoch", axis=_EPOCH_AXIS),
-                    "y": _q(lo, title="activation"),
+                    "y": _q(lo, title="activation", **values),
                     "y2": {"field": hi},
                     "color": _run_color(runs),
                     "tooltip": [
