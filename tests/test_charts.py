@@ -114,9 +114,34 @@ def test_tiny_and_huge_values_get_exponent_labels() -> None:
         (0.0, 1e-12),
     )
     assert heat["encoding"]["y"]["axis"]["format"] == ".2~e"
+    units = pd.DataFrame({"t0": [0.0], "t1": [1.0], "unit": [0], "epoch": [0.0], "value": [5e-16]})
+    assert charts.unit_chart(units, "a", "mean")["encoding"]["color"]["legend"]["format"] == ".2~e"
     # Ordinary magnitudes keep Vega's own labels.
     spec = charts.histogram_chart(frame.assign(x=[-0.5, 2.0], density=[0.3, 0.1]), ("a",), (-0.5, 2.0))
     assert "axis" not in spec["encoding"]["x"] and "axis" not in spec["encoding"]["y"]
+
+
+def test_many_layers_are_coloured_by_depth_not_named_one_by_one() -> None:
+    def frame(layers: int) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "run": "a",
+                "layer": [f"d{k}" for k in range(layers) for _ in range(2)],
+                "order": [k for k in range(layers) for _ in range(2)],
+                "epoch": [0.0, 1.0] * layers,
+                "grad_norm": 0.5,
+            }
+        )
+
+    few = charts.gradient_chart(frame(3), "grad_norm", "a")
+    check(few)
+    assert few["encoding"]["color"]["field"] == "layer" and "detail" not in few["encoding"]
+    # A 200-layer MLP: a depth scale from first to last, one line per layer.
+    many = charts.gradient_chart(frame(201), "grad_norm", "a")
+    check(many)
+    color = many["encoding"]["color"]
+    assert color["field"] == "order" and color["type"] == "quantitative"
+    assert color["legend"]["values"] == [0, 200] and many["encoding"]["detail"]["field"] == "layer"
 
 
 def test_gradients_leave_zeros_off_the_log_axis() -> None:

@@ -50,7 +50,7 @@ def _n(field: str, **props: Any) -> dict[str, Any]:
     return {"field": field, "type": "nominal", **props}
 
 
-def _numbers(values: Any) -> dict[str, Any]:
+def _numbers(values: Any, channel: str = "axis") -> dict[str, Any]:
     """An axis's label format for these values: Vega's default writes a vanishing layer's
     3e-12 as "-0.000000000000..." and the densities of so narrow a histogram as
     "6,000,000,000,00...", so magnitudes below 0.001 or from 10^6 up read "3e-12"; others keep
@@ -59,7 +59,7 @@ def _numbers(values: Any) -> dict[str, Any]:
     magnitudes = magnitudes[np.isfinite(magnitudes) & (magnitudes > 0)]
     if not len(magnitudes) or 1e-3 <= magnitudes.max() < 1e6:
         return {}
-    return {"axis": {"format": ".2~e", "labelExpr": "datum.value === 0 ? '0' : datum.label"}}  # not 0e+0
+    return {channel: {"format": ".2~e", "labelExpr": "datum.value === 0 ? '0' : datum.label"}}  # not 0e+0
 
 
 def _spec(datasets: dict[str, pd.DataFrame], **props: Any) -> Spec:
@@ -371,7 +371,7 @@ def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = No
             "x": _q("t0", title="epoch (time →)", scale={"nice": False}),
             "x2": {"field": "t1"},
             "y": {"field": "unit", "type": "ordinal", "title": "unit", "axis": {"labelOverlap": True}},
-            "color": _q("value", title=f"unit {stat}", scale=scale),
+            "color": _q("value", title=f"unit {stat}", scale=scale, **_numbers(df["value"], "legend")),
             "tooltip": [_q("unit"), _q("epoch", format=".2f"), _q("value", format=".4g")],
         },
         title=title,
@@ -434,9 +434,20 @@ def drift_lines(df: pd.DataFrame, runs: Sequence[str], field: str, title: str) -
     )
 
 
-def _layer_color() -> dict[str, Any]:
-    """Layers coloured by depth (model order), from the input side (dark) to the output."""
-    return _n("layer", sort={"field": "order"}, scale={"scheme": "viridis"})
+# Up to this many layers a chart's legend names each; beyond, it is a depth scale (the
+# gradients of a 200-layer MLP listed 201 names in a legend that scrolled).
+_NAMED_LAYERS = 12
+
+
+def _layer_color(df: pd.DataFrame) -> dict[str, Any]:
+    """Layers coloured by depth (model order), from the input side (dark) to the output: the
+    "color" channel, and "detail" (one line per layer) where there are too many to name."""
+    if df["layer"].nunique() <= _NAMED_LAYERS:
+        return {"color": _n("layer", sort={"field": "order"}, scale={"scheme": "viridis"})}
+    last = int(df["order"].max())
+    legend = {"values": [0, last], "labelExpr": "datum.value === 0 ? 'first' : 'last'"}  # as the PNGs
+    depth = _q("order", title="layer depth", scale={"scheme": "viridis"}, legend=legend)
+    return {"color": depth, "detail": _n("layer")}
 
 
 def gradient_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
@@ -451,7 +462,7 @@ def gradient_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
         encoding={
             "x": _q("epoch", title="epoch", axis=_EPOCH_AXIS),
             "y": _q(field, title=field.replace("_", " "), scale={"type": "log"}),
-            "color": _layer_color(),
+            **_layer_color(shown),
             "tooltip": [_n("layer"), _q("epoch", format=".2f"), _q(field, format=".3g")],
         },
         title=title,
@@ -467,7 +478,7 @@ def ics_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
         encoding={
             "x": _q("epoch", title="epoch", axis=_EPOCH_AXIS),
             "y": _q(field, title=field.replace("_", " ")),
-            "color": _layer_color(),
+            **_layer_color(df),
             "strokeDash": _n("run"),
         },
         title=title,
