@@ -527,3 +527,25 @@ def test_jax_weights_deleted_by_an_interrupted_fit_are_named_as_the_cause(tmp_pa
         print("DELETED OK")
     """)
     run_script(script, "jax", "DELETED OK")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="torch is not installed (pip install torch==2.13.0)"
+)
+def test_torch_results_reach_numpy_without_numpys_deprecation_warning() -> None:
+    # Keras's convert_to_numpy calls np.array(tensor): under NumPy 2 a DeprecationWarning per
+    # array (hundreds a capture), and with `-W error` a capture that failed.
+    script = textwrap.dedent("""
+        import warnings
+        import numpy as np, torch
+        from icsviz.capture import backend
+        warnings.simplefilter("error")
+        tree = {"grad": torch.ones(3, requires_grad=True) * 2, "half": torch.full((2,), 0.5, dtype=torch.bfloat16),
+                "int": torch.arange(4), "plain": np.float32(1.5)}
+        out = backend.to_numpy(tree)
+        assert out["grad"].tolist() == [2.0, 2.0, 2.0] and out["half"].dtype == np.float32
+        assert out["half"].tolist() == [0.5, 0.5] and out["int"].tolist() == [0, 1, 2, 3]
+        assert float(out["plain"]) == 1.5
+        print("TORCH NUMPY OK")
+    """)
+    run_script(script, "torch", "TORCH NUMPY OK")

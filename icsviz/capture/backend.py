@@ -488,4 +488,21 @@ def to_numpy(tree: Any) -> Any:
 
         # All copies started at once: one wait for the device instead of one per array.
         return keras.tree.map_structure(np.asarray, jax.device_get(tree))
+    if name() == "torch":
+        return keras.tree.map_structure(_torch_to_numpy, tree)
     return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), tree)
+
+
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    """A torch tensor's values on the host, through `Tensor.numpy()`: Keras's
+    `convert_to_numpy` calls `np.array(tensor)`, which NumPy 2 answers with a
+    DeprecationWarning per array (torch's `__array__` takes no `copy`), hundreds a capture,
+    and an error under `-W error`."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        return np.asarray(tensor)
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: the statistics are float32 anyway
+        tensor = tensor.float()
+    return tensor.numpy()

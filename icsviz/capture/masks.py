@@ -21,6 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from . import backend
 from .intercept import PREACT, Recorder, intercept
 from .layers import SelectedLayer, iter_layers
 
@@ -75,7 +76,7 @@ def probe_masks(model: keras.Model, selection: Sequence[SelectedLayer], x: Any) 
     for record in recorder.records:
         mask = keras_mask(record)
         if mask is not None and record.name not in masks:
-            masks[record.name] = np.asarray(keras.ops.convert_to_numpy(mask)).astype(bool)
+            masks[record.name] = np.asarray(backend.to_numpy(mask)).astype(bool)
     for record in recorder.records:
         output = output_name(record.name)
         if output != record.name and output in masks and record.name not in masks:
