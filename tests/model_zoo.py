@@ -68,6 +68,24 @@ def bidirectional_time_distributed() -> tuple[keras.Model, Any, Any]:
     return model, *_seq_data()
 
 
+def time_distributed_cnn() -> tuple[keras.Model, Any, Any]:
+    """A CNN applied to every frame of a clip (TimeDistributed of a model), then an LSTM."""
+    rng = np.random.default_rng(4)
+    frame = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            L.Conv2D(4, 3, activation="relu", name="frame_conv"),
+            L.GlobalAveragePooling2D(),
+            L.Dense(5, activation="tanh", name="frame_fc"),
+        ],
+        name="frame_encoder",
+    )
+    model = keras.Sequential(
+        [keras.Input((3, 8, 8, 2)), L.TimeDistributed(frame, name="frames"), L.LSTM(4, name="clip"), _head()]
+    )
+    return model, rng.normal(size=(32, 3, 8, 8, 2)).astype("float32"), rng.integers(0, CLASSES, 32)
+
+
 def conv_lstm() -> tuple[keras.Model, Any, Any]:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(32, 3, 8, 8, 2)).astype("float32")
@@ -108,6 +126,7 @@ ZOO: dict[str, Callable[[], tuple[keras.Model, Any, Any]]] = {
     "gru_with_states": gru_with_states,
     "bidirectional_time_distributed": bidirectional_time_distributed,
     "conv_lstm": conv_lstm,
+    "time_distributed_cnn": time_distributed_cnn,
     "attention": attention,
     "separable_convs": separable_convs,
 }
@@ -117,8 +136,17 @@ EXPECTED: dict[str, list[str]] = {
     "simple_rnn": ["rnn_seq", "rnn_last"],
     "lstm": ["lstm_seq", "lstm_last"],
     "gru_with_states": ["gru[0]", "gru[1]", "lstm_state[0]", "lstm_state[1]", "lstm_state[2]"],
-    "bidirectional_time_distributed": ["bilstm", "per_step"],
+    "bidirectional_time_distributed": ["bilstm", "per_step:preact", "per_step"],
     "conv_lstm": ["convlstm"],
+    # The wrapped model's layers, every frame of every clip (not the wrapper: its output is
+    # frame_fc's, as a nested model's is its last layer's).
+    "time_distributed_cnn": [
+        "frames/frame_conv:preact",
+        "frames/frame_conv",
+        "frames/frame_fc:preact",
+        "frames/frame_fc",
+        "clip",
+    ],
     "attention": ["embed", "mha", "residual", "layer_norm"],
     "separable_convs": ["depthwise:preact", "depthwise", "separable:preact", "separable", "group_norm"],
 }
@@ -129,6 +157,15 @@ def _expected_outputs(model: keras.Model, x: Any) -> dict[str, np.ndarray]:
     outputs: dict[str, np.ndarray] = {}
     for layer in model.layers:
         if isinstance(layer, L.InputLayer):
+            continue
+        if isinstance(layer, L.TimeDistributed) and isinstance(layer.layer, keras.Model):
+            # Each inner layer on every frame: the frames of all clips as one batch.
+            clips = keras.Model(model.inputs, layer.input)(x, training=True)
+            frames = keras.ops.reshape(clips, (-1, *clips.shape[2:]))
+            for inner in layer.layer.layers:
+                probe = keras.Model(layer.layer.inputs, inner.output)
+                value = probe(frames, training=True)
+                outputs[f"{layer.name}/{inner.name}"] = np.asarray(keras.ops.convert_to_numpy(value))
             continue
         tensors = keras.tree.flatten(layer.output)
         probe = keras.Model(model.inputs[0] if len(model.inputs) == 1 else model.inputs, tensors)

@@ -136,3 +136,64 @@ def test_interception_records_its_own_thread_only_and_one_at_a_time() -> None:
     assert events == ["mine done", "other intercepts"]
     assert [r.name for r in other.records] == ["d:preact", "d"]
     assert "call" not in model.get_layer("d").__dict__  # restored after both
+
+
+def _clip_model(steps: int | None = 3):
+    frame = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, activation="relu", name="fc")], name="frame_model"
+    )
+    clips = keras.Input((steps, 4))
+    wrapped = keras.layers.TimeDistributed(frame, name="frames")
+    per_step = keras.layers.TimeDistributed(keras.layers.Dense(2, activation="tanh"), name="per_step")
+    return keras.Model(clips, per_step(wrapped(clips))), wrapped
+
+
+def test_a_model_in_time_distributed_is_a_nested_model_run_on_every_step() -> None:
+    import numpy as np
+
+    from icsviz.capture.intercept import Recorder, intercept
+
+    model, wrapped = _clip_model()
+    assert [n for n, _ in iter_layers(model)] == ["frames/fc", "frames", "per_step"]
+    selection = select_layers(model, None)
+    # The wrapper of a model is not recorded (its output is its last layer's); the wrapped
+    # Dense's activation is fused, so TimeDistributed(Dense(tanh)) has a pre-activation.
+    assert [(s.name, s.capture_preactivation) for s in selection] == [("frames/fc", True), ("per_step", True)]
+    assert selection[0].time_distributed is wrapped and selection[1].time_distributed is None
+    x = np.arange(2 * 3 * 4, dtype="float32").reshape(2, 3, 4) / 10
+    recorder = Recorder()
+    with intercept(selection, recorder):
+        model(x)
+    # Every step of every sample in one tensor each, not one per step ("frames/fc#2", ...).
+    assert [r.name for r in recorder.records] == ["frames/fc:preact", "frames/fc", "per_step:preact", "per_step"]
+    fc = model.get_layer("frames").layer.get_layer("fc")
+    expected = np.asarray(fc(x.reshape(6, 4)))
+    got = np.asarray(recorder.records[1].tensor)
+    assert got.shape == (6, 3)
+    np.testing.assert_allclose(np.sort(got, axis=None), np.sort(expected, axis=None), rtol=1e-6)
+    assert "call" not in wrapped.__dict__  # restored
+
+
+def test_steps_mapped_over_an_unknown_time_axis_are_left_out_and_named() -> None:
+    from icsviz.capture.intercept import Recorder
+
+    model, _ = _clip_model()
+    fc = select_layers(model, None)[0]
+    recorder = Recorder()
+    # Keras vectorizes the wrapped layer over a time axis of unknown length: what it makes
+    # inside cannot be used outside.
+    recorder.enter_frames(static=False)
+    recorder.add(fc, keras.ops.ones((2, 3)), "activation", tag=":preact")
+    recorder.add(fc, keras.ops.ones((2, 3)), "linear")
+    assert recorder.leave_frames() == ["frames/fc:preact", "frames/fc"]
+    assert recorder.records == []
+    # A known number of steps: joined; a second call of the wrapper is "#2", as a shared layer's.
+    for _ in range(2):
+        recorder.enter_frames(static=True)
+        for _ in range(3):
+            recorder.add(fc, keras.ops.ones((2, 3)), "linear")
+        assert recorder.leave_frames() == []
+    assert [(r.name, tuple(r.tensor.shape)) for r in recorder.records] == [
+        ("frames/fc", (6, 3)),
+        ("frames/fc#2", (6, 3)),
+    ]

@@ -22,7 +22,7 @@ from typing import Any
 import keras
 
 from ..errors import warn_capture
-from .layers import SelectedLayer
+from .layers import SelectedLayer, is_time_distributed
 from .monotone import RangeMap, activation_map, layer_map
 
 __all__ = ["PREACT", "Record", "Recorder", "intercept", "is_float_tensor", "warn_once"]
@@ -62,25 +62,43 @@ class Record:
 
 
 @dataclass
+class _Frames:
+    """What the layers inside one TimeDistributed call made, step by step, until it returns."""
+
+    static: bool  # a known number of steps: Keras calls the wrapped layer once per step
+    tensors: dict[tuple[int, str, str], list[Any]] = field(default_factory=dict)  # in call order
+    made_by: dict[tuple[int, str, str], tuple[SelectedLayer, str]] = field(default_factory=dict)
+
+
+@dataclass
 class Recorder:
     """Collects the tensors produced by the selected layers during one call."""
 
     records: list[Record] = field(default_factory=list)
     calls: dict[int, int] = field(default_factory=dict)
     positions: dict[int, int] = field(default_factory=dict)  # id(tensor) -> its record's index
+    _frames: list[_Frames] = field(default_factory=list)  # TimeDistributed calls under way, innermost last
 
     def add(
         self, selected: SelectedLayer, outputs: Any, kind: str, tag: str = "", mapped_from: Mapped = None
     ) -> None:
         """Record `outputs`; `mapped_from`: (input, map) when a single output is that map of
         the input elementwise, noted when the input is itself recorded."""
+        flat = keras.tree.flatten(outputs)
+        if self._frames:  # one step of a TimeDistributed: kept until all its steps are made
+            frames = self._frames[-1]
+            for i, tensor in enumerate(flat):
+                if is_float_tensor(tensor):
+                    key = (id(selected.layer), tag, f"[{i}]" if len(flat) > 1 else "")
+                    frames.tensors.setdefault(key, []).append(tensor)
+                    frames.made_by.setdefault(key, (selected, kind))
+            return
         # A shared layer called n times yields "name", "name#2", ...; the
         # pre-activation of call n is recorded before its output, with the same suffix.
         count = self.calls.get(id(selected.layer), 0)
         if not tag:
             self.calls[id(selected.layer)] = count + 1
         call_suffix = f"#{count + 1}" if count else ""
-        flat = keras.tree.flatten(outputs)
         for i, tensor in enumerate(flat):
             if not is_float_tensor(tensor):
                 continue
@@ -91,6 +109,37 @@ class Recorder:
                 record.range_map = mapped_from[1]
             self.positions.setdefault(id(tensor), len(self.records))
             self.records.append(record)
+
+    def enter_frames(self, static: bool) -> None:
+        """A TimeDistributed call begins: what the layers inside it make is held per step."""
+        self._frames.append(_Frames(static))
+
+    def leave_frames(self) -> list[str]:
+        """It returned: each tensor of its steps joined along the batch axis (every step of
+        every sample is a value, as for a recurrent layer's outputs) and recorded as one. With
+        an unknown number of steps Keras maps the wrapped layer over them (vectorized), and
+        the tensors made inside cannot be used outside: nothing is recorded, and the names
+        left out are returned for the caller's warning."""
+        frames = self._frames.pop()
+        if not frames.static:
+            return list(dict.fromkeys(made.name + tag for (_, tag, _), (made, _) in frames.made_by.items()))
+        for key, tensors in frames.tensors.items():
+            selected, kind = frames.made_by[key]
+            _, tag, index = key
+            joined = tensors[0] if len(tensors) == 1 else keras.ops.concatenate(tensors, axis=0)
+            if self._frames:
+                outer = self._frames[-1]
+                outer.tensors.setdefault(key, []).append(joined)
+                outer.made_by.setdefault(key, (selected, kind))
+                continue
+            count = self.calls.get(id(selected.layer), 0)
+            record = Record(selected, joined, f"{tag}{index}{f'#{count + 1}' if count else ''}", kind)
+            self.positions.setdefault(id(joined), len(self.records))
+            self.records.append(record)
+        for layer_id in dict.fromkeys(layer_id for layer_id, tag, _ in frames.tensors if not tag):
+            if not self._frames:
+                self.calls[layer_id] = self.calls.get(layer_id, 0) + 1
+        return []
 
 
 def is_float_tensor(x: Any) -> bool:
@@ -143,6 +192,29 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
     # is that output exactly when `call` returns it unchanged.
     fused: dict[int, tuple[Any, Any]] = {}
 
+    # TimeDistributed layers first: their own `call` then runs inside the wrapper that records
+    # their output, and that output is recorded after their steps are joined.
+    for wrapper in _time_distributed(selection):
+        original_call = wrapper.call
+
+        def frames_call(
+            inputs: Any, *args: Any, _orig: Any = original_call, _td: Any = wrapper, **kwargs: Any
+        ) -> Any:
+            if threading.get_ident() != owner:
+                return _orig(inputs, *args, **kwargs)
+            recorder.enter_frames(_steps_known(inputs))
+            try:
+                return _orig(inputs, *args, **kwargs)
+            finally:
+                _leave_frames(recorder, _td)
+
+        if not patch(wrapper, "call", frames_call):
+            warn_once(
+                f"frames:{wrapper.name}",
+                f"the layers inside TimeDistributed {wrapper.name!r} are recorded once per time step "
+                "(name#2, name#3, ...): its `call` cannot be wrapped to join the steps.",
+            )
+
     for selected in selection:
         layer = selected.layer
         original_call = layer.call
@@ -177,6 +249,7 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
             )
             continue
         if selected.capture_preactivation:
+            layer = selected.activation_owner  # a TimeDistributed's wrapped layer applies it
             original_activation = layer.activation
 
             def activation(x: Any, _orig: Any = original_activation, _sel: SelectedLayer = selected) -> Any:
@@ -203,12 +276,55 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
                 object.__delattr__(obj, attr)
 
 
+def _time_distributed(selection: Sequence[SelectedLayer]) -> list[Any]:
+    """The TimeDistributed layers whose steps make recorded tensors: those selected and those
+    that selected layers run inside, each once, outermost first."""
+    found: dict[int, Any] = {}
+    for selected in selection:
+        for layer in (selected.time_distributed, selected.layer):
+            if layer is not None and is_time_distributed(layer):
+                found.setdefault(id(layer), layer)
+    return list(found.values())
+
+
+def _steps_known(inputs: Any) -> bool:
+    """Whether Keras's TimeDistributed will loop over the steps in Python (a static time
+    axis), rather than map the wrapped layer over them (vectorized)."""
+    try:
+        first = keras.tree.flatten(inputs)[0]
+        return first.shape[1] is not None
+    except (AttributeError, IndexError, TypeError):
+        return False
+
+
+def _leave_frames(recorder: Recorder, wrapper: Any) -> None:
+    # Our bookkeeping must never break the user's forward pass.
+    try:
+        left_out = recorder.leave_frames()
+    except Exception as exc:  # noqa: BLE001
+        warn_once(
+            f"frames:{wrapper.name}",
+            f"the layers inside TimeDistributed {wrapper.name!r} are not recorded ({type(exc).__name__}: {exc}).",
+        )
+        return
+    if left_out:
+        warn_once(
+            f"frames:{wrapper.name}",
+            f"{', '.join(repr(name) for name in left_out)} not recorded: TimeDistributed "
+            f"{wrapper.name!r} maps the layer it wraps over a time axis of unknown length (vectorized), "
+            "and the tensors made inside cannot be taken out. Give the model's input a fixed number "
+            f"of steps to record them; {wrapper.name!r}'s own output is recorded.",
+        )
+
+
 def _range_maps(selected: SelectedLayer, call: Any) -> tuple[RangeMap | None, RangeMap | None]:
     """The exact monotone map the layer's `call` is, and the one its fused activation is (if
     any): None where unknown, and never an error (odd attributes only cost the shortcut)."""
     try:
         own = layer_map(selected.layer, call)
-        fused = activation_map(selected.layer.activation) if selected.capture_preactivation else None
+        fused = (
+            activation_map(selected.activation_owner.activation) if selected.capture_preactivation else None
+        )
     except Exception:  # noqa: BLE001 - the range is then measured over the values themselves
         return None, None
     return own, fused

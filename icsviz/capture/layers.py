@@ -95,6 +95,23 @@ class SelectedLayer:
     layer: Any  # keras.layers.Layer
     kind: str  # "linear", "normalization", "activation", "merge", "recurrent", "attention", "other"
     capture_preactivation: bool  # the layer applies a non-linear activation itself
+    # The TimeDistributed layer this one runs inside, once per time step (a layer of the model
+    # it wraps); its tensors of all the steps are recorded as one (intercept.py).
+    time_distributed: Any = None
+
+    @property
+    def activation_owner(self) -> Any:
+        """The layer whose `activation` is fused: a TimeDistributed's wrapped layer, else itself."""
+        return _wrapped(self.layer) or self.layer
+
+
+def _wrapped(layer: Any) -> Any:
+    """The layer a TimeDistributed wraps, or None for any other layer."""
+    return getattr(layer, "layer", None) if is_time_distributed(layer) else None
+
+
+def is_time_distributed(layer: Any) -> bool:
+    return "TimeDistributed" in _mro_names(layer)
 
 
 def _mro_names(layer: Any) -> set[str]:
@@ -110,7 +127,8 @@ def classify(layer: Any) -> str | None:
     names = _mro_names(layer)
     if "TimeDistributed" in names and getattr(layer, "layer", None) is not None:
         # The wrapped layer applied at every time step: it makes what the wrapped layer makes.
-        return classify(layer.layer)
+        # A wrapped model is a nested model: its layers are recorded, its output is its last's.
+        return None if _is_model(layer.layer) else classify(layer.layer)
     if names & _PLUMBING:
         return None
     if names & _NORMALIZATION:
@@ -144,20 +162,35 @@ def has_fused_activation(layer: Any) -> bool:
 def _fuses(layer: Any, kind: str) -> bool:
     # An Activation layer *is* the activation: its input is already captured upstream.
     # A recurrent layer applies its activation inside the time loop, out of reach.
-    return kind not in ("activation", "recurrent") and has_fused_activation(layer)
+    # TimeDistributed(Dense(relu)) applies its wrapped layer's.
+    inner = _wrapped(layer)
+    if inner is not None and _is_model(inner):
+        return False  # its own layers are captured one by one
+    return kind not in ("activation", "recurrent") and has_fused_activation(inner or layer)
 
 
 def iter_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Every layer of `model` but its inputs, depth first, nested models flattened
-    with path names ("block/conv")."""
+    with path names ("block/conv"); the layers of a model that a TimeDistributed wraps
+    come before it, under its name ("frames/conv")."""
+    for name, layer, _ in _walk(model, prefix, None):
+        yield name, layer
+
+
+def _walk(model: Any, prefix: str, within: Any) -> Iterator[tuple[str, Any, Any]]:
+    """`iter_layers` with the TimeDistributed each layer runs inside (None: none)."""
     for layer in getattr(model, "layers", []):
         name = f"{prefix}{layer.name}"
         if "InputLayer" in _mro_names(layer):
             continue  # never called: it has no output to capture
+        inner = _wrapped(layer)
         if _is_model(layer):
-            yield from iter_layers(layer, prefix=f"{name}/")
+            yield from _walk(layer, f"{name}/", within)
+        elif inner is not None and _is_model(inner):
+            yield from _walk(inner, f"{name}/", layer)
+            yield name, layer, within
         else:
-            yield name, layer
+            yield name, layer, within
 
 
 def _matches(entry: LayerFilter, name: str, layer: Any) -> bool:
@@ -192,18 +225,19 @@ def select_layers(
     (a Flatten or Dropout included), since the user asked for it. Entries that
     match nothing are reported in one warning that lists the model's layers.
     """
-    all_layers = list(iter_layers(model))
+    walked = list(_walk(model, "", None))
+    all_layers = [(name, layer) for name, layer, _ in walked]
     selected: list[SelectedLayer] = []
     if layers is None:
-        for name, layer in all_layers:
+        for name, layer, within in walked:
             kind = classify(layer)
             if kind is not None:
-                selected.append(SelectedLayer(name, layer, kind, _fuses(layer, kind)))
+                selected.append(SelectedLayer(name, layer, kind, _fuses(layer, kind), within))
         return selected
 
     entries = layer_filters(layers) or []
     used = [False] * len(entries)
-    for name, layer in all_layers:
+    for name, layer, within in walked:
         hit = False
         for i, entry in enumerate(entries):
             if _matches(entry, name, layer):
@@ -211,7 +245,7 @@ def select_layers(
                 hit = True
         if hit:
             kind = classify(layer) or "other"
-            selected.append(SelectedLayer(name, layer, kind, _fuses(layer, kind)))
+            selected.append(SelectedLayer(name, layer, kind, _fuses(layer, kind), within))
     unmatched = [entry for entry, ok in zip(entries, used) if not ok]
     if unmatched:
         warn_capture(
