@@ -165,7 +165,12 @@ def test_a_model_in_time_distributed_is_a_nested_model_run_on_every_step() -> No
     with intercept(selection, recorder):
         model(x)
     # Every step of every sample in one tensor each, not one per step ("frames/fc#2", ...).
-    assert [r.name for r in recorder.records] == ["frames/fc:preact", "frames/fc", "per_step:preact", "per_step"]
+    assert [r.name for r in recorder.records] == [
+        "frames/fc:preact",
+        "frames/fc",
+        "per_step:preact",
+        "per_step",
+    ]
     fc = model.get_layer("frames").layer.get_layer("fc")
     expected = np.asarray(fc(x.reshape(6, 4)))
     got = np.asarray(recorder.records[1].tensor)
