@@ -160,7 +160,7 @@ def _expected_outputs(model: keras.Model, x: Any) -> dict[str, np.ndarray]:
             continue
         if isinstance(layer, L.TimeDistributed) and isinstance(layer.layer, keras.Model):
             # Each inner layer on every frame: the frames of all clips as one batch.
-            clips = keras.Model(model.inputs, layer.input)(x, training=True)
+            clips = keras.Model(model.inputs[0], layer.input)(x, training=True)
             frames = keras.ops.reshape(clips, (-1, *clips.shape[2:]))
             for inner in layer.layer.layers:
                 probe = keras.Model(layer.layer.inputs, inner.output)
