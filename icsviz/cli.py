@@ -130,7 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help=RUNS_HELP)
     p.add_argument("--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--labels", nargs="+", help="one label per run (default: file names)")
-    p.add_argument("--layers", nargs="+", help="layers to draw per-layer figures for (default: all)")
+    p.add_argument(
+        "--layers",
+        nargs="+",
+        help="layers to draw per-layer figures for (default: every layer, or the 12 most drifted "
+        "of runs with more than 24; 'all': every layer)",
+    )
     p.add_argument(
         "--ioffe-layer",
         help="the layer whose tracked unit the Ioffe & Szegedy figures follow "
@@ -376,7 +381,7 @@ def _write_figures(args: argparse.Namespace, runs: dict) -> int:
         written, notes = plot_runs(
             runs,
             args.out,
-            layers=args.layers,
+            layers="all" if args.layers == ["all"] else args.layers,
             formats=formats,
             progress=not args.quiet,
             ioffe_layer=args.ioffe_layer,

@@ -446,9 +446,14 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
             vmax=max(vmax, 1e-9),
             rasterized=True,
         )
-        ax.set_yticks(np.arange(len(names)) + 0.5, names, fontsize=6)
+        # Every layer named up to 32 of them; a deep model's every k-th (401 names had
+        # overlapped into a black block).
+        every = int(np.ceil(len(names) / 32)) or 1
+        ax.set_yticks(np.arange(0, len(names), every) + 0.5, names[::every], fontsize=6)
         ax.invert_yaxis()
         ax.set(xlabel="epoch", title=_panel_title(label, "drift from step 0", len(runs) > 2))
+        if every > 1:
+            ax.set_ylabel(f"layer (every {_ordinal(every)} named)")
         ax.grid(False)
     unit = "W1 / step-0 std" if metric == "w1" else metric
     fig.colorbar(image, ax=axes[0, :].tolist(), label=unit, shrink=0.9)
@@ -651,27 +656,39 @@ def _progress(done: int, total: int, name: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+# Beyond this many layers `plot_runs` draws per-layer figures for the most drifted only: a
+# 200-layer MLP's 401 took 2.5 minutes and filled a folder nobody reads through.
+MAX_LAYER_FIGURES = 24
+MOST_DRIFTED = 12
+
+
 def plot_runs(
     runs: Runs,
     out_dir: str | os.PathLike[str],
     *,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | str | None = None,
     formats: Sequence[str] = ("png", "pdf"),
     progress: bool = True,
     ioffe_layer: str | None = None,
 ) -> tuple[list[Path], list[str]]:
     """Write every figure for `runs` into `out_dir`. Returns (files written, notes on skipped figures).
 
-    `layers`: the per-layer figures (default: every layer). `ioffe_layer`: the layer whose
-    tracked unit Ioffe & Szegedy's Fig. 1 follows (default: `hidden_input_layer` of each run).
+    `layers`: the per-layer figures: by default every layer, or for runs of more than
+    `MAX_LAYER_FIGURES` layers the `MOST_DRIFTED` that drifted most (a note says so); "all"
+    for every layer whatever the depth. `ioffe_layer`: the layer whose tracked unit Ioffe &
+    Szegedy's Fig. 1 follows (default: `hidden_input_layer` of each run).
     """
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    if layers is None:
-        first = next(iter(runs.values()))
-        layers = [n for n in first.layer_names if all(n in r.layer_names for r in runs.values())]
-        extra = [n for r in runs.values() for n in r.layer_names if n not in layers]
-        layers = layers + list(dict.fromkeys(extra))
+    written, notes = [], []
+    if layers is None or layers == "all":
+        every = _layer_union(runs)
+        layers = every if layers == "all" or len(every) <= MAX_LAYER_FIGURES else _most_drifted(runs, every)
+        if len(layers) < len(every):
+            notes.append(
+                f"layer figures: drawn for the {len(layers)} most drifted of {len(every)} layers "
+                "(name others with --layers, or --layers all for every one)"
+            )
     metric = headline_metric(runs)
     plan = [
         Planned(metric_label(metric or "accuracy").lower(), lambda: figure_metric(runs, metric)),
@@ -683,7 +700,6 @@ def plot_runs(
         Planned("gradients", lambda: figure_gradients(runs)),
         Planned("gradient_shift", lambda: figure_gradient_shift(runs)),
     ] + [Planned(f"layer_{_safe(name)}", lambda name=name: figure_layer(runs, name)) for name in layers]
-    written, notes = [], []
     for label, run in runs.items():
         found = analysis.divergence(run)
         if found is not None:
@@ -706,6 +722,32 @@ def plot_runs(
         if progress:
             _progress(len(plan), len(plan), "done")
     return written, notes
+
+
+def _ordinal(k: int) -> str:
+    """2nd, 3rd, 11th, 13th, 21st."""
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
+def _layer_union(runs: Runs) -> list[str]:
+    """Every run's layers: those all runs share in the first run's order, then the others."""
+    first = next(iter(runs.values()))
+    shared = [n for n in first.layer_names if all(n in r.layer_names for r in runs.values())]
+    extra = [n for r in runs.values() for n in r.layer_names if n not in shared]
+    return shared + list(dict.fromkeys(extra))
+
+
+def _most_drifted(runs: Runs, layers: Sequence[str]) -> list[str]:
+    """The `MOST_DRIFTED` of `layers` with the largest drift score in any run, in their order
+    (a layer without a score, constant from the start, comes last)."""
+    score = dict.fromkeys(layers, -np.inf)
+    for run in runs.values():
+        for drift in analysis.run_drift(run):
+            if np.isfinite(drift.score) and drift.layer in score:
+                score[drift.layer] = max(score[drift.layer], drift.score)
+    chosen = set(sorted(layers, key=lambda name: -score[name])[:MOST_DRIFTED])
+    return [name for name in layers if name in chosen]
 
 
 def _safe(name: str) -> str:

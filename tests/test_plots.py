@@ -412,3 +412,35 @@ def test_drift_comparison_pairs_twins_by_role_and_shows_runs_of_different_depths
     )
     np.testing.assert_allclose(heights["shallow"][:2], [shallow["hidden0:preact"], shallow["out:preact"]])
     assert np.isnan(heights["shallow"][2])  # the shallow run has no third nonlinearity
+
+
+def test_a_deep_run_gets_layer_figures_for_its_most_drifted_layers(tmp_path, layout) -> None:
+    from icsviz.plots import MAX_LAYER_FIGURES, MOST_DRIFTED, figure_drift_matrix
+
+    # 40 layers, layer k drifting k times as fast (tiny_capture's mean moves with `value`).
+    deep = dataclasses.replace(
+        layout, layers=tuple(dataclasses.replace(layout.layers[0], name=f"d{k}") for k in range(40))
+    )
+    path = tmp_path / "deep.h5"
+    with RunWriter.create(path, deep, {"run_name": "deep"}) as w:
+        for step in range(0, 40, 10):
+            capture = tiny_capture(deep, step, kind="start" if step == 0 else "epoch")
+            for k, layer in enumerate(capture.layers):
+                layer.hist_edges[:] = np.linspace(-1, 1, len(layer.hist_edges)) + step * k / 10
+                layer.moments[0] = step * k / 10
+            w.write_capture(capture)
+    assert len(deep.layers) > MAX_LAYER_FIGURES
+    with open_run(path) as run:
+        written, notes = plot_runs({"deep": run}, tmp_path / "figs", formats=("png",), progress=False)
+        drawn = sorted(p.stem for p in written if p.stem.startswith("layer_"))
+        assert drawn == sorted(f"layer_d{k}" for k in range(40 - MOST_DRIFTED, 40))
+        assert f"layer figures: drawn for the {MOST_DRIFTED} most drifted of 40 layers" in notes[0]
+        written, _ = plot_runs(
+            {"deep": run}, tmp_path / "all", layers="all", formats=("png",), progress=False
+        )
+        assert sum(p.stem.startswith("layer_") for p in written) == 40
+        # The drift matrix names every 2nd of 40 layers (all 40 names overlapped).
+        ax = figure_drift_matrix({"deep": run}).axes[0]
+        assert [t.get_text() for t in ax.get_yticklabels()][:3] == ["d0", "d2", "d4"]
+        assert ax.get_ylabel() == "layer (every 2nd named)"
+    plt.close("all")
