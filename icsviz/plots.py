@@ -451,12 +451,19 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
         every = int(np.ceil(len(names) / 32)) or 1
         ax.set_yticks(np.arange(0, len(names), every) + 0.5, names[::every], fontsize=6)
         ax.invert_yaxis()
-        ax.set(xlabel="epoch", title=_panel_title(label, "drift from step 0", len(runs) > 2))
+        narrow = len(runs) > 2  # the run alone over its panel, what is drawn once above them all
+        ax.set(xlabel="epoch", title=label if narrow else f"{label}: drift from step 0")
+        # Whole epochs, two or three ticks in a narrow panel (five runs' read "0.02.5").
+        ax.xaxis.set_major_locator(
+            MaxNLocator(nbins=2 if narrow else "auto", integer=True, steps=[1, 2, 5, 10])
+        )
         if every > 1:
             ax.set_ylabel(f"layer (every {_ordinal(every)} named)")
         ax.grid(False)
     unit = "W1 / step-0 std" if metric == "w1" else metric
     fig.colorbar(image, ax=axes[0, :].tolist(), label=unit, shrink=0.9)
+    if len(runs) > 2:
+        fig.suptitle("Drift from step 0", fontsize=STYLE["axes.titlesize"])
     return fig
 
 
