@@ -145,6 +145,11 @@ def test_runs_of_different_depths_are_not_paired_by_role(different_depths) -> No
         "Not on the log scale: 1 of deep's 3 inputs never moved (score 0); 1 of them has no score "
         "(no spread at the first capture to measure by, or a single capture)."
     )
+    scores["deep"]["hidden0:preact"] = 0.5  # only the unscored one left: the run is named
+    assert data.off_log_scale(data.role_drift_frame(runs, [], scores)) == (
+        "Not on the log scale: 1 of deep's 3 inputs has no score (no spread at the first capture "
+        "to measure by, or a single capture)."
+    )
 
 
 def test_runs_of_the_same_depth_pair_by_role(different_depths, tmp_path) -> None:

@@ -171,8 +171,9 @@ def off_log_scale(frame: pd.DataFrame) -> str:
         if still:
             said.append(f"{still} of {label}'s {len(scores)} inputs never moved (score 0)")
         if unscored:
+            whose = "of them" if still else f"of {label}'s {len(scores)} inputs"
             said.append(
-                f"{unscored} {'of them' if still else f'of its {len(scores)} inputs'} {'has' if unscored == 1 else 'have'} no score "
+                f"{unscored} {whose} {'has' if unscored == 1 else 'have'} no score "
                 "(no spread at the first capture to measure by, or a single capture)"
             )
         parts.extend(said)
