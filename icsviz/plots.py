@@ -23,7 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator  # noqa: E402
 
 from . import analysis  # noqa: E402
-from .errors import MissingDataError  # noqa: E402
+from .errors import ICSVizError, MissingDataError  # noqa: E402
 from .histograms import densities, rebin_captures, ridgeline_captures, shared_edges, time_edges  # noqa: E402
 from .store.reader import (  # noqa: E402
     ActivationStats,
@@ -750,7 +750,11 @@ def _most_drifted(runs: Runs, layers: Sequence[str]) -> list[str]:
     (a layer without a score, constant from the start, comes last)."""
     score = dict.fromkeys(layers, -np.inf)
     for run in runs.values():
-        for drift in analysis.run_drift(run):
+        try:
+            drifts = analysis.run_drift(run)
+        except ICSVizError:  # a damaged layer: this run does not rank them
+            continue
+        for drift in drifts:
             if np.isfinite(drift.score) and drift.layer in score:
                 score[drift.layer] = max(score[drift.layer], drift.score)
     chosen = set(sorted(layers, key=lambda name: -score[name])[:MOST_DRIFTED])
