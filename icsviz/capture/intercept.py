@@ -61,13 +61,20 @@ class Record:
         return self.layer.name + self.suffix
 
 
+_FrameKey = tuple[int, str, str]  # (id of the layer, tag, output index): one tensor of each step
+
+
 @dataclass
 class _Frames:
     """What the layers inside one TimeDistributed call made, step by step, until it returns."""
 
     static: bool  # a known number of steps: Keras calls the wrapped layer once per step
-    tensors: dict[tuple[int, str, str], list[Any]] = field(default_factory=dict)  # in call order
-    made_by: dict[tuple[int, str, str], tuple[SelectedLayer, str]] = field(default_factory=dict)
+    tensors: dict[_FrameKey, list[Any]] = field(default_factory=dict)  # in call order
+    made_by: dict[_FrameKey, tuple[SelectedLayer, str]] = field(default_factory=dict)
+
+    def hold(self, key: _FrameKey, tensor: Any, selected: SelectedLayer, kind: str) -> None:
+        self.tensors.setdefault(key, []).append(tensor)
+        self.made_by.setdefault(key, (selected, kind))
 
 
 @dataclass
@@ -86,19 +93,16 @@ class Recorder:
         the input elementwise, noted when the input is itself recorded."""
         flat = keras.tree.flatten(outputs)
         if self._frames:  # one step of a TimeDistributed: kept until all its steps are made
-            frames = self._frames[-1]
             for i, tensor in enumerate(flat):
                 if is_float_tensor(tensor):
                     key = (id(selected.layer), tag, f"[{i}]" if len(flat) > 1 else "")
-                    frames.tensors.setdefault(key, []).append(tensor)
-                    frames.made_by.setdefault(key, (selected, kind))
+                    self._frames[-1].hold(key, tensor, selected, kind)
             return
         # A shared layer called n times yields "name", "name#2", ...; the
         # pre-activation of call n is recorded before its output, with the same suffix.
-        count = self.calls.get(id(selected.layer), 0)
+        call_suffix = self._call_suffix(selected.layer)
         if not tag:
-            self.calls[id(selected.layer)] = count + 1
-        call_suffix = f"#{count + 1}" if count else ""
+            self.calls[id(selected.layer)] = self.calls.get(id(selected.layer), 0) + 1
         for i, tensor in enumerate(flat):
             if not is_float_tensor(tensor):
                 continue
@@ -107,8 +111,16 @@ class Recorder:
             if mapped_from is not None and len(flat) == 1 and id(mapped_from[0]) in self.positions:
                 record.range_source = self.positions[id(mapped_from[0])]
                 record.range_map = mapped_from[1]
-            self.positions.setdefault(id(tensor), len(self.records))
-            self.records.append(record)
+            self._keep(record)
+
+    def _call_suffix(self, layer: Any) -> str:
+        """ "#n" for the n-th call of a layer (n > 1), "" for its first."""
+        count = self.calls.get(id(layer), 0)
+        return f"#{count + 1}" if count else ""
+
+    def _keep(self, record: Record) -> None:
+        self.positions.setdefault(id(record.tensor), len(self.records))
+        self.records.append(record)
 
     def enter_frames(self, static: bool) -> None:
         """A TimeDistributed call begins: what the layers inside it make is held per step."""
@@ -123,22 +135,20 @@ class Recorder:
         frames = self._frames.pop()
         if not frames.static:
             return list(dict.fromkeys(made.name + tag for (_, tag, _), (made, _) in frames.made_by.items()))
-        for key, tensors in frames.tensors.items():
+        joined = {
+            key: tensors[0] if len(tensors) == 1 else keras.ops.concatenate(tensors, axis=0)
+            for key, tensors in frames.tensors.items()
+        }
+        if self._frames:  # inside another TimeDistributed: one step of that one
+            for key, tensor in joined.items():
+                self._frames[-1].hold(key, tensor, *frames.made_by[key])
+            return []
+        for key, tensor in joined.items():
             selected, kind = frames.made_by[key]
             _, tag, index = key
-            joined = tensors[0] if len(tensors) == 1 else keras.ops.concatenate(tensors, axis=0)
-            if self._frames:
-                outer = self._frames[-1]
-                outer.tensors.setdefault(key, []).append(joined)
-                outer.made_by.setdefault(key, (selected, kind))
-                continue
-            count = self.calls.get(id(selected.layer), 0)
-            record = Record(selected, joined, f"{tag}{index}{f'#{count + 1}' if count else ''}", kind)
-            self.positions.setdefault(id(joined), len(self.records))
-            self.records.append(record)
-        for layer_id in dict.fromkeys(layer_id for layer_id, tag, _ in frames.tensors if not tag):
-            if not self._frames:
-                self.calls[layer_id] = self.calls.get(layer_id, 0) + 1
+            self._keep(Record(selected, tensor, f"{tag}{index}{self._call_suffix(selected.layer)}", kind))
+        for layer_id in dict.fromkeys(layer_id for layer_id, tag, _ in joined if not tag):
+            self.calls[layer_id] = self.calls.get(layer_id, 0) + 1
         return []
 
 
