@@ -331,7 +331,7 @@ def training_curves(keys: tuple[Key, ...], labels: tuple[str, ...], epoch: float
         "validation (solid). The dotted rule marks the capture chosen below."
         + (
             ""
-            if any(metric.endswith("accuracy") for metric in shown) or curves.empty
+            if "accuracy" in shown or curves.empty  # each run's accuracy is "accuracy" in curves_frame
             else " No selected run recorded accuracy (compile with `metrics=['accuracy']` to see it)."
         )
     )
