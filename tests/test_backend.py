@@ -529,6 +529,30 @@ def test_jax_weights_deleted_by_an_interrupted_fit_are_named_as_the_cause(tmp_pa
     run_script(script, "jax", "DELETED OK")
 
 
+def test_a_jax_run_refused_for_an_existing_file_leaves_no_compile_to_abort_the_exit(tmp_path) -> None:
+    # The first capture compiles on a thread of its own; a run refused once that capture was
+    # traced (its file exists) used to leave the compile running, and XLA aborted the
+    # interpreter's exit ("terminate called ...", exit status 134) after the user's own code ended.
+    path = tmp_path / "taken.h5"
+    path.write_bytes(b"a file the user already has")
+    script = textwrap.dedent(f"""
+        import numpy as np, keras, threading
+        from icsviz import ICSCallback, RunExistsError
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="relu")])
+        model.compile("sgd", "mse")
+        x, y = np.ones((8, 4), "float32"), np.ones((8, 3), "float32")
+        try:
+            model.fit(x, y, verbose=0, callbacks=[ICSCallback({str(path)!r}, probe=(x, y))])
+        except RunExistsError:
+            print("REFUSED OK")
+        assert not [t for t in threading.enumerate() if t.name == "icsviz-compile"]
+    """)
+    proc = run_script(script, "jax")
+    assert proc.returncode == 0 and "REFUSED OK" in proc.stdout, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    assert path.read_bytes() == b"a file the user already has"
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("torch") is None, reason="torch is not installed (pip install torch==2.13.0)"
 )

@@ -511,17 +511,22 @@ class ICSCallback(keras.callbacks.Callback):
             kind=kind,
         )
         layout = self._with_batch_layers(self._program.layout)
-        if appending:
-            self._writer = self._resume(layout, from_epoch=epoch + self._epoch_offset)
-            new_capture = self._writer.last_capture_epoch != capture_epoch
-        else:
-            self._writer = RunWriter.create(
-                self.path,
-                layout,
-                self._metadata(layout_size=len(layout.layers)),
-                overwrite=self.overwrite,
-            )
-            new_capture = True
+        try:
+            if appending:
+                self._writer = self._resume(layout, from_epoch=epoch + self._epoch_offset)
+                new_capture = self._writer.last_capture_epoch != capture_epoch
+            else:
+                self._writer = RunWriter.create(
+                    self.path,
+                    layout,
+                    self._metadata(layout_size=len(layout.layers)),
+                    overwrite=self.overwrite,
+                )
+                new_capture = True
+        except BaseException:
+            self._program.discard_first()  # its compile never starts
+            raise
+        self._program.start_first()
         # The writer's thread starts with the writer: a file refused above leaves no thread behind.
         self._queue = WriteQueue(self.path.name)
         self._waiting_captures = []  # this fit's (the finalizer below holds the list)

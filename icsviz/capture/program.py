@@ -87,6 +87,7 @@ class CaptureProgram:
         self._masked_function: Any = None  # compiled when a capture first sees NaN/Inf
         self._compiled: Any = None  # JAX: the function compiled by `measure_in_background`
         self._first: concurrent.futures.Future[Any] | None = None  # that capture, until waited for
+        self._start_compile: _Once | None = None  # starts its thread
         # Set once Keras's own training step has compiled: the first capture's compile waits
         # for it where `backend.compiles_after_first_step` (see `measure_in_background`).
         self._first_step_done = threading.Event()
@@ -96,7 +97,7 @@ class CaptureProgram:
     def _variable_owners(self) -> list[str]:
         owner: dict[int, str] = {}
         for name, layer in iter_layers(self.model):
-            for v in layer.trainable_variables:
+            for v in getattr(layer, "trainable_variables", ()):  # an inline operation has none
                 owner.setdefault(id(v), name)
         return [owner.get(id(v), self.model.name) for v in self.trainable]
 
@@ -347,9 +348,28 @@ class CaptureProgram:
             except BaseException as exc:  # noqa: BLE001 - raised where the capture is waited for
                 future.set_exception(exc)
 
-        threading.Thread(target=work, name="icsviz-compile", daemon=True).start()
+        # Started by `start_first` once the run's file exists, or when the capture is needed: a
+        # run refused before (the file exists) leaves no XLA compile running at the
+        # interpreter's exit, which aborts the process ("terminate called ...").
+        self._start_compile = _Once(threading.Thread(target=work, name="icsviz-compile", daemon=True).start)
         self._first = future
-        return lambda: future.result()()
+
+        def finish() -> Capture:
+            self.start_first()
+            return future.result()()
+
+        return finish
+
+    def start_first(self) -> None:
+        """Start compiling the first capture taken by `measure_in_background` (a no-op when
+        there is none, or once started)."""
+        start = self._start_compile
+        if start is not None:
+            start()
+
+    def discard_first(self) -> None:
+        """Forget a first capture whose run was refused; one already started is left to end."""
+        self._first = self._start_compile = None
 
     @property
     def waits_for_first_step(self) -> bool:
@@ -365,6 +385,7 @@ class CaptureProgram:
         """Wait for a first capture still compiling or running on its own thread (its failure
         is raised here too)."""
         self._first_step_done.set()  # needed now: compile without waiting any longer
+        self.start_first()
         first, self._first = self._first, None
         if first is not None:
             first.result()
@@ -458,3 +479,18 @@ class CaptureProgram:
             return capture
 
         return finish
+
+
+class _Once:
+    """Call `fn` the first time this is called, from whichever thread (the training thread
+    or the writer's)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
