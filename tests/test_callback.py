@@ -146,6 +146,41 @@ def test_functional_residual_block(tmp_path) -> None:
         assert stem.counts.shape == (2, 64) and add.unit_mean.shape == (2, 8)
 
 
+def test_augmentation_and_noise_draw_the_same_at_every_capture(tmp_path) -> None:
+    # The probe runs in training mode, where RandomFlip/RandomRotation and GaussianNoise draw
+    # afresh at each call: pinned, so that with weights that never move (a rate of 0) every
+    # capture is the same, and drift can only come from the weights.
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    h = keras.layers.RandomFlip("horizontal")(inputs)
+    h = keras.layers.RandomRotation(0.2)(h)
+    h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(h)
+    h = keras.layers.GaussianNoise(0.5)(h)
+    h = keras.layers.Dropout(0.5)(h)
+    outputs = keras.layers.Dense(2, activation="softmax", name="out")(keras.layers.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    model.compile(keras.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 8, 8, 3)).astype("float32"), rng.integers(0, 2, 32)
+    path = tmp_path / "aug.h5"
+    model.fit(
+        x, y, epochs=2, batch_size=8, verbose=0, callbacks=[ICSCallback(path, probe=(x, y), every_n_steps=2)]
+    )
+    with open_run(path) as run:
+        assert run.num_captures == 5 and run.layer_names == ["conv:preact", "conv", "out:preact", "out"]
+        for name in run.layer_names:
+            acts = run.activations(name)
+            assert (acts.counts == acts.counts[0]).all(), name
+            np.testing.assert_array_equal(
+                acts.quantiles, np.broadcast_to(acts.quantiles[0], acts.quantiles.shape)
+            )
+        # The flip and rotation did act: the capture differs from the un-augmented input's.
+        plain = keras.Model(inputs, model.get_layer("conv").output)
+        assert not np.isclose(
+            float(np.mean(plain(x, training=False))), run.activations("conv").mean[0], rtol=1e-4
+        )
+
+
 def test_nested_and_shared_model(tmp_path) -> None:
     fit(nested(), tmp_path / "nested.h5", epochs=1)
     with open_run(tmp_path / "nested.h5") as run:

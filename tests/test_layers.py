@@ -202,3 +202,63 @@ def test_steps_mapped_over_an_unknown_time_axis_are_left_out_and_named() -> None
         ("frames/fc", (6, 3)),
         ("frames/fc#2", (6, 3)),
     ]
+
+
+def _inline_ops_model() -> keras.Model:
+    """A residual block written with keras.ops on the tensors, nested in an outer model."""
+    inputs = keras.Input((4,))
+    h = keras.ops.relu(keras.layers.Dense(4, name="d1")(inputs))
+    shortcut = keras.layers.Dense(4, name="d2")(inputs)
+    h = keras.activations.gelu(h + shortcut)  # a merge, then an activation
+    h = keras.ops.tanh(h * 2.0 + 1.0)  # scaled by constants: plumbing; tanh: an activation
+    h = keras.ops.reshape(h, (-1, 2, 2))  # plumbing
+    block = keras.Model(inputs, h, name="block")
+    outer_in = keras.Input((4,))
+    return keras.Model(outer_in, keras.ops.sigmoid(block(outer_in)), name="outer")
+
+
+def test_inline_operations_are_captured_as_the_layers_they_stand_for() -> None:
+    model = _inline_ops_model()
+    by_class = {type(s.layer).__name__: (s.name, s.kind) for s in select_layers(model)}
+    assert [s.name.split("/")[0] for s in select_layers(model)] == ["block"] * 6 + [by_class["Sigmoid"][0]]
+    assert {cls: kind for cls, (_, kind) in by_class.items()} == {
+        "Dense": "linear",  # d1 and d2, one key
+        "Relu": "activation",
+        "Add": "merge",  # h + shortcut: two tensors
+        "Gelu": "activation",
+        "Tanh": "activation",
+        "Sigmoid": "activation",
+    }
+    assert not any(s.capture_preactivation for s in select_layers(model))
+    # The constant's product and sum, and the reshape, are there to be chosen by name.
+    walked = {type(layer).__name__ for _, layer in iter_layers(model)}
+    assert {"Multiply", "Add", "Reshape"} <= walked
+    (scaled,) = select_layers(model, ["block/multiply*"])
+    assert scaled.kind == "other" and type(scaled.layer).__name__ == "Multiply"
+    # A class filter is a layer class: an operation never is one.
+    assert [s.name for s in select_layers(model, keras.layers.Dense)] == ["block/d1", "block/d2"]
+
+
+def test_inline_operations_are_recorded_with_their_values(tmp_path) -> None:
+    import numpy as np
+
+    from icsviz import ICSCallback, open_run
+
+    keras.utils.set_random_seed(0)
+    model = _inline_ops_model()
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    y = np.zeros((16, 2, 2), "float32")
+    tanh_op = next(layer for _, layer in iter_layers(model) if type(layer).__name__ == "Tanh")
+    block = model.get_layer("block")
+    expected = keras.Model(block.inputs[0], tanh_op.output)(x)
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[ICSCallback(tmp_path / "ops.h5", probe=(x, y))])
+    with open_run(tmp_path / "ops.h5") as run:
+        acts = run.activations(f"block/{tanh_op.name}")
+        assert acts.counts[0].sum() == 16 * 4
+        np.testing.assert_allclose(acts.mean[0], float(np.mean(expected)), rtol=1e-5)
+        np.testing.assert_allclose(acts.max[0], float(np.max(expected)), rtol=1e-5)
+        # Which captured tensors feed which: the add is fed by the relu and d2.
+        add = next(info for info in run.layers if info.class_name == "Add")
+        relu = next(info for info in run.layers if info.class_name == "Relu")
+        assert set(add.inputs) == {relu.name, "block/d2"} and relu.inputs == ("block/d1",)

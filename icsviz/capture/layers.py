@@ -4,6 +4,12 @@ A layer is classified by the class names in its MRO, so user subclasses of
 Dense or Conv2D are recognised. The default selection keeps every layer whose
 output is a hidden representation and drops the plumbing (Input, Dropout,
 Flatten, Reshape, pooling, Concatenate, preprocessing).
+
+A functional model's graph also holds the `keras.ops` called on its tensors
+(`ops.relu(x)`, `x + shortcut`): Keras's summary lists them as rows of their own.
+Those that stand for an activation, a normalization, attention or a merge of two
+tensors are captured like the layers they stand for; the rest (`x * 2.0`,
+reshapes, reductions) are plumbing, and any of them can be chosen by name.
 """
 
 from __future__ import annotations
@@ -48,6 +54,43 @@ _MERGE = {"Add", "Subtract", "Multiply", "Average", "Maximum", "Minimum"}
 # are not intercepted (docs/statistics.md).
 _RECURRENT = {"RNN", "LSTM", "GRU", "SimpleRNN", "ConvLSTM", "Bidirectional"}
 _ATTENTION = {"MultiHeadAttention", "GroupedQueryAttention", "Attention", "AdditiveAttention"}
+# Inline operations of a functional graph (keras.ops on its tensors), by class name: they are
+# not Layers, and some share a class name with a layer of another meaning (`ops.add` is "Add",
+# also for `x + 1.0`), so they are classified apart (`_classify_operation`).
+_OP_ACTIVATION = {
+    "Celu",
+    "Elu",
+    "Gelu",
+    "Glu",
+    "HardShrink",
+    "HardSigmoid",
+    "HardSilu",
+    "HardTanh",
+    "LeakyRelu",
+    "LogSigmoid",
+    "LogSoftmax",
+    "Mish",
+    "ReLU",  # keras.activations.relu(x)
+    "Relu",
+    "Relu6",
+    "Selu",
+    "Sigmoid",
+    "Silu",
+    "SoftShrink",
+    "Softmax",
+    "Softplus",
+    "Softsign",
+    "SparsePlus",
+    "SparseSigmoid",
+    "Sparsemax",
+    "Squareplus",
+    "Tanh",
+    "TanhShrink",
+    "Threshold",
+}
+_OP_NORMALIZATION = {"BatchNorm", "LayerNorm", "RMSNorm", "Normalize"}
+_OP_ATTENTION = {"DotProductAttention"}
+_OP_MERGE = {"Add", "Subtract", "Multiply", "Maximum", "Minimum"}  # of two tensors, not a constant
 # Never captured by default: they move or mask values but make no new representation.
 _PLUMBING = {
     "InputLayer",
@@ -92,7 +135,7 @@ class SelectedLayer:
     """A layer chosen for capture."""
 
     name: str  # "layer" or "outer/inner" for a layer of a nested model
-    layer: Any  # keras.layers.Layer
+    layer: Any  # keras.layers.Layer, or an inline keras.ops Operation of a functional graph
     kind: str  # "linear", "normalization", "activation", "merge", "recurrent", "attention", "other"
     capture_preactivation: bool  # the layer applies a non-linear activation itself
     # The TimeDistributed layer this one runs inside, once per time step (a layer of the model
@@ -122,8 +165,37 @@ def _is_model(layer: Any) -> bool:
     return "Model" in _mro_names(layer) or "Functional" in _mro_names(layer)
 
 
+def is_operation(layer: Any) -> bool:
+    """True for an inline `keras.ops` operation of a functional graph (not a Layer)."""
+    return "Layer" not in _mro_names(layer)
+
+
+def _classify_operation(op: Any) -> str | None:
+    names = _mro_names(op)
+    if names & _OP_ACTIVATION:
+        return "activation"
+    if names & _OP_NORMALIZATION:
+        return "normalization"
+    if names & _OP_ATTENTION:
+        return "attention"
+    if names & _OP_MERGE and _tensor_arguments(op) >= 2:
+        return "merge"
+    return None
+
+
+def _tensor_arguments(op: Any) -> int:
+    """How many distinct tensors of the graph `op` takes (a constant operand is not one)."""
+    try:
+        return len({id(t) for t in op._inbound_nodes[0].arguments.keras_tensors})
+    except Exception:  # noqa: BLE001 - Keras internals: without them, not a merge
+        return 0
+
+
 def classify(layer: Any) -> str | None:
-    """The kind of a layer, or None when its output is not a hidden representation."""
+    """The kind of a layer (or inline operation), or None when its output is not a hidden
+    representation."""
+    if is_operation(layer):
+        return _classify_operation(layer)
     names = _mro_names(layer)
     if "TimeDistributed" in names and getattr(layer, "layer", None) is not None:
         # The wrapped layer applied at every time step: it makes what the wrapped layer makes.
@@ -172,14 +244,24 @@ def _fuses(layer: Any, kind: str) -> bool:
 def iter_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     """Every layer of `model` but its inputs, depth first, nested models flattened
     with path names ("block/conv"); the layers of a model that a TimeDistributed wraps
-    come before it, under its name ("frames/conv")."""
+    come before it, under its name ("frames/conv"). A functional model's inline
+    operations come in graph order among its layers (`is_operation`)."""
     for name, layer, _ in _walk(model, prefix, None):
         yield name, layer
 
 
+def _members(model: Any) -> list[Any]:
+    """A model's layers in order; a functional model's with its inline operations among them."""
+    if "Functional" in _mro_names(model):
+        operations = getattr(model, "operations", None)
+        if operations is not None:
+            return list(operations)
+    return list(getattr(model, "layers", []))
+
+
 def _walk(model: Any, prefix: str, within: Any) -> Iterator[tuple[str, Any, Any]]:
     """`iter_layers` with the TimeDistributed each layer runs inside (None: none)."""
-    for layer in getattr(model, "layers", []):
+    for layer in _members(model):
         name = f"{prefix}{layer.name}"
         if "InputLayer" in _mro_names(layer):
             continue  # never called: it has no output to capture
