@@ -129,6 +129,26 @@ def test_sequential_schedule_history_and_gradients(tmp_path) -> None:
         assert run.attrs["model_name"] == "seq" and run.attrs["backend"] == keras.backend.backend()
 
 
+def test_steps_per_execution_keeps_the_step_schedule_and_the_true_step_numbers(tmp_path) -> None:
+    # With steps_per_execution=4 Keras calls the batch hooks every 4 steps, and numbers the
+    # last call of a 10-step epoch "batch 11": step captures every 3 steps used to be never
+    # taken (no hook lands on a multiple of 3), and the second epoch's steps were counted from 12.
+    model = sequential()
+    model.compile(keras.optimizers.SGD(0.05), "sparse_categorical_crossentropy", steps_per_execution=4)
+    x, y = data(n=160)
+    path = tmp_path / "spe.h5"
+    cb = ICSCallback(path, probe=(x[:32], y[:32]), every_n_steps=3, batch_stats=True)
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
+    assert int(model.optimizer.iterations) == 20
+    with open_run(path) as run:
+        # The first hook after each multiple of 3: steps 4 and 8, then the epoch's end at 10.
+        np.testing.assert_array_equal(run.steps, [0, 4, 8, 10, 14, 18, 20])
+        assert run.capture_kinds == ["start", "step", "step", "epoch", "step", "step", "epoch"]
+        np.testing.assert_allclose(run.epochs, [0, 0.4, 0.8, 1, 1.4, 1.8, 2])
+        expected_rows = [3, 7, 9, 13, 17, 19] if keras.backend.backend() == "tensorflow" else np.arange(20)
+        np.testing.assert_array_equal(run.batch_steps, expected_rows)  # TF: an execution's last step
+
+
 def test_functional_residual_block(tmp_path) -> None:
     fit(residual(), tmp_path / "res.h5", epochs=1)
     with open_run(tmp_path / "res.h5") as run:

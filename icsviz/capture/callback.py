@@ -149,10 +149,12 @@ class ICSCallback(keras.callbacks.Callback):
             samples is a good size.
         layers: Which layers to capture: None for the default (outputs of Dense
             and Conv layers, their pre-activations when the activation is fused,
-            normalization, activation and merge layers), or a list of names,
+            normalization, activation and merge layers, and a functional model's
+            `keras.ops` standing for one), or a list of names,
             glob patterns ("block1/*"), layer classes or predicates (one of
             them on its own is a list of one).
-        every_n_steps: Also capture every N training steps (None: epochs only).
+        every_n_steps: Also capture every N training steps (None: epochs only);
+            under `steps_per_execution=k`, at the first step after each multiple of N.
             Step captures less than 2 s after the last write are written
             together (up to 16, or at the epoch's capture or `flush()`): one
             write for all of them. On JAX and torch this gives the callback a
@@ -734,7 +736,7 @@ class ICSCallback(keras.callbacks.Callback):
                 program.first_step_done()
             self._batches_begun += 1
         if self._steps is not None and self._active and not self._counts_batches:
-            self._global_step = self._epoch_start_step + batch  # the steps before this one
+            self._global_step = self._epoch_start_step + self._steps_in_epoch(batch)  # those before it
             self._tag_and_flush_steps()
         if self._steps is not None:
             self._steps.expected = True  # this step belongs to our fit (see StepStatistics)
@@ -742,19 +744,30 @@ class ICSCallback(keras.callbacks.Callback):
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._active:
             return
-        self._global_step = self._epoch_start_step + batch + 1
+        before, self._global_step = (
+            self._global_step,
+            self._epoch_start_step + self._steps_in_epoch(batch + 1),
+        )
         self._tag_and_flush_steps()
         last_of_epoch = self._steps_per_epoch is not None and batch + 1 >= self._steps_per_epoch
+        # A multiple of N passed since the last batch hook: with steps_per_execution=k, Keras
+        # calls the hooks every k steps, and the capture is taken at the first one after it.
+        n = self.every_n_steps
         if (
-            self.every_n_steps
+            n
             and not last_of_epoch  # the epoch capture follows at the same step
             and self._capture_ok
             and self._writer is not None
-            and self._global_step % self.every_n_steps == 0
+            and self._global_step // n > before // n
         ):
             steps = self._steps_per_epoch or float("nan")
             epoch = self._current_epoch + (batch + 1) / steps if steps == steps else self._current_epoch
             self._safely("a step capture", lambda: self._capture(epoch, "step"))
+
+    def _steps_in_epoch(self, steps: int) -> int:
+        """`steps` (a batch hook's count) within the epoch's length: with steps_per_execution=k
+        Keras numbers an epoch's last call as if it ran k steps (batch 11 of an epoch of 10)."""
+        return min(steps, int(self._steps_per_epoch)) if self._steps_per_epoch else steps
 
     def _tag_and_flush_steps(self) -> None:
         self._report_steps_failure()
