@@ -52,6 +52,19 @@ def test_a_probe_of_the_wrong_shape_is_named_with_both_shapes() -> None:
     assert mismatch(dense((4, 4)), np.zeros((5, 4, 4, 3))) is not None
 
 
+def test_one_sample_from_an_unbatched_dataset_is_named_with_the_fix() -> None:
+    import tensorflow as tf
+
+    x = np.zeros((20, 12), "float32")
+    probe_x, probe_y = split_probe(tf.data.Dataset.from_tensor_slices((x, np.zeros(20))))
+    problem = mismatch(dense((12,)), np.asarray(probe_x))
+    assert problem == (
+        "model 'net' takes shape (None, 12), the probe's x has shape (12,) (one sample, not a "
+        "batch: from an unbatched dataset? pass probe=dataset.batch(512))"
+    )
+    assert "one sample" not in mismatch(dense((12,)), np.zeros((5, 10)))
+
+
 def test_models_whose_inputs_are_not_one_declared_shape_are_left_to_keras() -> None:
     assert mismatch(Subclassed(), np.zeros((5, 10))) is None
     a, b = keras.Input((3,), name="a"), keras.Input((2,), name="b")

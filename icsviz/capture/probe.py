@@ -72,7 +72,11 @@ def mismatch(model: Any, x: Any) -> str | None:
         return None  # several inputs (matched by name or position): Keras's own error names them
     expected, shape = tuple(inputs[0].shape), tuple(x.shape)
     if not _fits(expected, shape):
-        return f"model {model.name!r} takes shape {expected}, the probe's x has shape {shape}"
+        problem = f"model {model.name!r} takes shape {expected}, the probe's x has shape {shape}"
+        if _fits(expected, (None, *shape)):
+            # A dataset that yields samples, not batches: its first element is one sample.
+            problem += " (one sample, not a batch: from an unbatched dataset? pass probe=dataset.batch(512))"
+        return problem
     return None
 
 
