@@ -11,6 +11,7 @@ import time
 import warnings
 from pathlib import Path
 
+import h5py
 import keras
 import numpy as np
 import pytest
@@ -349,13 +350,31 @@ def test_resume_with_initial_epoch_appends(tmp_path) -> None:
     path = tmp_path / "resume.h5"
     model = sequential()
     fit(model, path, epochs=2)
-    fit(model, path, epochs=4, initial_epoch=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CaptureWarning)  # nothing missing: nothing said
+        fit(model, path, epochs=4, initial_epoch=2)
     with open_run(path) as run:
         np.testing.assert_array_equal(run.history_epochs, [0, 1, 2, 3])
         np.testing.assert_allclose(run.epochs, [0, 1, 2, 3, 4])  # epoch 2 is not captured twice
         assert run.steps[-1] == 24
     with pytest.raises(IncompatibleRunError, match="another model"):
         fit(residual(), path, epochs=3, initial_epoch=2)
+
+
+def test_a_resume_after_an_epoch_whose_metrics_never_reached_the_file_says_so(tmp_path) -> None:
+    # BackupAndRestore saves at the epoch's end; a process killed just then had not written the
+    # epoch's metrics row yet, and the resumed fit starts after that epoch.
+    path = tmp_path / "gap.h5"
+    model = sequential()
+    fit(model, path, epochs=3)
+    with h5py.File(path, "a") as f:  # as the kill left it: epoch 3's row never written
+        for name in ("history/values", "history/epoch"):
+            f[name].resize(2, axis=0)
+    with pytest.warns(CaptureWarning, match=r"no metrics for epoch 3 \(as Keras counts.*from epoch 4"):
+        fit(model, path, epochs=4, initial_epoch=3)
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.history_epochs, [0, 1, 3])
+        np.testing.assert_allclose(run.epochs, [0, 1, 2, 3, 4])
 
 
 def test_second_fit_with_the_same_callback_continues_the_run(tmp_path) -> None:

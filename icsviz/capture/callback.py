@@ -554,7 +554,7 @@ class ICSCallback(keras.callbacks.Callback):
 
     def _resume(self, layout: RunLayout, from_epoch: int) -> RunWriter:
         try:
-            return RunWriter.resume(self.path, layout, from_epoch=from_epoch)
+            writer = RunWriter.resume(self.path, layout, from_epoch=from_epoch)
         except IncompatibleRunError as exc:
             if not self._owns_file:
                 raise
@@ -564,6 +564,18 @@ class ICSCallback(keras.callbacks.Callback):
                 f"{self.model.name!r} an ICSCallback of its own, with another path.",
                 exc.difference,
             ) from exc
+        missing = writer.epochs_without_metrics(from_epoch)
+        if missing:
+            # BackupAndRestore, say, saved the epoch before this file got its row, then the
+            # process was killed: the resumed fit starts after it.
+            numbers = ", ".join(str(e + 1) for e in missing)
+            warn_capture(
+                f"{self.path} has no metrics for epoch {numbers} (as Keras counts them, from 1): the "
+                "earlier process ended before writing them, or initial_epoch skips them. The run "
+                "goes on from epoch "
+                f"{from_epoch + 1}; its curves skip them."
+            )
+        return writer
 
     # ------------------------------------------------------------ per-step mode
     def _with_batch_layers(self, layout: RunLayout) -> RunLayout:

@@ -307,6 +307,17 @@ class RunWriter:
         n = self.num_captures
         return float(self._ds("captures/epoch")[n - 1]) if n else None
 
+    def epochs_without_metrics(self, before: int) -> list[int]:
+        """The epochs (0-based) from the run's first up to `before` that have no history row:
+        a process killed right after an epoch, before its row reached the file."""
+        n = self.num_captures
+        if not n:
+            return []
+        start = int(self._ds("captures/epoch")[0])
+        rows = int(self._ds("history/epoch").shape[0])
+        recorded = set(self._ds("history/epoch")[:rows].tolist())
+        return [e for e in range(start, before) if e not in recorded]
+
     @contextlib.contextmanager
     def _writing(self, what: str) -> Iterator[None]:
         """Turn a failed write into a RunFileError, leaving the file as the failure found it."""
