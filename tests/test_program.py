@@ -359,8 +359,23 @@ def test_a_model_without_trainable_variables_is_captured(backend: str) -> None:
 
 
 @TAPE_REFERENCE
-def test_gradient_shift_matches_a_hand_computed_step() -> None:
+@pytest.mark.parametrize("floatx", ["float32", "float64"])
+def test_gradient_shift_matches_a_hand_computed_step(floatx: str) -> None:
+    # float64 (keras.backend.set_floatx): the stepped weights used to be float32, and the
+    # whole capture failed on a dtype mismatch.
+    previous, policy = keras.backend.floatx(), keras.config.dtype_policy()
+    keras.backend.set_floatx(floatx)
+    keras.config.set_dtype_policy(floatx)  # another test may have set one, which floatx leaves
+    try:
+        _check_gradient_shift()
+    finally:
+        keras.backend.set_floatx(previous)
+        keras.config.set_dtype_policy(policy)
+
+
+def _check_gradient_shift() -> None:
     model = small_classifier()
+    assert model.get_layer("h1").kernel.dtype == keras.backend.floatx()
     rng = np.random.default_rng(5)
     x = rng.normal(size=(32, 5)).astype("float32")
     y = rng.integers(0, 3, size=32)
@@ -391,8 +406,8 @@ def test_gradient_shift_matches_a_hand_computed_step() -> None:
         v.value - lr * g if i in before_h2 else v.value for i, (v, g) in enumerate(zip(variables, base))
     ]
     shifted = grads_at(stepped)
-    g = np.concatenate([base[i].numpy().ravel() for i in h2])
-    g2 = np.concatenate([shifted[i].numpy().ravel() for i in h2])
+    g = np.concatenate([base[i].numpy().ravel() for i in h2]).astype("float64")
+    g2 = np.concatenate([shifted[i].numpy().ravel() for i in h2]).astype("float64")
     assert result.ics_grad_diff[2] == pytest.approx(np.linalg.norm(g - g2), rel=1e-3)
     assert result.ics_grad_cos[2] == pytest.approx(g @ g2 / np.linalg.norm(g) / np.linalg.norm(g2), rel=1e-4)
     assert result.ics_grad_diff[2] > 1e-4  # a real shift at this learning rate

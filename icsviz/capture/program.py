@@ -273,15 +273,17 @@ class CaptureProgram:
         diffs, coss = [], []
         stepped: set[int] = set()
         for group in self._ics_groups:
+            # The step in the weights' own dtype (float64 under set_floatx("float64")); the
+            # comparison in float32, as every statistic.
             params = [
-                ops.cast(w, "float32") - learning_rate * g if k in stepped else w
+                w - ops.cast(learning_rate * ops.cast(g, "float32"), w.dtype) if k in stepped else w
                 for k, (w, g) in enumerate(zip(trainable, grads))
             ]
             _, _, shifted = backend.value_and_grad(
                 lambda p: self._forward(p, non_trainable, x, y, None), params
             )
-            g = ops.concatenate([ops.reshape(grads[k], (-1,)) for k in group])
-            g2 = ops.concatenate([ops.reshape(shifted[k], (-1,)) for k in group])
+            g = ops.concatenate([ops.reshape(ops.cast(grads[k], "float32"), (-1,)) for k in group])
+            g2 = ops.concatenate([ops.reshape(ops.cast(shifted[k], "float32"), (-1,)) for k in group])
             diffs.append(l2(g - g2))
             coss.append(ops.sum(g * g2) / ops.maximum(l2(g) * l2(g2), 1e-30))
             stepped.update(group)
