@@ -314,9 +314,20 @@ def run_paths(arguments: Sequence[str]) -> list[str]:
                 if item.name.endswith(".h5") and not item.is_symlink() and item.is_file()
             )
         if not found:
-            raise UsageError(f"{argument} is a folder with no run files (.h5) in it")
+            raise UsageError(f"{argument} is a folder with no run files (.h5) in it{_subfolder_hint(folder)}")
         paths.extend(found)
     return paths
+
+
+def _subfolder_hint(folder: Path) -> str:
+    """Where the run files are when they sit one folder down (runs/exp1/*.h5)."""
+    from .store.catalog import folders_with_runs
+
+    inner = folders_with_runs(folder)
+    if not inner:
+        return ""
+    names = ", ".join(f"{name}/" for name in inner)
+    return f"; its subfolders {names} hold some: name one, e.g. {folder / inner[0]}"
 
 
 def _open_labelled(

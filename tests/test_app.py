@@ -232,6 +232,17 @@ def test_an_empty_folder_explains_how_to_make_a_run(tmp_path) -> None:
     assert any("ICSCallback" in md.value for md in at.markdown)
 
 
+def test_a_folder_whose_runs_are_in_subfolders_points_at_them(tmp_path) -> None:
+    (tmp_path / "exp1").mkdir()
+    shutil.copy(SHIPPED[0], tmp_path / "exp1" / SHIPPED[0].name)
+    at = app_for(tmp_path).run()
+    assert not at.exception
+    (info,) = at.info
+    assert "its subfolders exp1/ hold some" in shown(info.value) and str(tmp_path / "exp1") in shown(
+        info.value
+    )
+
+
 def test_a_run_that_grows_while_the_app_is_open_shows_new_captures(tmp_path) -> None:
     path = tmp_path / "growing.h5"
     ready, release = tmp_path / "ready", tmp_path / "release"

@@ -203,7 +203,17 @@ def test_a_folder_stands_for_its_run_files(tmp_path, layout, capsys) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["plot", str(empty)]) == 2
-    assert f"icsviz: error: {empty} is a folder with no run files (.h5) in it" in capsys.readouterr().err
+    assert f"icsviz: error: {empty} is a folder with no run files (.h5) in it\n" in capsys.readouterr().err
+    # Runs one folder down (runs/exp1/*.h5): the error points at them.
+    for sub in ("exp2", "exp1", "notes"):
+        (empty / sub).mkdir()
+    for sub in ("exp2", "exp1"):
+        (empty / sub / "a.h5").write_bytes((folder / "a.h5").read_bytes())
+    assert main(["info", str(empty)]) == 2
+    assert (
+        f"{empty} is a folder with no run files (.h5) in it; its subfolders exp1/, exp2/ hold some: "
+        f"name one, e.g. {empty / 'exp1'}"
+    ) in capsys.readouterr().err
 
 
 _WITHOUT = """

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from ..store.catalog import FolderCatalog, RunEntry, catalog
+from ..store.catalog import FolderCatalog, RunEntry, catalog, folders_with_runs
 from . import charts, data, page
 
 ICON = Path(__file__).with_name("icon.png")
@@ -67,6 +67,14 @@ def matches(entry: RunEntry, query: str) -> bool:
 
 
 def _empty_folder(folder: str) -> None:
+    inner = folders_with_runs(folder)
+    if inner:  # runs/exp1/*.h5: only the files directly in a folder are listed
+        names = ", ".join(f"{page.plain(name)}/" for name in inner)
+        st.info(
+            f"No run files (\\*.h5) in {page.plain(folder)} itself; its subfolders {names} hold some. "
+            f"Type one into **Runs folder** in the sidebar, e.g. {page.plain(os.path.join(folder, inner[0]))}."
+        )
+        return
     st.info(f"No run files (\\*.h5) in {page.plain(folder)}.")
     st.markdown(
         "Record one by adding the callback to `model.fit`:\n\n"

@@ -43,6 +43,7 @@ __all__ = [
     "FolderCatalog",
     "catalog",
     "scan_runs",
+    "folders_with_runs",
     "summarize",
     "summary_of",
     "entry_for",
@@ -540,6 +541,24 @@ def scan_runs(folder: str | os.PathLike[str]) -> list[RunEntry]:
     if not Path(folder).expanduser().is_dir():
         return []
     return catalog(folder).entries(wait=True)
+
+
+def folders_with_runs(folder: str | os.PathLike[str], limit: int = 3) -> list[str]:
+    """The names of `folder`'s subfolders that hold run files (`*.h5` directly in them), by
+    name, at most `limit`: what to point at when `folder` itself holds none."""
+    found: list[str] = []
+    try:
+        with os.scandir(Path(folder).expanduser()) as items:
+            subfolders = sorted(item.path for item in items if item.is_dir() and not item.is_symlink())
+        for sub in subfolders:
+            with contextlib.suppress(OSError), os.scandir(sub) as inner:
+                if any(i.name.endswith(".h5") and i.is_file() and not i.is_symlink() for i in inner):
+                    found.append(Path(sub).name)
+            if len(found) == limit:
+                break
+    except OSError:
+        return found
+    return found
 
 
 def summarize(path: Path) -> RunEntry:
