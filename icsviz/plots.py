@@ -460,10 +460,20 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
         if every > 1:
             ax.set_ylabel(f"layer (every {_ordinal(every)} named)")
         ax.grid(False)
+        # A cell without a score (NaN) is left undrawn: the hatched background shows through.
+        ax.patch.set(facecolor="white", edgecolor="0.75", hatch="////", linewidth=0)
     unit = "W1 / step-0 std" if metric == "w1" else metric
     fig.colorbar(image, ax=axes[0, :].tolist(), label=unit, shrink=0.9)
     if len(runs) > 2:
         fig.suptitle("Drift from step 0", fontsize=STYLE["axes.titlesize"])
+    if any(np.isnan(matrix).any() for _, matrix in mats.values()):
+        fig.supxlabel(  # below the panels, with room made for it by the layout
+            "Hatched: no score (a layer constant at step 0, whose spread is 0, or non-finite values).",
+            x=0.01,
+            ha="left",
+            fontsize=6,
+            color="0.35",
+        )
     return fig
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_capture
-from icsviz import MissingDataError, open_run
+from icsviz import MissingDataError, analysis, open_run
 from icsviz.plots import (
     figure_accuracy,
     figure_drift_matrix,
@@ -442,7 +442,28 @@ def test_a_deep_run_gets_layer_figures_for_its_most_drifted_layers(tmp_path, lay
         )
         assert sum(p.stem.startswith("layer_") for p in written) == 40
         # The drift matrix names every 2nd of 40 layers (all 40 names overlapped).
-        ax = figure_drift_matrix({"deep": run}).axes[0]
+        fig = figure_drift_matrix({"deep": run})
+        ax = fig.axes[0]
         assert [t.get_text() for t in ax.get_yticklabels()][:3] == ["d0", "d2", "d4"]
         assert ax.get_ylabel() == "layer (every 2nd named)"
+        assert fig.get_supxlabel() == ""  # every layer has a score: nothing to explain
+    plt.close("all")
+
+
+def test_the_drift_matrix_says_what_a_cell_without_a_score_is(tmp_path, layout) -> None:
+    from icsviz.plots import figure_drift_matrix
+
+    path = tmp_path / "dead.h5"
+    with RunWriter.create(path, layout, {"run_name": "dead"}) as w:
+        for step in range(0, 40, 10):
+            capture = tiny_capture(layout, step, kind="start" if step == 0 else "epoch")
+            dead = capture.layers[1]  # a layer constant at step 0: no spread to measure drift in
+            dead.moments[1] = 0.0 if step == 0 else dead.moments[1]
+            w.write_capture(capture)
+    with open_run(path) as run:
+        _, matrix = analysis.drift_matrix(run)
+        assert np.isnan(matrix[1]).all() and np.isfinite(matrix[0]).all()
+        fig = figure_drift_matrix({"dead": run})
+        assert fig.get_supxlabel().startswith("Hatched: no score (a layer constant at step 0")
+        assert fig.axes[0].patch.get_hatch() == "////"
     plt.close("all")
