@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__, analysis, plots
 from .errors import MissingDataError
-from .store.reader import Run, last_finite, metric_label, validation_accuracy
+from .store.reader import Run, accuracy_of, last_finite, metric_label, validation_accuracy
 
 __all__ = ["accuracy_table", "drift_reading", "build_report", "write_report"]
 
@@ -29,23 +29,30 @@ Runs = Mapping[str, Run]
 
 
 def accuracy_table(runs: Runs) -> list[dict[str, object]]:
-    """Best and final validation accuracy, epoch of best, time per epoch, epochs to the first run's best."""
+    """Best and final validation accuracy, epoch of best, time per epoch, epochs to the first run's
+    best. A run fitted without validation data gets its training accuracy ("split": "training"),
+    and is compared only with a first run measured the same way."""
     rows: list[dict[str, object]] = []
-    target = math.nan
+    target, target_split = math.nan, None
     for i, (label, run) in enumerate(runs.items()):
         history = run.history
-        val = validation_accuracy(history)
+        val, split = validation_accuracy(history), "validation"
+        if val is None:
+            name = accuracy_of([key for key in history if not key.startswith("val_")])
+            val, split = (None, None) if name is None else (history[name], "training")
         val = np.array([]) if val is None else val
         times = history.get("epoch_time", np.array([]))
         ok = np.isfinite(val)
         best_index = int(np.nanargmax(val)) if ok.any() else None
         best = float(val[best_index]) if best_index is not None else math.nan
         if i == 0:
-            target = best
-        reach = np.flatnonzero(val >= target) if np.isfinite(target) else np.array([])
+            target, target_split = best, split
+        comparable = np.isfinite(target) and split == target_split
+        reach = np.flatnonzero(val >= target) if comparable else np.array([])
         rows.append(
             {
                 "run": label,
+                "split": split,
                 "best": best,
                 "best_epoch": int(run.history_epochs[best_index]) + 1 if best_index is not None else None,
                 "final": last_finite(val),
@@ -136,6 +143,9 @@ def _figure_html(fig: plt.Figure, caption: str) -> str:
         f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
+
+
+_TRAINING_MARK = "*"  # a cell holding training accuracy (no validation data), named below the table
 
 
 def _fmt(value: object, pattern: str = "{:.4f}") -> str:
@@ -251,15 +261,20 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
             [
                 [
                     html.escape(str(r["run"])),
-                    _fmt(r["best"]),
+                    _fmt(r["best"]) + _TRAINING_MARK * (r["split"] == "training"),
                     _fmt(r["best_epoch"]),
-                    _fmt(r["final"]),
+                    _fmt(r["final"]) + _TRAINING_MARK * (r["split"] == "training"),
                     _fmt(r["epochs"]),
                     _fmt(r["epoch_time"], "{:.3g}"),
                     _fmt(r["epochs_to_first_best"]),
                 ]
                 for r in acc
             ],
+        )
+        + (
+            f"<p class='muted'>{_TRAINING_MARK} Training accuracy: the run was fitted without validation data.</p>"
+            if any(r["split"] == "training" for r in acc)
+            else ""
         )
     )
     diverged = [(label, analysis.divergence(run)) for label, run in runs.items()]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,34 @@ def test_accuracy_table_values(shipped) -> None:
     assert rows["bn"]["epochs_to_first_best"] == int(np.flatnonzero(val >= base_best)[0]) + 1
     assert rows["baseline"]["epochs_to_first_best"] == rows["baseline"]["best_epoch"]
     assert not math.isnan(rows["bn"]["epoch_time"])
+
+
+def test_a_run_without_validation_data_reports_its_training_accuracy_marked(shipped, tmp_path) -> None:
+    import h5py
+
+    # The shipped BN run as if fitted without validation data: its val_ metrics taken out.
+    path = tmp_path / "noval.h5"
+    shutil.copy(shipped["bn"].path, path)
+    with h5py.File(path, "a") as f:
+        names = [n.decode() for n in f["history/names"][:]]
+        keep = [i for i, n in enumerate(names) if not n.startswith("val_")]
+        values, kept = f["history/values"][:, keep], np.array([names[i].encode() for i in keep], "S128")
+        for name in ("history/values", "history/names"):
+            del f[name]
+        f["history/values"], f["history/names"] = values, kept
+    with open_run(path) as noval:
+        rows = accuracy_table({"bn": shipped["bn"], "noval": noval})
+        train = noval.history["accuracy"]
+        assert rows[0]["split"] == "validation" and rows[1]["split"] == "training"
+        assert rows[1]["best"] == pytest.approx(np.nanmax(train)) and rows[1]["final"] == pytest.approx(
+            train[-1]
+        )
+        assert rows[1]["epochs_to_first_best"] is None  # training against validation: not compared
+        page = build_report({"bn": shipped["bn"], "noval": noval})
+        assert (
+            f"{np.nanmax(train):.4f}*" in page and "* Training accuracy: the run was fitted without" in page
+        )
+        assert rows[0]["best"] == pytest.approx(np.nanmax(shipped["bn"].history["val_accuracy"]))
 
 
 def test_drift_reading_names_layers_and_ratios(shipped) -> None:
