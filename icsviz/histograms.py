@@ -91,9 +91,13 @@ def rebin_captures(acts: Any, edges: np.ndarray, indices: Sequence[int] | None =
 
 
 def time_edges(epochs: np.ndarray) -> np.ndarray:
-    """Capture times plus one closing edge, so each capture spans until the next one (heatmaps)."""
-    step = epochs[-1] - epochs[-2] if len(epochs) > 1 else 1.0
-    return np.append(epochs, epochs[-1] + step)
+    """Capture times plus one closing edge, so each capture spans until the next one (heatmaps).
+
+    A run of one capture (a live run's first minutes) has no time to span: its cell is
+    centred on it, half an epoch each way, where it used to claim epochs 0 to 1."""
+    if len(epochs) == 1:
+        return np.array([epochs[0] - 0.5, epochs[0] + 0.5])
+    return np.append(epochs, epochs[-1] + (epochs[-1] - epochs[-2]))
 
 
 def ridgeline_captures(run: Any, rows: int = 10) -> list[int]:

@@ -414,6 +414,8 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
         edges_t = time_edges(acts.epochs)
         meshes.append(heat.pcolormesh(grid, edges_t, log, cmap="inferno", shading="flat", rasterized=True))
         heat.set(xlabel="activation", ylabel="epoch")
+        if len(acts.epochs) == 1:
+            heat.set_yticks(acts.epochs)  # one capture: its epoch, not a span of time
         heat.invert_yaxis()  # time runs down, as in the ridgeline above
         heat.grid(False)
         _mark_divergence(heat, run, "0.3", horizontal=True)
@@ -427,7 +429,16 @@ def figure_layer(runs: Runs, layer: str, rows: int = 8) -> Figure:
 
 # ---------------------------------------------------------------- drift
 def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
-    """Layers x captures drift from step 0 for each run, one shared colour scale."""
+    """Layers x captures drift from step 0 for each run, one shared colour scale. A run of one
+    capture (stopped before its first epoch ended) has no drift yet: left out."""
+    left = [
+        f"{label}: one capture, nothing to drift from yet"
+        for label, run in runs.items()
+        if run.num_captures < 2
+    ]
+    runs = {label: run for label, run in runs.items() if run.num_captures >= 2}
+    if not runs:
+        raise MissingDataError("no run has a capture after step 0 yet (the drift is measured from it)")
     fig, axes = _figure(FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 3.2, ncols=len(runs))
     mats = {label: analysis.drift_matrix(run, metric) for label, run in runs.items()}
     finite = np.concatenate([m[np.isfinite(m)] for _, m in mats.values()] or [np.zeros(1)])
@@ -474,7 +485,7 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
             fontsize=6,
             color="0.35",
         )
-    return fig
+    return _drawn(fig, left)
 
 
 def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") -> Figure:

@@ -403,6 +403,32 @@ def test_a_run_of_one_capture_draws_its_gradient_norms_and_says_it_has_no_update
     assert [shown(c.value) for c in at.caption if "nothing to draw" in c.value] == [
         "one: no finite, positive update ratio recorded, nothing to draw."
     ]
+    # Nothing has drifted from step 0 yet: said, not drawn as a heatmap of zeros (whose legend
+    # read 0.0000000010).
+    at = open_tab(app_for(tmp_path).run(), "Drift summary")
+    assert not at.exception
+    assert any("it shows once a second capture is taken" in info.value for info in at.info)
+    assert not frames_with(at, "layer", "t0", "t1")
+    # The histogram against time: its one capture centred on its epoch, that epoch the only tick.
+    at = app_for(tmp_path).run()
+    (heat,) = frames_with(at, "t0", "t1", "log_density")
+    assert set(heat["t0"]) == {0.4 - 0.5} and set(heat["t1"]) == {0.4 + 0.5}
+
+
+def test_the_drift_summary_leaves_out_a_run_of_one_capture_and_says_so(shipped, tmp_path) -> None:
+    from conftest import tiny_capture, tiny_layout
+    from icsviz.store.writer import RunWriter
+
+    shutil.copy(SHIPPED[0], tmp_path / SHIPPED[0].name)
+    with RunWriter.create(tmp_path / "one.h5", tiny_layout(), {"run_name": "one"}) as writer:
+        writer.write_capture(tiny_capture(tiny_layout(), 0, kind="start"))
+    at = app_for(tmp_path)
+    at.session_state["runs"] = [SHIPPED[0].name, "one.h5"]
+    at = open_tab(at.run(), "Drift summary")
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Left out, one capture so far: one." in [shown(c.value) for c in at.caption]
+    drawn = frames_with(at, "run", "layer", "t0", "t1")
+    assert drawn and all(set(df["run"]) == {SHIPPED[0].stem} for df in drawn)
 
 
 def test_per_step_runs_show_the_bands_of_every_training_batch(tmp_path) -> None:

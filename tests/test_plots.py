@@ -16,6 +16,7 @@ from icsviz.plots import (
     figure_gradient_shift,
     figure_gradients,
     figure_ioffe,
+    figure_layer,
     figure_loss,
     figure_metric,
     hidden_input_layer,
@@ -71,10 +72,11 @@ def test_ioffe_figure_of_many_runs_and_of_a_single_capture(tiny_runs, tmp_path, 
     )  # a line through one point draws nothing
     assert all(line.get_marker() in ("None", None, "") for line in first.get_lines())
     assert figure_ioffe(tiny_runs, layer="dense").axes[0].get_title().startswith("a: dense, unit ")
-    matrix = figure_drift_matrix({**tiny_runs, "one": one})
+    matrix = figure_drift_matrix({**tiny_runs, "c": tiny_runs["a"], "one": one})
     # Three or more runs: each panel is titled by its run, what they show once above them
     # (two-line titles ran into each other over five narrow panels).
-    assert [ax.get_title() for ax in matrix.axes[:3]] == ["a", "b", "one"]
+    assert [ax.get_title() for ax in matrix.axes[:3]] == ["a", "b", "c"]
+    assert left_out(matrix) == ["one: one capture, nothing to drift from yet"]
     assert matrix.get_suptitle() == "Drift from step 0"
     assert len([t for t in matrix.axes[0].get_xticks() if 0 <= t <= 4]) <= 3
     plt.close("all")
@@ -165,10 +167,19 @@ def test_plot_of_a_run_with_one_capture_draws_what_it_can_and_says_what_it_skipp
     # A fit stopped right after its first capture: nothing has drifted yet.
     one = _run_with_history(tmp_path / "one.h5", layout, {"accuracy": 0.5, "loss": 1.0})
     written, notes = plot_runs({"one": one}, tmp_path / "figures", formats=("png",), progress=False)
-    assert {"accuracy.png", "loss.png", "drift_matrix.png"} <= {p.name for p in written}
+    assert {"accuracy.png", "loss.png", "layer_dense.png"} <= {p.name for p in written}
     assert any(
         n.startswith("drift_comparison: skipped, no layer has moved from its first capture") for n in notes
     )
+    # A matrix of one column said "no drift" over an axis from -0.4 to 0.4: not drawn.
+    assert (
+        "drift_matrix: skipped, no run has a capture after step 0 yet (the drift is measured from it)"
+        in notes
+    )
+    # The heatmap's one row is that capture, at its epoch (it spanned epochs 0 to 1).
+    heat = figure_layer({"one": one}, "dense").axes[1]
+    assert list(heat.get_yticks()) == [0.0] and sorted(heat.get_ylim()) == [-0.5, 0.5]
+    plt.close("all")
     one.close()
 
 
@@ -286,7 +297,7 @@ def test_plot_cli_and_its_errors(tmp_path, capsys) -> None:
 
 def test_a_diverged_run_is_marked_where_it_diverged(tmp_path) -> None:
     from conftest import diverging_run
-    from icsviz.plots import figure_layer, figure_loss
+    from icsviz.plots import figure_loss
 
     with open_run(diverging_run(tmp_path / "nan.h5", bad_from=3)) as run:
         runs = {"nan": run}

@@ -83,6 +83,14 @@ def _run_color(runs: Sequence[str]) -> dict[str, Any]:
 _EPOCH_AXIS = {"format": "~g", "tickCount": 10}
 
 
+def _capture_axis(df: pd.DataFrame, **axis: Any) -> dict[str, Any]:
+    """`axis` for a heatmap's epoch axis: a run of one capture, whose cell is centred on it
+    (`time_edges`), gets that one epoch as its only tick instead of -0.4 ... 0.4."""
+    if len(df) and df["t0"].nunique() == 1:
+        return {**axis, "values": [float((df["t0"].iloc[0] + df["t1"].iloc[0]) / 2)]}
+    return axis
+
+
 def _epoch_rule(name: str) -> Spec:
     return {"data": {"name": name}, "mark": _RULE, "encoding": {"x": _q("epoch")}}
 
@@ -269,7 +277,7 @@ def heatmap_chart(
         df,
         mark={"type": "rect"},
         encoding={
-            "x": _q("t0", title="epoch"),
+            "x": _q("t0", title="epoch", axis=_capture_axis(df)),
             "x2": {"field": "t1"},
             "y": _q(
                 "y0",
@@ -368,7 +376,7 @@ def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = No
         df,
         mark={"type": "rect"},
         encoding={
-            "x": _q("t0", title="epoch (time →)", scale={"nice": False}),
+            "x": _q("t0", title="epoch (time →)", scale={"nice": False}, axis=_capture_axis(df)),
             "x2": {"field": "t1"},
             "y": {"field": "unit", "type": "ordinal", "title": "unit", "axis": {"labelOverlap": True}},
             "color": _q("value", title=f"unit {stat}", scale=scale, **_numbers(df["value"], "legend")),
@@ -387,7 +395,10 @@ _HEATMAP_COLUMNS = 60
 def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) -> Spec:
     """Layers (y, model order) by captures (x), colour = drift."""
     if df["epoch"].nunique() <= _HEATMAP_COLUMNS:  # a few captures: no gaps between them
-        x = {"x": _q("t0", title="epoch", scale={"nice": False}, axis=_EPOCH_AXIS), "x2": {"field": "t1"}}
+        x = {
+            "x": _q("t0", title="epoch", scale={"nice": False}, axis=_capture_axis(df, **_EPOCH_AXIS)),
+            "x2": {"field": "t1"},
+        }
     else:
         x = {"x": _q("epoch", title="epoch", bin={"maxbins": _HEATMAP_COLUMNS}, axis=_EPOCH_AXIS)}
     return _view(

@@ -363,12 +363,12 @@ def heatmap_frame(run: Run, layer: str, edges: np.ndarray) -> pd.DataFrame:
     if not len(epochs):
         return pd.DataFrame(columns=["t0", "t1", "y0", "y1", "log_density"])
     dens = densities(rebin_captures(run.activations(layer), edges), edges)
-    nxt = time_edges(epochs)[1:]
+    spans = time_edges(epochs)
     t, b = np.nonzero(dens > 0)
     return pd.DataFrame(
         {
-            "t0": epochs[t],
-            "t1": nxt[t],
+            "t0": spans[t],
+            "t1": spans[t + 1],
             "y0": edges[b],
             "y1": edges[b + 1],
             "log_density": np.log10(dens[t, b]),

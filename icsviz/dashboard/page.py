@@ -464,6 +464,19 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
     if drift.empty:
         st.info("No captures yet.")
         return
+    # A run of one capture has nothing to have drifted from yet: its zeros would read "steady".
+    captures = drift.groupby("run")["epoch"].nunique()
+    waiting = [label for label in labels if captures.get(label, 0) < 2]
+    if len(waiting) == len(labels):
+        st.info(
+            "Drift is measured from the first capture (step 0): it shows once a second capture is "
+            "taken (at the first epoch's end, or sooner with every_n_steps)."
+        )
+        return
+    if waiting:
+        st.caption(f"Left out, one capture so far: {plain(', '.join(waiting))}.")
+    drift = drift[~drift["run"].isin(waiting)]
+    labels = tuple(label for label in labels if label not in waiting)
     st.caption(
         "How far each layer's distribution has moved, in units of its standard deviation at step 0: "
         "the Wasserstein distance (W1) to its histogram at step 0 or at the previous capture, or the "
