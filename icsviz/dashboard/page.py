@@ -476,7 +476,6 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
     if waiting:
         st.caption(f"Left out, one capture so far: {plain(', '.join(waiting))}.")
     drift = drift[~drift["run"].isin(waiting)]
-    labels = tuple(label for label in labels if label not in waiting)
     st.caption(
         "How far each layer's distribution has moved, in units of its standard deviation at step 0: "
         "the Wasserstein distance (W1) to its histogram at step 0 or at the previous capture, or the "
@@ -484,8 +483,9 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
     )
     finite = drift[field].replace([np.inf, -np.inf], np.nan).dropna()
     top = float(finite.quantile(0.98)) if len(finite) else 1.0
-    cols = st.columns(len(labels))
-    for col, label in zip(cols, labels):
+    shown = [label for label in labels if label not in waiting]
+    cols = st.columns(len(shown))
+    for col, label in zip(cols, shown):
         with col:
             part = drift[drift["run"] == label]
             if not part.empty:
