@@ -262,3 +262,24 @@ def test_inline_operations_are_recorded_with_their_values(tmp_path) -> None:
         add = next(info for info in run.layers if info.class_name == "Add")
         relu = next(info for info in run.layers if info.class_name == "Relu")
         assert set(add.inputs) == {relu.name, "block/d2"} and relu.inputs == ("block/d1",)
+
+
+def test_a_chosen_layer_whose_output_is_not_floating_point_is_named_in_a_warning() -> None:
+    import numpy as np
+
+    from icsviz.capture.intercept import Recorder, intercept
+
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(4, name="scores")(inputs)
+    chosen = keras.ops.one_hot(keras.ops.argmax(h, axis=-1), 4)  # argmax: int32
+    model = keras.Model(inputs, chosen)
+    selection = select_layers(model, ["argmax*", "one_hot*"])
+    assert [s.kind for s in selection] == ["other", "other"]
+    recorder = Recorder()
+    with pytest.warns(
+        CaptureWarning, match=r"'argmax[_0-9]*' is not recorded: its output is int32"
+    ) as caught:
+        with intercept(selection, recorder):
+            model(np.ones((2, 8), "float32"))
+    assert len([w for w in caught if issubclass(w.category, CaptureWarning)]) == 1
+    assert [r.name for r in recorder.records] == [selection[1].name]  # the one-hot, float

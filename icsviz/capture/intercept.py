@@ -92,6 +92,14 @@ class Recorder:
         """Record `outputs`; `mapped_from`: (input, map) when a single output is that map of
         the input elementwise, noted when the input is itself recorded."""
         flat = keras.tree.flatten(outputs)
+        if flat and not any(is_float_tensor(tensor) for tensor in flat):
+            dtypes = ", ".join(sorted({_dtype_name(t) for t in flat}))
+            warn_once(
+                f"dtype:{selected.name}",
+                f"layer {selected.name!r} is not recorded: its output is {dtypes}, and only "
+                "floating-point outputs have a distribution to measure. Every other layer is.",
+            )
+            return
         if self._frames:  # one step of a TimeDistributed: kept until all its steps are made
             for i, tensor in enumerate(flat):
                 if is_float_tensor(tensor):
@@ -160,6 +168,14 @@ def is_float_tensor(x: Any) -> bool:
         return "float" in keras.backend.standardize_dtype(dtype)
     except ValueError:  # a dtype Keras does not know (strings, resources)
         return False
+
+
+def _dtype_name(x: Any) -> str:
+    """ "int32" whatever the backend calls it (TensorFlow: "<dtype: 'int32'>")."""
+    try:
+        return keras.backend.standardize_dtype(x.dtype)
+    except (AttributeError, ValueError):
+        return type(x).__name__
 
 
 def _settable(obj: Any, attr: str) -> bool:
