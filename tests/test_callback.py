@@ -150,6 +150,98 @@ def test_steps_per_execution_keeps_the_step_schedule_and_the_true_step_numbers(t
         np.testing.assert_array_equal(run.batch_steps, expected_rows)  # TF: an execution's last step
 
 
+def test_a_training_loop_of_ones_own_drives_the_callback_through_a_callback_list(tmp_path) -> None:
+    # Keras's guide to writing a training loop from scratch: the callbacks called by hand. The
+    # model is never compiled: activations are recorded, gradients skipped with one warning.
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu", name="h"),
+            keras.layers.Dense(3, name="out"),
+        ]
+    )
+    optimizer, loss_fn = (
+        keras.optimizers.SGD(0.1),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = data()
+    path = tmp_path / "loop.h5"
+    callbacks = keras.callbacks.CallbackList(
+        [ICSCallback(path, probe=(x[:32], y[:32]), every_n_steps=4, batch_stats=True)],
+        model=model,
+        epochs=2,
+        steps=6,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callbacks.on_train_begin()
+        for epoch in range(2):
+            callbacks.on_epoch_begin(epoch)
+            for batch in range(6):
+                callbacks.on_train_batch_begin(batch)
+                xb, yb = x[batch * 16 : (batch + 1) * 16], y[batch * 16 : (batch + 1) * 16]
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(yb, model(xb, training=True))
+                optimizer.apply(tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+                callbacks.on_train_batch_end(batch, {"loss": loss})
+            callbacks.on_epoch_end(epoch, {"loss": loss})
+        callbacks.on_train_end()
+    ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+    assert len(ours) == 2, ours
+    assert "is not compiled (no optimizer, no loss), so gradient statistics are skipped" in ours[0]
+    # The per-step mode measures inside Keras's own step, which this loop never runs: said once.
+    assert "an epoch went by without Keras's own training step" in ours[1]
+    with open_run(path) as run:
+        assert run.status == "complete" and run.capture_kinds == ["start", "step", "epoch", "step", "epoch"]
+        np.testing.assert_array_equal(run.steps, [0, 4, 6, 8, 12])  # every 4th step, and epoch ends
+        hidden = keras.Model(model.inputs, model.get_layer("h").output)(x[:32])
+        np.testing.assert_allclose(run.activations("h").mean[-1], float(np.mean(hidden)), rtol=1e-5)
+        assert np.isnan(run.gradients("h").grad_norm).all()  # not measured, and not zeros
+
+
+def test_a_model_compiled_without_a_loss_records_its_activations(tmp_path) -> None:
+    # The loss made in a train_step of the user's own (Keras's "customizing fit" guide), compile()
+    # given only the optimizer: the loss on the probe cannot be computed, the rest can.
+    import tensorflow as tf
+
+    class OwnLoss(keras.Sequential):
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                loss = keras.losses.sparse_categorical_crossentropy(y, self(x, training=True))
+            self.optimizer.apply(tape.gradient(loss, self.trainable_variables), self.trainable_variables)
+            return {"loss": tf.reduce_mean(loss)}
+
+    keras.utils.set_random_seed(0)
+    model = OwnLoss(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu", name="h"),
+            keras.layers.Dense(3, activation="softmax", name="out"),
+        ]
+    )
+    model.compile(keras.optimizers.SGD(0.1))
+    x, y = data()
+    path = tmp_path / "own.h5"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            x, y, epochs=2, batch_size=16, verbose=0, callbacks=[ICSCallback(path, probe=(x[:32], y[:32]))]
+        )
+    ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+    assert len(ours) == 1 and "computing the loss on the probe (gradient statistics are skipped" in ours[0], (
+        ours
+    )
+    assert "No loss to compute" in ours[0]  # Keras's own words for the cause
+    with open_run(path) as run:
+        assert run.num_captures == 3 and run.layer_names == ["h:preact", "h", "out:preact", "out"]
+        hidden = keras.Model(model.inputs, model.get_layer("h").output)(x[:32], training=True)
+        np.testing.assert_allclose(run.activations("h").mean[-1], float(np.mean(hidden)), rtol=1e-5)
+
+
 def test_functional_residual_block(tmp_path) -> None:
     fit(residual(), tmp_path / "res.h5", epochs=1)
     with open_run(tmp_path / "res.h5") as run:

@@ -462,6 +462,7 @@ class StepStatistics:
         self._saved: dict[str, Any] = {}
         self._vector_in_outputs = False  # JAX: the vector leaves the step as an output (not a callback)
         self.expected = False  # set by the callback before each step of its own fit
+        self.calls = 0  # Keras's train function called (none in a training loop of the user's own)
         self.failed = False  # set where turning rows into statistics failed: no later row is written
         self._on_host = backend.host_statistics_in_step(model)
 
@@ -592,6 +593,7 @@ class StepStatistics:
                 self._pending.clear()
                 return model.train_function(*args, **kwargs)
             self.expected = False
+            self.calls += 1
             held = backend.interrupts_held() if self._callbacks_in_step else contextlib.nullcontext()
             with held:
                 if not self._vector_in_outputs or traced:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import IncompatibleRunError, RunExistsError, RunInUseError, warn_capture
 from ..store.schema import BatchLayerSpec, RunLayout
-from ..store.writer import BatchRows, RunWriter
+from ..store.writer import BatchRows, Capture, RunWriter
 from . import backend
 from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, unpack, unsupported_reason
 from .layers import LayerFilter, layer_filters, select_layers
@@ -464,6 +464,11 @@ class ICSCallback(keras.callbacks.Callback):
                 "the probe has no labels, so gradient statistics are skipped; pass "
                 "probe=(x, y) to record them."
             )
+        elif not with_gradients:  # a training loop of the user's own, around a model never compiled
+            warn_capture(
+                f"model {model.name!r} is not compiled (no optimizer, no loss), so gradient statistics "
+                "are skipped; compile it with its optimizer and loss to record them."
+            )
         if not getattr(model, "built", True):
             # A subclassed model Keras has not built yet: build it on one probe sample in
             # inference mode (what its first training step would do), so that the capture
@@ -501,17 +506,35 @@ class ICSCallback(keras.callbacks.Callback):
             # fit() again from epoch 0 continues the run; an initial_epoch counts from its start.
             self._epoch_offset = self._recorded_epochs() if epoch == 0 else 0
         capture_epoch = float(epoch + (self._epoch_offset if appending else 0))
+
         # On JAX the capture compiles on a thread of its own while training starts; its
         # tracing (here) gives the layout the file is made with.
-        finish = self._program.measure_in_background(
-            self._x,
-            self._y,
-            self._learning_rate(),
-            step=self._global_step,
-            epoch=capture_epoch,
-            time=0.0,
-            kind=kind,
-        )
+        def first_capture() -> Callable[[], Capture]:
+            assert self._program is not None
+            return self._program.measure_in_background(
+                self._x,
+                self._y,
+                self._learning_rate(),
+                step=self._global_step,
+                epoch=capture_epoch,
+                time=0.0,
+                kind=kind,
+            )
+
+        try:
+            finish = first_capture()
+        except Exception as exc:
+            if not self._program.with_gradients:
+                raise
+            # The loss on the probe cannot be computed (compiled without a loss, the loss made
+            # in a train_step of the user's own): the activations are still worth recording.
+            self._program = CaptureProgram(model, self._program.selection, self.options, False)
+            finish = first_capture()
+            self._warn(
+                "computing the loss on the probe (gradient statistics are skipped; the activations "
+                "are recorded)",
+                exc,
+            )
         layout = self._with_batch_layers(self._program.layout)
         try:
             if appending:
@@ -885,6 +908,15 @@ class ICSCallback(keras.callbacks.Callback):
             )
         if self._steps is not None:
             self._safely_steps("writing per-step statistics", self._flush_steps)
+        steps = self._steps
+        if steps is not None and steps.calls == 0 and self._global_step > self._epoch_start_step:
+            self._steps_failed(
+                "per-step statistics",
+                RuntimeError(
+                    "an epoch went by without Keras's own training step, where the per-step mode "
+                    "measures: a training loop of your own does not run model.train_function"
+                ),
+            )
         metrics = {k: f for k, f in ((k, _as_float(v)) for k, v in logs.items()) if f is not None}
         metrics.setdefault("learning_rate", self._learning_rate())
         metrics["epoch_time"] = time.perf_counter() - self._epoch_start_time

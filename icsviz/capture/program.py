@@ -180,7 +180,7 @@ class CaptureProgram:
                 stack.enter_context(intercept(self.selection, recorder))
             stack.enter_context(keras.StatelessScope(state_mapping=mapping))
             y_pred = self.model(x, training=training)
-            if y is None:
+            if y is None or not self.with_gradients:  # no loss wanted: none computed (it may not exist)
                 loss = ops.zeros(())
             else:
                 loss = self.model.compute_loss(x=x, y=y, y_pred=y_pred, training=training)
