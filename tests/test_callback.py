@@ -232,9 +232,10 @@ def test_a_model_compiled_without_a_loss_records_its_activations(tmp_path) -> No
             x, y, epochs=2, batch_size=16, verbose=0, callbacks=[ICSCallback(path, probe=(x[:32], y[:32]))]
         )
     ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
-    assert len(ours) == 1 and "computing the loss on the probe (gradient statistics are skipped" in ours[0], (
-        ours
-    )
+    assert (
+        len(ours) == 1
+        and "computing the loss and gradients on the probe (gradient statistics are skipped" in ours[0]
+    ), ours
     assert "No loss to compute" in ours[0]  # Keras's own words for the cause
     with open_run(path) as run:
         assert run.num_captures == 3 and run.layer_names == ["h:preact", "h", "out:preact", "out"]

@@ -526,13 +526,13 @@ class ICSCallback(keras.callbacks.Callback):
         except Exception as exc:
             if not self._program.with_gradients:
                 raise
-            # The loss on the probe cannot be computed (compiled without a loss, the loss made
-            # in a train_step of the user's own): the activations are still worth recording.
+            # The gradients on the probe cannot be computed (most often no loss: compiled without
+            # one, the loss made in a train_step of the user's own): the activations still can.
             self._program = CaptureProgram(model, self._program.selection, self.options, False)
             finish = first_capture()
             self._warn(
-                "computing the loss on the probe (gradient statistics are skipped; the activations "
-                "are recorded)",
+                "computing the loss and gradients on the probe (gradient statistics are skipped; "
+                "the activations are recorded)",
                 exc,
             )
         layout = self._with_batch_layers(self._program.layout)
