@@ -301,6 +301,8 @@ RUNS_HELP = "run files (.h5); a folder stands for the .h5 files in it (those `ic
 def run_paths(arguments: Sequence[str]) -> list[str]:
     """The run files named on the command line, with each folder replaced by its run files: the
     `.h5` files directly in it, by name, as the app's catalogue lists them (no links)."""
+    from .store.catalog import is_run_file
+
     paths: list[str] = []
     for argument in arguments:
         folder = Path(argument).expanduser()
@@ -308,11 +310,7 @@ def run_paths(arguments: Sequence[str]) -> list[str]:
             paths.append(argument)
             continue
         with os.scandir(folder) as items:
-            found = sorted(
-                item.path
-                for item in items
-                if item.name.endswith(".h5") and not item.is_symlink() and item.is_file()
-            )
+            found = sorted(item.path for item in items if is_run_file(item))
         if not found:
             raise UsageError(f"{argument} is a folder with no run files (.h5) in it{_subfolder_hint(folder)}")
         paths.extend(found)

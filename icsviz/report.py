@@ -21,7 +21,7 @@ import numpy as np
 
 from . import __version__, analysis, plots
 from .errors import MissingDataError
-from .store.reader import Run, accuracy_of, last_finite, metric_label, validation_accuracy
+from .store.reader import Run, accuracy_of, last_finite, metric_label, metric_names, validation_accuracy
 
 __all__ = ["accuracy_table", "drift_reading", "build_report", "write_report"]
 
@@ -38,7 +38,7 @@ def accuracy_table(runs: Runs) -> list[dict[str, object]]:
         history = run.history
         val, split = validation_accuracy(history), "validation"
         if val is None:
-            name = accuracy_of([key for key in history if not key.startswith("val_")])
+            name = accuracy_of(metric_names(history))
             val, split = (None, None) if name is None else (history[name], "training")
         val = np.array([]) if val is None else val
         times = history.get("epoch_time", np.array([]))

@@ -595,8 +595,7 @@ class ICSCallback(keras.callbacks.Callback):
             warn_capture(
                 f"{self.path} has no metrics for epoch {numbers} (as Keras counts them, from 1): the "
                 "earlier process ended before writing them, or initial_epoch skips them. The run "
-                "goes on from epoch "
-                f"{from_epoch + 1}; its curves skip them."
+                f"goes on from epoch {from_epoch + 1}; its curves skip them."
             )
         return writer
 

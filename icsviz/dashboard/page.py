@@ -467,7 +467,8 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
     # A run of one capture has nothing to have drifted from yet: its zeros would read "steady".
     captures = drift.groupby("run")["epoch"].nunique()
     waiting = [label for label in labels if captures.get(label, 0) < 2]
-    if len(waiting) == len(labels):
+    shown = [label for label in labels if label not in waiting]
+    if not shown:
         st.info(
             "Drift is measured from the first capture (step 0): it shows once a second capture is "
             "taken (at the first epoch's end, or sooner with every_n_steps)."
@@ -483,7 +484,6 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
     )
     finite = drift[field].replace([np.inf, -np.inf], np.nan).dropna()
     top = float(finite.quantile(0.98)) if len(finite) else 1.0
-    shown = [label for label in labels if label not in waiting]
     cols = st.columns(len(shown))
     for col, label in zip(cols, shown):
         with col:

@@ -43,6 +43,7 @@ __all__ = [
     "FolderCatalog",
     "catalog",
     "scan_runs",
+    "is_run_file",
     "folders_with_runs",
     "summarize",
     "summary_of",
@@ -403,11 +404,10 @@ class FolderCatalog:
         out = []
         with os.scandir(self.root) as items:
             for item in items:
-                if not item.name.endswith(".h5") or item.is_symlink():
+                if not is_run_file(item):
                     continue
                 try:
-                    if item.is_file():
-                        out.append((item.name, item.stat()))
+                    out.append((item.name, item.stat()))
                 except OSError:
                     continue  # removed while we looked
         out.sort(key=lambda pair: pair[0])
@@ -543,6 +543,15 @@ def scan_runs(folder: str | os.PathLike[str]) -> list[RunEntry]:
     return catalog(folder).entries(wait=True)
 
 
+def is_run_file(item: os.DirEntry[str]) -> bool:
+    """Whether a folder's entry is a run file the catalogue lists: a regular `*.h5` file, not a
+    link (a link could lead out of the folder)."""
+    try:
+        return item.name.endswith(".h5") and not item.is_symlink() and item.is_file()
+    except OSError:
+        return False  # removed while we looked
+
+
 def folders_with_runs(folder: str | os.PathLike[str], limit: int = 3) -> list[str]:
     """The names of `folder`'s subfolders that hold run files (`*.h5` directly in them), by
     name, at most `limit`: what to point at when `folder` itself holds none."""
@@ -552,7 +561,7 @@ def folders_with_runs(folder: str | os.PathLike[str], limit: int = 3) -> list[st
             subfolders = sorted(item.path for item in items if item.is_dir() and not item.is_symlink())
         for sub in subfolders:
             with contextlib.suppress(OSError), os.scandir(sub) as inner:
-                if any(i.name.endswith(".h5") and i.is_file() and not i.is_symlink() for i in inner):
+                if any(is_run_file(entry) for entry in inner):
                     found.append(Path(sub).name)
             if len(found) == limit:
                 break

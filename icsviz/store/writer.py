@@ -314,8 +314,7 @@ class RunWriter:
         if not n:
             return []
         start = int(self._ds("captures/epoch")[0])
-        rows = int(self._ds("history/epoch").shape[0])
-        recorded = set(self._ds("history/epoch")[:rows].tolist())
+        recorded = set(self._ds("history/epoch")[()].tolist())  # its length is the rows committed
         return [e for e in range(start, before) if e not in recorded]
 
     @contextlib.contextmanager
