@@ -51,12 +51,13 @@ def test_jax_backend_records_activations_gradients_and_shift(tmp_path) -> None:
         nan_run = icsviz.open_run({str(path)!r} + ".nan.h5")
         acts = nan_run.activations("h:preact")
         assert acts.nonfinite[0] == 16 and acts.counts[0].sum() == 32 * 16 - 16
-        # Captures at epoch ends only: no batch hooks, so Keras's JAX loop does not wait for
-        # each step's logs; the captures still know their steps (the optimizer's count).
+        # No batch-end hook, so Keras's JAX loop does not wait for each step's logs (the step
+        # captures above were taken as the next step began); the captures still know their
+        # steps (the optimizer's count).
         from keras.src.callbacks.callback_list import CallbackList
         epochs_only = icsviz.ICSCallback({str(path)!r} + ".epochs.h5", probe=(x[:32], y[:32]))
         assert CallbackList([epochs_only], model=model)._async_train
-        assert not CallbackList([cb], model=model)._async_train  # every_n_steps needs them
+        assert CallbackList([cb], model=model)._async_train
         start = int(model.optimizer.iterations)
         model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[epochs_only])
         epochs_run = icsviz.open_run({str(path)!r} + ".epochs.h5")

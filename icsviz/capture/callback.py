@@ -157,10 +157,10 @@ class ICSCallback(keras.callbacks.Callback):
             under `steps_per_execution=k`, at the first step after each multiple of N.
             Step captures less than 2 s after the last write are written
             together (up to 16, or at the epoch's capture or `flush()`): one
-            write for all of them. On JAX and torch this gives the callback a
-            batch-end hook, so Keras waits for each step's logs before
-            dispatching the next step (without it, ICSCallback leaves Keras's
-            loop running ahead).
+            write for all of them. On JAX and torch the capture is taken as
+            the next step begins (on the same weights: those the step left),
+            as the callback has no batch-end hook there: Keras's loop keeps
+            dispatching steps without waiting for their logs.
         batch_stats: Per-step mode: also measure every training batch inside the
             training step itself (no second pass; about 1.1x the plain step on
             the reference CNN, on a CPU and on an H100 with JAX; README's Speed
@@ -326,12 +326,17 @@ class ICSCallback(keras.callbacks.Callback):
         self._step_tags: list[tuple[int, float, float]] = []  # (step, epoch, time) awaiting their vectors
         self._tagged_through = 0
         # Keras's JAX and torch loops dispatch the next step without waiting for this one's
-        # logs unless a callback has a batch-end hook. Where nothing must happen right after a
-        # step (no step captures), show Keras the default hook: the per-step rows are tagged
-        # at the next step's beginning, steps counted at the epoch's end.
-        self._counts_batches = bool(every_n_steps) or backend.name() not in ("jax", "torch")
+        # logs unless a callback has a batch-end hook (with one, every step waits for the
+        # device). There Keras sees the default hook: what follows a step (its per-step rows'
+        # tags, a step capture, both on the weights the step left) is done when the next step
+        # begins, or at the epoch's end, where the steps are counted. TensorFlow's loop waits
+        # for each step's logs anyway and keeps the batch-end hook.
+        self._counts_batches = backend.name() not in ("jax", "torch")
         if not self._counts_batches:
             self.on_train_batch_end = super().on_train_batch_end  # type: ignore[method-assign]
+        self._batches_begun_in_epoch = 0  # to tell a loop of the user's own that never calls it
+        self._last_batch_begun = 0
+        self._warned_no_batch_begin = False
         # The first capture's compile may wait for Keras's first step (JAX on a GPU, see
         # `CaptureProgram.waits_for_first_step`): the next batch's beginning says it has run.
         self._batches_begun = 0
@@ -373,11 +378,26 @@ class ICSCallback(keras.callbacks.Callback):
         the steps it skips (non-finite gradients): there the epoch's planned steps.
         """
         optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            # A loop of the user's own around a model never compiled: the steps it began.
+            if not self._batches_begun_in_epoch:
+                return self._global_step
+            return self._epoch_start_step + self._steps_in_epoch(self._last_batch_begun + 1)
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and self._steps_per_epoch:
             return self._epoch_start_step + int(self._steps_per_epoch)
         return self._iterations()
 
     # ---------------------------------------------------------------- lifecycle
+    def _warn_no_batch_begin(self) -> None:
+        if self._warned_no_batch_begin:
+            return
+        self._warned_no_batch_begin = True
+        warn_capture(
+            f"no step capture was taken this epoch: on {backend.name()} ICSCallback takes them when the "
+            "next step begins, and the training loop never called on_train_batch_begin. Call "
+            "callbacks.on_train_batch_begin(step) before each step, as model.fit does."
+        )
+
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         self.close()  # a fit that ended in an exception left the file open
         self._close_abandoned_run()
@@ -762,6 +782,7 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_index = epoch
         self._epoch_start_time = time.perf_counter()
         self._epoch_start_step = self._global_step
+        self._batches_begun_in_epoch = 0
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
         program = self._program
@@ -769,21 +790,23 @@ class ICSCallback(keras.callbacks.Callback):
             if self._batches_begun:  # Keras's train function has run once: it is compiled
                 program.first_step_done()
             self._batches_begun += 1
-        if self._steps is not None and self._active and not self._counts_batches:
-            self._global_step = self._epoch_start_step + self._steps_in_epoch(batch)  # those before it
-            self._tag_and_flush_steps()
+        self._batches_begun_in_epoch += 1
+        self._last_batch_begun = batch
+        if self._active and not self._counts_batches:
+            self._after_steps(batch)  # the steps before this one
         if self._steps is not None:
             self._steps.expected = True  # this step belongs to our fit (see StepStatistics)
 
     def on_train_batch_end(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
-        if not self._active:
-            return
-        before, self._global_step = (
-            self._global_step,
-            self._epoch_start_step + self._steps_in_epoch(batch + 1),
-        )
+        if self._active:
+            self._after_steps(batch + 1)
+
+    def _after_steps(self, done: int) -> None:
+        """The epoch's first `done` steps have run: count them, tag their per-step rows and
+        take a step capture where a multiple of `every_n_steps` has passed."""
+        before, self._global_step = (self._global_step, self._epoch_start_step + self._steps_in_epoch(done))
         self._tag_and_flush_steps()
-        last_of_epoch = self._steps_per_epoch is not None and batch + 1 >= self._steps_per_epoch
+        last_of_epoch = self._steps_per_epoch is not None and done >= self._steps_per_epoch
         # A multiple of N passed since the last batch hook: with steps_per_execution=k, Keras
         # calls the hooks every k steps, and the capture is taken at the first one after it.
         n = self.every_n_steps
@@ -795,7 +818,7 @@ class ICSCallback(keras.callbacks.Callback):
             and self._global_step // n > before // n
         ):
             steps = self._steps_per_epoch or float("nan")
-            epoch = self._current_epoch + (batch + 1) / steps if steps == steps else self._current_epoch
+            epoch = self._current_epoch + done / steps if steps == steps else self._current_epoch
             self._safely("a step capture", lambda: self._capture(epoch, "step"))
 
     def _steps_in_epoch(self, steps: int) -> int:
@@ -899,6 +922,9 @@ class ICSCallback(keras.callbacks.Callback):
             self._global_step = self._steps_so_far()
             if self._steps is not None:
                 self._safely_steps("per-step statistics", self._tag_steps)
+            n = self.every_n_steps
+            if n and not self._batches_begun_in_epoch and self._global_step - self._epoch_start_step >= n:
+                self._warn_no_batch_begin()
         logs = dict(logs or {})
         if self._capture_ok:
             self._safely(
