@@ -1,7 +1,7 @@
 """Training time with ICSCallback (default schedule) / without, on CIFAR-shaped data.
 
 Usage: python benchmarks/overhead.py [--images 50000] [--epochs 2] [--models baseline bn]
-                                    [--side-by-side ROUNDS]
+                                    [--side-by-side ROUNDS] [--every-n-steps N]
 
 ICSCallback's hooks run in the training loop, so its cost is the time spent
 inside them (the file writes run on a thread beside training since 2026-11-26:
@@ -20,6 +20,10 @@ steady state (one capture at the epoch's end). Target: at most 1.03.
 With `--side-by-side ROUNDS` it also times separate fits without and with the callback
 (alternating), which sees what the attribution cannot: the writer's thread slowing the
 steps beside it, and on JAX and torch whether Keras still runs ahead of the steps' logs.
+`--every-n-steps N` adds step captures (`ICSCallback(every_n_steps=N)`) to both: on JAX and torch
+they are taken as the next step begins, so Keras's loop still runs ahead (with a batch-end hook
+it would wait for every step's logs: on a GPU, whose steps are dispatched ahead, that is where
+the side-by-side ratio differs).
 It ends with what the checksums on every dataset cost when writing captures
 (the same measurement as benchmarks/reliability.py).
 """
@@ -35,9 +39,12 @@ from _common import EpochTimer, TimedCallback, cifar_like, keras_label, referenc
 from icsviz import ICSCallback
 
 
-def measure(name: str, x, y, epochs: int, probe: int, folder: Path) -> None:
+def measure(name: str, x, y, epochs: int, probe: int, folder: Path, every_n_steps: int | None) -> None:
     model, recipe = reference_model(name)
-    timed = TimedCallback(ICSCallback(folder / f"{name}.h5", probe=(x[:probe], y[:probe]), overwrite=True))
+    callback = ICSCallback(
+        folder / f"{name}.h5", probe=(x[:probe], y[:probe]), overwrite=True, every_n_steps=every_n_steps
+    )
+    timed = TimedCallback(callback)
     timer = EpochTimer()
     model.fit(
         x,
@@ -57,7 +64,9 @@ def measure(name: str, x, y, epochs: int, probe: int, folder: Path) -> None:
         )
 
 
-def side_by_side(name: str, x, y, rounds: int, epochs: int, probe: int, folder: Path) -> None:
+def side_by_side(
+    name: str, x, y, rounds: int, epochs: int, probe: int, folder: Path, every_n_steps: int | None
+) -> None:
     """Epoch time with ICSCallback / without, as a user sees it: separate fits, alternating.
 
     Nothing here has batch hooks, so Keras's JAX and torch loops run ahead of the steps'
@@ -70,7 +79,12 @@ def side_by_side(name: str, x, y, rounds: int, epochs: int, probe: int, folder: 
     for _ in range(rounds):
         plain, timed = EpochTimer(), EpochTimer()
         model.fit(x, y, callbacks=[plain.begin, plain.end], **fit)
-        callback = ICSCallback(folder / f"{name}-side.h5", probe=(x[:probe], y[:probe]), overwrite=True)
+        callback = ICSCallback(
+            folder / f"{name}-side.h5",
+            probe=(x[:probe], y[:probe]),
+            overwrite=True,
+            every_n_steps=every_n_steps,
+        )
         model.fit(x, y, callbacks=[timed.begin, callback, timed.end], **fit)
         plain_t += plain.times[1:]
         with_t += timed.times[1:]
@@ -96,17 +110,23 @@ def main() -> None:
         metavar="ROUNDS",
         help="also time separate fits without and with the callback, alternating ROUNDS times",
     )
+    parser.add_argument(
+        "--every-n-steps", type=int, default=None, metavar="N", help="also capture every N steps"
+    )
     args = parser.parse_args()
     x, y = cifar_like(args.images)
     print(
-        f"icsviz overhead: {args.images} CIFAR-shaped images per epoch, probe {args.probe}, {keras_label()}",
+        f"icsviz overhead: {args.images} CIFAR-shaped images per epoch, probe {args.probe}, "
+        f"every_n_steps={args.every_n_steps}, {keras_label()}",
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            measure(name, x, y, args.epochs, args.probe, Path(tmp))
+            measure(name, x, y, args.epochs, args.probe, Path(tmp), args.every_n_steps)
         for name in args.models if args.side_by_side else []:
-            side_by_side(name, x, y, args.side_by_side, args.epochs, args.probe, Path(tmp))
+            side_by_side(
+                name, x, y, args.side_by_side, args.epochs, args.probe, Path(tmp), args.every_n_steps
+            )
     # The checksums every dataset carries: their share of writing a capture.
     try:
         from reliability import ROOT, checksum_cost  # borrows the tests' tiny capture (needs pytest)
