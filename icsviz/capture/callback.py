@@ -346,6 +346,17 @@ class ICSCallback(keras.callbacks.Callback):
         detail = _ANSI.sub("", str(exc))  # Keras's messages carry terminal bold codes
         warn_capture(f"{what} failed ({type(exc).__name__}: {detail}); training goes on.")
 
+    def _warn_no_batch_begin(self) -> None:
+        """Once per callback: a loop of the user's own that only ends its batches (JAX, torch)."""
+        if self._warned_no_batch_begin:
+            return
+        self._warned_no_batch_begin = True
+        warn_capture(
+            f"no step capture was taken this epoch: on {backend.name()} ICSCallback takes them when the "
+            "next step begins, and the training loop never called on_train_batch_begin. Call "
+            "callbacks.on_train_batch_begin(step) before each step, as model.fit does."
+        )
+
     def _safely(self, what: str, fn: Callable[[], None]) -> None:
         try:
             fn()
@@ -375,7 +386,8 @@ class ICSCallback(keras.callbacks.Callback):
         """Training steps taken, read at an epoch's end (when the batch hooks are not counting).
 
         The optimizer's iteration count, except under dynamic loss scaling, which does not count
-        the steps it skips (non-finite gradients): there the epoch's planned steps.
+        the steps it skips (non-finite gradients): there the epoch's planned steps; and for a
+        model with no optimizer (a loop of the user's own), the batches it began.
         """
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
@@ -388,16 +400,6 @@ class ICSCallback(keras.callbacks.Callback):
         return self._iterations()
 
     # ---------------------------------------------------------------- lifecycle
-    def _warn_no_batch_begin(self) -> None:
-        if self._warned_no_batch_begin:
-            return
-        self._warned_no_batch_begin = True
-        warn_capture(
-            f"no step capture was taken this epoch: on {backend.name()} ICSCallback takes them when the "
-            "next step begins, and the training loop never called on_train_batch_begin. Call "
-            "callbacks.on_train_batch_begin(step) before each step, as model.fit does."
-        )
-
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
         self.close()  # a fit that ended in an exception left the file open
         self._close_abandoned_run()
