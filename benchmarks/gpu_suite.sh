@@ -23,7 +23,7 @@
 # against 25 s): 251 s for four models, 133 s for MobileNetV2 alone, so its limit is now 400 s
 # and the default parts no longer fit one call: name PARTS (depth plus one of the others, or
 # per_step overhead experiment). compile_options.py took 170 s for BN and two MobileNetV2 sets.
-# README's GPU table comes from these logs. DEPTH_ARGS, PER_STEP_ARGS and FIRST_RUN_ARGS replace
+# README's GPU table comes from these logs. DEPTH_ARGS, PER_STEP_ARGS, FIRST_RUN_ARGS and OVERHEAD_ARGS replace
 # those parts' arguments, DEPTH_LIMIT and FIRST_RUN_LIMIT their limits, to fit a call
 # (MobileNetV2's three fresh processes in first_run.py took over 330 s on an H100: give it a call
 # of its own, e.g. FIRST_RUN_ARGS="--models mobilenetv2" FIRST_RUN_LIMIT=560). The tenth session
@@ -32,6 +32,9 @@
 # --epochs 2". Not yet run on a GPU: where the per-step statistics are cheaper there, in the step
 # or handed out to numpy, e.g. PARTS=per_step PER_STEP_ARGS="--models baseline bn --images 4096
 # --paired 200 --statistics device", then the same with "--statistics host".
+# Nor what step captures cost a fit now that Keras's loop runs ahead of them (nineteenth
+# session): PARTS=overhead OVERHEAD_ARGS="--models baseline bn --images 20000 --epochs 2
+# --side-by-side 2 --every-n-steps 50".
 set -uo pipefail
 out=$(realpath -m "${1:?usage: gpu_suite.sh OUT_DIR [CIFAR_DIR]}")
 data=$(realpath -m "${2:-../shared/data/cifar-10-batches-py-subset}")
@@ -58,6 +61,7 @@ fi
 if [ -n "${DEPTH_ARGS:-}" ]; then read -ra depth <<< "$DEPTH_ARGS"; fi
 if [ -n "${PER_STEP_ARGS:-}" ]; then read -ra per_step <<< "$PER_STEP_ARGS"; fi
 if [ -n "${FIRST_RUN_ARGS:-}" ]; then read -ra first_run <<< "$FIRST_RUN_ARGS"; fi
+if [ -n "${OVERHEAD_ARGS:-}" ]; then read -ra overhead <<< "$OVERHEAD_ARGS"; fi
 parts=" ${PARTS:-depth per_step overhead experiment} "
 
 part() {  # part NAME SECONDS COMMAND...: run it under a limit, log to OUT_DIR/NAME.log
