@@ -574,3 +574,33 @@ def test_torch_results_reach_numpy_without_numpys_deprecation_warning() -> None:
         print("TORCH NUMPY OK")
     """)
     run_script(script, "torch", "TORCH NUMPY OK")
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_training_loops_of_ones_own_on_the_backends_without_a_batch_end_hook(backend: str) -> None:
+    """There the step captures are taken as the next step begins: the training-loop tests of
+    test_callback.py, run on that backend (the steps of a model never compiled, the warning for
+    a loop that never begins a batch)."""
+    if importlib.util.find_spec(backend) is None:
+        pytest.skip(f"{backend} is not installed")
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    tests = "training_loop_of_ones_own or never_begins_a_batch"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_callback.py",
+            "-k",
+            tests,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:]
