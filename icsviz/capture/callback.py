@@ -335,7 +335,6 @@ class ICSCallback(keras.callbacks.Callback):
         if not self._counts_batches:
             self.on_train_batch_end = super().on_train_batch_end  # type: ignore[method-assign]
         self._batches_begun_in_epoch = 0  # to tell a loop of the user's own that never calls it
-        self._last_batch_begun = 0
         self._warned_no_batch_begin = False
         # The first capture's compile may wait for Keras's first step (JAX on a GPU, see
         # `CaptureProgram.waits_for_first_step`): the next batch's beginning says it has run.
@@ -391,10 +390,9 @@ class ICSCallback(keras.callbacks.Callback):
         """
         optimizer = getattr(self.model, "optimizer", None)
         if optimizer is None:
-            # A loop of the user's own around a model never compiled: the steps it began.
-            if not self._batches_begun_in_epoch:
-                return self._global_step
-            return self._epoch_start_step + self._steps_in_epoch(self._last_batch_begun + 1)
+            # A loop of the user's own around a model never compiled: the steps it began, those
+            # counted as its last batch began (`_after_steps`) and that batch.
+            return self._global_step + 1 if self._batches_begun_in_epoch else self._global_step
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and self._steps_per_epoch:
             return self._epoch_start_step + int(self._steps_per_epoch)
         return self._iterations()
@@ -793,7 +791,6 @@ class ICSCallback(keras.callbacks.Callback):
                 program.first_step_done()
             self._batches_begun += 1
         self._batches_begun_in_epoch += 1
-        self._last_batch_begun = batch
         if self._active and not self._counts_batches:
             self._after_steps(batch)  # the steps before this one
         if self._steps is not None:
