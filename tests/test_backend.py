@@ -479,24 +479,21 @@ def test_a_ctrl_c_during_a_step_with_host_callbacks_is_raised_after_it() -> None
 @pytest.mark.skipif(
     importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
 )
-def test_keras_masks_leave_the_padding_out_on_jax() -> None:
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            str(ROOT / "tests" / "test_masks.py"),
-        ],
+def _pytest_on(backend: str, *args: str) -> subprocess.CompletedProcess:
+    """pytest with `args` in a fresh Python with Keras on `backend`, the project importable."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
         cwd=ROOT,
     )
+
+
+def test_keras_masks_leave_the_padding_out_on_jax() -> None:
+    proc = _pytest_on("jax", str(ROOT / "tests" / "test_masks.py"))
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
 
 
@@ -583,24 +580,6 @@ def test_training_loops_of_ones_own_on_the_backends_without_a_batch_end_hook(bac
     a loop that never begins a batch)."""
     if importlib.util.find_spec(backend) is None:
         pytest.skip(f"{backend} is not installed")
-    env = {**os.environ, "KERAS_BACKEND": backend}
     tests = "training_loop_of_ones_own or never_begins_a_batch"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "tests/test_callback.py",
-            "-k",
-            tests,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = _pytest_on(backend, "tests/test_callback.py", "-k", tests)
     assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:]
