@@ -422,6 +422,29 @@ def test_jax_traces_the_statistics_without_nested_functions_and_the_same_values(
     run_script(script, "jax", "INLINED OK")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_jax_gathers_the_samples_in_one_gather_that_trusts_its_indices() -> None:
+    """The capture's indices are in range by construction: on JAX each gather is one XLA
+    gather, without jnp.take's mapping of negative indices and filling of out-of-range ones,
+    and it takes what numpy takes on every axis, for indices of one and two dimensions."""
+    script = textwrap.dedent("""
+        import numpy as np, jax
+        from icsviz.capture import backend
+        values = np.random.default_rng(0).normal(size=(5, 6, 7)).astype("float32")
+        for axis in (0, 1, 2, -1):
+            size = values.shape[axis]
+            for index in (np.array([size - 1, 0, 2], "int32"), np.array([[1, 0], [size - 1, 3]], "int32")):
+                taken = jax.jit(lambda v: backend._jax_gather(v, index, axis))(values)
+                np.testing.assert_array_equal(np.asarray(taken), np.take(values, index, axis=axis))
+        jaxpr = jax.make_jaxpr(lambda v: backend._jax_gather(v, np.array([4, 1], "int32"), 1))(values)
+        primitives = [eqn.primitive.name for eqn in jaxpr.jaxpr.eqns]
+        assert primitives == ["gather"], primitives
+        assert "PROMISE_IN_BOUNDS" in str(jaxpr.jaxpr.eqns[0].params["mode"])
+        print("GATHER OK")
+    """)
+    run_script(script, "jax", "GATHER OK")
+
+
 def test_a_ctrl_c_during_a_step_with_host_callbacks_is_raised_after_it() -> None:
     import signal
     import threading
