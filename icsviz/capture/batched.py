@@ -7,7 +7,7 @@ optimizing that graph took most of the first capture. Here each tensor costs
 only what must read all of its values (its sum, and its range when the value
 budget leaves values out) and the gather of its budgeted rows. Tensors whose
 budgeted values have the same shape form a group (MobileNetV2's 151 tensors
-make 20 groups) and are reduced as one stacked array: moments, range, zeros,
+make 18 groups, probe 64) and are reduced as one stacked array: moments, range, zeros,
 histograms, samples. One sort then orders every layer's quantile sample, one
 every tracked unit's rows.
 
