@@ -499,9 +499,6 @@ def test_a_ctrl_c_during_a_step_with_host_callbacks_is_raised_after_it() -> None
     assert not failures and reached[-2:] == ["quiet", "thread"]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
-)
 def _pytest_on(backend: str, *args: str) -> subprocess.CompletedProcess:
     """pytest with `args` in a fresh Python with Keras on `backend`, the project importable."""
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
@@ -515,6 +512,9 @@ def _pytest_on(backend: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+)
 def test_keras_masks_leave_the_padding_out_on_jax() -> None:
     proc = _pytest_on("jax", str(ROOT / "tests" / "test_masks.py"))
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
