@@ -93,6 +93,36 @@ def test_check_locates_the_damage_and_repair_keeps_everything_else(tmp_path) -> 
         assert len(run.history["loss"]) == 3
 
 
+def test_check_reads_only_committed_rows_and_reports_nothing_for_damage_past_them(tmp_path) -> None:
+    """Rows past the capture index (a capture being written when the writer died) are never
+    read, and repair cuts them off: damage there is not the run's."""
+    path = make_run(tmp_path / "r.h5", captures=64)  # compacted: exactly one chunk of 64 rows
+    with h5py.File(path, "r+") as f:
+        ds = f["layers/000_dense/unit_mean"]
+        assert ds.chunks[0] == 64 and ds.shape[0] == 64
+        ds.resize(65, axis=0)
+        ds[64] = 1.0  # a second chunk, holding only this uncommitted row
+    damage_chunk(path, "layers/000_dense/unit_mean", chunk=1)
+    report = check_run(path)
+    assert report.ok, report.summary()
+    with open_run(path) as run:
+        assert run.num_captures == 64 and run.activations("dense").unit_mean.shape[0] == 64
+    damage_chunk(path, "layers/000_dense/unit_mean", chunk=0)  # and a committed row's chunk is
+    assert {d.part for d in check_run(path).damage} == {"/layers/000_dense/unit_mean"}
+
+
+def test_a_named_datatype_and_a_short_dataset_are_checked_without_a_traceback(tmp_path) -> None:
+    """Objects a run never holds, as an edited file may: a named datatype (the check crashed
+    with AttributeError on it) and a layer dataset shorter than the capture index (its rows
+    are read as far as they go; the reader says what is missing)."""
+    path = make_run(tmp_path / "r.h5", captures=10)
+    with h5py.File(path, "r+") as f:
+        f["layers/000_dense/named_type"] = np.dtype("f4")
+        f["layers/000_dense/unit_mean"].resize(8, axis=0)
+    report = check_run(path)
+    assert report.openable and report.damage == (), report.summary()
+
+
 def test_a_destroyed_header_cannot_be_repaired_and_says_so(tmp_path) -> None:
     path = make_run(tmp_path / "r.h5")
     data = bytearray(path.read_bytes())
