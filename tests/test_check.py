@@ -111,16 +111,22 @@ def test_check_reads_only_committed_rows_and_reports_nothing_for_damage_past_the
     assert {d.part for d in check_run(path).damage} == {"/layers/000_dense/unit_mean"}
 
 
-def test_a_named_datatype_and_a_short_dataset_are_checked_without_a_traceback(tmp_path) -> None:
+def test_a_named_datatype_is_read_and_a_short_dataset_is_damage_that_repair_drops(tmp_path) -> None:
     """Objects a run never holds, as an edited file may: a named datatype (the check crashed
-    with AttributeError on it) and a layer dataset shorter than the capture index (its rows
-    are read as far as they go; the reader says what is missing)."""
+    with AttributeError on it) and a layer dataset shorter than the capture index, whose rows
+    no longer line up with the steps (the check passed it)."""
     path = make_run(tmp_path / "r.h5", captures=10)
     with h5py.File(path, "r+") as f:
         f["layers/000_dense/named_type"] = np.dtype("f4")
+    assert check_run(path).ok
+    with h5py.File(path, "r+") as f:
         f["layers/000_dense/unit_mean"].resize(8, axis=0)
     report = check_run(path)
-    assert report.openable and report.damage == (), report.summary()
+    assert [(d.part, d.rows) for d in report.damage] == [("/layers/000_dense/unit_mean", (8, 9))]
+    assert "holds 8 rows for 10 captures" in report.summary()
+    assert report.drop_groups == ("/layers/000_dense",) and report.drop_captures == ()
+    with open_run(repair_run(path)) as run:
+        assert run.layer_names == ["block/relu"] and run.num_captures == 10
 
 
 def test_a_destroyed_header_cannot_be_repaired_and_says_so(tmp_path) -> None:

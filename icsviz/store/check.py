@@ -155,6 +155,12 @@ class _Walker:
         except DamagedRunError as exc:
             self.fail(part, exc)
             return
+        if per_capture and rows is not None and shape[0] < rows:
+            # The writer adds a capture's rows before its index entry: a dataset with fewer rows
+            # than the index was cut or edited, and its rows no longer line up with the steps.
+            missing = tuple(range(shape[0], rows))
+            self.damage.append(Damage(part, f"it holds {shape[0]} rows for {rows} captures", missing))
+            return
         try:
             with reading(self.path, part):
                 _read_rows(ds, shape, None if whole else rows)
@@ -223,7 +229,6 @@ def _read_rows(ds: h5py.Dataset, shape: tuple[int, ...], rows: int | None) -> No
             return
         dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, np.empty(shape, dsid.dtype))
         return
-    rows = min(rows, shape[0])  # a dataset shorter than the capture index: what it holds
     if rows <= 0:
         return
     selection = dsid.get_space()
