@@ -121,6 +121,10 @@ def test_a_named_datatype_is_read_and_a_short_dataset_is_damage_that_repair_drop
     assert check_run(path).ok
     with h5py.File(path, "r+") as f:
         f["layers/000_dense/unit_mean"].resize(8, axis=0)
+    with open_run(path) as run:  # the reader says so too, and reads the other layers
+        with pytest.raises(DamagedRunError, match=r"/layers/000_dense/unit_mean \(it holds 8 rows for 10"):
+            run.activations("dense")
+        assert run.activations("block/relu").mean.shape == (10,)
     report = check_run(path)
     assert [(d.part, d.rows) for d in report.damage] == [("/layers/000_dense/unit_mean", (8, 9))]
     assert "holds 8 rows for 10 captures" in report.summary()

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from ..errors import DamagedRunError, MissingDataError, SchemaVersionError
-from .files import not_a_run, open_for_reading, reading
+from .files import damage_hint, not_a_run, open_for_reading, reading
 from .schema import CAPTURE_KINDS, SCHEMA_VERSION, decode_status, decode_text, safe_id
 
 __all__ = ["open_run", "Run", "ActivationStats", "GradientStats", "ICSStats", "LayerInfo"]
@@ -433,8 +433,20 @@ class Run:
             return decode_text(file[name].attrs[attribute])
 
     def _rows(self, name: str) -> np.ndarray:
-        """The committed rows of a per-capture dataset."""
-        return self._read(name, self._length)
+        """The committed rows of a per-capture dataset. One with fewer rows than the capture index
+        (cut or edited: the writer adds a capture's rows before its index entry) is damage, not
+        a shorter series that no longer lines up with the steps."""
+        rows = self._read(name, self._length)
+        if len(rows) < self._length:
+            reason = f"it holds {len(rows)} rows for {self._length} captures"
+            raise DamagedRunError(
+                f"{self.path}: cannot read /{name} ({reason}); the file is damaged: "
+                + damage_hint(self.path),
+                path=str(self.path),
+                dataset="/" + name,
+                reason=reason,
+            )
+        return rows
 
     def refresh(self) -> int:
         """Look for captures committed since the last refresh; returns their count."""
