@@ -113,11 +113,13 @@ def test_check_reads_only_committed_rows_and_reports_nothing_for_damage_past_the
 
 def test_a_named_datatype_is_read_and_a_short_dataset_is_damage_that_repair_drops(tmp_path) -> None:
     """Objects a run never holds, as an edited file may: a named datatype (the check crashed
-    with AttributeError on it) and a layer dataset shorter than the capture index, whose rows
-    no longer line up with the steps (the check passed it)."""
+    with AttributeError on it), an empty attribute (repair crashed with TypeError on it) and a
+    layer dataset shorter than the capture index, whose rows no longer line up with the steps
+    (the check passed it)."""
     path = make_run(tmp_path / "r.h5", captures=10)
     with h5py.File(path, "r+") as f:
         f["layers/000_dense/named_type"] = np.dtype("f4")
+        f.attrs["note"] = h5py.Empty("f4")  # an empty attribute: read by the check, kept by repair
     assert check_run(path).ok
     with h5py.File(path, "r+") as f:
         f["layers/000_dense/unit_mean"].resize(8, axis=0)
@@ -129,8 +131,11 @@ def test_a_named_datatype_is_read_and_a_short_dataset_is_damage_that_repair_drop
     assert [(d.part, d.rows) for d in report.damage] == [("/layers/000_dense/unit_mean", (8, 9))]
     assert "holds 8 rows for 10 captures" in report.summary()
     assert report.drop_groups == ("/layers/000_dense",) and report.drop_captures == ()
-    with open_run(repair_run(path)) as run:
+    out = repair_run(path)
+    with open_run(out) as run:
         assert run.layer_names == ["block/relu"] and run.num_captures == 10
+    with h5py.File(out, "r") as f:
+        assert isinstance(f.attrs["note"], h5py.Empty) and f.attrs["note"].dtype == np.dtype("f4")
 
 
 def test_a_destroyed_header_cannot_be_repaired_and_says_so(tmp_path) -> None:

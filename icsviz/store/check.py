@@ -32,7 +32,7 @@ import h5py
 import numpy as np
 
 from ..errors import DamagedRunError, RunFileError
-from .files import damage_hint, open_for_reading, reading, truncation
+from .files import damage_hint, open_for_reading, read_attributes, reading, short_rows, truncation
 from .schema import SCHEMA_VERSION, decode_status, decode_text, is_per_batch, is_per_capture
 
 __all__ = ["Damage", "RunCheck", "check_run", "guarded_check", "CHECK_TIMEOUT_S"]
@@ -131,7 +131,8 @@ class _Walker:
     def attributes(self, part: str, obj: h5py.HLObject) -> bool:
         try:
             with reading(self.path, part):
-                _read_attributes(obj)  # reading is the check
+                for _ in read_attributes(obj):  # reading is the check
+                    pass
             return True
         except DamagedRunError as exc:
             self.fail(part, exc)
@@ -144,12 +145,8 @@ class _Walker:
             return
         try:
             with reading(self.path, part):
-                space = ds.id.get_space()
-                shape = space.shape
-                grows = tuple(
-                    None if m == h5py.h5s.UNLIMITED else m for m in space.get_simple_extent_dims(True)
-                )
-                per_capture = is_per_capture(part, grows)
+                shape = ds.shape
+                per_capture = is_per_capture(part, ds.maxshape)
                 rows = self.rows if per_capture else (shape[0] if shape else None)
                 whole = rows is None or rows == shape[0]
         except DamagedRunError as exc:
@@ -159,7 +156,7 @@ class _Walker:
             # The writer adds a capture's rows before its index entry: a dataset with fewer rows
             # than the index was cut or edited, and its rows no longer line up with the steps.
             missing = tuple(range(shape[0], rows))
-            self.damage.append(Damage(part, f"it holds {shape[0]} rows for {rows} captures", missing))
+            self.damage.append(Damage(part, short_rows(shape[0], rows), missing))
             return
         try:
             with reading(self.path, part):
@@ -205,19 +202,6 @@ class _Walker:
                 self.dataset(path, h5py.Dataset(child))
             else:  # a named datatype (no run has one): its attributes are all there is to read
                 self.attributes(path, h5py.Datatype(child))
-
-
-def _read_attributes(obj: h5py.HLObject) -> None:
-    """Read every attribute of `obj`, through the low-level API (the walk reads some 6,000 in a
-    deep model's run: h5py's attribute manager was a third of the check). Variable-length and
-    empty ones go through h5py's own reading."""
-    for index in range(h5py.h5a.get_num_attrs(obj.id)):
-        attribute = h5py.h5a.open(obj.id, index=index)
-        shape = attribute.shape
-        if attribute.dtype.kind == "O" or shape is None:
-            obj.attrs[attribute.name.decode("utf-8")]  # noqa: B018 - reading is the check
-            continue
-        attribute.read(np.empty(shape, attribute.dtype))
 
 
 def _read_rows(ds: h5py.Dataset, shape: tuple[int, ...], rows: int | None) -> None:

@@ -22,8 +22,10 @@ import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import h5py
+import numpy as np
 
 from ..errors import DamagedRunError, RunFileError
 
@@ -31,6 +33,9 @@ __all__ = [
     "open_for_reading",
     "not_a_run",
     "reading",
+    "damaged",
+    "short_rows",
+    "read_attributes",
     "damage_hint",
     "truncation",
     "hdf5_library",
@@ -64,12 +69,40 @@ def reading(path: Path | str, dataset: str) -> Iterator[None]:
                 "if it was written with a newer HDF5, upgrade h5py here (pip install -U h5py); "
                 "otherwise the file is damaged: "
             )
-        raise DamagedRunError(
-            f"{path}: cannot read {dataset or 'the file'} ({reason}); {verdict}" + damage_hint(path),
-            path=str(path),
-            dataset=dataset,
-            reason=reason,
-        ) from exc
+        raise damaged(path, dataset, reason, verdict) from exc
+
+
+def damaged(
+    path: Path | str, dataset: str, reason: str, verdict: str = "the file is damaged: "
+) -> DamagedRunError:
+    """The error for `dataset` of `path` that cannot be read for `reason`, with what to do."""
+    return DamagedRunError(
+        f"{path}: cannot read {dataset or 'the file'} ({reason}); {verdict}" + damage_hint(path),
+        path=str(path),
+        dataset=dataset,
+        reason=reason,
+    )
+
+
+def short_rows(held: int, captures: int) -> str:
+    """Why a per-capture dataset with fewer rows than the capture index is damage (the writer
+    adds a capture's rows before its index entry: such a dataset was cut or edited)."""
+    return f"it holds {held} rows for {captures} captures"
+
+
+def read_attributes(obj: h5py.HLObject) -> Iterator[tuple[Any, Any, bool]]:
+    """Every attribute of `obj`, read: (its low-level id, its value, whether the value is the
+    stored bytes as they are). Through the low-level API (a deep model's run has some 6,000
+    attributes: h5py's attribute manager was a third of reading them); variable-length and
+    empty ones go through h5py's conversions (`str`, `h5py.Empty`)."""
+    for index in range(h5py.h5a.get_num_attrs(obj.id)):
+        attribute = h5py.h5a.open(obj.id, index=index)
+        if attribute.dtype.kind == "O" or attribute.shape is None:
+            yield attribute, obj.attrs[attribute.name.decode("utf-8")], False
+            continue
+        value = np.empty(attribute.shape, attribute.dtype)
+        attribute.read(value)
+        yield attribute, value, True
 
 
 def _safe_truncation(path: Path) -> str:

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from ..errors import DamagedRunError, MissingDataError, SchemaVersionError
-from .files import damage_hint, not_a_run, open_for_reading, reading
+from .files import damaged, not_a_run, open_for_reading, reading, short_rows
 from .schema import CAPTURE_KINDS, SCHEMA_VERSION, decode_status, decode_text, safe_id
 
 __all__ = ["open_run", "Run", "ActivationStats", "GradientStats", "ICSStats", "LayerInfo"]
@@ -438,14 +438,7 @@ class Run:
         a shorter series that no longer lines up with the steps."""
         rows = self._read(name, self._length)
         if len(rows) < self._length:
-            reason = f"it holds {len(rows)} rows for {self._length} captures"
-            raise DamagedRunError(
-                f"{self.path}: cannot read /{name} ({reason}); the file is damaged: "
-                + damage_hint(self.path),
-                path=str(self.path),
-                dataset="/" + name,
-                reason=reason,
-            )
+            raise damaged(self.path, "/" + name, short_rows(len(rows), self._length))
         return rows
 
     def refresh(self) -> int:

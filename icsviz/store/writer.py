@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from ..errors import DamagedRunError, IncompatibleRunError, RunExistsError, RunFileError
-from .files import hdf5_library, open_for_reading
+from .files import hdf5_library, open_for_reading, read_attributes
 from .lock import WriterLock
 from .rows import RowBatch, RowWriter, append_rows, flush
 from .schema import (
@@ -851,15 +851,12 @@ class _Copy:
 
 def _copy_attrs(src: h5py.HLObject, dst: h5py.HLObject) -> None:
     """Copy every attribute as stored (type and shape), through the low-level API; text that
-    h5py reads as `str` (variable-length, from older files) is stored fixed-length as elsewhere."""
-    for index in range(h5py.h5a.get_num_attrs(src.id)):
-        attribute = h5py.h5a.open(src.id, index=index)
-        if attribute.dtype.kind == "O":  # variable-length: through h5py's conversions
-            name = attribute.name.decode("utf-8")
-            _set_attrs(dst, **{name: src.attrs[name]})
+    h5py reads as `str` (variable-length, from older files) is stored fixed-length as elsewhere,
+    and an empty attribute stays empty."""
+    for attribute, value, stored in read_attributes(src):
+        if not stored:  # through h5py's conversions
+            _set_attrs(dst, **{attribute.name.decode("utf-8"): value})
             continue
-        value = np.empty(attribute.shape, attribute.dtype)
-        attribute.read(value)
         copy = h5py.h5a.create(dst.id, attribute.name, attribute.get_type(), attribute.get_space())
         copy.write(value)
 
