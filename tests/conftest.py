@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,6 +22,7 @@ from icsviz import open_run
 from icsviz.store.schema import LayerSpec, RunLayout, VariableSpec
 from icsviz.store.writer import Capture, LayerCapture, RunWriter
 
+atexit.register(shutil.rmtree, os.environ["ICSVIZ_CACHE_DIR"], ignore_errors=True)  # no folder left behind
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar-10-batches-py-subset"
 

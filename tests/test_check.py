@@ -295,7 +295,14 @@ def test_an_unreadable_file_is_reported_without_advice_to_run_check_on_it(tmp_pa
         open_run(path)
 
 
-def test_the_verdict_counts_captures_in_words(tmp_path: Path) -> None:
+def test_the_verdict_counts_in_words(tmp_path: Path) -> None:
     one, six = make_run(tmp_path / "one.h5", captures=1), make_run(tmp_path / "six.h5")
     assert f"{one}: ok (1 capture, " in check_run(one).summary()
-    assert f"{six}: ok (6 captures, " in check_run(six).summary()
+    assert f"{six}: ok (6 captures, 2 layers, " in check_run(six).summary()
+    damage_chunk(six, "layers/000_dense/unit_mean")
+    summary = check_run(six).summary()
+    assert f"{six}: DAMAGED (1 damaged part)" in summary
+    assert "keeps 6 of 6 captures and leaves out the damaged layer dense:" in summary
+    damage_chunk(six, "layers/001_block_relu/unit_mean")
+    summary = check_run(six).summary()
+    assert "(2 damaged parts)" in summary and "the damaged layers dense, block/relu:" in summary

@@ -82,24 +82,33 @@ class RunCheck:
         if not self.openable:
             return f"{self.path}: UNREADABLE: {self.error}"
         if self.ok:
-            captures = f"{self.captures} capture" + ("" if self.captures == 1 else "s")
-            return f"{self.path}: ok ({captures}, {len(self.layers)} layers, every checksum matches)"
+            return (
+                f"{self.path}: ok ({_counted(self.captures, 'capture')}, "
+                f"{_counted(len(self.layers), 'layer')}, every checksum matches)"
+            )
         kept = self.captures - len(self.drop_captures)
-        lines = [f"{self.path}: DAMAGED ({len(self.damage)} damaged parts)"]
+        lines = [f"{self.path}: DAMAGED ({_counted(len(self.damage), 'damaged part')})"]
         lines += [f"  - {d.describe()}" for d in self.damage]
         saved = f"  repair keeps {kept} of {self.captures} captures"
         if self.drop_layer_names:
             names = ", ".join(self.drop_layer_names[:6]) + (" ..." if len(self.drop_layer_names) > 6 else "")
-            saved += f" and leaves out the damaged layers {names}"
+            saved += (
+                f" and leaves out the damaged layer{'s' if len(self.drop_layer_names) > 1 else ''} {names}"
+            )
         others = len(self.drop_groups) - len(self.drop_layer_names)
         if others:
-            saved += f" and {others} damaged gradient-statistics groups"
+            saved += f" and {_counted(others, 'damaged gradient-statistics group')}"
         if self.history_lost:
             saved += ", loses the epoch history"
         elif self.drop_history:
             saved += f", drops history rows {_ranges(self.drop_history)}"
         lines.append(saved + f": `icsviz repair {self.path}`")
         return "\n".join(lines)
+
+
+def _counted(n: int, noun: str) -> str:
+    """`n` and the noun, plural unless one: "1 layer", "3 layers"."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _checked(exc: RunFileError, path: Path) -> str:
