@@ -121,6 +121,22 @@ def separable_convs() -> tuple[keras.Model, Any, Any]:
     return model, rng.normal(size=(64, 8, 8, 4)).astype("float32"), rng.integers(0, CLASSES, 64)
 
 
+def conv1d_prelu() -> tuple[keras.Model, Any, Any]:
+    """A 1-D convolution with a fused ELU, a learned-slope PReLU and resampling in between."""
+    rng = np.random.default_rng(5)
+    model = keras.Sequential(
+        [
+            keras.Input((12, F)),
+            L.Conv1D(6, 3, activation="elu", name="conv1d"),
+            L.PReLU(name="prelu"),
+            L.UpSampling1D(2),
+            L.GlobalMaxPooling1D(),
+            _head(),
+        ]
+    )
+    return model, rng.normal(size=(64, 12, F)).astype("float32"), rng.integers(0, CLASSES, 64)
+
+
 def inline_ops() -> tuple[keras.Model, Any, Any]:
     """A functional model written with `keras.ops` on its tensors: Keras's summary lists each
     operation as a row, and those standing for a layer are captured as one."""
@@ -146,6 +162,7 @@ ZOO: dict[str, Callable[[], tuple[keras.Model, Any, Any]]] = {
     "time_distributed_cnn": time_distributed_cnn,
     "attention": attention,
     "separable_convs": separable_convs,
+    "conv1d_prelu": conv1d_prelu,
     "inline_ops": inline_ops,
 }
 
@@ -167,6 +184,7 @@ EXPECTED: dict[str, list[str]] = {
     ],
     "attention": ["embed", "mha", "residual", "layer_norm"],
     "separable_convs": ["depthwise:preact", "depthwise", "separable:preact", "separable", "group_norm"],
+    "conv1d_prelu": ["conv1d", "prelu"],
     # Keras numbers an operation's name after the ones made before it in the process: "relu_2".
     "inline_ops": ["dense_a", "relu*", "dense_b", "add*", "gelu*", "rms_norm*"],
 }
