@@ -12,7 +12,13 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # Folder catalogues of this test session go to a folder of their own, not the user's ~/.cache.
-os.environ["ICSVIZ_CACHE_DIR"] = tempfile.mkdtemp(prefix="icsviz-test-cache-")
+# Processes the tests start (the app's server, scripts) use the same folder, and only the
+# process that made it removes it at exit.
+os.environ["ICSVIZ_TEST_CACHE"] = os.environ.get("ICSVIZ_TEST_CACHE") or tempfile.mkdtemp(
+    prefix="icsviz-test-cache-"
+)
+os.environ["ICSVIZ_TEST_CACHE_OWNER"] = os.environ.get("ICSVIZ_TEST_CACHE_OWNER") or str(os.getpid())
+os.environ["ICSVIZ_CACHE_DIR"] = os.environ["ICSVIZ_TEST_CACHE"]
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np
@@ -22,7 +28,13 @@ from icsviz import open_run
 from icsviz.store.schema import LayerSpec, RunLayout, VariableSpec
 from icsviz.store.writer import Capture, LayerCapture, RunWriter
 
-atexit.register(shutil.rmtree, os.environ["ICSVIZ_CACHE_DIR"], ignore_errors=True)  # no folder left behind
+
+def _remove_cache_folder(folder: str = os.environ["ICSVIZ_TEST_CACHE"]) -> None:
+    if str(os.getpid()) == os.environ.get("ICSVIZ_TEST_CACHE_OWNER"):  # not a forked child
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+atexit.register(_remove_cache_folder)
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar-10-batches-py-subset"
 
