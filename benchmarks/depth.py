@@ -110,6 +110,10 @@ def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
     return model, x, y
 
 
+# ICSCallback's arguments for every run here (--max-values sets the value budget).
+CALLBACK_ARGS: dict[str, object] = {}
+
+
 def first_fit(name: str, probe: int, folder: Path) -> tuple[float, float]:
     """Seconds of a one-step `fit` of a fresh model without and with ICSCallback (its first
     capture, the step, the epoch end's capture, closing the file): on JAX the first capture
@@ -119,7 +123,9 @@ def first_fit(name: str, probe: int, folder: Path) -> tuple[float, float]:
         model, x, y = make(name)
         batch = (x[:probe], y[:probe])
         callbacks = (
-            [ICSCallback(folder / f"{name}-first.h5", probe=batch, overwrite=True)] if with_callback else []
+            [ICSCallback(folder / f"{name}-first.h5", probe=batch, overwrite=True, **CALLBACK_ARGS)]
+            if with_callback
+            else []
         )
         start = time.perf_counter()
         model.fit(*batch, batch_size=probe, epochs=1, verbose=0, callbacks=callbacks)
@@ -137,7 +143,9 @@ def measure(name: str, probe: int, repeats: int, folder: Path) -> dict[str, floa
     keras_first = time.perf_counter() - start
 
     plain_fit, fit_with = first_fit(name, probe, folder)
-    ics = TimedCallback(ICSCallback(folder / f"{name}.h5", probe=(batch_x, batch_y), overwrite=True))
+    ics = TimedCallback(
+        ICSCallback(folder / f"{name}.h5", probe=(batch_x, batch_y), overwrite=True, **CALLBACK_ARGS)
+    )
     callbacks = [ics]
     if HAS_TENSORBOARD:
         board = TimedCallback(keras.callbacks.TensorBoard(str(folder / f"tb-{name}"), histogram_freq=1))
@@ -306,11 +314,19 @@ def main() -> None:
         choices=sorted(OPTION_SETS),
         help="JAX on a GPU: compile the capture with this set of XLA options (compile_options.py)",
     )
+    parser.add_argument(
+        "--max-values",
+        default="65536",
+        help="ICSCallback's value budget per tensor: a number, or 'all' (max_values=None)",
+    )
     args = parser.parse_args()
+    CALLBACK_ARGS["max_values"] = None if args.max_values == "all" else int(args.max_values)
     if args.gpu_options:
         backend._GPU_COMPILER_OPTIONS = dict(OPTION_SETS[args.gpu_options])
         print(f"capture compiled on a GPU with {args.gpu_options}: {backend._GPU_COMPILER_OPTIONS}")
-    print(f"icsviz capture cost vs depth: probe {args.probe}, {keras_label()}")
+    print(
+        f"icsviz capture cost vs depth: probe {args.probe}, value budget {args.max_values}, {keras_label()}"
+    )
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:

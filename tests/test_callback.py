@@ -418,6 +418,8 @@ def test_argument_errors_are_raised_early() -> None:
         ICSCallback("r.h5", probe=x, histogram_bins=1)
     with pytest.raises(ValueError, match="Received: quantile_sample=8"):
         ICSCallback("r.h5", probe=x, quantile_sample=8)
+    with pytest.raises(ValueError, match="or None for every value. Received: max_values=0"):
+        ICSCallback("r.h5", probe=x, max_values=0)
     with pytest.raises(ValueError, match="probe=None"):
         ICSCallback("r.h5", probe=None)
     with pytest.raises(ValueError, match="0 samples"):
@@ -491,6 +493,46 @@ def test_the_quantile_sample_size_is_the_users_choice_and_recorded(tmp_path) -> 
         assert (np.diff(acts.quantiles, axis=1) >= 0).all()  # ordered levels, inside the range
         assert (acts.quantiles[:, 0] >= acts.min).all() and (acts.quantiles[:, -1] <= acts.max).all()
     assert sizes == {"whole": 32 * 8, "small": 16}  # a 32-sample probe of 8 units: used whole by default
+
+
+def test_the_value_budget_is_the_users_choice_and_none_measures_every_value(tmp_path) -> None:
+    keras.utils.set_random_seed(0)
+    model = compiled(
+        keras.Sequential(
+            [
+                keras.Input((12, 12, 3)),
+                keras.layers.Conv2D(8, 3, name="conv"),  # probe 32: 32 x 10 x 10 x 8 = 25,600 values
+                keras.layers.Flatten(),
+                keras.layers.Dense(3, activation="softmax", name="out"),
+            ]
+        ),
+        lr=0.0,  # the weights stay as built: numpy measures the same tensor the captures did
+    )
+    x, y = data(64, shape=(12, 12, 3))
+    probe = (x[:32], y[:32])
+    whole = tmp_path / "whole.h5"
+    for path, budget in ((whole, None), (tmp_path / "budget.h5", 4096)):
+        cb = ICSCallback(path, probe=probe, max_values=budget)
+        model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[cb])
+    values = keras.ops.convert_to_numpy(
+        keras.Model(model.inputs, model.get_layer("conv").output)([probe[0]])
+    ).astype("float64")
+    with open_run(whole) as run:
+        layer, acts = run.layer("conv"), run.activations("conv")
+        assert (layer.n_values, layer.value_sample) == (25_600, "all")
+        assert run.config["max_values"] is None
+        np.testing.assert_allclose(acts.mean[-1], values.mean(), rtol=1e-5)
+        np.testing.assert_allclose(acts.std[-1], values.std(), rtol=1e-5)
+        np.testing.assert_allclose(acts.unit_mean[-1], values.mean(axis=(0, 1, 2)), rtol=1e-5, atol=1e-7)
+        assert acts.counts[-1].sum() == 25_600
+    with open_run(tmp_path / "budget.h5") as run:
+        layer, sampled = run.layer("conv"), run.activations("conv")
+        assert (layer.n_values, layer.value_sample) == (4096, "rows")  # 512 rows of 8 channels
+        assert run.config["max_values"] == 4096
+        assert sampled.counts[-1].sum() == 4096
+        assert sampled.mean[-1] != acts.mean[-1]  # a sample, within the documented error
+        assert abs(sampled.mean[-1] - values.mean()) < 0.05 * values.std()
+        assert (sampled.min[-1], sampled.max[-1]) == (acts.min[-1], acts.max[-1])  # always exact
 
 
 def test_existing_file_is_refused_before_training_and_overwritten_on_request(tmp_path) -> None:

@@ -62,9 +62,11 @@ class ActivationStats:
         edges: (T, B+1) bin edges of each capture's histogram.
         quantiles: (T, Q) values at the levels `q`.
         q: (Q,) quantile levels in [0, 1].
-        mean, std, min, max: (T,) over every finite value.
-        zero_frac: (T,) fraction of values exactly zero (dead ReLUs).
-        nonfinite: (T,) number of NaN or infinite values.
+        mean, std: (T,) over the finite values the value budget kept (`LayerInfo.n_values`,
+            `LayerInfo.value_sample`; every value with `ICSCallback(max_values=None)`).
+        min, max: (T,) over every finite value.
+        zero_frac: (T,) fraction of the kept values exactly zero (dead ReLUs).
+        nonfinite: (T,) number of NaN or infinite values, over every value.
         unit_mean, unit_std: (T, C) per unit (Dense unit or conv channel).
         tracked_units: (U,) unit indices whose own quantiles are recorded.
         unit_quantiles: (T, U, Q) quantiles of each tracked unit.
