@@ -255,3 +255,52 @@ def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path)
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_folder_of_deep_runs_never_read_says_it_is_reading_them(tmp_path) -> None:
+    """Reading a deep model's run for the first time takes seconds (its check reads every byte):
+    the page says so while it waits, then draws the runs."""
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    from conftest import tiny_capture
+    from icsviz.dashboard.entry import READING_NOTE
+    from icsviz.store.schema import LayerSpec, RunLayout, VariableSpec
+    from icsviz.store.writer import RunWriter
+
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    units = 4
+    layout = RunLayout(
+        layers=tuple(
+            LayerSpec(f"dense_{i}", "Dense", "linear", (units,), units, (0, units - 1), 64, 16, 64)
+            for i in range(400)  # some 5,000 datasets: a second or more to check on these machines
+        ),
+        variables=(VariableSpec("dense_0/kernel", "dense_0", (3, units)),),
+        ics_layers=(),
+        hist_bins=8,
+    )
+    with RunWriter.create(folder / "deep-a.h5", layout, {"run_name": "deep-a"}) as writer:
+        for step in range(3):
+            writer.write_capture(tiny_capture(layout, step))
+        writer.write_epoch(0, {"loss": 1.0, "val_accuracy": 0.5})
+    shutil.copy(folder / "deep-a.h5", folder / "deep-b.h5")
+    port = _free_port()
+    server = _icsviz_app(folder, port, cwd=tmp_path)
+    try:
+        _wait_for_health(server, port)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/", timeout=60000)
+            spinner = page.wait_for_selector("[data-testid='stSpinner']", timeout=60000)
+            assert READING_NOTE.split(":")[0] in spinner.inner_text()
+            page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
+            assert page.locator("[data-testid='stSpinner']").count() == 0  # gone once read
+            text = page.inner_text("body")
+            assert "deep-a.h5" in text and "deep-b.h5" in text
+            assert page.locator("[data-testid='stException']").count() == 0
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(30)

@@ -25,6 +25,10 @@ LIVE_REFRESH_S = 3.0
 PLAY_STEP_S = 0.8
 CATALOG_REFRESH_S = 2.0
 FIRST_READ = 4  # files read at once when a new folder has no readable run known yet
+READING_NOTE = (
+    "Reading runs new to this folder's catalogue, or changed since: each file is checked whole "
+    "(a few seconds for a deep model's run), and the catalogue keeps what it found."
+)
 TABS = ["Distributions", "Per-unit drift", "Drift summary", "Gradients"]
 DRIFT_FIELDS = {
     "from_start": "W1 from step 0",
@@ -48,16 +52,23 @@ def default_selection(entries: Sequence[RunEntry]) -> list[str]:
     return pair if len(pair) == 2 else [e.file for e in readable[:2]]
 
 
-def _first_entries(runs: FolderCatalog) -> list[RunEntry]:
-    """The folder's runs. One seen for the first time opens on its first runs, read now, two
-    at once until there is a pair to show; the others are read in the background once the
-    page is drawn (`run_app`)."""
+def _first_entries(runs: FolderCatalog, chosen: Sequence[str]) -> list[RunEntry]:
+    """The folder's runs. The runs chosen are read now if they were never read; a folder seen
+    for the first time opens on its first runs, read now, two at once until there is a pair
+    to show; the others are read in the background once the page is drawn (`run_app`)."""
     entries = runs.entries(background=False)
-    pending = [e.file for e in entries if e.pending][:FIRST_READ]
-    while pending and len(default_selection(entries)) < 2:
-        runs.read_now(pending[:2])
-        pending = pending[2:]
+    if not any(e.pending for e in entries):
+        return entries
+    # A file is read whole once, its check reading every byte: a second or more for a deep
+    # model's run. Streamlit shows the spinner only if that takes over half a second.
+    with st.spinner(READING_NOTE, show_time=True):
+        runs.read_now(list(chosen))
         entries = runs.entries(background=False)
+        pending = [e.file for e in entries if e.pending][:FIRST_READ]
+        while pending and len(default_selection(entries)) < 2:
+            runs.read_now(pending[:2])
+            pending = pending[2:]
+            entries = runs.entries(background=False)
     return entries
 
 
@@ -230,8 +241,7 @@ def run_app() -> None:
         help="Every word must match the run's file name, run name, model, dataset or date (YYYY-MM-DD).",
     )
     runs = catalog(folder)
-    runs.read_now(list(st.session_state.get("runs") or []))
-    entries = _first_entries(runs)
+    entries = _first_entries(runs, st.session_state.get("runs") or [])
     if not entries:
         _empty_folder(folder)
         return
