@@ -146,6 +146,36 @@ def test_activations_are_read_once_per_committed_length_and_read_only(run_path) 
         assert first.counts[0, 0] != 99
 
 
+def test_each_variables_layer_is_read_once_however_many_layers_ask(tmp_path, layout, monkeypatch) -> None:
+    import dataclasses
+
+    from icsviz.store.reader import Run
+    from icsviz.store.schema import VariableSpec
+
+    # 30 layers of two variables each: finding each layer's by reading every variable's
+    # attribute again made a deep model's Gradients tab quadratic (36 s for NASNetMobile).
+    deep = dataclasses.replace(
+        layout,
+        variables=tuple(
+            VariableSpec(f"d{k}/{part}", f"d{k}", (3, 4) if part == "kernel" else (4,))
+            for k in range(30)
+            for part in ("kernel", "bias")
+        ),
+    )
+    path = tmp_path / "deep.h5"
+    with RunWriter.create(path, deep, {"run_name": "deep"}) as w:
+        w.write_capture(tiny_capture(deep, 0))
+    reads = []
+    original = Run._attribute
+    monkeypatch.setattr(Run, "_attribute", lambda self, *a: reads.append(a) or original(self, *a))
+    with open_run(path) as run:
+        assert run.trainable_layers == [f"d{k}" for k in range(30)]
+        for k in range(30):
+            assert run.variables_of(f"d{k}") == [f"d{k}/kernel", f"d{k}/bias"]
+            assert run.gradients(f"d{k}").grad_norm.shape == (1, 2)
+    assert len([a for a in reads if a[1] == "layer"]) == 60  # one per variable, not per layer asked
+
+
 def test_another_open_of_the_same_file_version_shares_the_read(run_path, layout) -> None:
     with open_run(run_path) as run, open_run(run_path) as again:
         assert again.activations("dense") is run.activations("dense")

@@ -328,6 +328,7 @@ class Run:
             self._layers, self._variables, self._ics, self._batch_ids = self._read_index()
             self._by_name = {info.name: info for info in self._layers}
             self._by_name.update({info.id: info for info in self._layers})
+            self._owners: dict[str, str] | None = None  # variable -> its layer, read on first use
             self._length = 0
             self._batch_length = 0
             self.refresh()
@@ -702,23 +703,24 @@ class Run:
     def variable_names(self) -> list[str]:
         return list(self._variables)
 
+    def _variable_owners(self) -> dict[str, str]:
+        # Read once: looking every variable's layer up again for each layer was quadratic
+        # (NASNetMobile's 742 variables: 36 s of the app's Gradients tab).
+        if self._owners is None:
+            self._owners = {
+                name: str(self._attribute(f"variables/{vid}", "layer"))
+                for name, vid in self._variables.items()
+            }
+        return self._owners
+
     @property
     def trainable_layers(self) -> list[str]:
         """Layers that own trainable variables, in model order."""
-        layers: list[str] = []
-        for vid in self._variables.values():
-            layer = str(self._attribute(f"variables/{vid}", "layer"))
-            if layer not in layers:
-                layers.append(layer)
-        return layers
+        return list(dict.fromkeys(self._variable_owners().values()))
 
     def variables_of(self, layer: str) -> list[str]:
         """Names of the trainable variables owned by a layer."""
-        return [
-            name
-            for name, vid in self._variables.items()
-            if self._attribute(f"variables/{vid}", "layer") == layer
-        ]
+        return [name for name, owner in self._variable_owners().items() if owner == layer]
 
     def gradients(self, name: str) -> GradientStats:
         """Gradient statistics of a variable, or of every variable of a layer."""
