@@ -7,6 +7,7 @@ not record says so in a `MissingDataError` (and `plot_runs` skips it with a note
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +72,12 @@ STYLE = {
     "savefig.bbox": "tight",
     "pdf.fonttype": 42,
 }
+# A panel of a log axis whose values were all recorded as 0 (a saturated softmax's gradients
+# under Keras's clipped cross-entropy): the values are there, unlike a probe without labels.
+ALL_ZERO_NOTE = "every value recorded\nis 0: a log axis\ncannot show it"
+# The drift comparison's bars: beyond this many, every n-th is labelled, about SHOWN_TICKS.
+MAX_NAMED_BARS = 24
+SHOWN_TICKS = 16
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 
 
@@ -520,19 +527,24 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
     for i, (label, scores) in enumerate(summaries.items()):
         values = [scores.get(names.get(label, ""), np.nan) for _, names in pairs]
         ax.bar(x + i * width - 0.4 + width / 2, values, width, color=_color(i), label=label)
-    ticks = (
-        [
+    every = 1 if len(pairs) <= MAX_NAMED_BARS else math.ceil(len(pairs) / SHOWN_TICKS)
+    if by == "role" and every == 1:
+        ticks = [
             # Up to two names on one line; more (runs of different models) one per line.
             role.replace("input of ", "")
             + "\n"
             + (" / " if len(set(names.values())) <= 2 else "\n").join(dict.fromkeys(names.values()))
             for role, names in pairs
         ]
-        if by == "role"
-        else [role for role, _ in pairs]
-    )
+    else:  # a deep model's hundreds of bars: every n-th one labelled, without its layers' names
+        ticks = [role.replace("input of ", "") for role, _ in pairs]
+    slanted = by == "name" or (every > 1 and not unpaired)  # names, not numbers: room to spare
     ax.set_xticks(
-        x, ticks, rotation=0 if by == "role" else 45, ha="center" if by == "role" else "right", fontsize=6
+        x[::every],
+        ticks[::every],
+        rotation=45 if slanted else 0,
+        ha="right" if slanted else "center",
+        fontsize=6,
     )
     _log_y(ax)
     ax.set(
@@ -543,10 +555,16 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
             else "How far each layer drifted, averaged over training"
         ),
     )
+    labelled = f"; every {_ordinal(every)} labelled" if every > 1 else ""
     if unpaired:
-        ax.set_xlabel("k-th nonlinearity of each run (its input; not paired: the runs differ in depth)")
+        ax.set_xlabel(
+            "k-th nonlinearity of each run (its input; not paired: the runs differ in depth"
+            + (f")\n{labelled[2:]}" if labelled else ")")
+        )
     elif by == "role":
-        ax.set_xlabel("nonlinearity (its input in each run)")
+        ax.set_xlabel(f"nonlinearity (its input in each run{labelled})")
+    elif every > 1:
+        ax.set_xlabel(f"layer (every {_ordinal(every)} named)")
     ax.legend(frameon=False)
     return fig
 
@@ -581,15 +599,18 @@ def _depth_panels(
         layers = layers_of(run)
         named = len(layers) <= 12
         in_panel = [False] * len(rows)
+        zeros = [False] * len(rows)  # values recorded, every one 0: not the same as none
         for k, layer in enumerate(layers):
             color = cmap(k / max(len(layers) - 1, 1))
             for row, (series_of, _, log) in enumerate(rows):
                 series = np.asarray(series_of(run, layer), float)
+                drawn[row] |= bool(np.isfinite(series).any())
                 if log:  # zeros (the first layer's gradient shift) have no place on a log axis
+                    zeros[row] |= bool((series == 0).any())
                     series = np.where(series > 0, series, np.nan)
                 if not np.isfinite(series).any():
                     continue
-                drawn[row] = in_panel[row] = True
+                in_panel[row] = True
                 point = {"marker": "o", "markersize": 2} if np.isfinite(series).sum() < 2 else {}
                 axes[row, col].plot(run.epochs, series, color=color, linewidth=1.0, **point)
                 if named:
@@ -612,7 +633,7 @@ def _depth_panels(
                 axes[row, col].text(
                     0.5,
                     0.5,
-                    notes[row],
+                    ALL_ZERO_NOTE if zeros[row] else notes[row],
                     transform=axes[row, col].transAxes,
                     ha="center",
                     va="center",

@@ -416,6 +416,30 @@ def test_a_run_of_one_capture_draws_its_gradient_norms_and_says_it_has_no_update
     assert set(heat["t0"]) == {0.4 - 0.5} and set(heat["t1"]) == {0.4 + 0.5}
 
 
+def test_gradient_norms_recorded_as_zero_are_said_to_be_zero(tmp_path) -> None:
+    """A saturated softmax under Keras's clipped cross-entropy: every gradient norm is 0, which a
+    log axis cannot show; the page says so rather than that none was recorded."""
+    from conftest import tiny_capture, tiny_layout
+    from icsviz.store.writer import RunWriter
+
+    layout = tiny_layout()
+    with RunWriter.create(tmp_path / "flat.h5", layout, {"run_name": "flat"}) as writer:
+        for step in (0, 10):
+            capture = tiny_capture(layout, step, kind="start" if step == 0 else "epoch")
+            capture.grad_norm[:] = 0.0
+            writer.write_capture(capture)
+        writer.write_epoch(0, {"loss": 1.0})
+    at = open_tab(app_for(tmp_path).run(), "Gradients")
+    assert not at.exception, [e.value for e in at.exception]
+    assert [shown(c.value) for c in at.caption if "log axis" in c.value] == [
+        "flat: every gradient norm recorded is 0, which a log axis cannot show (the loss does not "
+        "reach the weights: a saturated softmax, for one)."
+    ]
+    assert not any("no labels" in info.value for info in at.info)
+    (ratios,) = frames_with(at, "layer", "epoch", "update_ratio")
+    assert (ratios["update_ratio"] > 0).all()  # the update ratio is drawn
+
+
 def test_the_drift_summary_leaves_out_a_run_of_one_capture_and_says_so(tmp_path) -> None:
     from conftest import tiny_capture, tiny_layout
     from icsviz.store.writer import RunWriter

@@ -91,9 +91,12 @@ def test_plot_follows_the_chosen_layer_in_the_ioffe_figures(shipped, tmp_path) -
     assert any(n.startswith("ioffe_fig1: skipped,") and "no captured layer 'nope'" in n for n in notes), notes
 
 
-def _run_with_history(path: Path, layout, metrics: dict[str, float], epochs: int = 3):
+def _run_with_history(path: Path, layout, metrics: dict[str, float], epochs: int = 3, labels: bool = True):
     with RunWriter.create(path, layout, {"run_name": path.stem}) as w:
-        w.write_capture(tiny_capture(layout, 0, kind="start"))
+        capture = tiny_capture(layout, 0, kind="start")
+        if not labels:  # a probe without labels: the capture records NaN gradients
+            capture.grad_norm[:] = np.nan
+        w.write_capture(capture)
         for epoch in range(epochs):
             w.write_epoch(epoch, {name: value + epoch / 10 for name, value in metrics.items()})
     return open_run(path)
@@ -206,7 +209,7 @@ def test_figures_of_several_runs_leave_out_one_without_the_data_and_say_why(
 def test_gradients_figure_says_what_a_blank_panel_lacks_and_keeps_each_runs_epochs(
     shipped, tmp_path, layout
 ) -> None:
-    one = _run_with_history(tmp_path / "one.h5", layout, {"loss": 1.0})  # one capture, no gradients yet
+    one = _run_with_history(tmp_path / "one.h5", layout, {"loss": 1.0}, labels=False)  # one capture
     fig = figure_gradients({"bn": shipped["bn"], "one": one})
     (bn_grad, one_grad), (bn_update, one_update) = np.array(fig.axes[:4]).reshape(2, 2)
     assert [t.get_text() for t in one_update.texts] == ["no update ratio:\nit needs two\ncaptures"]
@@ -428,7 +431,7 @@ def test_drift_comparison_pairs_twins_by_role_and_shows_runs_of_different_depths
 
 
 def test_a_deep_run_gets_layer_figures_for_its_most_drifted_layers(tmp_path, layout) -> None:
-    from icsviz.plots import MAX_LAYER_FIGURES, MOST_DRIFTED, figure_drift_matrix
+    from icsviz.plots import MAX_LAYER_FIGURES, MOST_DRIFTED, figure_drift_comparison, figure_drift_matrix
 
     # 40 layers, layer k drifting k times as fast (tiny_capture's mean moves with `value`).
     deep = dataclasses.replace(
@@ -458,6 +461,26 @@ def test_a_deep_run_gets_layer_figures_for_its_most_drifted_layers(tmp_path, lay
         assert [t.get_text() for t in ax.get_yticklabels()][:3] == ["d0", "d2", "d4"]
         assert ax.get_ylabel() == "layer (every 2nd named)"
         assert fig.get_supxlabel() == ""  # every layer has a score: nothing to explain
+        # The drift comparison's 40 bars: every 3rd named, not 40 names run together.
+        ax = figure_drift_comparison({"deep": run}, by="name").axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()][:3] == ["d0", "d3", "d6"]
+        assert len(ax.get_xticklabels()) == 14 and ax.get_xlabel() == "layer (every 3rd named)"
+    plt.close("all")
+
+
+def test_gradients_recorded_as_zero_are_told_apart_from_gradients_never_recorded(tmp_path, layout) -> None:
+    from icsviz.plots import ALL_ZERO_NOTE
+
+    path = tmp_path / "saturated.h5"  # every gradient 0, as from a saturated softmax
+    with RunWriter.create(path, layout, {"run_name": "saturated"}) as w:
+        for step in range(0, 30, 10):
+            capture = tiny_capture(layout, step, kind="start" if step == 0 else "epoch")
+            capture.grad_norm[:] = 0.0
+            w.write_capture(capture)
+    with open_run(path) as run:
+        (grad, update) = figure_gradients({"saturated": run}).axes[:2]
+        assert [t.get_text() for t in grad.texts] == [ALL_ZERO_NOTE]
+        assert len(update.lines) == 1  # the update ratio is there, drawn
     plt.close("all")
 
 

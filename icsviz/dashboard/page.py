@@ -521,6 +521,11 @@ def gradients(keys: tuple[Key, ...], labels: tuple[str, ...]) -> None:
             for field, what in (("grad_norm", "gradient norm"), ("update_ratio", "update ratio")):
                 if (part[field] > 0).any():  # what a log axis can show
                     draw(charts.gradient_chart, part, field, f"{label}: {what}")
+                elif (part[field] == 0).any():  # recorded, and 0: the loss does not reach the weights
+                    st.caption(
+                        f"{plain(label)}: every {what} recorded is 0, which a log axis cannot show "
+                        "(the loss does not reach the weights: a saturated softmax, for one)."
+                    )
                 else:  # a run that diverged at once, or has one capture (no update yet)
                     st.caption(f"{plain(label)}: no finite, positive {what} recorded, nothing to draw.")
     if not ics.empty:
