@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -9,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +49,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def _app_page(port: int, height: int) -> Iterator[Any]:
+    """The app on localhost:`port`, loaded in headless Chromium, 1400 pixels wide."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": height})
+        page.goto(f"http://127.0.0.1:{port}/", timeout=60000)
+        yield page
+        browser.close()
+
+
 def _wait_for_health(server: subprocess.Popen, port: int) -> None:
     deadline = time.time() + 90
     while True:
@@ -61,12 +77,7 @@ def _wait_for_health(server: subprocess.Popen, port: int) -> None:
 
 def _page_text(port: int, screenshot: Path) -> str:
     """Load the app in Chromium, wait until charts are drawn, screenshot it, return its text."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 2200})
-        page.goto(f"http://127.0.0.1:{port}/", timeout=60000)
+    with _app_page(port, 2200) as page:
         page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
         page.wait_for_function(
             "document.querySelectorAll(\"[data-testid='stVegaLiteChart'] canvas, "
@@ -77,7 +88,6 @@ def _page_text(port: int, screenshot: Path) -> str:
         page.screenshot(path=str(screenshot), full_page=True)
         assert page.locator("[data-testid='stException']").count() == 0
         text = page.inner_text("body")
-        browser.close()
     assert screenshot.stat().st_size > 20000
     return text
 
@@ -199,7 +209,6 @@ def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path)
     """A folder of a sweep: the catalogue written by another process is used, and clicking rows
     of the table replaces the compared runs."""
     _browser_or_skip()
-    from playwright.sync_api import sync_playwright
 
     from icsviz.store.catalog import scan_runs
 
@@ -227,10 +236,7 @@ def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path)
 
     try:
         _wait_for_health(server, port)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 1600})
-            page.goto(f"http://127.0.0.1:{port}/", timeout=60000)
+        with _app_page(port, 1600) as page:
             page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
             # The sidebar's chips are drawn by their own React tree: on a loaded machine they can
             # come a moment after the first chart (seen once in CI), so wait for them too.
@@ -251,7 +257,6 @@ def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path)
             time.sleep(2.0)
             page.screenshot(path=str(tmp_path / "sweep.png"), full_page=False)
             assert page.locator("[data-testid='stException']").count() == 0
-            browser.close()
     finally:
         server.terminate()
         server.wait(30)
@@ -261,7 +266,6 @@ def test_a_folder_of_deep_runs_never_read_says_it_is_reading_them(tmp_path) -> N
     """Reading a deep model's run for the first time takes seconds (its check reads every byte):
     the page says so while it waits, then draws the runs."""
     _browser_or_skip()
-    from playwright.sync_api import sync_playwright
 
     from conftest import tiny_capture
     from icsviz.dashboard.entry import READING_NOTE
@@ -289,10 +293,7 @@ def test_a_folder_of_deep_runs_never_read_says_it_is_reading_them(tmp_path) -> N
     server = _icsviz_app(folder, port, cwd=tmp_path)
     try:
         _wait_for_health(server, port)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/", timeout=60000)
+        with _app_page(port, 900) as page:
             spinner = page.wait_for_selector("[data-testid='stSpinner']", timeout=60000)
             assert READING_NOTE.split(":")[0] in spinner.inner_text()
             page.wait_for_selector("[data-testid='stVegaLiteChart']", timeout=90000)
@@ -300,7 +301,6 @@ def test_a_folder_of_deep_runs_never_read_says_it_is_reading_them(tmp_path) -> N
             text = page.inner_text("body")
             assert "deep-a.h5" in text and "deep-b.h5" in text
             assert page.locator("[data-testid='stException']").count() == 0
-            browser.close()
     finally:
         server.terminate()
         server.wait(30)
