@@ -165,15 +165,18 @@ def test_each_variables_layer_is_read_once_however_many_layers_ask(tmp_path, lay
     path = tmp_path / "deep.h5"
     with RunWriter.create(path, deep, {"run_name": "deep"}) as w:
         w.write_capture(tiny_capture(deep, 0))
-    reads = []
-    original = Run._attribute
-    monkeypatch.setattr(Run, "_attribute", lambda self, *a: reads.append(a) or original(self, *a))
+    reads, groups = [], []
+    attribute, read_groups = Run._attribute, Run._groups
+    monkeypatch.setattr(Run, "_attribute", lambda self, *a: reads.append(a) or attribute(self, *a))
+    monkeypatch.setattr(Run, "_groups", lambda self, root: groups.append(root) or read_groups(self, root))
     with open_run(path) as run:
         assert run.trainable_layers == [f"d{k}" for k in range(30)]
         for k in range(30):
             assert run.variables_of(f"d{k}") == [f"d{k}/kernel", f"d{k}/bias"]
             assert run.gradients(f"d{k}").grad_norm.shape == (1, 2)
-    assert len([a for a in reads if a[1] == "layer"]) == 60  # one per variable, not per layer asked
+    # The 60 variables' attributes are read once, with the run's index, not per layer asked.
+    assert groups.count("variables") == 1
+    assert not [a for a in reads if a[1] == "layer"]
 
 
 def test_another_open_of_the_same_file_version_shares_the_read(run_path, layout) -> None:
@@ -203,9 +206,13 @@ def test_an_index_record_is_used_only_when_it_holds_every_field(run_path) -> Non
     }
     reader._INDEXES.clear()
     assert not reader.seed_index(run_path, (), lambda: stale)  # kept before value_sample: the file is read
+    assert record["variable_layers"] == {"dense/kernel": "dense", "dense/bias": "dense"}
+    before_owners = {k: v for k, v in record.items() if k != "variable_layers"}
+    assert not reader.seed_index(run_path, (), lambda: before_owners)  # kept before them: read
     assert reader.seed_index(run_path, (), lambda: record)
     with open_run(run_path) as run:
         assert run.layer(run.layer_names[0]) == expected
+        assert run.variables_of("dense") == ["dense/kernel", "dense/bias"]
 
 
 def test_the_accuracy_is_found_whatever_keras_named_it() -> None:

@@ -213,6 +213,7 @@ def index_record(run: Run) -> dict[str, Any] | None:
         "version": _version_json(run._version),
         "layers": [dataclasses.asdict(info) for info in run._layers],
         "variables": run._variables,
+        "variable_layers": run._owners,
         "ics": run._ics,
         "batches": run._batch_ids,
     }
@@ -246,7 +247,9 @@ def seed_index(path: str | os.PathLike[str], skip: Iterable[str], read_record: C
             for item in record["layers"]
         ]
         groups = [
-            {str(k): str(v) for k, v in record[part].items()} for part in ("variables", "ics", "batches")
+            {str(k): str(v) for k, v in record[part].items()}
+            # a record from before variable_layers was kept: stale (KeyError), the file is read
+            for part in ("variables", "variable_layers", "ics", "batches")
         ]
     except (KeyError, TypeError, ValueError, AttributeError):
         return False  # a record of another shape (edited, or from another icsviz): the file is read
@@ -325,10 +328,9 @@ class Run:
             with reading(self.path, "the file's attributes"):
                 self._check_schema()
             self._version = _file_version(self.path, self._skip)
-            self._layers, self._variables, self._ics, self._batch_ids = self._read_index()
+            self._layers, self._variables, self._owners, self._ics, self._batch_ids = self._read_index()
             self._by_name = {info.name: info for info in self._layers}
             self._by_name.update({info.id: info for info in self._layers})
-            self._owners: dict[str, str] | None = None  # variable -> its layer, read on first use
             self._length = 0
             self._batch_length = 0
             self.refresh()
@@ -350,8 +352,11 @@ class Run:
                 "Upgrade icsviz to read it."
             )
 
-    def _read_index(self) -> tuple[list[LayerInfo], dict[str, str], dict[str, str], dict[str, str]]:
-        """The layers and the groups of variables, gradient shift and batch rows.
+    def _read_index(
+        self,
+    ) -> tuple[list[LayerInfo], dict[str, str], dict[str, str], dict[str, str], dict[str, str]]:
+        """The layers, the groups of variables and each variable's layer, and the groups of
+        gradient shift and batch rows.
 
         Reading them means every group's attributes (about 50 ms for the reference CNN);
         they are kept per file version, so that opening the same file again, as the
@@ -359,15 +364,19 @@ class Run:
         """
         found = _INDEXES.get(self._version)
         if found is None:
+            variables = self._groups("variables")
             found = (
                 self._read_layers(),
-                self._read_groups("variables"),
+                {str(attrs["name"]): gid for gid, attrs in variables},
+                # Kept with the index: a layer's variables looked up by reading every variable's
+                # attribute again made a deep model's gradients quadratic (NASNetMobile: 36 s).
+                {str(attrs["name"]): str(attrs["layer"]) for _, attrs in variables},
                 self._read_groups("ics"),
                 self._read_batch_groups(),
             )
             _keep_index(self._version, found)
-        layers, variables, ics, batches = found
-        return list(layers), dict(variables), dict(ics), dict(batches)
+        layers, variables, owners, ics, batches = found
+        return list(layers), dict(variables), dict(owners), dict(ics), dict(batches)
 
     def _groups(self, root: str) -> list[tuple[str, Any]]:
         """(id, attributes) of the groups under `root` but those in `skip`, in index order."""
@@ -703,24 +712,14 @@ class Run:
     def variable_names(self) -> list[str]:
         return list(self._variables)
 
-    def _variable_owners(self) -> dict[str, str]:
-        # Read once: looking every variable's layer up again for each layer was quadratic
-        # (NASNetMobile's 742 variables: 36 s of the app's Gradients tab).
-        if self._owners is None:
-            self._owners = {
-                name: str(self._attribute(f"variables/{vid}", "layer"))
-                for name, vid in self._variables.items()
-            }
-        return self._owners
-
     @property
     def trainable_layers(self) -> list[str]:
         """Layers that own trainable variables, in model order."""
-        return list(dict.fromkeys(self._variable_owners().values()))
+        return list(dict.fromkeys(self._owners.values()))
 
     def variables_of(self, layer: str) -> list[str]:
         """Names of the trainable variables owned by a layer."""
-        return [name for name, owner in self._variable_owners().items() if owner == layer]
+        return [name for name, owner in self._owners.items() if owner == layer]
 
     def gradients(self, name: str) -> GradientStats:
         """Gradient statistics of a variable, or of every variable of a layer."""
