@@ -57,14 +57,18 @@ def _first_entries(runs: FolderCatalog, chosen: Sequence[str]) -> list[RunEntry]
     for the first time opens on its first runs, read now, two at once until there is a pair
     to show; the others are read in the background once the page is drawn (`run_app`)."""
     entries = runs.entries(background=False)
-    if not any(e.pending for e in entries):
-        return entries
+    pending = [e.file for e in entries if e.pending]
+    chosen_pending = [name for name in chosen if name in pending]
+    if not chosen_pending and (not pending or len(default_selection(entries)) >= 2):
+        return entries  # nothing to read now (the background reader reads the rest)
     # A file is read whole once, its check reading every byte: a second or more for a deep
     # model's run. Streamlit shows the spinner only if that takes over half a second.
     with st.spinner(READING_NOTE, show_time=True):
-        runs.read_now(list(chosen))
-        entries = runs.entries(background=False)
-        pending = [e.file for e in entries if e.pending][:FIRST_READ]
+        if chosen_pending:
+            runs.read_now(chosen_pending)
+            entries = runs.entries(background=False)
+            pending = [e.file for e in entries if e.pending]
+        pending = pending[:FIRST_READ]
         while pending and len(default_selection(entries)) < 2:
             runs.read_now(pending[:2])
             pending = pending[2:]
