@@ -565,8 +565,22 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
         ax.set_xlabel(f"nonlinearity (its input in each run{labelled})")
     elif every > 1:
         ax.set_xlabel(f"layer (every {_ordinal(every)} named)")
-    ax.legend(frameon=False)
+    _legend_clear_of(ax, ax.patches)
     return fig
+
+
+def _legend_clear_of(ax: plt.Axes, artists: Sequence[Any]) -> None:
+    """The legend where matplotlib finds room, or beside the axes where every corner holds a
+    bar (a deep run's hundreds of them): a legend drawn over data hides it."""
+    legend = ax.legend(frameon=False)
+    renderer = ax.figure.canvas.get_renderer()
+    ax.figure.draw_without_rendering()  # the constrained layout settles where everything goes
+    box = legend.get_window_extent(renderer)
+    if any(box.overlaps(artist.get_window_extent(renderer)) for artist in artists):
+        legend.remove()  # above the axes instead, the runs in one row: the layout makes room
+        ax.figure.legend(
+            frameon=False, loc="outside upper center", ncols=min(4, len(ax.get_legend_handles_labels()[0]))
+        )
 
 
 # ---------------------------------------------------------------- gradients

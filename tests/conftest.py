@@ -68,6 +68,24 @@ def tiny_layout(units: int = 4, bins: int = 8) -> RunLayout:
     )
 
 
+def deep_layout(depth: int, units: int = 4, bins: int = 8) -> RunLayout:
+    """`depth` Dense layers `d0`, `d1`, ..., each with a kernel and a bias: a deep model's run,
+    its numbers from `tiny_capture`."""
+    return RunLayout(
+        layers=tuple(
+            LayerSpec(f"d{k}", "Dense", "linear", (units,), units, (0, units - 1), 64, 16, 64)
+            for k in range(depth)
+        ),
+        variables=tuple(
+            VariableSpec(f"d{k}/{part}", f"d{k}", (3, units) if part == "kernel" else (units,))
+            for k in range(depth)
+            for part in ("kernel", "bias")
+        ),
+        ics_layers=(),
+        hist_bins=bins,
+    )
+
+
 def tiny_capture(layout: RunLayout, step: int, value: float = 1.0, kind: str = "step") -> Capture:
     """A capture whose every number is derived from `step` and `value`."""
     layers = []

@@ -267,23 +267,13 @@ def test_a_folder_of_deep_runs_never_read_says_it_is_reading_them(tmp_path) -> N
     the page says so while it waits, then draws the runs."""
     _browser_or_skip()
 
-    from conftest import tiny_capture
+    from conftest import deep_layout, tiny_capture
     from icsviz.dashboard.entry import READING_NOTE
-    from icsviz.store.schema import LayerSpec, RunLayout, VariableSpec
     from icsviz.store.writer import RunWriter
 
     folder = tmp_path / "deep"
     folder.mkdir()
-    units = 4
-    layout = RunLayout(
-        layers=tuple(
-            LayerSpec(f"dense_{i}", "Dense", "linear", (units,), units, (0, units - 1), 64, 16, 64)
-            for i in range(400)  # some 5,000 datasets: a second or more to check on these machines
-        ),
-        variables=(VariableSpec("dense_0/kernel", "dense_0", (3, units)),),
-        ics_layers=(),
-        hist_bins=8,
-    )
+    layout = deep_layout(400)  # some 6,000 datasets: a second or more to check on these machines
     with RunWriter.create(folder / "deep-a.h5", layout, {"run_name": "deep-a"}) as writer:
         for step in range(3):
             writer.write_capture(tiny_capture(layout, step))

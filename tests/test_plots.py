@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from conftest import tiny_capture
+from conftest import deep_layout, tiny_capture
 from icsviz import MissingDataError, analysis, open_run
 from icsviz.plots import (
     figure_accuracy,
@@ -430,13 +430,11 @@ def test_drift_comparison_pairs_twins_by_role_and_shows_runs_of_different_depths
     assert np.isnan(heights["shallow"][2])  # the shallow run has no third nonlinearity
 
 
-def test_a_deep_run_gets_layer_figures_for_its_most_drifted_layers(tmp_path, layout) -> None:
+def test_a_deep_run_gets_layer_figures_for_its_most_drifted_layers(tmp_path) -> None:
     from icsviz.plots import MAX_LAYER_FIGURES, MOST_DRIFTED, figure_drift_comparison, figure_drift_matrix
 
     # 40 layers, layer k drifting k times as fast (tiny_capture's mean moves with `value`).
-    deep = dataclasses.replace(
-        layout, layers=tuple(dataclasses.replace(layout.layers[0], name=f"d{k}") for k in range(40))
-    )
+    deep = deep_layout(40)
     path = tmp_path / "deep.h5"
     with RunWriter.create(path, deep, {"run_name": "deep"}) as w:
         for step in range(0, 40, 10):
@@ -501,3 +499,48 @@ def test_the_drift_matrix_says_what_a_cell_without_a_score_is(tmp_path, layout) 
         assert fig.get_supxlabel().startswith("Hatched: no score (a layer constant at step 0")
         assert fig.axes[0].patch.get_hatch() == "////"
     plt.close("all")
+
+
+def _legend_boxes(fig) -> list:
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()] + list(fig.legends)
+    return [legend.get_window_extent(renderer) for legend in legends]
+
+
+def _bars_under(fig, box) -> int:
+    renderer = fig.canvas.get_renderer()
+    return sum(box.overlaps(bar.get_window_extent(renderer)) for bar in fig.axes[0].patches)
+
+
+def test_the_drift_comparisons_legend_never_hides_a_bar(tmp_path, shipped) -> None:
+    from icsviz.plots import figure_drift_comparison
+
+    # Two deep runs, one drifting more layer by layer, the other less: tall bars in both upper
+    # corners, where matplotlib's "best" place put the legend over them.
+    layout = deep_layout(40)
+    runs = {}
+    for label, rate in (("rising", lambda k: k + 1), ("falling", lambda k: 40 - k)):
+        with RunWriter.create(tmp_path / f"{label}.h5", layout, {"run_name": label}) as w:
+            for step in range(0, 40, 10):
+                capture = tiny_capture(layout, step, kind="start" if step == 0 else "epoch")
+                for k, layer in enumerate(capture.layers):
+                    layer.hist_edges[:] = np.linspace(-1, 1, len(layer.hist_edges)) + step * rate(k) / 10
+                    layer.moments[0] = step * rate(k) / 10
+                w.write_capture(capture)
+        runs[label] = open_run(tmp_path / f"{label}.h5")
+    try:
+        fig = figure_drift_comparison(runs, by="name")
+        (box,) = _legend_boxes(fig)
+        assert fig.axes[0].get_legend() is None and len(fig.legends) == 1  # above the axes
+        assert [t.get_text() for t in fig.legends[0].get_texts()] == ["rising", "falling"]
+        assert _bars_under(fig, box) == 0 and box.y0 >= fig.axes[0].get_window_extent().y1
+        # Where the axes have room, the legend stays in them, clear of the bars.
+        twins = figure_drift_comparison(shipped)
+        (box,) = _legend_boxes(twins)
+        assert twins.axes[0].get_legend() is not None and not twins.legends
+        assert _bars_under(twins, box) == 0
+    finally:
+        for run in runs.values():
+            run.close()
+        plt.close("all")

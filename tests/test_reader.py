@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import tiny_capture
+from conftest import deep_layout, tiny_capture
 from icsviz import SCHEMA_VERSION, MissingDataError, RunFileError, SchemaVersionError, open_run
 from icsviz.store.writer import RunWriter
 
@@ -146,22 +146,12 @@ def test_activations_are_read_once_per_committed_length_and_read_only(run_path) 
         assert first.counts[0, 0] != 99
 
 
-def test_each_variables_layer_is_read_once_however_many_layers_ask(tmp_path, layout, monkeypatch) -> None:
-    import dataclasses
-
+def test_each_variables_layer_is_read_once_however_many_layers_ask(tmp_path, monkeypatch) -> None:
     from icsviz.store.reader import Run
-    from icsviz.store.schema import VariableSpec
 
     # 30 layers of two variables each: finding each layer's by reading every variable's
     # attribute again made a deep model's Gradients tab quadratic (36 s for NASNetMobile).
-    deep = dataclasses.replace(
-        layout,
-        variables=tuple(
-            VariableSpec(f"d{k}/{part}", f"d{k}", (3, 4) if part == "kernel" else (4,))
-            for k in range(30)
-            for part in ("kernel", "bias")
-        ),
-    )
+    deep = deep_layout(30)
     path = tmp_path / "deep.h5"
     with RunWriter.create(path, deep, {"run_name": "deep"}) as w:
         w.write_capture(tiny_capture(deep, 0))
