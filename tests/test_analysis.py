@@ -269,3 +269,85 @@ def test_roles_follow_the_recorded_graph_not_the_layer_order(tmp_path) -> None:
         roles = [(r.index, r.nonlinearity, r.layer) for r in nonlinearity_inputs(run)]
         # `out` fuses its softmax: recorded as out:preact and out, one role all the same.
         assert roles == [(1, "act", "first"), (2, "out", "out:preact")]
+
+
+def _recorded(model, x, y, path: Path):
+    import keras
+
+    from icsviz import ICSCallback
+
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[ICSCallback(path, probe=(x[:16], y[:16]))])
+    keras.backend.clear_session()
+    return open_run(path)
+
+
+def test_a_recurrent_layers_input_is_its_role_and_pairs_a_layernorm_twin(tmp_path) -> None:
+    import keras
+
+    from icsviz.analysis import nonlinearity_inputs, pair_layers, same_depth
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 5, 3)).astype("float32"), rng.integers(0, 2, 32)
+
+    def twin(norm: bool):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((5, 3))
+        h = keras.layers.LSTM(6, return_sequences=True, name="lstm1")(inputs)
+        if norm:
+            h = keras.layers.LayerNormalization(name="ln")(h)
+        h = keras.layers.LSTM(4, name="lstm2")(h)
+        return keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="out")(h))
+
+    runs = {"plain": _recorded(twin(False), x, y, tmp_path / "plain.h5")}
+    runs["ln"] = _recorded(twin(True), x, y, tmp_path / "ln.h5")
+    try:
+        # lstm1 is fed by the model's input, which is not recorded: no role. lstm2's gates are
+        # computed from its input, the tensor LayerNormalization normalizes in the twin.
+        assert [(r.nonlinearity, r.layer) for r in nonlinearity_inputs(runs["plain"])] == [
+            ("lstm2", "lstm1"),
+            ("out", "out:preact"),
+        ]
+        assert same_depth(runs)
+        assert pair_layers(runs, by="role")[0] == ("input of lstm2", {"plain": "lstm1", "ln": "ln"})
+    finally:
+        for run in runs.values():
+            run.close()
+
+
+def test_the_recorded_graph_goes_through_an_rnns_states_and_nested_models(tmp_path) -> None:
+    import keras
+    import model_zoo
+
+    from icsviz.analysis import nonlinearity_inputs
+
+    keras.utils.set_random_seed(0)
+    # A GRU returning its state, an LSTM returning two: each output is a tensor of its own.
+    with _recorded(*model_zoo.gru_with_states(), tmp_path / "states.h5") as run:
+        assert run.layer("lstm_state[0]").inputs == ("gru[0]",)  # the sequence, not the state
+        assert run.layer("lstm_state[2]").inputs == ("gru[0]",)
+        # Through the Concatenate, in its order.
+        assert run.layer("head:preact").inputs == (
+            "lstm_state[0]",
+            "lstm_state[1]",
+            "lstm_state[2]",
+            "gru[1]",
+        )
+        assert ("lstm_state", "gru[0]") in [(r.nonlinearity, r.layer) for r in nonlinearity_inputs(run)]
+    # A CNN run on every frame (TimeDistributed of a model), then an LSTM: the LSTM is fed by the
+    # nested model's last layer.
+    with _recorded(*model_zoo.time_distributed_cnn(), tmp_path / "clips.h5") as run:
+        assert run.layer("clip").inputs == ("frames/frame_fc",)
+    # A nested model called twice: its first layer is fed by what feeds its first call.
+    keras.utils.set_random_seed(0)
+    inner_in = keras.Input((4,))
+    block = keras.Model(inner_in, keras.layers.Dense(4, activation="tanh", name="d")(inner_in), name="block")
+    inputs = keras.Input((3,))
+    h = block(block(keras.layers.Dense(4, name="stem")(inputs)))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="out")(h))
+    rng = np.random.default_rng(0)
+    with _recorded(
+        model, rng.normal(size=(32, 3)).astype("float32"), rng.integers(0, 2, 32), tmp_path / "n.h5"
+    ) as run:
+        assert run.layer("block/d:preact").inputs == ("stem",)
+        assert run.layer("out:preact").inputs == ("block/d",)

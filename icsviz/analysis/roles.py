@@ -8,8 +8,12 @@ nonlinearity of one run with the input of the k-th nonlinearity of the other.
 
 A nonlinearity is an activation layer (its input is the captured tensor that
 feeds it: recorded in the run as the layer's `inputs` since 2026-11-25, the
-previous captured tensor in model order for older runs) or a fused activation
-(its input is recorded as `name:preact`).
+previous captured tensor in model order for older runs), a fused activation
+(its input is recorded as `name:preact`) or a recurrent layer. A recurrent
+layer's gates apply their sigmoids and tanh to pre-activations computed inside
+the time loop, which nothing records; what they are computed from, the layer's
+input, stands for them: the tensor a LayerNormalization before the layer
+normalizes, as BatchNormalization normalizes a Dense layer's output.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def nonlinearity_inputs(run: Run) -> list[Role]:
     names = {info.name for info in infos}
     roles: list[Role] = []
     preactivations: set[str] = set()  # recorded pre-activations, each a role already
+    recurrent: set[str] = set()  # recurrent layers seen (one role for all of a layer's states)
+    has_graph = any(info.inputs for info in infos)  # else a subclassed model's or an old run
     for i, info in enumerate(infos):
         if info.kind == "preactivation":
             roles.append(Role(len(roles) + 1, info.name.split(":preact")[0], info.name))
@@ -52,6 +58,14 @@ def nonlinearity_inputs(run: Run) -> list[Role]:
             # its pre-activation and its output: that nonlinearity has its role already.
             if source is not None and source not in preactivations:
                 roles.append(Role(len(roles) + 1, info.name, source))
+        elif info.kind == "recurrent":
+            layer = info.name.split("[")[0]  # an RNN's returned states are `name[1]`, ...: one layer
+            feeding = [name for name in info.inputs if name in names]
+            if not feeding and not has_graph and i > 0:
+                feeding = [infos[i - 1].name]  # a subclassed model: no graph, model order
+            if feeding and layer not in recurrent:
+                roles.append(Role(len(roles) + 1, layer, feeding[0]))
+            recurrent.add(layer)  # the first layer of a model has no captured input: no role
     return roles
 
 

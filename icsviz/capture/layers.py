@@ -339,42 +339,107 @@ def select_layers(
 
 
 def captured_inputs(
-    selection: Sequence[SelectedLayer], captured: Sequence[str]
+    model: Any, selection: Sequence[SelectedLayer], captured: Sequence[str]
 ) -> dict[str, tuple[str, ...]]:
     """For each captured tensor, the captured tensors that feed it in the model's graph.
 
     Walks back from each selected layer's first call through layers that are not
-    captured (Dropout, Flatten, pooling, ...). A fused layer's output is fed by its
-    own `:preact`. Layers outside a functional graph (subclassed models) get no
-    entry; analysis then falls back on model order.
+    captured (Dropout, Flatten, pooling, Concatenate, ...), into nested models (a nested
+    model's output is its last layer's) and out of them (a nested model's input is what
+    fed its first call). A layer of several outputs is recorded as `name[k]`: the one
+    used is named. A fused layer's output is fed by its own `:preact`. Layers outside a
+    functional graph (subclassed models) get no entry; analysis then falls back on model
+    order.
     """
-    by_layer = {id(s.layer): s for s in selection}
+    by_operation = {id(s.layer): s for s in selection}
     names = set(captured)
+    try:
+        entries = _nested_entries(model)
+    except Exception:  # noqa: BLE001 - Keras internals: nested models' inputs then lead nowhere
+        entries = {}
     out: dict[str, tuple[str, ...]] = {}
     for selected in selection:
         try:
             nodes = selected.layer._inbound_nodes
             if not nodes:
                 continue
-            found: list[str] = []
-            queue, seen = list(nodes[0].parent_nodes), set()
-            while queue:
-                parent = queue.pop(0)
-                if id(parent) in seen:
-                    continue
-                seen.add(id(parent))
-                owner = by_layer.get(id(parent.operation))
-                if owner is not None and owner.name in names:
-                    if owner.name not in found:
-                        found.append(owner.name)
-                else:
-                    queue.extend(parent.parent_nodes)
+            found = _captured_sources(list(nodes[0].input_tensors), by_operation, names, entries)
         except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
             continue
         preact = f"{selected.name}:preact"
         if preact in names:
             out[preact] = tuple(found)
             out[selected.name] = (preact,)
-        else:
+        elif selected.name in names:
             out[selected.name] = tuple(found)
+        else:  # a layer of several outputs (an RNN's states): each is fed by what feeds the layer
+            out.update({name: tuple(found) for name in names if _is_output_of(name, selected.name)})
     return out
+
+
+def _is_output_of(name: str, layer: str) -> bool:
+    return name.startswith(f"{layer}[") and name.endswith("]") and name[len(layer) + 1 : -1].isdigit()
+
+
+def _captured_sources(
+    tensors: list[Any], by_operation: dict[int, SelectedLayer], names: set[str], entries: dict[int, Any]
+) -> list[str]:
+    """The captured tensors that `tensors` come from, nearest first."""
+    found: list[str] = []
+    queue, seen = list(tensors), set()
+    while queue:
+        tensor = queue.pop(0)
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) in entries:  # a nested model's input: what fed the model
+            queue.append(entries[id(tensor)])
+            continue
+        history = getattr(tensor, "_keras_history", None)
+        if history is None:
+            continue
+        operation, node_index, tensor_index = history
+        selected = by_operation.get(id(operation))
+        name = None if selected is None else _output_name(selected.name, tensor_index, names)
+        if name is not None:
+            if name not in found:
+                found.append(name)
+            continue
+        inner = operation if _is_model(operation) else _wrapped(operation)
+        if inner is not None and _is_model(inner):  # a nested model's output: its own graph's
+            queue.append(_flat(inner.outputs)[tensor_index])
+            continue
+        nodes = getattr(operation, "_inbound_nodes", [])
+        if node_index < len(nodes):
+            queue.extend(nodes[node_index].input_tensors)
+    return found
+
+
+def _output_name(name: str, index: int, names: set[str]) -> str | None:
+    """The recorded name of output `index` of the layer recorded as `name`, if recorded."""
+    if f"{name}[{index}]" in names:
+        return f"{name}[{index}]"
+    return name if name in names else None
+
+
+def _nested_entries(model: Any) -> dict[int, Any]:
+    """For the input tensors of every nested model (and every model a TimeDistributed wraps),
+    the tensor that feeds it at the model's first call: id -> tensor."""
+    entries: dict[int, Any] = {}
+    for layer in _members(model):
+        inner = layer if _is_model(layer) else _wrapped(layer)
+        if inner is None or not _is_model(inner):
+            continue
+        nodes = getattr(layer, "_inbound_nodes", [])
+        if nodes:
+            inputs, fed = _flat(inner.inputs), list(nodes[0].input_tensors)
+            if len(inputs) == len(fed):
+                entries.update({id(a): b for a, b in zip(inputs, fed)})
+        entries.update(_nested_entries(inner))
+    return entries
+
+
+def _flat(tensors: Any) -> list[Any]:
+    if isinstance(tensors, dict):
+        return list(tensors.values())
+    return list(tensors) if isinstance(tensors, (list, tuple)) else [tensors]

@@ -161,7 +161,7 @@ class CaptureProgram:
             for v, owner in zip(self.trainable, self._owner)
         )
         names = [t.name for t in self.traced]
-        inputs = captured_inputs(self.selection, names)
+        inputs = captured_inputs(self.model, self.selection, names)
         return RunLayout(
             layers=tuple(dataclasses.replace(t.spec(), inputs=inputs.get(t.name, ())) for t in self.traced),
             variables=variables,

@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 STALE_AFTER_S = 300  # a "training" file untouched this long was probably killed
-CATALOG_VERSION = 3  # 3: the final accuracy is the last validated epoch's (validation_freq)
+CATALOG_VERSION = 4  # 4: recurrent layers count among the nonlinearities (the drift score); 3: the final accuracy is the last validated epoch's (validation_freq)
 _SAVE_EVERY_S = 2.0  # the background reader saves its progress this often
 
 
