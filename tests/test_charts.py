@@ -144,6 +144,35 @@ def test_many_layers_are_coloured_by_depth_not_named_one_by_one() -> None:
     assert color["legend"]["values"] == [0, 200] and many["encoding"]["detail"]["field"] == "layer"
 
 
+def test_a_chart_is_as_tall_as_its_legends() -> None:
+    """Streamlit draws a chart at its spec's height and cuts off what does not fit: a gradient
+    shift chart of 5 layers and 2 runs lost its last run's name at 240 pixels (Chromium)."""
+
+    def frame(layers: int, runs: int) -> pd.DataFrame:
+        rows = [(r, k) for r in "abcdef"[:runs] for k in range(layers) for _ in range(2)]
+        return pd.DataFrame(
+            {
+                "run": [r for r, _ in rows],
+                "layer": [f"d{k}" for _, k in rows],
+                "order": [k for _, k in rows],
+                "epoch": [0.0, 1.0] * (len(rows) // 2),
+                "grad_norm": 0.5,
+                "grad_diff": 0.1,
+            }
+        )
+
+    # Heights measured in headless Chromium where every name showed.
+    assert charts.ics_chart(frame(1, 1), "grad_diff", "d")["height"] == 240  # room to spare
+    assert charts.ics_chart(frame(5, 2), "grad_diff", "d")["height"] >= 284
+    twelve = charts.ics_chart(frame(12, 3), "grad_diff", "d")["height"]
+    assert twelve >= charts.ics_chart(frame(5, 2), "grad_diff", "d")["height"] + 7 * 20 + 20
+    assert charts.gradient_chart(frame(3, 1), "grad_norm", "a")["height"] == 260
+    assert charts.gradient_chart(frame(12, 1), "grad_norm", "a")["height"] >= 320
+    # Beyond 12 layers a depth scale: its height no longer grows with the layers.
+    depth = charts.gradient_chart(frame(40, 1), "grad_norm", "a")["height"]
+    assert depth == charts.gradient_chart(frame(400, 1), "grad_norm", "a")["height"] >= 300
+
+
 def test_gradients_leave_zeros_off_the_log_axis() -> None:
     frame = pd.DataFrame(
         {"run": "a", "layer": ["d"] * 3, "order": 0, "epoch": [0.0, 1.0, 2.0], "grad_norm": [0.0, 0.5, 0.25]}

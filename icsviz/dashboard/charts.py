@@ -477,11 +477,27 @@ def gradient_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
             "tooltip": [_n("layer"), _q("epoch", format=".2f"), _q(field, format=".3g")],
         },
         title=title,
-        height=260,
+        height=max(260, _CHART_TITLE + _legend_height(shown)),  # 12 layers' names need 320
     )
 
 
+def _legend_height(df: pd.DataFrame) -> int:
+    """Pixels that the layer legend takes as Streamlit draws it: a title, then a row per named
+    layer, or the depth scale's gradient (200 pixels long by default) and its labels."""
+    layers = df["layer"].nunique()
+    return _LEGEND_TITLE + (_LEGEND_ROW * layers if layers <= _NAMED_LAYERS else 200 + _LEGEND_ROW)
+
+
+# Measured in headless Chromium on Streamlit's theme: rows 20 pixels apart, 40 between two
+# legends, the chart's title 40 above them; the chart's height is all of it.
+_LEGEND_TITLE, _LEGEND_ROW, _LEGEND_GAP, _CHART_TITLE = 24, 20, 40, 56
+
+
 def ics_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
+    # Two legends, the layers' and the runs' (dashes), one under the other: the chart is as
+    # tall as they are, or Streamlit cuts off the last runs' names (5 layers and 2 runs were
+    # already too many for a 240-pixel chart).
+    runs = _LEGEND_GAP + _LEGEND_TITLE + _LEGEND_ROW * df["run"].nunique()
     return _view(
         "shift",
         df,
@@ -493,5 +509,5 @@ def ics_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
             "strokeDash": _n("run"),
         },
         title=title,
-        height=240,
+        height=max(240, _CHART_TITLE + _legend_height(df) + runs),
     )
