@@ -26,6 +26,7 @@ from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator  # noqa: E402
 from . import analysis  # noqa: E402
 from .errors import ICSVizError, MissingDataError  # noqa: E402
 from .histograms import densities, rebin_captures, ridgeline_captures, shared_edges, time_edges  # noqa: E402
+from .palette import run_color  # noqa: E402
 from .store.reader import (  # noqa: E402
     ActivationStats,
     Run,
@@ -78,11 +79,7 @@ ALL_ZERO_NOTE = "every value recorded\nis 0: a log axis\ncannot show it"
 # The drift comparison's bars: beyond this many, every n-th is labelled, about SHOWN_TICKS.
 MAX_NAMED_BARS = 24
 SHOWN_TICKS = 16
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-
-
-def _color(i: int) -> str:
-    return COLORS[i % len(COLORS)]
+_color = run_color
 
 
 def _figure(

@@ -93,7 +93,12 @@ def test_run_colours_follow_the_order_of_the_runs() -> None:
     frame = pd.DataFrame({"run": ["b", "a"], "x": [0.0, 1.0], "density": [1.0, 1.0], "epoch": [1.0, 1.0]})
     spec = charts.histogram_chart(frame, ("b", "a"), (0.0, 1.0))
     scale = spec["encoding"]["color"]["scale"]
-    assert scale == {"domain": ["b", "a"], "range": charts.RUN_COLORS[:2]}
+    assert scale == {"domain": ["b", "a"], "range": ["#1f77b4", "#d62728"]}  # blue, red: as the figures'
+    # A sweep of 20 runs compared: 20 colours, none the same (six made the 7th look like the 1st).
+    runs = [f"lr{i}" for i in range(20)]
+    wide = pd.DataFrame({"run": runs, "x": 0.0, "density": 1.0, "epoch": 1.0})
+    colours = charts.histogram_chart(wide, runs, (0.0, 1.0))["encoding"]["color"]["scale"]["range"]
+    assert len(set(colours)) == 20
 
 
 def test_tiny_and_huge_values_get_exponent_labels() -> None:
@@ -168,6 +173,11 @@ def test_a_chart_is_as_tall_as_its_legends() -> None:
     assert twelve >= charts.ics_chart(frame(5, 2), "grad_diff", "d")["height"] + 7 * 20 + 20
     assert charts.gradient_chart(frame(3, 1), "grad_norm", "a")["height"] == 260
     assert charts.gradient_chart(frame(12, 1), "grad_norm", "a")["height"] >= 320
+    # Ten runs of a sweep compared: the histogram's legend of dots needed 380 pixels.
+    runs = [f"run{i:02d}" for i in range(10)]
+    ten = pd.DataFrame({"run": runs, "x": 0.0, "density": 1.0, "epoch": 1.0})
+    assert charts.histogram_chart(ten, runs, (0.0, 1.0))["height"] >= 380
+    assert charts.histogram_chart(ten[:2], runs[:2], (0.0, 1.0))["height"] == 260
     # Beyond 12 layers a depth scale: its height no longer grows with the layers.
     depth = charts.gradient_chart(frame(40, 1), "grad_norm", "a")["height"]
     assert depth == charts.gradient_chart(frame(400, 1), "grad_norm", "a")["height"] >= 300

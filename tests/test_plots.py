@@ -544,3 +544,26 @@ def test_the_drift_comparisons_legend_never_hides_a_bar(tmp_path, shipped) -> No
         for run in runs.values():
             run.close()
         plt.close("all")
+
+
+def test_runs_of_a_sweep_get_colours_of_their_own_in_the_figures(tmp_path, layout) -> None:
+    from matplotlib.colors import to_hex
+
+    from icsviz.plots import figure_loss
+
+    runs = {}
+    for i in range(12):
+        with RunWriter.create(tmp_path / f"r{i}.h5", layout, {"run_name": f"r{i}"}) as w:
+            w.write_capture(tiny_capture(layout, 0, kind="start"))
+            w.write_epoch(0, {"loss": 1.0 + i, "val_loss": 1.5 + i})
+            w.write_epoch(1, {"loss": 0.5 + i, "val_loss": 1.0 + i})
+        runs[f"r{i}"] = open_run(tmp_path / f"r{i}.h5")
+    try:
+        ax = figure_loss(runs).axes[0]
+        colours = {line.get_label().split(" (")[0]: to_hex(line.get_color()) for line in ax.lines}
+        assert len(colours) == 12 and len(set(colours.values())) == 12
+        assert (colours["r0"], colours["r1"]) == ("#1f77b4", "#d62728")  # as the app's charts
+    finally:
+        for run in runs.values():
+            run.close()
+        plt.close("all")

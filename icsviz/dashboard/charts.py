@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..palette import run_color
 from ..store.reader import first_metric, metric_label
 
 __all__ = [
@@ -37,7 +38,6 @@ __all__ = [
 
 Spec = dict[str, Any]
 SCHEMA = "https://vega.github.io/schema/vega-lite/v6.4.1.json"
-RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 _RULE = {"type": "rule", "color": "gray", "strokeDash": [2, 2]}  # the capture on display
 
 
@@ -74,7 +74,7 @@ def _view(name: str, frame: pd.DataFrame, **props: Any) -> Spec:
 
 def _run_color(runs: Sequence[str]) -> dict[str, Any]:
     """One colour per run, the same in every chart (runs in the order they are chosen)."""
-    scale = {"domain": list(runs), "range": RUN_COLORS[: max(1, len(runs))]}
+    scale = {"domain": list(runs), "range": [run_color(i) for i in range(max(1, len(runs)))]}
     return _n("run", title="run", scale=scale)
 
 
@@ -181,7 +181,7 @@ def role_drift_chart(df: pd.DataFrame, runs: Sequence[str], paired: bool = True)
         },
         # Streamlit fits the whole chart, title and axes included, into this height: at 200 the
         # plot was 80 px and Vega dropped the 0.3 and 3 labels of the log axis.
-        height=300,
+        height=_room_for_runs(300, runs),
         title="How far the input of each nonlinearity drifted (drift score, log scale)",
     )
 
@@ -223,7 +223,7 @@ def histogram_chart(df: pd.DataFrame, runs: Sequence[str], x_domain: Sequence[fl
                 _q("density", format=".3g"),
             ],
         },
-        height=260,
+        height=_room_for_runs(260, runs),
     )
 
 
@@ -357,7 +357,7 @@ def percentile_chart(
     if current_epoch is not None:
         datasets["capture"] = _rule_frame(current_epoch)
         layers.append(_epoch_rule("capture"))
-    return _spec(datasets, layer=layers, height=260, title=title)
+    return _spec(datasets, layer=layers, height=_room_for_runs(260, runs), title=title)
 
 
 def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = None) -> Spec:
@@ -441,7 +441,7 @@ def drift_lines(df: pd.DataFrame, runs: Sequence[str], field: str, title: str) -
             "tooltip": [_n("run"), _n("layer"), _q("epoch", format=".2f"), _q(field, format=".3f")],
         },
         title=title,
-        height=230,
+        height=_room_for_runs(230, runs, row=_LEGEND_ROW),
     )
 
 
@@ -481,6 +481,12 @@ def gradient_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
     )
 
 
+def _room_for_runs(height: int, runs: Sequence[str], row: int = 30) -> int:
+    """`height`, or taller where the runs' legend needs it (a sweep's ten runs compared). `row`:
+    30 pixels a run where the legend shows dots (areas, circles), 20 where it shows lines."""
+    return max(height, _CHART_TITLE + _LEGEND_TITLE + row * len(runs))
+
+
 def _legend_height(df: pd.DataFrame) -> int:
     """Pixels that the layer legend takes as Streamlit draws it: a title, then a row per named
     layer, or the depth scale's gradient (200 pixels long by default) and its labels."""
@@ -488,8 +494,8 @@ def _legend_height(df: pd.DataFrame) -> int:
     return _LEGEND_TITLE + (_LEGEND_ROW * layers if layers <= _NAMED_LAYERS else 200 + _LEGEND_ROW)
 
 
-# Measured in headless Chromium on Streamlit's theme: rows 20 pixels apart, 40 between two
-# legends, the chart's title 40 above them; the chart's height is all of it.
+# Measured in headless Chromium on Streamlit's theme: rows of lines 20 pixels apart, 40 between
+# two legends, the chart's title above them; the chart's height is all of it.
 _LEGEND_TITLE, _LEGEND_ROW, _LEGEND_GAP, _CHART_TITLE = 24, 20, 40, 56
 
 
