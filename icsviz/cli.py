@@ -121,8 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_training_args(p)
 
     p = sub.add_parser("app", help="open the explorer (Streamlit) on a runs folder")
-    p.add_argument("--runs", default="runs", help="folder of run files (default: runs)")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument(
+        "folder", nargs="?", help="folder of run files (default: runs); a run file opens its folder"
+    )
+    p.add_argument("--runs", help="the same folder, as `streamlit run app.py -- --runs DIR` takes it")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default: 8501)")
     p.add_argument("--address", default="localhost", help="interface to bind (default: localhost only)")
     p.add_argument("--headless", action="store_true", help="do not open a browser (on a server)")
 
@@ -406,16 +409,45 @@ def _write_figures(args: argparse.Namespace, runs: dict) -> int:
     return 0
 
 
+def _app_folder(args: argparse.Namespace) -> Path:
+    """The folder `icsviz app` opens: FOLDER or --runs (not two different ones), default runs/;
+    a run file's own folder."""
+    if args.folder and args.runs and Path(args.folder).expanduser() != Path(args.runs).expanduser():
+        raise RunFolderError(
+            f"two folders given ({args.folder} and --runs {args.runs}); the explorer opens one: "
+            f"icsviz app {args.folder}"
+        )
+    folder = Path(args.folder or args.runs or "runs").expanduser()
+    if folder.is_file():
+        print(f"icsviz: {folder} is a run file: opening its folder, {folder.parent}", file=sys.stderr)
+        return folder.parent
+    if not folder.is_dir():
+        raise RunFolderError(
+            f"{folder} is not a folder; give the folder of your run files: icsviz app DIR"
+            + (" (the shipped runs are in runs/ of the icsviz repository)" if folder == Path("runs") else "")
+        )
+    return folder
+
+
 def _app(args: argparse.Namespace) -> int:
     import subprocess
 
+    folder = _app_folder(args)
+    require("streamlit")  # checked here: the server is another process
+    command = _app_command(args, folder)
+    if os.name == "posix":
+        # Become the server (same pid): a SIGTERM to `icsviz app` then stops Streamlit too,
+        # instead of leaving it running as an orphan.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, command)
+    return subprocess.call(command)
+
+
+def _app_command(args: argparse.Namespace, folder: Path) -> list[str]:
     from .dashboard import streamlit_app_path
 
-    folder = Path(args.runs).expanduser()
-    if not folder.is_dir():
-        raise RunFolderError(f"{folder} is not a folder; pass --runs DIR with your run files")
-    require("streamlit")  # checked here: the server is another process
-    command = [
+    return [
         sys.executable,
         "-m",
         "streamlit",
@@ -435,13 +467,6 @@ def _app(args: argparse.Namespace) -> int:
         "--runs",
         str(folder.resolve()),
     ]
-    if os.name == "posix":
-        # Become the server (same pid): a SIGTERM to `icsviz app` then stops Streamlit too,
-        # instead of leaving it running as an orphan.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, command)
-    return subprocess.call(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

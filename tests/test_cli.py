@@ -256,3 +256,35 @@ def test_a_missing_extra_names_what_to_install(tmp_path, layout) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("keras ") and "pip install 'icsviz[train]'" in proc.stdout
+
+
+def test_the_explorer_opens_the_folder_given_as_users_type_it(tmp_path, layout, monkeypatch, capsys) -> None:
+    from icsviz.cli import _app_command, _app_folder, _parser
+
+    def opened(*argv: str):
+        args = _parser().parse_args(["app", *argv])
+        folder = _app_folder(args)
+        command = _app_command(args, folder)
+        return folder, command[command.index("--runs") + 1], command[command.index("--server.port") + 1]
+
+    path = tmp_path / "sweep" / "lr1.h5"
+    path.parent.mkdir()
+    with RunWriter.create(path, layout, {}) as writer:
+        writer.write_capture(tiny_capture(layout, 0))
+    sweep = str(path.parent.resolve())
+    # `icsviz app DIR` as `icsviz plot` takes its runs, or --runs as `streamlit run app.py` does.
+    assert opened(str(path.parent), "--port", "8600") == (path.parent, sweep, "8600")
+    assert opened("--runs", str(path.parent))[1] == sweep
+    assert opened(str(path.parent), "--runs", str(path.parent))[1] == sweep  # the same one twice
+    # A run file: its folder, said on stderr.
+    assert opened(str(path))[1] == sweep
+    assert f"{path} is a run file: opening its folder" in capsys.readouterr().err
+    # Errors name the problem and the fix, without a traceback.
+    monkeypatch.chdir(tmp_path)  # no runs/ here
+    for argv, message in (
+        ([str(path.parent), "--runs", str(tmp_path)], "two folders given"),
+        ([str(tmp_path / "nowhere")], "nowhere is not a folder; give the folder of your run files"),
+        ([], "runs is not a folder; give the folder of your run files: icsviz app DIR (the shipped runs"),
+    ):
+        assert main(["app", *argv]) == 2
+        assert message in capsys.readouterr().err
