@@ -435,6 +435,10 @@ def _app(args: argparse.Namespace) -> int:
     folder = _app_folder(args)
     require("streamlit")  # checked here: the server is another process
     command = _app_command(args, folder)
+    # Without --headless, Streamlit's first run on a machine asks for an email address, a
+    # prompt on the user's terminal before the explorer opens. (An environment variable, not
+    # a flag: Streamlit versions without the option ignore it.)
+    os.environ.setdefault("STREAMLIT_SERVER_SHOW_EMAIL_PROMPT", "false")
     if os.name == "posix":
         # Become the server (same pid): a SIGTERM to `icsviz app` then stops Streamlit too,
         # instead of leaving it running as an orphan.

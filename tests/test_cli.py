@@ -288,3 +288,48 @@ def test_the_explorer_opens_the_folder_given_as_users_type_it(tmp_path, layout, 
     ):
         assert main(["app", *argv]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_icsviz_app_on_a_fresh_machine_opens_without_asking_for_an_email(tmp_path, layout) -> None:
+    """Streamlit's first run with a browser to open asks for an email address on the terminal;
+    `icsviz app` goes straight to the explorer."""
+    import os
+    import signal
+    import socket
+    import threading
+    import time
+
+    pytest.importorskip("streamlit")
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    with RunWriter.create(folder / "a.h5", layout, {}) as writer:
+        writer.write_capture(tiny_capture(layout, 0))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "home"  # no ~/.streamlit/credentials.toml: a machine never used for Streamlit
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "BROWSER": "true"}  # `true URL`: no browser opens
+    env.pop("STREAMLIT_SERVER_SHOW_EMAIL_PROMPT", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "icsviz.cli", "app", str(folder), "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,  # a prompt reads end-of-file and goes on instead of waiting
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(server.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any("URL:" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        output = "".join(lines)
+        assert "URL:" in output, output
+        assert "Email" not in output and "Welcome to Streamlit" not in output, output
+    finally:
+        server.send_signal(signal.SIGTERM)  # the server is `icsviz app`'s own process
+        server.wait(timeout=30)
