@@ -72,6 +72,24 @@ def _view(name: str, frame: pd.DataFrame, **props: Any) -> Spec:
     return _spec({name: frame}, data={"name": name}, **props)
 
 
+def _room_for_runs(height: int, runs: Sequence[str], row: int = 30) -> int:
+    """`height`, or taller where the runs' legend needs it (a sweep's ten runs compared). `row`:
+    30 pixels a run where the legend shows dots (areas, circles), 20 where it shows lines."""
+    return max(height, _CHART_TITLE + _LEGEND_TITLE + row * len(runs))
+
+
+def _legend_height(df: pd.DataFrame) -> int:
+    """Pixels that the layer legend takes as Streamlit draws it: a title, then a row per named
+    layer, or the depth scale's gradient (200 pixels long by default) and its labels."""
+    layers = df["layer"].nunique()
+    return _LEGEND_TITLE + (_LEGEND_ROW * layers if layers <= _NAMED_LAYERS else 200 + _LEGEND_ROW)
+
+
+# Measured in headless Chromium on Streamlit's theme: rows of lines 20 pixels apart, 40 between
+# two legends, the chart's title above them; the chart's height is all of it.
+_LEGEND_TITLE, _LEGEND_ROW, _LEGEND_GAP, _CHART_TITLE = 24, 20, 40, 56
+
+
 def _run_color(runs: Sequence[str]) -> dict[str, Any]:
     """One colour per run, the same in every chart (runs in the order they are chosen)."""
     scale = {"domain": list(runs), "range": [run_color(i) for i in range(max(1, len(runs)))]}
@@ -479,24 +497,6 @@ def gradient_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
         title=title,
         height=max(260, _CHART_TITLE + _legend_height(shown)),  # 12 layers' names need 320
     )
-
-
-def _room_for_runs(height: int, runs: Sequence[str], row: int = 30) -> int:
-    """`height`, or taller where the runs' legend needs it (a sweep's ten runs compared). `row`:
-    30 pixels a run where the legend shows dots (areas, circles), 20 where it shows lines."""
-    return max(height, _CHART_TITLE + _LEGEND_TITLE + row * len(runs))
-
-
-def _legend_height(df: pd.DataFrame) -> int:
-    """Pixels that the layer legend takes as Streamlit draws it: a title, then a row per named
-    layer, or the depth scale's gradient (200 pixels long by default) and its labels."""
-    layers = df["layer"].nunique()
-    return _LEGEND_TITLE + (_LEGEND_ROW * layers if layers <= _NAMED_LAYERS else 200 + _LEGEND_ROW)
-
-
-# Measured in headless Chromium on Streamlit's theme: rows of lines 20 pixels apart, 40 between
-# two legends, the chart's title above them; the chart's height is all of it.
-_LEGEND_TITLE, _LEGEND_ROW, _LEGEND_GAP, _CHART_TITLE = 24, 20, 40, 56
 
 
 def ics_chart(df: pd.DataFrame, field: str, title: str) -> Spec:
