@@ -93,9 +93,9 @@ def _page_text(port: int, screenshot: Path) -> str:
 
 
 def _icsviz_app(folder: Path, port: int, cwd: Path) -> subprocess.Popen:
-    """`icsviz app --runs FOLDER` as users start it, headless on localhost."""
+    """`icsviz app FOLDER` as users start it, headless on localhost."""
     return subprocess.Popen(
-        [sys.executable, "-m", "icsviz.cli", "app", "--runs", str(folder), "--port", str(port), "--headless"],
+        [sys.executable, "-m", "icsviz.cli", "app", str(folder), "--port", str(port), "--headless"],
         cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -1,7 +1,7 @@
 """The Streamlit app: page setup, sidebar, and which views to show.
 
 Run with `streamlit run app.py` (the repository's thin entry point) or
-`icsviz app --runs DIR`. The runs folder comes from `-- --runs DIR` on the
+`icsviz app DIR`. The runs folder comes from `-- --runs DIR` on the
 command line, the ICSVIZ_RUNS variable, or the sidebar; default `runs/`.
 """
 

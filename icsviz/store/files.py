@@ -227,7 +227,7 @@ def open_for_reading(path: Path) -> tuple[h5py.File, bool]:
     if path.is_dir():
         raise RunFileError(
             f"{path} is a folder, not a run file: open one of the .h5 files in it "
-            f"(`icsviz app --runs {path}` lists them all)"
+            f"(`icsviz app {path}` lists them all)"
         )
     size = path.stat().st_size
     if size == 0:
