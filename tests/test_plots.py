@@ -430,19 +430,25 @@ def test_drift_comparison_pairs_twins_by_role_and_shows_runs_of_different_depths
     assert np.isnan(heights["shallow"][2])  # the shallow run has no third nonlinearity
 
 
+def _drifting_run(path: Path, layout, rate) -> Path:
+    """A run of four captures in which layer k's histogram and mean move `rate(k)` times as fast
+    as tiny_capture's."""
+    with RunWriter.create(path, layout, {"run_name": path.stem}) as w:
+        for step in range(0, 40, 10):
+            capture = tiny_capture(layout, step, kind="start" if step == 0 else "epoch")
+            for k, layer in enumerate(capture.layers):
+                layer.hist_edges[:] = np.linspace(-1, 1, len(layer.hist_edges)) + step * rate(k) / 10
+                layer.moments[0] = step * rate(k) / 10
+            w.write_capture(capture)
+    return path
+
+
 def test_a_deep_run_gets_layer_figures_for_its_most_drifted_layers(tmp_path) -> None:
     from icsviz.plots import MAX_LAYER_FIGURES, MOST_DRIFTED, figure_drift_comparison, figure_drift_matrix
 
-    # 40 layers, layer k drifting k times as fast (tiny_capture's mean moves with `value`).
+    # 40 layers, layer k drifting k times as fast.
     deep = deep_layout(40)
-    path = tmp_path / "deep.h5"
-    with RunWriter.create(path, deep, {"run_name": "deep"}) as w:
-        for step in range(0, 40, 10):
-            capture = tiny_capture(deep, step, kind="start" if step == 0 else "epoch")
-            for k, layer in enumerate(capture.layers):
-                layer.hist_edges[:] = np.linspace(-1, 1, len(layer.hist_edges)) + step * k / 10
-                layer.moments[0] = step * k / 10
-            w.write_capture(capture)
+    path = _drifting_run(tmp_path / "deep.h5", deep, lambda k: k)
     assert len(deep.layers) > MAX_LAYER_FIGURES
     with open_run(path) as run:
         written, notes = plot_runs({"deep": run}, tmp_path / "figs", formats=("png",), progress=False)
@@ -519,16 +525,10 @@ def test_the_drift_comparisons_legend_never_hides_a_bar(tmp_path, shipped) -> No
     # Two deep runs, one drifting more layer by layer, the other less: tall bars in both upper
     # corners, where matplotlib's "best" place put the legend over them.
     layout = deep_layout(40)
-    runs = {}
-    for label, rate in (("rising", lambda k: k + 1), ("falling", lambda k: 40 - k)):
-        with RunWriter.create(tmp_path / f"{label}.h5", layout, {"run_name": label}) as w:
-            for step in range(0, 40, 10):
-                capture = tiny_capture(layout, step, kind="start" if step == 0 else "epoch")
-                for k, layer in enumerate(capture.layers):
-                    layer.hist_edges[:] = np.linspace(-1, 1, len(layer.hist_edges)) + step * rate(k) / 10
-                    layer.moments[0] = step * rate(k) / 10
-                w.write_capture(capture)
-        runs[label] = open_run(tmp_path / f"{label}.h5")
+    runs = {
+        label: open_run(_drifting_run(tmp_path / f"{label}.h5", layout, rate))
+        for label, rate in (("rising", lambda k: k + 1), ("falling", lambda k: 40 - k))
+    }
     try:
         fig = figure_drift_comparison(runs, by="name")
         (box,) = _legend_boxes(fig)
