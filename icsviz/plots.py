@@ -258,18 +258,16 @@ def figure_loss(runs: Runs) -> Figure:
 
 # ---------------------------------------------------------------- Ioffe & Szegedy Fig. 1
 def hidden_input_layer(run: Run) -> str:
-    """The input of the last hidden activation: the layer captured just before it.
+    """The input of the last hidden nonlinearity (the last but one of `nonlinearity_inputs`).
 
     fc1 for the baseline CNN (feeding fc1_relu), fc1_bn for its BN twin, fc3 /
-    fc3_bn for Ioffe's MLP: the quantity of Ioffe & Szegedy's Fig. 1 (b, c).
+    fc3_bn for Ioffe's MLP: the quantity of Ioffe & Szegedy's Fig. 1 (b, c). For a
+    model whose last hidden layer is an LSTM, that LSTM's input (its gates'
+    pre-activations are out of reach).
     """
-    infos = run.layers
-    activations = [i for i, info in enumerate(infos) if info.kind == "activation"]
-    if len(activations) >= 2 and activations[-2] > 0:
-        return infos[activations[-2] - 1].name
-    preacts = [info.name for info in infos if info.kind == "preactivation"]
-    if len(preacts) >= 2:
-        return preacts[-2]
+    roles = analysis.nonlinearity_inputs(run)
+    if len(roles) >= 2:
+        return roles[-2].layer
     raise MissingDataError(
         f"{run.path.name}: no hidden nonlinearity found to follow; choose a layer with "
         "`icsviz plot --ioffe-layer NAME` (or figure_ioffe(runs, layer=NAME))"

@@ -286,6 +286,7 @@ def test_a_recurrent_layers_input_is_its_role_and_pairs_a_layernorm_twin(tmp_pat
     import keras
 
     from icsviz.analysis import nonlinearity_inputs, pair_layers, same_depth
+    from icsviz.plots import hidden_input_layer
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(32, 5, 3)).astype("float32"), rng.integers(0, 2, 32)
@@ -310,6 +311,8 @@ def test_a_recurrent_layers_input_is_its_role_and_pairs_a_layernorm_twin(tmp_pat
         ]
         assert same_depth(runs)
         assert pair_layers(runs, by="role")[0] == ("input of lstm2", {"plain": "lstm1", "ln": "ln"})
+        # Ioffe & Szegedy's Fig. 1 follows the input of the last hidden nonlinearity: lstm2's.
+        assert [hidden_input_layer(run) for run in runs.values()] == ["lstm1", "ln"]
     finally:
         for run in runs.values():
             run.close()
