@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +52,13 @@ def run_script(
     if marker is not None:
         assert proc.returncode == 0 and marker in proc.stdout, proc.stderr[-3000:]
     return proc
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on, for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_layout(units: int = 4, bins: int = 8) -> RunLayout:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -41,12 +42,6 @@ def _browser_or_skip() -> None:
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -120,7 +115,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 def test_app_renders_charts_in_a_real_browser(tmp_path) -> None:
     _browser_or_skip()
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
             sys.executable,
@@ -171,7 +166,7 @@ def test_icsviz_app_on_localhost_marks_a_damaged_run_and_draws_the_rest(tmp_path
         shutil.copy(path, folder / path.name)
     damage_chunk(folder / "cifar10-bn.h5", "layers/000_conv1/hist_counts")
     (folder / "<img src=x>notes.h5").write_text("not a run")
-    port = _free_port()
+    port = free_port()
     server = _icsviz_app(folder, port, cwd=tmp_path)
     try:
         _wait_for_health(server, port)
@@ -218,7 +213,7 @@ def test_rows_chosen_in_the_sweep_table_are_compared_in_a_real_browser(tmp_path)
         for path in sorted((ROOT / "runs").glob("*.h5")):
             shutil.copy(path, folder / f"sweep{i}-{path.name}")
     scan_runs(folder)  # this process writes the catalogue; the server only reads it
-    port = _free_port()
+    port = free_port()
     server = _icsviz_app(folder, port, cwd=tmp_path)
 
     def wait_for_chips(page, expected: list[str]) -> None:
@@ -279,7 +274,7 @@ def test_a_folder_of_deep_runs_never_read_says_it_is_reading_them(tmp_path) -> N
             writer.write_capture(tiny_capture(layout, step))
         writer.write_epoch(0, {"loss": 1.0, "val_accuracy": 0.5})
     shutil.copy(folder / "deep-a.h5", folder / "deep-b.h5")
-    port = _free_port()
+    port = free_port()
     server = _icsviz_app(folder, port, cwd=tmp_path)
     try:
         _wait_for_health(server, port)

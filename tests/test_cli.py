@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_capture
+from conftest import free_port, tiny_capture
 from icsviz import open_run
 from icsviz.cli import main
 from icsviz.store.writer import RunWriter
@@ -295,7 +295,6 @@ def test_icsviz_app_on_a_fresh_machine_opens_without_asking_for_an_email(tmp_pat
     `icsviz app` goes straight to the explorer."""
     import os
     import signal
-    import socket
     import threading
     import time
 
@@ -304,9 +303,7 @@ def test_icsviz_app_on_a_fresh_machine_opens_without_asking_for_an_email(tmp_pat
     folder.mkdir()
     with RunWriter.create(folder / "a.h5", layout, {}) as writer:
         writer.write_capture(tiny_capture(layout, 0))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     home = tmp_path / "home"  # no ~/.streamlit/credentials.toml: a machine never used for Streamlit
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "BROWSER": "true"}  # `true URL`: no browser opens
