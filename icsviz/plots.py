@@ -79,7 +79,6 @@ ALL_ZERO_NOTE = "every value recorded\nis 0: a log axis\ncannot show it"
 # The drift comparison's bars: beyond this many, every n-th is labelled, about SHOWN_TICKS.
 MAX_NAMED_BARS = 24
 SHOWN_TICKS = 16
-_color = run_color
 
 
 def _figure(
@@ -212,10 +211,10 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
         # multi-output model) or "sparse_categorical_accuracy" (a metric object).
         own = (accuracy_of(metric_names(history)) or metric) if metric_label(metric) == "accuracy" else metric
         if f"val_{own}" in history:
-            _curve(ax, epochs, history[f"val_{own}"], color=_color(i), label=label)
+            _curve(ax, epochs, history[f"val_{own}"], color=run_color(i), label=label)
         elif own in history:
             validated = False
-            _curve(ax, epochs, history[own], "--", color=_color(i), label=f"{label} (training)")
+            _curve(ax, epochs, history[own], "--", color=run_color(i), label=f"{label} (training)")
         else:
             left.append(f"{label}: no {metric} in its history (compile the model with metrics=[{metric!r}])")
     if len(left) == len(runs):
@@ -225,7 +224,7 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
     ax.set(xlabel="epoch", ylabel=which, title=which[:1].upper() + which[1:])
     _whole_epochs(ax)
     for i, run in enumerate(runs.values()):
-        _mark_divergence(ax, run, _color(i))
+        _mark_divergence(ax, run, run_color(i))
     ax.legend(frameon=False)
     return _drawn(fig, left)
 
@@ -240,10 +239,10 @@ def figure_loss(runs: Runs) -> Figure:
         if "loss" not in history:
             left.append(f"{label}: no loss in its history")
             continue
-        _curve(ax, epochs, history["loss"], "--", color=_color(i), label=f"{label} (training)")
+        _curve(ax, epochs, history["loss"], "--", color=run_color(i), label=f"{label} (training)")
         if "val_loss" in history:
             validated = True
-            _curve(ax, epochs, history["val_loss"], "-", color=_color(i), label=f"{label} (validation)")
+            _curve(ax, epochs, history["val_loss"], "-", color=run_color(i), label=f"{label} (validation)")
     if len(left) == len(runs):
         raise _nothing_drawn(fig, left)
     ax.set(
@@ -251,7 +250,7 @@ def figure_loss(runs: Runs) -> Figure:
     )
     _whole_epochs(ax)
     for i, run in enumerate(runs.values()):
-        _mark_divergence(ax, run, _color(i))
+        _mark_divergence(ax, run, run_color(i))
     ax.legend(frameon=False)
     return _drawn(fig, left)
 
@@ -333,7 +332,7 @@ def figure_ioffe(runs: Runs, layer: str | None = None) -> Figure:
     n = len(panels)
     fig, axes = _figure(FULL_WIDTH if n > 1 else PANEL_WIDTH, 2.4, ncols=n, sharey=True)
     for ax, (label, name, acts) in zip(axes[0], panels):
-        _ioffe_panel(ax, label, name, acts, acts.epochs, _color(list(runs).index(label)), narrow=n > 2)
+        _ioffe_panel(ax, label, name, acts, acts.epochs, run_color(list(runs).index(label)), narrow=n > 2)
         ax.set_xlabel("epoch")
         if len(acts.epochs) > 1 and np.all(np.mod(acts.epochs, 1) == 0):  # epoch captures: no tick at 0.5
             _whole_epochs(ax)
@@ -360,7 +359,7 @@ def figure_ioffe_steps(runs: Runs, layer: str | None = None) -> Figure:
     n = len(panels)
     fig, axes = _figure(FULL_WIDTH if n > 1 else PANEL_WIDTH, 2.4, ncols=n, sharey=True)
     for ax, (label, name, acts) in zip(axes[0], panels):
-        color = _color(list(runs).index(label))
+        color = run_color(list(runs).index(label))
         _ioffe_panel(ax, label, name, acts, acts.steps, color, narrow=n > 2, linewidth=0.8)
         ax.set_xlabel("training step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a short run had ticks at 2.5, 7.5
@@ -521,7 +520,7 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
     x = np.arange(len(pairs))
     for i, (label, scores) in enumerate(summaries.items()):
         values = [scores.get(names.get(label, ""), np.nan) for _, names in pairs]
-        ax.bar(x + i * width - 0.4 + width / 2, values, width, color=_color(i), label=label)
+        ax.bar(x + i * width - 0.4 + width / 2, values, width, color=run_color(i), label=label)
     every = 1 if len(pairs) <= MAX_NAMED_BARS else math.ceil(len(pairs) / SHOWN_TICKS)
     if by == "role" and every == 1:
         ticks = [
@@ -560,18 +559,18 @@ def figure_drift_comparison(runs: Runs, metric: str = "w1", by: str = "role") ->
         ax.set_xlabel(f"nonlinearity (its input in each run{labelled})")
     elif every > 1:
         ax.set_xlabel(f"layer (every {_ordinal(every)} named)")
-    _legend_clear_of(ax, ax.patches)
+    _legend_clear_of_bars(ax)
     return fig
 
 
-def _legend_clear_of(ax: plt.Axes, artists: Sequence[Any]) -> None:
-    """The legend where matplotlib finds room, or beside the axes where every corner holds a
+def _legend_clear_of_bars(ax: plt.Axes) -> None:
+    """The legend where matplotlib finds room, or above the axes where every corner holds a
     bar (a deep run's hundreds of them): a legend drawn over data hides it."""
     legend = ax.legend(frameon=False)
     renderer = ax.figure.canvas.get_renderer()
     ax.figure.draw_without_rendering()  # the constrained layout settles where everything goes
     box = legend.get_window_extent(renderer)
-    if any(box.overlaps(artist.get_window_extent(renderer)) for artist in artists):
+    if any(box.overlaps(bar.get_window_extent(renderer)) for bar in ax.patches):
         legend.remove()  # above the axes instead, the runs in one row: the layout makes room
         ax.figure.legend(
             frameon=False, loc="outside upper center", ncols=min(4, len(ax.get_legend_handles_labels()[0]))
