@@ -312,6 +312,11 @@ def validation_accuracy(history: Mapping[str, np.ndarray]) -> np.ndarray | None:
     return None if name is None else history[f"val_{name}"]
 
 
+def _ids_by_name(groups: list[tuple[str, Any]]) -> dict[str, str]:
+    """(id, attributes) of groups -> {original name: id}, in index order."""
+    return {str(attrs["name"]): gid for gid, attrs in groups}
+
+
 class Run:
     """A recorded run. Use as a context manager or call `close()`."""
 
@@ -367,7 +372,7 @@ class Run:
             variables = self._groups("variables")
             found = (
                 self._read_layers(),
-                {str(attrs["name"]): gid for gid, attrs in variables},
+                _ids_by_name(variables),
                 # Kept with the index: a layer's variables looked up by reading every variable's
                 # attribute again made a deep model's gradients quadratic (NASNetMobile: 36 s).
                 {str(attrs["name"]): str(attrs["layer"]) for _, attrs in variables},
@@ -411,7 +416,7 @@ class Run:
 
     def _read_groups(self, root: str) -> dict[str, str]:
         """Original name -> group id, in index order."""
-        return {str(attrs["name"]): gid for gid, attrs in self._groups(root)}
+        return _ids_by_name(self._groups(root))
 
     def _open_file(self) -> h5py.File:
         """The HDF5 file, or a ValueError saying the run was closed (h5py's own error for a
