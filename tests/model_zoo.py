@@ -153,6 +153,56 @@ def inline_ops() -> tuple[keras.Model, Any, Any]:
     )
 
 
+class TransformerBlock(L.Layer):
+    """keras.io's transformer block for text classification (without its dropout), written as
+    a Layer of layers: they are recorded as `block/att`, ...; the block's own output is norm2's."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.att = L.MultiHeadAttention(heads, dim // heads, name="att")
+        self.ffn = keras.Sequential(
+            [L.Dense(hidden, activation="relu", name="ffn_in"), L.Dense(dim, name="ffn_out")], name="ffn"
+        )
+        self.norm1 = L.LayerNormalization(name="norm1")
+        self.norm2 = L.LayerNormalization(name="norm2")
+
+    def call(self, x: Any) -> Any:
+        out1 = self.norm1(x + self.att(x, x))
+        return self.norm2(out1 + self.ffn(out1))
+
+    def expected_parts(self, x: Any) -> dict[str, Any]:
+        """Each inner layer's output on `x`, computed one layer at a time."""
+        att = self.att(x, x)
+        norm1 = self.norm1(x + att)
+        ffn_in = self.ffn.layers[0](norm1)
+        ffn_out = self.ffn.layers[1](ffn_in)
+        norm2 = self.norm2(norm1 + ffn_out)
+        return {"att": att, "norm1": norm1, "ffn/ffn_in": ffn_in, "ffn/ffn_out": ffn_out, "norm2": norm2}
+
+
+class ResidualMLP(L.Layer):
+    """x + Dense(x): its own output is no inner layer's, so it is recorded too."""
+
+    def __init__(self, dim: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.inner = L.Dense(dim, activation="gelu", name="inner")
+
+    def call(self, x: Any) -> Any:
+        return x + self.inner(x)
+
+    def expected_parts(self, x: Any) -> dict[str, Any]:
+        return {"inner": self.inner(x)}
+
+
+def composite_layers() -> tuple[keras.Model, Any, Any]:
+    rng = np.random.default_rng(6)
+    ids = rng.integers(0, 50, (64, T)).astype("int32")
+    inputs = keras.Input((T,), dtype="int32")
+    h = TransformerBlock(8, 2, 16, name="block")(L.Embedding(50, 8, name="embed")(inputs))
+    h = ResidualMLP(8, name="residual_mlp")(L.GlobalAveragePooling1D()(h))
+    return keras.Model(inputs, _head()(h)), ids, rng.integers(0, CLASSES, 64)
+
+
 ZOO: dict[str, Callable[[], tuple[keras.Model, Any, Any]]] = {
     "simple_rnn": simple_rnn,
     "lstm": lstm,
@@ -164,6 +214,7 @@ ZOO: dict[str, Callable[[], tuple[keras.Model, Any, Any]]] = {
     "separable_convs": separable_convs,
     "conv1d_prelu": conv1d_prelu,
     "inline_ops": inline_ops,
+    "composite_layers": composite_layers,
 }
 
 # What each model must record (beyond the head): its layers' outputs in model order.
@@ -187,6 +238,18 @@ EXPECTED: dict[str, list[str]] = {
     "conv1d_prelu": ["conv1d", "prelu"],
     # Keras numbers an operation's name after the ones made before it in the process: "relu_2".
     "inline_ops": ["dense_a", "relu*", "dense_b", "add*", "gelu*", "rms_norm*"],
+    # The layers inside layers of the user's own; "block" itself is not recorded apart: its
+    # output is norm2's.
+    "composite_layers": [
+        "embed",
+        "block/att",
+        "block/norm1",
+        "block/ffn/ffn_in",
+        "block/ffn/ffn_out",
+        "block/norm2",
+        "residual_mlp/inner",
+        "residual_mlp",
+    ],
 }
 
 
@@ -210,6 +273,10 @@ def _expected_outputs(model: keras.Model, x: Any) -> dict[str, np.ndarray]:
         probe = keras.Model(model.inputs[0] if len(model.inputs) == 1 else model.inputs, tensors)
         values = probe(x, training=True)
         values = keras.tree.flatten(values)
+        if hasattr(layer, "expected_parts"):  # a layer of layers: each of its own, too
+            feed = keras.Model(model.inputs[0], layer.input)(x, training=True)
+            for part, value in layer.expected_parts(feed).items():
+                outputs[f"{layer.name}/{part}"] = np.asarray(keras.ops.convert_to_numpy(value))
         for i, value in enumerate(values):
             suffix = f"[{i}]" if len(tensors) > 1 else ""
             outputs[layer.name + suffix] = np.asarray(keras.ops.convert_to_numpy(value))

@@ -354,3 +354,45 @@ def test_the_recorded_graph_goes_through_an_rnns_states_and_nested_models(tmp_pa
     ) as run:
         assert run.layer("block/d:preact").inputs == ("stem",)
         assert run.layer("out:preact").inputs == ("block/d",)
+
+
+def test_a_layer_of_layers_is_recorded_inside_the_graph_and_a_subclassed_model_keeps_model_order(
+    tmp_path,
+) -> None:
+    import keras
+    import model_zoo
+
+    from icsviz.analysis import nonlinearity_inputs
+
+    keras.utils.set_random_seed(0)
+    with _recorded(*model_zoo.composite_layers(), tmp_path / "composite.h5") as run:
+        # The block's output is norm2's: what it feeds is fed by norm2, through the pooling.
+        assert "block" not in run.layer_names
+        assert run.layer("residual_mlp").inputs == ("block/norm2",)
+        assert run.layer("head:preact").inputs == ("residual_mlp",)
+        # Inside the block there is no graph; a fused layer is still fed by its pre-activation.
+        assert run.layer("block/ffn/ffn_in").inputs == ("block/ffn/ffn_in:preact",)
+        assert [(r.nonlinearity, r.layer) for r in nonlinearity_inputs(run)] == [
+            ("block/ffn/ffn_in", "block/ffn/ffn_in:preact"),
+            ("residual_mlp/inner", "residual_mlp/inner:preact"),
+            ("head", "head:preact"),
+        ]
+
+    class Stacked(keras.Model):  # no graph at all: a recurrent layer's input is the one before it
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm1 = keras.layers.LSTM(6, return_sequences=True, name="lstm1")
+            self.lstm2 = keras.layers.LSTM(4, name="lstm2")
+            self.out = keras.layers.Dense(2, activation="softmax", name="out")
+
+        def call(self, x):
+            return self.out(self.lstm2(self.lstm1(x)))
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 5, 3)).astype("float32"), rng.integers(0, 2, 32)
+    with _recorded(Stacked(), x, y, tmp_path / "stacked.h5") as run:
+        assert run.layer("out").inputs == ("out:preact",)
+        assert [(r.nonlinearity, r.layer) for r in nonlinearity_inputs(run)] == [
+            ("lstm2", "lstm1"),
+            ("out", "out:preact"),
+        ]

@@ -62,6 +62,47 @@ def test_nested_models_are_flattened_with_paths() -> None:
     assert [s.name for s in select_layers(model)] == ["d0", "block/d"]
 
 
+def test_layers_of_the_users_own_layers_are_walked_and_keras_own_are_not() -> None:
+    import model_zoo
+
+    model, _, _ = model_zoo.composite_layers()
+    walked = [n for n, _ in iter_layers(model) if not n.startswith("global_average_pooling1d")]
+    # The block's layers in the order its author assigned them, a nested model's with paths,
+    # then the block itself (recorded where its output is not one of theirs).
+    assert walked == [
+        "embed",
+        "block/att",
+        "block/ffn/ffn_in",
+        "block/ffn/ffn_out",
+        "block/norm1",
+        "block/norm2",
+        "block",
+        "residual_mlp/inner",
+        "residual_mlp",
+        "head",
+    ]
+    selected = dict(names(select_layers(model)))
+    assert selected["block/att"] == "attention" and selected["block/ffn/ffn_in"] == "linear"
+    assert selected["block"] == "other" and selected["residual_mlp"] == "other"
+    # A filter reaches into them as into a nested model.
+    assert [s.name for s in select_layers(model, ["block/norm*"])] == ["block/norm1", "block/norm2"]
+
+    class WithGate(keras.layers.Dense):  # a Dense of the user's own that holds a layer: a Dense
+        def __init__(self, units: int, **kwargs) -> None:
+            super().__init__(units, **kwargs)
+            self.gate = keras.layers.Dense(units, activation="sigmoid")
+
+        def call(self, x):
+            return super().call(x) * self.gate(x)
+
+    inputs = keras.Input((6,))
+    h = keras.layers.MultiHeadAttention(2, 3, name="mha")(inputs[:, None], inputs[:, None])
+    h = keras.layers.Bidirectional(keras.layers.LSTM(3), name="bi")(h)
+    model = keras.Model(inputs, WithGate(4, name="gated")(h))
+    assert [n for n, _ in iter_layers(model) if "/" in n] == []
+    assert {"mha", "bi", "gated"} <= {n for n, _ in iter_layers(model)}
+
+
 def test_filters_by_name_glob_class_and_predicate() -> None:
     model = build_model("bn", (32, 32, 3), 10)
     assert [s.name for s in select_layers(model, ["conv1", "fc1"])] == ["conv1", "fc1"]

@@ -46,7 +46,9 @@ def nonlinearity_inputs(run: Run) -> list[Role]:
     roles: list[Role] = []
     preactivations: set[str] = set()  # recorded pre-activations, each a role already
     recurrent: set[str] = set()  # recurrent layers seen (one role for all of a layer's states)
-    has_graph = any(info.inputs for info in infos)  # else a subclassed model's or an old run
+    # Else a subclassed model's or an old run (a fused layer's output is fed by its own
+    # pre-activation in any model).
+    has_graph = any(set(info.inputs) - {f"{info.name}:preact"} for info in infos)
     for i, info in enumerate(infos):
         if info.kind == "preactivation":
             roles.append(Role(len(roles) + 1, info.name.split(":preact")[0], info.name))

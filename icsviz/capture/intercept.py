@@ -22,7 +22,7 @@ from typing import Any
 import keras
 
 from ..errors import warn_capture
-from .layers import SelectedLayer, is_time_distributed
+from .layers import SelectedLayer, is_composite, is_time_distributed
 from .monotone import RangeMap, activation_map, layer_map
 
 __all__ = ["PREACT", "Record", "Recorder", "intercept", "is_float_tensor", "warn_once"]
@@ -84,6 +84,8 @@ class Recorder:
     records: list[Record] = field(default_factory=list)
     calls: dict[int, int] = field(default_factory=dict)
     positions: dict[int, int] = field(default_factory=dict)  # id(tensor) -> its record's index
+    # A composite layer's output that one of its own layers made: its name -> that record's name.
+    aliases: dict[str, str] = field(default_factory=dict)
     _frames: list[_Frames] = field(default_factory=list)  # TimeDistributed calls under way, innermost last
 
     def add(
@@ -111,10 +113,15 @@ class Recorder:
         call_suffix = self._call_suffix(selected.layer)
         if not tag:
             self.calls[id(selected.layer)] = self.calls.get(id(selected.layer), 0) + 1
+        composite = is_composite(selected.layer)
         for i, tensor in enumerate(flat):
             if not is_float_tensor(tensor):
                 continue
             index = f"[{i}]" if len(flat) > 1 else ""
+            if composite and id(tensor) in self.positions:  # the same values twice: kept once
+                made = self.records[self.positions[id(tensor)]]
+                self.aliases.setdefault(f"{selected.name}{tag}{index}{call_suffix}", made.name)
+                continue
             record = Record(selected, tensor, f"{tag}{index}{call_suffix}", kind)
             if mapped_from is not None and len(flat) == 1 and id(mapped_from[0]) in self.positions:
                 record.range_source = self.positions[id(mapped_from[0])]

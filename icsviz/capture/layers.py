@@ -21,7 +21,16 @@ from typing import Any
 
 from ..errors import warn_capture
 
-__all__ = ["LayerFilter", "SelectedLayer", "iter_layers", "classify", "layer_filters", "select_layers"]
+__all__ = [
+    "LayerFilter",
+    "SelectedLayer",
+    "captured_inputs",
+    "classify",
+    "is_composite",
+    "iter_layers",
+    "layer_filters",
+    "select_layers",
+]
 
 # A filter entry: a name or glob pattern ("conv*", "block1/*"), a layer class,
 # or a predicate on the layer.
@@ -165,6 +174,30 @@ def _is_model(layer: Any) -> bool:
     return "Model" in _mro_names(layer) or "Functional" in _mro_names(layer)
 
 
+# Keras classes whose layers are recorded as one, whatever layers they hold inside (an
+# attention's projections, a Bidirectional's two RNNs, an RNN's cell, a TimeDistributed's layer).
+_RECORDED_AS_ONE = (
+    _LINEAR | _NORMALIZATION | _ACTIVATION | _MERGE | _RECURRENT | _ATTENTION | _PLUMBING | {"Wrapper"}
+)
+
+
+def is_composite(layer: Any) -> bool:
+    """True for a layer built from layers of its own by its author, outside Keras (a
+    transformer or residual block written as a `keras.layers.Layer`, a library's block): its
+    layers are recorded one by one, as a nested model's are."""
+    if _is_model(layer) or is_operation(layer) or _mro_names(layer) & _RECORDED_AS_ONE:
+        return False
+    return type(layer).__module__.split(".")[0] != "keras" and bool(_sublayers(layer))
+
+
+def _sublayers(layer: Any) -> list[Any]:
+    """The layers a layer holds as attributes (or in lists of them), in the order assigned."""
+    try:
+        return list(layer._flatten_layers(include_self=False, recursive=False))
+    except Exception:  # noqa: BLE001 - Keras internals: without them, the layer is recorded as one
+        return []
+
+
 def is_operation(layer: Any) -> bool:
     """True for an inline `keras.ops` operation of a functional graph (not a Layer)."""
     return "Layer" not in _mro_names(layer)
@@ -251,11 +284,14 @@ def iter_layers(model: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def _members(model: Any) -> list[Any]:
-    """A model's layers in order; a functional model's with its inline operations among them."""
+    """A model's layers in order; a functional model's with its inline operations among them;
+    the layers a composite layer holds."""
     if "Functional" in _mro_names(model):
         operations = getattr(model, "operations", None)
         if operations is not None:
             return list(operations)
+    if not _is_model(model):
+        return _sublayers(model)
     return list(getattr(model, "layers", []))
 
 
@@ -268,6 +304,10 @@ def _walk(model: Any, prefix: str, within: Any) -> Iterator[tuple[str, Any, Any]
         inner = _wrapped(layer)
         if _is_model(layer):
             yield from _walk(layer, f"{name}/", within)
+        elif is_composite(layer):
+            # Its layers, then its own output: recorded where it is not one of theirs (intercept.py).
+            yield from _walk(layer, f"{name}/", within)
+            yield name, layer, within
         elif inner is not None and _is_model(inner):
             yield from _walk(inner, f"{name}/", layer)
             yield name, layer, within
@@ -339,7 +379,10 @@ def select_layers(
 
 
 def captured_inputs(
-    model: Any, selection: Sequence[SelectedLayer], captured: Sequence[str]
+    model: Any,
+    selection: Sequence[SelectedLayer],
+    captured: Sequence[str],
+    aliases: dict[str, str] | None = None,
 ) -> dict[str, tuple[str, ...]]:
     """For each captured tensor, the captured tensors that feed it in the model's graph.
 
@@ -347,9 +390,10 @@ def captured_inputs(
     captured (Dropout, Flatten, pooling, Concatenate, ...), into nested models (a nested
     model's output is its last layer's) and out of them (a nested model's input is what
     fed its first call). A layer of several outputs is recorded as `name[k]`: the one
-    used is named. A fused layer's output is fed by its own `:preact`. Layers outside a
-    functional graph (subclassed models) get no entry; analysis then falls back on model
-    order.
+    used is named. A fused layer's output is fed by its own `:preact`. A composite layer's
+    output that one of its layers made is that layer's (`aliases`: the Recorder's). Layers
+    outside a functional graph (subclassed models, a composite layer's) get no entry; analysis
+    then falls back on model order.
     """
     by_operation = {id(s.layer): s for s in selection}
     names = set(captured)
@@ -359,17 +403,20 @@ def captured_inputs(
         entries = {}
     out: dict[str, tuple[str, ...]] = {}
     for selected in selection:
+        preact = f"{selected.name}:preact"
+        if preact in names:  # in a graph or not (a composite layer's, a subclassed model's)
+            out[selected.name] = (preact,)
         try:
             nodes = selected.layer._inbound_nodes
             if not nodes:
                 continue
-            found = _captured_sources(list(nodes[0].input_tensors), by_operation, names, entries)
+            found = _captured_sources(
+                list(nodes[0].input_tensors), by_operation, names, entries, aliases or {}
+            )
         except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
             continue
-        preact = f"{selected.name}:preact"
         if preact in names:
             out[preact] = tuple(found)
-            out[selected.name] = (preact,)
         elif selected.name in names:
             out[selected.name] = tuple(found)
         else:  # a layer of several outputs (an RNN's states): each is fed by what feeds the layer
@@ -382,7 +429,11 @@ def _is_output_of(name: str, layer: str) -> bool:
 
 
 def _captured_sources(
-    tensors: list[Any], by_operation: dict[int, SelectedLayer], names: set[str], entries: dict[int, Any]
+    tensors: list[Any],
+    by_operation: dict[int, SelectedLayer],
+    names: set[str],
+    entries: dict[int, Any],
+    aliases: dict[str, str],
 ) -> list[str]:
     """The captured tensors that `tensors` come from, nearest first."""
     found: list[str] = []
@@ -400,7 +451,7 @@ def _captured_sources(
             continue
         operation, node_index, tensor_index = history
         selected = by_operation.get(id(operation))
-        name = None if selected is None else _output_name(selected.name, tensor_index, names)
+        name = None if selected is None else _output_name(selected.name, tensor_index, names, aliases)
         if name is not None:
             if name not in found:
                 found.append(name)
@@ -415,11 +466,14 @@ def _captured_sources(
     return found
 
 
-def _output_name(name: str, index: int, names: set[str]) -> str | None:
+def _output_name(name: str, index: int, names: set[str], aliases: dict[str, str]) -> str | None:
     """The recorded name of output `index` of the layer recorded as `name`, if recorded."""
-    if f"{name}[{index}]" in names:
-        return f"{name}[{index}]"
-    return name if name in names else None
+    for candidate in (f"{name}[{index}]", name):
+        if candidate in names:
+            return candidate
+        if candidate in aliases:
+            return aliases[candidate]
+    return None
 
 
 def _nested_entries(model: Any) -> dict[int, Any]:

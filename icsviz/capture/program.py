@@ -73,6 +73,7 @@ class CaptureProgram:
         self._owner = self._variable_owners()
         self.ics_layers, self._ics_groups = self._ics_plan()
         self.traced: list[TracedLayer] | None = None
+        self._aliases: dict[str, str] = {}  # a composite layer's output recorded under a layer's name
         self.skipped: dict[str, str] = {}  # layer name -> why it is not recorded
         self._masks: dict[str, np.ndarray] | None = None  # the probe's Keras masks (masks.py)
         # The weights at the last capture, as one flat float32 vector: the capture function's
@@ -161,7 +162,7 @@ class CaptureProgram:
             for v, owner in zip(self.trainable, self._owner)
         )
         names = [t.name for t in self.traced]
-        inputs = captured_inputs(self.model, self.selection, names)
+        inputs = captured_inputs(self.model, self.selection, names, self._aliases)
         return RunLayout(
             layers=tuple(dataclasses.replace(t.spec(), inputs=inputs.get(t.name, ())) for t in self.traced),
             variables=variables,
@@ -213,6 +214,7 @@ class CaptureProgram:
         names = [r.name for r in recorder.records]
         if self.traced is None:
             self.traced = self._plan(recorder)
+            self._aliases = dict(recorder.aliases)
         by_name = dict(zip(names, activations))
         with backend.inlined_calls():
             statistics = self._layer_stats(by_name, masked)
