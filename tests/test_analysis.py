@@ -396,3 +396,51 @@ def test_a_layer_of_layers_is_recorded_inside_the_graph_and_a_subclassed_model_k
             ("lstm2", "lstm1"),
             ("out", "out:preact"),
         ]
+
+
+def test_a_layer_called_twice_is_fed_and_feeds_call_by_call(tmp_path) -> None:
+    import keras
+
+    from icsviz.analysis import nonlinearity_inputs
+
+    class Stack(keras.layers.Layer):  # a layer of layers, held in a list
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.blocks = [keras.layers.Dense(5, activation="tanh", name=f"d{i}") for i in range(2)]
+
+        def build(self, shape) -> None:
+            for block in self.blocks:
+                block.build(shape)
+
+        def call(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    a, b = keras.layers.Dense(5, name="a")(inputs), keras.layers.Dense(5, name="b")(inputs)
+    enc = keras.layers.Dense(5, activation="tanh", name="enc")
+    stack = Stack(name="stack")
+    h = keras.layers.Concatenate()([enc(a), enc(b), stack(stack(a))])
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="out")(h))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 5)).astype("float32"), rng.integers(0, 2, 32)
+    with _recorded(model, x, y, tmp_path / "twice.h5") as run:
+        assert run.layer("enc:preact").inputs == ("a",)
+        assert run.layer("enc:preact#2").inputs == ("b",)
+        assert run.layer("enc#2").inputs == ("enc:preact#2",)
+        assert run.layer("stack/d1#2").inputs == ("stack/d1:preact#2",)
+        assert "stack" not in run.layer_names and "stack#2" not in run.layer_names
+        # The second call of each, not the first, feeds the head.
+        assert run.layer("out:preact").inputs == ("enc", "enc#2", "stack/d1#2")
+        # One role per call, in the order Keras runs the graph (deepest first).
+        assert [r.nonlinearity for r in nonlinearity_inputs(run)] == [
+            "stack/d0",
+            "stack/d1",
+            "enc",
+            "enc#2",
+            "stack/d0#2",
+            "stack/d1#2",
+            "out",
+        ]

@@ -51,7 +51,8 @@ def nonlinearity_inputs(run: Run) -> list[Role]:
     has_graph = any(set(info.inputs) - {f"{info.name}:preact"} for info in infos)
     for i, info in enumerate(infos):
         if info.kind == "preactivation":
-            roles.append(Role(len(roles) + 1, info.name.split(":preact")[0], info.name))
+            # "dense:preact#2": the second call of "dense", a nonlinearity of its own
+            roles.append(Role(len(roles) + 1, info.name.replace(":preact", "", 1), info.name))
             preactivations.add(info.name)
         elif info.kind == "activation":
             feeding = [name for name in info.inputs if name in names]

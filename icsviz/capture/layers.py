@@ -404,27 +404,40 @@ def captured_inputs(
     out: dict[str, tuple[str, ...]] = {}
     for selected in selection:
         preact = f"{selected.name}:preact"
-        if preact in names:  # in a graph or not (a composite layer's, a subclassed model's)
-            out[selected.name] = (preact,)
+        # A fused layer's output, of every call, in a graph or not (a composite layer's, a
+        # subclassed model's), is fed by its pre-activation.
+        for name in names:
+            call = name[len(selected.name) :]
+            if name.startswith(selected.name) and (call == "" or call.startswith("#")):
+                if f"{preact}{call}" in names:
+                    out[name] = (f"{preact}{call}",)
         try:
-            nodes = selected.layer._inbound_nodes
-            if not nodes:
-                continue
-            found = _captured_sources(
-                list(nodes[0].input_tensors), by_operation, names, entries, aliases or {}
-            )
+            nodes = list(selected.layer._inbound_nodes)
         except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
-            continue
-        if preact in names:
-            out[preact] = tuple(found)
-        elif selected.name in names:
-            out[selected.name] = tuple(found)
-        else:  # a layer of several outputs (an RNN's states): each is fed by what feeds the layer
-            out.update({name: tuple(found) for name in names if _is_output_of(name, selected.name)})
+            nodes = []
+        for call, node in enumerate(nodes):  # a layer called again is recorded as "name#2", ...
+            suffix = f"#{call + 1}" if call else ""
+            try:
+                found = tuple(
+                    _captured_sources(list(node.input_tensors), by_operation, names, entries, aliases or {})
+                )
+            except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
+                continue
+            if f"{preact}{suffix}" in names:
+                out[f"{preact}{suffix}"] = found
+            elif f"{selected.name}{suffix}" in names:
+                out[f"{selected.name}{suffix}"] = found
+            else:  # a layer of several outputs (an RNN's states): each is fed by what feeds the layer
+                out.update({name: found for name in names if _is_output_of(name, selected.name, suffix)})
     return out
 
 
-def _is_output_of(name: str, layer: str) -> bool:
+def _is_output_of(name: str, layer: str, suffix: str = "") -> bool:
+    """Whether `name` is an output `layer[k]` (of the call that `suffix`, "#2", ..., names)."""
+    if suffix:
+        if not name.endswith(suffix):
+            return False
+        name = name[: -len(suffix)]
     return name.startswith(f"{layer}[") and name.endswith("]") and name[len(layer) + 1 : -1].isdigit()
 
 
@@ -451,7 +464,7 @@ def _captured_sources(
             continue
         operation, node_index, tensor_index = history
         selected = by_operation.get(id(operation))
-        name = None if selected is None else _output_name(selected.name, tensor_index, names, aliases)
+        name = None if selected is None else _output_name(selected, node_index, tensor_index, names, aliases)
         if name is not None:
             if name not in found:
                 found.append(name)
@@ -466,9 +479,13 @@ def _captured_sources(
     return found
 
 
-def _output_name(name: str, index: int, names: set[str], aliases: dict[str, str]) -> str | None:
-    """The recorded name of output `index` of the layer recorded as `name`, if recorded."""
-    for candidate in (f"{name}[{index}]", name):
+def _output_name(
+    selected: SelectedLayer, call: int, index: int, names: set[str], aliases: dict[str, str]
+) -> str | None:
+    """The recorded name of output `index` of call `call` (its node, from 0) of a selected
+    layer, if recorded: a layer called again is recorded as "name#2", ..."""
+    name, suffix = selected.name, f"#{call + 1}" if call else ""
+    for candidate in (f"{name}[{index}]{suffix}", f"{name}{suffix}"):
         if candidate in names:
             return candidate
         if candidate in aliases:
