@@ -203,6 +203,32 @@ def composite_layers() -> tuple[keras.Model, Any, Any]:
     return keras.Model(inputs, _head()(h)), ids, rng.integers(0, CLASSES, 64)
 
 
+class Looped(L.Layer):
+    """A layer of layers that calls its inner Dense in a `keras.ops.fori_loop`: compiled, the
+    Dense's tensors belong to the loop's body and cannot be taken out of it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cell = L.Dense(F, activation="tanh", name="cell")
+
+    def build(self, shape: Any) -> None:
+        self.cell.build(shape)
+
+    def call(self, x: Any) -> Any:
+        return keras.ops.fori_loop(0, 3, lambda _, h: self.cell(h), x)
+
+
+def looped_layer() -> tuple[keras.Model, Any, Any]:
+    rng = np.random.default_rng(7)
+    inputs = keras.Input((F,))
+    h = Looped(name="looped")(L.Dense(F, name="stem")(inputs))
+    return (
+        keras.Model(inputs, _head()(h)),
+        rng.normal(size=(64, F)).astype("float32"),
+        rng.integers(0, CLASSES, 64),
+    )
+
+
 ZOO: dict[str, Callable[[], tuple[keras.Model, Any, Any]]] = {
     "simple_rnn": simple_rnn,
     "lstm": lstm,

@@ -606,3 +606,26 @@ def test_training_loops_of_ones_own_on_the_backends_without_a_batch_end_hook(bac
     tests = "training_loop_of_ones_own or never_begins_a_batch"
     proc = _pytest_on(backend, "tests/test_callback.py", "-k", tests)
     assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="tensorflow is not installed")
+def test_a_tensor_of_a_compiled_loops_body_is_not_reachable_after_the_loop() -> None:
+    import tensorflow as tf
+
+    from icsviz.capture import backend
+
+    if backend.name() != "tensorflow":
+        pytest.skip("the TensorFlow check; JAX's and torch's run in test_zoo's looped layer")
+    seen: dict[str, object] = {}
+
+    @tf.function
+    def loop(x):
+        def body(i, h):
+            seen["inner"] = tf.tanh(h)
+            return i + 1, seen["inner"]
+
+        _, y = tf.while_loop(lambda i, h: i < 3, body, (0, x))
+        return tf.constant([backend.reachable(seen["inner"]), backend.reachable(y), backend.reachable(x)])
+
+    assert loop(tf.ones(3)).numpy().tolist() == [False, True, True]
+    assert backend.reachable(tf.ones(3))  # eager: everything is

@@ -63,6 +63,112 @@ def test_zoo_is_recorded_with_exact_values_on_other_backends(backend: str, tmp_p
     assert proc.returncode == 0 and f"ZOO OK {len(ZOO)}" in proc.stdout, proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "tensorflow",
+        pytest.param(
+            "jax",
+            marks=pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed"),
+        ),
+        pytest.param(
+            "torch",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torch") is None,
+                reason="torch is not installed (pip install torch==2.13.0, a CPU build)",
+            ),
+        ),
+    ],
+)
+def test_layers_called_in_a_compiled_loop_cost_only_themselves(backend: str, tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import warnings, keras
+        from model_zoo import looped_layer
+        from icsviz import CaptureWarning, ICSCallback, open_run
+        keras.utils.set_random_seed(0)
+        model, x, y = looped_layer()
+        model.compile("sgd", "sparse_categorical_crossentropy")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[
+                ICSCallback({str(tmp_path / "loop.h5")!r}, probe=(x[:32], y[:32]), batch_stats=True)])
+        ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+        with open_run({str(tmp_path / "loop.h5")!r}) as run:
+            print("NAMES", run.layer_names, run.batch_layer_names, run.status, len(run.steps))
+        print("WARNINGS", len(ours), ours)
+    """)
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = next(line for line in proc.stdout.splitlines() if line.startswith("NAMES"))
+    warned = next(line for line in proc.stdout.splitlines() if line.startswith("WARNINGS"))
+    if backend == "torch":  # eager: each turn of the loop is a call of its own, as a shared layer's
+        assert "'looped/cell', 'looped/cell:preact#2', 'looped/cell#2'" in names, names
+        assert warned.startswith("WARNINGS 0"), warned
+    else:  # compiled: the loop's tensors are left out, the loop's result is recorded
+        layers = "['stem', 'looped', 'head:preact', 'head']"
+        assert f"NAMES {layers} {layers} complete 2" == names, names
+        assert (
+            warned.startswith("WARNINGS 1") and "'looped/cell:preact', 'looped/cell' not recorded" in warned
+        )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+def test_rematerialized_layers_are_recorded_where_their_checkpoint_returns(tmp_path: Path) -> None:
+    # On JAX a layer under keras.RematScope runs inside jax.checkpoint. (TensorFlow's Keras
+    # cannot train such a model at all; torch records inside the checkpoint as usual.)
+    script = textwrap.dedent(f"""
+        import warnings, keras, numpy as np
+        from icsviz import CaptureWarning, ICSCallback, open_run
+        L = keras.layers
+        rng = np.random.default_rng(0)
+        x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 2, 64)
+        for where in ("layers", "model"):
+            keras.utils.set_random_seed(0)
+            with keras.RematScope(mode="full"):
+                inputs = keras.Input((6,))
+                hidden = L.Dense(8, activation="relu", name="hidden")(inputs)
+                out = L.Dense(2, activation="softmax", name="out")(hidden)
+                if where == "model":
+                    model = keras.Model(inputs, out)
+            if where == "layers":
+                model = keras.Model(inputs, out)
+            model.compile("sgd", "sparse_categorical_crossentropy")
+            expected = np.asarray(keras.Model(inputs, hidden)(x[:32]))
+            path = {str(tmp_path)!r} + f"/{{where}}.h5"
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[ICSCallback(path, probe=(x[:32], y[:32]))])
+            ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+            with open_run(path) as run:
+                names = run.layer_names
+                mean = float(run.activations("hidden").mean[0]) if "hidden" in names else None
+            print(where.upper(), names, mean, float(expected.mean()), ours)
+    """)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = {
+        line.split(" ", 1)[0]: line
+        for line in proc.stdout.splitlines()
+        if line.startswith(("LAYERS", "MODEL"))
+    }
+    # Layers built in the scope: their outputs, with their values; the fused pre-activations
+    # stay inside the checkpoint and are named in one warning.
+    layers = lines["LAYERS"]
+    assert layers.startswith("LAYERS ['hidden', 'out'] "), layers
+    recorded, expected = (float(v) for v in layers.split("] ", 1)[1].split(" ")[:2])
+    assert abs(recorded - expected) < 1e-5, layers
+    assert "'hidden:preact', 'out:preact' not recorded" in layers and "RematScope" in layers
+    # A model built in the scope is one checkpoint: nothing inside it, and the warning says how.
+    assert lines["MODEL"].startswith("MODEL [] None"), lines["MODEL"]
+    assert "build the model outside the scope" in lines["MODEL"]
+
+
 class _ReadOnlyActivationDense(keras.layers.Dense):
     """A user layer whose fused activation is a read-only property."""
 

@@ -36,6 +36,7 @@ __all__ = [
     "detached",
     "interrupts_held",
     "deleted_variables",
+    "reachable",
 ]
 
 LossFn = Callable[[list[Any]], tuple[Any, Any]]
@@ -389,6 +390,39 @@ def detached(tensor: Any) -> Any:
     capture's statistics are computed outside the gradient already, and one StopGradient per
     tensor was one more op to trace."""
     return tensor.detach() if name() == "torch" else tensor
+
+
+def reachable(tensor: Any) -> bool:
+    """Whether a tensor recorded during a traced call can be used where that call returned.
+
+    A layer called inside a loop or a branch of its caller (`keras.ops.fori_loop`, `scan`,
+    `cond` in a layer of the user's own) makes tensors of the loop body's own trace: JAX calls
+    them leaked tracers and TensorFlow tensors of another graph, and using one fails the whole
+    function. Unknown internals (another JAX or TF version) count as reachable, as before.
+    """
+    backend = name()
+    try:
+        if backend == "jax":
+            from jax._src import core  # noqa: PLC0415 - the current trace is not public API
+
+            trace = getattr(tensor, "_trace", None)
+            if trace is None:
+                return True  # a concrete array
+            current = core.trace_ctx.trace
+            while current is not None:  # the trace under way and the ones it runs inside
+                if current is trace:
+                    return True
+                current = getattr(current, "parent_trace", None)
+            return False
+        if backend == "tensorflow":
+            import tensorflow as tf  # noqa: PLC0415
+
+            if tf.executing_eagerly():
+                return True
+            return tensor.graph is tf.compat.v1.get_default_graph()
+    except Exception:  # noqa: BLE001 - unknown internals: as before this check
+        return True
+    return True  # torch runs eagerly
 
 
 def read_values(variables: Sequence[Any]) -> list[Any]:

@@ -22,6 +22,7 @@ from typing import Any
 import keras
 
 from ..errors import warn_capture
+from . import backend
 from .layers import SelectedLayer, is_composite, is_time_distributed
 from .monotone import RangeMap, activation_map, layer_map
 
@@ -137,6 +138,26 @@ class Recorder:
         self.positions.setdefault(id(record.tensor), len(self.records))
         self.records.append(record)
 
+    def drop_unreachable(self) -> list[str]:
+        """Drop the records made inside a loop or branch of a layer's `call` (backend.reachable),
+        which cannot be used where the call returned; their names, for the caller's warning."""
+        kept = [i for i, record in enumerate(self.records) if backend.reachable(record.tensor)]
+        if len(kept) == len(self.records):
+            return []
+        dropped = [record.name for i, record in enumerate(self.records) if i not in set(kept)]
+        index = {old: new for new, old in enumerate(kept)}
+        records = [self.records[i] for i in kept]
+        for record in records:  # a range taken from a dropped record is measured instead
+            if record.range_source is not None:
+                record.range_source = index.get(record.range_source)
+                if record.range_source is None:
+                    record.range_map = None
+        self.records = records
+        self.positions = {}
+        for i, record in enumerate(records):
+            self.positions.setdefault(id(record.tensor), i)
+        return dropped
+
     def enter_frames(self, static: bool) -> None:
         """A TimeDistributed call begins: what the layers inside it make is held per step."""
         self._frames.append(_Frames(static))
@@ -203,6 +224,20 @@ def intercept(selection: Sequence[SelectedLayer], recorder: Recorder) -> Iterato
     with _one_at_a_time:
         with _intercepting(selection, recorder, threading.get_ident()):
             yield
+        dropped = recorder.drop_unreachable()
+        if dropped:
+            fix = (
+                "A model built inside keras.RematScope is rematerialized as a whole: build the model "
+                "outside the scope and its layers inside it, and their outputs are recorded."
+                if not recorder.records
+                else "The layer's own output is recorded, and every other layer."
+            )
+            warn_once(
+                "unreachable:" + ",".join(dropped),
+                f"{', '.join(repr(name) for name in dropped)} not recorded: made inside a loop or a "
+                "branch (keras.ops.fori_loop, scan, while_loop, cond) of a layer's `call`, or inside a "
+                f"rematerialized call (keras.RematScope), where they cannot be taken out. {fix}",
+            )
 
 
 @contextlib.contextmanager
@@ -254,16 +289,14 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
         kind = selected.kind if not selected.capture_preactivation else "activation"
         own_map, fused_map = _range_maps(selected, original_call)
 
-        def call(
-            *args: Any,
-            _orig: Any = original_call,
+        def recorded(
+            out: Any,
+            args: tuple[Any, ...],
             _sel: SelectedLayer = selected,
             _kind: str = kind,
             _own_map: RangeMap | None = own_map,
             _fused_map: RangeMap | None = fused_map,
-            **kwargs: Any,
         ) -> Any:
-            out = _orig(*args, **kwargs)
             if threading.get_ident() == owner:
                 pre, post = fused.pop(id(_sel.layer), (None, None))
                 mapped: Mapped = None
@@ -274,6 +307,11 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
                 _record(recorder, _sel, out, _kind, mapped_from=mapped)
             return out
 
+        def call(*args: Any, _orig: Any = original_call, _recorded: Any = recorded, **kwargs: Any) -> Any:
+            return _recorded(_orig(*args, **kwargs), args)
+
+        if getattr(layer, "_remat_mode", None) is not None:
+            _record_outside_remat(layer, call, original_call, recorded, patch)
         if not patch(layer, "call", call):
             warn_once(
                 f"call:{selected.name}",
@@ -307,6 +345,27 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
                 object.__setattr__(obj, attr, value)
             else:
                 object.__delattr__(obj, attr)
+
+
+def _record_outside_remat(layer: Any, call: Any, original_call: Any, recorded: Any, patch: Any) -> None:
+    """A layer rematerialized (`keras.RematScope`) runs its `call` inside `jax.checkpoint`,
+    whose tensors cannot be taken out: record its output where the checkpointed call returns.
+    (Its fused pre-activation stays inside and is left out: `Recorder.drop_unreachable`.)"""
+    original_remat = layer.rematerialized_call
+
+    def rematerialized_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is not call:  # quantized_call: as Keras would
+            return original_remat(fn, *args, **kwargs)
+        checkpointed = original_remat(original_call, *args, **kwargs)
+        if checkpointed is original_call:  # not rematerialized this time: recorded inside
+            return call
+
+        def call_then_record(*a: Any, **kw: Any) -> Any:
+            return recorded(checkpointed(*a, **kw), a)
+
+        return call_then_record
+
+    patch(layer, "rematerialized_call", rematerialized_call)
 
 
 def _time_distributed(selection: Sequence[SelectedLayer]) -> list[Any]:
