@@ -44,8 +44,9 @@ def run_script(
     script: str, backend: str, marker: str | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess:
     """`script` in a fresh Python with Keras on `backend` (which must be chosen before Keras is
-    imported) and the project importable. With `marker`: asserts it ran through and printed it."""
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
+    imported), the project and the tests' helpers (model_zoo) importable. With `marker`: asserts
+    it ran through and printed it."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -4,9 +4,6 @@ JAX in a subprocess (KERAS_BACKEND must be set before Keras is imported)."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -16,9 +13,22 @@ import numpy as np
 import pytest
 from model_zoo import EXPECTED, ZOO, check_recorded
 
+from conftest import run_script
 from icsviz import CaptureWarning, ICSCallback, open_run
 
-ROOT = Path(__file__).resolve().parents[1]
+JAX = pytest.param(
+    "jax",
+    marks=pytest.mark.skipif(
+        importlib.util.find_spec("jax") is None, reason="jax is not installed (pip install 'jax[cpu]')"
+    ),
+)
+TORCH = pytest.param(
+    "torch",
+    marks=pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None,
+        reason="torch is not installed (pip install torch==2.13.0, a CPU build)",
+    ),
+)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -27,25 +37,7 @@ def test_zoo_model_is_recorded_with_exact_values_tensorflow(name: str, tmp_path:
     assert names[-2:] == ["head:preact", "head"]
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        pytest.param(
-            "jax",
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("jax") is None,
-                reason="jax is not installed (pip install 'jax[cpu]')",
-            ),
-        ),
-        pytest.param(
-            "torch",
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("torch") is None,
-                reason="torch is not installed (pip install torch==2.13.0, a CPU build)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", [JAX, TORCH])
 def test_zoo_is_recorded_with_exact_values_on_other_backends(backend: str, tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import keras
@@ -56,30 +48,10 @@ def test_zoo_is_recorded_with_exact_values_on_other_backends(backend: str, tmp_p
             check_recorded(name, Path({str(tmp_path)!r}) / (name + ".h5"))
         print("ZOO OK", len(ZOO))
     """)
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0 and f"ZOO OK {len(ZOO)}" in proc.stdout, proc.stderr[-3000:]
+    run_script(script, backend, marker=f"ZOO OK {len(ZOO)}", timeout=900)
 
 
-@pytest.mark.parametrize(
-    "backend",
-    [
-        "tensorflow",
-        pytest.param(
-            "jax",
-            marks=pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed"),
-        ),
-        pytest.param(
-            "torch",
-            marks=pytest.mark.skipif(
-                importlib.util.find_spec("torch") is None,
-                reason="torch is not installed (pip install torch==2.13.0, a CPU build)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("backend", ["tensorflow", JAX, TORCH])
 def test_layers_called_in_a_compiled_loop_cost_only_themselves(backend: str, tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         import warnings, keras
@@ -97,10 +69,7 @@ def test_layers_called_in_a_compiled_loop_cost_only_themselves(backend: str, tmp
             print("NAMES", run.layer_names, run.batch_layer_names, run.status, len(run.steps))
         print("WARNINGS", len(ours), ours)
     """)
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_script(script, backend)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = next(line for line in proc.stdout.splitlines() if line.startswith("NAMES"))
     warned = next(line for line in proc.stdout.splitlines() if line.startswith("WARNINGS"))
@@ -147,10 +116,7 @@ def test_rematerialized_layers_are_recorded_where_their_checkpoint_returns(tmp_p
                 mean = float(run.activations("hidden").mean[0]) if "hidden" in names else None
             print(where.upper(), names, mean, float(expected.mean()), ours)
     """)
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_script(script, "jax")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {
         line.split(" ", 1)[0]: line
