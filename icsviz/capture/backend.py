@@ -392,8 +392,9 @@ def detached(tensor: Any) -> Any:
     return tensor.detach() if name() == "torch" else tensor
 
 
-def reachable(tensor: Any) -> bool:
-    """Whether a tensor recorded during a traced call can be used where that call returned.
+def reachable() -> Callable[[Any], bool]:
+    """Whether a tensor recorded during a traced call can be used here, where the call returned:
+    a predicate, the current trace or graph read once.
 
     A layer called inside a loop or a branch of its caller (`keras.ops.fori_loop`, `scan`,
     `cond` in a layer of the user's own) makes tensors of the loop body's own trace: JAX calls
@@ -405,24 +406,21 @@ def reachable(tensor: Any) -> bool:
         if backend == "jax":
             from jax._src import core  # noqa: PLC0415 - the current trace is not public API
 
-            trace = getattr(tensor, "_trace", None)
-            if trace is None:
-                return True  # a concrete array
-            current = core.trace_ctx.trace
+            traces, current = set(), core.trace_ctx.trace
             while current is not None:  # the trace under way and the ones it runs inside
-                if current is trace:
-                    return True
+                traces.add(id(current))
                 current = getattr(current, "parent_trace", None)
-            return False
+            return lambda tensor: getattr(tensor, "_trace", None) is None or id(tensor._trace) in traces
         if backend == "tensorflow":
             import tensorflow as tf  # noqa: PLC0415
 
             if tf.executing_eagerly():
-                return True
-            return tensor.graph is tf.compat.v1.get_default_graph()
+                return lambda tensor: True
+            graph = tf.compat.v1.get_default_graph()
+            return lambda tensor: getattr(tensor, "graph", graph) is graph
     except Exception:  # noqa: BLE001 - unknown internals: as before this check
-        return True
-    return True  # torch runs eagerly
+        pass
+    return lambda tensor: True  # torch runs eagerly
 
 
 def read_values(variables: Sequence[Any]) -> list[Any]:

@@ -141,10 +141,11 @@ class Recorder:
     def drop_unreachable(self) -> list[str]:
         """Drop the records made inside a loop or branch of a layer's `call` (backend.reachable),
         which cannot be used where the call returned; their names, for the caller's warning."""
-        kept = [i for i, record in enumerate(self.records) if backend.reachable(record.tensor)]
+        usable = backend.reachable()
+        kept = [i for i, record in enumerate(self.records) if usable(record.tensor)]
         if len(kept) == len(self.records):
             return []
-        dropped = [record.name for i, record in enumerate(self.records) if i not in set(kept)]
+        dropped = [record.name for i, record in enumerate(self.records) if not usable(record.tensor)]
         index = {old: new for new, old in enumerate(kept)}
         records = [self.records[i] for i in kept]
         for record in records:  # a range taken from a dropped record is measured instead

@@ -402,15 +402,20 @@ def captured_inputs(
     except Exception:  # noqa: BLE001 - Keras internals: nested models' inputs then lead nowhere
         entries = {}
     out: dict[str, tuple[str, ...]] = {}
+    calls: dict[str, list[str]] = {}  # "dense" -> ["", "#2"]: the calls recorded of each name
+    for name in names:
+        base, hash_mark, call = name.rpartition("#")
+        if hash_mark and call.isdigit():
+            calls.setdefault(base, []).append(f"#{call}")
+        else:
+            calls.setdefault(name, []).append("")
     for selected in selection:
         preact = f"{selected.name}:preact"
         # A fused layer's output, of every call, in a graph or not (a composite layer's, a
         # subclassed model's), is fed by its pre-activation.
-        for name in names:
-            call = name[len(selected.name) :]
-            if name.startswith(selected.name) and (call == "" or call.startswith("#")):
-                if f"{preact}{call}" in names:
-                    out[name] = (f"{preact}{call}",)
+        for call in calls.get(selected.name, ()):
+            if f"{preact}{call}" in names:
+                out[f"{selected.name}{call}"] = (f"{preact}{call}",)
         try:
             nodes = list(selected.layer._inbound_nodes)
         except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
