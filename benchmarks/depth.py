@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/depth.py [--models baseline bn mobilenetv2 resnet50 lstm] [--probe 64]
 (`--models text`: an LSTM on padded token sequences, Keras masks; `--models mlp200`: 200 Dense
-layers of 32 units, depth without width; neither in the default list)
+layers of 32 units, depth without width; `--models transformer`: four keras.io transformer blocks
+written as layers of layers, recorded layer by layer inside; none in the default list)
 
 For each model, in one process (medians of --repeats, interleaved):
 - train step: `train_on_batch` on a batch of the probe's size;
@@ -42,6 +43,7 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -58,6 +60,23 @@ from icsviz.models import build_model
 # (`pip install 'icsviz[bench]'`); without it that column says why it is empty.
 HAS_TENSORBOARD = all(importlib.util.find_spec(name) is not None for name in ("tensorflow", "tensorboard"))
 WHY_NO_TENSORBOARD = "not run (needs tensorflow and tensorboard: pip install 'icsviz[bench]')"
+
+
+class TransformerBlock(keras.layers.Layer):
+    """keras.io's transformer block for text classification, as its example writes it."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, rate: float = 0.1) -> None:
+        super().__init__()
+        self.att = keras.layers.MultiHeadAttention(heads, dim // heads)
+        self.ffn = keras.Sequential([keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(dim)])
+        self.layernorm1 = keras.layers.LayerNormalization(epsilon=1e-6)
+        self.layernorm2 = keras.layers.LayerNormalization(epsilon=1e-6)
+        self.dropout1 = keras.layers.Dropout(rate)
+        self.dropout2 = keras.layers.Dropout(rate)
+
+    def call(self, inputs: Any) -> Any:
+        out1 = self.layernorm1(inputs + self.dropout1(self.att(inputs, inputs)))
+        return self.layernorm2(out1 + self.dropout2(self.ffn(out1)))
 
 
 def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
@@ -104,6 +123,15 @@ def make(name: str) -> tuple[keras.Model, np.ndarray, np.ndarray]:
         x, y = rng.integers(1, 1000, (256, 32)), rng.integers(0, 10, 256)
         for row, length in enumerate(rng.integers(4, 33, 256)):
             x[row, length:] = 0  # about 45 % padding
+    elif name == "transformer":  # keras.io's text classifier, four blocks: 27 captured tensors
+        tokens = keras.Input((32,), dtype="int32")
+        hidden = keras.layers.Embedding(1000, 64)(tokens)
+        for _ in range(4):
+            hidden = TransformerBlock(64, 4, 128)(hidden)
+        pooled = keras.layers.GlobalAveragePooling1D()(hidden)
+        model = keras.Model(tokens, keras.layers.Dense(10, activation="softmax")(pooled))
+        rng = np.random.default_rng(0)
+        x, y = rng.integers(0, 1000, (256, 32)), rng.integers(0, 10, 256)
     else:
         raise SystemExit(f"unknown model {name!r}")
     model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")

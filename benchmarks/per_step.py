@@ -71,7 +71,7 @@ def make(name: str) -> tuple[keras.Model, Recipe]:
 
 def data_for(name: str, images: int) -> tuple[np.ndarray, np.ndarray]:
     """`images` inputs of the shape `name` takes (CIFAR-shaped, or depth.py's sequences)."""
-    if name not in ("lstm", "text"):
+    if name not in ("lstm", "text", "transformer"):
         return cifar_like(images)
     from depth import make as make_deep
 

@@ -69,3 +69,13 @@ def test_per_step_pairs_alternate_the_two_train_functions_and_leave_a_model_that
     plain, stats = (float(v) for v in re.search(r"step ([\d.]+) ms plain, ([\d.]+) ms with", line).groups())
     ratio = float(re.search(r"-> ratio ([\d.]+)", line).group(1))
     assert plain > 0 and stats > 0 and 0.2 < ratio < 5, line
+
+
+def test_trace_walk_finds_the_transformer_blocks_inner_layers() -> None:
+    out = _run("trace_walk.py", "--models", "transformer", "--repeats", "1")
+    line = next(line for line in out.splitlines() if line.startswith("transformer"))
+    # Four blocks of attention, two LayerNormalizations and a feed-forward pair (its first Dense
+    # fused with a ReLU: two tensors), the embedding and the head's two.
+    assert "26 selected, 27 tensors recorded" in line, line
+    share = float(re.search(r"the three ([\d.]+) of it", line).group(1))
+    assert 0 < share < 0.2, line
