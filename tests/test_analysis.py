@@ -444,3 +444,33 @@ def test_a_layer_called_twice_is_fed_and_feeds_call_by_call(tmp_path) -> None:
             "stack/d1#2",
             "out",
         ]
+
+
+def test_a_layer_a_block_holds_to_tie_its_weights_is_recorded_once_where_the_graph_calls_it(
+    tmp_path,
+) -> None:
+    import keras
+
+    from icsviz.capture.layers import iter_layers
+
+    class TiedOutput(keras.layers.Layer):  # the embedding's matrix, transposed, as the output layer
+        def __init__(self, embedding, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.embedding = embedding
+
+        def call(self, x):
+            logits = keras.ops.matmul(x, keras.ops.transpose(self.embedding.embeddings))
+            return keras.ops.softmax(logits)
+
+    keras.utils.set_random_seed(0)
+    tokens = keras.Input((6,), dtype="int32")
+    embedding = keras.layers.Embedding(20, 8, name="emb")
+    hidden = keras.layers.Dense(8, activation="tanh", name="d")(embedding(tokens))
+    model = keras.Model(tokens, TiedOutput(embedding, name="tied")(hidden))
+    assert [name for name, _ in iter_layers(model)] == ["emb", "d", "tied"]
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 20, (32, 6)), rng.integers(0, 20, (32, 6))
+    with _recorded(model, x, y, tmp_path / "tied.h5") as run:
+        # Before, also "tied/emb#2": the same call recorded twice, and `d` fed by nothing.
+        assert run.layer_names == ["emb", "d:preact", "d", "tied"]
+        assert run.layer("d:preact").inputs == ("emb",)

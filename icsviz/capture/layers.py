@@ -295,21 +295,28 @@ def _members(model: Any) -> list[Any]:
     return list(getattr(model, "layers", []))
 
 
-def _walk(model: Any, prefix: str, within: Any) -> Iterator[tuple[str, Any, Any]]:
-    """`iter_layers` with the TimeDistributed each layer runs inside (None: none)."""
+def _walk(
+    model: Any, prefix: str, within: Any, seen: set[int] | None = None
+) -> Iterator[tuple[str, Any, Any]]:
+    """`iter_layers` with the TimeDistributed each layer runs inside (None: none). A layer
+    reached twice (an Embedding in the graph that a block of the user's own also holds, to tie
+    its weights) comes once, where it is reached first: wrapped twice, each of its calls would
+    be recorded twice."""
+    seen = set() if seen is None else seen
     for layer in _members(model):
         name = f"{prefix}{layer.name}"
-        if "InputLayer" in _mro_names(layer):
-            continue  # never called: it has no output to capture
+        if "InputLayer" in _mro_names(layer) or id(layer) in seen:
+            continue  # an input is never called: it has no output to capture
+        seen.add(id(layer))
         inner = _wrapped(layer)
         if _is_model(layer):
-            yield from _walk(layer, f"{name}/", within)
+            yield from _walk(layer, f"{name}/", within, seen)
         elif is_composite(layer):
             # Its layers, then its own output: recorded where it is not one of theirs (intercept.py).
-            yield from _walk(layer, f"{name}/", within)
+            yield from _walk(layer, f"{name}/", within, seen)
             yield name, layer, within
         elif inner is not None and _is_model(inner):
-            yield from _walk(inner, f"{name}/", layer)
+            yield from _walk(inner, f"{name}/", layer, seen)
             yield name, layer, within
         else:
             yield name, layer, within
