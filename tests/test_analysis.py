@@ -277,7 +277,8 @@ def _recorded(model, x, y, path: Path):
     from icsviz import ICSCallback
 
     model.compile("sgd", "sparse_categorical_crossentropy")
-    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[ICSCallback(path, probe=(x[:16], y[:16]))])
+    probe = (keras.tree.map_structure(lambda a: a[:16], x), y[:16])  # x: an array or a list of them
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[ICSCallback(path, probe=probe)])
     keras.backend.clear_session()
     return open_run(path)
 
@@ -341,7 +342,7 @@ def test_the_recorded_graph_goes_through_an_rnns_states_and_nested_models(tmp_pa
     # nested model's last layer.
     with _recorded(*model_zoo.time_distributed_cnn(), tmp_path / "clips.h5") as run:
         assert run.layer("clip").inputs == ("frames/frame_fc",)
-    # A nested model called twice: its first layer is fed by what feeds its first call.
+    # A nested model called twice: its layers run once per call, each fed by what feeds it.
     keras.utils.set_random_seed(0)
     inner_in = keras.Input((4,))
     block = keras.Model(inner_in, keras.layers.Dense(4, activation="tanh", name="d")(inner_in), name="block")
@@ -353,7 +354,9 @@ def test_the_recorded_graph_goes_through_an_rnns_states_and_nested_models(tmp_pa
         model, rng.normal(size=(32, 3)).astype("float32"), rng.integers(0, 2, 32), tmp_path / "n.h5"
     ) as run:
         assert run.layer("block/d:preact").inputs == ("stem",)
-        assert run.layer("out:preact").inputs == ("block/d",)
+        # Its second call is fed by its first, and feeds the head.
+        assert run.layer("block/d:preact#2").inputs == ("block/d",)
+        assert run.layer("out:preact").inputs == ("block/d#2",)
 
 
 def test_a_layer_of_layers_is_recorded_inside_the_graph_and_a_subclassed_model_keeps_model_order(
@@ -474,3 +477,41 @@ def test_a_layer_a_block_holds_to_tie_its_weights_is_recorded_once_where_the_gra
         # Before, also "tied/emb#2": the same call recorded twice, and `d` fed by nothing.
         assert run.layer_names == ["emb", "d:preact", "d", "tied"]
         assert run.layer("d:preact").inputs == ("emb",)
+
+
+def test_a_siamese_networks_encoder_is_fed_and_feeds_call_by_call(tmp_path) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((10,))
+    hidden = keras.layers.Activation("relu", name="e1_relu")(keras.layers.Dense(8, name="e1")(image))
+    encoder = keras.Model(image, keras.layers.Dense(4, activation="tanh", name="e2")(hidden), name="encoder")
+    a, b = keras.Input((10,), name="a"), keras.Input((10,), name="b")
+    distance = keras.layers.Subtract(name="diff")([encoder(a), encoder(b)])
+    model = keras.Model([a, b], keras.layers.Dense(2, activation="softmax", name="out")(distance))
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=(32, 10)).astype("float32") for _ in range(2)]
+    y = rng.integers(0, 2, 32)
+    with _recorded(model, x, y, tmp_path / "siamese.h5") as run:
+        assert run.layer("encoder/e1_relu").inputs == ("encoder/e1",)
+        # The second call's activation: fed by the second call's Dense (was: nothing).
+        assert run.layer("encoder/e1_relu#2").inputs == ("encoder/e1#2",)
+        assert run.layer("encoder/e2:preact#2").inputs == ("encoder/e1_relu#2",)
+        assert run.layer("diff").inputs == ("encoder/e2", "encoder/e2#2")  # was ("encoder/e2",)
+
+
+def test_a_layer_another_model_called_first_is_fed_by_this_models_graph(tmp_path) -> None:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    shared = keras.layers.Dense(8, activation="relu", name="shared")
+    other_input = keras.Input((6,))
+    keras.Model(other_input, shared(keras.layers.Dense(6, name="other_stem")(other_input)))  # node 0
+    inputs = keras.Input((6,))
+    hidden = shared(keras.layers.Dense(6, name="stem")(inputs))  # node 1: this model's only call
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="out")(hidden))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), rng.integers(0, 2, 32)
+    with _recorded(model, x, y, tmp_path / "cross.h5") as run:
+        assert run.layer("shared:preact").inputs == ("stem",)  # was (): node 0, the other model's
+        assert run.layer("out:preact").inputs == ("shared",)

@@ -393,21 +393,22 @@ def captured_inputs(
 ) -> dict[str, tuple[str, ...]]:
     """For each captured tensor, the captured tensors that feed it in the model's graph.
 
-    Walks back from each selected layer's first call through layers that are not
-    captured (Dropout, Flatten, pooling, Concatenate, ...), into nested models (a nested
-    model's output is its last layer's) and out of them (a nested model's input is what
-    fed its first call). A layer of several outputs is recorded as `name[k]`: the one
-    used is named. A fused layer's output is fed by its own `:preact`. A composite layer's
-    output that one of its layers made is that layer's (`aliases`: the Recorder's). Layers
-    outside a functional graph (subclassed models, a composite layer's) get no entry; analysis
-    then falls back on model order.
+    Walks back from each call of each selected layer through layers that are not captured
+    (Dropout, Flatten, pooling, Concatenate, ...), into nested models (a nested model's
+    output is its last layer's) and out of them (a nested model's input is what fed that
+    call of it). A layer called again is recorded as `name#2`, ...: each call is fed, and
+    feeds, as its own (a layer of a nested model called twice, as a siamese network's
+    encoder is, runs once per call of the model). A layer of several outputs is recorded as
+    `name[k]`: the one used is named. A fused layer's output is fed by its own `:preact`. A
+    composite layer's output that one of its layers made is that layer's (`aliases`: the
+    Recorder's). Layers outside a functional graph (subclassed models, a composite layer's)
+    get no entry; analysis then falls back on model order.
     """
-    by_operation = {id(s.layer): s for s in selection}
     names = set(captured)
     try:
-        entries = _nested_entries(model)
-    except Exception:  # noqa: BLE001 - Keras internals: nested models' inputs then lead nowhere
-        entries = {}
+        graph = _Graph(model, selection, names, aliases or {})
+    except Exception:  # noqa: BLE001 - Keras internals: nested models' calls then lead nowhere
+        graph = _Graph(None, selection, names, aliases or {})
     out: dict[str, tuple[str, ...]] = {}
     calls: dict[str, list[str]] = {}  # "dense" -> ["", "#2"]: the calls recorded of each name
     for name in names:
@@ -427,20 +428,22 @@ def captured_inputs(
             nodes = list(selected.layer._inbound_nodes)
         except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
             nodes = []
-        for call, node in enumerate(nodes):  # a layer called again is recorded as "name#2", ...
-            suffix = f"#{call + 1}" if call else ""
-            try:
-                found = tuple(
-                    _captured_sources(list(node.input_tensors), by_operation, names, entries, aliases or {})
-                )
-            except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
-                continue
-            if f"{preact}{suffix}" in names:
-                out[f"{preact}{suffix}"] = found
-            elif f"{selected.name}{suffix}" in names:
-                out[f"{selected.name}{suffix}"] = found
-            else:  # a layer of several outputs (an RNN's states): each is fed by what feeds the layer
-                out.update({name: found for name in names if _is_output_of(name, selected.name, suffix)})
+        own = graph.own_nodes(selected.layer, len(nodes))
+        for outer_call in range(graph.calls_of_enclosing(selected.layer)):
+            for position, node_index in enumerate(own):
+                call = outer_call * len(own) + position
+                suffix = f"#{call + 1}" if call else ""
+                within = (outer_call,) if graph.is_enclosed(selected.layer) else ()
+                try:
+                    found = tuple(graph.sources(list(nodes[node_index].input_tensors), within))
+                except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
+                    continue
+                if f"{preact}{suffix}" in names:
+                    out[f"{preact}{suffix}"] = found
+                elif f"{selected.name}{suffix}" in names:
+                    out[f"{selected.name}{suffix}"] = found
+                else:  # a layer of several outputs (an RNN's states): each is fed by what feeds it
+                    out.update({name: found for name in names if _is_output_of(name, selected.name, suffix)})
     return out
 
 
@@ -453,73 +456,117 @@ def _is_output_of(name: str, layer: str, suffix: str = "") -> bool:
     return name.startswith(f"{layer}[") and name.endswith("]") and name[len(layer) + 1 : -1].isdigit()
 
 
-def _captured_sources(
-    tensors: list[Any],
-    by_operation: dict[int, SelectedLayer],
-    names: set[str],
-    entries: dict[int, Any],
-    aliases: dict[str, str],
-) -> list[str]:
-    """The captured tensors that `tensors` come from, nearest first."""
-    found: list[str] = []
-    queue, seen = list(tensors), set()
-    while queue:
-        tensor = queue.pop(0)
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        if id(tensor) in entries:  # a nested model's input: what fed the model
-            queue.append(entries[id(tensor)])
-            continue
-        history = getattr(tensor, "_keras_history", None)
-        if history is None:
-            continue
-        operation, node_index, tensor_index = history
-        selected = by_operation.get(id(operation))
-        name = None if selected is None else _output_name(selected, node_index, tensor_index, names, aliases)
-        if name is not None:
-            if name not in found:
-                found.append(name)
-            continue
-        inner = operation if _is_model(operation) else _wrapped(operation)
-        if inner is not None and _is_model(inner):  # a nested model's output: its own graph's
-            queue.append(_flat(inner.outputs)[tensor_index])
-            continue
-        nodes = getattr(operation, "_inbound_nodes", [])
-        if node_index < len(nodes):
-            queue.extend(nodes[node_index].input_tensors)
-    return found
+class _Graph:
+    """A functional model's graph as `captured_inputs` walks it: which of an operation's
+    nodes are calls in this model (a layer also used by another model has nodes there too),
+    the nested models' inputs and what fed them at each call, and which nested model (or
+    TimeDistributed of a model) each of their layers runs inside."""
 
+    def __init__(
+        self, model: Any, selection: Sequence[SelectedLayer], names: set[str], aliases: dict[str, str]
+    ) -> None:
+        self.by_operation = {id(s.layer): s for s in selection}
+        self.names, self.aliases = names, aliases
+        self._own: dict[int, list[int]] = {}  # id(operation) -> its nodes in this model's graphs
+        self._entries: dict[int, list[Any]] = {}  # id(a nested model's input) -> fed, per call
+        self._enclosing: dict[int, Any] = {}  # id(layer of a nested model) -> the layer calling it
+        if model is not None:
+            self._read(model)
 
-def _output_name(
-    selected: SelectedLayer, call: int, index: int, names: set[str], aliases: dict[str, str]
-) -> str | None:
-    """The recorded name of output `index` of call `call` (its node, from 0) of a selected
-    layer, if recorded: a layer called again is recorded as "name#2", ..."""
-    name, suffix = selected.name, f"#{call + 1}" if call else ""
-    for candidate in (f"{name}[{index}]{suffix}", f"{name}{suffix}"):
-        if candidate in names:
-            return candidate
-        if candidate in aliases:
-            return aliases[candidate]
-    return None
+    def _read(self, model: Any) -> None:
+        # A Sequential keeps its graph in a Functional of its own.
+        own_nodes = getattr(model, "_nodes", None) or getattr(
+            getattr(model, "_functional", None), "_nodes", ()
+        )
+        for key in own_nodes:  # Keras's make_node_key: f"{id(op)}_ib-{index}"
+            operation, _, index = str(key).partition("_ib-")
+            if operation.isdigit() and index.isdigit():
+                self._own.setdefault(int(operation), []).append(int(index))
+        for indices in self._own.values():
+            indices.sort()
+        for layer in _members(model):
+            inner = layer if _is_model(layer) else _wrapped(layer)
+            if inner is None or not _is_model(inner):
+                continue
+            inputs = _flat(inner.inputs)
+            nodes = list(getattr(layer, "_inbound_nodes", []))
+            for node_index in self.own_nodes(layer, len(nodes)):
+                fed = list(nodes[node_index].input_tensors)
+                for position, tensor in enumerate(inputs):
+                    self._entries.setdefault(id(tensor), []).append(
+                        fed[position] if len(fed) == len(inputs) else None
+                    )
+            for member in _members(inner):
+                self._enclosing.setdefault(id(member), layer)
+            self._read(inner)
 
+    def own_nodes(self, operation: Any, count: int) -> list[int]:
+        """The indices of `operation`'s nodes that are calls in this model, in call order."""
+        return self._own.get(id(operation), list(range(count)))
 
-def _nested_entries(model: Any) -> dict[int, Any]:
-    """For the input tensors of every nested model (and every model a TimeDistributed wraps),
-    the tensor that feeds it at the model's first call: id -> tensor."""
-    entries: dict[int, Any] = {}
-    for layer in _members(model):
-        inner = layer if _is_model(layer) else _wrapped(layer)
-        if inner is None or not _is_model(inner):
-            continue
-        nodes = getattr(layer, "_inbound_nodes", [])
-        if nodes:
-            inputs, fed = _flat(inner.inputs), list(nodes[0].input_tensors)
-            if len(inputs) == len(fed):
-                entries.update({id(a): b for a, b in zip(inputs, fed)})
-        entries.update(_nested_entries(inner))
-    return entries
+    def is_enclosed(self, operation: Any) -> bool:
+        return id(operation) in self._enclosing
+
+    def calls_of_enclosing(self, operation: Any) -> int:
+        """How many times the nested model `operation` runs inside is called (1 at top level)."""
+        enclosing = self._enclosing.get(id(operation))
+        if enclosing is None:
+            return 1
+        return max(1, len(self.own_nodes(enclosing, len(getattr(enclosing, "_inbound_nodes", [])))))
+
+    def call_of(self, operation: Any, node_index: int, within: tuple[int, ...]) -> int:
+        """Which call (from 0) of `operation` its node `node_index` is, inside call
+        `within[-1]` of the nested model it runs in: a layer runs once per call of it."""
+        own = self.own_nodes(operation, node_index + 1)
+        position = own.index(node_index) if node_index in own else node_index
+        return (within[-1] * len(own) if within else 0) + position
+
+    def sources(self, tensors: list[Any], within: tuple[int, ...] = ()) -> list[str]:
+        """The captured tensors that `tensors` come from, nearest first; `within`: the calls
+        of the nested models the walk is inside, outermost first."""
+        found: list[str] = []
+        queue, seen = [(tensor, within) for tensor in tensors], set()
+        while queue:
+            tensor, calls = queue.pop(0)
+            if tensor is None or (id(tensor), calls) in seen:
+                continue
+            seen.add((id(tensor), calls))
+            if id(tensor) in self._entries:  # a nested model's input: what fed that call of it
+                fed = self._entries[id(tensor)]
+                call = calls[-1] if calls else 0
+                queue.append((fed[call] if call < len(fed) else None, calls[:-1]))
+                continue
+            history = getattr(tensor, "_keras_history", None)
+            if history is None:
+                continue
+            operation, node_index, tensor_index = history
+            selected = self.by_operation.get(id(operation))
+            if selected is not None:
+                name = self._output_name(selected, self.call_of(operation, node_index, calls), tensor_index)
+                if name is not None:
+                    if name not in found:
+                        found.append(name)
+                    continue
+            inner = operation if _is_model(operation) else _wrapped(operation)
+            if inner is not None and _is_model(inner):  # a nested model's output: its own graph's
+                call = self.call_of(operation, node_index, calls)
+                queue.append((_flat(inner.outputs)[tensor_index], (*calls, call)))
+                continue
+            nodes = getattr(operation, "_inbound_nodes", [])
+            if node_index < len(nodes):
+                queue.extend((t, calls) for t in nodes[node_index].input_tensors)
+        return found
+
+    def _output_name(self, selected: SelectedLayer, call: int, index: int) -> str | None:
+        """The recorded name of output `index` of call `call` (from 0) of a selected layer, if
+        recorded: a layer called again is recorded as "name#2", ..."""
+        name, suffix = selected.name, f"#{call + 1}" if call else ""
+        for candidate in (f"{name}[{index}]{suffix}", f"{name}{suffix}"):
+            if candidate in self.names:
+                return candidate
+            if candidate in self.aliases:
+                return self.aliases[candidate]
+        return None
 
 
 def _flat(tensors: Any) -> list[Any]:
