@@ -515,3 +515,22 @@ def test_a_layer_another_model_called_first_is_fed_by_this_models_graph(tmp_path
     with _recorded(model, x, y, tmp_path / "cross.h5") as run:
         assert run.layer("shared:preact").inputs == ("stem",)  # was (): node 0, the other model's
         assert run.layer("out:preact").inputs == ("shared",)
+
+
+def test_a_block_in_a_model_run_on_every_frame_is_recorded_once(tmp_path) -> None:
+    import keras
+    from model_zoo import TransformerBlock
+
+    keras.utils.set_random_seed(0)
+    frame_in = keras.Input((5, 8))
+    pooled = keras.layers.GlobalAveragePooling1D()(TransformerBlock(8, 2, 16, name="block")(frame_in))
+    frames = keras.layers.TimeDistributed(keras.Model(frame_in, pooled, name="frame"), name="frames")
+    clips = keras.Input((3, 5, 8))
+    hidden = keras.layers.LSTM(4, name="lstm")(frames(clips))
+    model = keras.Model(clips, keras.layers.Dense(2, activation="softmax", name="out")(hidden))
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 3, 5, 8)).astype("float32"), rng.integers(0, 2, 32)
+    with _recorded(model, x, y, tmp_path / "frames.h5") as run:
+        # The block's output is norm2's at every frame: recorded once (was also "frames/block").
+        assert "frames/block" not in run.layer_names and "frames/block/norm2" in run.layer_names
+        assert run.layer("lstm").inputs == ("frames/block/norm2",)

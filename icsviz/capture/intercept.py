@@ -77,6 +77,19 @@ class _Frames:
         self.tensors.setdefault(key, []).append(tensor)
         self.made_by.setdefault(key, (selected, kind))
 
+    def made_again(self) -> dict[_FrameKey, _FrameKey]:
+        """A composite layer's output that one of its own layers made, at every step (the same
+        tensors): its key -> that layer's, whose record stands for both."""
+        first: dict[tuple[int, ...], _FrameKey] = {}
+        again: dict[_FrameKey, _FrameKey] = {}
+        for key, tensors in self.tensors.items():
+            steps = tuple(id(tensor) for tensor in tensors)
+            if steps in first and is_composite(self.made_by[key][0].layer):
+                again[key] = first[steps]
+            else:
+                first.setdefault(steps, key)
+        return again
+
 
 @dataclass
 class Recorder:
@@ -180,10 +193,18 @@ class Recorder:
             for key, tensor in joined.items():
                 self._frames[-1].hold(key, tensor, *frames.made_by[key])
             return []
+
+        def name(key: _FrameKey) -> str:
+            selected, (_, tag, index) = frames.made_by[key][0], key
+            return f"{selected.name}{tag}{index}{self._call_suffix(selected.layer)}"
+
+        made_again = frames.made_again()
         for key, tensor in joined.items():
+            if key in made_again:  # the same values twice: kept once, as in `add`
+                self.aliases.setdefault(name(key), name(made_again[key]))
+                continue
             selected, kind = frames.made_by[key]
-            _, tag, index = key
-            self._keep(Record(selected, tensor, f"{tag}{index}{self._call_suffix(selected.layer)}", kind))
+            self._keep(Record(selected, tensor, name(key).removeprefix(selected.name), kind))
         for layer_id in dict.fromkeys(layer_id for layer_id, tag, _ in joined if not tag):
             self.calls[layer_id] = self.calls.get(layer_id, 0) + 1
         return []
