@@ -155,10 +155,11 @@ class Recorder:
         """Drop the records made inside a loop or branch of a layer's `call` (backend.reachable),
         which cannot be used where the call returned; their names, for the caller's warning."""
         usable = backend.reachable()
-        kept = [i for i, record in enumerate(self.records) if usable(record.tensor)]
-        if len(kept) == len(self.records):
+        reachable = [usable(record.tensor) for record in self.records]
+        if all(reachable):
             return []
-        dropped = [record.name for i, record in enumerate(self.records) if not usable(record.tensor)]
+        kept = [i for i, ok in enumerate(reachable) if ok]
+        dropped = [record.name for record, ok in zip(self.records, reachable) if not ok]
         index = {old: new for new, old in enumerate(kept)}
         records = [self.records[i] for i in kept]
         for record in records:  # a range taken from a dropped record is measured instead

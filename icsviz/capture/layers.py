@@ -429,11 +429,12 @@ def captured_inputs(
         except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
             nodes = []
         own = graph.own_nodes(selected.layer, len(nodes))
+        enclosed = graph.is_enclosed(selected.layer)
         for outer_call in range(graph.calls_of_enclosing(selected.layer)):
+            within = (outer_call,) if enclosed else ()
             for position, node_index in enumerate(own):
                 call = outer_call * len(own) + position
                 suffix = f"#{call + 1}" if call else ""
-                within = (outer_call,) if graph.is_enclosed(selected.layer) else ()
                 try:
                     found = tuple(graph.sources(list(nodes[node_index].input_tensors), within))
                 except Exception:  # noqa: BLE001 - Keras internals: without them, model order is the fallback
@@ -483,7 +484,7 @@ class _Graph:
             if operation.isdigit() and index.isdigit():
                 self._own.setdefault(int(operation), []).append(int(index))
         for indices in self._own.values():
-            indices.sort()
+            indices.sort()  # call order (Keras keeps a model's nodes in a set), read just below
         for layer in _members(model):
             inner = layer if _is_model(layer) else _wrapped(layer)
             if inner is None or not _is_model(inner):
