@@ -229,6 +229,24 @@ def looped_layer() -> tuple[keras.Model, Any, Any]:
     )
 
 
+def text_vectorization() -> tuple[keras.Model, Any, Any]:
+    """Raw strings in, tokenized inside the model (TensorFlow only: string tensors). The tokens
+    pass through ragged tensors, and TensorFlow's tracing loses the batch size of every layer
+    after them (icsviz reads it from the probe: capture/shapes.py)."""
+    import tensorflow as tf  # noqa: PLC0415 - TensorFlow only
+
+    words = ["the", "cat", "sat", "on", "a", "mat", "dog", "ran", "far", "away"]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(words, size=rng.integers(2, 9))) for _ in range(64)]
+    tokens = L.TextVectorization(max_tokens=16, output_sequence_length=T, name="tokens")
+    tokens.adapt(texts)
+    inputs = keras.Input((1,), dtype="string")
+    h = L.Embedding(16, 8, name="embed")(tokens(inputs))
+    h = L.LSTM(4, name="lstm")(h)
+    x = tf.constant(np.array(texts)[:, None])
+    return keras.Model(inputs, _head()(h)), x, rng.integers(0, CLASSES, 64)
+
+
 ZOO: dict[str, Callable[[], tuple[keras.Model, Any, Any]]] = {
     "simple_rnn": simple_rnn,
     "lstm": lstm,
@@ -242,6 +260,9 @@ ZOO: dict[str, Callable[[], tuple[keras.Model, Any, Any]]] = {
     "inline_ops": inline_ops,
     "composite_layers": composite_layers,
 }
+
+# Models only TensorFlow runs, checked as the zoo's are.
+TF_ZOO: dict[str, Callable[[], tuple[keras.Model, Any, Any]]] = {"text_vectorization": text_vectorization}
 
 # What each model must record (beyond the head): its layers' outputs in model order.
 EXPECTED: dict[str, list[str]] = {
@@ -276,6 +297,8 @@ EXPECTED: dict[str, list[str]] = {
         "residual_mlp/inner",
         "residual_mlp",
     ],
+    # Not the TextVectorization: its integer tokens are the data, not hidden units.
+    "text_vectorization": ["embed", "lstm"],
 }
 
 
@@ -322,7 +345,7 @@ def check_recorded(name: str, path: Path) -> list[str]:
     from icsviz import ICSCallback, open_run
 
     keras.utils.set_random_seed(0)
-    model, x, y = ZOO[name]()
+    model, x, y = {**ZOO, **TF_ZOO}[name]()
     model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
     probe_x, probe_y = x[:32], y[:32]
     expected = _expected_outputs(model, probe_x)

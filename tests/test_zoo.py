@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from model_zoo import EXPECTED, ZOO, check_recorded
+from model_zoo import EXPECTED, TF_ZOO, ZOO, check_recorded
 
 from conftest import run_script
 from icsviz import CaptureWarning, ICSCallback, open_run
@@ -31,7 +31,7 @@ TORCH = pytest.param(
 )
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("name", sorted(ZOO) + sorted(TF_ZOO))
 def test_zoo_model_is_recorded_with_exact_values_tensorflow(name: str, tmp_path: Path) -> None:
     names = check_recorded(name, tmp_path / f"{name}.h5")
     assert names[-2:] == ["head:preact", "head"]
@@ -201,3 +201,32 @@ def test_recurrent_layers_have_no_pre_activation_and_units_on_the_last_axis(tmp_
     selected = {s.name: s for s in select_layers(model)}
     assert selected["lstm_seq"].kind == "recurrent" and not selected["lstm_seq"].capture_preactivation
     assert EXPECTED["lstm"] == ["lstm_seq", "lstm_last"]
+
+
+def test_string_inputs_are_measured_at_every_step_too(tmp_path: Path) -> None:
+    """The per-step mode samples every training batch of a model whose traced shapes lost the
+    batch size (TextVectorization's ragged tokens): each step's row over the batch's values."""
+    from model_zoo import text_vectorization
+
+    keras.utils.set_random_seed(0)
+    model, x, y = text_vectorization()
+    model.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy")
+    path = tmp_path / "text.h5"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            x,
+            y,
+            epochs=1,
+            batch_size=16,
+            verbose=0,
+            callbacks=[ICSCallback(path, probe=(x[:16], y[:16]), batch_stats=True)],
+        )
+    assert not [w for w in caught if issubclass(w.category, CaptureWarning)]
+    with open_run(path) as run:
+        assert run.batch_layer_names == ["embed", "lstm", "head:preact", "head"]
+        assert run.batch_steps.tolist() == [0, 1, 2, 3]
+        lstm = run.batch_activations("lstm")
+        # An LSTM's outputs are tanh-bounded, and each step's sample is of its own batch.
+        assert np.all(np.abs(lstm.min) <= 1) and np.all(np.abs(lstm.max) <= 1)
+        assert len(np.unique(lstm.mean)) == 4

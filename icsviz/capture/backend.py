@@ -423,6 +423,27 @@ def reachable() -> Callable[[Any], bool]:
     return lambda tensor: True  # torch runs eagerly
 
 
+def outside_trace() -> contextlib.AbstractContextManager[Any]:
+    """Run eagerly from inside a function being traced: TensorFlow's init scope (JAX traces
+    with concrete shapes and torch runs eagerly, so nothing there needs it)."""
+    if name() == "tensorflow":
+        import tensorflow as tf  # noqa: PLC0415
+
+        return tf.init_scope()
+    return contextlib.nullcontext()
+
+
+def with_static_shape(tensor: Any, shape: tuple[int, ...]) -> Any:
+    """`tensor` with the static `shape` it has on the probe, checked when it runs, where
+    TensorFlow's tracing lost a dimension (a string input through TextVectorization's ragged
+    tokens has an unknown batch size); as it is elsewhere."""
+    if name() == "tensorflow" and any(d is None for d in tensor.shape):
+        import tensorflow as tf  # noqa: PLC0415
+
+        return tf.ensure_shape(tensor, shape)
+    return tensor
+
+
 def read_values(variables: Sequence[Any]) -> list[Any]:
     """The current values of Keras variables, without copying where possible."""
     return [v.value for v in variables]

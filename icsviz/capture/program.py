@@ -34,6 +34,7 @@ from .flat import FlatLayout, l2_norms
 from .intercept import Record, Recorder, intercept, warn_once
 from .layers import SelectedLayer, captured_inputs, iter_layers
 from .masks import probe_masks
+from .shapes import has_unknown_dimension, probe_shapes
 from .stats import CaptureOptions, MaskMismatch, TracedLayer, l2, layer_stats, plan_tensor
 
 __all__ = ["CaptureProgram"]
@@ -76,6 +77,8 @@ class CaptureProgram:
         self._aliases: dict[str, str] = {}  # a composite layer's output recorded under a layer's name
         self.skipped: dict[str, str] = {}  # layer name -> why it is not recorded
         self._masks: dict[str, np.ndarray] | None = None  # the probe's Keras masks (masks.py)
+        self._probe_x: Any = None  # the probe's inputs, for an eager pass while tracing (shapes.py)
+        self._shapes: dict[str, tuple[int, ...]] | None = None  # read by that pass, when needed
         # The weights at the last capture, as one flat float32 vector: the capture function's
         # arguments and results are one array each instead of one per variable (MobileNetV2:
         # 158), and each array costs JAX about 13 us to hand over on a CPU. Each variable is
@@ -127,7 +130,7 @@ class CaptureProgram:
             source = record.range_source
             if source is not None and record.range_map is not None:
                 origin = recorder.records[source]
-                if planned.get(origin.name) == source and tuple(origin.tensor.shape) == plan.shape:
+                if planned.get(origin.name) == source and self._shape_of(origin) == plan.shape:
                     plan.range_from, plan.range_map = origin.name, record.range_map
             planned[record.name] = index
             plans.append(plan)
@@ -135,7 +138,7 @@ class CaptureProgram:
 
     def _plan_one(self, record: Record, index: int) -> TracedLayer:
         """Plan one recorded tensor, over its data rows where the probe's Keras mask says which."""
-        args = (record.name, record.layer.layer, record.kind, tuple(record.tensor.shape), index, self.options)
+        args = (record.name, record.layer.layer, record.kind, self._shape_of(record), index, self.options)
         mask = (self._masks or {}).get(record.name)
         try:
             return plan_tensor(*args, mask=mask)
@@ -145,6 +148,22 @@ class CaptureProgram:
                 f"layer {record.name!r} is recorded over every position, padding included: {exc}.",
             )
             return plan_tensor(*args)
+
+    def _shape_of(self, record: Record) -> tuple[Any, ...]:
+        """The recorded tensor's shape, from the probe where tracing left a dimension unknown."""
+        shape = tuple(record.tensor.shape)
+        if not has_unknown_dimension(shape):
+            return shape
+        if self._shapes is None:
+            try:
+                self._shapes = probe_shapes(self.model, self.selection, self._probe_x, self.options.training)
+            except Exception as exc:  # noqa: BLE001 - those layers are skipped, each with a warning
+                self._shapes = {}
+                warn_once(
+                    f"shapes:{self.model.name}",
+                    f"reading the shapes of the probe's tensors failed ({type(exc).__name__}: {exc}).",
+                )
+        return self._shapes.get(record.name, shape)
 
     def _skip(self, name: str, class_name: str, exc: BaseException) -> None:
         self.skipped[name] = f"{type(exc).__name__}: {exc}"
@@ -216,6 +235,9 @@ class CaptureProgram:
             self.traced = self._plan(recorder)
             self._aliases = dict(recorder.aliases)
         by_name = dict(zip(names, activations))
+        for plan in self.traced:  # a dimension tracing lost, known from the probe (shapes.py)
+            if plan.name in by_name:
+                by_name[plan.name] = backend.with_static_shape(by_name[plan.name], plan.shape)
         with backend.inlined_calls():
             statistics = self._layer_stats(by_name, masked)
         # A new vector (a copy: the training step donates the variables' buffers).
@@ -399,6 +421,8 @@ class CaptureProgram:
     ) -> tuple[tuple[Any, ...], bool]:
         """The capture function's arguments and whether this is the first capture; `copies`:
         the variables' values copied, for a capture that runs later."""
+        if self._probe_x is None:
+            self._probe_x = x
         if self._masks is None:  # before the first trace, which plans the tensors with them
             try:
                 self._masks = probe_masks(self.model, self.selection, x)
