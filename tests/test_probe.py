@@ -56,7 +56,7 @@ def test_one_sample_from_an_unbatched_dataset_is_named_with_the_fix() -> None:
     import tensorflow as tf
 
     x = np.zeros((20, 12), "float32")
-    probe_x, probe_y = split_probe(tf.data.Dataset.from_tensor_slices((x, np.zeros(20))))
+    probe_x, _, _ = split_probe(tf.data.Dataset.from_tensor_slices((x, np.zeros(20))))
     problem = mismatch(dense((12,)), np.asarray(probe_x))
     assert problem == (
         "model 'net' takes shape (None, 12), the probe's x has shape (12,) (one sample, not a "
@@ -81,6 +81,33 @@ def test_split_probe() -> None:
     assert isinstance(labels, np.ndarray) and labels.tolist() == [0, 2, 1, 1]
     two_inputs = split_probe(([x, x], y))[0]  # a list of arrays stays a list: several inputs
     assert isinstance(two_inputs, list) and len(two_inputs) == 2
+    weights = np.full(4, 0.5)
+    assert split_probe((x, y, weights))[2] is weights and split_probe((x, y))[2] is None
+
+
+def test_a_probe_with_sample_weights_records_the_weighted_gradients(tmp_path) -> None:
+    from icsviz import open_run
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 12)).astype("float32"), rng.integers(0, 3, 64)
+    weights = np.where(y == 0, 4.0, 0.25).astype("float32")
+    norms = {}
+    for name, probe in {"plain": (x[:16], y[:16]), "weighted": (x[:16], y[:16], weights[:16])}.items():
+        keras.utils.set_random_seed(0)
+        model = dense((12,))
+        model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[ICSCallback(tmp_path / f"{name}.h5", probe=probe)])
+        with open_run(tmp_path / f"{name}.h5") as run:
+            assert run.config["probe_has_sample_weights"] == (name == "weighted")
+            norms[name] = run.gradients(run.variable_names[0]).grad_norm
+    # The same model and probe: only the loss's weights differ, and so do its gradients.
+    assert np.all(np.abs(norms["weighted"] - norms["plain"]) > 1e-4)
+
+
+def test_sample_weights_without_labels_are_refused_with_the_fix(tmp_path) -> None:
+    x = np.zeros((4, 12), "float32")
+    with pytest.raises(ValueError, match=r"no labels.*probe=\(x, y, sample_weight\)"):
+        ICSCallback(tmp_path / "r.h5", probe=(x, None, np.ones(4)))
 
 
 def test_labels_given_as_a_list_give_the_gradient_statistics(tmp_path) -> None:

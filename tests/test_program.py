@@ -239,6 +239,36 @@ def test_gradient_norms_match_gradient_tape_and_model_is_untouched() -> None:
     assert np.isnan(again.update_ratio[~kernels]).all()  # zero biases: undefined
 
 
+@TAPE_REFERENCE
+def test_the_probes_sample_weights_weight_its_loss_as_in_training() -> None:
+    model = small_classifier()
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(32, 5)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    weights = np.where(y == 0, 5.0, 0.2).astype("float32")  # a rare class weighted up
+    program = CaptureProgram(model, select_layers(model), CaptureOptions(), with_gradients=True)
+    weighted = program.run(
+        *(keras.ops.convert_to_tensor(a) for a in (x, y)),
+        0.0,
+        step=0,
+        epoch=0.0,
+        time=0.0,
+        kind="start",
+        sample_weight=keras.ops.convert_to_tensor(weights),
+    )
+    _, unweighted = capture(model, x, y)
+    with tf.GradientTape() as tape:
+        mapping = [(v, p) for v, p in zip(model.non_trainable_variables, program._pinned)]
+        with keras.StatelessScope(state_mapping=mapping):
+            pred = model(x, training=True)
+            loss = model.compute_loss(x=x, y=y, y_pred=pred, sample_weight=weights, training=True)
+    expected = [float(tf.norm(g)) for g in tape.gradient(loss, model.trainable_variables)]
+    np.testing.assert_allclose(weighted.grad_norm, expected, rtol=1e-4)
+    assert np.all(np.abs(weighted.grad_norm - unweighted.grad_norm) > 1e-3 * unweighted.grad_norm)
+    # The activations do not depend on the weights of the loss.
+    np.testing.assert_array_equal(weighted.layers[1].hist_counts, unweighted.layers[1].hist_counts)
+
+
 def test_update_ratio_measures_weight_change() -> None:
     model = small_classifier()
     x = np.ones((4, 5), "float32")

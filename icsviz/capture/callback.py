@@ -143,10 +143,11 @@ class ICSCallback(keras.callbacks.Callback):
             A relative path is taken from the current directory when the callback
             is made (`callback.path` is absolute), whatever directory later fits run in.
         probe: A fixed batch measured at every capture: an array (or dict of
-            arrays for multi-input models), an `(x, y)` tuple, or a dataset from
-            which the first batch is taken once. Labels are needed for gradient
-            statistics; without them only activations are recorded. 256 to 512
-            samples is a good size.
+            arrays for multi-input models), an `(x, y)` or `(x, y, sample_weight)`
+            tuple, or a dataset from which the first batch is taken once. Labels
+            are needed for gradient statistics; without them only activations are
+            recorded. Sample weights weight the probe's loss as in training. 256
+            to 512 samples is a good size.
         layers: Which layers to capture: None for the default (outputs of Dense
             and Conv layers, their pre-activations when the activation is fused,
             normalization, activation and merge layers, and a functional model's
@@ -285,7 +286,11 @@ class ICSCallback(keras.callbacks.Callback):
                 raise ValueError(
                     f"metadata must be JSON-serializable. Received: metadata={metadata!r}"
                 ) from exc
-        x, y = split_probe(probe)
+        x, y, sample_weight = split_probe(probe)
+        if sample_weight is not None and y is None:
+            raise ValueError(
+                "probe has sample weights but no labels (y is None); pass probe=(x, y, sample_weight)"
+            )
         n = num_samples(x)
         if n == 0:
             raise ValueError("probe is empty; pass a batch such as x_val[:512]. Received: 0 samples")
@@ -294,7 +299,9 @@ class ICSCallback(keras.callbacks.Callback):
                 f"the probe has {n} samples; using the first {_MAX_PROBE} (every "
                 "capture runs the model on the whole probe: 256 to 512 is plenty)."
             )
-            x, y = take(x, _MAX_PROBE), (None if y is None else take(y, _MAX_PROBE))
+            x, y, sample_weight = (
+                None if part is None else take(part, _MAX_PROBE) for part in (x, y, sample_weight)
+            )
         # Absolute: the file is reopened (resumed, closed after Ctrl-C, compacted) from wherever
         # the process stands then, and a notebook may have changed directory since.
         self.path = Path(path).expanduser().absolute()
@@ -326,7 +333,7 @@ class ICSCallback(keras.callbacks.Callback):
             gradient_shift=gradient_shift,
             seed=seed,
         )
-        self._probe_x, self._probe_y = x, y
+        self._probe_x, self._probe_y, self._probe_weights = x, y, sample_weight
         self._probe_size = min(n, _MAX_PROBE)
         self._writer: RunWriter | None = None
         self._queue: WriteQueue | None = None  # the writer's thread: writes leave the training loop
@@ -529,10 +536,9 @@ class ICSCallback(keras.callbacks.Callback):
             selection = select_layers(model, self.layers)
             self._program = CaptureProgram(model, selection, self.options, with_gradients)
         self._x = keras.tree.map_structure(keras.ops.convert_to_tensor, self._probe_x)
-        self._y = (
-            None
-            if self._probe_y is None
-            else keras.tree.map_structure(keras.ops.convert_to_tensor, self._probe_y)
+        self._y, self._sample_weight = (
+            None if part is None else keras.tree.map_structure(keras.ops.convert_to_tensor, part)
+            for part in (self._probe_y, self._probe_weights)
         )
         self._global_step = self._iterations()
         self._epoch_start_step = self._global_step
@@ -557,6 +563,7 @@ class ICSCallback(keras.callbacks.Callback):
                 epoch=capture_epoch,
                 time=0.0,
                 kind=kind,
+                sample_weight=self._sample_weight,
             )
 
         try:
@@ -773,6 +780,7 @@ class ICSCallback(keras.callbacks.Callback):
             "flush_seconds": _FLUSH_SECONDS if self.batch_stats and self.flush_every is None else None,
             "probe_size": self._probe_size,
             "probe_has_labels": self._probe_y is not None,
+            "probe_has_sample_weights": self._probe_weights is not None,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "layers_filter": None if self.layers is None else [str(f) for f in self.layers],
             "epochs_planned": self.params.get("epochs") if self.params else None,
@@ -875,6 +883,7 @@ class ICSCallback(keras.callbacks.Callback):
             epoch=epoch,
             time=time.perf_counter() - self._train_start,
             kind=kind,
+            sample_weight=self._sample_weight,
         )
         self._waiting_captures.append(finish)
         if kind == "step" and not _due_by_clock(

@@ -17,8 +17,9 @@ def _first_batch(probe: Any) -> Any:
     return next(iter(probe))
 
 
-def split_probe(probe: Any) -> tuple[Any, Any]:
-    """(x, y) from an array, an (x, y[, w]) tuple or a dataset; y may be None."""
+def split_probe(probe: Any) -> tuple[Any, Any, Any]:
+    """(x, y, sample_weight) from an array, an (x, y[, sample_weight]) tuple or a dataset
+    yielding them; y and sample_weight may be None."""
     if probe is None:
         raise ValueError("ICSCallback needs a probe batch, e.g. probe=x_val[:512]. Received: probe=None")
     if not isinstance(probe, (tuple, list, dict, np.ndarray)) and not hasattr(probe, "shape"):
@@ -30,10 +31,11 @@ def split_probe(probe: Any) -> tuple[Any, Any]:
                 f"Received: probe of type {type(probe).__name__}"
             ) from exc
     if isinstance(probe, (tuple, list)) and len(probe) in (2, 3) and not isinstance(probe, np.ndarray):
-        return _scalars_as_array(probe[0]), _scalars_as_array(probe[1])
+        weights = _scalars_as_array(probe[2]) if len(probe) == 3 else None
+        return _scalars_as_array(probe[0]), _scalars_as_array(probe[1]), weights
     if isinstance(probe, (tuple, list)) and len(probe) == 1:
-        return _scalars_as_array(probe[0]), None
-    return probe, None
+        return _scalars_as_array(probe[0]), None, None
+    return probe, None, None
 
 
 def _scalars_as_array(part: Any) -> Any:

@@ -191,7 +191,13 @@ class CaptureProgram:
 
     # ---------------------------------------------------------------- program
     def _forward(
-        self, trainable: list[Any], non_trainable: list[Any], x: Any, y: Any, recorder: Recorder | None
+        self,
+        trainable: list[Any],
+        non_trainable: list[Any],
+        x: Any,
+        y: Any,
+        sample_weight: Any,
+        recorder: Recorder | None,
     ) -> tuple[Any, list[Any]]:
         mapping = list(zip(self.trainable, trainable)) + list(zip(self.non_trainable, non_trainable))
         training = self.options.training
@@ -203,7 +209,9 @@ class CaptureProgram:
             if y is None or not self.with_gradients:  # no loss wanted: none computed (it may not exist)
                 loss = ops.zeros(())
             else:
-                loss = self.model.compute_loss(x=x, y=y, y_pred=y_pred, training=training)
+                loss = self.model.compute_loss(
+                    x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+                )
         tensors = [r.tensor for r in recorder.records] if recorder is not None else []
         return loss, tensors
 
@@ -217,13 +225,14 @@ class CaptureProgram:
         previous: Any,
         x: Any,
         y: Any,
+        sample_weight: Any,
         learning_rate: Any,
         masked: bool = False,
     ) -> dict[str, Any]:
         recorder = Recorder()
 
         def loss_fn(params: list[Any]) -> tuple[Any, list[Any]]:
-            return self._forward(params, non_trainable, x, y, recorder)
+            return self._forward(params, non_trainable, x, y, sample_weight, recorder)
 
         grads: list[Any] = []
         if self.with_gradients:
@@ -254,7 +263,7 @@ class CaptureProgram:
         }
         if self._ics_groups:
             out["ics_diff"], out["ics_cos"] = self._gradient_shift(
-                trainable, non_trainable, x, y, grads, learning_rate
+                trainable, non_trainable, x, y, sample_weight, grads, learning_rate
             )
         return out
 
@@ -290,6 +299,7 @@ class CaptureProgram:
         non_trainable: list[Any],
         x: Any,
         y: Any,
+        sample_weight: Any,
         grads: list[Any],
         learning_rate: Any,
     ) -> tuple[Any, Any]:
@@ -304,7 +314,7 @@ class CaptureProgram:
                 for k, (w, g) in enumerate(zip(trainable, grads))
             ]
             _, _, shifted = backend.value_and_grad(
-                lambda p: self._forward(p, non_trainable, x, y, None), params
+                lambda p: self._forward(p, non_trainable, x, y, sample_weight, None), params
             )
             g = ops.concatenate([ops.reshape(ops.cast(grads[k], "float32"), (-1,)) for k in group])
             g2 = ops.concatenate([ops.reshape(ops.cast(shifted[k], "float32"), (-1,)) for k in group])
@@ -321,24 +331,54 @@ class CaptureProgram:
         return all(bool(stats["all_finite"]) for stats in result["layers"])
 
     def run(
-        self, x: Any, y: Any, learning_rate: float, *, step: int, epoch: float, time: float, kind: str
+        self,
+        x: Any,
+        y: Any,
+        learning_rate: float,
+        *,
+        step: int,
+        epoch: float,
+        time: float,
+        kind: str,
+        sample_weight: Any = None,
     ) -> Capture:
         """Take one capture: `measure` and its host part at once."""
-        return self.measure(x, y, learning_rate, step=step, epoch=epoch, time=time, kind=kind)()
+        return self.measure(
+            x, y, learning_rate, step=step, epoch=epoch, time=time, kind=kind, sample_weight=sample_weight
+        )()
 
     def measure(
-        self, x: Any, y: Any, learning_rate: float, *, step: int, epoch: float, time: float, kind: str
+        self,
+        x: Any,
+        y: Any,
+        learning_rate: float,
+        *,
+        step: int,
+        epoch: float,
+        time: float,
+        kind: str,
+        sample_weight: Any = None,
     ) -> Callable[[], Capture]:
         """Run the capture function and bring its results to the host; return what finishes the
         capture there (sorting the quantile samples, `batched.split`). The callback calls that
-        on its writer's thread, so the training thread pays only the compiled function."""
+        on its writer's thread, so the training thread pays only the compiled function.
+        `sample_weight`: the probe's, weighting its loss as the model's training does."""
         self._wait_for_first()
-        args, first = self._arguments(x, y, learning_rate)
+        args, first = self._arguments(x, y, sample_weight, learning_rate)
         result, self._previous = self._execute(args)
         return self._complete(result, first, step=step, epoch=epoch, time=time, kind=kind)
 
     def measure_in_background(
-        self, x: Any, y: Any, learning_rate: float, *, step: int, epoch: float, time: float, kind: str
+        self,
+        x: Any,
+        y: Any,
+        learning_rate: float,
+        *,
+        step: int,
+        epoch: float,
+        time: float,
+        kind: str,
+        sample_weight: Any = None,
     ) -> Callable[[], Capture]:
         """The first capture with its compilation off the training thread (JAX).
 
@@ -352,8 +392,10 @@ class CaptureProgram:
         next `measure`. Other backends measure at once.
         """
         if backend.name() != "jax" or self._compiled is not None:
-            return self.measure(x, y, learning_rate, step=step, epoch=epoch, time=time, kind=kind)
-        args, first = self._arguments(x, y, learning_rate, copies=True)
+            return self.measure(
+                x, y, learning_rate, step=step, epoch=epoch, time=time, kind=kind, sample_weight=sample_weight
+            )
+        args, first = self._arguments(x, y, sample_weight, learning_rate, copies=True)
         with backend.isolated_rng(self.options.seed):
             lowered = self._function.lower(*args)  # traces: the layout is known from here on
         if not backend.compiles_after_first_step():
@@ -417,7 +459,7 @@ class CaptureProgram:
             first.result()
 
     def _arguments(
-        self, x: Any, y: Any, learning_rate: float, copies: bool = False
+        self, x: Any, y: Any, sample_weight: Any, learning_rate: float, copies: bool = False
     ) -> tuple[tuple[Any, ...], bool]:
         """The capture function's arguments and whether this is the first capture; `copies`:
         the variables' values copied, for a capture that runs later."""
@@ -445,7 +487,7 @@ class CaptureProgram:
         # (From numpy: JAX moves it to the device without compiling a fill.)
         previous = ops.convert_to_tensor(np.zeros(self._flat.size, "float32")) if first else self._previous
         lr = ops.convert_to_tensor(learning_rate, "float32")
-        return (trainable, non_trainable, previous, x, y, lr), first
+        return (trainable, non_trainable, previous, x, y, sample_weight, lr), first
 
     def _execute(self, args: tuple[Any, ...]) -> tuple[dict[str, Any], Any]:
         """The capture function's results on the host (computed again masked after NaN/Inf),
