@@ -215,8 +215,11 @@ def figure_metric(runs: Runs, metric: str | None = None) -> Figure:
         elif own in history:
             validated = False
             _curve(ax, epochs, history[own], "--", color=run_color(i), label=f"{label} (training)")
+        elif metric.endswith("_loss"):  # one output's loss of another run's multi-output model
+            left.append(f"{label}: no {metric} in its history (its model has no output of that name)")
         else:
-            left.append(f"{label}: no {metric} in its history (compile the model with metrics=[{metric!r}])")
+            wanted = "accuracy" if metric_label(metric) == "accuracy" else metric
+            left.append(f"{label}: no {wanted} in its history (compile the model with metrics=[{wanted!r}])")
     if len(left) == len(runs):
         raise _nothing_drawn(fig, left)
     name = metric_label(metric)

@@ -149,6 +149,19 @@ def test_accuracy_figure_shows_training_accuracy_dashed_for_a_run_without_valida
     assert list(fig.axes[0].get_lines()[1].get_ydata()) == pytest.approx([0.4, 0.5, 0.6])
     assert list(fig.axes[0].get_lines()[2].get_ydata()) == pytest.approx([0.2, 0.3, 0.4])
     assert left_out(fig) == []
+    # A multi-output model compiled without metrics: its first metric is one output's loss,
+    # which no `metrics=[...]` gives another run.
+    outputs = _run_with_history(
+        tmp_path / "outputs.h5", layout, {"loss": 1.0, "cls_loss": 0.8, "reg_loss": 0.2}
+    )
+    fig = figure_metric({"outputs": outputs, "mae": regression})
+    assert left_out(fig) == ["mae: no cls_loss in its history (its model has no output of that name)"]
+    # Beside a run with an accuracy, the fix is Keras's own name for it, whatever the other calls it.
+    fig = figure_metric({"outputs": outputs, "heads": heads})
+    assert left_out(fig) == [
+        "outputs: no accuracy in its history (compile the model with metrics=['accuracy'])"
+    ]
+    outputs.close()
     heads.close()
     # fit(validation_freq=2): NaN in the epochs between; the curve goes through the measured
     # epochs, marked (a line through NaNs drew nothing).
