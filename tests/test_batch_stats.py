@@ -594,6 +594,39 @@ def test_a_fit_that_raises_leaves_no_hooks_behind(tmp_path: Path) -> None:
         assert len(run.batch_steps) == 6
 
 
+def test_two_callbacks_of_one_fit_leave_the_steps_to_the_first_and_say_so(tmp_path: Path) -> None:
+    """Two ICSCallbacks with batch_stats=True on one model (a probe from the training set, one
+    from the validation set): the second used to take the step's hooks from the first, whose
+    per-step mode then stopped with a warning about a training loop of the user's own."""
+    first = ICSCallback(tmp_path / "train_probe.h5", probe=_probe(), batch_stats=True)
+    x, y = _data()
+    second = ICSCallback(
+        tmp_path / "val_probe.h5", probe=(x[-32:], y[-32:]), batch_stats=True, layers=["out"]
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = _fit([first, second])
+    assert _ours(caught) == [
+        "icsviz: batch_stats=True is off for this run: another ICSCallback in this fit measures every "
+        f"training step of model {model.name!r} already (its run: {tmp_path / 'train_probe.h5'}); give "
+        "batch_stats=True to one of them. Probe captures go on."
+    ]
+    with open_run(tmp_path / "train_probe.h5") as run:
+        assert run.batch_steps.tolist() == list(range(12))  # 2 epochs of 6 batches
+    with open_run(tmp_path / "val_probe.h5") as run:
+        assert not run.has_batch_stats and run.layer_names == ["out:preact", "out"] and run.num_captures == 3
+    # The next fit, each callback alone: the second measures the steps now.
+    model.fit(
+        *_data(),
+        epochs=1,
+        batch_size=BATCH,
+        verbose=0,
+        callbacks=[ICSCallback(tmp_path / "alone.h5", probe=_probe(), batch_stats=True)],
+    )
+    with open_run(tmp_path / "alone.h5") as run:
+        assert len(run.batch_steps) == 6
+
+
 def test_rows_waiting_to_be_written_are_bounded_in_bytes(tmp_path: Path, monkeypatch) -> None:
     from icsviz.capture import callback
     from icsviz.capture.batch_stats import StepStatistics

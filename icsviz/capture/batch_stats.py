@@ -61,6 +61,7 @@ __all__ = [
     "BatchPlan",
     "StepStatistics",
     "batch_vector",
+    "live_hooks",
     "host_batch_vector",
     "host_vectors",
     "raw_size",
@@ -450,9 +451,20 @@ class StepStatistics:
     """
 
     def __init__(
-        self, model: keras.Model, selection: Sequence[SelectedLayer], plans: Sequence[BatchPlan], q: Any
+        self,
+        model: keras.Model,
+        selection: Sequence[SelectedLayer],
+        plans: Sequence[BatchPlan],
+        q: Any,
+        *,
+        fit: object = None,
+        run: str = "",
     ) -> None:
         self.model = model
+        # Which fit these hooks serve (the params dict Keras hands every callback of one fit)
+        # and the run they record, to tell another callback's live hooks from stale ones.
+        self.fit = fit
+        self.run = run
         self.plans = list(plans)
         self._q = np.asarray(q, "float32")
         names = {plan.spec.name for plan in self.plans}
@@ -565,6 +577,8 @@ class StepStatistics:
     # ------------------------------------------------------------- fit hooks
     def install(self) -> None:
         model = self.model
+        if live_hooks(model, self.fit) is not None:
+            raise RuntimeError("another ICSCallback of this fit measures every training step already")
         stale = getattr(model.train_function, "icsviz_hooks", None)
         if stale is not None:  # left by a fit that ended in an exception
             stale.uninstall()
@@ -671,6 +685,15 @@ class StepStatistics:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+
+def live_hooks(model: keras.Model, fit: object) -> StepStatistics | None:
+    """The per-step hooks another callback of the same `fit` installed on `model`, or None (none,
+    or stale ones left by a fit that ended in an exception, which `install` replaces)."""
+    hooks = getattr(getattr(model, "train_function", None), "icsviz_hooks", None)
+    if isinstance(hooks, StepStatistics) and hooks._installed and fit is not None and hooks.fit is fit:
+        return hooks
+    return None
 
 
 def to_host(vectors: Sequence[Any], width: int) -> np.ndarray:

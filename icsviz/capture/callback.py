@@ -23,7 +23,7 @@ from ..errors import IncompatibleRunError, RunExistsError, RunInUseError, warn_c
 from ..store.schema import BatchLayerSpec, RunLayout
 from ..store.writer import BatchRows, Capture, RunWriter
 from . import backend
-from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, unpack, unsupported_reason
+from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, live_hooks, unpack, unsupported_reason
 from .layers import LayerFilter, layer_filters, select_layers
 from .probe import mismatch, num_samples, split_probe, take
 from .program import CaptureProgram
@@ -649,6 +649,13 @@ class ICSCallback(keras.callbacks.Callback):
         if not self.batch_stats:
             return layout
         reason = unsupported_reason(self.model)
+        other = live_hooks(self.model, self.params)
+        if reason is None and other is not None:
+            # Both would record the same training batches; and one step can carry one set of hooks.
+            reason = (
+                f"another ICSCallback in this fit measures every training step of model "
+                f"{self.model.name!r} already (its run: {other.run}); give batch_stats=True to one of them"
+            )
         if reason is not None:
             warn_capture(f"batch_stats=True is off for this run: {reason}. Probe captures go on.")
             return layout
@@ -671,7 +678,9 @@ class ICSCallback(keras.callbacks.Callback):
             BatchPlan.create(spec, layout.hist_bins, len(layout.quantiles), self.options.seed)
             for spec in layout.batch_layers
         ]
-        self._steps = StepStatistics(self.model, self._program.selection, plans, layout.quantiles)
+        self._steps = StepStatistics(
+            self.model, self._program.selection, plans, layout.quantiles, fit=self.params, run=str(self.path)
+        )
         self._steps.install()
         self._step_tags = []
         self._tagged_through = self._global_step
