@@ -23,7 +23,15 @@ from ..errors import IncompatibleRunError, RunExistsError, RunInUseError, warn_c
 from ..store.schema import BatchLayerSpec, RunLayout
 from ..store.writer import BatchRows, Capture, RunWriter
 from . import backend
-from .batch_stats import SAMPLE, UNIT_SAMPLE, BatchPlan, StepStatistics, live_hooks, unpack, unsupported_reason
+from .batch_stats import (
+    SAMPLE,
+    UNIT_SAMPLE,
+    BatchPlan,
+    StepStatistics,
+    live_hooks,
+    unpack,
+    unsupported_reason,
+)
 from .layers import LayerFilter, layer_filters, select_layers
 from .probe import mismatch, num_samples, split_probe, take
 from .program import CaptureProgram
