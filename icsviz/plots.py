@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed, works headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import Normalize, SymLogNorm  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator  # noqa: E402
 
@@ -445,8 +446,13 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
         raise MissingDataError("no run has a capture after step 0 yet (the drift is measured from it)")
     fig, axes = _figure(FULL_WIDTH if len(runs) > 1 else PANEL_WIDTH, 3.2, ncols=len(runs))
     mats = {label: analysis.drift_matrix(run, metric) for label, run in runs.items()}
-    finite = np.concatenate([m[np.isfinite(m)] for _, m in mats.values()] or [np.zeros(1)])
-    vmax = float(np.quantile(finite, 0.98)) if finite.size else 1.0
+    # Linear, or by decades where a few layers drift orders of magnitude more (analysis.drift_colours).
+    colours = analysis.drift_colours(np.concatenate([m.ravel() for _, m in mats.values()]))
+    norm: Normalize = (
+        Normalize(vmin=0, vmax=colours.top)
+        if colours.decades_from is None
+        else SymLogNorm(linthresh=colours.decades_from, vmin=0, vmax=colours.top, base=10)
+    )
     image = None
     for ax, (label, run) in zip(axes[0], runs.items()):
         names, matrix = mats[label]
@@ -457,8 +463,7 @@ def figure_drift_matrix(runs: Runs, metric: str = "w1") -> Figure:
             np.arange(len(names) + 1),
             matrix,
             cmap="magma_r",
-            vmin=0,
-            vmax=max(vmax, 1e-9),
+            norm=norm,
             rasterized=True,
         )
         # Every layer named up to 32 of them; a deep model's every k-th (401 names had

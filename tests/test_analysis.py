@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from conftest import tiny_capture
 from icsviz import MissingDataError, open_run
 from icsviz.analysis import (
+    drift_colours,
     common_grid,
     compare_runs,
     drift_curve,
@@ -534,3 +535,21 @@ def test_a_block_in_a_model_run_on_every_frame_is_recorded_once(tmp_path) -> Non
         # The block's output is norm2's at every frame: recorded once (was also "frames/block").
         assert "frames/block" not in run.layer_names and "frames/block/norm2" in run.layer_names
         assert run.layer("lstm").inputs == ("frames/block/norm2",)
+
+
+def test_drift_colours_go_by_decades_only_where_a_few_layers_drift_orders_more() -> None:
+    rng = np.random.default_rng(0)
+    # The reference CNNs: drift up to about twenty times its median, plus step 0's zeros.
+    reference = np.concatenate([np.zeros(12), rng.uniform(0.05, 1.0, 500), rng.uniform(2, 10, 20), [np.nan]])
+    colours = drift_colours(reference)
+    assert colours.decades_from is None
+    assert colours.top == pytest.approx(np.nanquantile(reference, 0.98))
+    # ConvNeXt: a tenth of the layers (LayerScale, initialised at 1e-6) a thousand step-0 stds away.
+    deep = np.concatenate([rng.uniform(0.01, 1.0, 450), rng.uniform(800, 1500, 50), [np.inf]])
+    colours = drift_colours(deep)
+    assert colours.top > 800
+    assert colours.decades_from == pytest.approx(np.quantile(deep[np.isfinite(deep)], 0.05))
+    # Nothing measured yet: a scale that still draws.
+    empty = drift_colours(np.array([]))
+    assert empty.top == 1.0 and empty.decades_from is None
+    assert drift_colours(np.zeros(4)).top > 0

@@ -276,6 +276,12 @@ def test_a_drift_heatmap_spans_each_capture_to_the_next_and_bins_thousands() -> 
     spec = charts.drift_heatmap(many.assign(from_start=1.0), "a", "from_start", 1.0)
     check(spec)
     assert spec["encoding"]["x"]["bin"] == {"maxbins": 60} and "x2" not in spec["encoding"]
+    # Linear up to the step-0 std, by decades above; or from where analysis.drift_colours says.
+    assert spec["encoding"]["color"]["scale"]["constant"] == 1.0
+    spec = charts.drift_heatmap(few, "a", "from_start", 1500.0, 0.02)
+    check(spec)
+    assert spec["encoding"]["color"]["scale"]["constant"] == 0.02
+    assert spec["encoding"]["color"]["scale"]["domain"] == [0, 1500.0]
 
 
 def test_drift_scores_get_ticks_where_they_are_and_one_value_a_domain_around_it() -> None:

@@ -485,6 +485,26 @@ def test_a_deep_run_gets_layer_figures_for_its_most_drifted_layers(tmp_path) -> 
     plt.close("all")
 
 
+def test_the_drift_matrix_goes_by_decades_where_a_few_layers_drift_orders_more(tmp_path, shipped) -> None:
+    from matplotlib.colors import SymLogNorm
+
+    from icsviz.plots import figure_drift_matrix
+
+    # The reference pair keeps its linear scale.
+    norm = figure_drift_matrix(shipped).axes[0].collections[0].norm
+    assert not isinstance(norm, SymLogNorm) and norm.vmin == 0
+    # 40 layers, the last four drifting 2000 times as fast as the others (ConvNeXt's LayerScale).
+    path = _drifting_run(tmp_path / "scaled.h5", deep_layout(40), lambda k: 2000.0 if k >= 36 else 1.0)
+    with open_run(path) as run:
+        _, matrix = analysis.drift_matrix(run)
+        norm = figure_drift_matrix({"scaled": run}).axes[0].collections[0].norm
+        assert isinstance(norm, SymLogNorm)
+        # The calm layers' last drift spans colours, not the lightest one alone.
+        calm = norm(matrix[:36, -1])
+        assert 0.3 < calm.min() and calm.max() < 0.7
+    plt.close("all")
+
+
 def test_gradients_recorded_as_zero_are_told_apart_from_gradients_never_recorded(tmp_path, layout) -> None:
     from icsviz.plots import ALL_ZERO_NOTE
 

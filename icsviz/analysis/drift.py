@@ -30,6 +30,8 @@ __all__ = [
     "moment_shift",
     "drift_curve",
     "drift_matrix",
+    "DriftColours",
+    "drift_colours",
     "drift_score",
     "LayerDrift",
     "run_drift",
@@ -226,6 +228,35 @@ def drift_matrix(
     return names, np.vstack(
         [drift_curve(run.activations(n), metric, against) for n in names]
     ) if names else np.zeros((0, run.num_captures))
+
+
+@dataclass(frozen=True)
+class DriftColours:
+    """How drift values map to colours in a heatmap, saturating at `top`: linearly from 0, or,
+    where `decades_from` is set, linearly up to it and by decades above it."""
+
+    top: float
+    decades_from: float | None
+
+
+def drift_colours(values: np.ndarray) -> DriftColours:
+    """The colour scale of drift heatmaps (the app's and `icsviz plot`'s drift matrix).
+
+    The top is the 98th percentile, so that one outlier does not wash the rest out. Where that
+    top is more than a hundred times the median drift, colours go by decades above the 5th
+    percentile: a deep model's layers that start near 0 (ConvNeXt's LayerScale, initialised at
+    1e-6) drift by a thousand times their step-0 spread, and on a linear scale made for them
+    every other layer was one colour. The reference CNNs (top about 20 times the median) keep
+    the linear scale, on which BatchNormalization's calm layers read as calm.
+    """
+    finite = np.asarray(values, "float64")
+    finite = finite[np.isfinite(finite)]
+    top = float(np.quantile(finite, 0.98)) if finite.size else 1.0
+    positive = finite[finite > 0]
+    decades_from = None
+    if positive.size and top > 100 * float(np.median(positive)):
+        decades_from = float(np.quantile(positive, 0.05))
+    return DriftColours(top=max(top, 1e-9), decades_from=decades_from)
 
 
 @dataclass(frozen=True)

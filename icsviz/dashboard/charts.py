@@ -410,8 +410,11 @@ def unit_chart(df: pd.DataFrame, title: str, stat: str, limit: float | None = No
 _HEATMAP_COLUMNS = 60
 
 
-def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) -> Spec:
-    """Layers (y, model order) by captures (x), colour = drift."""
+def drift_heatmap(
+    df: pd.DataFrame, title: str, field: str, max_value: float, decades_from: float | None = None
+) -> Spec:
+    """Layers (y, model order) by captures (x), colour = drift: linear up to `decades_from`
+    (1, the step-0 std, by default) and by decades above it (`analysis.drift_colours`)."""
     if df["epoch"].nunique() <= _HEATMAP_COLUMNS:  # a few captures: no gaps between them
         x = {
             "x": _q("t0", title="epoch", scale={"nice": False}, axis=_capture_axis(df, **_EPOCH_AXIS)),
@@ -435,6 +438,7 @@ def drift_heatmap(df: pd.DataFrame, title: str, field: str, max_value: float) ->
                 # symlog: the logits' large shifts no longer flatten every other layer to white
                 scale={
                     "type": "symlog",
+                    "constant": decades_from or 1.0,
                     "scheme": "oranges",
                     "domain": [0, max(max_value, 1e-9)],
                     "clamp": True,

@@ -482,14 +482,13 @@ def drift_summary(keys: tuple[Key, ...], labels: tuple[str, ...], layer: str, fi
         "the Wasserstein distance (W1) to its histogram at step 0 or at the previous capture, or the "
         "shift of its mean. Rows follow the model's order; same colour scale for every run."
     )
-    finite = drift[field].replace([np.inf, -np.inf], np.nan).dropna()
-    top = float(finite.quantile(0.98)) if len(finite) else 1.0
+    colours = analysis.drift_colours(drift[field].to_numpy(dtype="float64"))
     cols = st.columns(len(shown))
     for col, label in zip(cols, shown):
         with col:
             part = drift[drift["run"] == label]
             if not part.empty:
-                draw(charts.drift_heatmap, part, label, field, top)
+                draw(charts.drift_heatmap, part, label, field, colours.top, colours.decades_from)
     roles = dict(_overview(keys, labels)["roles"])
     if layer in roles:  # each run's own tensor in that role
         parts = [
