@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from conftest import tiny_capture
 from icsviz import MissingDataError, open_run
 from icsviz.analysis import (
-    drift_colours,
     common_grid,
     compare_runs,
+    drift_colours,
     drift_curve,
     drift_matrix,
     drift_score,
