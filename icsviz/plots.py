@@ -755,9 +755,15 @@ def plot_runs(
                 "(name others with --layers, or --layers all for every one)"
             )
     metric = headline_metric(runs)
+    recorded = list(dict.fromkeys(name for run in runs.values() for name in run.metric_names))
+    # A train_step of the user's own that logs no "loss" (a GAN's d_loss and g_loss): its second
+    # metric in the loss figure's place, as the app's second panel.
+    second = None if "loss" in recorded else next((m for m in recorded if m != metric), None)
     plan = [
         Planned(metric_label(metric or "accuracy").lower(), lambda: figure_metric(runs, metric)),
-        Planned("loss", lambda: figure_loss(runs)),
+        Planned("loss", lambda: figure_loss(runs))
+        if second is None
+        else Planned(metric_label(second).lower(), lambda: figure_metric(runs, second)),
         Planned("ioffe_fig1", lambda: figure_ioffe(runs, ioffe_layer)),
         Planned("ioffe_fig1_steps", lambda: figure_ioffe_steps(runs, ioffe_layer)),
         Planned("drift_matrix", lambda: figure_drift_matrix(runs)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import run_script
 from icsviz import CaptureWarning, ICSCallback, IncompatibleRunError, RunExistsError, RunInUseError, open_run
 
 HERE = Path(__file__).parent
@@ -1135,3 +1137,181 @@ def test_the_quantiles_of_captures_are_computed_on_the_writers_thread(tmp_path, 
         quantiles = run.activations(run.layer_names[0]).quantiles
         assert quantiles.shape[0] == 4 and np.all(np.isfinite(quantiles))
         assert np.all(np.diff(quantiles, axis=1) >= 0)  # sorted levels give ordered quantiles
+
+
+LATENT = 4
+
+
+class _GAN(keras.Model):
+    """keras.io's DCGAN, shrunk: a model with no `call`, whose `train_step` trains two models."""
+
+    def __init__(self, discriminator: keras.Model, generator: keras.Model) -> None:
+        super().__init__(name="gan")
+        self.discriminator, self.generator = discriminator, generator
+        self.seed_generator = keras.random.SeedGenerator(1)
+
+    def compile(self, d_optimizer, g_optimizer, loss_fn) -> None:
+        super().compile()
+        self.d_optimizer, self.g_optimizer, self.loss_fn = d_optimizer, g_optimizer, loss_fn
+
+    def train_step(self, real):
+        import tensorflow as tf
+
+        n = keras.ops.shape(real)[0]
+        fake = self.generator(keras.random.normal((n, LATENT), seed=self.seed_generator))
+        images = keras.ops.concatenate([fake, real])
+        labels = keras.ops.concatenate([keras.ops.ones((n, 1)), keras.ops.zeros((n, 1))])
+        with tf.GradientTape() as tape:
+            d_loss = self.loss_fn(labels, self.discriminator(images))
+        weights = self.discriminator.trainable_weights
+        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, weights), weights))
+        with tf.GradientTape() as tape:
+            z = keras.random.normal((n, LATENT), seed=self.seed_generator)
+            g_loss = self.loss_fn(keras.ops.zeros((n, 1)), self.discriminator(self.generator(z)))
+        weights = self.generator.trainable_weights
+        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, weights), weights))
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def _gan() -> _GAN:
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    discriminator = keras.Sequential(
+        [
+            keras.Input((4, 4, 1)),
+            layers.Conv2D(4, 3, padding="same", name="d_conv"),
+            layers.LeakyReLU(0.2, name="d_act"),
+            layers.Flatten(),
+            layers.Dense(1, name="d_out"),
+        ],
+        name="discriminator",
+    )
+    generator = keras.Sequential(
+        [
+            keras.Input((LATENT,)),
+            layers.Dense(2 * 2 * 4, name="g_fc"),
+            layers.BatchNormalization(name="g_bn"),
+            layers.ReLU(name="g_relu"),
+            layers.Reshape((2, 2, 4)),
+            layers.Conv2DTranspose(1, 3, strides=2, padding="same", activation="sigmoid", name="g_out"),
+        ],
+        name="generator",
+    )
+    gan = _GAN(discriminator, generator)
+    gan.compile(
+        keras.optimizers.Adam(1e-2),
+        keras.optimizers.Adam(1e-2),
+        keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    return gan
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="the GAN's train_step uses tf.GradientTape"
+)
+def test_a_gans_generator_is_recorded_as_its_training_moves_it(tmp_path: Path) -> None:
+    gan = _gan()
+    real = np.random.default_rng(0).random((64, 4, 4, 1)).astype("float32")
+    z = np.random.default_rng(1).normal(size=(16, LATENT)).astype("float32")
+    generator = gan.generator
+    before = keras.Model(generator.inputs, generator.get_layer("g_relu").output)(z, training=True)
+    before = keras.ops.convert_to_numpy(before)
+    path = tmp_path / "generator.h5"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callback = ICSCallback(path, probe=z, submodel=generator, every_n_steps=2, batch_stats=True)
+        gan.fit(real, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
+    ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+    # Latent vectors have no labels: the activations and weights are what a generator's run holds.
+    assert ours == [
+        "icsviz: the probe has no labels, so gradient statistics are skipped; pass probe=(x, y) to record them."
+    ]
+    with open_run(path) as run:
+        assert run.layer_names == ["g_fc", "g_bn", "g_relu", "g_out:preact", "g_out"]
+        assert (run.attrs["model_name"], run.config["trained_model"]) == ("generator", "gan")
+        assert run.steps.tolist() == [0, 2, 4, 6, 8]
+        relu = run.activations("g_relu")
+        np.testing.assert_allclose(
+            [relu.mean[0], relu.std[0]], [before.mean(), before.std()], rtol=2e-4, atol=1e-6
+        )
+        # The generator's own weights, moved by the GAN's g_optimizer.
+        assert run.variable_names[0] == "generator/g_fc/kernel"
+        assert np.all(run.gradients(run.variable_names[0]).update_ratio[1:] > 0)
+        # Its layers on every training batch, measured inside the GAN's step.
+        assert run.batch_layer_names == run.layer_names and run.batch_steps.tolist() == list(range(8))
+
+
+def test_a_submodel_must_be_a_model_inside_the_one_fit_trains(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="submodel must be a keras.Model inside the model fit trains"):
+        ICSCallback(tmp_path / "r.h5", probe=np.zeros((4, 6)), submodel=keras.layers.Dense(3))
+    model = sequential()
+    stranger = keras.Sequential([keras.Input((6,)), keras.layers.Dense(2, name="other")], name="stranger")
+    x, y = data()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(
+            x,
+            y,
+            epochs=1,
+            verbose=0,
+            callbacks=[ICSCallback(tmp_path / "s.h5", probe=x[:16], submodel=stranger)],
+        )
+    assert (
+        "icsviz: submodel 'stranger' shares no trainable weights with model 'seq', which fit trains, so its "
+        "captures will not move. Pass the model inside 'seq' (one of its attributes, e.g. gan.generator)."
+    ) in [str(w.message) for w in caught]
+    with open_run(tmp_path / "s.h5") as run:  # recorded all the same
+        assert run.layer_names == ["other"]
+
+
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "tensorflow",
+        pytest.param(
+            "jax",
+            marks=pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed"),
+        ),
+        pytest.param(
+            "torch",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("torch") is None,
+                reason="torch is not installed (pip install torch==2.13.0)",
+            ),
+        ),
+    ],
+)
+def test_a_nested_encoder_is_recorded_alone_on_every_backend(backend: str, tmp_path: Path) -> None:
+    script = textwrap.dedent(f"""
+        import warnings, keras, numpy as np
+        from icsviz import ICSCallback, open_run
+        keras.utils.set_random_seed(0)
+        encoder = keras.Sequential(
+            [keras.Input((6,)), keras.layers.Dense(5, activation="tanh", name="enc")], name="encoder"
+        )
+        inputs = keras.Input((6,))
+        outputs = keras.layers.Dense(3, activation="softmax", name="head")(encoder(inputs))
+        model = keras.Model(inputs, outputs)
+        model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+        rng = np.random.default_rng(0)
+        x, y = rng.normal(size=(64, 6)).astype("float32"), rng.integers(0, 3, 64)
+        expected = keras.ops.convert_to_numpy(encoder(x[:16]))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[
+                ICSCallback({str(tmp_path / "enc.h5")!r}, probe=(x[:16], y[:16]), submodel=encoder)])
+        # The encoder has no loss of its own: its activations and weights are recorded.
+        assert [str(w.message) for w in caught if "icsviz" in str(w.message)] == [
+            "icsviz: submodel 'encoder' is not compiled, so it has no loss of its own to take gradients "
+            "of: gradient statistics are skipped, its activations and weights are recorded (compile it "
+            "with a loss and an optimizer to have them)."
+        ]
+        with open_run({str(tmp_path / "enc.h5")!r}) as run:
+            assert run.layer_names == ["enc:preact", "enc"], run.layer_names
+            enc = run.activations("enc")
+            np.testing.assert_allclose([enc.mean[0], enc.std[0]], [expected.mean(), expected.std()], rtol=2e-4)
+            assert enc.mean[-1] != enc.mean[0]  # the encoder trains inside the model
+            assert run.variable_names == ["encoder/enc/kernel", "encoder/enc/bias"]
+        print("SUBMODEL OK")
+    """)
+    run_script(script, backend, marker="SUBMODEL OK")

@@ -217,6 +217,11 @@ def test_curves_leave_out_a_metric_no_run_recorded() -> None:
     assert charts.curve_metrics(both[both.metric != "accuracy"]) == ["auc", "loss"]
     named = pd.concat([frame, frame.assign(metric="auc"), frame.assign(metric="sparse_categorical_accuracy")])
     assert charts.curve_metrics(named) == ["sparse_categorical_accuracy", "loss"]  # a metric object's name
+    # A GAN's train_step logs a loss per model and no "loss": both get a panel.
+    gan = pd.concat([frame.assign(metric="d_loss"), frame.assign(metric="g_loss")])
+    assert charts.curve_metrics(gan) == ["d_loss", "g_loss"]
+    spec = charts.curves_chart(gan, ("a",), 1.0)
+    assert [panel["title"] for panel in spec["hconcat"]] == ["D_loss", "G_loss"]
     assert [charts.metric_title(m) for m in ("sparse_categorical_accuracy", "mae", "loss")] == [
         "Accuracy",
         "MAE",

@@ -132,6 +132,15 @@ def test_accuracy_figure_shows_training_accuracy_dashed_for_a_run_without_valida
     assert list(line.get_ydata()) == pytest.approx([0.5, 0.6, 0.7]) and fig.axes[0].get_title() == "MAE"
     written, notes = plot_runs({"mae": regression}, tmp_path / "regression", formats=("png",), progress=False)
     assert "mae.png" in {p.name for p in written} and not any(n.startswith("mae") for n in notes)
+    # A GAN's train_step logs a loss per model and no "loss": a figure for each, as the app's panels.
+    gan = _run_with_history(tmp_path / "gan.h5", layout, {"d_loss": 0.7, "g_loss": 0.9})
+    written, notes = plot_runs({"gan": gan}, tmp_path / "gan", layers=[], formats=("png",), progress=False)
+    assert {"d_loss.png", "g_loss.png"} <= {p.name for p in written}
+    assert not any("loss" in note for note in notes)
+    assert list(figure_metric({"gan": gan}, "g_loss").axes[0].get_lines()[0].get_ydata()) == pytest.approx(
+        [0.9, 1.0, 1.1]
+    )
+    gan.close()
     # A metric object's name (metrics=[keras.metrics.SparseCategoricalAccuracy()]) is the accuracy.
     named = _run_with_history(
         tmp_path / "named.h5",

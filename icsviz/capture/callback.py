@@ -156,6 +156,12 @@ class ICSCallback(keras.callbacks.Callback):
             are needed for gradient statistics; without them only activations are
             recorded. Sample weights weight the probe's loss as in training. 256
             to 512 samples is a good size.
+        submodel: A model inside the one `fit` trains, measured instead of it:
+            the probe runs through `submodel` (a GAN's generator, given latent
+            vectors, or its discriminator, given images), whose layers and weights
+            are recorded. For a model whose `call` is not what its training runs
+            (a GAN's model has no `call`), or to follow one part of a larger model.
+            Gradient statistics need `submodel` compiled with its loss.
         layers: Which layers to capture: None for the default (outputs of Dense
             and Conv layers, their pre-activations when the activation is fused,
             normalization, activation and merge layers, and a functional model's
@@ -236,6 +242,7 @@ class ICSCallback(keras.callbacks.Callback):
         path: str | os.PathLike[str],
         probe: Any,
         *,
+        submodel: keras.Model | None = None,
         layers: LayerFilter | Sequence[LayerFilter] | None = None,
         every_n_steps: int | None = None,
         batch_stats: bool | int = False,
@@ -257,6 +264,11 @@ class ICSCallback(keras.callbacks.Callback):
         if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
             raise ValueError(
                 f"every_n_steps must be a positive integer or None. Received: every_n_steps={every_n_steps!r}"
+            )
+        if submodel is not None and not isinstance(submodel, keras.Model):
+            raise ValueError(
+                "submodel must be a keras.Model inside the model fit trains (a GAN's generator, say). "
+                f"Received: submodel of type {type(submodel).__name__}"
             )
         if not isinstance(batch_stats, int) or batch_stats < 0:
             raise ValueError(
@@ -342,6 +354,7 @@ class ICSCallback(keras.callbacks.Callback):
             seed=seed,
         )
         self._probe_x, self._probe_y, self._probe_weights = x, y, sample_weight
+        self.submodel = submodel
         self._probe_size = min(n, _MAX_PROBE)
         self._writer: RunWriter | None = None
         self._queue: WriteQueue | None = None  # the writer's thread: writes leave the training loop
@@ -398,8 +411,16 @@ class ICSCallback(keras.callbacks.Callback):
             self._capture_ok = False
             self._warn(f"{what} (captures are off for the rest of this run)", exc)
 
+    @property
+    def _measured(self) -> keras.Model:
+        """The model the probe runs through: `submodel`, or the model being fit."""
+        trained = self.model  # on JAX, reading it brings the trained weights back into the model
+        return trained if self.submodel is None else self.submodel
+
     def _learning_rate(self) -> float:
-        optimizer = getattr(self.model, "optimizer", None)
+        # The submodel's own optimizer where it has one (a GAN's discriminator, compiled), for the
+        # gradient shift's step; else the fit's.
+        optimizer = getattr(self.submodel, "optimizer", None) or getattr(self.model, "optimizer", None)
         if optimizer is None:
             return float("nan")
         try:
@@ -502,7 +523,9 @@ class ICSCallback(keras.callbacks.Callback):
     def _start(self, epoch: int) -> None:
         """Trace the capture program, open the file and take the first capture."""
         self._started = True
-        model = self.model
+        model = self._measured
+        if self.submodel is not None:
+            self._check_submodel()
         deleted = backend.deleted_variables(model)
         if deleted:
             raise RuntimeError(
@@ -516,6 +539,12 @@ class ICSCallback(keras.callbacks.Callback):
             warn_capture(
                 "the probe has no labels, so gradient statistics are skipped; pass "
                 "probe=(x, y) to record them."
+            )
+        elif not with_gradients and self.submodel is not None:
+            warn_capture(
+                f"submodel {model.name!r} is not compiled, so it has no loss of its own to take "
+                "gradients of: gradient statistics are skipped, its activations and weights are "
+                "recorded (compile it with a loss and an optimizer to have them)."
             )
         elif not with_gradients:  # a training loop of the user's own, around a model never compiled
             warn_capture(
@@ -628,6 +657,18 @@ class ICSCallback(keras.callbacks.Callback):
             self._program.first_step_done,
         )
 
+    def _check_submodel(self) -> None:
+        """One warning where `submodel` is not trained by this fit: its captures could not move."""
+        assert self.submodel is not None
+        trained = {id(v) for v in self.model.trainable_variables}
+        own = self.submodel.trainable_variables
+        if own and not any(id(v) in trained for v in own):
+            warn_capture(
+                f"submodel {self.submodel.name!r} shares no trainable weights with model "
+                f"{self.model.name!r}, which fit trains, so its captures will not move. Pass the model "
+                f"inside {self.model.name!r} (one of its attributes, e.g. gan.generator)."
+            )
+
     def _resume(self, layout: RunLayout, from_epoch: int) -> RunWriter:
         try:
             writer = RunWriter.resume(self.path, layout, from_epoch=from_epoch)
@@ -637,7 +678,7 @@ class ICSCallback(keras.callbacks.Callback):
             raise IncompatibleRunError(
                 f"this ICSCallback recorded another model or layer set into {self.path} in an earlier "
                 f"fit ({exc.difference}), and one callback records one run. Give model "
-                f"{self.model.name!r} an ICSCallback of its own, with another path.",
+                f"{self._measured.name!r} an ICSCallback of its own, with another path.",
                 exc.difference,
             ) from exc
         missing = writer.epochs_without_metrics(from_epoch)
@@ -781,8 +822,8 @@ class ICSCallback(keras.callbacks.Callback):
             return int(epochs[-1]) + 1 if len(epochs) else 0
 
     def _metadata(self, layout_size: int) -> dict[str, Any]:
-        model = self.model
-        optimizer = getattr(model, "optimizer", None)
+        model = self._measured
+        optimizer = getattr(model, "optimizer", None) or getattr(self.model, "optimizer", None)
         config = {
             "histogram_bins": self.options.hist_bins,
             "tracked_units": self.options.tracked_units,
@@ -803,6 +844,8 @@ class ICSCallback(keras.callbacks.Callback):
             "epochs_planned": self.params.get("epochs") if self.params else None,
             "steps_per_epoch": self._steps_per_epoch,
             "parameters": int(model.count_params()),
+            # The model fit trained, where the run measures a model inside it.
+            "trained_model": None if self.submodel is None else self.model.name,
         }
         config.update(
             self.metadata.get("config", {}) if isinstance(self.metadata.get("config"), dict) else {}

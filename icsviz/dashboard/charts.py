@@ -162,9 +162,13 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
 
 def curve_metrics(df: pd.DataFrame) -> list[str]:
     """The panels of the training curves: accuracy (or, for a model compiled without it, the
-    first metric it recorded, such as a regression's mae), then the loss; only those with rows."""
+    first metric it recorded, such as a regression's mae), then the loss; only those with rows.
+    A `train_step` of the user's own that logs no "loss" (a GAN's "d_loss" and "g_loss") gets
+    its first two metrics."""
     present = list(dict.fromkeys(df["metric"]))
-    return [metric for metric in (first_metric(present), "loss") if metric in present]
+    first = first_metric(present)
+    second = "loss" if "loss" in present else next((m for m in present if m != first), None)
+    return [metric for metric in (first, second) if metric in present]
 
 
 def metric_title(metric: str) -> str:

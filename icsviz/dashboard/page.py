@@ -331,7 +331,9 @@ def training_curves(keys: tuple[Key, ...], labels: tuple[str, ...], epoch: float
         "validation (solid). The dotted rule marks the capture chosen below."
         + (
             ""
-            if "accuracy" in shown or curves.empty  # each run's accuracy is "accuracy" in curves_frame
+            # each run's accuracy is "accuracy" in curves_frame; a step logging no "loss" (a GAN's)
+            # is not one that accuracy fits
+            if "accuracy" in shown or "loss" not in shown or curves.empty
             else " No selected run recorded accuracy (compile with `metrics=['accuracy']` to see it)."
         )
     )
