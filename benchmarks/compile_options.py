@@ -56,7 +56,7 @@ def one(name: str, options: dict[str, object], probe: int, runs: int, values_pat
     model, x, y = make(name)
     program = CaptureProgram(model, select_layers(model, None), CaptureOptions(), with_gradients=True)
     xt, yt = keras.ops.convert_to_tensor(x[:probe]), keras.ops.convert_to_tensor(y[:probe])
-    args, _ = program._arguments(xt, yt, 0.01)
+    args, _ = program._arguments(xt, yt, None, 0.01)
     start = time.perf_counter()
     with backend.isolated_rng(program.options.seed):  # a plain jit: no options of icsviz's own
         lowered = jax.jit(program._program).lower(*args)

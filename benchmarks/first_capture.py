@@ -47,7 +47,7 @@ def measure(name: str, probe: int) -> None:
     keras_first = time.perf_counter() - start
     program = CaptureProgram(model, select_layers(model, None), CaptureOptions(), with_gradients=True)
     args, _ = program._arguments(
-        keras.ops.convert_to_tensor(x[:probe]), keras.ops.convert_to_tensor(y[:probe]), 0.01
+        keras.ops.convert_to_tensor(x[:probe]), keras.ops.convert_to_tensor(y[:probe]), None, 0.01
     )
     compiled = program._function  # the per-call options wrapper, on TensorFlow
     start = time.perf_counter()

@@ -1312,6 +1312,19 @@ def test_a_nested_encoder_is_recorded_alone_on_every_backend(backend: str, tmp_p
             np.testing.assert_allclose([enc.mean[0], enc.std[0]], [expected.mean(), expected.std()], rtol=2e-4)
             assert enc.mean[-1] != enc.mean[0]  # the encoder trains inside the model
             assert run.variable_names == ["encoder/enc/kernel", "encoder/enc/bias"]
+        # Compiled, with a loss of its own: its gradients too; and every step capture measures
+        # the weights that step left (on JAX, synced back into the model first).
+        encoder.compile(keras.optimizers.SGD(0.1), "mse")
+        path = {str(tmp_path / "compiled.h5")!r}
+        target = np.zeros((16, 5), "float32")
+        model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[
+            ICSCallback(path, probe=(x[:16], target), submodel=encoder, every_n_steps=2)])
+        with open_run(path) as run:
+            assert run.steps.tolist() == [8, 10, 12, 14, 16], run.steps
+            means = run.activations("enc").mean
+            assert len(set(np.round(means, 7).tolist())) == 5, means
+            grads = run.gradients("encoder/enc/kernel").grad_norm
+            assert np.isfinite(grads).all() and (grads > 0).all()
         print("SUBMODEL OK")
     """)
     run_script(script, backend, marker="SUBMODEL OK")

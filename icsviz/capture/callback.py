@@ -418,9 +418,12 @@ class ICSCallback(keras.callbacks.Callback):
         return trained if self.submodel is None else self.submodel
 
     def _learning_rate(self) -> float:
+        # Read before every capture: on JAX, reading `self.model` brings the trained weights back
+        # into the model (and a submodel's with them) for the capture to measure.
+        trained = self.model
         # The submodel's own optimizer where it has one (a GAN's discriminator, compiled), for the
         # gradient shift's step; else the fit's.
-        optimizer = getattr(self.submodel, "optimizer", None) or getattr(self.model, "optimizer", None)
+        optimizer = getattr(self.submodel, "optimizer", None) or getattr(trained, "optimizer", None)
         if optimizer is None:
             return float("nan")
         try:
