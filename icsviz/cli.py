@@ -215,10 +215,12 @@ def info(path: str) -> str:
     with open_run(path) as run:
         a = run.attrs
         history = run.history
+        config = a.get("config", {})
+        inside = f", inside {config['trained_model']}" if config.get("trained_model") else ""  # submodel=
         lines = [
             f"{run.path}",
             f"  run        {run.name} ({run.status})",
-            f"  model      {a.get('model_name', '?')}  ({a.get('config', {}).get('parameters', '?')} parameters)",
+            f"  model      {a.get('model_name', '?')}  ({config.get('parameters', '?')} parameters{inside})",
             f"  dataset    {a.get('dataset', '?') or '?'}  {a.get('data_source', '')}".rstrip(),
             f"  backend    {a.get('backend', '?')}, keras {a.get('keras_version', '?')}, created {a.get('created', '?')}",
             f"  epochs     {len(run.history_epochs)} recorded, {run.num_captures} "

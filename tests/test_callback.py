@@ -1239,6 +1239,9 @@ def test_a_gans_generator_is_recorded_as_its_training_moves_it(tmp_path: Path) -
         assert np.all(run.gradients(run.variable_names[0]).update_ratio[1:] > 0)
         # Its layers on every training batch, measured inside the GAN's step.
         assert run.batch_layer_names == run.layer_names and run.batch_steps.tolist() == list(range(8))
+    from icsviz.cli import info
+
+    assert "  model      generator  (181 parameters, inside gan)" in info(str(path)).splitlines()
 
 
 def test_a_submodel_must_be_a_model_inside_the_one_fit_trains(tmp_path: Path) -> None:
