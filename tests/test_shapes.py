@@ -8,7 +8,7 @@ import tensorflow as tf
 from model_zoo import text_vectorization
 
 from icsviz.capture.layers import select_layers
-from icsviz.capture.shapes import has_unknown_dimension, probe_shapes
+from icsviz.capture.shapes import has_unknown_dimension, probe_shapes, with_probe_batch
 
 L = keras.layers
 
@@ -17,6 +17,16 @@ def test_unknown_dimensions_are_spotted() -> None:
     assert has_unknown_dimension((None, 6, 8))
     assert not has_unknown_dimension((16, 6, 8))
     assert not has_unknown_dimension(())
+
+
+def test_only_a_lost_batch_axis_of_the_probes_size_is_filled_in() -> None:
+    assert with_probe_batch((None, 6, 8), (16, 6, 8), 16) == (16, 6, 8)
+    # tf.boolean_mask: the count of kept values depends on the values, not on the probe.
+    assert with_probe_batch((None,), (37,), 16) == (None,)
+    assert with_probe_batch((None, None), (16, 5), 16) == (None, None)  # another axis unknown
+    assert with_probe_batch((None, 6), (16, 7), 16) == (None, 6)  # not the traced tensor's shape
+    assert with_probe_batch((None, 6), None, 16) == (None, 6)  # not seen by the eager pass
+    assert with_probe_batch((16, None), (16, 6), 16) == (16, None)
 
 
 def test_the_probe_pass_reads_the_shapes_a_trace_leaves_unknown() -> None:

@@ -34,7 +34,7 @@ from .flat import FlatLayout, l2_norms
 from .intercept import Record, Recorder, intercept, warn_once
 from .layers import SelectedLayer, captured_inputs, iter_layers
 from .masks import probe_masks
-from .shapes import has_unknown_dimension, probe_shapes
+from .shapes import has_unknown_dimension, probe_shapes, probe_size, with_probe_batch
 from .stats import CaptureOptions, MaskMismatch, TracedLayer, l2, layer_stats, plan_tensor
 
 __all__ = ["CaptureProgram"]
@@ -150,7 +150,7 @@ class CaptureProgram:
             return plan_tensor(*args)
 
     def _shape_of(self, record: Record) -> tuple[Any, ...]:
-        """The recorded tensor's shape, from the probe where tracing left a dimension unknown."""
+        """The recorded tensor's shape, its batch size from the probe where tracing lost it."""
         shape = tuple(record.tensor.shape)
         if not has_unknown_dimension(shape):
             return shape
@@ -163,7 +163,7 @@ class CaptureProgram:
                     f"shapes:{self.model.name}",
                     f"reading the shapes of the probe's tensors failed ({type(exc).__name__}: {exc}).",
                 )
-        return self._shapes.get(record.name, shape)
+        return with_probe_batch(shape, self._shapes.get(record.name), probe_size(self._probe_x))
 
     def _skip(self, name: str, class_name: str, exc: BaseException) -> None:
         self.skipped[name] = f"{type(exc).__name__}: {exc}"
