@@ -752,3 +752,25 @@ def test_a_layer_whose_padding_was_left_out_says_so(shipped, tmp_path) -> None:
     assert not [c.value for c in at.caption if "Keras mask" in c.value]
     shipped_view = app_for(shipped).run()
     assert not [c.value for c in shipped_view.caption if "Keras mask" in c.value]
+
+
+def test_a_gans_losses_get_the_two_panels_and_the_caption_names_only_the_lines_drawn(tmp_path) -> None:
+    from conftest import tiny_capture, tiny_layout
+    from icsviz.store.writer import RunWriter
+
+    layout = tiny_layout()
+    with RunWriter.create(tmp_path / "gan.h5", layout, {"run_name": "gan"}) as w:
+        w.write_capture(tiny_capture(layout, 0, kind="start"))
+        for epoch in range(3):
+            w.write_capture(tiny_capture(layout, 10 * (epoch + 1), kind="epoch"))
+            w.write_epoch(epoch, {"d_loss": 0.7 - epoch / 10, "g_loss": 0.9 + epoch / 10})
+    at = app_for(tmp_path).run()
+    assert not at.exception
+    captions = [shown(c.value) for c in at.caption]
+    # No validation data: no "validation (solid)" line promised; no accuracy asked of a GAN.
+    assert (
+        "D_loss and G_loss per epoch for every selected run: training (dashed). The dotted rule marks "
+        "the capture chosen below."
+    ) in captions
+    curves = frames_with(at, "run", "epoch", "metric", "value")
+    assert sorted({m for df in curves for m in df["metric"]}) == ["d_loss", "g_loss"]

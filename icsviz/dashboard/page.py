@@ -326,9 +326,16 @@ def training_curves(keys: tuple[Key, ...], labels: tuple[str, ...], epoch: float
     curves = overview["curves"]
     shown = charts.curve_metrics(curves)
     named = " and ".join(charts.metric_title(m) if m != "loss" else m for m in shown) or "accuracy and loss"
+    splits = set(curves["split"]) if not curves.empty else {"training", "validation"}
+    # Only the lines drawn: runs fitted without validation data have no solid ones.
+    lines = " and ".join(
+        f"{split} ({style})"
+        for split, style in (("training", "dashed"), ("validation", "solid"))
+        if split in splits
+    )
     st.caption(
-        f"{named[:1].upper() + named[1:]} per epoch for every selected run: training (dashed) and "
-        "validation (solid). The dotted rule marks the capture chosen below."
+        f"{named[:1].upper() + named[1:]} per epoch for every selected run: {lines}. The dotted rule "
+        "marks the capture chosen below."
         + (
             ""
             # each run's accuracy is "accuracy" in curves_frame; a step logging no "loss" (a GAN's)
