@@ -384,3 +384,100 @@ def check_recorded(name: str, path: Path) -> list[str]:
         for variable in run.variable_names:
             assert np.isfinite(run.gradients(variable).grad_norm).all(), variable
     return names
+
+
+# ---------------------------------------------------------------- a GAN (submodel=)
+LATENT = 4
+
+
+class GAN(keras.Model):
+    """keras.io's DCGAN, shrunk: a model with no `call`, whose `train_step` trains two models with
+    optimizers of its own (`super().compile()` gives the model one that never steps). The step
+    is written per backend, as keras.io's guides write it: TensorFlow's with tf.GradientTape,
+    torch's with `backward()`."""
+
+    def __init__(self, discriminator: keras.Model, generator: keras.Model) -> None:
+        super().__init__(name="gan")
+        self.discriminator, self.generator = discriminator, generator
+        self.seed_generator = keras.random.SeedGenerator(1)
+
+    def compile(self, d_optimizer: Any, g_optimizer: Any, loss_fn: Any) -> None:  # type: ignore[override]
+        super().compile()
+        self.d_optimizer, self.g_optimizer, self.loss_fn = d_optimizer, g_optimizer, loss_fn
+
+    def _images_and_labels(self, real: Any) -> tuple[Any, Any, Any]:
+        n = keras.ops.shape(real)[0]
+        fake = self.generator(keras.random.normal((n, LATENT), seed=self.seed_generator))
+        images = keras.ops.concatenate([fake, keras.ops.convert_to_tensor(real)])
+        labels = keras.ops.concatenate([keras.ops.ones((n, 1)), keras.ops.zeros((n, 1))])
+        return n, images, labels
+
+    def train_step(self, real: Any) -> dict[str, Any]:
+        if keras.backend.backend() == "torch":
+            return self._torch_step(real)
+        import tensorflow as tf  # noqa: PLC0415
+
+        n, images, labels = self._images_and_labels(real)
+        with tf.GradientTape() as tape:
+            d_loss = self.loss_fn(labels, self.discriminator(images))
+        weights = self.discriminator.trainable_weights
+        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, weights), weights))
+        with tf.GradientTape() as tape:
+            z = keras.random.normal((n, LATENT), seed=self.seed_generator)
+            g_loss = self.loss_fn(keras.ops.zeros((n, 1)), self.discriminator(self.generator(z)))
+        weights = self.generator.trainable_weights
+        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, weights), weights))
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+    def _torch_step(self, real: Any) -> dict[str, Any]:
+        import torch  # noqa: PLC0415
+
+        n, images, labels = self._images_and_labels(real)
+        self.zero_grad()
+        d_loss = self.loss_fn(labels, self.discriminator(images))
+        d_loss.backward()
+        weights = self.discriminator.trainable_weights
+        with torch.no_grad():
+            self.d_optimizer.apply([v.value.grad for v in weights], weights)
+        self.zero_grad()
+        z = keras.random.normal((n, LATENT), seed=self.seed_generator)
+        g_loss = self.loss_fn(keras.ops.zeros((n, 1)), self.discriminator(self.generator(z)))
+        g_loss.backward()
+        weights = self.generator.trainable_weights
+        with torch.no_grad():
+            self.g_optimizer.apply([v.value.grad for v in weights], weights)
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+
+def gan() -> GAN:
+    """The GAN, compiled, on TensorFlow or torch."""
+    keras.utils.set_random_seed(0)
+    discriminator = keras.Sequential(
+        [
+            keras.Input((4, 4, 1)),
+            L.Conv2D(4, 3, padding="same", name="d_conv"),
+            L.LeakyReLU(0.2, name="d_act"),
+            L.Flatten(),
+            L.Dense(1, name="d_out"),
+        ],
+        name="discriminator",
+    )
+    generator = keras.Sequential(
+        [
+            keras.Input((LATENT,)),
+            L.Dense(2 * 2 * 4, name="g_fc"),
+            L.BatchNormalization(name="g_bn"),
+            L.ReLU(name="g_relu"),
+            L.Reshape((2, 2, 4)),
+            L.Conv2DTranspose(1, 3, strides=2, padding="same", activation="sigmoid", name="g_out"),
+        ],
+        name="generator",
+    )
+    model = GAN(discriminator, generator)
+    model.built = True  # nothing to build: Keras's torch trainer would call the missing `call`
+    model.compile(
+        keras.optimizers.Adam(1e-2),
+        keras.optimizers.Adam(1e-2),
+        keras.losses.BinaryCrossentropy(from_logits=True),
+    )
+    return model

@@ -1139,109 +1139,62 @@ def test_the_quantiles_of_captures_are_computed_on_the_writers_thread(tmp_path, 
         assert np.all(np.diff(quantiles, axis=1) >= 0)  # sorted levels give ordered quantiles
 
 
-LATENT = 4
-
-
-class _GAN(keras.Model):
-    """keras.io's DCGAN, shrunk: a model with no `call`, whose `train_step` trains two models."""
-
-    def __init__(self, discriminator: keras.Model, generator: keras.Model) -> None:
-        super().__init__(name="gan")
-        self.discriminator, self.generator = discriminator, generator
-        self.seed_generator = keras.random.SeedGenerator(1)
-
-    def compile(self, d_optimizer, g_optimizer, loss_fn) -> None:
-        super().compile()
-        self.d_optimizer, self.g_optimizer, self.loss_fn = d_optimizer, g_optimizer, loss_fn
-
-    def train_step(self, real):
-        import tensorflow as tf
-
-        n = keras.ops.shape(real)[0]
-        fake = self.generator(keras.random.normal((n, LATENT), seed=self.seed_generator))
-        images = keras.ops.concatenate([fake, real])
-        labels = keras.ops.concatenate([keras.ops.ones((n, 1)), keras.ops.zeros((n, 1))])
-        with tf.GradientTape() as tape:
-            d_loss = self.loss_fn(labels, self.discriminator(images))
-        weights = self.discriminator.trainable_weights
-        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, weights), weights))
-        with tf.GradientTape() as tape:
-            z = keras.random.normal((n, LATENT), seed=self.seed_generator)
-            g_loss = self.loss_fn(keras.ops.zeros((n, 1)), self.discriminator(self.generator(z)))
-        weights = self.generator.trainable_weights
-        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, weights), weights))
-        return {"d_loss": d_loss, "g_loss": g_loss}
-
-
-def _gan() -> _GAN:
-    keras.utils.set_random_seed(0)
-    layers = keras.layers
-    discriminator = keras.Sequential(
-        [
-            keras.Input((4, 4, 1)),
-            layers.Conv2D(4, 3, padding="same", name="d_conv"),
-            layers.LeakyReLU(0.2, name="d_act"),
-            layers.Flatten(),
-            layers.Dense(1, name="d_out"),
-        ],
-        name="discriminator",
-    )
-    generator = keras.Sequential(
-        [
-            keras.Input((LATENT,)),
-            layers.Dense(2 * 2 * 4, name="g_fc"),
-            layers.BatchNormalization(name="g_bn"),
-            layers.ReLU(name="g_relu"),
-            layers.Reshape((2, 2, 4)),
-            layers.Conv2DTranspose(1, 3, strides=2, padding="same", activation="sigmoid", name="g_out"),
-        ],
-        name="generator",
-    )
-    gan = _GAN(discriminator, generator)
-    gan.compile(
-        keras.optimizers.Adam(1e-2),
-        keras.optimizers.Adam(1e-2),
-        keras.losses.BinaryCrossentropy(from_logits=True),
-    )
-    return gan
-
-
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="the GAN's train_step uses tf.GradientTape"
+TORCH = pytest.param(
+    "torch",
+    marks=pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None, reason="torch is not installed (pip install torch==2.13.0)"
+    ),
 )
-def test_a_gans_generator_is_recorded_as_its_training_moves_it(tmp_path: Path) -> None:
-    gan = _gan()
-    real = np.random.default_rng(0).random((64, 4, 4, 1)).astype("float32")
-    z = np.random.default_rng(1).normal(size=(16, LATENT)).astype("float32")
-    generator = gan.generator
-    before = keras.Model(generator.inputs, generator.get_layer("g_relu").output)(z, training=True)
-    before = keras.ops.convert_to_numpy(before)
-    path = tmp_path / "generator.h5"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        callback = ICSCallback(path, probe=z, submodel=generator, every_n_steps=2, batch_stats=True)
-        gan.fit(real, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
-    ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
-    # Latent vectors have no labels: the activations and weights are what a generator's run holds.
-    assert ours == [
-        "icsviz: the probe has no labels, so gradient statistics are skipped; pass probe=(x, y) to record them."
-    ]
-    with open_run(path) as run:
-        assert run.layer_names == ["g_fc", "g_bn", "g_relu", "g_out:preact", "g_out"]
-        assert (run.attrs["model_name"], run.config["trained_model"]) == ("generator", "gan")
-        assert run.steps.tolist() == [0, 2, 4, 6, 8]
-        relu = run.activations("g_relu")
-        np.testing.assert_allclose(
-            [relu.mean[0], relu.std[0]], [before.mean(), before.std()], rtol=2e-4, atol=1e-6
-        )
-        # The generator's own weights, moved by the GAN's g_optimizer.
-        assert run.variable_names[0] == "generator/g_fc/kernel"
-        assert np.all(run.gradients(run.variable_names[0]).update_ratio[1:] > 0)
-        # Its layers on every training batch, measured inside the GAN's step.
-        assert run.batch_layer_names == run.layer_names and run.batch_steps.tolist() == list(range(8))
-    from icsviz.cli import info
 
-    assert "  model      generator  (181 parameters, inside gan)" in info(str(path)).splitlines()
+
+@pytest.mark.parametrize("backend", ["tensorflow", TORCH])  # a GAN's step is written per backend
+def test_a_gans_generator_is_recorded_as_its_training_moves_it(backend: str, tmp_path: Path) -> None:
+    path = tmp_path / "generator.h5"
+    script = textwrap.dedent(f"""
+        import warnings, keras, numpy as np
+        from model_zoo import LATENT, gan
+        from icsviz import CaptureWarning, ICSCallback, open_run
+        from icsviz.cli import info
+        model = gan()
+        real = np.random.default_rng(0).random((64, 4, 4, 1)).astype("float32")
+        z = np.random.default_rng(1).normal(size=(16, LATENT)).astype("float32")
+        generator = model.generator
+        before = keras.Model(generator.inputs, generator.get_layer("g_relu").output)(z, training=True)
+        before = keras.ops.convert_to_numpy(before)
+        callback = ICSCallback({str(path)!r}, probe=z, submodel=generator, every_n_steps=2, batch_stats=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(real, epochs=2, batch_size=16, verbose=0, callbacks=[callback])
+        ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+        # Latent vectors have no labels: the activations and weights are what a generator's run holds.
+        assert ours == [
+            "icsviz: the probe has no labels, so gradient statistics are skipped; pass probe=(x, y) "
+            "to record them."
+        ], ours
+        with open_run({str(path)!r}) as run:
+            assert run.layer_names == ["g_fc", "g_bn", "g_relu", "g_out:preact", "g_out"]
+            assert (run.attrs["model_name"], run.config["trained_model"]) == ("generator", "gan")
+            # The GAN's own optimizer (super().compile()'s) never steps: the callback counts (on
+            # torch every step was numbered 0 from the second epoch on).
+            assert run.steps.tolist() == [0, 2, 4, 6, 8], run.steps
+            relu = run.activations("g_relu")
+            np.testing.assert_allclose(
+                [relu.mean[0], relu.std[0]], [before.mean(), before.std()], rtol=2e-4, atol=1e-6
+            )
+            # The generator's own weights, moved by the GAN's g_optimizer.
+            assert run.variable_names[0] == "generator/g_fc/kernel"
+            assert np.all(run.gradients(run.variable_names[0]).update_ratio[1:] > 0)
+            # Its layers on every training batch, measured inside the GAN's step.
+            assert run.batch_layer_names == run.layer_names and run.batch_steps.tolist() == list(range(8))
+        assert "  model      generator  (181 parameters, inside gan)" in info({str(path)!r}).splitlines()
+        # A second fit goes on from the last step (on TensorFlow it started again at 0).
+        model.fit(real, epochs=1, batch_size=16, verbose=0, callbacks=[callback])
+        with open_run({str(path)!r}) as run:
+            assert run.steps.tolist() == [0, 2, 4, 6, 8, 10, 12], run.steps
+            assert run.batch_steps.tolist() == list(range(12)), run.batch_steps
+        print("GAN OK")
+    """)
+    run_script(script, backend, marker="GAN OK")
 
 
 def test_a_submodel_must_be_a_model_inside_the_one_fit_trains(tmp_path: Path) -> None:

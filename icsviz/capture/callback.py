@@ -381,6 +381,9 @@ class ICSCallback(keras.callbacks.Callback):
         if not self._counts_batches:
             self.on_train_batch_end = super().on_train_batch_end  # type: ignore[method-assign]
         self._batches_begun_in_epoch = 0  # to tell a loop of the user's own that never calls it
+        self._optimizer_idle = False  # set where the model's optimizer does not count the steps
+        self._epoch_start_iterations: int | None = None
+        self._last_step = 0  # the last step counted, where a next fit of this callback goes on from
         self._warned_no_batch_begin = False
         # The first capture's compile may wait for Keras's first step (JAX on a GPU, see
         # `CaptureProgram.waits_for_first_step`): the next batch's beginning says it has run.
@@ -431,12 +434,36 @@ class ICSCallback(keras.callbacks.Callback):
         except Exception:  # noqa: BLE001 - a custom optimizer without a readable rate
             return float("nan")
 
-    def _iterations(self) -> int:
+    def _optimizer_steps(self) -> int | None:
+        """The model's optimizer's iteration count; None without one, or where it cannot be read."""
         optimizer = getattr(self.model, "optimizer", None)
+        if optimizer is None:
+            return None
         try:
             return int(_scalar(optimizer.iterations))
         except Exception:  # noqa: BLE001
-            return self._global_step
+            return None
+
+    def _iterations(self) -> int:
+        """Training steps so far: the optimizer's count, or this callback's own where the optimizer
+        does not count them (none, unreadable, or one the training step never steps)."""
+        count = None if self._optimizer_idle else self._optimizer_steps()
+        return max(self._global_step, self._last_step) if count is None else count
+
+    def _check_optimizer_steps(self) -> None:
+        """At an epoch's end: an optimizer whose count did not move while steps ran is not the one
+        training steps (a GAN's `train_step` steps optimizers of its own, and `super().compile()`
+        gave the model an idle one). Its count would number every step 0 (torch, JAX); from here
+        on this callback counts the steps itself."""
+        if self._optimizer_idle or self._epoch_start_iterations is None:
+            return
+        ran = bool(
+            self._steps_per_epoch
+            or self._batches_begun_in_epoch
+            or self._global_step > self._epoch_start_step
+        )
+        if ran and self._optimizer_steps() == self._epoch_start_iterations:
+            self._optimizer_idle = True
 
     def _steps_so_far(self) -> int:
         """Training steps taken, read at an epoch's end (when the batch hooks are not counting).
@@ -452,6 +479,11 @@ class ICSCallback(keras.callbacks.Callback):
             return self._global_step + 1 if self._batches_begun_in_epoch else self._global_step
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and self._steps_per_epoch:
             return self._epoch_start_step + int(self._steps_per_epoch)
+        self._check_optimizer_steps()
+        if self._optimizer_idle:  # the epoch's planned steps, or those it began
+            if self._steps_per_epoch:
+                return self._epoch_start_step + int(self._steps_per_epoch)
+            return self._global_step + 1 if self._batches_begun_in_epoch else self._global_step
         return self._iterations()
 
     # ---------------------------------------------------------------- lifecycle
@@ -873,6 +905,7 @@ class ICSCallback(keras.callbacks.Callback):
         self._epoch_index = epoch
         self._epoch_start_time = time.perf_counter()
         self._epoch_start_step = self._global_step
+        self._epoch_start_iterations = self._optimizer_steps()
         self._batches_begun_in_epoch = 0
 
     def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
@@ -1011,6 +1044,10 @@ class ICSCallback(keras.callbacks.Callback):
             return
         if not self._counts_batches:
             self._global_step = self._steps_so_far()
+        else:  # counted by the batch hooks; the optimizer's count still decides where a next fit starts
+            self._check_optimizer_steps()
+        self._last_step = self._global_step
+        if not self._counts_batches:
             if self._steps is not None:
                 self._safely_steps("per-step statistics", self._tag_steps)
             n = self.every_n_steps
