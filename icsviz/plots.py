@@ -51,6 +51,8 @@ __all__ = [
     "figure_gradients",
     "figure_gradient_shift",
     "hidden_input_layer",
+    "headline_metric",
+    "second_metric",
     "plot_runs",
 ]
 
@@ -180,6 +182,17 @@ def headline_metric(runs: Runs) -> str | None:
     """The metric of the first training-curve figure, as the app's first panel: accuracy, or
     for a model compiled without it (a regression) the first metric it recorded (mae)."""
     return first_metric([name for run in runs.values() for name in run.metric_names])
+
+
+def second_metric(runs: Runs) -> str | None:
+    """The metric drawn in the loss figure's place, where no run logged a "loss": a train_step of
+    the user's own that logs a loss per model (a GAN's "d_loss" and "g_loss") gets its second
+    metric, as the app's second panel. None where the loss figure is drawn."""
+    recorded = list(dict.fromkeys(name for run in runs.values() for name in run.metric_names))
+    if "loss" in recorded:
+        return None
+    first = headline_metric(runs)
+    return next((name for name in recorded if name != first), None)
 
 
 def figure_accuracy(runs: Runs) -> Figure:
@@ -755,10 +768,7 @@ def plot_runs(
                 "(name others with --layers, or --layers all for every one)"
             )
     metric = headline_metric(runs)
-    recorded = list(dict.fromkeys(name for run in runs.values() for name in run.metric_names))
-    # A train_step of the user's own that logs no "loss" (a GAN's d_loss and g_loss): its second
-    # metric in the loss figure's place, as the app's second panel.
-    second = None if "loss" in recorded else next((m for m in recorded if m != metric), None)
+    second = second_metric(runs)
     plan = [
         Planned(metric_label(metric or "accuracy").lower(), lambda: figure_metric(runs, metric)),
         Planned("loss", lambda: figure_loss(runs))

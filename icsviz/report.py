@@ -8,6 +8,7 @@ Every name from a file is HTML-escaped.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import math
@@ -286,12 +287,18 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
     parts.append("<h2>Reading the drift</h2><ul>" + "".join(f"<li>{s}</li>" for s in reading) + "</ul>")
 
     metric = metric_label(plots.headline_metric(runs) or "accuracy")
+    second = plots.second_metric(runs)  # a GAN's g_loss where no run logged a "loss"
     figures = [
         (
             plots.figure_metric,
             f"Validation {metric} per epoch (training {metric}, dashed, for a run trained without validation data).",
         ),
-        (plots.figure_loss, "Training (dashed) and validation (solid) loss."),
+        (plots.figure_loss, "Training (dashed) and validation (solid) loss.")
+        if second is None
+        else (
+            functools.partial(plots.figure_metric, metric=second),
+            f"{metric_label(second)} per epoch (training, dashed; validation, solid, where recorded).",
+        ),
         (
             plots.figure_ioffe,
             "15th, 50th and 85th percentiles of the input of one unit of the last hidden layer "
