@@ -1174,6 +1174,8 @@ def test_a_gans_generator_is_recorded_as_its_training_moves_it(backend: str, tmp
         with open_run({str(path)!r}) as run:
             assert run.layer_names == ["g_fc", "g_bn", "g_relu", "g_out:preact", "g_out"]
             assert (run.attrs["model_name"], run.config["trained_model"]) == ("generator", "gan")
+            # Not the idle RMSprop of super().compile(): the GAN steps optimizers of its own.
+            assert run.config["optimizer"] is None and np.isnan(run.history["learning_rate"]).all()
             # The GAN's own optimizer (super().compile()'s) never steps: the callback counts (on
             # torch every step was numbered 0 from the second epoch on).
             assert run.steps.tolist() == [0, 2, 4, 6, 8], run.steps
@@ -1268,6 +1270,8 @@ def test_a_nested_encoder_is_recorded_alone_on_every_backend(backend: str, tmp_p
             np.testing.assert_allclose([enc.mean[0], enc.std[0]], [expected.mean(), expected.std()], rtol=2e-4)
             assert enc.mean[-1] != enc.mean[0]  # the encoder trains inside the model
             assert run.variable_names == ["encoder/enc/kernel", "encoder/enc/bias"]
+            assert run.config["optimizer"] == "SGD"  # the model's, which trains the encoder inside it
+            np.testing.assert_allclose(run.history["learning_rate"], 0.1)
         # Compiled, with a loss of its own: its gradients too; and every step capture measures
         # the weights that step left (on JAX, synced back into the model first).
         encoder.compile(keras.optimizers.SGD(0.1), "mse")

@@ -420,13 +420,28 @@ class ICSCallback(keras.callbacks.Callback):
         trained = self.model  # on JAX, reading it brings the trained weights back into the model
         return trained if self.submodel is None else self.submodel
 
+    def _measured_optimizer(self) -> Any:
+        """The optimizer that trains the measured model, or None where it is not known.
+
+        A submodel's own where it was compiled (a GAN's discriminator, say). Else the fit's, but
+        not under a `train_step` of the user's own around a submodel: a GAN's steps optimizers of
+        its own, and the one `super().compile()` gave the model (RMSprop) trains nothing.
+        """
+        trained = self.model
+        if self.submodel is None:
+            return getattr(trained, "optimizer", None)
+        own = getattr(self.submodel, "optimizer", None)
+        if own is not None:
+            return own
+        custom_step = type(trained).train_step is not keras.Model.train_step
+        return None if custom_step else getattr(trained, "optimizer", None)
+
     def _learning_rate(self) -> float:
         # Read before every capture: on JAX, reading `self.model` brings the trained weights back
         # into the model (and a submodel's with them) for the capture to measure.
-        trained = self.model
-        # The submodel's own optimizer where it has one (a GAN's discriminator, compiled), for the
-        # gradient shift's step; else the fit's.
-        optimizer = getattr(self.submodel, "optimizer", None) or getattr(trained, "optimizer", None)
+        self.model  # noqa: B018
+        # For the gradient shift's step and the run's history.
+        optimizer = self._measured_optimizer()
         if optimizer is None:
             return float("nan")
         try:
@@ -858,7 +873,7 @@ class ICSCallback(keras.callbacks.Callback):
 
     def _metadata(self, layout_size: int) -> dict[str, Any]:
         model = self._measured
-        optimizer = getattr(model, "optimizer", None) or getattr(self.model, "optimizer", None)
+        optimizer = self._measured_optimizer()
         config = {
             "histogram_bins": self.options.hist_bins,
             "tracked_units": self.options.tracked_units,
