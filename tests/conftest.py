@@ -216,3 +216,15 @@ def different_depths(tmp_path_factory):
     yield runs
     for run in runs.values():
         run.close()
+
+
+def gan_losses_run(path: Path) -> Path:
+    """A tiny run whose history is a GAN's: a loss per model ("d_loss", "g_loss"), no "loss", no
+    validation data; three epochs."""
+    layout = tiny_layout()
+    with RunWriter.create(path, layout, {"run_name": path.stem}) as w:
+        w.write_capture(tiny_capture(layout, 0, kind="start"))
+        for epoch in range(3):
+            w.write_capture(tiny_capture(layout, 10 * (epoch + 1), kind="epoch"))
+            w.write_epoch(epoch, {"d_loss": 0.7 - epoch / 10, "g_loss": 0.9 + epoch / 10})
+    return path

@@ -755,15 +755,9 @@ def test_a_layer_whose_padding_was_left_out_says_so(shipped, tmp_path) -> None:
 
 
 def test_a_gans_losses_get_the_two_panels_and_the_caption_names_only_the_lines_drawn(tmp_path) -> None:
-    from conftest import tiny_capture, tiny_layout
-    from icsviz.store.writer import RunWriter
+    from conftest import gan_losses_run
 
-    layout = tiny_layout()
-    with RunWriter.create(tmp_path / "gan.h5", layout, {"run_name": "gan"}) as w:
-        w.write_capture(tiny_capture(layout, 0, kind="start"))
-        for epoch in range(3):
-            w.write_capture(tiny_capture(layout, 10 * (epoch + 1), kind="epoch"))
-            w.write_epoch(epoch, {"d_loss": 0.7 - epoch / 10, "g_loss": 0.9 + epoch / 10})
+    gan_losses_run(tmp_path / "gan.h5")
     at = app_for(tmp_path).run()
     assert not at.exception
     captions = [shown(c.value) for c in at.caption]

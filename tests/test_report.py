@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_capture, tiny_layout
+from conftest import gan_losses_run, tiny_capture, tiny_layout
 from icsviz import open_run
 from icsviz.analysis import compare_runs
 from icsviz.report import accuracy_table, build_report, drift_reading
@@ -175,13 +175,7 @@ def test_the_report_says_where_a_run_diverged_with_its_name_escaped(tmp_path) ->
 def test_a_gans_two_losses_get_a_figure_each(tmp_path) -> None:
     """A train_step logging a loss per model and no "loss": its second loss where the loss figure
     was "not available"."""
-    layout = tiny_layout()
-    with RunWriter.create(tmp_path / "gan.h5", layout, {"run_name": "gan"}) as w:
-        w.write_capture(tiny_capture(layout, 0, kind="start"))
-        for epoch in range(3):
-            w.write_capture(tiny_capture(layout, 10 * (epoch + 1), kind="epoch"))
-            w.write_epoch(epoch, {"d_loss": 0.7 - epoch / 10, "g_loss": 0.9 + epoch / 10})
-    with open_run(tmp_path / "gan.h5") as run:
+    with open_run(gan_losses_run(tmp_path / "gan.h5")) as run:
         page = build_report({"gan": run})
     assert "g_loss per epoch (training, dashed; validation, solid, where recorded)." in page
     assert "no loss in its history" not in page
