@@ -427,6 +427,8 @@ class ICSCallback(keras.callbacks.Callback):
         not under a `train_step` of the user's own around a submodel: a GAN's steps optimizers of
         its own, and the one `super().compile()` gave the model (RMSprop) trains nothing.
         """
+        # Read first, also for a submodel: on JAX, reading `self.model` brings the trained weights
+        # back into the model (and a submodel's with them), and this runs before every capture.
         trained = self.model
         if self.submodel is None:
             return getattr(trained, "optimizer", None)
@@ -437,10 +439,8 @@ class ICSCallback(keras.callbacks.Callback):
         return None if custom_step else getattr(trained, "optimizer", None)
 
     def _learning_rate(self) -> float:
-        # Read before every capture: on JAX, reading `self.model` brings the trained weights back
-        # into the model (and a submodel's with them) for the capture to measure.
-        self.model  # noqa: B018
-        # For the gradient shift's step and the run's history.
+        # For the gradient shift's step and the run's history (`_measured_optimizer` reads
+        # `self.model`: on JAX that syncs the weights the capture after this call measures).
         optimizer = self._measured_optimizer()
         if optimizer is None:
             return float("nan")
@@ -488,18 +488,20 @@ class ICSCallback(keras.callbacks.Callback):
         model with no optimizer (a loop of the user's own), the batches it began.
         """
         optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is None:
-            # A loop of the user's own around a model never compiled: the steps it began, those
-            # counted as its last batch began (`_after_steps`) and that batch.
-            return self._global_step + 1 if self._batches_begun_in_epoch else self._global_step
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and self._steps_per_epoch:
-            return self._epoch_start_step + int(self._steps_per_epoch)
+        if optimizer is None:  # a loop of the user's own around a model never compiled
+            return self._steps_begun()
+        planned = self._epoch_start_step + int(self._steps_per_epoch) if self._steps_per_epoch else None
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and planned is not None:
+            return planned
         self._check_optimizer_steps()
         if self._optimizer_idle:  # the epoch's planned steps, or those it began
-            if self._steps_per_epoch:
-                return self._epoch_start_step + int(self._steps_per_epoch)
-            return self._global_step + 1 if self._batches_begun_in_epoch else self._global_step
+            return self._steps_begun() if planned is None else planned
         return self._iterations()
+
+    def _steps_begun(self) -> int:
+        """The steps this epoch's batches began: those counted as its last batch began
+        (`_after_steps`), and that batch."""
+        return self._global_step + 1 if self._batches_begun_in_epoch else self._global_step
 
     # ---------------------------------------------------------------- lifecycle
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:

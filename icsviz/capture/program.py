@@ -34,7 +34,8 @@ from .flat import FlatLayout, l2_norms
 from .intercept import Record, Recorder, intercept, warn_once
 from .layers import SelectedLayer, captured_inputs, iter_layers
 from .masks import probe_masks
-from .shapes import has_unknown_dimension, probe_shapes, probe_size, with_probe_batch
+from .probe import num_samples
+from .shapes import has_unknown_dimension, probe_shapes, with_probe_batch
 from .stats import CaptureOptions, MaskMismatch, TracedLayer, l2, layer_stats, plan_tensor
 
 __all__ = ["CaptureProgram"]
@@ -163,7 +164,7 @@ class CaptureProgram:
                     f"shapes:{self.model.name}",
                     f"reading the shapes of the probe's tensors failed ({type(exc).__name__}: {exc}).",
                 )
-        return with_probe_batch(shape, self._shapes.get(record.name), probe_size(self._probe_x))
+        return with_probe_batch(shape, self._shapes.get(record.name), num_samples(self._probe_x))
 
     def _skip(self, name: str, class_name: str, exc: BaseException) -> None:
         self.skipped[name] = f"{type(exc).__name__}: {exc}"

@@ -26,16 +26,11 @@ from . import backend
 from .intercept import Recorder, intercept
 from .layers import SelectedLayer
 
-__all__ = ["has_unknown_dimension", "probe_shapes", "probe_size", "with_probe_batch"]
+__all__ = ["has_unknown_dimension", "probe_shapes", "with_probe_batch"]
 
 
 def has_unknown_dimension(shape: Sequence[Any]) -> bool:
     return any(d is None for d in shape)
-
-
-def probe_size(x: Any) -> int:
-    """The probe's batch size: its first input's first dimension."""
-    return int(keras.tree.flatten(x)[0].shape[0])
 
 
 def with_probe_batch(
