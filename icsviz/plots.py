@@ -32,6 +32,7 @@ from .store.reader import (  # noqa: E402
     ActivationStats,
     Run,
     accuracy_of,
+    curve_panels,
     first_metric,
     metric_label,
     metric_names,
@@ -188,11 +189,8 @@ def second_metric(runs: Runs) -> str | None:
     """The metric drawn in the loss figure's place, where no run logged a "loss": a train_step of
     the user's own that logs a loss per model (a GAN's "d_loss" and "g_loss") gets its second
     metric, as the app's second panel. None where the loss figure is drawn."""
-    recorded = list(dict.fromkeys(name for run in runs.values() for name in run.metric_names))
-    if "loss" in recorded:
-        return None
-    first = headline_metric(runs)
-    return next((name for name in recorded if name != first), None)
+    panels = curve_panels([name for run in runs.values() for name in run.metric_names])
+    return None if len(panels) < 2 or panels[1] == "loss" else panels[1]
 
 
 def figure_accuracy(runs: Runs) -> Figure:

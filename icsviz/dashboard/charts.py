@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from ..palette import run_color
-from ..store.reader import first_metric, metric_label
+from ..store.reader import curve_panels, metric_label
 
 __all__ = [
     "Spec",
@@ -165,10 +165,7 @@ def curve_metrics(df: pd.DataFrame) -> list[str]:
     first metric it recorded, such as a regression's mae), then the loss; only those with rows.
     A `train_step` of the user's own that logs no "loss" (a GAN's "d_loss" and "g_loss") gets
     its first two metrics."""
-    present = list(dict.fromkeys(df["metric"]))
-    first = first_metric(present)
-    second = "loss" if "loss" in present else next((m for m in present if m != first), None)
-    return [metric for metric in (first, second) if metric in present]
+    return curve_panels(list(dict.fromkeys(df["metric"])))
 
 
 def metric_title(metric: str) -> str:

@@ -289,6 +289,15 @@ def first_metric(names: Sequence[str]) -> str | None:
     return accuracy_of(others) or (others[0] if others else None)
 
 
+def curve_panels(names: Sequence[str]) -> list[str]:
+    """The metrics of the training curves, in order (the app's panels, `icsviz plot`'s and the
+    report's first two figures): `first_metric`, then the loss; a `train_step` of the user's own
+    that logs no "loss" (a GAN's "d_loss" and "g_loss") gets its next metric instead."""
+    first = first_metric(names)
+    second = "loss" if "loss" in names else next((name for name in names if name != first), None)
+    return [metric for metric in (first, second) if metric is not None]
+
+
 def metric_label(metric: str) -> str:
     """How the app and the figures name a metric: any accuracy (Keras's
     "sparse_categorical_accuracy") is the accuracy, a short name the abbreviation it is ("MAE"),
