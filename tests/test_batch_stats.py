@@ -679,6 +679,33 @@ def test_numpy_gives_each_step_of_a_batch_the_numbers_of_its_own_call() -> None:
     assert all(int(layer["nonfinite"].sum()) == int(layer["nonfinite"][5]) for layer in counted)
 
 
+def test_numpy_statistics_of_a_diverging_step_overflow_quietly_as_on_the_device() -> None:
+    """Finite values near float32's largest (a diverging run): their sum, squares and grid
+    overflow to inf as the device's do, without numpy's RuntimeWarning in the user's log; the
+    range, counts and quantiles stay right."""
+    import warnings
+
+    from icsviz.capture.batch_stats import host_batch_vector
+    from icsviz.store.schema import QUANTILES
+
+    q = np.asarray(QUANTILES, "float32")
+    main = np.linspace(-3e38, 3e38, 256, dtype="float32").reshape(2, 128)
+    main[1] = np.abs(main[1]) / 3e18  # up to 1e20: its squares overflow float32, the values do not
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vector = host_batch_vector(main, main[:, :32] * 0.5, bins=16, q=q)
+    counts = vector[: 2 * 16].reshape(2, 16)
+    moments = vector[2 * 16 + 2 * 2 + 2 * len(q) :][:8].reshape(2, 4)
+    assert counts.sum(axis=1).tolist() == [128, 128]
+    quantiles = vector[2 * 16 + 2 * 2 :][: 2 * len(q)].reshape(2, len(q))
+    np.testing.assert_allclose(quantiles, np.quantile(main.astype("float64"), q, axis=1).T, rtol=1e-6)
+    np.testing.assert_array_equal(
+        moments[:, 2:], [[main[0].min(), main[0].max()], [main[1].min(), main[1].max()]]
+    )
+    assert np.isinf(moments[1, 1])  # the squares of 1e20
+    np.testing.assert_allclose(moments[1, 0], main[1].astype("float64").mean(), rtol=1e-5)
+
+
 def host_and_device_statistics_agree() -> None:
     """The statistics computed by numpy from the samples the compiled step hands out equal the
     device's, and on JAX so do the device's with numpy's sort: with NaN/Inf in a sample, and

@@ -787,6 +787,61 @@ def test_diverging_run_counts_nonfinite_values_and_keeps_training(tmp_path) -> N
         assert out.counts[-1].sum() == 32 * 3 - out.nonfinite[-1]
 
 
+def stateful_rnn():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5, 3), batch_size=8)
+    h = keras.layers.LSTM(4, stateful=True, name="lstm")(inputs)
+    return compiled(keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="out")(h)))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="Keras's stateful LSTM does not train on torch (its states are updated in place)",
+)
+def test_a_stateful_rnn_is_measured_from_zero_states_and_its_training_states_left_alone(tmp_path) -> None:
+    x, y = data(n=48, shape=(5, 3))
+    plain = stateful_rnn()
+    expected_losses = plain.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0).history["loss"]
+    model = stateful_rnn()
+    path = tmp_path / "stateful.h5"
+    # Its states hold batches of 8: a probe of 16 is cut to its first 8, with one warning.
+    with pytest.warns(
+        CaptureWarning, match="whose states hold batches of 8 samples: the first 8 of the probe's 16"
+    ):
+        history = model.fit(
+            x, y, epochs=2, batch_size=8, shuffle=False, verbose=0,
+            callbacks=[ICSCallback(path, probe=(x[:16], y[:16]), every_n_steps=4)],
+        )  # fmt: skip
+    assert history.history["loss"] == expected_losses
+    states = [keras.ops.convert_to_numpy(v) for v in model.get_layer("lstm").states]
+    for state, plain_state in zip(
+        states, [keras.ops.convert_to_numpy(v) for v in plain.get_layer("lstm").states]
+    ):
+        np.testing.assert_array_equal(state, plain_state)  # the captures left training's states alone
+    if keras.backend.backend() == "tensorflow":  # Keras's JAX trainer keeps them at zero in fit
+        assert all(np.abs(s).max() > 0.01 for s in states)
+    # Every capture starts from zero states: the last one is the trained LSTM on the probe's first
+    # 8 samples as the start of a sequence, not carried on from the last training batch.
+    model.get_layer("lstm").reset_states()
+    lstm = keras.ops.convert_to_numpy(keras.Model(model.inputs, model.get_layer("lstm").output)(x[:8]))
+    with open_run(path) as run:
+        assert run.config["probe_size"] == 8
+        out = run.activations("lstm")
+        np.testing.assert_allclose([out.mean[-1], out.std[-1]], [lstm.mean(), lstm.std()], rtol=1e-5)
+        assert run.gradients("lstm/lstm_cell/kernel").grad_norm[-1] > 0
+    # A probe smaller than the batch cannot run: captures are off, with the fix; training goes on.
+    with pytest.warns(CaptureWarning, match=r"and the probe has 4: pass a probe of exactly 8 samples"):
+        stateful_rnn().fit(
+            x,
+            y,
+            epochs=1,
+            batch_size=8,
+            verbose=0,
+            callbacks=[ICSCallback(tmp_path / "small.h5", probe=(x[:4], y[:4]))],
+        )
+    assert not (tmp_path / "small.h5").exists()
+
+
 def test_a_failure_inside_capture_warns_and_training_goes_on(tmp_path, monkeypatch) -> None:
     from icsviz.capture.program import CaptureProgram
 

@@ -325,7 +325,8 @@ def host_batch_vector(
     f32 = np.float32
     q = np.asarray(q, f32)
     rows = np.arange(len(main))
-    all_finite = bool(np.isfinite(main.sum(dtype=f32)))  # NaN/Inf anywhere poisons the sum
+    with np.errstate(over="ignore"):  # NaN/Inf anywhere poisons the sum (an overflow too: masked path)
+        all_finite = bool(np.isfinite(main.sum(dtype=f32)))
     if all_finite:  # the common case: no masks
         ordered = np.sort(main, axis=-1)
         n_finite = np.full(len(main), main.shape[1])
@@ -336,13 +337,15 @@ def host_batch_vector(
     quantiles = interpolated_quantiles_np(ordered, n_finite, q)
     count = np.maximum(n_finite.astype(f32), f32(1))
     zeroed = ordered if finite is None else np.where(finite, ordered, f32(0))
-    mean = zeroed.sum(axis=-1, dtype=f32) / count
-    work = np.subtract(ordered, mean[:, None])
-    with np.errstate(invalid="ignore"):  # inf - mean in the masked-out padding
+    # A diverging run's finite values overflow float32 when summed or squared: inf, as on the
+    # device, without numpy's warning. (inf - mean: the masked-out padding.)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = zeroed.sum(axis=-1, dtype=f32) / count
+        work = np.subtract(ordered, mean[:, None])
         np.square(work, out=work)
-    if finite is not None:
-        work[~finite] = 0
-    std = np.sqrt(work.sum(axis=-1, dtype=f32) / count)
+        if finite is not None:
+            work[~finite] = 0
+        std = np.sqrt(work.sum(axis=-1, dtype=f32) / count)
     low = ordered[:, 0]
     high = ordered[rows, np.maximum(n_finite - 1, 0)]
     some = n_finite > 0
@@ -350,9 +353,10 @@ def host_batch_vector(
     zero_frac = np.count_nonzero(ordered == 0, axis=-1).astype(f32) / count
     nonfinite = (main.shape[1] - n_finite).astype(f32)
     first, width = dyadic_grid_np(np.where(some, low, 0.0), np.where(some, high, 1.0), bins)
-    first32, width32 = first.astype(f32), width.astype(f32)
     # The bin of each value as the device computes it: floor((v - first) / width), clipped.
+    # (A grid near float32's largest value overflows it: inf, as on the device.)
     with np.errstate(invalid="ignore", over="ignore"):
+        first32, width32 = first.astype(f32), width.astype(f32)
         np.subtract(zeroed, first32[:, None], out=work)
         np.divide(work, width32[:, None], out=work)
         np.floor(work, out=work)
@@ -374,7 +378,9 @@ def host_batch_vector(
         nonfinite,
     ]
     if units is not None:
-        if np.isfinite(units.sum(dtype=f32)):  # no masks, as for the layers' samples
+        with np.errstate(over="ignore"):
+            units_finite = bool(np.isfinite(units.sum(dtype=f32)))
+        if units_finite:  # no masks, as for the layers' samples
             ordered_units, n_units = np.sort(units, axis=-1), np.full(len(units), units.shape[1])
         else:
             ordered_units, n_units = _sorted_rows_np(units)

@@ -32,7 +32,7 @@ from .batch_stats import (
     unpack,
     unsupported_reason,
 )
-from .layers import LayerFilter, layer_filters, select_layers
+from .layers import LayerFilter, layer_filters, recurrent_states, select_layers
 from .probe import mismatch, num_samples, split_probe, take
 from .program import CaptureProgram
 from .stats import CaptureOptions
@@ -420,6 +420,31 @@ class ICSCallback(keras.callbacks.Callback):
         trained = self.model  # on JAX, reading it brings the trained weights back into the model
         return trained if self.submodel is None else self.submodel
 
+    def _fit_probe_to_states(self, model: keras.Model) -> None:
+        """A stateful RNN's states hold one batch of the model's fixed batch size, so the probe
+        must be that size: a larger one is cut to it, with one warning."""
+        states = recurrent_states(model)
+        if not states:
+            return
+        batch, n = int(states[0].shape[0]), num_samples(self._probe_x)
+        fix = f"pass a probe of exactly {batch} samples, e.g. probe=(x_val[:{batch}], y_val[:{batch}])"
+        if n < batch:
+            raise ValueError(
+                f"model {model.name!r} has a stateful recurrent layer, whose states hold batches of "
+                f"{batch} samples, and the probe has {n}: {fix}"
+            )
+        if n > batch:
+            warn_capture(
+                f"model {model.name!r} has a stateful recurrent layer, whose states hold batches of "
+                f"{batch} samples: the first {batch} of the probe's {n} are measured ({fix} to "
+                "choose them)."
+            )
+            self._probe_x, self._probe_y, self._probe_weights = (
+                None if part is None else take(part, batch)
+                for part in (self._probe_x, self._probe_y, self._probe_weights)
+            )
+            self._probe_size = batch
+
     def _measured_optimizer(self) -> Any:
         """The optimizer that trains the measured model, or None where it is not known.
 
@@ -614,6 +639,7 @@ class ICSCallback(keras.callbacks.Callback):
                 f"the probe does not fit the model: {problem}. Pass a batch of the data the model "
                 "trains on, e.g. probe=(x_val[:512], y_val[:512])"
             )
+        self._fit_probe_to_states(model)
         program = self._program
         reusable = (
             program is not None

@@ -29,6 +29,7 @@ __all__ = [
     "is_composite",
     "iter_layers",
     "layer_filters",
+    "recurrent_states",
     "select_layers",
 ]
 
@@ -320,6 +321,20 @@ def _walk(
             yield name, layer, within
         else:
             yield name, layer, within
+
+
+def recurrent_states(model: Any) -> list[Any]:
+    """The state variables of `model`'s stateful recurrent layers (`LSTM(stateful=True)`, a
+    Bidirectional around one), in layer order. Keras keeps them outside the model's variables,
+    carries them from one training batch to the next, and sizes them by the batch (the model's
+    fixed batch size)."""
+    states: dict[int, Any] = {}
+    for _, layer in iter_layers(model):
+        if getattr(layer, "stateful", False) and getattr(layer, "states", None) is not None:
+            for v in _flat(layer.states):
+                if hasattr(v, "assign"):  # a keras.Variable
+                    states.setdefault(id(v), v)
+    return list(states.values())
 
 
 def _matches(entry: LayerFilter, name: str, layer: Any) -> bool:

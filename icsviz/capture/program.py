@@ -32,7 +32,7 @@ from . import backend
 from .batched import all_layer_stats, split
 from .flat import FlatLayout, l2_norms
 from .intercept import Record, Recorder, intercept, warn_once
-from .layers import SelectedLayer, captured_inputs, iter_layers
+from .layers import SelectedLayer, captured_inputs, iter_layers, recurrent_states
 from .masks import probe_masks
 from .probe import num_samples
 from .shapes import has_unknown_dimension, probe_shapes, with_probe_batch
@@ -72,6 +72,10 @@ class CaptureProgram:
         # draws the same masks and drift comes from the weights alone.
         self._pinned = backend.snapshot(self.non_trainable)
         self._is_seed = [v.path.endswith("seed_generator_state") for v in self.non_trainable]
+        # A stateful RNN carries its states from batch to batch: every capture starts from
+        # zero states instead (the probe as the start of a sequence), so that its drift, too,
+        # comes from the weights alone; the training's states are left as they are.
+        self._states = recurrent_states(model)
         self._owner = self._variable_owners()
         self.ics_layers, self._ics_groups = self._ics_plan()
         self.traced: list[TracedLayer] | None = None
@@ -201,6 +205,7 @@ class CaptureProgram:
         recorder: Recorder | None,
     ) -> tuple[Any, list[Any]]:
         mapping = list(zip(self.trainable, trainable)) + list(zip(self.non_trainable, non_trainable))
+        mapping += [(v, ops.zeros(v.shape, v.dtype)) for v in self._states]
         training = self.options.training
         with contextlib.ExitStack() as stack:
             if recorder is not None:
