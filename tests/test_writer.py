@@ -329,3 +329,33 @@ def test_captures_written_together_equal_those_written_one_by_one(tmp_path, layo
     with open_run(tmp_path / "together.h5") as run:
         np.testing.assert_array_equal(run.steps, np.arange(7))
         np.testing.assert_allclose(run.activations("dense").mean, 0.5 * np.arange(7))
+
+
+def test_an_epoch_of_unknown_length_places_its_rows_when_it_ends(tmp_path) -> None:
+    """A dataset of unknown cardinality: the first epoch's step captures and per-step rows are
+    written at epoch 0, then placed once the epoch's 5 steps are known; a step capture at its
+    last step becomes its end; the capture that ended the epoch before is left alone."""
+    import dataclasses
+
+    layout = _batch_layout()
+    path = tmp_path / "unknown.h5"
+
+    def at(step: int, epoch: float, kind: str = "step"):
+        return dataclasses.replace(tiny_capture(layout, step, kind=kind), epoch=epoch)
+
+    with RunWriter.create(path, layout, {}) as w:
+        w.write_captures([at(0, 0.0, "start"), at(2, 0.0), at(4, 0.0)])
+        rows = _batch_rows(layout, [0, 1, 2, 3, 4])
+        w.write_batches(dataclasses.replace(rows, epoch=np.zeros(5)))
+        w.write_captures([at(5, 0.0)])
+        w.place_in_epoch(0.0, 0, 5)
+        # The second epoch, written where the first one's length put its rows, was 4 steps long.
+        w.write_captures([at(7, 1.4), at(9, 1.8)])
+        w.write_batches(dataclasses.replace(_batch_rows(layout, [5, 6, 7, 8]), epoch=1 + np.arange(4) / 5))
+        w.place_in_epoch(1.0, 5, 4)
+    with open_run(path) as run:
+        np.testing.assert_array_equal(run.steps, [0, 2, 4, 5, 7, 9])
+        np.testing.assert_allclose(run.epochs, [0.0, 0.4, 0.8, 1.0, 1.5, 2.0])
+        assert run.capture_kinds == ["start", "step", "step", "epoch", "step", "epoch"]
+        np.testing.assert_allclose(run.batch_epochs, [0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 1.75])
+        np.testing.assert_allclose(run.activations("dense").mean, [0, 2, 4, 5, 7, 9])  # values untouched

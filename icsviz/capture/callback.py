@@ -370,6 +370,9 @@ class ICSCallback(keras.callbacks.Callback):
         self._last_step_flush = 0.0
         self._steps_failure: BaseException | None = None  # found on the writer's thread
         self._step_tags: list[tuple[int, float, float]] = []  # (step, epoch, time) awaiting their vectors
+        # A dataset of unknown cardinality: the length of its last epoch, once one has ended.
+        self._epoch_length: int | None = None
+        self._last_step_capture = -1  # the step of the last step capture taken
         self._tagged_through = 0
         # Keras's JAX and torch loops dispatch the next step without waiting for this one's
         # logs unless a callback has a batch-end hook (with one, every step waits for the
@@ -538,6 +541,8 @@ class ICSCallback(keras.callbacks.Callback):
         self._write_failed = False
         self._global_step = 0
         self._steps_per_epoch = self.params.get("steps") if self.params else None
+        self._epoch_length = None
+        self._last_step_capture = -1
         self._epoch_start_step = 0
         self._epoch_start_time = self._train_start
         self._active = _is_chief()
@@ -842,7 +847,7 @@ class ICSCallback(keras.callbacks.Callback):
         # JAX emits one vector per step (also with steps_per_execution > 1); TF and
         # torch return one per train_function call: the last step's.
         first = self._tagged_through if backend.name() == "jax" else new - 1
-        steps = self._steps_per_epoch or 0
+        steps = self._epoch_steps() or 0
         now = time.perf_counter() - self._train_start
         for step in range(first, new):
             within = step - self._epoch_start_step
@@ -972,7 +977,8 @@ class ICSCallback(keras.callbacks.Callback):
         take a step capture where a multiple of `every_n_steps` has passed."""
         before, self._global_step = (self._global_step, self._epoch_start_step + self._steps_in_epoch(done))
         self._tag_and_flush_steps()
-        last_of_epoch = self._steps_per_epoch is not None and done >= self._steps_per_epoch
+        planned = self._steps_per_epoch
+        last_of_epoch = done >= planned if planned else done == self._epoch_length
         # A multiple of N passed since the last batch hook: with steps_per_execution=k, Keras
         # calls the hooks every k steps, and the capture is taken at the first one after it.
         n = self.every_n_steps
@@ -983,9 +989,37 @@ class ICSCallback(keras.callbacks.Callback):
             and self._writer is not None
             and self._global_step // n > before // n
         ):
-            steps = self._steps_per_epoch or float("nan")
-            epoch = self._current_epoch + done / steps if steps == steps else self._current_epoch
+            steps = self._epoch_steps()
+            epoch = self._current_epoch + (done / steps if steps else 0.0)
             self._safely("a step capture", lambda: self._capture(epoch, "step"))
+
+    def _epoch_steps(self) -> int | None:
+        """An epoch's steps: as `fit` planned them, or, for a dataset of unknown cardinality,
+        as many as the last epoch had (None during the first), which place the step captures
+        and per-step rows in their epoch until its end places them for good."""
+        return int(self._steps_per_epoch) if self._steps_per_epoch else self._epoch_length
+
+    def _place_epoch_of_unknown_length(self) -> bool:
+        """The epoch of a dataset of unknown cardinality has ended, and its length is known: its
+        step captures and per-step rows, written with no place in it (the first epoch) or the
+        last epoch's length, get theirs (`RunWriter.place_in_epoch`), and the next epoch is
+        expected as long. True when a step capture taken at this last step now stands as the
+        epoch's capture: the weights have not changed since."""
+        first, length = self._epoch_start_step, self._global_step - self._epoch_start_step
+        if length <= 0 or self._writer is None:
+            return False
+        epoch = self._current_epoch
+        self._step_tags = [
+            (step, epoch + (step - first) / length if first <= step < first + length else placed, at)
+            for step, placed, at in self._step_tags
+        ]
+        self._write_waiting_captures()
+        self._write(
+            "the places of the epoch's rows",
+            functools.partial(self._writer.place_in_epoch, epoch, first, length),
+        )
+        self._epoch_length = length
+        return self._last_step_capture == self._global_step
 
     def _steps_in_epoch(self, steps: int) -> int:
         """`steps` (a batch hook's count) within the epoch's length: with steps_per_execution=k
@@ -1025,6 +1059,8 @@ class ICSCallback(keras.callbacks.Callback):
             sample_weight=self._sample_weight,
         )
         self._waiting_captures.append(finish)
+        if kind == "step":
+            self._last_step_capture = self._global_step
         if kind == "step" and not _due_by_clock(
             len(self._waiting_captures), _CAPTURES_PER_WRITE, self._last_capture_write
         ):
@@ -1096,8 +1132,11 @@ class ICSCallback(keras.callbacks.Callback):
             n = self.every_n_steps
             if n and not self._batches_begun_in_epoch and self._global_step - self._epoch_start_step >= n:
                 self._warn_no_batch_begin()
+        taken = False
+        if not self._steps_per_epoch:
+            taken = self._place_epoch_of_unknown_length()
         logs = dict(logs or {})
-        if self._capture_ok:
+        if self._capture_ok and not taken:
             self._safely(
                 "the epoch capture",
                 lambda: self._capture(float(epoch + 1 + self._epoch_offset), "epoch"),

@@ -436,6 +436,39 @@ class RunWriter:
         flush(self._file)
         assert self.num_batch_rows == start + n
 
+    def place_in_epoch(self, epoch: float, first_step: int, steps: int) -> None:
+        """Give the rows of an epoch whose length was not known while it ran (a dataset of
+        unknown cardinality) their place in it: the step captures and per-step rows with steps
+        from `first_step` to `first_step + steps` get the epoch `epoch + (step - first_step) /
+        steps`. A step capture at the epoch's last step is its end: kind "epoch", at epoch + 1.
+
+        Only rows written with a place from `epoch` on are moved, so the capture that ended the
+        epoch before, at `first_step`, is left alone."""
+        with self._writing("the places of an epoch's rows"):
+            self._place("captures", epoch, first_step, steps, first_step + 1, first_step + steps)
+            if self.layout.batch_layers:
+                self._place("batches", epoch, first_step, steps, first_step, first_step + steps - 1)
+            flush(self._file)
+
+    def _place(self, group: str, epoch: float, first: int, steps: int, low: int, high: int) -> None:
+        committed = int(self._ds(f"{group}/step").shape[0])
+        start = max(0, committed - steps - 1)  # an epoch's rows are the last ones, one per step at most
+        step = self._ds(f"{group}/step")[start:committed]
+        epochs_ds = self._ds(f"{group}/epoch")
+        placed = epochs_ds[start:committed]
+        moved = (step >= low) & (step <= high) & (placed >= epoch)
+        if group == "captures":
+            kinds = self._ds("captures/kind")[start:committed]
+            moved &= kinds == CAPTURE_KINDS["step"]
+        if not moved.any():
+            return
+        placed = np.where(moved, epoch + (step - first) / steps, placed)
+        epochs_ds[start:committed] = placed
+        if group == "captures":
+            end = moved & (step == first + steps)
+            if end.any():
+                self._ds("captures/kind")[start:committed] = np.where(end, CAPTURE_KINDS["epoch"], kinds)
+
     def write_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Append one row of epoch metrics (new metric names become new columns)."""
         with self._writing("the epoch metrics"):
