@@ -272,16 +272,20 @@ def figure_loss(runs: Runs) -> Figure:
 
 # ---------------------------------------------------------------- Ioffe & Szegedy Fig. 1
 def hidden_input_layer(run: Run) -> str:
-    """The input of the last hidden nonlinearity (the last but one of `nonlinearity_inputs`).
+    """The input of the last hidden nonlinearity: the last of `nonlinearity_inputs` but the
+    output layer's own (a softmax).
 
     fc1 for the baseline CNN (feeding fc1_relu), fc1_bn for its BN twin, fc3 /
     fc3_bn for Ioffe's MLP: the quantity of Ioffe & Szegedy's Fig. 1 (b, c). For a
     model whose last hidden layer is an LSTM, that LSTM's input (its gates'
-    pre-activations are out of reach).
+    pre-activations are out of reach). For a model with a linear output (a regression,
+    logits), the last nonlinearity is a hidden one.
     """
     roles = analysis.nonlinearity_inputs(run)
-    if len(roles) >= 2:
-        return roles[-2].layer
+    output = run.layers[-1].name if run.layers else None
+    hidden = roles[:-1] if roles and roles[-1].nonlinearity == output else roles
+    if hidden:
+        return hidden[-1].layer
     raise MissingDataError(
         f"{run.path.name}: no hidden nonlinearity found to follow; choose a layer with "
         "`icsviz plot --ioffe-layer NAME` (or figure_ioffe(runs, layer=NAME))"

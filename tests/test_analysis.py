@@ -553,3 +553,29 @@ def test_drift_colours_go_by_decades_only_where_a_few_layers_drift_orders_more()
     empty = drift_colours(np.array([]))
     assert empty.top == 1.0 and empty.decades_from is None
     assert drift_colours(np.zeros(4)).top > 0
+
+
+def test_a_model_with_a_linear_output_follows_its_last_nonlinearity_in_ioffes_figure(tmp_path) -> None:
+    """A regression (Dense(1) without activation) or logits: the last nonlinearity is hidden,
+    where a softmax output's is the output's own (the reference CNN's: fc1 feeds fc1_relu)."""
+    import keras
+
+    from icsviz import ICSCallback
+    from icsviz.plots import hidden_input_layer
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 6)).astype("float32"), rng.normal(size=(32, 1)).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8, activation="relu", name="hidden"),
+            keras.layers.Dense(1, name="out"),
+        ]
+    )
+    model.compile("sgd", "mse")
+    path = tmp_path / "regression.h5"
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[ICSCallback(path, probe=(x[:16], y[:16]))])
+    with open_run(path) as run:
+        assert run.layer_names == ["hidden:preact", "hidden", "out"]
+        assert hidden_input_layer(run) == "hidden:preact"
