@@ -139,7 +139,8 @@ def curves_chart(df: pd.DataFrame, runs: Sequence[str], current_epoch: float | N
             "encoding": {
                 # Whole epochs: no tick at 1.2 on a run of four.
                 "x": _q("epoch", title="epoch", axis={"tickMinStep": 1, "format": "d"}),
-                "y": _q("value", title=metric, scale={"zero": False}),
+                # "~g": a constant accuracy's lone tick read "0.512500"
+                "y": _q("value", title=metric, scale={"zero": False}, axis={"format": "~g"}),
                 "color": _run_color(runs),
                 "strokeDash": _n(
                     "split",
