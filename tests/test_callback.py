@@ -564,6 +564,31 @@ def test_resume_with_initial_epoch_appends(tmp_path) -> None:
         fit(residual(), path, epochs=3, initial_epoch=2)
 
 
+def test_a_resume_from_weights_alone_goes_on_counting_the_runs_steps(tmp_path) -> None:
+    """Keras's usual resume in a new process: a fresh model, `load_weights`, `fit(initial_epoch=2)`.
+    Its optimizer counts from 0 again; the run's steps (probe captures and per-step rows) go on
+    from those recorded instead of starting over below them. Resuming at an earlier epoch goes
+    on from that epoch's step."""
+    path = tmp_path / "resume.h5"
+    x, y = data()  # 6 steps an epoch
+    model = sequential()
+    fit(model, path, epochs=2, every_n_steps=4, batch_stats=True)
+    again = sequential()  # a new process: new optimizer, iterations 0
+    again.set_weights(model.get_weights())
+    fit(again, path, epochs=4, initial_epoch=2, every_n_steps=4, batch_stats=True)
+    with open_run(path) as run:
+        assert run.steps.tolist() == [0, 4, 6, 8, 12, 16, 18, 20, 24]
+        np.testing.assert_allclose(run.epochs, [0, 4 / 6, 1, 8 / 6, 2, 16 / 6, 3, 20 / 6, 4])
+        assert run.batch_steps.tolist() == list(range(24))
+    rewound = sequential()
+    rewound.set_weights(model.get_weights())
+    fit(rewound, path, epochs=2, initial_epoch=1, batch_stats=True)  # epochs 2 to 4 are replaced
+    with open_run(path) as run:
+        assert run.steps.tolist() == [0, 4, 6, 12]
+        np.testing.assert_allclose(run.epochs, [0, 4 / 6, 1, 2])
+        assert run.batch_steps.tolist() == list(range(12))
+
+
 def test_a_resume_after_an_epoch_whose_metrics_never_reached_the_file_says_so(tmp_path) -> None:
     # BackupAndRestore saves at the epoch's end; a process killed just then had not written the
     # epoch's metrics row yet, and the resumed fit starts after that epoch.

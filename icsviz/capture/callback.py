@@ -387,6 +387,8 @@ class ICSCallback(keras.callbacks.Callback):
         self._optimizer_idle = False  # set where the model's optimizer does not count the steps
         self._epoch_start_iterations: int | None = None
         self._last_step = 0  # the last step counted, where a next fit of this callback goes on from
+        # Added to the optimizer's count: a run resumed from weights alone goes on from its steps.
+        self._step_offset = 0
         self._warned_no_batch_begin = False
         # The first capture's compile may wait for Keras's first step (JAX on a GPU, see
         # `CaptureProgram.waits_for_first_step`): the next batch's beginning says it has run.
@@ -483,7 +485,7 @@ class ICSCallback(keras.callbacks.Callback):
         if optimizer is None:
             return None
         try:
-            return int(_scalar(optimizer.iterations))
+            return int(_scalar(optimizer.iterations)) + self._step_offset
         except Exception:  # noqa: BLE001
             return None
 
@@ -669,6 +671,8 @@ class ICSCallback(keras.callbacks.Callback):
         if appending and self._owns_file:
             # fit() again from epoch 0 continues the run; an initial_epoch counts from its start.
             self._epoch_offset = self._recorded_epochs() if epoch == 0 else 0
+        elif appending:
+            self._continue_step_count(from_epoch=epoch)
         capture_epoch = float(epoch + (self._epoch_offset if appending else 0))
 
         # On JAX the capture compiles on a thread of its own while training starts; its
@@ -896,6 +900,25 @@ class ICSCallback(keras.callbacks.Callback):
         failure, self._steps_failure = self._steps_failure, None
         if failure is not None:
             self._steps_failed("per-step statistics", failure)
+
+    def _continue_step_count(self, from_epoch: int) -> None:
+        """A run resumed in a new process (`initial_epoch`) from its weights alone: the optimizer
+        counts from 0 again, and the run's steps would start over below those recorded (the
+        per-step figures, drawn by step, one over the other). The count goes on from the step of
+        the last capture the run keeps, that of epoch `from_epoch`; an optimizer restored with
+        its count (a `.keras` file, BackupAndRestore) is there already."""
+        from ..store.reader import open_run  # the reader needs no Keras; imported lazily
+
+        try:
+            with open_run(self.path) as run:
+                kept = run.steps[run.epochs <= from_epoch]
+        except Exception:  # noqa: BLE001 - RunWriter.resume says what is wrong with the file
+            return
+        behind = (int(kept[-1]) if len(kept) else 0) - self._global_step
+        if behind > 0:
+            self._step_offset += behind
+            self._global_step += behind
+            self._epoch_start_step = self._global_step
 
     def _recorded_epochs(self) -> int:
         from ..store.reader import open_run  # the reader needs no Keras; imported lazily
