@@ -998,10 +998,11 @@ class ICSCallback(keras.callbacks.Callback):
     def _after_steps(self, done: int) -> None:
         """The epoch's first `done` steps have run: count them, tag their per-step rows and
         take a step capture where a multiple of `every_n_steps` has passed."""
-        before, self._global_step = (self._global_step, self._epoch_start_step + self._steps_in_epoch(done))
+        counted = self._steps_in_epoch(done)
+        before, self._global_step = (self._global_step, self._epoch_start_step + counted)
         self._tag_and_flush_steps()
         planned = self._steps_per_epoch
-        last_of_epoch = done >= planned if planned else done == self._epoch_length
+        last_of_epoch = done >= planned if planned else counted == self._epoch_length
         # A multiple of N passed since the last batch hook: with steps_per_execution=k, Keras
         # calls the hooks every k steps, and the capture is taken at the first one after it.
         n = self.every_n_steps
@@ -1013,7 +1014,7 @@ class ICSCallback(keras.callbacks.Callback):
             and self._global_step // n > before // n
         ):
             steps = self._epoch_steps()
-            epoch = self._current_epoch + (done / steps if steps else 0.0)
+            epoch = self._current_epoch + (counted / steps if steps else 0.0)
             self._safely("a step capture", lambda: self._capture(epoch, "step"))
 
     def _epoch_steps(self) -> int | None:
@@ -1046,8 +1047,15 @@ class ICSCallback(keras.callbacks.Callback):
 
     def _steps_in_epoch(self, steps: int) -> int:
         """`steps` (a batch hook's count) within the epoch's length: with steps_per_execution=k
-        Keras numbers an epoch's last call as if it ran k steps (batch 11 of an epoch of 10)."""
-        return min(steps, int(self._steps_per_epoch)) if self._steps_per_epoch else steps
+        Keras numbers an epoch's last call as if it ran k steps (batch 11 of an epoch of 10).
+        Of a dataset of unknown length, only the optimizer's count knows where that call ended."""
+        if self._steps_per_epoch:
+            return min(steps, int(self._steps_per_epoch))
+        if getattr(self.model, "steps_per_execution", 1) > 1 and not self._optimizer_idle:
+            count = self._optimizer_steps()
+            if count is not None and count >= self._epoch_start_step:
+                return min(steps, count - self._epoch_start_step)
+        return steps
 
     def _tag_and_flush_steps(self) -> None:
         self._report_steps_failure()
