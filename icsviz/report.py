@@ -22,37 +22,49 @@ import numpy as np
 
 from . import __version__, analysis, plots
 from .errors import MissingDataError
-from .store.reader import Run, accuracy_of, last_finite, metric_label, metric_names, validation_accuracy
+from .store.reader import (
+    Run,
+    accuracy_of,
+    better,
+    last_finite,
+    metric_label,
+    metric_names,
+    validation_accuracy,
+)
 
 __all__ = ["accuracy_table", "drift_reading", "build_report", "write_report"]
 
 Runs = Mapping[str, Run]
 
 
-def accuracy_table(runs: Runs) -> list[dict[str, object]]:
-    """Best and final validation accuracy, epoch of best, time per epoch, epochs to the first run's
-    best. A run fitted without validation data gets its training accuracy ("split": "training"),
+def accuracy_table(runs: Runs, metric: str | None = None) -> list[dict[str, object]]:
+    """Best and final validation value of `metric`, epoch of best, time per epoch, epochs to the
+    first run's best. `metric`: the accuracy, whatever Keras named it (the default); for runs
+    compiled without one, the report passes its headline metric (a regression's MAE), best at its
+    lowest. A run fitted without validation data gets its training value ("split": "training"),
     and is compared only with a first run measured the same way."""
+    direction = better(metric) if metric is not None else 1
     rows: list[dict[str, object]] = []
     target, target_split = math.nan, None
     for i, (label, run) in enumerate(runs.items()):
         history = run.history
-        val, split = validation_accuracy(history), "validation"
+        val, split = _validation_series(history, metric), "validation"
         if val is None:
-            name = accuracy_of(metric_names(history))
-            val, split = (None, None) if name is None else (history[name], "training")
-        val = np.array([]) if val is None else val
+            name = accuracy_of(metric_names(history)) if metric is None else metric
+            val, split = (history[name], "training") if name in history else (None, None)
+        val = np.array([]) if val is None or direction is None else val
         times = history.get("epoch_time", np.array([]))
         ok = np.isfinite(val)
-        best_index = int(np.nanargmax(val)) if ok.any() else None
+        best_index = int(np.nanargmax(val * direction)) if ok.any() else None
         best = float(val[best_index]) if best_index is not None else math.nan
         if i == 0:
             target, target_split = best, split
         comparable = np.isfinite(target) and split == target_split
-        reach = np.flatnonzero(val >= target) if comparable else np.array([])
+        reach = np.flatnonzero(val * direction >= target * direction) if comparable else np.array([])
         rows.append(
             {
                 "run": label,
+                "metric": "accuracy" if metric is None else metric,
                 "split": split,
                 "best": best,
                 "best_epoch": int(run.history_epochs[best_index]) + 1 if best_index is not None else None,
@@ -63,6 +75,24 @@ def accuracy_table(runs: Runs) -> list[dict[str, object]]:
             }
         )
     return rows
+
+
+def _validation_series(history: Mapping[str, np.ndarray], metric: str | None) -> np.ndarray | None:
+    if metric is None:
+        return validation_accuracy(history)
+    return history.get(f"val_{metric}")
+
+
+def _table_metric(runs: Runs) -> str | None:
+    """The metric of the report's first table: None (the accuracy) where a run recorded one,
+    else the headline metric where its name says which way is better (a regression's MAE), but
+    not a loss (a GAN's "d_loss" is lowest where its discriminator wins, not where it is best)."""
+    if any(accuracy_of(run.metric_names) for run in runs.values()):
+        return None
+    metric = plots.headline_metric(runs)
+    if metric is None or "loss" in metric or better(metric) is None:
+        return None
+    return metric
 
 
 def drift_reading(runs: Runs) -> list[str]:
@@ -245,16 +275,18 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
             config_rows,
         )
     )
-    acc = accuracy_table(runs)
+    table_metric = _table_metric(runs)
+    acc = accuracy_table(runs, table_metric)
+    short = "acc" if table_metric is None else metric_label(table_metric)
     first = next(iter(runs))
     parts.append(
-        "<h2>Accuracy</h2>"
+        f"<h2>{'Accuracy' if table_metric is None else html.escape(metric_label(table_metric))}</h2>"
         + _table(
             [
                 "run",
-                "best val acc",
+                f"best val {html.escape(short)}",
                 "epoch of best",
-                "final val acc",
+                f"final val {html.escape(short)}",
                 "epochs",
                 "s / epoch",
                 f"epochs to reach {first}'s best",
@@ -273,7 +305,9 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
             ],
         )
         + (
-            f"<p class='muted'>{_TRAINING_MARK} Training accuracy: the run was fitted without validation data.</p>"
+            f"<p class='muted'>{_TRAINING_MARK} Training "
+            f"{'accuracy' if table_metric is None else html.escape(metric_label(table_metric))}: "
+            "the run was fitted without validation data.</p>"
             if any(r["split"] == "training" for r in acc)
             else ""
         )

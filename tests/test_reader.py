@@ -228,3 +228,15 @@ def test_last_finite_is_the_last_epoch_with_a_value() -> None:
     assert last_finite(np.array([0.1, 0.2])) == 0.2
     assert np.isnan(last_finite(np.array([np.nan]))) and np.isnan(last_finite(None))
     assert np.isnan(last_finite(np.array([])))
+
+
+def test_which_way_a_metric_improves_is_read_from_its_name() -> None:
+    from icsviz.store.reader import better
+
+    assert [
+        better(m) for m in ("accuracy", "sparse_categorical_accuracy", "auc", "precision", "r2_score")
+    ] == [1] * 5
+    assert [better(m) for m in ("loss", "mae", "mse", "d_loss", "kl_divergence", "mean_squared_error")] == [
+        -1
+    ] * 6
+    assert better("my_score") is None

@@ -180,3 +180,53 @@ def test_a_gans_two_losses_get_a_figure_each(tmp_path) -> None:
     assert "g_loss per epoch (training, dashed; validation, solid, where recorded)." in page
     assert "no loss in its history" not in page
     assert page.count("<img") >= 2
+
+
+def test_a_regression_reports_its_validation_error_best_at_its_lowest(tmp_path) -> None:
+    """Runs compiled without an accuracy (a regression with metrics=["mae"]): the first table is
+    the headline metric's, whose best value is its lowest, not a table of dashes."""
+    import keras
+
+    from icsviz import ICSCallback
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(160, 6)).astype("float32")
+    y = (x[:, :1] * 2 + np.sin(x[:, 1:2])).astype("float32")
+    runs = {}
+    for name, lr in (("fast", 0.05), ("slow", 0.002)):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(16, activation="relu", name="fc1"),
+                keras.layers.Dense(1, name="out"),
+            ]
+        )
+        model.compile(keras.optimizers.SGD(lr), "mse", metrics=["mae"])
+        path = tmp_path / f"{name}.h5"
+        callback = ICSCallback(path, probe=(x[:32], y[:32]))
+        model.fit(x, y, validation_split=0.25, epochs=4, batch_size=16, verbose=0, callbacks=[callback])
+        runs[name] = open_run(path)
+    try:
+        rows = {r["run"]: r for r in accuracy_table(runs, "mae")}
+        target = float(np.min(runs["fast"].history["val_mae"]))
+        for name, run in runs.items():
+            val = run.history["val_mae"]
+            assert rows[name]["metric"] == "mae" and rows[name]["split"] == "validation"
+            assert rows[name]["best"] == pytest.approx(val.min())
+            assert rows[name]["best_epoch"] == int(np.argmin(val)) + 1
+            assert rows[name]["final"] == pytest.approx(val[-1])
+            reached = np.flatnonzero(val <= target)
+            assert rows[name]["epochs_to_first_best"] == (int(reached[0]) + 1 if len(reached) else None)
+        assert rows["slow"]["best"] > rows["fast"]["best"]  # a smaller step: a larger error after 4 epochs
+        page = build_report(runs)
+        assert "<h2>MAE</h2>" in page and "best val MAE" in page and f"{target:.4f}" in page
+        assert "best val acc" not in page
+        # A table of the accuracy stays where a run recorded one; a metric whose name does not say
+        # which way is better gets no best.
+        assert all(math.isnan(r["best"]) for r in accuracy_table(runs, "my_score"))
+        with open_run(gan_losses_run(tmp_path / "gan.h5")) as gan:  # its losses are no score
+            assert "<h2>Accuracy</h2>" in build_report({"gan": gan})
+    finally:
+        for run in runs.values():
+            run.close()

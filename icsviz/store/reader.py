@@ -307,6 +307,24 @@ def metric_label(metric: str) -> str:
     return metric.upper() if metric != "loss" and metric.isalpha() and len(metric) <= 4 else metric
 
 
+# Metrics whose best value is the lowest: errors and losses, by Keras's names for them.
+_LOWER_IS_BETTER = ("loss", "error", "crossentropy", "hinge", "logcosh", "poisson", "divergence")
+_LOWER_IS_BETTER_NAMES = {"mae", "mse", "rmse", "mape", "msle"}
+# And whose best is the highest, besides the accuracies.
+_HIGHER_IS_BETTER = ("accuracy", "auc", "precision", "recall", "f1_score", "fbeta_score", "r2_score", "iou")
+
+
+def better(metric: str) -> int | None:
+    """Which way `metric` improves: 1 where higher is better (accuracy, AUC), -1 where lower is
+    (MAE, a loss), None for a name that does not say."""
+    name = metric.lower()
+    if name in _LOWER_IS_BETTER_NAMES or any(part in name for part in _LOWER_IS_BETTER):
+        return -1
+    if any(part in name for part in _HIGHER_IS_BETTER):
+        return 1
+    return None
+
+
 def last_finite(values: np.ndarray | None) -> float:
     """The last recorded value of a per-epoch series, NaN if none: with
     `fit(validation_freq=k)` the validation metrics are NaN in the epochs between, so the
