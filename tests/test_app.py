@@ -126,8 +126,12 @@ def test_runs_of_different_depths_are_compared_without_pairing_their_layers(
     # No role in the layer list: the layers by their own names only.
     layer = at.sidebar.selectbox(key="layer")
     assert not any(option.startswith("input of") for option in layer.options)
+    # The first run's most drifted input that the other run records too: both are drawn.
     deep = analysis.input_drift(different_depths["deep"])
-    assert layer.value == max(deep, key=deep.__getitem__)  # the first run's most drifted input
+    shared = {name: v for name, v in deep.items() if name in different_depths["shallow"].layer_names}
+    assert set(shared) == {"hidden0:preact", "out:preact"}  # not hidden1:preact
+    assert layer.value == max(shared, key=shared.__getitem__)
+    assert not any("is not in" in info.value for info in at.info)
     dots = frames_with(at, "run", "role", "layer", "order", "score")[0]
     assert sorted(dots[dots["run"] == "deep"]["role"]) == ["1", "2", "3"]
     specs = [el.proto.spec for el in at.get("vega_lite_chart")]

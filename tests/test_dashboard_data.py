@@ -123,8 +123,17 @@ def test_runs_of_different_depths_are_not_paired_by_role(different_depths) -> No
     scores = data.drift_scores(runs)
     sentence, telling = data.headline(runs, scores)
     medians = {label: analysis.run_drift_score(run) for label, run in runs.items()}
-    # It opens on the first run's input that drifted most.
-    assert telling == max(scores["deep"], key=scores["deep"].__getitem__)
+    # It opens on the first run's input that drifted most among those the other run records
+    # (by name): hidden1:preact, deep's alone, only where no shared one has a score.
+    shared = {k: v for k, v in scores["deep"].items() if k in ("hidden0:preact", "out:preact")}
+    assert telling == max(shared, key=shared.__getitem__)
+    rigged = {
+        "deep": {"hidden0:preact": 0.1, "hidden1:preact": 0.9, "out:preact": 0.3},
+        "shallow": scores["shallow"],
+    }
+    assert data.headline(runs, rigged)[1] == "out:preact"
+    rigged["deep"] = {"hidden0:preact": float("nan"), "hidden1:preact": 0.9, "out:preact": float("nan")}
+    assert data.headline(runs, rigged)[1] == "hidden1:preact"
     assert sentence.startswith("deep and shallow have 3 and 2 nonlinearities, so no layer of one is paired")
     assert f"{medians['deep']:.3g} for deep and {medians['shallow']:.3g} for shallow" in sentence
     best = {label: np.nanmax(run.history["val_accuracy"]) for label, run in runs.items()}

@@ -185,8 +185,8 @@ def headline(runs: Runs, scores_of: dict[str, dict[str, float]] | None = None) -
 
     For two or more runs: the largest drift ratio between the first two runs over the inputs
     of the nonlinearities, with both runs' tensors and scores, and their best validation
-    accuracy; for runs of different depths, each one's median drift score, and the first
-    run's most drifted input as the layer. Returns ("", None) when there is nothing to compare.
+    accuracy; for runs of different depths, each one's median drift score, and as the layer the
+    first run's most drifted input that the second run records too (else its most drifted). Returns ("", None) when there is nothing to compare.
     """
     labels = list(runs)
     if len(labels) < 2:
@@ -197,9 +197,12 @@ def headline(runs: Runs, scores_of: dict[str, dict[str, float]] | None = None) -
     if first not in scores_of or other not in scores_of:
         return "", None
     if not _same_depth(two):
-        # Opens on the first run's input that drifted most (the other run may lack it).
+        # Opens on the first run's input that drifted most among those the other run records too
+        # (a layer of the same name: both runs drawn), else among all of its own.
         finite = {layer: v for layer, v in scores_of[first].items() if np.isfinite(v)}
-        return _unpaired_headline(two, scores_of), max(finite, key=finite.__getitem__, default=None)
+        shared = {layer: v for layer, v in finite.items() if layer in runs[other].layer_names}
+        pick = shared or finite
+        return _unpaired_headline(two, scores_of), max(pick, key=pick.__getitem__, default=None)
     try:
         pairs = dict(analysis.pair_layers(two))
     except ICSVizError:
