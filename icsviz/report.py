@@ -277,16 +277,17 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
     )
     table_metric = _table_metric(runs)
     acc = accuracy_table(runs, table_metric)
-    short = "acc" if table_metric is None else metric_label(table_metric)
+    named = "accuracy" if table_metric is None else html.escape(metric_label(table_metric))
+    short = "acc" if table_metric is None else named
     first = next(iter(runs))
     parts.append(
-        f"<h2>{'Accuracy' if table_metric is None else html.escape(metric_label(table_metric))}</h2>"
+        f"<h2>{named[:1].upper()}{named[1:]}</h2>"
         + _table(
             [
                 "run",
-                f"best val {html.escape(short)}",
+                f"best val {short}",
                 "epoch of best",
-                f"final val {html.escape(short)}",
+                f"final val {short}",
                 "epochs",
                 "s / epoch",
                 f"epochs to reach {first}'s best",
@@ -305,9 +306,7 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
             ],
         )
         + (
-            f"<p class='muted'>{_TRAINING_MARK} Training "
-            f"{'accuracy' if table_metric is None else html.escape(metric_label(table_metric))}: "
-            "the run was fitted without validation data.</p>"
+            f"<p class='muted'>{_TRAINING_MARK} Training {named}: the run was fitted without validation data.</p>"
             if any(r["split"] == "training" for r in acc)
             else ""
         )

@@ -851,12 +851,9 @@ class ICSCallback(keras.callbacks.Callback):
         # JAX emits one vector per step (also with steps_per_execution > 1); TF and
         # torch return one per train_function call: the last step's.
         first = self._tagged_through if backend.name() == "jax" else new - 1
-        steps = self._epoch_steps() or 0
         now = time.perf_counter() - self._train_start
         for step in range(first, new):
-            within = step - self._epoch_start_step
-            epoch = self._current_epoch + (within / steps if steps else 0.0)
-            self._step_tags.append((step, epoch, now))
+            self._step_tags.append((step, self._epoch_position(step), now))
         self._tagged_through = new
 
     def _flush_steps(self) -> None:
@@ -1013,8 +1010,7 @@ class ICSCallback(keras.callbacks.Callback):
             and self._writer is not None
             and self._global_step // n > before // n
         ):
-            steps = self._epoch_steps()
-            epoch = self._current_epoch + (counted / steps if steps else 0.0)
+            epoch = self._epoch_position(self._global_step)
             self._safely("a step capture", lambda: self._capture(epoch, "step"))
 
     def _epoch_steps(self) -> int | None:
@@ -1022,6 +1018,12 @@ class ICSCallback(keras.callbacks.Callback):
         as many as the last epoch had (None during the first), which place the step captures
         and per-step rows in their epoch until its end places them for good."""
         return int(self._steps_per_epoch) if self._steps_per_epoch else self._epoch_length
+
+    def _epoch_position(self, step: int) -> float:
+        """Where `step` lies in the current epoch: the epoch and the share of its steps before it
+        (its start while the epoch's length is not known)."""
+        steps = self._epoch_steps()
+        return self._current_epoch + ((step - self._epoch_start_step) / steps if steps else 0.0)
 
     def _place_epoch_of_unknown_length(self) -> bool:
         """The epoch of a dataset of unknown cardinality has ended, and its length is known: its
@@ -1032,17 +1034,16 @@ class ICSCallback(keras.callbacks.Callback):
         first, length = self._epoch_start_step, self._global_step - self._epoch_start_step
         if length <= 0 or self._writer is None:
             return False
-        epoch = self._current_epoch
+        self._epoch_length = length
         self._step_tags = [
-            (step, epoch + (step - first) / length if first <= step < first + length else placed, at)
+            (step, self._epoch_position(step) if first <= step < first + length else placed, at)
             for step, placed, at in self._step_tags
         ]
         self._write_waiting_captures()
         self._write(
             "the places of the epoch's rows",
-            functools.partial(self._writer.place_in_epoch, epoch, first, length),
+            functools.partial(self._writer.place_in_epoch, self._current_epoch, first, length),
         )
-        self._epoch_length = length
         return self._last_step_capture == self._global_step
 
     def _steps_in_epoch(self, steps: int) -> int:
@@ -1152,17 +1153,16 @@ class ICSCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         if not self._active or self._writer is None:
             return
-        if not self._counts_batches:
-            self._global_step = self._steps_so_far()
-        else:  # counted by the batch hooks; the optimizer's count still decides where a next fit starts
+        if self._counts_batches:  # the optimizer's count still decides where a next fit starts
             self._check_optimizer_steps()
-        self._last_step = self._global_step
-        if not self._counts_batches:
+        else:
+            self._global_step = self._steps_so_far()
             if self._steps is not None:
                 self._safely_steps("per-step statistics", self._tag_steps)
             n = self.every_n_steps
             if n and not self._batches_begun_in_epoch and self._global_step - self._epoch_start_step >= n:
                 self._warn_no_batch_begin()
+        self._last_step = self._global_step
         taken = False
         if not self._steps_per_epoch:
             taken = self._place_epoch_of_unknown_length()
