@@ -21,6 +21,12 @@ from conftest import run_script
 from icsviz import CaptureWarning, ICSCallback, IncompatibleRunError, RunExistsError, RunInUseError, open_run
 
 HERE = Path(__file__).parent
+TORCH = pytest.param(
+    "torch",
+    marks=pytest.mark.skipif(
+        importlib.util.find_spec("torch") is None, reason="torch is not installed (pip install torch==2.13.0)"
+    ),
+)
 
 
 def data(n=96, shape=(6,), classes=3, seed=0):
@@ -587,6 +593,42 @@ def test_a_resume_from_weights_alone_goes_on_counting_the_runs_steps(tmp_path) -
         assert run.steps.tolist() == [0, 4, 6, 12]
         np.testing.assert_allclose(run.epochs, [0, 4 / 6, 1, 2])
         assert run.batch_steps.tolist() == list(range(12))
+
+
+def check_gradient_accumulation(folder: Path) -> None:
+    """Steps under `gradient_accumulation_steps=2` (6 batches of 16 an epoch, 3 updates)."""
+    x, y = data()
+    model = residual()
+    model.compile(
+        keras.optimizers.SGD(0.05, gradient_accumulation_steps=2), "sparse_categorical_crossentropy"
+    )
+    path = folder / "accumulating.h5"
+    callback = ICSCallback(path, probe=(x[:32], y[:32]), every_n_steps=4, batch_stats=True)
+    model.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0, callbacks=[callback])
+    with open_run(path) as run:
+        assert run.steps.tolist() == [0, 4, 6, 8, 12], run.steps
+        np.testing.assert_allclose(run.epochs, [0, 4 / 6, 1, 8 / 6, 2])
+        assert run.batch_steps.tolist() == list(range(12)), run.batch_steps
+        np.testing.assert_allclose(run.batch_epochs, np.arange(12) / 6)
+        # The last capture measured the weights fit left.
+        stem = keras.Model(model.inputs, model.get_layer("stem").output)
+        stem = keras.ops.convert_to_numpy(stem(x[:32]))
+        np.testing.assert_allclose(run.activations("stem").mean[-1], stem.mean(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", TORCH])
+def test_steps_under_gradient_accumulation_are_the_training_batches(backend: str, tmp_path: Path) -> None:
+    """Keras's `optimizer.iterations` counts updates under gradient accumulation (one per 2
+    batches here): on JAX two captures a step apart were numbered alike (steps 0, 4, 4, 8, 8) and
+    the per-step rows of one batch in two were lost. Steps are the batches trained, as Keras's
+    progress bar counts them, on every backend."""
+    script = f"""
+        from pathlib import Path
+        from test_callback import check_gradient_accumulation
+        check_gradient_accumulation(Path({str(tmp_path)!r}))
+        print("ACCUMULATION OK")
+    """
+    run_script(textwrap.dedent(script), backend, marker="ACCUMULATION OK")
 
 
 def test_a_resume_after_an_epoch_whose_metrics_never_reached_the_file_says_so(tmp_path) -> None:
@@ -1258,14 +1300,6 @@ def test_the_quantiles_of_captures_are_computed_on_the_writers_thread(tmp_path, 
         quantiles = run.activations(run.layer_names[0]).quantiles
         assert quantiles.shape[0] == 4 and np.all(np.isfinite(quantiles))
         assert np.all(np.diff(quantiles, axis=1) >= 0)  # sorted levels give ordered quantiles
-
-
-TORCH = pytest.param(
-    "torch",
-    marks=pytest.mark.skipif(
-        importlib.util.find_spec("torch") is None, reason="torch is not installed (pip install torch==2.13.0)"
-    ),
-)
 
 
 @pytest.mark.parametrize("backend", ["tensorflow", TORCH])  # a GAN's step is written per backend

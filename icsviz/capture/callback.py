@@ -116,6 +116,15 @@ def _scalar(value: Any) -> float:
     return float(tensor)
 
 
+def _steps_counter(optimizer: Any) -> Any:
+    """The optimizer's count of training steps. Under gradient accumulation Keras's `iterations`
+    counts its updates, one per `gradient_accumulation_steps` steps, and its `_iterations` the
+    steps (every batch is measured, the update or not)."""
+    if getattr(optimizer, "gradient_accumulation_steps", None):
+        return getattr(optimizer, "_iterations", optimizer.iterations)
+    return optimizer.iterations
+
+
 def _is_chief() -> bool:
     """Only one process writes under multi-worker training (TF_CONFIG's chief)."""
     raw = os.environ.get("TF_CONFIG")
@@ -485,7 +494,7 @@ class ICSCallback(keras.callbacks.Callback):
         if optimizer is None:
             return None
         try:
-            return int(_scalar(optimizer.iterations)) + self._step_offset
+            return int(_scalar(_steps_counter(optimizer))) + self._step_offset
         except Exception:  # noqa: BLE001
             return None
 
