@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from icsviz import CaptureWarning, ICSCallback
-from icsviz.capture.probe import mismatch, split_probe
+from icsviz.capture.probe import mismatch, nonfinite, split_probe
 
 
 def dense(input_shape: tuple[int | None, ...]) -> keras.Model:
@@ -145,3 +145,72 @@ def test_a_probe_that_does_not_fit_is_one_plain_warning_and_training_goes_on(tmp
     assert len(ours) == 1, ours
     assert "takes shape (None, 12), the probe's x has shape (16, 10)" in ours[0]
     assert "\x1b" not in ours[0]
+
+
+def test_labels_or_weights_for_other_samples_than_the_inputs_are_refused_with_the_fix(tmp_path) -> None:
+    # Keras's own error came later, as a warning from inside the first capture's loss.
+    x, y = np.zeros((64, 12), "float32"), np.zeros(64, "int64")
+    with pytest.raises(ValueError, match=r"probe's labels \(y\) hold 32 samples and its inputs \(x\) 64"):
+        ICSCallback(tmp_path / "r.h5", probe=(x, y[:32]))
+    with pytest.raises(ValueError, match=r"probe's sample weights hold 63 samples and its inputs \(x\) 64"):
+        ICSCallback(tmp_path / "r.h5", probe=(x, y, np.ones(63)))
+    with pytest.raises(ValueError, match=r"probe's labels \(y\) hold 3 samples"):
+        ICSCallback(tmp_path / "r.h5", probe=({"a": x, "b": x}, {"out": y[:3]}))
+
+
+def test_non_finite_values_in_the_probe_are_named_by_sample() -> None:
+    x = np.zeros((64, 4, 3), "float32")
+    assert nonfinite(x, "inputs (x)") is None
+    x[3, 0, 1], x[3, 2, 2], x[40, 1, 0] = np.nan, np.inf, -np.inf
+    assert nonfinite(x, "inputs (x)") == (
+        "the probe's inputs (x) hold 3 non-finite values, in 2 of its 64 samples (samples 3, 40)"
+    )
+    y = np.zeros(64, "float32")
+    y[7] = np.nan
+    # Both inputs of a two-input model count; token ids and strings have no NaN to hold.
+    assert nonfinite({"a": np.zeros((64, 2)), "b": x}, "inputs (x)").startswith(
+        "the probe's inputs (x) hold 3"
+    )
+    assert nonfinite(y, "labels (y)").endswith("hold 1 non-finite values, in 1 of its 64 samples (sample 7)")
+    assert nonfinite(np.arange(64), "inputs (x)") is None
+    assert nonfinite(np.array(["a b"] * 64), "inputs (x)") is None
+    many = np.full((64, 2), np.nan)
+    assert nonfinite(many, "labels (y)").endswith("in 64 of its 64 samples (samples 0, 1, 2, 3, 4, ...)")
+
+
+def test_a_probe_with_nan_is_one_warning_at_once_and_its_run_records_them(tmp_path) -> None:
+    from icsviz import open_run
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 12)).astype("float32"), rng.integers(0, 3, 64)
+    probe = x[:16].copy()
+    probe[5, 2] = np.nan
+    model = dense((12,))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.warns(CaptureWarning, match=r"inputs \(x\) hold 1 non-finite values, in 1 of its 16 samples"):
+        callback = ICSCallback(tmp_path / "r.h5", probe=(probe, y[:16]))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    with open_run(tmp_path / "r.h5") as run:
+        # One sample's three outputs are NaN at every capture; the gradients are all NaN.
+        np.testing.assert_array_equal(run.activations(run.layer_names[0]).nonfinite, [3, 3])
+        assert np.isnan(run.gradients(run.variable_names[0]).grad_norm).all()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's graph execution errors")
+def test_a_tensorflow_error_in_the_probes_loss_is_quoted_without_its_stack(tmp_path) -> None:
+    # Labels out of the loss's range: TensorFlow's error carries 30 lines of "File ..." frames
+    # before its last line, which says what went wrong.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 12)).astype("float32"), rng.integers(0, 3, 64)
+    model = dense((12,))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = ICSCallback(tmp_path / "r.h5", probe=(x[:16], y[:16] + 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])
+    ours = [str(w.message) for w in caught if issubclass(w.category, CaptureWarning)]
+    assert len(ours) == 1, ours
+    assert "computing the loss and gradients on the probe" in ours[0]
+    assert "(InvalidArgumentError: Received a label value of " in ours[0]
+    assert "which is outside the valid range of [0, 3)" in ours[0]
+    assert 'File "' not in ours[0] and "[[" not in ours[0] and "\n" not in ours[0]

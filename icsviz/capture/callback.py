@@ -33,7 +33,7 @@ from .batch_stats import (
     unsupported_reason,
 )
 from .layers import LayerFilter, layer_filters, recurrent_states, select_layers
-from .probe import mismatch, num_samples, split_probe, take
+from .probe import mismatch, nonfinite, num_samples, split_probe, take
 from .program import CaptureProgram
 from .stats import CaptureOptions
 from .write_queue import WriteQueue
@@ -77,7 +77,7 @@ def _close_when_written(
         queue.close()
         writer.close("interrupted")
     except Exception as exc:  # noqa: BLE001 - also run at the interpreter's exit: a warning, not a traceback
-        detail = _ANSI.sub("", str(exc))
+        detail = _error_detail(exc)
         warn_capture(f"closing the run file {writer.path} failed ({type(exc).__name__}: {detail}).")
 
 
@@ -96,6 +96,24 @@ def _fit_on_this_stack(callback: ICSCallback) -> bool:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_MAX_DETAIL = 600
+
+
+def _error_detail(exc: BaseException) -> str:
+    """An exception's message as a warning quotes it: without Keras's terminal bold codes, and
+    without the stack that TensorFlow's errors from a compiled function carry ("Graph execution
+    error: Detected at node ... defined at (most recent call last): File ..." and its
+    `[[{{node ...}}]]` lines), whose last lines say what went wrong."""
+    text = _ANSI.sub("", str(exc)).strip()
+    lines = text.splitlines()
+    if lines and lines[0].startswith("Graph execution error"):
+        files = [i for i, line in enumerate(lines) if line.lstrip().startswith('File "')]
+        tail = lines[files[-1] + 1 :] if files else lines[1:]
+        kept = [line.strip() for line in tail if line.strip() and not line.strip().startswith("[[")]
+        text = " ".join(kept) or text
+    if len(text) > _MAX_DETAIL:
+        text = text[: _MAX_DETAIL - 3].rstrip() + "..."
+    return text
 
 
 def _as_float(value: Any) -> float | None:
@@ -323,6 +341,18 @@ class ICSCallback(keras.callbacks.Callback):
         n = num_samples(x)
         if n == 0:
             raise ValueError("probe is empty; pass a batch such as x_val[:512]. Received: 0 samples")
+        for part, name in ((y, "labels (y)"), (sample_weight, "sample weights")):
+            if part is not None and num_samples(part) != n:
+                raise ValueError(
+                    f"the probe's {name} hold {num_samples(part)} samples and its inputs (x) {n}; pass "
+                    "the same samples of each, e.g. probe=(x_val[:512], y_val[:512])"
+                )
+        problem = nonfinite(x, "inputs (x)") or nonfinite(y, "labels (y)")
+        if problem:
+            warn_capture(
+                f"{problem}: every capture measures them, and the probe's loss and gradients come out "
+                "NaN. Pass samples without NaN or inf (fill or drop them, as for training)."
+            )
         if n > _MAX_PROBE:
             warn_capture(
                 f"the probe has {n} samples; using the first {_MAX_PROBE} (every "
@@ -405,7 +435,7 @@ class ICSCallback(keras.callbacks.Callback):
 
     # ---------------------------------------------------------------- helpers
     def _warn(self, what: str, exc: BaseException) -> None:
-        detail = _ANSI.sub("", str(exc))  # Keras's messages carry terminal bold codes
+        detail = _error_detail(exc)
         warn_capture(f"{what} failed ({type(exc).__name__}: {detail}); training goes on.")
 
     def _warn_no_batch_begin(self) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import keras
 import numpy as np
 
-__all__ = ["split_probe", "num_samples", "take", "mismatch"]
+__all__ = ["split_probe", "num_samples", "take", "mismatch", "nonfinite"]
 
 
 def _first_batch(probe: Any) -> Any:
@@ -53,6 +53,35 @@ def _scalars_as_array(part: Any) -> Any:
 def num_samples(x: Any) -> int:
     first = keras.tree.flatten(x)[0]
     return int(first.shape[0])
+
+
+def nonfinite(part: Any, name: str) -> str | None:
+    """Where the probe's `part` (its inputs or labels) holds NaN or inf, in words ("the probe's
+    inputs (x) hold 8 non-finite values, in 1 of its 64 samples (sample 3)"), or None. Parts that
+    are not floating-point arrays (token ids, strings) have none."""
+    if part is None:
+        return None
+    bad_samples: np.ndarray | None = None
+    count = 0
+    for array in keras.tree.flatten(part):
+        try:
+            values = np.asarray(array)
+        except Exception:  # noqa: BLE001 - a tensor numpy cannot read: Keras's own checks apply
+            continue
+        if values.ndim == 0 or not np.issubdtype(values.dtype, np.floating):
+            continue
+        bad = ~np.isfinite(values.reshape(len(values), -1))
+        count += int(bad.sum())
+        per_sample = bad.any(axis=1)
+        bad_samples = per_sample if bad_samples is None else bad_samples | per_sample
+    if not count or bad_samples is None:
+        return None
+    where = np.flatnonzero(bad_samples)
+    first = ", ".join(str(i) for i in where[:5]) + (", ..." if len(where) > 5 else "")
+    return (
+        f"the probe's {name} hold {count} non-finite values, in {len(where)} of its "
+        f"{len(bad_samples)} samples ({'sample' if len(where) == 1 else 'samples'} {first})"
+    )
 
 
 def take(x: Any, n: int) -> Any:
