@@ -38,7 +38,12 @@ def test_jax_backend_records_activations_gradients_and_shift(tmp_path) -> None:
         probe = x[:32].copy(); probe[5, 0] = np.nan  # one NaN input: its row of h is NaN
         cb = icsviz.ICSCallback({str(path)!r}, probe=(x[:32], y[:32]), every_n_steps=3, gradient_shift=True)
         model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[cb])
-        nan_cb = icsviz.ICSCallback({str(path)!r} + ".nan.h5", probe=(probe, y[:32]))
+        with warnings.catch_warnings(record=True) as caught:  # ours, naming the sample
+            warnings.simplefilter("always")
+            nan_cb = icsviz.ICSCallback({str(path)!r} + ".nan.h5", probe=(probe, y[:32]))
+        assert [str(w.message)[:70] for w in caught] == [
+            "icsviz: the probe's inputs (x) hold 1 non-finite values, in 1 of its 32 samples (sample 5)"[:70]
+        ], caught
         model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[nan_cb])
         run = icsviz.open_run({str(path)!r})
         assert run.attrs["backend"] == "jax"

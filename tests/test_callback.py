@@ -862,6 +862,8 @@ def test_a_dataset_of_unknown_length_records_what_one_of_known_length_does(tmp_p
     steps_per_execution=3 Keras numbers such an epoch's last call as if it ran 3 steps (6 of 5):
     the steps are counted as the optimizer counts them."""
     tf = pytest.importorskip("tensorflow")
+    if per_call > 1 and keras.backend.backend() == "torch":
+        pytest.skip("Keras's torch backend has no steps_per_execution")
     x, y = data(n=80)  # 5 steps of 16
     known = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     unknown = tf.data.Dataset.from_tensor_slices((x, y)).filter(lambda *_: True).batch(16)
@@ -1352,6 +1354,61 @@ def test_a_gans_generator_is_recorded_as_its_training_moves_it(backend: str, tmp
         print("GAN OK")
     """)
     run_script(script, backend, marker="GAN OK")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None, reason="torch is not installed (pip install torch==2.13.0)"
+)
+def test_a_torch_module_inside_the_model_is_measured_and_left_as_it_was(tmp_path: Path) -> None:
+    """`TorchModuleWrapper`: the module reads its own parameters, past Keras's StatelessScope, so
+    the gradients taken of copies came out 0; and a capture's pass in training mode moved its
+    BatchNorm's running statistics, which Keras does not track as variables."""
+    script = textwrap.dedent(f"""
+        import keras, numpy as np, torch
+        from icsviz import ICSCallback, open_run
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(96, 6)).astype("float32")
+        y = (x[:, 0] > 0).astype("int64")
+
+        def build():
+            keras.utils.set_random_seed(0)
+            module = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU())
+            inputs = keras.Input((6,))
+            h = keras.layers.TorchModuleWrapper(module, name="t", output_shape=(None, 8))(inputs)
+            model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax", name="out")(h))
+            model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+            return model, module
+
+        plain, plain_module = build()
+        expected = plain.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0).history["loss"]
+        model, module = build()
+        probe = (x[:32] * 3 + 1, y[:32])  # far from the training data: running statistics would show it
+        path = {str(tmp_path / "torch_module.h5")!r}
+        history = model.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0,
+                            callbacks=[ICSCallback(path, probe=probe, every_n_steps=2)])
+        np.testing.assert_allclose(history.history["loss"], expected, rtol=1e-6)
+        bn, plain_bn = module[1], plain_module[1]
+        np.testing.assert_allclose(bn.running_mean.numpy(), plain_bn.running_mean.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(bn.running_var.numpy(), plain_bn.running_var.numpy(), rtol=1e-6)
+        assert int(bn.num_batches_tracked) == 12
+
+        # The last capture against torch's own autograd on the probe, in training mode.
+        with torch.enable_grad():
+            out = model(torch.tensor(probe[0]), training=True)
+            loss = model.compute_loss(x=None, y=torch.tensor(probe[1]), y_pred=out)
+            grads = torch.autograd.grad(loss, list(module.parameters()))
+        hidden = module(torch.tensor(probe[0])).detach().numpy()
+        with open_run(path) as run:
+            assert run.variable_names == ["t/0.weight", "t/0.bias", "t/1.weight", "t/1.bias", "out/kernel", "out/bias"]
+            assert run.steps.tolist() == [0, 2, 4, 6, 8, 10, 12], run.steps
+            norms = run.gradients("t").grad_norm[-1]
+            np.testing.assert_allclose(norms, [float(g.norm()) for g in grads], rtol=1e-4, atol=1e-7)
+            assert norms[0] > 0.01 and norms[1] < 1e-6  # a bias before BatchNorm has no gradient
+            t = run.activations("t")
+            np.testing.assert_allclose([t.mean[-1], t.std[-1]], [hidden.mean(), hidden.std()], rtol=1e-5)
+        print("TORCH MODULE OK")
+    """)
+    run_script(script, "torch", marker="TORCH MODULE OK")
 
 
 def test_a_submodel_must_be_a_model_inside_the_one_fit_trains(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import copy
 import functools
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -28,6 +28,9 @@ __all__ = [
     "histogram",
     "histograms",
     "isolated_rng",
+    "kept",
+    "torch_module_parameters",
+    "torch_module_buffers",
     "inlined_calls",
     "to_numpy",
     "floor",
@@ -375,7 +378,14 @@ def value_and_grad(loss_fn: LossFn, params: Sequence[Any]) -> tuple[Any, Any, li
         if not params:  # a frozen model: autograd refuses an empty list of inputs
             loss, aux = loss_fn(params)
             return loss.detach(), aux, []
-        params = [p.detach().requires_grad_(True) for p in params]
+        # A Keras variable's value is a torch Parameter, which a torch module inside the model
+        # (`TorchModuleWrapper`) reads itself, past Keras's StatelessScope: the gradients are
+        # taken with respect to it, not a copy the module never sees (they came out 0).
+        # `autograd.grad` leaves its `.grad` alone.
+        params = [
+            p if isinstance(p, torch.nn.Parameter) and p.requires_grad else p.detach().requires_grad_(True)
+            for p in params
+        ]
         with torch.enable_grad():
             loss, aux = loss_fn(params)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -508,6 +518,46 @@ def inlined_calls() -> contextlib.AbstractContextManager[Any]:
 
         return jax.disable_jit()
     return contextlib.nullcontext()
+
+
+def torch_module_parameters(layer: Any) -> list[tuple[str, Any]]:
+    """The named parameters of the torch module a Keras layer wraps (`TorchModuleWrapper`), or
+    none."""
+    module = getattr(layer, "module", None)
+    if name() != "torch" or not hasattr(module, "named_parameters"):
+        return []
+    return list(module.named_parameters())
+
+
+def torch_module_buffers(layers: Iterable[Any]) -> list[Any]:
+    """The buffers (BatchNorm's running statistics, its batch count) of the torch modules that
+    `layers` wrap (`TorchModuleWrapper`): Keras does not track them as variables."""
+    if name() != "torch":
+        return []
+    buffers: dict[int, Any] = {}
+    for layer in layers:
+        module = getattr(layer, "module", None)
+        if hasattr(module, "buffers"):
+            buffers.update((id(b), b) for b in module.buffers())
+    return list(buffers.values())
+
+
+@contextlib.contextmanager
+def kept(tensors: Sequence[Any]) -> Iterator[None]:
+    """Run a capture leaving `tensors` (torch buffers it would update in place) as they were."""
+    if not tensors:
+        yield
+        return
+    import torch
+
+    with torch.no_grad():
+        saved = [t.clone() for t in tensors]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, value in zip(tensors, saved):
+                tensor.copy_(value)
 
 
 @contextlib.contextmanager

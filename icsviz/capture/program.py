@@ -77,6 +77,10 @@ class CaptureProgram:
         # comes from the weights alone; the training's states are left as they are.
         self._states = recurrent_states(model)
         self._owner = self._variable_owners()
+        self._names = self._variable_names()
+        # A torch module inside the model (`TorchModuleWrapper`) keeps its buffers (BatchNorm's
+        # running statistics) outside Keras's variables, where a capture's pass would update them.
+        self._torch_buffers = backend.torch_module_buffers(layer for _, layer in iter_layers(model))
         self.ics_layers, self._ics_groups = self._ics_plan()
         self.traced: list[TracedLayer] | None = None
         self._aliases: dict[str, str] = {}  # a composite layer's output recorded under a layer's name
@@ -109,6 +113,17 @@ class CaptureProgram:
             for v in getattr(layer, "trainable_variables", ()):  # an inline operation has none
                 owner.setdefault(id(v), name)
         return [owner.get(id(v), self.model.name) for v in self.trainable]
+
+    def _variable_names(self) -> list[str]:
+        """The variables' names in the file: their Keras paths, except those of a torch module
+        inside the model (`TorchModuleWrapper`), which Keras names "variable", "variable_1",
+        ...: the module's own parameter names under its layer's ("t1/0.weight")."""
+        named: dict[int, str] = {}
+        for name, layer in iter_layers(self.model):
+            for parameter_name, parameter in backend.torch_module_parameters(layer):
+                named.setdefault(id(parameter), f"{name}/{parameter_name}")
+        names = [named.get(id(v.value), v.path) if named else v.path for v in self.trainable]
+        return names if len(set(names)) == len(names) else [v.path for v in self.trainable]
 
     def _ics_plan(self) -> tuple[tuple[str, ...], list[list[int]]]:
         if not (self.options.gradient_shift and self.with_gradients):
@@ -182,8 +197,8 @@ class CaptureProgram:
         if self.traced is None:
             raise RuntimeError("the capture program has not run yet")
         variables = tuple(
-            VariableSpec(name=v.path, layer=owner, shape=tuple(int(d) for d in v.shape))
-            for v, owner in zip(self.trainable, self._owner)
+            VariableSpec(name=name, layer=owner, shape=tuple(int(d) for d in v.shape))
+            for v, name, owner in zip(self.trainable, self._names, self._owner)
         )
         names = [t.name for t in self.traced]
         inputs = captured_inputs(self.model, self.selection, names, self._aliases)
@@ -498,7 +513,7 @@ class CaptureProgram:
     def _execute(self, args: tuple[Any, ...]) -> tuple[dict[str, Any], Any]:
         """The capture function's results on the host (computed again masked after NaN/Inf),
         and its copy of the weights it measured, left on the device."""
-        with backend.isolated_rng(self.options.seed):
+        with backend.isolated_rng(self.options.seed), backend.kept(self._torch_buffers):
             result = self._call(args)
         snapshot = result.pop("snapshot")
         result = backend.to_numpy(result)
@@ -507,7 +522,7 @@ class CaptureProgram:
             # compiled function, so the common case pays nothing for it).
             if self._masked_function is None:
                 self._masked_function = backend.compile_function(self._masked_program)
-            with backend.isolated_rng(self.options.seed):
+            with backend.isolated_rng(self.options.seed), backend.kept(self._torch_buffers):
                 result = self._masked_function(*args)
             result.pop("snapshot")
             result = backend.to_numpy(result)
