@@ -110,14 +110,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a reference model with ICSCallback")
     p.add_argument("--model", required=True, choices=["baseline", "bn", "mlp", "mlp-bn"])
-    p.add_argument("--out", help="run file (default: runs/<dataset>-<model>.h5)")
+    p.add_argument("-o", "--out", help="run file (default: runs/<dataset>-<model>.h5)")
     _add_training_args(p)
 
     p = sub.add_parser("experiment", help="train a model and its BN twin into one folder")
     p.add_argument(
         "--pair", default="cnn", choices=["cnn", "mlp"], help="cnn: baseline + bn; mlp: mlp + mlp-bn"
     )
-    p.add_argument("--out-dir", default="runs", help="folder for the two run files (default: runs)")
+    p.add_argument("-o", "--out-dir", default="runs", help="folder for the two run files (default: runs)")
     _add_training_args(p)
 
     p = sub.add_parser("app", help="open the explorer (Streamlit) on a runs folder")
@@ -131,7 +131,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="write publication figures (PNG and PDF) for one or more runs")
     p.add_argument("runs", nargs="+", help=RUNS_HELP)
-    p.add_argument("--out", default="figures", help="output folder (default: figures)")
+    p.add_argument("-o", "--out", default="figures", help="output folder (default: figures)")
     p.add_argument("--labels", nargs="+", help="one label per run (default: file names)")
     p.add_argument(
         "--layers",
@@ -149,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write a self-contained HTML report for one or more runs")
     p.add_argument("runs", nargs="+", help=RUNS_HELP)
-    p.add_argument("--out", default="report.html", help="output file (default: report.html)")
+    p.add_argument("-o", "--out", default="report.html", help="output file (default: report.html)")
     p.add_argument("--labels", nargs="+", help="one label per run (default: file names)")
     p.add_argument("--title", default="icsviz report")
 
@@ -165,7 +165,7 @@ def _parser() -> argparse.ArgumentParser:
         help="save the readable captures of a damaged run (or make a killed run plain-h5py readable)",
     )
     p.add_argument("runs", nargs="+", help=RUNS_HELP)
-    p.add_argument("--out", help="where to write (one run only; default: NAME.repaired.h5 for a damaged run)")
+    p.add_argument("-o", "--out", help="where to write (one run only; default: NAME.repaired.h5 for a damaged run)")
     return parser
 
 

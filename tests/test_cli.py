@@ -120,6 +120,17 @@ def test_batch_stats_takes_an_optional_step_interval() -> None:
     assert parse(["experiment", "--batch-stats", "5"]).batch_stats == 5
 
 
+def test_every_output_option_takes_the_usual_short_form() -> None:
+    from icsviz.cli import _parser
+
+    parse = _parser().parse_args
+    assert parse(["plot", "a.h5", "-o", "figs"]).out == "figs"  # was "unrecognized arguments: -o figs"
+    assert parse(["report", "a.h5", "-o", "r.html"]).out == "r.html"
+    assert parse(["repair", "a.h5", "-o", "b.h5"]).out == "b.h5"
+    assert parse(["train", "--model", "bn", "-o", "runs/x.h5"]).out == "runs/x.h5"
+    assert parse(["experiment", "-o", "elsewhere"]).out_dir == "elsewhere"
+
+
 @pytest.mark.parametrize(
     ("option", "value", "message"),
     [
