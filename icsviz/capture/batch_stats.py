@@ -474,7 +474,7 @@ class StepStatistics:
         self.plans = list(plans)
         self._q = np.asarray(q, "float32")
         names = {plan.spec.name for plan in self.plans}
-        self._selection = [s for s in selection if any(_base(n) == s.name for n in names)]
+        self._selection = [s for s in selection if any(_of_layer(n, s.name) for n in names)]
         self._pending: list[Any] = []  # device vectors not yet written, in step order
         self._installed = False
         self._saved: dict[str, Any] = {}
@@ -741,11 +741,11 @@ def _missing(plan: BatchPlan) -> Any:
     return ops.full((plan.spec.sample + len(plan.spec.tracked_units) * plan.spec.unit_sample,), float("nan"))
 
 
-def _base(name: str) -> str:
-    """The selected layer's name behind a captured tensor name ("fc1:preact#2" -> "fc1")."""
-    for mark in (":", "[", "#"):
-        name = name.split(mark, 1)[0]
-    return name
+def _of_layer(name: str, layer: str) -> bool:
+    """Whether a captured tensor's name is one of layer `layer`'s ("fc1", "fc1:preact#2",
+    "bi[0]"). Matched as a prefix, not cut at the first mark: a layer's own name may hold one
+    ("out#x", "层.2:a")."""
+    return name == layer or (name.startswith(layer) and name[len(layer)] in ":[#")
 
 
 @contextlib.contextmanager
