@@ -165,7 +165,9 @@ def _parser() -> argparse.ArgumentParser:
         help="save the readable captures of a damaged run (or make a killed run plain-h5py readable)",
     )
     p.add_argument("runs", nargs="+", help=RUNS_HELP)
-    p.add_argument("-o", "--out", help="where to write (one run only; default: NAME.repaired.h5 for a damaged run)")
+    p.add_argument(
+        "-o", "--out", help="where to write (one run only; default: NAME.repaired.h5 for a damaged run)"
+    )
     return parser
 
 

@@ -7,10 +7,14 @@ not record says so in a `MissingDataError` (and `plot_runs` skips it with a note
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
+import re
 import sys
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,11 +59,39 @@ __all__ = [
     "headline_metric",
     "second_metric",
     "plot_runs",
+    "missing_glyphs_noted",
 ]
 
 Runs = Mapping[str, Run]
 FULL_WIDTH, PANEL_WIDTH = 7.0, 3.4  # inches: a two-column paper's page and column
+# Fonts for the characters DejaVu Sans lacks (layer names in Chinese, Japanese or Korean, which
+# Keras allows on JAX and torch): Matplotlib falls back glyph by glyph on the first installed.
+_FALLBACK_FONTS = (
+    "Noto Sans CJK SC",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK KR",
+    "Source Han Sans SC",
+    "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei",
+    "Microsoft YaHei",
+    "SimHei",
+    "PingFang SC",
+    "Hiragino Sans",
+    "Apple SD Gothic Neo",
+    "Malgun Gothic",
+)
+
+
+def _font_family() -> list[str]:
+    """DejaVu Sans (Matplotlib's own), then the fallback fonts installed here."""
+    from matplotlib import font_manager  # noqa: PLC0415
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(name for name in _FALLBACK_FONTS if name in installed)]
+
+
 STYLE = {
+    "font.family": _font_family(),
     "font.size": 8,
     "axes.titlesize": 9,
     "axes.labelsize": 8,
@@ -787,7 +819,7 @@ def plot_runs(
         found = analysis.divergence(run)
         if found is not None:
             notes.append(f"{label}: {found.describe()} (marked in the figures)")
-    with plt.rc_context(STYLE):
+    with plt.rc_context(STYLE), missing_glyphs_noted(notes):
         for i, item in enumerate(plan):
             if progress:
                 _progress(i, len(plan), item.name)
@@ -805,6 +837,49 @@ def plot_runs(
         if progress:
             _progress(len(plan), len(plan), "done")
     return written, notes
+
+
+class _Dropping(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+_MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
+
+
+@contextlib.contextmanager
+def missing_glyphs_noted(notes: list[str]) -> Iterator[None]:
+    """Matplotlib's warning for each character no installed font draws (a layer named in
+    Chinese with no CJK font here), one per figure and file, as one note in `notes` naming the
+    characters and the fix; other warnings pass on as they came."""
+    font_log = logging.getLogger("matplotlib.font_manager")
+    # A fallback font without a regular weight (WenQuanYi Zen Hei's is 500) is used all the same.
+    quiet = _Dropping("findfont: Failed to find font weight")
+    font_log.addFilter(quiet)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        font_log.removeFilter(quiet)
+    missing: dict[str, None] = {}
+    for warning in caught:
+        found = _MISSING_GLYPH.search(str(warning.message))
+        if found:
+            missing[chr(int(found.group(1)))] = None
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if missing:
+        notes.append(
+            f"no installed font draws {''.join(missing)} (in a layer or run name): drawn as boxes; "
+            "install a font that has them (Debian/Ubuntu: apt-get install fonts-noto-cjk)"
+        )
 
 
 def _ordinal(k: int) -> str:

@@ -346,7 +346,8 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
         (plots.figure_gradient_shift, "Gradient shift (Santurkar et al. 2018)."),
     ]
     parts.append("<h2>Figures</h2>")
-    with plt.rc_context(plots.STYLE):
+    font_notes: list[str] = []
+    with plt.rc_context(plots.STYLE), plots.missing_glyphs_noted(font_notes):
         for make, caption in figures:
             try:
                 fig = make(runs)
@@ -369,6 +370,7 @@ def build_report(runs: Runs, title: str = "icsviz report") -> str:
                     f"{layer}: histograms over epochs (ridgeline) and against time (heatmap).",
                 )
             )
+    parts.extend(f"<p class='muted'>Note: {html.escape(note)}.</p>" for note in font_notes)
     parts.append("<h2 id='definitions'>Definitions</h2>" + _DEFINITIONS + "</body></html>")
     return "".join(parts)
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -609,3 +610,38 @@ def test_runs_of_a_sweep_get_colours_of_their_own_in_the_figures(tmp_path, layou
         for run in runs.values():
             run.close()
         plt.close("all")
+
+
+def test_characters_no_font_draws_are_one_note_not_a_warning_per_figure(shipped, tmp_path) -> None:
+    # Keras allows any layer name on JAX and torch; Matplotlib warned once per figure and file
+    # for each character no font had (a Chinese name with no CJK font: 26 warnings).
+    label = "\U00013000 bn"  # an Egyptian hieroglyph: in no font of a usual system
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written, notes = plot_runs(
+            {label: shipped["bn"]}, tmp_path, layers=["fc1"], formats=("png", "pdf"), progress=False
+        )
+    assert [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
+    assert [n for n in notes if "font" in n] == [
+        "no installed font draws \U00013000 (in a layer or run name): drawn as boxes; install a font that "
+        "has them (Debian/Ubuntu: apt-get install fonts-noto-cjk)"
+    ]
+    assert (tmp_path / "layer_fc1.pdf") in written
+
+
+def test_the_figures_fall_back_on_installed_fonts_for_other_scripts() -> None:
+    from matplotlib import font_manager
+
+    from icsviz.plots import STYLE
+
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    family = STYLE["font.family"]
+    assert family[0] == "DejaVu Sans" and all(name in installed for name in family)
+    if not {"WenQuanYi Zen Hei", "Noto Sans CJK SC"} & installed:
+        pytest.skip("no CJK font installed here (apt-get install fonts-wqy-zenhei; .ci/run does)")
+    with warnings.catch_warnings(), plt.rc_context(STYLE):
+        warnings.simplefilter("error")  # a glyph missing would be a warning
+        fig, ax = plt.subplots()
+        ax.set_title("层.2")
+        fig.canvas.draw()
+        plt.close(fig)
