@@ -878,7 +878,8 @@ def missing_glyphs_noted(notes: list[str]) -> Iterator[None]:
     if missing:
         notes.append(
             f"no installed font draws {''.join(missing)} (in a layer or run name): drawn as boxes; "
-            "install a font that has them (Debian/Ubuntu: apt-get install fonts-noto-cjk)"
+            "install a font that has them (Debian/Ubuntu: apt-get install fonts-noto-cjk, then remove "
+            "~/.cache/matplotlib so that Matplotlib finds it)"
         )
 
 

@@ -624,7 +624,8 @@ def test_characters_no_font_draws_are_one_note_not_a_warning_per_figure(shipped,
     assert [str(w.message) for w in caught if "Glyph" in str(w.message)] == []
     assert [n for n in notes if "font" in n] == [
         "no installed font draws \U00013000 (in a layer or run name): drawn as boxes; install a font that "
-        "has them (Debian/Ubuntu: apt-get install fonts-noto-cjk)"
+        "has them (Debian/Ubuntu: apt-get install fonts-noto-cjk, then remove ~/.cache/matplotlib so that "
+        "Matplotlib finds it)"
     ]
     assert (tmp_path / "layer_fc1.pdf") in written
 
