@@ -595,14 +595,18 @@ def test_a_resume_from_weights_alone_goes_on_counting_the_runs_steps(tmp_path) -
         assert run.batch_steps.tolist() == list(range(12))
 
 
-def check_gradient_accumulation(folder: Path) -> None:
-    """Steps under `gradient_accumulation_steps=2` (6 batches of 16 an epoch, 3 updates)."""
+def check_step_count(folder: Path, accumulate: bool, mixed: bool) -> None:
+    """Steps with `gradient_accumulation_steps=2` (6 batches of 16 an epoch, 3 updates) or without,
+    in float32 or under mixed precision (whose loss scaling skips the first steps, their
+    gradients too large for float16), through two fits with one callback."""
+    if mixed:
+        keras.mixed_precision.set_global_policy("mixed_float16")
     x, y = data()
     model = residual()
-    model.compile(
-        keras.optimizers.SGD(0.05, gradient_accumulation_steps=2), "sparse_categorical_crossentropy"
-    )
-    path = folder / "accumulating.h5"
+    optimizer = keras.optimizers.SGD(0.05, gradient_accumulation_steps=2 if accumulate else None)
+    model.compile(optimizer, "sparse_categorical_crossentropy")
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == mixed
+    path = folder / "steps.h5"
     callback = ICSCallback(path, probe=(x[:32], y[:32]), every_n_steps=4, batch_stats=True)
     model.fit(x, y, epochs=2, batch_size=16, shuffle=False, verbose=0, callbacks=[callback])
     with open_run(path) as run:
@@ -612,23 +616,44 @@ def check_gradient_accumulation(folder: Path) -> None:
         np.testing.assert_allclose(run.batch_epochs, np.arange(12) / 6)
         # The last capture measured the weights fit left.
         stem = keras.Model(model.inputs, model.get_layer("stem").output)
-        stem = keras.ops.convert_to_numpy(stem(x[:32]))
-        np.testing.assert_allclose(run.activations("stem").mean[-1], stem.mean(), rtol=1e-5, atol=1e-7)
+        stem = keras.ops.convert_to_numpy(stem(x[:32])).astype("float32")
+        np.testing.assert_allclose(
+            run.activations("stem").mean[-1], stem.mean(), rtol=1e-3 if mixed else 1e-5, atol=1e-7
+        )
+    model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0, callbacks=[callback])
+    with open_run(path) as run:  # the second fit goes on from step 12
+        assert run.steps.tolist() == [0, 4, 6, 8, 12, 16, 18], run.steps
+        assert run.capture_kinds[-3:] == ["epoch", "step", "epoch"], run.capture_kinds
+        assert run.batch_steps.tolist() == list(range(18)), run.batch_steps
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax", TORCH])
-def test_steps_under_gradient_accumulation_are_the_training_batches(backend: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("backend", "accumulate", "mixed"),
+    [
+        ("tensorflow", True, False),
+        ("jax", True, False),
+        pytest.param("torch", True, False, marks=TORCH.marks),
+        ("tensorflow", True, True),
+        ("jax", True, True),
+        ("jax", False, True),
+    ],
+)
+def test_steps_are_the_training_batches_under_accumulation_and_mixed_precision(
+    backend: str, accumulate: bool, mixed: bool, tmp_path: Path
+) -> None:
     """Keras's `optimizer.iterations` counts updates under gradient accumulation (one per 2
-    batches here): on JAX two captures a step apart were numbered alike (steps 0, 4, 4, 8, 8) and
-    the per-step rows of one batch in two were lost. Steps are the batches trained, as Keras's
-    progress bar counts them, on every backend."""
+    batches here): on JAX and torch two captures a step apart were numbered alike (steps 0, 4,
+    4, 8, 8) and the per-step rows of one batch in two were lost. On JAX mixed precision's
+    optimizer does not count the steps its loss scaling skips: a second fit with the callback
+    went back (steps 12, 12, 16, 17; per-step rows 11 to 16 after 0 to 11). Steps are the batches
+    trained, as Keras's progress bar counts them, on every backend."""
     script = f"""
         from pathlib import Path
-        from test_callback import check_gradient_accumulation
-        check_gradient_accumulation(Path({str(tmp_path)!r}))
-        print("ACCUMULATION OK")
+        from test_callback import check_step_count
+        check_step_count(Path({str(tmp_path)!r}), accumulate={accumulate}, mixed={mixed})
+        print("STEPS OK")
     """
-    run_script(textwrap.dedent(script), backend, marker="ACCUMULATION OK")
+    run_script(textwrap.dedent(script), backend, marker="STEPS OK")
 
 
 def test_a_resume_after_an_epoch_whose_metrics_never_reached_the_file_says_so(tmp_path) -> None:

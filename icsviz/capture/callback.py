@@ -137,9 +137,11 @@ def _scalar(value: Any) -> float:
 def _steps_counter(optimizer: Any) -> Any:
     """The optimizer's count of training steps. Under gradient accumulation Keras's `iterations`
     counts its updates, one per `gradient_accumulation_steps` steps, and its `_iterations` the
-    steps (every batch is measured, the update or not)."""
-    if getattr(optimizer, "gradient_accumulation_steps", None):
-        return getattr(optimizer, "_iterations", optimizer.iterations)
+    steps (every batch is measured, the update or not); mixed precision's LossScaleOptimizer
+    hands on its inner optimizer's `iterations`."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if getattr(inner, "gradient_accumulation_steps", None):
+        return getattr(inner, "_iterations", optimizer.iterations)
     return optimizer.iterations
 
 
@@ -710,8 +712,11 @@ class ICSCallback(keras.callbacks.Callback):
         if appending and self._owns_file:
             # fit() again from epoch 0 continues the run; an initial_epoch counts from its start.
             self._epoch_offset = self._recorded_epochs() if epoch == 0 else 0
-        elif appending:
-            self._continue_step_count(from_epoch=epoch)
+        if appending:
+            # The optimizer's count can be behind the run's steps: a new optimizer (a run resumed
+            # from its weights alone), or one that does not count the steps it skipped (mixed
+            # precision's non-finite steps on JAX, before this fit with the same callback).
+            self._continue_step_count(from_epoch=epoch + (self._epoch_offset if self._owns_file else 0))
         capture_epoch = float(epoch + (self._epoch_offset if appending else 0))
 
         # On JAX the capture compiles on a thread of its own while training starts; its
