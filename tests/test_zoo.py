@@ -237,3 +237,48 @@ def test_string_inputs_are_measured_at_every_step_too(tmp_path: Path) -> None:
         # An LSTM's outputs are tanh-bounded, and each step's sample is of its own batch.
         assert np.all(np.abs(lstm.min) <= 1) and np.all(np.abs(lstm.max) <= 1)
         assert len(np.unique(lstm.mean)) == 4
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", JAX, TORCH])
+@pytest.mark.parametrize("mode", ["int8", "float8"])
+def test_a_quantized_model_is_recorded_while_it_is_fine_tuned(
+    backend: str, mode: str, tmp_path: Path
+) -> None:
+    """`model.quantize(...)`, then training (LoRA on an int8 layer, or float8 training): Keras
+    calls a quantized layer's `quantized_call`, not its `call`, and only the fused
+    pre-activations were recorded (the outputs "d1", "d2", "out" missing, also per step)."""
+    script = textwrap.dedent(f"""
+        import warnings, keras, numpy as np
+        from icsviz import CaptureWarning, ICSCallback, open_run
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(128, 8)).astype("float32")
+        y = (x[:, 0] > 0).astype("int64")
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu", name="d1"),
+            keras.layers.Dense(16, activation="tanh", name="d2"),
+            keras.layers.Dense(2, activation="softmax", name="out"),
+        ])
+        model.quantize({mode!r})
+        if {mode!r} == "int8":
+            model.get_layer("d2").enable_lora(4)
+        model.compile("adam", "sparse_categorical_crossentropy")
+        path = {str(tmp_path / "quantized.h5")!r}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(x, y, epochs=2, batch_size=32, verbose=0,
+                      callbacks=[ICSCallback(path, probe=(x[:32], y[:32]), every_n_steps=2, batch_stats=True)])
+        assert not [w for w in caught if issubclass(w.category, CaptureWarning)], [str(w.message) for w in caught]
+        with open_run(path) as run:
+            assert run.layer_names == ["d1:preact", "d1", "d2:preact", "d2", "out:preact", "out"], run.layer_names
+            assert run.batch_layer_names == run.layer_names
+            for name in ("d1", "d2"):
+                sub = keras.Model(model.inputs, model.get_layer(name).output)
+                values = keras.ops.convert_to_numpy(sub(x[:32], training=True))
+                acts = run.activations(name)
+                np.testing.assert_allclose([acts.mean[-1], acts.std[-1]], [values.mean(), values.std()], rtol=1e-5)
+                assert np.isfinite(run.batch_activations(name).mean).all()
+        print("QUANTIZED OK")
+    """)
+    run_script(script, backend, marker="QUANTIZED OK")

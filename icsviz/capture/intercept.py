@@ -342,6 +342,17 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
                 "cannot be wrapped. Every other layer is.",
             )
             continue
+        if getattr(layer, "quantization_mode", None) is not None:
+            # A quantized layer (`model.quantize("int8")`): Keras calls its `quantized_call`
+            # instead of `call`.
+            original_quantized = layer.quantized_call
+
+            def quantized_call(
+                *args: Any, _orig: Any = original_quantized, _recorded: Any = recorded, **kwargs: Any
+            ) -> Any:
+                return _recorded(_orig(*args, **kwargs), args)
+
+            patch(layer, "quantized_call", quantized_call)
         if selected.capture_preactivation:
             layer = selected.activation_owner  # a TimeDistributed's wrapped layer applies it
             original_activation = layer.activation
