@@ -839,17 +839,6 @@ def plot_runs(
     return written, notes
 
 
-class _Dropping(logging.Filter):
-    """Drops the log records whose message starts with `prefix`."""
-
-    def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
-
-
 _MISSING_GLYPH = re.compile(r"Glyph (\d+) .*missing from font")
 
 
@@ -859,8 +848,11 @@ def missing_glyphs_noted(notes: list[str]) -> Iterator[None]:
     Chinese with no CJK font here), one per figure and file, as one note in `notes` naming the
     characters and the fix; other warnings pass on as they came."""
     font_log = logging.getLogger("matplotlib.font_manager")
+
     # A fallback font without a regular weight (WenQuanYi Zen Hei's is 500) is used all the same.
-    quiet = _Dropping("findfont: Failed to find font weight")
+    def quiet(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("findfont: Failed to find font weight")
+
     font_log.addFilter(quiet)
     try:
         with warnings.catch_warnings(record=True) as caught:

@@ -29,8 +29,7 @@ __all__ = [
     "histograms",
     "isolated_rng",
     "kept",
-    "torch_module_parameters",
-    "torch_module_buffers",
+    "torch_modules",
     "inlined_calls",
     "to_numpy",
     "floor",
@@ -520,26 +519,16 @@ def inlined_calls() -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def torch_module_parameters(layer: Any) -> list[tuple[str, Any]]:
-    """The named parameters of the torch module a Keras layer wraps (`TorchModuleWrapper`), or
-    none."""
-    module = getattr(layer, "module", None)
-    if name() != "torch" or not hasattr(module, "named_parameters"):
-        return []
-    return list(module.named_parameters())
-
-
-def torch_module_buffers(layers: Iterable[Any]) -> list[Any]:
-    """The buffers (BatchNorm's running statistics, its batch count) of the torch modules that
-    `layers` wrap (`TorchModuleWrapper`): Keras does not track them as variables."""
+def torch_modules(layers: Iterable[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The torch modules that named Keras layers wrap (`TorchModuleWrapper`), by layer name; none
+    off torch."""
     if name() != "torch":
         return []
-    buffers: dict[int, Any] = {}
-    for layer in layers:
-        module = getattr(layer, "module", None)
-        if hasattr(module, "buffers"):
-            buffers.update((id(b), b) for b in module.buffers())
-    return list(buffers.values())
+    return [
+        (layer_name, layer.module)
+        for layer_name, layer in layers
+        if hasattr(getattr(layer, "module", None), "buffers")
+    ]
 
 
 @contextlib.contextmanager

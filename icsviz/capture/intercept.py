@@ -330,9 +330,7 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
                 _record(recorder, _sel, out, _kind, mapped_from=mapped)
             return out
 
-        def call(*args: Any, _orig: Any = original_call, _recorded: Any = recorded, **kwargs: Any) -> Any:
-            return _recorded(_orig(*args, **kwargs), args)
-
+        call = _recording(original_call, recorded)
         if getattr(layer, "_remat_mode", None) is not None:
             _record_outside_remat(layer, call, original_call, recorded, patch)
         if not patch(layer, "call", call):
@@ -345,14 +343,7 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
         if getattr(layer, "quantization_mode", None) is not None:
             # A quantized layer (`model.quantize("int8")`): Keras calls its `quantized_call`
             # instead of `call`.
-            original_quantized = layer.quantized_call
-
-            def quantized_call(
-                *args: Any, _orig: Any = original_quantized, _recorded: Any = recorded, **kwargs: Any
-            ) -> Any:
-                return _recorded(_orig(*args, **kwargs), args)
-
-            patch(layer, "quantized_call", quantized_call)
+            patch(layer, "quantized_call", _recording(layer.quantized_call, recorded))
         if selected.capture_preactivation:
             layer = selected.activation_owner  # a TimeDistributed's wrapped layer applies it
             original_activation = layer.activation
@@ -379,6 +370,15 @@ def _intercepting(selection: Sequence[SelectedLayer], recorder: Recorder, owner:
                 object.__setattr__(obj, attr, value)
             else:
                 object.__delattr__(obj, attr)
+
+
+def _recording(original: Any, recorded: Any) -> Any:
+    """`original` (a layer's `call` or `quantized_call`) with its output handed to `recorded`."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return recorded(original(*args, **kwargs), args)
+
+    return call
 
 
 def _record_outside_remat(layer: Any, call: Any, original_call: Any, recorded: Any, patch: Any) -> None:

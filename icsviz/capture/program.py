@@ -77,10 +77,14 @@ class CaptureProgram:
         # comes from the weights alone; the training's states are left as they are.
         self._states = recurrent_states(model)
         self._owner = self._variable_owners()
-        self._names = self._variable_names()
+        torch_modules = backend.torch_modules(iter_layers(model))
+        self._names = self._variable_names(torch_modules)
         # A torch module inside the model (`TorchModuleWrapper`) keeps its buffers (BatchNorm's
-        # running statistics) outside Keras's variables, where a capture's pass would update them.
-        self._torch_buffers = backend.torch_module_buffers(layer for _, layer in iter_layers(model))
+        # running statistics, its batch count) outside Keras's variables, where a capture's pass
+        # would update them.
+        self._torch_buffers = list(
+            {id(b): b for _, module in torch_modules for b in module.buffers()}.values()
+        )
         self.ics_layers, self._ics_groups = self._ics_plan()
         self.traced: list[TracedLayer] | None = None
         self._aliases: dict[str, str] = {}  # a composite layer's output recorded under a layer's name
@@ -114,15 +118,15 @@ class CaptureProgram:
                 owner.setdefault(id(v), name)
         return [owner.get(id(v), self.model.name) for v in self.trainable]
 
-    def _variable_names(self) -> list[str]:
+    def _variable_names(self, torch_modules: list[tuple[str, Any]]) -> list[str]:
         """The variables' names in the file: their Keras paths, except those of a torch module
         inside the model (`TorchModuleWrapper`), which Keras names "variable", "variable_1",
         ...: the module's own parameter names under its layer's ("t1/0.weight")."""
         named: dict[int, str] = {}
-        for name, layer in iter_layers(self.model):
-            for parameter_name, parameter in backend.torch_module_parameters(layer):
-                named.setdefault(id(parameter), f"{name}/{parameter_name}")
-        names = [named.get(id(v.value), v.path) if named else v.path for v in self.trainable]
+        for layer_name, module in torch_modules:
+            for parameter_name, parameter in module.named_parameters():
+                named.setdefault(id(parameter), f"{layer_name}/{parameter_name}")
+        names = [named.get(id(v.value), v.path) for v in self.trainable]
         return names if len(set(names)) == len(names) else [v.path for v in self.trainable]
 
     def _ics_plan(self) -> tuple[tuple[str, ...], list[list[int]]]:
