@@ -618,7 +618,17 @@ def to_numpy(tree: Any) -> Any:
         return keras.tree.map_structure(np.asarray, jax.device_get(tree))
     if name() == "torch":
         return keras.tree.map_structure(_torch_to_numpy, tree)
+    if name() == "tensorflow":
+        # `Tensor.numpy()`: Keras's `convert_to_numpy` goes through `np.array(tensor)`, 30 us a
+        # tensor against 4 (a capture's 14 results: 0.49 ms against 0.06 ms, on the training thread).
+        return keras.tree.map_structure(_tf_to_numpy, tree)
     return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t)), tree)
+
+
+def _tf_to_numpy(tensor: Any) -> np.ndarray:
+    if hasattr(tensor, "numpy") and not hasattr(tensor, "value"):  # an eager tensor, not a Variable
+        return np.asarray(tensor.numpy())
+    return np.asarray(keras.ops.convert_to_numpy(tensor))
 
 
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
