@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from icsviz.capture.flat import BLOCK, FlatLayout, l2_norms
+from icsviz.capture.flat import BLOCK, LARGE, FlatLayout, l2_norms
 
 ARRAYS = [
     np.float32(-3.0),  # a scalar variable
@@ -60,6 +60,44 @@ def test_a_million_value_tensors_norm_keeps_the_accuracy_of_its_own_reduction() 
     expected = np.linalg.norm(values.astype("float64"))
     assert abs(in_order - expected) / expected > 1e-5  # what the blocks avoid
     np.testing.assert_allclose(got, [expected], rtol=1e-6)
+
+
+MIXED = [
+    np.random.default_rng(6).normal(size=7).astype("float32"),
+    np.random.default_rng(7).normal(size=(300, 300)).astype("float32"),  # large: 88 blocks
+    np.float32(2.0),
+    np.random.default_rng(8).uniform(0.5, 1.5, size=(LARGE,)).astype("float32"),  # large, just
+    np.random.default_rng(9).normal(size=(3, 3, 4, 5)).astype("float32"),
+]
+
+
+def test_large_tensors_lie_after_the_small_ones_each_whole_where_its_slice_says() -> None:
+    layout = FlatLayout.of([np.shape(a) for a in MIXED])
+    assert layout.order == (0, 2, 4, 1, 3) and layout.small_size == 3 * BLOCK
+    assert [start for start, _ in layout.slices] == [0, 3 * BLOCK, BLOCK, 91 * BLOCK, 2 * BLOCK]
+    np.testing.assert_array_equal(layout.owners, [0, 2, 4] + [1] * 88 + [3] * 64)
+    flat = _numpy(layout.pack([keras.ops.convert_to_tensor(a) for a in MIXED]))
+    used = np.zeros(layout.size, bool)
+    for array, (start, end) in zip(MIXED, layout.slices):
+        np.testing.assert_array_equal(flat[start:end], np.asarray(array).reshape(-1))
+        used[start:end] = True
+    assert flat.shape == (155 * BLOCK,) and not flat[~used].any()
+
+
+@pytest.mark.parametrize("pick", [[0, 1, 2, 3, 4], [1, 3], [3, 0], [1]])
+def test_norms_of_large_and_small_tensors_in_their_order_also_of_a_difference(pick) -> None:
+    """On TensorFlow each large tensor is measured on its own and the small ones by blocks; on
+    JAX and torch all by blocks: the same norms either way."""
+    arrays = [MIXED[i] for i in pick]
+    layout = FlatLayout.of([np.shape(a) for a in arrays])
+    tensors = [keras.ops.convert_to_tensor(a) for a in arrays]
+    thirds = [keras.ops.convert_to_tensor(np.asarray(a) / np.float32(3)) for a in arrays]
+    expected = np.asarray([np.linalg.norm(np.asarray(a, "float64")) for a in arrays])
+    got = _numpy(layout.norms(layout.pack(tensors)))
+    assert got.dtype == np.float32 and got.shape == (len(arrays),)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    difference = _numpy(layout.norms(layout.pack(tensors) - layout.pack(thirds)))
+    np.testing.assert_allclose(difference, expected * 2 / 3, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
