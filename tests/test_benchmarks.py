@@ -40,6 +40,15 @@ def test_first_capture_prints_the_capture_s_size_and_times(backend: str, size: s
     assert later > 0, line
 
 
+def test_capture_parts_prints_each_part_against_the_training_step() -> None:
+    out = _run("capture_parts.py", "--models", "baseline", "--repeats", "2")
+    line = next(line for line in out.splitlines() if line.startswith("baseline"))
+    assert "12 tensors" in line, line
+    parts = {key.strip(): ms for key, ms in re.findall(r"([a-z+ ]+?) +([\d.]+) ms", line.split("|", 1)[1])}
+    assert list(parts) == ["pass", "+ norms", "+ statistics", "measure", "training step"], line
+    assert all(float(ms) > 0 for ms in parts.values()), line
+
+
 def test_compile_options_compiles_the_capture_and_compares_its_values() -> None:
     out = _run(
         "compile_options.py",
