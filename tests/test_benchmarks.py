@@ -49,6 +49,14 @@ def test_capture_parts_prints_each_part_against_the_training_step() -> None:
     assert all(float(ms) > 0 for ms in parts.values()), line
 
 
+def test_norms_one_pass_compares_the_two_ways_and_finds_the_same_norms() -> None:
+    out = _run("norms_one_pass.py", "--models", "baseline", "--pairs", "2")
+    line = next(line for line in out.splitlines() if line.startswith("baseline"))
+    weights, gradients = re.search(r"weight norms ([\d.e+-]+), gradient norms ([\d.e+-]+)", line).groups()
+    assert float(weights) < 1e-6 and float(gradients) < 1e-6, line
+    assert re.search(r"paired difference +[+-][\d.]+ ms", line), line
+
+
 def test_compile_options_compiles_the_capture_and_compares_its_values() -> None:
     out = _run(
         "compile_options.py",

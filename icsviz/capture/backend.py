@@ -588,8 +588,8 @@ def sum_of_squares(x: Any) -> Any:
 
     On TensorFlow one kernel (`tf.nn.l2_loss`, halved squares summed in one pass, doubled here:
     exact in binary floating point), where `sum(square(x))` writes the squares out and reads them
-    back: the reference CNN's weight, update and gradient norms (about 1.25 M values each) took
-    its capture 1.3 ms less. JAX fuses the two itself; torch runs them as they come.
+    back (flat.py: the reference CNN's norms, of about 1.25 M values each, a millisecond or so
+    less). JAX fuses the two itself; torch runs them as they come.
     """
     if name() == "tensorflow":
         import tensorflow as tf

@@ -17,8 +17,9 @@ On TensorFlow, whose `tf.nn.l2_loss` sums squares in one pass over a tensor wher
 summing reads it twice and writes it once (`backend.sum_of_squares`), a large tensor (`LARGE`
 values or more: the reference CNN's 1.2 M-value dense kernel, a few of a deep model's) is
 measured on its own, from its slice of the vector. The large tensors lie after the small ones,
-whose blocks stay one reduction. The reference CNN's capture took 1.6 ms less (median of 80
-alternated pairs; its training step is 45-50 ms); a deep model's kernel count hardly changes.
+whose blocks stay one reduction. The reference CNN's capture took 1.0-1.6 ms less in runs of
+`benchmarks/norms_one_pass.py` (its training step is 45-50 ms); a deep model's kernel count
+hardly changes.
 """
 
 from __future__ import annotations
