@@ -33,7 +33,7 @@ import numpy as np
 
 from . import backend
 
-__all__ = ["FlatLayout", "l2_norms"]
+__all__ = ["FlatLayout", "l2", "l2_norms"]
 
 ops = keras.ops
 
@@ -73,6 +73,11 @@ class FlatLayout:
             small_size=sum(blocks[i] for i in order if counts[i] < LARGE) * BLOCK,
         )
 
+    @property
+    def large(self) -> list[int]:
+        """The large tensors, in order: those laid out after the small ones' blocks."""
+        return [i for i in self.order if self.slices[i][0] >= self.small_size]
+
     def pack(self, tensors: Sequence[Any]) -> Any:
         """`tensors` (these shapes, in their order) as one new float32 vector of `size` values."""
         if not self.shapes:
@@ -97,7 +102,7 @@ class FlatLayout:
             return ops.sqrt(_block_sums(flat, self.owners, n))
         # Large tensors one by one, each read once from its slice (a view: it starts a block);
         # the small ones by blocks, from the vector's start.
-        large = [i for i in self.order if self.slices[i][1] - self.slices[i][0] >= LARGE]  # in order
+        large = self.large
         sums = ops.stack([backend.sum_of_squares(flat[self.slices[i][0] : self.slices[i][1]]) for i in large])
         if len(large) < n:  # (all large: in their own order already)
             small = _block_sums(flat[: self.small_size], self.owners[: self.small_size // BLOCK], n)
@@ -109,6 +114,11 @@ def _block_sums(flat: Any, owners: np.ndarray, n: int) -> Any:
     """(n,): each tensor's sum of squares, from the blocks of `flat` (`owners`: each block's)."""
     block_sums = ops.sum(ops.square(ops.reshape(flat, (-1, BLOCK))), axis=1)
     return ops.segment_sum(block_sums, ops.convert_to_tensor(owners), num_segments=n)
+
+
+def l2(x: Any) -> Any:
+    """The L2 norm of every value of `x`, in float32 (a scalar)."""
+    return ops.sqrt(backend.sum_of_squares(ops.cast(x, "float32")))
 
 
 def l2_norms(tensors: Sequence[Any]) -> Any:
@@ -129,9 +139,7 @@ def l2_norms(tensors: Sequence[Any]) -> Any:
         layout = FlatLayout.of([tensors[i].shape for i in small])
         parts.append(layout.norms(layout.pack([tensors[i] for i in small])))
     if large:
-        parts.append(
-            ops.sqrt(ops.stack([backend.sum_of_squares(ops.cast(tensors[i], "float32")) for i in large]))
-        )
+        parts.append(ops.stack([l2(tensors[i]) for i in large]))
     norms = ops.concatenate(parts) if len(parts) > 1 else parts[0]
     order = np.argsort(np.asarray(small + large, "int32")).astype("int32")
     return norms if (order == np.arange(len(order))).all() else backend.gather(norms, order)

@@ -30,13 +30,13 @@ from ..store.schema import RunLayout, VariableSpec
 from ..store.writer import Capture, LayerCapture
 from . import backend
 from .batched import all_layer_stats, split
-from .flat import FlatLayout, l2_norms
+from .flat import FlatLayout, l2, l2_norms
 from .intercept import Record, Recorder, intercept, warn_once
 from .layers import SelectedLayer, captured_inputs, iter_layers, recurrent_states
 from .masks import probe_masks
 from .probe import num_samples
 from .shapes import has_unknown_dimension, probe_shapes, with_probe_batch
-from .stats import CaptureOptions, MaskMismatch, TracedLayer, l2, layer_stats, plan_tensor
+from .stats import CaptureOptions, MaskMismatch, TracedLayer, layer_stats, plan_tensor
 
 __all__ = ["CaptureProgram"]
 

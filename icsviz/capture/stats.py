@@ -31,7 +31,6 @@ __all__ = [
     "interpolated_quantiles",
     "interpolated_quantiles_np",
     "layer_stats",
-    "l2",
 ]
 
 ops = keras.ops
@@ -491,7 +490,3 @@ def reduce_values(
         "high": high,
         "n_finite": n_finite,
     }
-
-
-def l2(x: Any) -> Any:
-    return ops.sqrt(ops.sum(ops.square(ops.cast(x, "float32"))))
