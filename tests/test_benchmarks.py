@@ -57,6 +57,16 @@ def test_norms_one_pass_compares_the_two_ways_and_finds_the_same_norms() -> None
     assert re.search(r"paired difference +[+-][\d.]+ ms", line), line
 
 
+def test_live_chunks_writes_the_same_captures_in_each_chunk_size() -> None:
+    out = _run("live_chunks.py", "--models", "baseline", "--values", "4096", "1024", "--captures", "4")
+    lines = [line for line in out.splitlines() if line.startswith("baseline")]
+    assert [re.search(r"chunks of +(\d+) values", line).group(1) for line in lines] == ["4096", "1024"], out
+    for line in lines:
+        assert float(re.search(r"write CPU +([\d.]+) ms", line).group(1)) > 0, line
+        assert float(re.search(r"file +([\d.]+) MB", line).group(1)) > 0, line
+    assert "paired against 4096:  +0.00 ms" in lines[0], lines[0]
+
+
 def test_compile_options_compiles_the_capture_and_compares_its_values() -> None:
     out = _run(
         "compile_options.py",

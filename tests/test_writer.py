@@ -359,3 +359,42 @@ def test_an_epoch_of_unknown_length_places_its_rows_when_it_ends(tmp_path) -> No
         assert run.capture_kinds == ["start", "step", "step", "epoch", "step", "epoch"]
         np.testing.assert_allclose(run.batch_epochs, [0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 1.75])
         np.testing.assert_allclose(run.activations("dense").mean, [0, 2, 4, 5, 7, 9])  # values untouched
+
+
+def test_a_run_is_written_in_small_chunks_and_compacted_into_the_usual_ones(tmp_path) -> None:
+    """While a run is written each flush rewrites every chunk a capture touched: those chunks are
+    about 1,024 values (a 64-bin histogram's 16 rows); the compacted file keeps 4,096-value chunks
+    of at most 64 rows, whatever the live ones were, and every row crosses both intact."""
+    layout = tiny_layout(units=100, bins=64)
+    path = tmp_path / "r.h5"
+    w = RunWriter.create(path, layout, {})
+    for step in range(40):  # rows across three live chunks of the histograms
+        w.write_capture(tiny_capture(layout, step))
+    with h5py.File(path, "r", swmr=True) as f:
+        assert f["layers/000_dense/hist_counts"].chunks == (16, 64)
+        assert f["layers/000_dense/unit_mean"].chunks == (10, 100)
+        assert f["layers/000_dense/quantiles"].chunks == (
+            1024 // len(layout.quantiles),
+            len(layout.quantiles),
+        )
+        assert f["captures/epoch"].chunks == (256,)
+    w.close()
+    with h5py.File(path, "r") as f:
+        assert f["layers/000_dense/hist_counts"].chunks == (64, 64)
+        assert f["layers/000_dense/hist_edges"].chunks == (63, 65)
+        assert f["layers/000_dense/unit_mean"].chunks == (40, 100)
+        assert f["captures/epoch"].chunks == (64,)
+    with open_run(path) as run:
+        acts = run.activations("dense")
+        np.testing.assert_array_equal(acts.counts, np.arange(64)[None, :] + np.arange(40)[:, None])
+        np.testing.assert_allclose(acts.mean, np.arange(40))
+        np.testing.assert_array_equal(run.steps, np.arange(40))
+
+
+def test_per_step_rows_keep_their_large_chunks(tmp_path) -> None:
+    """Written a hundred steps at a time: chunks of about 16,384 values, at most 1,024 rows."""
+    layout = _batch_layout()  # 8 bins, 2 tracked units of the dense layer, 13 quantiles
+    with RunWriter.create(tmp_path / "steps.h5", layout, {}) as w:
+        assert w._ds("batches/layers/000_dense/hist_counts").chunks == (1024, 8)
+        assert w._ds("batches/layers/000_dense/unit_quantiles").chunks == (630, 2, 13)
+        assert w._ds("batches/step").chunks == (1024,)
