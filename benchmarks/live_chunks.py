@@ -10,8 +10,8 @@ file per `--values` chunk size is created in one process; then, `--captures` tim
 capture is taken and written into every file, each write right after a training step, as the
 callback's writer thread writes beside training (caches cold: the same write alone, repeated,
 takes a third of the time). The order of the files alternates. Printed per size: the write's CPU
-time (median, of the first and of the second half: chunks fill and new ones are allocated as the
-run grows), its wall time, the paired difference to the first size (positive: less CPU time),
+time (median; of the first and the second half and of the last tenth: chunks fill and new ones
+are allocated as the run grows), its wall time, the paired difference to the first size (positive: less CPU time),
 closing the file (compaction), and the file's size before it. `--together 8` writes each capture
 8 times in one write, as the callback writes frequent step captures (per capture written).
 """
@@ -71,7 +71,7 @@ def measure(name: str, sizes: list[int], captures: int, together: int, folder: P
             writers[v].write_captures([capture] * together)
             wall[v].append((time.perf_counter() - start) / together)
             cpu[v].append((time.thread_time() - start_cpu) / together)
-    half = captures // 2
+    half, tenth = captures // 2, max(1, captures // 10)
     first = sizes[0]
     for v in sizes:
         size = os.path.getsize(writers[v].path)
@@ -81,7 +81,8 @@ def measure(name: str, sizes: list[int], captures: int, together: int, folder: P
         saved = statistics.median(np.subtract(cpu[first], cpu[v]))
         print(
             f"{name:11s} chunks of {v:5d} values: write CPU {statistics.median(cpu[v]) * 1e3:6.2f} ms "
-            f"(first half {statistics.median(cpu[v][:half]) * 1e3:6.2f}, second {statistics.median(cpu[v][half:]) * 1e3:6.2f}, last tenth {statistics.median(cpu[v][-max(1, captures // 10):]) * 1e3:6.2f}), "
+            f"(first half {statistics.median(cpu[v][:half]) * 1e3:6.2f}, second "
+            f"{statistics.median(cpu[v][half:]) * 1e3:6.2f}, last tenth {statistics.median(cpu[v][-tenth:]) * 1e3:6.2f}), "
             f"wall {statistics.median(wall[v]) * 1e3:6.2f} ms | paired against {first}: {saved * 1e3:+6.2f} ms "
             f"({saved / statistics.median(cpu[first]) * 100:+5.1f} %) | file {size / 1e6:6.2f} MB, "
             f"closing {closing:4.2f} s",
