@@ -652,9 +652,13 @@ def _create_layout(file: h5py.File, layout: RunLayout, metadata: Mapping[str, An
 def _create_batches(file: h5py.File, layout: RunLayout) -> None:
     """/batches: one row per training step, committed by the length of /batches/step."""
     batches = _group(file, "batches")
+
+    def rows(group: h5py.Group, name: str, row_shape: tuple[int, ...], dtype: str) -> None:
+        _extendable(group, name, row_shape, dtype, rows=1024, values=_STEP_CHUNK_VALUES)
+
     _set_attrs(batches, source="training batches, measured inside the training step (per-step mode)")
     for name, dtype in (("step", "i8"), ("epoch", "f8"), ("time", "f8")):
-        _extendable(batches, name, (), dtype, rows=1024, values=_STEP_CHUNK_VALUES)
+        rows(batches, name, (), dtype)
     b, q, k = layout.hist_bins, len(layout.quantiles), len(layout.moment_names)
     layers = _group(batches, "layers")
     ids = layout.layer_ids()
@@ -668,25 +672,16 @@ def _create_batches(file: h5py.File, layout: RunLayout) -> None:
             sample=spec.sample,
             unit_sample=spec.unit_sample,
         )
-        _extendable(g, "hist_counts", (b,), "i4", rows=1024, values=_STEP_CHUNK_VALUES)
-        _extendable(
-            g, "hist_range", (2,), "f8", rows=1024, values=_STEP_CHUNK_VALUES
-        )  # first edge, bin width
-        _extendable(g, "quantiles", (q,), "f4", rows=1024, values=_STEP_CHUNK_VALUES)
+        rows(g, "hist_counts", (b,), "i4")
+        rows(g, "hist_range", (2,), "f8")  # first edge, bin width
+        rows(g, "quantiles", (q,), "f4")
         g["quantiles"].attrs["q"] = np.asarray(layout.quantiles)
-        _extendable(g, "moments", (k,), "f4", rows=1024, values=_STEP_CHUNK_VALUES)
+        rows(g, "moments", (k,), "f4")
         _set_attrs(g["moments"], names=json.dumps(list(layout.moment_names)))
-        _extendable(g, "zero_frac", (), "f4", rows=1024, values=_STEP_CHUNK_VALUES)
-        _extendable(g, "nonfinite", (), "i4", rows=1024, values=_STEP_CHUNK_VALUES)
+        rows(g, "zero_frac", (), "f4")
+        rows(g, "nonfinite", (), "i4")
         _fixed(g, "tracked_units", spec.tracked_units, "i4")
-        _extendable(
-            g,
-            "unit_quantiles",
-            (len(spec.tracked_units), len(layout.tracked_quantiles)),
-            "f4",
-            rows=1024,
-            values=_STEP_CHUNK_VALUES,
-        )
+        rows(g, "unit_quantiles", (len(spec.tracked_units), len(layout.tracked_quantiles)), "f4")
         g["unit_quantiles"].attrs["q"] = np.asarray(layout.tracked_quantiles)
 
 
